@@ -1,0 +1,1 @@
+"""Prefect flows composing the stage tasks. Installed as ``verifily_train.flows``."""

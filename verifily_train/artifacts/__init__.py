@@ -1,0 +1,1 @@
+"""Run artifacts: immutable, checksummed folders under output.dir."""

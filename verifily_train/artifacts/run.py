@@ -1,0 +1,164 @@
+"""The Run artifact (spec §7.3): assembled in a staging folder, renamed into place, then made read-only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from verifily_train.errors import RunError
+from verifily_train.fsio import atomic_write_json, atomic_write_text, fsync_dir, make_read_only, make_writable
+from verifily_train.hashing import sha256_file
+
+CHECKSUMS = "checksums.sha256"
+RUN_SCHEMA_VERSION = 1
+
+
+def new_run_id(now: Optional[datetime] = None) -> str:
+    """``run_YYYYMMDD_HHMMSS_<6 hex>`` (UTC)."""
+    now = now or datetime.now(timezone.utc)
+    return f"run_{now:%Y%m%d_%H%M%S}_{secrets.token_hex(3)}"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def reproducibility_hash(config_hash: str, data_hash: str, env_hash: str) -> str:
+    """SHA-256 of the UTF-8 string ``config_hash + data_hash + env_hash`` (hex, sha256:-prefixed, hex)."""
+    return hashlib.sha256((config_hash + data_hash + env_hash).encode("utf-8")).hexdigest()
+
+
+def write_checksums(root: Path) -> int:
+    """``sha256  relative/path`` for every file under ``root`` except the checksum file itself."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != CHECKSUMS:
+            lines.append(f"{sha256_file(path)}  {rel}")
+    atomic_write_text(root / CHECKSUMS, "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def verify_run(root: Path) -> int:
+    """Re-hash every file; a changed, missing or extra file is a ``RunError`` naming it."""
+    root = Path(root)
+    listing = root / CHECKSUMS
+    if not listing.is_file():
+        raise RunError(root, None, f"no {CHECKSUMS}: not a completed run")
+    expected: Dict[str, str] = {}
+    for lineno, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise RunError(listing, f"line {lineno}", "malformed checksum line")
+        expected[rel] = digest
+    actual = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {CHECKSUMS}
+    for rel in sorted(expected):
+        path = root / rel
+        if not path.is_file():
+            raise RunError(root / rel, None, "missing (listed in checksums.sha256)")
+        if sha256_file(path) != expected[rel]:
+            raise RunError(root / rel, None, "changed since the run was written (sha256 mismatch)")
+    extra = sorted(actual - set(expected))
+    if extra:
+        raise RunError(root / extra[0], None, "not part of the run (absent from checksums.sha256)")
+    return len(expected)
+
+
+def publish_run(staging: Path, final: Path) -> Path:
+    """Checksum, make read-only and atomically rename a staged run into place."""
+    if final.exists():
+        raise RunError(final, None, "already exists; runs are immutable")
+    write_checksums(staging)
+    make_read_only(staging)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def staging_dir(runs_dir: Path, run_id: str) -> Path:
+    """A hidden folder beside the final place: no reader ever sees half an artifact."""
+    path = runs_dir / f".staging-{run_id}"
+    if path.exists():
+        discard(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def discard(path: Path) -> None:
+    """Delete a staging or work folder, read-only parts included."""
+    if path.exists():
+        make_writable(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_failed_run(runs_dir: Path, run_id: str, record: dict, error: BaseException) -> Path:
+    """``runs/<run_id>/run.json`` with status failed and the error; nothing in it claims completion."""
+    final = runs_dir / run_id
+    if final.exists():
+        return final
+    record = dict(record, run_id=run_id, status="failed", completed_at=utc_now(),
+                  error={"type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""})
+    staging = runs_dir / f".failed-{run_id}"
+    discard(staging)
+    staging.mkdir(parents=True)
+    atomic_write_json(staging / "run.json", record)
+    os.rename(staging, final)
+    return final
+
+
+def find_run(ref: str, runs_dir: str | Path = "runs") -> Path:
+    """A run id (looked up in ``runs_dir``) or a path to a run folder."""
+    path = Path(ref)
+    if path.is_dir() and (path / "run.json").is_file():
+        return path
+    candidate = Path(runs_dir) / ref
+    if candidate.is_dir() and (candidate / "run.json").is_file():
+        return candidate
+    raise RunError(ref, None, f"no such run (looked in {runs_dir}/; give a run id or a run folder)")
+
+
+def load_run_json(root: Path) -> dict:
+    try:
+        return json.loads((Path(root) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(Path(root) / "run.json", None, f"cannot read: {err}") from None
+
+
+def _headline(metrics: dict) -> str:
+    for key in ("loss", "accuracy"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{key}={metrics[key]:.4f}"
+    return "-"
+
+
+def list_runs(runs_dir: str | Path = "runs") -> List[dict]:
+    """Every run folder (completed or failed), newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for path in root.iterdir():
+        if path.name.startswith(".") or not (path / "run.json").is_file():
+            continue
+        try:
+            run = load_run_json(path)
+        except RunError:
+            continue
+        job = run.get("job", {})
+        out.append({
+            "run_id": run.get("run_id", path.name), "status": run.get("status", "?"), "task": job.get("task", "?"),
+            "base_model": Path(str(job.get("base_model", "?"))).name,
+            "dataset": job.get("dataset_version", {}).get("ref", "?"),
+            "headline": _headline(run.get("metrics", {})), "started_at": run.get("started_at", ""),
+            "path": str(path),
+        })
+    out.sort(key=lambda r: r["started_at"], reverse=True)
+    return out

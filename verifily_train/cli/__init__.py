@@ -1,0 +1,1 @@
+"""The ``verifily`` command line: thin argument parsing over the library."""

@@ -1,0 +1,220 @@
+"""``verifily``: train, compare, dataset, runs, config. Heavy imports happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from verifily_train.errors import VerifilyError
+
+EPILOG = "Docs: docs/config.md (train.yaml), docs/run_artifacts.md (Run layout), docs/architecture.md."
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="path to train.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. training.num_epochs=1 lora.r=8")
+    p.add_argument("--dataset", metavar="REF", help="shortcut for dataset_version=REF (ds_x@v3, ds_x@latest, manifest path)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="verifily",
+        description="Fine-tune HuggingFace models with LoRA/QLoRA on versioned, tagged datasets; "
+                    "evaluate by tag slice; compare runs.",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version="verifily-train 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a LoRA adapter and write a Run artifact",
+                       description="Validate the config and dataset, then run the train flow: validate manifest -> "
+                                   "tokenize -> train LoRA -> evaluate -> slice by tags -> hard examples -> write artifact.")
+    _add_config_args(p)
+    p.add_argument("--mode", choices=["local", "managed", "self_host"], help="compute mode (default: compute.mode)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="diff two runs' metrics, overall and slice by slice")
+    p.add_argument("run_a", help="run id or path")
+    p.add_argument("run_b", help="run id or path")
+    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs/)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("config", help="inspect train.yaml")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    csub.required = True
+    q = csub.add_parser("show", help="print the resolved config and its config_hash")
+    _add_config_args(q)
+    q.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("dataset", help="the local dataset store ($VERIFILY_HOME/datasets)")
+    dsub = p.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    q = dsub.add_parser("create", help="copy JSONL splits into a new immutable version")
+    q.add_argument("--id", required=True, dest="dataset_id", help="dataset id, e.g. ds_support")
+    q.add_argument("--version", required=True, help="version name, e.g. v3")
+    q.add_argument("--task", required=True, choices=["sft", "classification"])
+    q.add_argument("--train", required=True, help="train split (JSONL)")
+    q.add_argument("--val", help="validation split (JSONL)")
+    q.add_argument("--test", help="test split (JSONL)")
+    q.set_defaults(func=cmd_dataset_create)
+    q = dsub.add_parser("list", help="list versions in the store")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_dataset_list)
+    q = dsub.add_parser("show", help="print a version's manifest summary (verified)")
+    q.add_argument("ref", help="ds_x@v3, ds_x@latest, ds_x@sha256:..., or a manifest path")
+    q.set_defaults(func=cmd_dataset_show)
+    q = dsub.add_parser("verify", help="re-check every hash and row of a version")
+    q.add_argument("ref")
+    q.set_defaults(func=cmd_dataset_verify)
+
+    p = sub.add_parser("runs", help="Run artifacts")
+    rsub = p.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
+    rsub.required = True
+    for name, func, help_text in (("list", cmd_runs_list, "list runs"),
+                                  ("show", cmd_runs_show, "print a run's summary"),
+                                  ("verify", cmd_runs_verify, "re-check every checksum of a run")):
+        q = rsub.add_parser(name, help=help_text)
+        if name != "list":
+            q.add_argument("run", help="run id or path")
+        q.add_argument("--runs-dir", default="runs", help="folder of runs (default: runs/)")
+        if name == "list":
+            q.add_argument("--json", action="store_true")
+        q.set_defaults(func=func)
+    return parser
+
+
+def _print_table(rows: List[List[str]], header: List[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line.rstrip())
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def cmd_config_show(args) -> int:
+    from verifily_train.config import config_hash, config_to_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides, dataset=args.dataset)
+    sys.stdout.write(config_to_yaml(cfg))
+    print(f"# config_hash: {config_hash(cfg)}")
+    return 0
+
+
+def cmd_dataset_create(args) -> int:
+    from verifily_train.dataset import create_version
+
+    dv = create_version(args.dataset_id, args.version, args.task, args.train, args.val, args.test)
+    print(f"created {dv.ref}  {dv.num_rows} rows  {dv.content_hash}")
+    print(f"  {dv.manifest_path}")
+    return 0
+
+
+def cmd_dataset_list(args) -> int:
+    from verifily_train.dataset import list_versions
+
+    versions = list_versions()
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    if not versions:
+        print("no datasets yet: verifily dataset create --id ds_x --version v1 --task sft --train train.jsonl")
+        return 0
+    _print_table([[v["ref"], v["task"], v["num_rows"], ",".join(v["tag_keys"]), v["content_hash"][:19], v["created_at"]]
+                  for v in versions], ["REF", "TASK", "ROWS", "TAGS", "CONTENT_HASH", "CREATED"])
+    return 0
+
+
+def cmd_dataset_show(args) -> int:
+    from verifily_train.dataset import resolve
+
+    dv = resolve(args.ref)
+    print(json.dumps(dv.summary(), indent=2))
+    return 0
+
+
+def cmd_dataset_verify(args) -> int:
+    from verifily_train.dataset import resolve
+
+    dv = resolve(args.ref)
+    print(f"ok {dv.ref}: {len(dv.files)} files, {dv.num_rows} rows, every hash and row checked ({dv.content_hash})")
+    return 0
+
+
+def cmd_runs_list(args) -> int:
+    from verifily_train.artifacts.run import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    _print_table([[r["run_id"], r["status"], r["task"], r["base_model"], r["dataset"], r["headline"]] for r in runs],
+                 ["RUN", "STATUS", "TASK", "MODEL", "DATASET", "METRIC"])
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    from verifily_train.artifacts.run import find_run, load_run_json
+
+    print(json.dumps(load_run_json(find_run(args.run, args.runs_dir)), indent=2))
+    return 0
+
+
+def cmd_runs_verify(args) -> int:
+    from verifily_train.artifacts.run import find_run, verify_run
+
+    path = find_run(args.run, args.runs_dir)
+    n = verify_run(path)
+    print(f"ok {path}: {n} files match checksums.sha256")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from verifily_train.artifacts.compare import compare_runs, render_comparison
+    from verifily_train.artifacts.run import find_run
+
+    result = compare_runs(find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir))
+    print(json.dumps(result, indent=2) if args.json else render_comparison(result))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from verifily_train.config import load_config
+
+    # Validate before anything heavy is imported: a bad config fails in well under a second.
+    cfg = load_config(args.config, args.overrides, dataset=args.dataset)
+    mode = args.mode or cfg.compute.mode
+    if mode == "managed":
+        print("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "
+              "Use --mode local to train on this machine.")
+        return 0
+    if mode == "self_host":
+        raise VerifilyError(None, "--mode", "self_host submits to a Prefect work pool; it is not available in this "
+                                            "version yet, use --mode local")
+    from verifily_train.cli.train import run_train
+
+    return run_train(args.config, list(args.overrides), args.dataset, cfg)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VerifilyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

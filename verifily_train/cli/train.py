@@ -1,0 +1,76 @@
+"""``verifily train``: run the Prefect ``train`` flow in-process and print the run summary."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import List, Optional
+
+from verifily_train.config.schema import TrainConfig
+
+CAVEAT = "Correlation, not causation: slices describe the model on those test rows. For causal attribution, see v2 roadmap."
+
+
+def _quiet_libraries() -> None:
+    # Prefect's own INFO lines and transformers' weight-loading bars drown the summary; the UI has the details.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.4f}"
+    return str(value)
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    """Overall metrics, slice table, hard-example headline, path and reproducibility hash."""
+    record = summary["record"]
+    metrics = record["metrics"]
+    w = out.write
+    w(f"\nRun {summary['run_id']} completed in {record['duration_seconds']:.1f}s "
+      f"({record['job']['device']}, {record['precision']})\n")
+    for warning in record.get("warnings", []):
+        w(f"  warning: {warning}\n")
+    w(f"  {record['evaluation']['note']}\n")
+    shown = [k for k in ("loss", "perplexity", "accuracy", "macro_f1") if k in metrics]
+    w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown) +
+      f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
+      f"  truncated_rows={metrics.get('truncated_rows')}\n")
+    for key, block in summary["slices"].get("slices", {}).items():
+        w(f"\n  slices by {key}:\n")
+        rows = [["value", "n"] + shown + [f"Δ{shown[0]}" if shown else ""]]
+        for entry in block["values"]:
+            m = entry["metrics"]
+            flag = " (low n)" if entry["low_confidence"] else ""
+            rows.append([f"{entry['value']}{flag}", str(entry["n"])] + [_fmt(m.get(k)) for k in shown] +
+                        [f"{entry['delta'].get(shown[0], float('nan')):+.4f}" if shown else ""])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            w("    " + "  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() + "\n")
+    headline = summary["hard_examples"].get("headline")
+    if headline:
+        w(f"\n  hard examples: {headline} (hard_examples.jsonl)\n")
+    if summary["slices"].get("slices"):
+        w(f"  {CAVEAT}\n")
+    w(f"\n  run: {summary['path']}\n  reproducibility_hash: {record['reproducibility_hash']}\n")
+    if summary.get("pushed_to"):
+        w(f"  adapter pushed to {summary['pushed_to']}\n")
+
+
+def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str], cfg: TrainConfig) -> int:
+    _quiet_libraries()
+    from verifily_train.flows.train import train
+
+    summary = train(config=config, overrides=overrides, dataset=dataset)
+    print_summary(summary)
+    return 0

@@ -1,0 +1,296 @@
+"""Load train.yaml plus dotted overrides into a validated, frozen ``TrainConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from verifily_train.config import schema
+from verifily_train.config.schema import TrainConfig
+from verifily_train.errors import ConfigError
+from verifily_train.hashing import canonical_json
+
+OVERRIDES = "command line"
+
+
+def _section_type(cls: type, name: str) -> Optional[type]:
+    """The dataclass type of field ``name`` of ``cls`` when it is a nested section."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            return type(default) if dataclasses.is_dataclass(default) else None
+    return None
+
+
+def known_keys(cls: type = TrainConfig, prefix: str = "") -> List[str]:
+    """Every dotted key of the schema, sections included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        dotted = prefix + f.name
+        keys.append(dotted)
+        sub = _section_type(cls, f.name)
+        if sub is not None:
+            keys.extend(known_keys(sub, dotted + "."))
+    return keys
+
+
+def _check_keys(values: Dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            close = difflib.get_close_matches(dotted, known_keys(), n=1, cutoff=0.6)
+            if not close:
+                close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.5)
+                close = [prefix + c for c in close]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(where, dotted, f"unknown key{hint}")
+        sub = _section_type(cls, key)
+        if sub is not None:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(where, dotted, f"must be a mapping of {sub.__name__} keys, got {value!r}")
+            _check_keys(value, sub, where, dotted + ".")
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    """Parse a YAML mapping, turning syntax errors into one line that names file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(path, None, f"cannot read: {err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark is not None else None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(path, line, f"YAML syntax error: {problem}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, None, f"must be a YAML mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
+    """``training.num_epochs=1 lora.r=8`` into a nested dict; values are parsed as YAML scalars."""
+    nested: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(OVERRIDES, item, "an override must look like key=value, e.g. training.num_epochs=1")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(OVERRIDES, key, "conflicts with an earlier override of its parent key")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base, values: Dict[str, Any], where: str):
+    try:
+        return OmegaConf.merge(base, values)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or None
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(where, key, msg) from None
+
+
+def _resolve_path(value: Optional[str], base_dir: Path) -> Optional[str]:
+    if value is None or value == "":
+        return value
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".json") or os.sep in ref and "@" not in ref
+
+
+def load_config(
+    path: Optional[os.PathLike | str],
+    overrides: Sequence[str] = (),
+    dataset: Optional[str] = None,
+) -> TrainConfig:
+    """Read, merge, resolve and validate a config. Raises ``ConfigError`` naming file and key."""
+    base = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        path = Path(path)
+        file_values = read_yaml(path)
+        _check_keys(file_values, TrainConfig, str(path))
+        base = _merge(base, file_values, str(path))
+        base_dir = path.resolve().parent
+    else:
+        base_dir = Path.cwd()
+    override_values = parse_overrides(overrides)
+    if dataset is not None:
+        override_values["dataset_version"] = dataset
+    _check_keys(override_values, TrainConfig, OVERRIDES)
+    merged = _merge(base, override_values, OVERRIDES)
+    where = str(path) if path is not None else OVERRIDES
+    for key in ("task", "base_model"):
+        if OmegaConf.is_missing(merged, key):
+            raise ConfigError(where, key, "is required (spec §8)")
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(where, getattr(err, "full_key", None), str(err).splitlines()[0]) from None
+    cfg = _resolve(cfg, base_dir)
+    validate_config(cfg, where)
+    return cfg
+
+
+def _resolve(cfg: TrainConfig, base_dir: Path) -> TrainConfig:
+    """Fill task-dependent defaults and make relative data paths absolute (relative to train.yaml)."""
+    paths = cfg.data_paths
+    data_paths = dataclasses.replace(
+        paths,
+        train=_resolve_path(paths.train, base_dir),
+        val=_resolve_path(paths.val, base_dir),
+        test=_resolve_path(paths.test, base_dir),
+    )
+    ref = cfg.dataset_version
+    if ref and _looks_like_path(ref):
+        ref = _resolve_path(ref, base_dir)
+    ev = cfg.eval
+    metrics = list(ev.metrics) if ev.metrics else list(schema.DEFAULT_EVAL_METRICS.get(cfg.task, []))
+    gold = _resolve_path(ev.gold_set, base_dir)
+    ev = dataclasses.replace(ev, metrics=metrics, gold_set=gold, slice_by_tags=list(ev.slice_by_tags or []))
+    return dataclasses.replace(cfg, data_paths=data_paths, dataset_version=ref, eval=ev)
+
+
+def _one_of(where: str, key: str, value: Any, options: Sequence[str]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(where, key, f"must be one of {', '.join(options)}; got {value!r}{hint}")
+
+
+def _check(where: str, key: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConfigError(where, key, problem)
+
+
+def validate_config(cfg: TrainConfig, where: str = "config") -> None:
+    """Spec §8 rules 1-3 plus types and ranges. Rules 4-6 need the machine, model and data."""
+    _one_of(where, "task", cfg.task, schema.TASKS)
+    has_ref = bool(cfg.dataset_version)
+    has_paths = bool(cfg.data_paths.train)
+    _check(where, "dataset_version", has_ref or has_paths,
+           "either dataset_version or data_paths.train must be provided (spec §8 rule 2)")
+    _check(where, "dataset_version", not (has_ref and has_paths),
+           "give dataset_version or data_paths, not both")
+    if not has_ref and (cfg.data_paths.val or cfg.data_paths.test) and not has_paths:
+        raise ConfigError(where, "data_paths.train", "is required when data_paths.val or data_paths.test is set")
+    _check(where, "base_model", bool(str(cfg.base_model).strip()), "must not be empty")
+
+    t = cfg.training
+    _check(where, "training.num_epochs", t.num_epochs >= 1, f"must be >= 1; got {t.num_epochs}")
+    _check(where, "training.batch_size", t.batch_size >= 1, f"must be >= 1; got {t.batch_size}")
+    _check(where, "training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1,
+           f"must be >= 1; got {t.gradient_accumulation_steps}")
+    _check(where, "training.learning_rate", t.learning_rate > 0, f"must be > 0; got {t.learning_rate}")
+    _one_of(where, "training.lr_scheduler", t.lr_scheduler, schema.SCHEDULERS)
+    _check(where, "training.warmup_ratio", 0 <= t.warmup_ratio < 1, f"must be in [0, 1); got {t.warmup_ratio}")
+    _check(where, "training.weight_decay", t.weight_decay >= 0, f"must be >= 0; got {t.weight_decay}")
+    _check(where, "training.max_grad_norm", t.max_grad_norm > 0, f"must be > 0; got {t.max_grad_norm}")
+    _check(where, "training.max_seq_length", t.max_seq_length >= 8, f"must be >= 8; got {t.max_seq_length}")
+    _check(where, "training.max_steps", t.max_steps == -1 or t.max_steps >= 1,
+           f"must be -1 (use num_epochs) or >= 1; got {t.max_steps}")
+    for key in ("eval_steps", "save_steps", "logging_steps"):
+        value = getattr(t, key)
+        _check(where, f"training.{key}", value >= 1, f"must be >= 1; got {value}")
+    _one_of(where, "training.report_to", t.report_to, schema.REPORT_TO)
+    _check(where, "training.retries", t.retries >= 0, f"must be >= 0; got {t.retries}")
+
+    lo = cfg.lora
+    _check(where, "lora.r", lo.r >= 1, f"must be >= 1; got {lo.r}")
+    _check(where, "lora.alpha", lo.alpha >= 1, f"must be >= 1; got {lo.alpha}")
+    _check(where, "lora.dropout", 0 <= lo.dropout < 1, f"must be in [0, 1); got {lo.dropout}")
+    _one_of(where, "lora.quantization", lo.quantization, schema.QUANTIZATIONS)
+    _one_of(where, "lora.bnb_4bit_compute_dtype", lo.bnb_4bit_compute_dtype, schema.COMPUTE_DTYPES)
+    tm = lo.target_modules
+    ok_modules = (isinstance(tm, str) and tm.strip() != "") or (
+        isinstance(tm, list) and len(tm) > 0 and all(isinstance(m, str) and m for m in tm))
+    _check(where, "lora.target_modules", ok_modules, f"must be \"auto\" or a non-empty list of module names; got {tm!r}")
+    if lo.quantization != "none":
+        _check(where, "lora.quantization", lo.enabled, f"{lo.quantization} quantization needs lora.enabled: true")
+        _check(where, "lora.quantization", importlib.util.find_spec("bitsandbytes") is not None,
+               f"{lo.quantization} needs bitsandbytes: pip install 'verifily-train[qlora]' (spec §8 rule 3)")
+
+    c = cfg.compute
+    _one_of(where, "compute.mode", c.mode, schema.COMPUTE_MODES)
+    _one_of(where, "compute.device", c.device, schema.DEVICES)
+    _check(where, "compute.fp16", not (c.fp16 and c.bf16), "fp16 and bf16 cannot both be true")
+
+    e = cfg.eval
+    known = schema.KNOWN_EVAL_METRICS[cfg.task]
+    for i, name in enumerate(e.metrics or []):
+        _one_of(where, f"eval.metrics[{i}]", name, known)
+    _check(where, "eval.hard_examples", e.hard_examples >= 0, f"must be >= 0; got {e.hard_examples}")
+    _check(where, "eval.batch_size", e.batch_size >= 1, f"must be >= 1; got {e.batch_size}")
+    _check(where, "eval.retries", e.retries >= 0, f"must be >= 0; got {e.retries}")
+    for i, tag in enumerate(e.slice_by_tags):
+        _check(where, f"eval.slice_by_tags[{i}]", isinstance(tag, str) and tag != "", "must be a tag key name")
+    if e.gold_set is not None:
+        _check(where, "eval.gold_set", Path(e.gold_set).is_file(), f"file not found: {e.gold_set}")
+
+    p = cfg.prompt
+    for key in ("template", "template_no_input"):
+        tpl = getattr(p, key)
+        try:
+            tpl.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(where, f"prompt.{key}", f"bad template: only {{instruction}} and {{input}} may be used ({err})") from None
+    _check(where, "prompt.template", "{instruction}" in p.template, "must contain {instruction}")
+    _check(where, "output.dir", bool(cfg.output.dir), "must not be empty")
+    if cfg.output.push_to_hub:
+        _check(where, "output.hub_model_id", bool(cfg.output.hub_model_id),
+               "is required when output.push_to_hub is true (e.g. my-org/my-adapter)")
+    _check(where, "runtime.num_workers", cfg.runtime.num_workers >= 0, "must be >= 0")
+
+
+def config_to_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    """The resolved config as plain data (what config.yaml in a Run holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def hashed_view(cfg: TrainConfig) -> Dict[str, Any]:
+    """The resolved config minus the keys that cannot change results (``schema.UNHASHED_KEYS``)."""
+    data = config_to_dict(cfg)
+    for dotted in schema.UNHASHED_KEYS:
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node.pop(parts[-1], None)
+    return data
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """SHA-256 of the normalized, resolved config: key order, comments and number spelling don't matter."""
+    return hashlib.sha256(canonical_json(hashed_view(cfg)).encode("utf-8")).hexdigest()
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """Readable YAML of the resolved config, in schema order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, width=120)

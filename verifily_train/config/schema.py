@@ -1,0 +1,139 @@
+"""The train.yaml schema: every key and default of spec §8, in one place.
+
+This module must not import torch. Comments after each field are the documentation that
+``docs/config.md`` is generated from (``verifily_train.config.docs``), so keep them one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+TASKS = ("sft", "classification")
+SCHEDULERS = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+COMPUTE_MODES = ("local", "managed", "self_host")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
+
+DEFAULT_EVAL_METRICS = {
+    "sft": ["loss", "perplexity"],
+    "classification": ["accuracy", "macro_f1"],
+}
+KNOWN_EVAL_METRICS = {
+    "sft": ("loss", "perplexity"),
+    "classification": ("accuracy", "macro_f1"),
+}
+
+
+@dataclass
+class DataPathsSection:
+    train: Optional[str] = None  # path to the training split (JSONL); relative to train.yaml
+    val: Optional[str] = None  # path to the validation split (optional)
+    test: Optional[str] = None  # path to the test split (optional; without it evaluation uses val)
+
+
+@dataclass
+class TrainingSection:
+    num_epochs: int = 3  # passes over the training split
+    batch_size: int = 8  # examples per device per step
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step
+    learning_rate: float = 2.0e-4  # peak learning rate, must be > 0
+    lr_scheduler: str = "cosine"  # one of: linear, cosine, constant
+    warmup_ratio: float = 0.03  # fraction of total steps spent warming up, in [0, 1)
+    weight_decay: float = 0.01  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    max_seq_length: int = 2048  # longer rows are truncated (and counted), never dropped; >= 8
+    max_steps: int = -1  # when > 0, stop after this many optimizer steps (overrides num_epochs)
+    eval_steps: int = 500  # evaluate on val every N steps (when a val split exists)
+    save_steps: int = 500  # checkpoint every N steps
+    logging_steps: int = 10  # log the loss every N steps; not hashed (cannot change the result)
+    report_to: str = "none"  # tracker passed to the HF Trainer: none, tensorboard, mlflow, wandb; not hashed
+    retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True  # false fine-tunes every weight of the model
+    r: int = 16  # LoRA rank, >= 1; higher adds capacity and memory
+    alpha: int = 32  # LoRA scaling numerator; keep 2 * r unless sweeping
+    dropout: float = 0.05  # dropout on the LoRA branch, in [0, 1)
+    target_modules: Any = "auto"  # "auto" (PEFT's mapping for the model type, else all linear layers) or a list of module names
+    quantization: str = "none"  # none, 4bit (QLoRA, NF4) or 8bit; needs the [qlora] extra (bitsandbytes)
+    bnb_4bit_compute_dtype: str = "bfloat16"  # compute dtype of 4-bit layers: bfloat16, float16, float32
+
+
+@dataclass
+class ComputeSection:
+    mode: str = "local"  # local, managed (prints "Managed mode coming soon"), self_host; not hashed
+    device: str = "auto"  # auto (CUDA > MPS > CPU), cuda, mps, cpu
+    fp16: bool = False  # float16 mixed precision (CUDA only; else one warning and fp32)
+    bf16: bool = True  # bfloat16 mixed precision where supported (CUDA, or a CPU with native bf16)
+
+
+@dataclass
+class EvalSection:
+    enabled: bool = True  # evaluate on the test split (else val) at the end of training
+    metrics: Optional[List[str]] = None  # null = task defaults: sft [loss, perplexity]; classification [accuracy, macro_f1]
+    gold_set: Optional[str] = None  # path to a gold evaluation set (JSONL of the task's row schema)
+    slice_by_tags: List[str] = field(default_factory=lambda: ["source"])  # tag keys to slice metrics by; each must exist in the dataset
+    hard_examples: int = 20  # how many worst test examples to list, with their tags
+    batch_size: int = 16  # examples per evaluation batch
+    retries: int = 1  # Prefect retries of the evaluation stages on a transient failure; not hashed
+
+
+@dataclass
+class PromptSection:
+    template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"  # SFT prompt when the row has an input
+    template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # SFT prompt when input is empty or absent
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/"  # where Run folders are written, relative to the working directory; not hashed
+    save_adapter_only: bool = True  # false also saves the merged full model (safetensors) in model/
+    push_to_hub: bool = False  # upload the adapter to the Hub once the run completes; not hashed
+    hub_model_id: Optional[str] = None  # repository for push_to_hub, e.g. org/my-adapter; not hashed
+
+
+@dataclass
+class RuntimeSection:
+    num_workers: int = 0  # dataloader worker processes
+    progress: bool = True  # show progress bars
+
+
+@dataclass
+class TrainConfig:
+    task: str = MISSING  # required: sft or classification
+    base_model: str = MISSING  # required: a HuggingFace Hub id or a local model folder
+    dataset_version: Optional[str] = None  # a dataset reference: ds_x@v3, ds_x@latest, ds_x@sha256:..., or a manifest.json path
+    data_paths: DataPathsSection = field(default_factory=DataPathsSection)  # explicit JSONL splits instead of dataset_version
+    trust_remote_code: bool = False  # allow model code from the model folder/Hub repo to run
+    seed: int = 42  # seeds LoRA init, data order and dropout: same seed, same adapter bytes
+    training: TrainingSection = field(default_factory=TrainingSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    compute: ComputeSection = field(default_factory=ComputeSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)  # settings that cannot change results; never hashed
+
+
+# Keys left out of config_hash because they cannot change the trained weights or metrics.
+# Dataset location keys are out too: the data's identity enters the reproducibility hash as data_hash.
+UNHASHED_KEYS = (
+    "dataset_version",
+    "data_paths",
+    "runtime",
+    "output.dir",
+    "output.push_to_hub",
+    "output.hub_model_id",
+    "training.logging_steps",
+    "training.report_to",
+    "training.retries",
+    "eval.retries",
+    "compute.mode",
+)

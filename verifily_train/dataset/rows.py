@@ -1,0 +1,87 @@
+"""Reading and validating JSONL rows against the manifest's row and tag schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from verifily_train.errors import DataError
+
+DEFAULT_ROW_SCHEMA = {
+    "sft": ["instruction", "input", "output"],
+    "classification": ["text", "label"],
+}
+# Fields of a row schema that a row may leave out (spec §4.1: `input` is optional).
+OPTIONAL_FIELDS = {"input"}
+
+
+def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int, dict]]:
+    """Yield (line number, row) for each non-blank line; malformed lines raise ``DataError``."""
+    display = display or str(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError(display, None, f"cannot read: {err.strerror or err}") from None
+    with handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{display}:{lineno}", None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{display}:{lineno}", None, f"malformed JSON: {err.msg} at column {err.colno}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{display}:{lineno}", None, f"each line must be a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def validate_row(
+    row: dict,
+    task: str,
+    row_schema: Dict[str, List[str]],
+    tag_schema: Dict[str, dict],
+    where: str,
+) -> None:
+    """Check one row's fields and tags; raises ``DataError`` naming file:line and field."""
+    fields = row_schema.get(task) or DEFAULT_ROW_SCHEMA[task]
+    for name in fields:
+        if name not in row or row[name] is None:
+            if name in OPTIONAL_FIELDS:
+                continue
+            raise DataError(where, name, f"missing required field for task {task}")
+        value = row[name]
+        if task == "classification" and name == "label":
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise DataError(where, name, f"must be a string or integer label, got {type(value).__name__}")
+            if isinstance(value, str) and not value.strip():
+                raise DataError(where, name, "must not be empty")
+        elif not isinstance(value, str):
+            raise DataError(where, name, f"must be a string, got {type(value).__name__}")
+    if task == "sft" and not str(row.get("output", "")).strip():
+        raise DataError(where, "output", "must not be empty")
+    if task == "classification" and not str(row.get("text", "")).strip():
+        raise DataError(where, "text", "must not be empty")
+    tags = row.get("tags")
+    if tags is None:
+        return
+    if not isinstance(tags, dict):
+        raise DataError(where, "tags", f"must be an object of tag key -> value, got {type(tags).__name__}")
+    for key, value in tags.items():
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise DataError(where, f"tags.{key}", f"must be a scalar value, got {type(value).__name__}")
+        spec = tag_schema.get(key) if tag_schema else None
+        if tag_schema and spec is None:
+            raise DataError(where, f"tags.{key}", f"tag key not declared in the manifest's tag_schema ({', '.join(sorted(tag_schema))})")
+        if spec and spec.get("type", "categorical") == "categorical" and "values" in spec:
+            if str(value) not in [str(v) for v in spec["values"]]:
+                raise DataError(where, f"tags.{key}", f"value {value!r} is not one of the tag_schema values {spec['values']}")
+
+
+def label_of(row: dict) -> str:
+    """Labels are compared as strings, so 1 and "1" are one class."""
+    return str(row["label"])

@@ -1,0 +1,152 @@
+"""The local dataset store: ``$VERIFILY_HOME/datasets/<dataset_id>/<version>/``, one read-only folder per version."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import List, Optional
+
+from verifily_train.config.schema import TASKS
+from verifily_train.dataset.manifest import build_manifest, load_manifest
+from verifily_train.dataset.version import DatasetVersion
+from verifily_train.errors import DatasetExistsError, DatasetNotFoundError, DataError, VerifilyError
+from verifily_train.fsio import atomic_write_json, fsync_dir, make_read_only, make_writable, verifily_home
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def store_root(home: Optional[Path] = None) -> Path:
+    """Folder holding every dataset of the store."""
+    return (home or verifily_home()) / "datasets"
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not _NAME.match(value) or value in ("latest",) or value.startswith("sha256"):
+        raise VerifilyError(None, kind, f"{value!r} is not a valid name (letters, digits, . _ -; not 'latest' or 'sha256...')")
+
+
+def create_version(
+    dataset_id: str,
+    version: str,
+    task: str,
+    train: str,
+    val: Optional[str] = None,
+    test: Optional[str] = None,
+    home: Optional[Path] = None,
+) -> DatasetVersion:
+    """Copy splits into a new, read-only version folder with a verified manifest; never overwrites."""
+    _check_name("--id", dataset_id)
+    _check_name("--version", version)
+    if task not in TASKS:
+        raise VerifilyError(None, "--task", f"must be one of {', '.join(TASKS)}; got {task!r}")
+    sources = [(split, p) for split, p in (("train", train), ("val", val), ("test", test)) if p]
+    for split, p in sources:
+        if not Path(p).is_file():
+            raise DataError(p, None, f"--{split}: file not found")
+    final = store_root(home) / dataset_id / version
+    if final.exists():
+        raise DatasetExistsError(final, None, f"{dataset_id}@{version} already exists; versions are immutable, pick a new --version")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".staging-{version}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        placed = []
+        for split, p in sources:
+            dest = staging / f"{split}.jsonl"
+            shutil.copyfile(p, dest)
+            placed.append((split, dest.name, dest))
+        manifest, _ = build_manifest(dataset_id, version, task, placed)
+        atomic_write_json(staging / "manifest.json", manifest)
+        make_read_only(staging)
+        try:
+            os.rename(staging, final)  # atomic; fails if another process created the version meanwhile
+        except OSError:
+            raise DatasetExistsError(final, None, f"{dataset_id}@{version} already exists; versions are immutable") from None
+        fsync_dir(final.parent)
+    finally:
+        if staging.exists():
+            make_writable(staging)
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_manifest(final / "manifest.json")
+
+
+def list_versions(home: Optional[Path] = None) -> List[dict]:
+    """Every version in the store (read from manifests, not re-verified), oldest first per dataset."""
+    out = []
+    root = store_root(home)
+    if not root.is_dir():
+        return out
+    for ds_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for v_dir in ds_dir.iterdir():
+            manifest = v_dir / "manifest.json"
+            if v_dir.name.startswith(".") or not manifest.is_file():
+                continue
+            try:
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = {}
+            out.append({
+                "ref": f"{ds_dir.name}@{v_dir.name}",
+                "dataset_id": ds_dir.name,
+                "version": v_dir.name,
+                "task": data.get("task", "?"),
+                "num_rows": data.get("num_rows", 0),
+                "content_hash": data.get("content_hash", ""),
+                "created_at": data.get("created_at", ""),
+                "tag_keys": data.get("tag_keys", []),
+                "manifest_path": str(manifest),
+            })
+    out.sort(key=lambda r: (r["dataset_id"], r["created_at"], r["version"]))
+    return out
+
+
+def resolve_manifest_path(ref: str, home: Optional[Path] = None) -> Path:
+    """``ds_x@v3``, ``ds_x@latest``, ``ds_x@sha256:<hex prefix>`` or a manifest path -> manifest.json path."""
+    as_path = Path(os.path.expanduser(ref))
+    if ref.endswith(".json") or as_path.is_dir() or "@" not in ref:
+        if as_path.is_dir():
+            as_path = as_path / "manifest.json"
+        if not as_path.is_file():
+            raise DatasetNotFoundError(ref, None, "no such manifest; a dataset reference looks like ds_x@v3, ds_x@latest or path/to/manifest.json")
+        return as_path
+    dataset_id, _, version = ref.partition("@")
+    versions = [v for v in list_versions(home) if v["dataset_id"] == dataset_id]
+    if not versions:
+        known = sorted({v["dataset_id"] for v in list_versions(home)})
+        hint = f" (datasets in the store: {', '.join(known)})" if known else " (the store is empty: verifily dataset create ...)"
+        raise DatasetNotFoundError(ref, None, f"dataset {dataset_id!r} not found in {store_root(home)}{hint}")
+    if version == "latest":
+        return Path(max(versions, key=lambda v: (v["created_at"], v["version"]))["manifest_path"])
+    if version.startswith("sha256:"):
+        matches = [v for v in versions if v["content_hash"].startswith(version) and len(version) >= 13]
+        if len(matches) == 1:
+            return Path(matches[0]["manifest_path"])
+        problem = "matches several versions; give more of the hash" if matches else "no version has this content hash"
+        raise DatasetNotFoundError(ref, None, problem)
+    for v in versions:
+        if v["version"] == version:
+            return Path(v["manifest_path"])
+    raise DatasetNotFoundError(ref, None, f"version {version!r} not found (versions: {', '.join(v['version'] for v in versions)})")
+
+
+def resolve(ref: str, home: Optional[Path] = None, validate_rows: bool = True) -> DatasetVersion:
+    """Resolve a reference and load its manifest, verifying hashes (and rows unless told not to)."""
+    return load_manifest(resolve_manifest_path(ref, home), validate_rows=validate_rows)
+
+
+def load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> DatasetVersion:
+    """The DatasetVersion a config names, by reference or by ``data_paths``, checked against its task."""
+    from verifily_train.dataset.manifest import dataset_from_paths
+
+    if dataset_version:
+        dv = resolve(dataset_version, home)
+    else:
+        dv = dataset_from_paths(task, data_paths.train, data_paths.val, data_paths.test)
+    if dv.task != task:
+        raise DataError(dv.manifest_path or dv.data_path, "task",
+                        f"the dataset is for task {dv.task!r} but the config says task: {task!r}")
+    return dv

@@ -1,0 +1,65 @@
+"""Every error a user can cause, grouped by what the user can do about it.
+
+The CLI prints ``str(err)`` of a ``VerifilyError`` as one line and exits with code 2.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+class VerifilyError(Exception):
+    """Base class for all errors a user can cause and fix."""
+
+    exit_code = 2
+
+    def __init__(self, where: Optional[object] = None, key: Optional[str] = None, problem: str = ""):
+        self.where = os.fspath(where) if where is not None else None
+        self.key = key
+        self.problem = problem
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [p for p in (self.where, self.key) if p]
+        prefix = ": ".join(parts)
+        text = f"{prefix}: {self.problem}" if prefix else self.problem
+        return " ".join(text.split("\n"))
+
+
+class ConfigError(VerifilyError):
+    """The train.yaml or a dotted override is invalid."""
+
+
+class ManifestError(VerifilyError):
+    """A dataset manifest is malformed or does not match its files."""
+
+
+class DataError(VerifilyError):
+    """A data row is malformed or does not match the manifest's schemas."""
+
+
+class DatasetNotFoundError(VerifilyError):
+    """A dataset reference does not resolve in the local store."""
+
+
+class DatasetExistsError(VerifilyError):
+    """A dataset version already exists; versions are immutable."""
+
+
+class ModelError(VerifilyError):
+    """The base model is missing or of the wrong kind for the task."""
+
+
+class EnvironmentProblem(VerifilyError):
+    """An optional extra, device or credential the config needs is missing."""
+
+
+class RunError(VerifilyError):
+    """A run artifact is missing, incomplete, or fails its checksums."""
+
+
+def only_transient(exc: BaseException) -> bool:
+    """True when retrying could help: user errors never get better on retry."""
+    return not isinstance(exc, VerifilyError)

@@ -1,0 +1,1 @@
+"""Evaluation: per-example scores, task metrics, tag slices and hard examples."""

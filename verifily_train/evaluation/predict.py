@@ -1,0 +1,122 @@
+"""Score every example of the evaluation split with the trained adapter: per-example loss or class probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from verifily_train.config.schema import TrainConfig
+from verifily_train.evaluation.metrics import metrics_for_frame
+from verifily_train.training.device import DevicePlan
+from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.training.tokenize import TokenizedSplit
+
+EVALUATE_VERSION = "evaluate/1"
+
+
+def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Path, trained: dict):
+    """Base model + the run's adapter, exactly as a user would reload it (``PeftModel.from_pretrained``)."""
+    from peft import PeftModel
+
+    weights = train_dir / trained["adapter_dir"]
+    if trained["full_finetune"]:
+        from dataclasses import replace
+
+        return load_model(replace(spec, source=str(weights)), labels=labels or None, pad_token_id=tok.pad_token_id,
+                          trust_remote_code=cfg.trust_remote_code)
+    base = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id, trust_remote_code=cfg.trust_remote_code)
+    return PeftModel.from_pretrained(base, weights)
+
+
+def _score_batches(model, spec: ModelSpec, data: TokenizedSplit, collator, batch_size: int, device: str,
+                   precision: str, progress: bool) -> Dict[str, list]:
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(data)), key=lambda i: len(data.columns["input_ids"][i]))
+    out: Dict[str, list] = {"index": [], "loss_sum": [], "n_tokens": [], "probs": []}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    model.to(device)
+    model.eval()
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.no_grad():
+        for batch_idx in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
+            batch = collator([data[i] for i in batch_idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                if spec.kind == KIND_SEQ_CLS:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                else:
+                    logits = model(**batch).logits
+            logits = logits.float()
+            out["index"].extend(batch_idx)
+            if spec.kind == KIND_SEQ_CLS:
+                out["probs"].extend(torch.softmax(logits, dim=-1).cpu().tolist())
+                continue
+            labels = batch["labels"]
+            if spec.kind == KIND_CAUSAL:  # position t predicts token t+1
+                logits, labels = logits[:, :-1, :], labels[:, 1:]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
+            ).view(labels.shape)
+            mask = labels != -100
+            out["loss_sum"].extend((token_loss * mask).sum(dim=1).cpu().tolist())
+            out["n_tokens"].extend(mask.sum(dim=1).cpu().tolist())
+    return out
+
+
+def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, trained: dict,
+                  train_dir: Path, plan: DevicePlan, out_dir: Path) -> dict:
+    """Write ``predictions.parquet`` and ``metrics.json`` for the evaluation split; returns the stage manifest."""
+    import numpy as np
+    import pandas as pd
+
+    from verifily_train.training.trainer import make_collator
+
+    split = tokenized["eval_split"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.eval.enabled or split is None:
+        note = "eval.enabled is false: evaluation skipped" if not cfg.eval.enabled else tokenized["eval_note"]
+        return {"stage": "evaluate", "version": EVALUATE_VERSION, "skipped": True, "note": note, "split": None,
+                "metrics": {}}
+    labels = tokenized["labels"]
+    model = load_trained_model(cfg, spec, tok, labels, train_dir, trained)
+    tok.padding_side = "right"
+    data = TokenizedSplit(tokenized_dir / tokenized["splits"][split]["file"], cfg.task)
+    scores = _score_batches(model, spec, data, make_collator(spec, tok), cfg.eval.batch_size, plan.device,
+                            plan.precision, cfg.runtime.progress)
+    order = np.argsort(np.asarray(scores["index"]), kind="stable")
+    cols = data.columns
+    frame = pd.DataFrame({
+        "example_id": cols["example_id"], "split": cols["split"], "line": cols["line"], "tags": cols["tags"],
+        "text": cols["text"], "reference": cols["reference"], "truncated": cols["truncated"],
+    })
+    tag_dicts = [json.loads(t) for t in cols["tags"]]
+    for key in sorted({k for d in tag_dicts for k in d}):
+        frame[f"tag.{key}"] = [d.get(key) for d in tag_dicts]
+    if spec.kind == KIND_SEQ_CLS:
+        probs = np.asarray(scores["probs"], dtype=np.float64)[order]
+        label_id = np.asarray(cols["label"], dtype=np.int64)
+        pred_id = probs.argmax(axis=1)
+        frame["label_id"] = label_id
+        frame["pred_id"] = pred_id
+        frame["label"] = [labels[i] for i in label_id]
+        frame["predicted"] = [labels[i] for i in pred_id]
+        frame["prob_predicted"] = probs[np.arange(len(probs)), pred_id]
+        frame["prob_true"] = probs[np.arange(len(probs)), label_id]
+        frame["correct"] = pred_id == label_id
+        frame["score"] = 1.0 - frame["prob_true"]  # hardness: how little mass the true label got
+    else:
+        loss_sum = np.asarray(scores["loss_sum"], dtype=np.float64)[order]
+        n_tokens = np.asarray(scores["n_tokens"], dtype=np.int64)[order]
+        frame["loss_sum"] = loss_sum
+        frame["n_tokens"] = n_tokens
+        frame["loss"] = np.where(n_tokens > 0, loss_sum / np.maximum(n_tokens, 1), np.nan)
+        frame["perplexity"] = np.exp(np.minimum(frame["loss"], 50.0))
+        frame["score"] = frame["loss"]  # hardness: mean response-token loss
+    frame.to_parquet(out_dir / "predictions.parquet", index=False)
+    metrics = metrics_for_frame(cfg.task, frame, labels)
+    return {"stage": "evaluate", "version": EVALUATE_VERSION, "skipped": False, "split": split,
+            "note": tokenized["eval_note"], "predictions": "predictions.parquet", "metrics": metrics}

@@ -1,0 +1,56 @@
+"""Device and precision: CUDA > MPS > CPU, and mixed precision only where the hardware supports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from verifily_train.config.schema import ComputeSection
+from verifily_train.errors import EnvironmentProblem
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: str  # cuda | mps | cpu
+    precision: str  # bf16 | fp16 | fp32: what really runs
+    warnings: List[str] = field(default_factory=list)
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 on the CPU (AVX512-BF16 or AMX): autocast is then faster, not emulated."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(compute: ComputeSection) -> DevicePlan:
+    """Pick the device (spec §8 rule 4) and the precision that can really run on it."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if compute.device == "auto":
+        device = "cuda" if cuda else "mps" if mps else "cpu"
+    else:
+        device = compute.device
+        if device == "cuda" and not cuda:
+            raise EnvironmentProblem(None, "compute.device", "cuda was asked for but no CUDA GPU is visible; use auto or cpu")
+        if device == "mps" and not mps:
+            raise EnvironmentProblem(None, "compute.device", "mps was asked for but Apple MPS is not available; use auto or cpu")
+    warnings: List[str] = []
+    precision = "fp32"
+    if compute.bf16:
+        supported = (device == "cuda" and torch.cuda.is_bf16_supported()) or (device == "cpu" and cpu_supports_bf16())
+        if supported:
+            precision = "bf16"
+        else:
+            warnings.append(f"compute.bf16: bfloat16 is not supported on this {device}; training in fp32")
+    elif compute.fp16:
+        if device == "cuda":
+            precision = "fp16"
+        else:
+            warnings.append(f"compute.fp16: float16 mixed precision needs CUDA; training in fp32 on {device}")
+    return DevicePlan(device=device, precision=precision, warnings=warnings)

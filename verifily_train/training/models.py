@@ -1,0 +1,114 @@
+"""Load a base model of the right kind for the task, by Hub id or local folder."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from verifily_train.errors import ModelError
+
+KIND_CAUSAL = "causal_lm"
+KIND_SEQ2SEQ = "seq2seq_lm"
+KIND_SEQ_CLS = "seq_cls"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the pipeline needs to know about a base model before loading its weights."""
+
+    source: str  # local folder or Hub id, as given
+    kind: str  # causal_lm | seq2seq_lm | seq_cls
+    model_type: str  # config.model_type, e.g. llama, t5, bert
+    is_local: bool
+
+
+def check_model_reference(base_model: str) -> None:
+    """Spec §8 rule 5, cheaply: a local folder with a config.json, or something shaped like a Hub id."""
+    path = Path(os.path.expanduser(base_model))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(base_model, "base_model", "is not a model folder (no config.json)")
+        return
+    looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
+    if looks_local or not _HUB_ID.match(base_model):
+        raise ModelError(base_model, "base_model", "no such model folder, and not a HuggingFace Hub id (org/name)")
+
+
+def inspect_model(base_model: str, task: str, trust_remote_code: bool = False) -> ModelSpec:
+    """Read the model's config (no weights) and decide which Auto class serves the task; wrong kinds fail here."""
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto as auto
+
+    check_model_reference(base_model)
+    is_local = Path(os.path.expanduser(base_model)).exists()
+    source = str(Path(os.path.expanduser(base_model)).resolve()) if is_local else base_model
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(base_model, "base_model", f"cannot load its config: {first}") from err
+    model_type = getattr(config, "model_type", "")
+    causal = model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    seq2seq = model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    seq_cls = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if task == "sft":
+        if seq2seq and getattr(config, "is_encoder_decoder", False):
+            kind = KIND_SEQ2SEQ
+        elif causal:
+            kind = KIND_CAUSAL
+        else:
+            raise ModelError(base_model, "base_model", f"model type {model_type!r} is neither a CausalLM nor a Seq2SeqLM, "
+                                                       "so it cannot do task sft (use task: classification for encoders)")
+    else:
+        if not seq_cls:
+            raise ModelError(base_model, "base_model", f"model type {model_type!r} has no sequence-classification head in transformers")
+        kind = KIND_SEQ_CLS
+    return ModelSpec(source=source, kind=kind, model_type=model_type, is_local=is_local)
+
+
+def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token guaranteed (EOS stands in when the model has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(spec.source, "base_model", f"cannot load its tokenizer: {str(err).splitlines()[0]}") from err
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(spec.source, "base_model", "tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: ModelSpec, labels: Optional[List[str]] = None, pad_token_id: Optional[int] = None,
+               trust_remote_code: bool = False, quantization_config=None, device_map=None):
+    """Instantiate the base model in fp32 (mixed precision is applied by autocast, not by the weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    kwargs: Dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        if spec.kind == KIND_CAUSAL:
+            model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
+        elif spec.kind == KIND_SEQ2SEQ:
+            model = AutoModelForSeq2SeqLM.from_pretrained(spec.source, **kwargs)
+        else:
+            labels = labels or []
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.source, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True, **kwargs)
+            # the head reads the last non-pad token of a decoder, so the model must know the pad id
+            if pad_token_id is not None and model.config.pad_token_id is None:
+                model.config.pad_token_id = pad_token_id
+    except (OSError, ValueError) as err:
+        raise ModelError(spec.source, "base_model", f"cannot load weights: {str(err).splitlines()[0]}") from err
+    return model

@@ -1,0 +1,133 @@
+"""The train stage: HF Trainer (or Seq2SeqTrainer) + PEFT on tokenized splits, writing a safetensors adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from verifily_train.config.schema import TrainConfig
+from verifily_train.training.device import DevicePlan
+from verifily_train.training.models import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.training.tokenize import TokenizedSplit
+
+TRAIN_VERSION = "train/1"
+
+
+def make_collator(spec: ModelSpec, tok):
+    """Dynamic padding to the longest row of each batch (never to max_seq_length); labels pad with -100."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if spec.kind == KIND_SEQ_CLS:
+        return DataCollatorWithPadding(tok, padding=True)
+    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+
+
+def training_arguments(cfg: TrainConfig, plan: DevicePlan, out_dir: Path, has_val: bool, seq2seq: bool):
+    """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+    t = cfg.training
+    cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
+    return cls(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=t.eval_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        use_cpu=plan.device == "cpu",
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        dataloader_num_workers=cfg.runtime.num_workers,
+        disable_tqdm=not cfg.runtime.progress,
+        remove_unused_columns=False,
+    )
+
+
+def _write_log(history: List[dict], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for entry in history:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
+                  out_dir: Path) -> dict:
+    """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest."""
+    import torch
+    from transformers import Seq2SeqTrainer, Trainer, set_seed
+
+    from verifily_train.training.lora import build_adapter, count_parameters
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = tokenized["labels"]
+    # seed before the model is built: LoRA init and a fresh classification head draw from it
+    set_seed(cfg.seed)
+    model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
+                       trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora.enabled:
+        model = build_adapter(model, cfg.lora, spec)
+    trainable, total = count_parameters(model)
+    tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
+    train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
+    val_info = tokenized["splits"].get("val")
+    val_data = TokenizedSplit(tokenized_dir / val_info["file"], cfg.task) if val_info else None
+    seq2seq = spec.kind == KIND_SEQ2SEQ
+    args = training_arguments(cfg, plan, out_dir, val_data is not None, seq2seq)
+    trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
+                          data_collator=make_collator(spec, tok), processing_class=tok)
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+
+    adapter_dir = out_dir / ("adapter" if cfg.lora.enabled else "model")
+    model.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    (adapter_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n", encoding="utf-8")
+    merged_dir: Optional[Path] = None
+    if cfg.lora.enabled and not cfg.output.save_adapter_only:
+        merged_dir = out_dir / "model"
+        model.merge_and_unload().save_pretrained(merged_dir)
+        tok.save_pretrained(merged_dir)
+    _write_log(trainer.state.log_history, out_dir / "trainer_log.jsonl")
+
+    tokens_per_epoch = sum(len(ids) for ids in train_data.columns["input_ids"])
+    epochs_done = float(trainer.state.epoch or 0.0)
+    train_tokens = int(round(tokens_per_epoch * epochs_done))
+    train_loss = float(result.training_loss)
+    return {
+        "stage": "train",
+        "version": TRAIN_VERSION,
+        "adapter_dir": adapter_dir.name,
+        "merged_dir": merged_dir.name if merged_dir else None,
+        "full_finetune": not cfg.lora.enabled,
+        "log": "trainer_log.jsonl",
+        "device": plan.device,
+        "precision": plan.precision,
+        "train_loss": train_loss if math.isfinite(train_loss) else None,
+        "global_step": int(trainer.state.global_step),
+        "epochs": epochs_done,
+        "train_tokens": train_tokens,
+        "train_seconds": seconds,
+        "tokens_per_second": train_tokens / seconds if seconds > 0 else None,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "threads": torch.get_num_threads(),
+    }
