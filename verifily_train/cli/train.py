@@ -13,8 +13,9 @@ CAVEAT = "Correlation, not causation: slices describe the model on those test ro
 
 
 def _quiet_libraries() -> None:
-    # Prefect's own INFO lines and transformers' weight-loading bars drown the summary; the UI has the details.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Logs still reach the Prefect API (and UI); only the console copy is silenced. A user error is then
+    # one line from the CLI, and a bug keeps the traceback Python prints.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     import warnings

@@ -52,7 +52,10 @@ def inspect_model(base_model: str, task: str, trust_remote_code: bool = False) -
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(base_model, "base_model", f"cannot load its config: {first}") from err
     model_type = getattr(config, "model_type", "")
-    causal = model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    # BERT-style encoders also register a CausalLM class (BertLMHeadModel); they only generate when built
+    # as decoders, so an encoder with a masked-LM head counts as causal only if its config says is_decoder.
+    encoder_only = model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    causal = model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder_only
     seq2seq = model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     seq_cls = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     if task == "sft":

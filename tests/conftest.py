@@ -1,0 +1,114 @@
+"""Shared fixtures: offline tiny models, tagged datasets, an isolated VERIFILY_HOME, and a Prefect server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def verifily_home(tmp_path, monkeypatch):
+    """Every test gets its own dataset store, cache and work folders."""
+    home = tmp_path / "verifily-home"
+    monkeypatch.setenv("VERIFILY_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny llama / t5 / bert folders, saved with save_pretrained and read back through from_pretrained."""
+    from verifily_train.fixtures.models import build_all
+
+    return build_all(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def sft_splits(tmp_path):
+    from verifily_train.fixtures.data import write_splits
+
+    return write_splits(tmp_path / "sft-data", "sft", {"train": 48, "val": 16, "test": 40}, seed=1)
+
+
+@pytest.fixture
+def cls_splits(tmp_path):
+    from verifily_train.fixtures.data import write_splits
+
+    return write_splits(tmp_path / "cls-data", "classification", {"train": 60, "val": 16, "test": 40}, seed=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect server on 127.0.0.1 for the whole session (a flow run then skips the ephemeral start-up)."""
+    port = _free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               PREFECT_API_URL="")
+    env.pop("PREFECT_API_URL")
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError((home / "server.log").read_text())
+    else:
+        proc.kill()
+        raise RuntimeError("Prefect server did not become healthy in 90 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``verifily ARGS`` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "verifily_train.cli.main", *args], cwd=cwd, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, exactly one line on stderr, no traceback, and the line names what is wrong."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
