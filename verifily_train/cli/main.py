@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["local", "managed", "self_host"], help="compute mode (default: compute.mode)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("demo", help="train the embedded default: a tiny offline model on the shipped example dataset",
+                       description="Builds a tiny Llama-style model offline (or a BERT-style encoder for "
+                                   "classification), stores the shipped example dataset as ds_demo_<task>@v1, "
+                                   "then runs `verifily train` on them.")
+    p.add_argument("--task", choices=["sft", "classification"], default="sft")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for the demo config")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("compare", help="diff two runs' metrics, overall and slice by slice")
     p.add_argument("run_a", help="run id or path")
     p.add_argument("run_b", help="run id or path")
@@ -201,6 +209,19 @@ def cmd_train(args) -> int:
     from verifily_train.cli.train import run_train
 
     return run_train(args.config, list(args.overrides), args.dataset, cfg)
+
+
+def cmd_demo(args) -> int:
+    from verifily_train.config import load_config
+
+    from verifily_train.demo import prepare_demo
+
+    path = prepare_demo(args.task)
+    print(f"demo config: {path}")
+    cfg = load_config(path, args.overrides)
+    from verifily_train.cli.train import run_train
+
+    return run_train(str(path), list(args.overrides), None, cfg)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

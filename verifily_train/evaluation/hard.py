@@ -21,23 +21,32 @@ def mine_hard_examples(task: str, frame, n: int, tag_keys: List[str]) -> dict:
         else:
             item.update(loss=float(row.loss))
         examples.append(item)
-    headline = hard_example_headline(examples, tag_keys, len(frame))
+    headline = hard_example_headline(examples, tag_keys, frame)
     return {"stage": "hard_examples", "version": HARD_VERSION, "examples": examples, "headline": headline}
 
 
-def hard_example_headline(examples: List[dict], tag_keys: List[str], total: int) -> Optional[str]:
-    """E.g. "7 of the 10 hardest examples come from source:ai_contaminated (20% of the test set)"."""
+def hard_example_headline(examples: List[dict], tag_keys: List[str], frame) -> Optional[str]:
+    """The tag value most over-represented among the hardest examples, against its share of the test set.
+
+    E.g. "9 of the 20 hardest examples come from source:ai_contaminated (45% vs 20% of evaluated rows)".
+    """
     if not examples:
         return None
     keys = tag_keys or sorted({k for e in examples for k in e["tags"]})
     best = None
     for key in keys:
+        column = f"tag.{key}"
+        if column not in frame:
+            continue
+        base = frame[column].value_counts(normalize=True)
         counts = Counter(e["tags"].get(key) for e in examples if e["tags"].get(key) is not None)
-        if counts:
-            value, count = counts.most_common(1)[0]
-            if best is None or count > best[2]:
-                best = (key, value, count)
+        for value, count in counts.items():
+            share = count / len(examples)
+            lift = share / max(float(base.get(value, 0.0)), 1e-9)
+            if best is None or (lift, count) > (best[3], best[2]):
+                best = (key, value, count, lift, share, float(base.get(value, 0.0)))
     if best is None:
         return f"the {len(examples)} hardest examples carry no tags"
-    key, value, count = best
-    return f"{count} of the {len(examples)} hardest examples come from {key}:{value}"
+    key, value, count, _, share, base_share = best
+    return (f"{count} of the {len(examples)} hardest examples come from {key}:{value} "
+            f"({share:.0%} of the hardest vs {base_share:.0%} of evaluated rows)")

@@ -25,6 +25,26 @@ def make_collator(spec: ModelSpec, tok):
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
 
+def _progress_callback_class():
+    from transformers.trainer_callback import ProgressCallback
+
+    class StepProgress(ProgressCallback):
+        """One bar for training steps with the latest loss on it, instead of a printed dict per log."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description("train")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs:
+                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and isinstance(v, float)}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    return ProgressCallback, StepProgress
+
+
 def training_arguments(cfg: TrainConfig, plan: DevicePlan, out_dir: Path, has_val: bool, seq2seq: bool):
     """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -93,6 +113,10 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
+    if cfg.runtime.progress:
+        default_bar, step_bar = _progress_callback_class()
+        trainer.remove_callback(default_bar)
+        trainer.add_callback(step_bar)
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
