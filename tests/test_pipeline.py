@@ -218,3 +218,38 @@ def test_run_killed_mid_training_leaves_no_completed_artifact(tmp_path, models, 
     assert not list(runs.glob("*/checksums.sha256")) if runs.exists() else True
     listing = run_cli("runs", "list", cwd=tmp_path)
     assert "completed" not in listing.stdout
+
+
+def test_full_finetune_without_eval_split_skips_evaluation_and_says_so(tmp_path, models, sft_splits, prefect_api):
+    write_config(tmp_path, "sft", models["llama"], {"train": sft_splits["train"]}, lora={"enabled": False})
+    result, run = train(tmp_path, prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["evaluation"]["skipped"] is True
+    assert "evaluation skipped" in record["evaluation"]["note"] and "evaluation skipped" in result.stdout
+    assert (run / "model/model.safetensors").is_file() and not (run / "adapter").exists()
+    assert not (run / "predictions.parquet").exists()
+    assert run_cli("runs", "verify", run.name, cwd=tmp_path).returncode == 0
+
+
+def test_merged_model_is_saved_when_not_adapter_only(tmp_path, models, sft_splits, prefect_api):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    write_config(tmp_path, "sft", models["llama"], sft_splits, output={"save_adapter_only": False},
+                 compute={"bf16": False}, eval={"enabled": False})
+    result, run = train(tmp_path, prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert "eval.enabled is false" in json.loads((run / "run.json").read_text())["evaluation"]["note"]
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    changed = [n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # auto targets for llama
+
+
+def test_push_to_hub_without_hub_access_fails_before_training(tmp_path, models, sft_splits, prefect_api):
+    write_config(tmp_path, "sft", models["llama"], sft_splits, output={"push_to_hub": True, "hub_model_id": "me/x"})
+    result, run = train(tmp_path, prefect_api)
+    assert_user_error(result, "output.push_to_hub", "HF_HUB_OFFLINE")
+    assert run is None

@@ -1,0 +1,161 @@
+"""Content-addressed stage cache: ``<cache>/<stage>/<key>/`` holds a stage's files, manifest and checksums.
+
+An entry is built in a temporary folder and renamed into place, under a per-key file lock, so two
+runs computing the same key end with one valid entry. A hit whose files are missing or fail their
+checksums is a miss: it is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+from verifily_train.fsio import atomic_write_json, fsync_dir, make_writable, verifily_home
+from verifily_train.hashing import hash_tree, sha256_file
+
+MANIFEST = "stage.json"
+CHECKSUMS = "checksums.sha256"
+
+
+def cache_root(configured: Optional[str] = None) -> Path:
+    """``cache.dir`` when set, else ``$VERIFILY_HOME/cache``."""
+    return Path(os.path.expanduser(configured)) if configured else verifily_home() / "cache"
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    read: bool = True  # use valid entries
+    write: bool = True  # store new entries
+
+    @classmethod
+    def from_flags(cls, enabled: bool, refresh: bool) -> "CacheMode":
+        if not enabled:
+            return cls(read=False, write=False)
+        return cls(read=not refresh, write=True)
+
+
+def _write_checksums(folder: Path) -> None:
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS]
+    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def entry_is_valid(folder: Path) -> bool:
+    """Every listed file present with its recorded hash, and the stage manifest readable."""
+    listing = folder / CHECKSUMS
+    if not (folder / MANIFEST).is_file() or not listing.is_file():
+        return False
+    try:
+        for line in listing.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            digest, _, rel = line.partition("  ")
+            path = folder / rel
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+        json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def key_lock(root: Path, stage: str, key: str) -> Iterator[None]:
+    """Exclusive lock on one key: a second run computing the same key waits, then finds the entry."""
+    lock_dir = root / stage / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released by the kernel if the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _discard(path: Path) -> None:
+    if path.exists():
+        make_writable(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def work_dir(root: Path, stage: str, key: str) -> Path:
+    """A stage's resumable scratch folder, keyed like its entry (train checkpoints live here)."""
+    path = root / stage / f".work-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
+               compute: Callable[[Path, Path], dict]) -> dict:
+    """Return the stage manifest for ``key``, from a valid entry or by ``compute(out_dir, work_dir)``.
+
+    The returned manifest carries ``key``, ``output_hash``, ``cache_hit``, ``seconds`` and ``dir``.
+    """
+    started = time.perf_counter()
+    if not mode.write:  # cache off: compute in a private folder that nothing else reads
+        private = root / stage / f".private-{uuid.uuid4().hex[:10]}"
+        out, work = private / "out", private / "work"
+        out.mkdir(parents=True)
+        work.mkdir(parents=True)
+        manifest = compute(out, work)
+        return dict(manifest, key=key, output_hash=hash_tree(out), cache_hit=False,
+                    seconds=round(time.perf_counter() - started, 3), dir=str(out))
+    final = root / stage / key
+    with key_lock(root, stage, key):
+        if mode.read and entry_is_valid(final):
+            manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+            return dict(manifest, cache_hit=True, seconds=round(time.perf_counter() - started, 3), dir=str(final))
+        tmp = root / stage / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            manifest = compute(tmp, work_dir(root, stage, key))
+            manifest = dict(manifest, key=key, output_hash=hash_tree(tmp))
+            atomic_write_json(tmp / MANIFEST, manifest)
+            _write_checksums(tmp)
+            if final.exists():  # a stale or refreshed entry: move it aside, then swap in the new one
+                trash = root / stage / f".trash-{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, trash)
+                _discard(trash)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            _discard(tmp)
+        _discard(root / stage / f".work-{key}")  # checkpoints are no longer needed once the entry exists
+    return dict(manifest, cache_hit=False, seconds=round(time.perf_counter() - started, 3), dir=str(final))
+
+
+def list_entries(root: Path) -> List[dict]:
+    """Every entry: stage, key, size, age, and whether it still verifies."""
+    out = []
+    if not root.is_dir():
+        return out
+    for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            out.append({"stage": stage_dir.name, "key": entry.name, "bytes": size,
+                        "modified": entry.stat().st_mtime, "path": str(entry)})
+    return out
+
+
+def prune(root: Path, older_than_days: Optional[float] = None) -> int:
+    """Delete entries (and stale scratch folders) last written more than N days ago; all when N is None."""
+    cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for stage_dir in (p for p in root.iterdir() if p.is_dir()):
+        for entry in stage_dir.iterdir():
+            if entry.name == ".locks" or not entry.is_dir():
+                continue
+            if cutoff is None or entry.stat().st_mtime < cutoff:
+                _discard(entry)
+                removed += 1
+    return removed
