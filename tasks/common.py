@@ -1,9 +1,14 @@
-"""What every stage task shares: the retry condition and the task options."""
+"""What every stage task shares: the retry condition, the task options, and the cache call."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable
+
 from prefect.cache_policies import NO_CACHE
 
+from verifily_train.cache import CacheMode, run_cached
 from verifily_train.errors import only_transient
 
 
@@ -13,5 +18,13 @@ def retry_only_transient(task, task_run, state) -> bool:
     return not isinstance(exc, BaseException) or only_transient(exc)
 
 
-# Stages hand each other small JSON manifests; caching by content hash is added per stage key.
+# Caching is by our own content-hash keys (verifily_train.cache), which verify the files a hit points
+# to; Prefect's result cache would hand back a manifest whose files may be gone, so it stays off.
 STAGE_OPTIONS = dict(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_only_transient)
+
+
+def run_stage(stage: str, key: str, cache: dict, compute: Callable[[Path, Path], dict]) -> dict:
+    """Return the stage's manifest from the cache entry for ``key``, or compute and store it."""
+    if os.environ.get("VERIFILY_FAIL_STAGE") == stage:  # fault injection for crash-recovery tests
+        raise RuntimeError(f"injected failure in stage {stage} (VERIFILY_FAIL_STAGE)")
+    return run_cached(stage, key, Path(cache["root"]), CacheMode(read=cache["read"], write=cache["write"]), compute)

@@ -1,14 +1,13 @@
-from pathlib import Path
-
 from prefect import task
 
 from verifily_train import stages
-from verifily_train.tasks.common import STAGE_OPTIONS
+from verifily_train.hashing import content_hash
+from verifily_train.identity import code_version
+from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 
 
 @task(name="evaluate", retries=1, **STAGE_OPTIONS)
-def evaluate(cfg, validated: dict, tokenized: dict, tokenized_dir: str, trained: dict, train_dir: str,
-             out_dir: str) -> dict:
+def evaluate(cfg, fp: dict, tokenized: dict, trained: dict, cache: dict) -> dict:
     """Score every evaluation example with the reloaded adapter."""
-    return stages.evaluate_stage(cfg, validated, tokenized, Path(tokenized_dir), trained, Path(train_dir),
-                                 Path(out_dir))
+    key = content_hash(code_version("evaluate"), trained["output_hash"], tokenized["output_hash"], fp["model_identity"], cfg.eval.enabled, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    return run_stage("evaluate", key, cache, lambda out, work: stages.evaluate_stage(cfg, fp, tokenized, trained, out, work))

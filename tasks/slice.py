@@ -1,12 +1,13 @@
-from pathlib import Path
-
 from prefect import task
 
 from verifily_train import stages
-from verifily_train.tasks.common import STAGE_OPTIONS
+from verifily_train.hashing import content_hash
+from verifily_train.identity import code_version
+from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 
 
 @task(name="slice-by-tags", retries=1, **STAGE_OPTIONS)
-def slice_by_tags(cfg, tokenized: dict, evaluated: dict, eval_dir: str, out_dir: str) -> dict:
+def slice_by_tags(cfg, tokenized: dict, evaluated: dict, cache: dict) -> dict:
     """Metrics per tag value."""
-    return stages.slice_stage(cfg, tokenized, evaluated, Path(eval_dir), Path(out_dir))
+    key = content_hash(code_version("slice"), evaluated["output_hash"], tokenized["labels"], cfg.eval.slice_by_tags, cfg.eval.metrics)
+    return run_stage("slice", key, cache, lambda out, work: stages.slice_stage(cfg, tokenized, evaluated, out, work))

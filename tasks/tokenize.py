@@ -1,12 +1,14 @@
-from pathlib import Path
-
 from prefect import task
 
 from verifily_train import stages
-from verifily_train.tasks.common import STAGE_OPTIONS
+from verifily_train.config.loader import hashed_section
+from verifily_train.hashing import content_hash
+from verifily_train.identity import code_version
+from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 
 
 @task(name="tokenize", retries=1, **STAGE_OPTIONS)
-def tokenize(cfg, validated: dict, out_dir: str) -> dict:
+def tokenize(cfg, fp: dict, cache: dict) -> dict:
     """Tokenize every split into parquet files of token ids."""
-    return stages.tokenize_stage(cfg, validated, Path(out_dir))
+    key = content_hash(code_version("tokenize"), fp["data_hash"], fp["tokenizer_identity"], fp["model"]["kind"], cfg.task, hashed_section(cfg, "prompt"), cfg.training.max_seq_length)
+    return run_stage("tokenize", key, cache, lambda out, work: stages.tokenize_stage(cfg, fp, out, work))

@@ -1,12 +1,14 @@
-from pathlib import Path
-
 from prefect import task
 
 from verifily_train import stages
-from verifily_train.tasks.common import STAGE_OPTIONS
+from verifily_train.config.loader import hashed_section
+from verifily_train.hashing import content_hash
+from verifily_train.identity import code_version
+from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 
 
 @task(name="train-lora", retries=0, **STAGE_OPTIONS)
-def train_lora(cfg, validated: dict, tokenized: dict, tokenized_dir: str, out_dir: str) -> dict:
-    """Fine-tune the base model with LoRA and save the adapter."""
-    return stages.train_stage(cfg, validated, tokenized, Path(tokenized_dir), Path(out_dir))
+def train_lora(cfg, fp: dict, tokenized: dict, cache: dict) -> dict:
+    """Fine-tune the base model with LoRA and save the adapter (resumes from the key's last checkpoint)."""
+    key = content_hash(code_version("train"), tokenized["output_hash"], fp["model_identity"], fp["model"]["kind"], cfg.task, hashed_section(cfg, "training"), hashed_section(cfg, "lora"), cfg.seed, cfg.output.save_adapter_only, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    return run_stage("train", key, cache, lambda out, work: stages.train_stage(cfg, fp, tokenized, out, work))

@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import json
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -112,3 +114,29 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> s
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+FAST = {"training": {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+                     "max_seq_length": 64, "logging_steps": 2, "eval_steps": 4, "save_steps": 4}}
+
+
+def write_config(folder: Path, task: str, model: Path, splits: dict | None = None, **sections) -> Path:
+    cfg = {"task": task, "base_model": str(model), **json.loads(json.dumps(FAST))}
+    if splits:
+        cfg["data_paths"] = {k: str(v) for k, v in splits.items()}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(folder: Path, prefect_api: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path | None]:
+    result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder, env=cli_env({"PREFECT_API_URL": prefect_api}))
+    runs = [p for p in (folder / "runs").glob("run_*")] if (folder / "runs").exists() else []
+    return result, (max(runs, key=lambda p: p.stat().st_mtime) if runs else None)
+
+

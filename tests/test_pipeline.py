@@ -14,33 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import assert_user_error, cli_env, run_cli
+from conftest import assert_user_error, cli_env, run_cli, train, write_config
 
 pytestmark = pytest.mark.slow
-
-FAST = {"training": {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
-                     "max_seq_length": 64, "logging_steps": 2, "eval_steps": 4, "save_steps": 4}}
-
-
-def write_config(folder: Path, task: str, model: Path, splits: dict | None = None, **sections) -> Path:
-    cfg = {"task": task, "base_model": str(model), **json.loads(json.dumps(FAST))}
-    if splits:
-        cfg["data_paths"] = {k: str(v) for k, v in splits.items()}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            cfg.setdefault(key, {}).update(value)
-        else:
-            cfg[key] = value
-    path = folder / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def train(folder: Path, prefect_api: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path | None]:
-    result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder, env=cli_env({"PREFECT_API_URL": prefect_api}))
-    runs = [p for p in (folder / "runs").glob("run_*")] if (folder / "runs").exists() else []
-    return result, (max(runs, key=lambda p: p.stat().st_mtime) if runs else None)
-
 
 def assert_complete_run(run: Path, task: str) -> dict:
     for name in ("run.json", "config.yaml", "env.json", "metrics.json", "predictions.parquet", "slices.json",
@@ -127,9 +103,10 @@ def test_two_identical_runs_give_the_same_hash_and_adapter_bytes(tmp_path, model
     first, run_a = train(tmp_path, prefect_api)
     assert first.returncode == 0, first.stderr[-3000:]
     time.sleep(1.1)
-    second, run_b = train(tmp_path, prefect_api)
+    second, run_b = train(tmp_path, prefect_api, "--no-cache")  # recomputed, not read from the cache
     assert second.returncode == 0, second.stderr[-3000:]
     assert run_a != run_b
+    assert not any(s["cache_hit"] for s in json.loads((run_b / "run.json").read_text())["stages"].values())
     a, b = (json.loads((r / "run.json").read_text()) for r in (run_a, run_b))
     assert a["reproducibility_hash"] == b["reproducibility_hash"]
     assert (run_a / "adapter/adapter_model.safetensors").read_bytes() == \
@@ -205,10 +182,11 @@ def test_run_killed_mid_training_leaves_no_completed_artifact(tmp_path, models, 
                             cwd=tmp_path, env=cli_env({"PREFECT_API_URL": prefect_api}), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(verifily_home.glob("work/*/train/checkpoints/checkpoint-*")):
+    pattern = "cache/train/.work-*/checkpoints/checkpoint-*/.verifily-complete"
+    while time.time() < deadline and not list(verifily_home.glob(pattern)):
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.2)
-    assert list(verifily_home.glob("work/*/train/checkpoints/checkpoint-*")), "training never checkpointed"
+    assert list(verifily_home.glob(pattern)), "training never checkpointed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     runs = tmp_path / "runs"

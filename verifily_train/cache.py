@@ -105,7 +105,11 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
         out, work = private / "out", private / "work"
         out.mkdir(parents=True)
         work.mkdir(parents=True)
-        manifest = compute(out, work)
+        try:
+            manifest = compute(out, work)
+        except BaseException:
+            _discard(private)
+            raise
         return dict(manifest, key=key, output_hash=hash_tree(out), cache_hit=False,
                     seconds=round(time.perf_counter() - started, 3), dir=str(out))
     final = root / stage / key

@@ -1,7 +1,9 @@
 """The pipeline's stages as plain library functions (``tasks/`` wraps each one as a Prefect task).
 
 Each stage reads the config section it needs plus the small JSON manifests of earlier stages, writes
-files into its own folder, and returns a JSON manifest naming them. Nothing here imports Prefect.
+files into its own output folder (a cache entry, see ``verifily_train.cache``), and returns a JSON
+manifest naming them. ``fingerprint_stage`` runs every time: it computes the identities the cache
+keys are made of. Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -10,28 +12,26 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from verifily_train.config import config_hash, config_to_dict, config_to_yaml
 from verifily_train.config.schema import TrainConfig
 from verifily_train.dataset.manifest import check_slice_tags
-from verifily_train.dataset.store import load_for_config
+from verifily_train.dataset.store import dataset_fingerprint, load_for_config
 from verifily_train.errors import DataError, EnvironmentProblem
 from verifily_train.fsio import atomic_write_json
 
-VALIDATE_VERSION = "validate/1"
 
-
-def _spec(validated: dict):
+def _spec(fp: dict):
     from verifily_train.training.models import ModelSpec
 
-    return ModelSpec(**validated["model"])
+    return ModelSpec(**fp["model"])
 
 
-def _plan(validated: dict):
+def _plan(fp: dict):
     from verifily_train.training.device import DevicePlan
 
-    return DevicePlan(**validated["device"])
+    return DevicePlan(**fp["device"])
 
 
 def check_push_to_hub(cfg: TrainConfig) -> None:
@@ -46,104 +46,126 @@ def check_push_to_hub(cfg: TrainConfig) -> None:
         raise EnvironmentProblem(None, "output.push_to_hub", "no HuggingFace token: run `hf auth login` or set HF_TOKEN")
 
 
-def validate_stage(cfg: TrainConfig) -> dict:
-    """Dataset hashes and rows, slice tags (rule 6), model kind (rule 5), device (rule 4), Hub credentials."""
+def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
+    """Identities of the data (bytes), model (weights), tokenizer (files), device and config: the keys' inputs."""
+    from verifily_train.identity import model_identity, numeric_env, tokenizer_identity
     from verifily_train.training.device import resolve_device
     from verifily_train.training.models import inspect_model
 
-    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
-    if cfg.eval.enabled:
-        check_slice_tags(dv, cfg.eval.slice_by_tags)
+    dataset = dataset_fingerprint(cfg.dataset_version, cfg.data_paths, cfg.task)
     spec = inspect_model(cfg.base_model, cfg.task, cfg.trust_remote_code)
     plan = resolve_device(cfg.compute)
     check_push_to_hub(cfg)
+    memo = cache_dir / "model-identities.json"
     return {
-        "stage": "validate",
-        "version": VALIDATE_VERSION,
-        "dataset": dict(dv.summary(), ref=dv.ref),
-        "data_hash": dv.content_hash,
+        "stage": "fingerprint",
+        "dataset": dataset,
+        "data_hash": dataset["data_hash"],
         "config_hash": config_hash(cfg),
         "model": {"source": spec.source, "kind": spec.kind, "model_type": spec.model_type, "is_local": spec.is_local},
+        "model_identity": model_identity(spec.source, spec.is_local, memo),
+        "tokenizer_identity": tokenizer_identity(spec.source, spec.is_local, memo),
         "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings)},
+        "numeric_env": numeric_env(),
     }
 
 
-def tokenize_stage(cfg: TrainConfig, validated: dict, out_dir: Path) -> dict:
+def validate_stage(cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path) -> dict:
+    """Every row against the schemas, labels across splits, and slice tags (spec §8 rule 6)."""
+    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+    if dv.content_hash != fp["data_hash"]:
+        raise DataError(dv.manifest_path or dv.data_path, None, "the dataset changed while the run was in progress")
+    if cfg.eval.enabled:
+        check_slice_tags(dv, cfg.eval.slice_by_tags)
+    summary = dict(dv.summary(), ref=dv.ref)
+    atomic_write_json(out_dir / "dataset.json", summary)
+    return {"stage": "validate", "dataset": summary, "data_hash": dv.content_hash}
+
+
+def _dataset_now(fp: dict, validated: dict) -> dict:
+    """The validated summary with this run's paths (a cache entry may come from a copy elsewhere)."""
+    return dict(validated["dataset"], manifest_path=fp["dataset"]["manifest_path"], data_path=fp["dataset"]["data_path"])
+
+
+def tokenize_stage(cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path) -> dict:
     """Tokenize every split with the base model's tokenizer."""
     from verifily_train.training.models import load_tokenizer
     from verifily_train.training.tokenize import tokenize_dataset
 
     dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
-    if dv.content_hash != validated["data_hash"]:
+    if dv.content_hash != fp["data_hash"]:
         raise DataError(dv.manifest_path or dv.data_path, None, "the dataset changed while the run was in progress")
-    spec = _spec(validated)
+    spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
     return tokenize_dataset(dv, spec, tok, cfg.task, cfg.prompt, cfg.training.max_seq_length, out_dir)
 
 
-def train_stage(cfg: TrainConfig, validated: dict, tokenized: dict, tokenized_dir: Path, out_dir: Path) -> dict:
-    """Fine-tune with LoRA (or fully) and save the adapter."""
+def train_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work_dir: Path) -> dict:
+    """Fine-tune with LoRA (or fully) and save the adapter; checkpoints in ``work_dir`` make it resumable."""
     from verifily_train.training.models import load_tokenizer
     from verifily_train.training.trainer import train_adapter
 
-    spec = _spec(validated)
+    spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
-    return train_adapter(cfg, spec, tok, tokenized, tokenized_dir, _plan(validated), out_dir)
+    return train_adapter(cfg, spec, tok, tokenized, Path(tokenized["dir"]), _plan(fp), out_dir, work_dir)
 
 
-def evaluate_stage(cfg: TrainConfig, validated: dict, tokenized: dict, tokenized_dir: Path, trained: dict,
-                   train_dir: Path, out_dir: Path) -> dict:
+def evaluate_stage(cfg: TrainConfig, fp: dict, tokenized: dict, trained: dict, out_dir: Path, work_dir: Path) -> dict:
     """Per-example scores and overall metrics on the evaluation split."""
     from verifily_train.evaluation.predict import predict_split
     from verifily_train.training.models import load_tokenizer
 
-    spec = _spec(validated)
+    spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
-    manifest = predict_split(cfg, spec, tok, tokenized, tokenized_dir, trained, train_dir, _plan(validated), out_dir)
+    manifest = predict_split(cfg, spec, tok, tokenized, Path(tokenized["dir"]), trained, Path(trained["dir"]),
+                             _plan(fp), out_dir)
     atomic_write_json(out_dir / "metrics.json", manifest["metrics"])
     return manifest
 
 
-def _predictions(evaluated: dict, eval_dir: Path):
+def _predictions(evaluated: dict):
     import pandas as pd
 
-    return pd.read_parquet(eval_dir / evaluated["predictions"])
+    return pd.read_parquet(Path(evaluated["dir"]) / evaluated["predictions"])
 
 
-def slice_stage(cfg: TrainConfig, tokenized: dict, evaluated: dict, eval_dir: Path, out_dir: Path) -> dict:
+def slice_stage(cfg: TrainConfig, tokenized: dict, evaluated: dict, out_dir: Path, work_dir: Path) -> dict:
     """Metrics per value of each ``eval.slice_by_tags`` key."""
-    from verifily_train.evaluation.slices import SLICE_VERSION, slice_metrics_by_tag
+    from verifily_train.evaluation.slices import slice_metrics_by_tag
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if evaluated["skipped"]:
-        result = {"stage": "slice", "version": SLICE_VERSION, "slices": {}, "note": evaluated["note"]}
+        result = {"stage": "slice", "slices": {}, "note": evaluated["note"]}
     else:
-        result = slice_metrics_by_tag(cfg.task, _predictions(evaluated, eval_dir), tokenized["labels"],
+        result = slice_metrics_by_tag(cfg.task, _predictions(evaluated), tokenized["labels"],
                                       cfg.eval.slice_by_tags, evaluated["metrics"])
     atomic_write_json(out_dir / "slices.json", result)
     return dict(result, file="slices.json")
 
 
-def hard_examples_stage(cfg: TrainConfig, evaluated: dict, eval_dir: Path, out_dir: Path) -> dict:
+def hard_examples_stage(cfg: TrainConfig, evaluated: dict, out_dir: Path, work_dir: Path) -> dict:
     """The ``eval.hard_examples`` worst examples, with their tags."""
-    from verifily_train.evaluation.hard import HARD_VERSION, mine_hard_examples
+    from verifily_train.evaluation.hard import mine_hard_examples
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if evaluated["skipped"]:
-        result = {"stage": "hard_examples", "version": HARD_VERSION, "examples": [], "headline": None}
+        result = {"examples": [], "headline": None}
     else:
-        result = mine_hard_examples(cfg.task, _predictions(evaluated, eval_dir), cfg.eval.hard_examples,
-                                    cfg.eval.slice_by_tags)
+        result = mine_hard_examples(cfg.task, _predictions(evaluated), cfg.eval.hard_examples, cfg.eval.slice_by_tags)
     with open(out_dir / "hard_examples.jsonl", "w", encoding="utf-8") as handle:
         for example in result["examples"]:
             handle.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")
-    return {"stage": "hard_examples", "version": result["version"], "file": "hard_examples.jsonl",
-            "count": len(result["examples"]), "headline": result["headline"]}
+    return {"stage": "hard_examples", "file": "hard_examples.jsonl", "count": len(result["examples"]),
+            "headline": result["headline"]}
 
 
-def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started_clock: float, validated: dict,
-                         tokenized: dict, trained: dict, train_dir: Path, evaluated: dict, eval_dir: Path,
-                         sliced: dict, slice_dir: Path, hard: dict, hard_dir: Path, runs_dir: Path) -> dict:
+def stage_report(manifests: Dict[str, dict]) -> Dict[str, dict]:
+    """Per stage: cache hit or not, seconds, and key (what run.json and the summary show)."""
+    return {name: {"cache_hit": bool(m.get("cache_hit")), "seconds": m.get("seconds"), "key": m.get("key")}
+            for name, m in manifests.items()}
+
+
+def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started_clock: float, fp: dict,
+                         validated: dict, tokenized: dict, trained: dict, evaluated: dict, sliced: dict, hard: dict,
+                         runs_dir: Path) -> dict:
     """Assemble ``runs/<run_id>/`` in a staging folder, checksum it, rename it into place, make it read-only."""
     import time
 
@@ -152,14 +174,15 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     stage = staging_dir(runs_dir, run_id)
+    train_dir, eval_dir = Path(trained["dir"]), Path(evaluated["dir"])
     shutil.copytree(train_dir / trained["adapter_dir"], stage / trained["adapter_dir"])
     if trained.get("merged_dir"):
         shutil.copytree(train_dir / trained["merged_dir"], stage / "model")
     shutil.copyfile(train_dir / trained["log"], stage / "trainer_log.jsonl")
     if not evaluated["skipped"]:
         shutil.copyfile(eval_dir / evaluated["predictions"], stage / "predictions.parquet")
-    shutil.copyfile(slice_dir / sliced["file"], stage / "slices.json")
-    shutil.copyfile(hard_dir / hard["file"], stage / "hard_examples.jsonl")
+    shutil.copyfile(Path(sliced["dir"]) / sliced["file"], stage / "slices.json")
+    shutil.copyfile(Path(hard["dir"]) / hard["file"], stage / "hard_examples.jsonl")
     (stage / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     env = describe_environment(trained["device"], trained["precision"], trained["threads"])
     atomic_write_json(stage / "env.json", env)
@@ -171,40 +194,47 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
     atomic_write_json(stage / "metrics.json", {
         "eval": evaluated["metrics"], "eval_split": evaluated["split"], "eval_note": evaluated["note"],
         "train": {k: trained[k] for k in ("train_loss", "global_step", "epochs", "train_tokens", "train_seconds",
-                                          "tokens_per_second", "trainable_params", "total_params")},
+                                          "tokens_per_second", "trainable_params", "total_params",
+                                          "resumed_from_step")},
         "truncated_rows": tokenized["truncated_rows"],
         "truncated_by_split": {s: v["truncated"] for s, v in tokenized["splits"].items()},
     })
-    c_hash = validated["config_hash"]
+    stages = stage_report({"validate": validated, "tokenize": tokenized, "train": trained, "evaluate": evaluated,
+                           "slice": sliced, "hard_examples": hard})
+    c_hash = fp["config_hash"]
+    dataset = _dataset_now(fp, validated)
     record = {
         "schema_version": 1,
         "run_id": run_id,
         "status": "completed",
-        "job": job_record(cfg, run_id, started_at, validated, trained["device"]),
+        "job": job_record(cfg, run_id, started_at, dataset, trained["device"]),
         "started_at": started_at,
         "completed_at": utc_now(),
         "duration_seconds": round(time.time() - started_clock, 3),
         "metrics": metrics,
         "artifact_path": str((runs_dir / run_id).resolve()),
         "config_hash": c_hash,
-        "data_hash": validated["data_hash"],
+        "data_hash": fp["data_hash"],
         "env_hash": e_hash,
-        "reproducibility_hash": reproducibility_hash(c_hash, validated["data_hash"], e_hash),
+        "reproducibility_hash": reproducibility_hash(c_hash, fp["data_hash"], e_hash),
+        "model_identity": fp["model_identity"],
         "precision": trained["precision"],
+        "quantization": cfg.lora.quantization if cfg.lora.enabled else "none",
         "evaluation": {"split": evaluated["split"], "skipped": evaluated["skipped"], "note": evaluated["note"]},
         "hard_examples_headline": hard["headline"],
-        "warnings": validated["device"]["warnings"],
+        "stages": stages,
+        "warnings": fp["device"]["warnings"],
     }
     atomic_write_json(stage / "run.json", record)
     final = publish_run(stage, runs_dir / run_id)
     return {"stage": "write_artifact", "run_id": run_id, "path": str(final), "record": record}
 
 
-def job_record(cfg: TrainConfig, run_id: str, created_at: str, validated: Optional[dict], device: Optional[str]) -> dict:
+def job_record(cfg: TrainConfig, run_id: str, created_at: str, dataset: Optional[dict], device: Optional[str]) -> dict:
     """The TrainJob of spec §7.2, as recorded in run.json."""
     return {
         "job_id": run_id.replace("run_", "job_", 1),
-        "dataset_version": validated["dataset"] if validated else {"ref": cfg.dataset_version or "data_paths"},
+        "dataset_version": dataset or {"ref": cfg.dataset_version or "data_paths"},
         "base_model": cfg.base_model,
         "task": cfg.task,
         "config": config_to_dict(cfg),

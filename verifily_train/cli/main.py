@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokenize -> train LoRA -> evaluate -> slice by tags -> hard examples -> write artifact.")
     _add_config_args(p)
     p.add_argument("--mode", choices=["local", "managed", "self_host"], help="compute mode (default: compute.mode)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute every stage in private folders; read and write no cache entries")
+    p.add_argument("--refresh", action="store_true", help="recompute every stage and replace its cache entries")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train the embedded default: a tiny offline model on the shipped example dataset",
@@ -79,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("verify", help="re-check every hash and row of a version")
     q.add_argument("ref")
     q.set_defaults(func=cmd_dataset_verify)
+
+    p = sub.add_parser("cache", help="the stage cache ($VERIFILY_HOME/cache)")
+    ksub = p.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
+    ksub.required = True
+    q = ksub.add_parser("list", help="list cache entries by stage")
+    q.add_argument("--dir", help="cache folder (default: $VERIFILY_HOME/cache)")
+    q.set_defaults(func=cmd_cache_list)
+    q = ksub.add_parser("prune", help="delete entries older than N days")
+    q.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    q.add_argument("--dir", help="cache folder (default: $VERIFILY_HOME/cache)")
+    q.set_defaults(func=cmd_cache_prune)
+    q = ksub.add_parser("clear", help="delete every entry")
+    q.add_argument("--dir", help="cache folder (default: $VERIFILY_HOME/cache)")
+    q.set_defaults(func=cmd_cache_clear)
+
+    p = sub.add_parser("reproduce", help="re-run a finished run with the cache off and report whether it matches",
+                       description="Re-runs RUN from its recorded config, dataset and model (cache off), then "
+                                   "compares adapter bytes, metrics and predictions with the original.")
+    p.add_argument("run", help="run id or path")
+    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs/)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("runs", help="Run artifacts")
     rsub = p.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
@@ -184,6 +208,53 @@ def cmd_runs_verify(args) -> int:
     return 0
 
 
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TB"
+
+
+def cmd_cache_list(args) -> int:
+    import time
+
+    from verifily_train.cache import cache_root, list_entries
+
+    entries = list_entries(cache_root(args.dir))
+    if not entries:
+        print(f"cache is empty ({cache_root(args.dir)})")
+        return 0
+    now = time.time()
+    _print_table([[e["stage"], e["key"][:16], _human_bytes(e["bytes"]), f"{(now - e['modified']) / 86400:.1f}d"]
+                  for e in entries], ["STAGE", "KEY", "SIZE", "AGE"])
+    print(f"{len(entries)} entries, {_human_bytes(sum(e['bytes'] for e in entries))} in {cache_root(args.dir)}")
+    return 0
+
+
+def cmd_cache_prune(args) -> int:
+    from verifily_train.cache import cache_root, prune
+
+    if args.older_than < 0:
+        raise VerifilyError(None, "--older-than", "must be >= 0 days")
+    print(f"removed {prune(cache_root(args.dir), args.older_than)} entries older than {args.older_than:g} days")
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    from verifily_train.cache import cache_root, prune
+
+    print(f"removed {prune(cache_root(args.dir), None)} entries from {cache_root(args.dir)}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from verifily_train.artifacts.run import find_run
+    from verifily_train.cli.train import run_reproduce
+
+    return run_reproduce(find_run(args.run, args.runs_dir))
+
+
 def cmd_compare(args) -> int:
     from verifily_train.artifacts.compare import compare_runs, render_comparison
     from verifily_train.artifacts.run import find_run
@@ -197,7 +268,8 @@ def cmd_train(args) -> int:
     from verifily_train.config import load_config
 
     # Validate before anything heavy is imported: a bad config fails in well under a second.
-    cfg = load_config(args.config, args.overrides, dataset=args.dataset)
+    overrides = list(args.overrides) + (["cache.enabled=false"] if args.no_cache else [])
+    cfg = load_config(args.config, overrides, dataset=args.dataset)
     mode = args.mode or cfg.compute.mode
     if mode == "managed":
         print("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "
@@ -208,7 +280,7 @@ def cmd_train(args) -> int:
                                             "version yet, use --mode local")
     from verifily_train.cli.train import run_train
 
-    return run_train(args.config, list(args.overrides), args.dataset, cfg)
+    return run_train(args.config, overrides, args.dataset, refresh=args.refresh)
 
 
 def cmd_demo(args) -> int:
@@ -218,10 +290,10 @@ def cmd_demo(args) -> int:
 
     path = prepare_demo(args.task)
     print(f"demo config: {path}")
-    cfg = load_config(path, args.overrides)
+    load_config(path, args.overrides)
     from verifily_train.cli.train import run_train
 
-    return run_train(str(path), list(args.overrides), None, cfg)
+    return run_train(str(path), list(args.overrides), None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

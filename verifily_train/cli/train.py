@@ -7,8 +7,6 @@ import os
 import sys
 from typing import List, Optional
 
-from verifily_train.config.schema import TrainConfig
-
 CAVEAT = "Correlation, not causation: slices describe the model on those test rows. For causal attribution, see v2 roadmap."
 
 
@@ -43,6 +41,10 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     for warning in record.get("warnings", []):
         w(f"  warning: {warning}\n")
     w(f"  {record['evaluation']['note']}\n")
+    stages = record.get("stages", {})
+    if stages:
+        w("  stages: " + "  ".join(f"{name} {'cached' if s['cache_hit'] else 'ran'} {s['seconds'] or 0:.1f}s"
+                                   for name, s in stages.items()) + "\n")
     shown = [k for k in ("loss", "perplexity", "accuracy", "macro_f1") if k in metrics]
     w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown) +
       f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
@@ -68,10 +70,31 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"  adapter pushed to {summary['pushed_to']}\n")
 
 
-def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str], cfg: TrainConfig) -> int:
+def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str], refresh: bool = False) -> int:
     _quiet_libraries()
     from verifily_train.flows.train import train
 
-    summary = train(config=config, overrides=overrides, dataset=dataset)
+    summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
     print_summary(summary)
     return 0
+
+
+def run_reproduce(original) -> int:
+    """Re-run a completed Run from its recorded config with the cache off; print the comparison."""
+    from pathlib import Path
+
+    from verifily_train.artifacts.reproduce import compare_reproduction, render_reproduction
+    from verifily_train.artifacts.run import load_run_json
+    from verifily_train.errors import RunError
+
+    record = load_run_json(original)
+    if record.get("status") != "completed":
+        raise RunError(original, None, f"status is {record.get('status')!r}; only completed runs can be reproduced")
+    _quiet_libraries()
+    from verifily_train.flows.train import train
+
+    summary = train(config=str(Path(original) / "config.yaml"), overrides=["cache.enabled=false"],
+                    runs_dir=str(Path(original).parent))
+    report = compare_reproduction(Path(original), Path(summary["path"]))
+    print(render_reproduction(report))
+    return 0 if report["reproduced_exactly"] else 1

@@ -286,6 +286,11 @@ def hashed_view(cfg: TrainConfig) -> Dict[str, Any]:
     return data
 
 
+def hashed_section(cfg: TrainConfig, name: str) -> Any:
+    """One section (or top-level key) of the hashed view: what a stage's cache key reads from the config."""
+    return hashed_view(cfg).get(name)
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """SHA-256 of the normalized, resolved config: key order, comments and number spelling don't matter."""
     return hashlib.sha256(canonical_json(hashed_view(cfg)).encode("utf-8")).hexdigest()

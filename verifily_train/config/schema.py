@@ -29,14 +29,14 @@ KNOWN_EVAL_METRICS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataPathsSection:
     train: Optional[str] = None  # path to the training split (JSONL); relative to train.yaml
     val: Optional[str] = None  # path to the validation split (optional)
     test: Optional[str] = None  # path to the test split (optional; without it evaluation uses val)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingSection:
     num_epochs: int = 3  # passes over the training split
     batch_size: int = 8  # examples per device per step
@@ -55,7 +55,7 @@ class TrainingSection:
     retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSection:
     enabled: bool = True  # false fine-tunes every weight of the model
     r: int = 16  # LoRA rank, >= 1; higher adds capacity and memory
@@ -66,7 +66,7 @@ class LoraSection:
     bnb_4bit_compute_dtype: str = "bfloat16"  # compute dtype of 4-bit layers: bfloat16, float16, float32
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComputeSection:
     mode: str = "local"  # local, managed (prints "Managed mode coming soon"), self_host; not hashed
     device: str = "auto"  # auto (CUDA > MPS > CPU), cuda, mps, cpu
@@ -74,7 +74,7 @@ class ComputeSection:
     bf16: bool = True  # bfloat16 mixed precision where supported (CUDA, or a CPU with native bf16)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSection:
     enabled: bool = True  # evaluate on the test split (else val) at the end of training
     metrics: Optional[List[str]] = None  # null = task defaults: sft [loss, perplexity]; classification [accuracy, macro_f1]
@@ -85,13 +85,13 @@ class EvalSection:
     retries: int = 1  # Prefect retries of the evaluation stages on a transient failure; not hashed
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptSection:
     template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"  # SFT prompt when the row has an input
     template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # SFT prompt when input is empty or absent
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputSection:
     dir: str = "runs/"  # where Run folders are written, relative to the working directory; not hashed
     save_adapter_only: bool = True  # false also saves the merged full model (safetensors) in model/
@@ -99,13 +99,19 @@ class OutputSection:
     hub_model_id: Optional[str] = None  # repository for push_to_hub, e.g. org/my-adapter; not hashed
 
 
-@dataclass
+@dataclass(frozen=True)
+class CacheSection:
+    enabled: bool = True  # reuse a stage's output when its content-hash key is unchanged; false recomputes everything; not hashed
+    dir: Optional[str] = None  # cache folder; null = $VERIFILY_HOME/cache; not hashed
+
+
+@dataclass(frozen=True)
 class RuntimeSection:
     num_workers: int = 0  # dataloader worker processes
     progress: bool = True  # show progress bars
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     task: str = MISSING  # required: sft or classification
     base_model: str = MISSING  # required: a HuggingFace Hub id or a local model folder
@@ -119,6 +125,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     prompt: PromptSection = field(default_factory=PromptSection)
     output: OutputSection = field(default_factory=OutputSection)
+    cache: CacheSection = field(default_factory=CacheSection)  # stage cache and crash resume (docs/caching.md)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)  # settings that cannot change results; never hashed
 
 
@@ -128,6 +135,7 @@ UNHASHED_KEYS = (
     "dataset_version",
     "data_paths",
     "runtime",
+    "cache",
     "output.dir",
     "output.push_to_hub",
     "output.hub_model_id",

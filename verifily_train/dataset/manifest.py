@@ -242,8 +242,8 @@ def build_manifest(
     return manifest, scans
 
 
-def dataset_from_paths(task: str, train: str, val: Optional[str] = None, test: Optional[str] = None) -> DatasetVersion:
-    """The DatasetVersion of ``data_paths:``: the same object and hashes as ``dataset create`` would give."""
+def dataset_files_from_paths(train: str, val: Optional[str] = None, test: Optional[str] = None) -> List[Tuple[str, str, Path]]:
+    """(split, name, path) for ``data_paths:``; names are ``<split>.jsonl``, as in the store."""
     split_files = []
     for split, value in (("train", train), ("val", val), ("test", test)):
         if not value:
@@ -252,6 +252,12 @@ def dataset_from_paths(task: str, train: str, val: Optional[str] = None, test: O
         if not p.is_file():
             raise DataError(p, None, f"data_paths.{split}: file not found")
         split_files.append((split, f"{split}.jsonl", p))
+    return split_files
+
+
+def dataset_from_paths(task: str, train: str, val: Optional[str] = None, test: Optional[str] = None) -> DatasetVersion:
+    """The DatasetVersion of ``data_paths:``: the same object and hashes as ``dataset create`` would give."""
+    split_files = dataset_files_from_paths(train, val, test)
     manifest, scans = build_manifest("local", "", task, split_files)
     files = tuple(
         DataFile(path=e["path"], split=e["split"], num_rows=e["num_rows"], sha256=e["sha256"], abs_path=str(p.resolve()))

@@ -150,3 +150,19 @@ def load_for_config(dataset_version: Optional[str], data_paths, task: str, home:
         raise DataError(dv.manifest_path or dv.data_path, "task",
                         f"the dataset is for task {dv.task!r} but the config says task: {task!r}")
     return dv
+
+
+def dataset_fingerprint(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> dict:
+    """The dataset's identity without parsing rows: every file's bytes hashed, manifest hashes checked."""
+    from verifily_train.dataset.manifest import dataset_files_from_paths
+    from verifily_train.hashing import dataset_content_hash
+
+    if dataset_version:
+        dv = load_manifest(resolve_manifest_path(dataset_version, home), validate_rows=False)
+        if dv.task != task:
+            raise DataError(dv.manifest_path, "task", f"the dataset is for task {dv.task!r} but the config says task: {task!r}")
+        return {"data_hash": dv.content_hash, "ref": dv.ref, "manifest_path": dv.manifest_path, "data_path": dv.data_path}
+    files = dataset_files_from_paths(data_paths.train, data_paths.val, data_paths.test)
+    content = dataset_content_hash([p for _, _, p in files], [rel for _, rel, _ in files])
+    return {"data_hash": content, "ref": f"local@{content}", "manifest_path": None,
+            "data_path": str(Path(data_paths.train).resolve().parent)}

@@ -6,8 +6,6 @@ import json
 from collections import Counter
 from typing import List, Optional
 
-HARD_VERSION = "hard/1"
-
 
 def mine_hard_examples(task: str, frame, n: int, tag_keys: List[str]) -> dict:
     """Rank by hardness score (SFT: response loss; classification: 1 - p(true label)), hardest first."""
@@ -22,7 +20,7 @@ def mine_hard_examples(task: str, frame, n: int, tag_keys: List[str]) -> dict:
             item.update(loss=float(row.loss))
         examples.append(item)
     headline = hard_example_headline(examples, tag_keys, frame)
-    return {"stage": "hard_examples", "version": HARD_VERSION, "examples": examples, "headline": headline}
+    return {"stage": "hard_examples", "examples": examples, "headline": headline}
 
 
 def hard_example_headline(examples: List[dict], tag_keys: List[str], frame) -> Optional[str]:

@@ -12,8 +12,6 @@ from verifily_train.training.device import DevicePlan
 from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
-EVALUATE_VERSION = "evaluate/1"
-
 
 def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Path, trained: dict):
     """Base model + the run's adapter, exactly as a user would reload it (``PeftModel.from_pretrained``)."""
@@ -79,7 +77,7 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.eval.enabled or split is None:
         note = "eval.enabled is false: evaluation skipped" if not cfg.eval.enabled else tokenized["eval_note"]
-        return {"stage": "evaluate", "version": EVALUATE_VERSION, "skipped": True, "note": note, "split": None,
+        return {"stage": "evaluate", "skipped": True, "note": note, "split": None,
                 "metrics": {}}
     labels = tokenized["labels"]
     model = load_trained_model(cfg, spec, tok, labels, train_dir, trained)
@@ -118,5 +116,5 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         frame["score"] = frame["loss"]  # hardness: mean response-token loss
     frame.to_parquet(out_dir / "predictions.parquet", index=False)
     metrics = metrics_for_frame(cfg.task, frame, labels)
-    return {"stage": "evaluate", "version": EVALUATE_VERSION, "skipped": False, "split": split,
+    return {"stage": "evaluate", "skipped": False, "split": split,
             "note": tokenized["eval_note"], "predictions": "predictions.parquet", "metrics": metrics}

@@ -7,7 +7,6 @@ from typing import Dict, List
 
 from verifily_train.evaluation.metrics import metrics_for_frame
 
-SLICE_VERSION = "slice/1"
 LOW_CONFIDENCE_N = 30  # fewer examples than this: the slice's figures are flagged as noisy
 
 
@@ -28,5 +27,5 @@ def slice_metrics_by_tag(task: str, frame, labels: List[str], tag_keys: List[str
                          "low_confidence": int(len(part)) < LOW_CONFIDENCE_N})
         untagged = int(frame[column].isna().sum()) if column in frame else int(len(frame))
         out[key] = {"values": rows, "untagged": untagged}
-    return {"stage": "slice", "version": SLICE_VERSION, "slices": out,
+    return {"stage": "slice", "slices": out,
             "note": "Correlation, not causation: a slice's figures describe the model on those test rows."}

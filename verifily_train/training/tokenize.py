@@ -13,8 +13,6 @@ from verifily_train.dataset.version import DatasetVersion
 from verifily_train.errors import ModelError
 from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
 
-TOKENIZE_VERSION = "tokenize/1"
-
 
 def render_prompt(row: dict, prompt: PromptSection) -> str:
     """The SFT prompt: ``template`` when the row has a non-empty input, else ``template_no_input``."""
@@ -141,7 +139,6 @@ def tokenize_dataset(dv: DatasetVersion, spec: ModelSpec, tok, task: str, prompt
     eval_split, eval_note = choose_eval_split(dv)
     return {
         "stage": "tokenize",
-        "version": TOKENIZE_VERSION,
         "splits": splits,
         "labels": labels,
         "eval_split": eval_split,

@@ -13,7 +13,7 @@ from verifily_train.training.device import DevicePlan
 from verifily_train.training.models import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
-TRAIN_VERSION = "train/1"
+COMPLETE_MARKER = ".verifily-complete"
 
 
 def make_collator(spec: ModelSpec, tok):
@@ -45,14 +45,48 @@ def _progress_callback_class():
     return ProgressCallback, StepProgress
 
 
-def training_arguments(cfg: TrainConfig, plan: DevicePlan, out_dir: Path, has_val: bool, seq2seq: bool):
+def _checkpoint_marker_class():
+    from transformers import TrainerCallback
+
+    class MarkCompleteCheckpoints(TrainerCallback):
+        """Mark a checkpoint complete once the Trainer has written all of it (a kill mid-save leaves no mark)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+
+    return MarkCompleteCheckpoints
+
+
+def last_complete_checkpoint(root: Path) -> Optional[Path]:
+    """The highest-step checkpoint carrying the completion mark; partial ones are deleted."""
+    import shutil
+
+    if not root.is_dir():
+        return None
+    best = None
+    for folder in root.glob("checkpoint-*"):
+        try:
+            step = int(folder.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if not (folder / COMPLETE_MARKER).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # written by a run killed mid-save
+            continue
+        if best is None or step > best[0]:
+            best = (step, folder)
+    return best[1] if best else None
+
+
+def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path, has_val: bool, seq2seq: bool):
     """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
     t = cfg.training
     cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
     return cls(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(checkpoint_dir),
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -88,8 +122,12 @@ def _write_log(history: List[dict], path: Path) -> None:
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path) -> dict:
-    """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest."""
+                  out_dir: Path, work_dir: Path) -> dict:
+    """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
+
+    Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
+    killed or failed earlier attempt with the same key), training resumes from it, RNG state included.
+    """
     import torch
     from transformers import Seq2SeqTrainer, Trainer, set_seed
 
@@ -99,8 +137,14 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     labels = tokenized["labels"]
     # seed before the model is built: LoRA init and a fresh classification head draw from it
     set_seed(cfg.seed)
+    from verifily_train.training.quantization import prepare_quantized, quantization_config
+
+    quant = quantization_config(cfg.lora, plan.device)
     model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, quantization_config=quant,
+                       device_map={"": plan.device if plan.device != "cuda" else 0} if quant is not None else None)
+    if quant is not None:
+        model = prepare_quantized(model)
     if cfg.lora.enabled:
         model = build_adapter(model, cfg.lora, spec)
     trainable, total = count_parameters(model)
@@ -109,16 +153,19 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     val_info = tokenized["splits"].get("val")
     val_data = TokenizedSplit(tokenized_dir / val_info["file"], cfg.task) if val_info else None
     seq2seq = spec.kind == KIND_SEQ2SEQ
-    args = training_arguments(cfg, plan, out_dir, val_data is not None, seq2seq)
+    checkpoints = work_dir / "checkpoints"
+    args = training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq)
     trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
+    trainer.add_callback(_checkpoint_marker_class())
     if cfg.runtime.progress:
         default_bar, step_bar = _progress_callback_class()
         trainer.remove_callback(default_bar)
         trainer.add_callback(step_bar)
+    resume = last_complete_checkpoint(checkpoints)
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
 
     adapter_dir = out_dir / ("adapter" if cfg.lora.enabled else "model")
@@ -138,7 +185,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     train_loss = float(result.training_loss)
     return {
         "stage": "train",
-        "version": TRAIN_VERSION,
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "adapter_dir": adapter_dir.name,
         "merged_dir": merged_dir.name if merged_dir else None,
         "full_finetune": not cfg.lora.enabled,

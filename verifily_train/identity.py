@@ -1,0 +1,126 @@
+"""Identities of the things a stage reads: model weights, tokenizer files, and the stage's own code.
+
+Model folders are hashed by their bytes once and memoised by (path, size, mtime) of every file, so a
+re-run does not re-read gigabytes; a Hub model is identified by its resolved commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+from verifily_train.fsio import atomic_write_json
+from verifily_train.hashing import sha256_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+LIBRARY_ROOT = Path(__file__).resolve().parent
+
+
+def _stat_signature(files: Iterable[Path], root: Path) -> str:
+    parts = []
+    for p in files:
+        st = p.stat()
+        parts.append(f"{p.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _hash_files(files: Iterable[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_identity(folder: Path, memo_path: Optional[Path] = None, only: Optional[Iterable[str]] = None) -> str:
+    """SHA-256 over a folder's files (relative names and bytes), memoised by their sizes and mtimes."""
+    folder = folder.resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                            p.relative_to(folder).parts))
+    if only is not None:
+        names = set(only)
+        files = [p for p in files if p.name in names]
+    signature = _stat_signature(files, folder)
+    memo: Dict[str, dict] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            memo = {}
+    memo_key = f"{folder}|{','.join(sorted(only)) if only is not None else '*'}"
+    cached = memo.get(memo_key)
+    if cached and cached.get("signature") == signature:
+        return cached["sha256"]
+    value = _hash_files(files, folder)
+    if memo_path is not None:
+        memo[memo_key] = {"signature": signature, "sha256": value}
+        try:
+            atomic_write_json(memo_path, memo)
+        except OSError:
+            pass  # the memo is an optimisation; failing to write it changes nothing
+    return value
+
+
+def model_identity(source: str, is_local: bool, memo_path: Optional[Path] = None) -> str:
+    """``sha256:<bytes of the model folder>`` for a local model, ``hub:<repo>@<commit>`` for a Hub model."""
+    if is_local:
+        return "sha256:" + folder_identity(Path(source), memo_path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(source, local_files_only=True))
+        return f"hub:{source}@{snapshot.name}"
+    except Exception:  # not in the local HF cache: ask the Hub for the current commit
+        from huggingface_hub import HfApi
+
+        return f"hub:{source}@{HfApi().model_info(source).sha}"
+
+
+def tokenizer_identity(source: str, is_local: bool, memo_path: Optional[Path] = None) -> str:
+    """Hash of the tokenizer's files only: a weights-only change does not re-tokenize."""
+    if is_local:
+        return folder_identity(Path(source), memo_path, only=TOKENIZER_FILES)
+    return model_identity(source, is_local, memo_path)
+
+
+# Each stage's code: a manual version (bump it when behaviour changes through something not listed,
+# e.g. a dependency's semantics) plus the source of the library modules the stage runs. Editing any of
+# those modules re-keys the stage automatically.
+STAGE_CODE = {
+    "validate": ("validate/1", ["dataset/manifest.py", "dataset/rows.py", "dataset/store.py", "training/models.py"]),
+    "tokenize": ("tokenize/1", ["training/tokenize.py", "training/models.py"]),
+    "train": ("train/1", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
+                          "training/quantization.py"]),
+    "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "training/models.py",
+                                "training/quantization.py"]),
+    "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py"]),
+    "hard_examples": ("hard/1", ["evaluation/hard.py"]),
+}
+
+
+def code_version(stage: str) -> str:
+    """``<manual version>:<sha256 of the stage's module sources>``."""
+    manual, modules = STAGE_CODE[stage]
+    digest = hashlib.sha256()
+    for rel in modules:
+        path = LIBRARY_ROOT / rel
+        if path.is_file():
+            digest.update(rel.encode() + b"\0" + path.read_bytes())
+    return f"{manual}:{digest.hexdigest()[:16]}"
+
+
+def numeric_env() -> Dict[str, Optional[str]]:
+    """Library versions whose upgrade can change trained weights or scores."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
