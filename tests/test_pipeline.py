@@ -112,6 +112,7 @@ def test_two_identical_runs_give_the_same_hash_and_adapter_bytes(tmp_path, model
     assert (run_a / "adapter/adapter_model.safetensors").read_bytes() == \
            (run_b / "adapter/adapter_model.safetensors").read_bytes()
     assert (run_a / "predictions.parquet").read_bytes() == (run_b / "predictions.parquet").read_bytes()
+    assert (run_a / "adapter/adapter_config.json").read_bytes() == (run_b / "adapter/adapter_config.json").read_bytes()
     compared = run_cli("compare", run_a.name, run_b.name, cwd=tmp_path)
     assert compared.returncode == 0 and "overall (B - A)" in compared.stdout
 

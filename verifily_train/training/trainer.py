@@ -115,6 +115,17 @@ def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path,
     )
 
 
+def _normalize_adapter_config(path: Path) -> None:
+    """PEFT writes target_modules from a set, in hash-seed order: sort it so identical runs give identical bytes."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_log(history: List[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for entry in history:
@@ -170,6 +181,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
 
     adapter_dir = out_dir / ("adapter" if cfg.lora.enabled else "model")
     model.save_pretrained(adapter_dir)
+    _normalize_adapter_config(adapter_dir / "adapter_config.json")
     tok.save_pretrained(adapter_dir)
     (adapter_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n", encoding="utf-8")
     merged_dir: Optional[Path] = None
