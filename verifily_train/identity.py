@@ -65,6 +65,30 @@ def folder_identity(folder: Path, memo_path: Optional[Path] = None, only: Option
     return value
 
 
+def file_identity(path: Path, memo_path: Optional[Path] = None) -> str:
+    """SHA-256 of one file's bytes, memoised by its size and mtime."""
+    path = path.resolve()
+    st = path.stat()
+    signature = f"{st.st_size}:{st.st_mtime_ns}"
+    memo: Dict[str, dict] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            memo = {}
+    cached = memo.get(f"file|{path}")
+    if cached and cached.get("signature") == signature:
+        return cached["sha256"]
+    value = sha256_file(path)
+    if memo_path is not None:
+        memo[f"file|{path}"] = {"signature": signature, "sha256": value}
+        try:
+            atomic_write_json(memo_path, memo)
+        except OSError:
+            pass
+    return value
+
+
 def model_identity(source: str, is_local: bool, memo_path: Optional[Path] = None) -> str:
     """``sha256:<bytes of the model folder>`` for a local model, ``hub:<repo>@<commit>`` for a Hub model."""
     if is_local:

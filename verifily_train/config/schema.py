@@ -81,6 +81,7 @@ class EvalSection:
     gold_set: Optional[str] = None  # path to a gold evaluation set (JSONL of the task's row schema)
     slice_by_tags: List[str] = field(default_factory=lambda: ["source"])  # tag keys to slice metrics by; each must exist in the dataset
     hard_examples: int = 20  # how many worst test examples to list, with their tags
+    baseline: bool = True  # SFT: also evaluate the untuned base model (cached) so the summary shows the gain
     batch_size: int = 16  # examples per evaluation batch
     retries: int = 1  # Prefect retries of the evaluation stages on a transient failure; not hashed
 

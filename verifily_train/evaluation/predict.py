@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from verifily_train.config.schema import TrainConfig
 from verifily_train.evaluation.metrics import metrics_for_frame
@@ -13,10 +13,17 @@ from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_C
 from verifily_train.training.tokenize import TokenizedSplit
 
 
-def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Path, trained: dict):
-    """Base model + the run's adapter, exactly as a user would reload it (``PeftModel.from_pretrained``)."""
+def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Optional[Path],
+                       trained: Optional[dict]):
+    """Base model + the run's adapter, exactly as a user would reload it (``PeftModel.from_pretrained``).
+
+    With ``trained`` None: the untuned base model (the baseline).
+    """
     from peft import PeftModel
 
+    if trained is None:
+        return load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
+                          trust_remote_code=cfg.trust_remote_code)
     weights = train_dir / trained["adapter_dir"]
     if trained["full_finetune"]:
         from dataclasses import replace
@@ -65,8 +72,8 @@ def _score_batches(model, spec: ModelSpec, data: TokenizedSplit, collator, batch
     return out
 
 
-def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, trained: dict,
-                  train_dir: Path, plan: DevicePlan, out_dir: Path) -> dict:
+def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path,
+                  trained: Optional[dict], train_dir: Optional[Path], plan: DevicePlan, out_dir: Path) -> dict:
     """Write ``predictions.parquet`` and ``metrics.json`` for the evaluation split; returns the stage manifest."""
     import numpy as np
     import pandas as pd

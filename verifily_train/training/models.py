@@ -30,6 +30,8 @@ def check_model_reference(base_model: str) -> None:
     """Spec §8 rule 5, cheaply: a local folder with a config.json, or something shaped like a Hub id."""
     path = Path(os.path.expanduser(base_model))
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelError(base_model, "base_model", "is not a model folder (no config.json)")
         return
