@@ -9,7 +9,7 @@ from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 @task(name="evaluate", retries=1, **STAGE_OPTIONS)
 def evaluate(cfg, fp: dict, tokenized: dict, trained: dict, cache: dict) -> dict:
     """Score every evaluation example with the reloaded adapter."""
-    key = content_hash(code_version("evaluate"), trained["output_hash"], tokenized["output_hash"], fp["model_identity"], cfg.eval.enabled, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    key = content_hash(code_version("evaluate"), trained["output_hash"], tokenized["output_hash"], fp["model_identity"], cfg.lora.quantization, cfg.eval.enabled, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
     return run_stage("evaluate", key, cache, lambda out, work: stages.evaluate_stage(cfg, fp, tokenized, trained, out, work))
 
 

@@ -77,8 +77,9 @@ def test_rule2_rejects_both_dataset_version_and_paths(tmp_path):
     assert "not both" in error_of(tmp_path, BASE + "dataset_version: ds_x@v1\n")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
-def test_rule3_quantization_needs_bitsandbytes(tmp_path):
+def test_rule3_quantization_needs_bitsandbytes(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     msg = error_of(tmp_path, BASE + "lora:\n  quantization: 4bit\n")
     assert "lora.quantization" in msg and "bitsandbytes" in msg
 

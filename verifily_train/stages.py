@@ -60,14 +60,15 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
     cache_dir.mkdir(parents=True, exist_ok=True)
     memo = cache_dir / "model-identities.json"
     base = resolve_alias(cfg.base_model)
-    identity = None
+    identity, conversion = None, None
     if is_gguf(base):
         gguf = Path(os.path.expanduser(base))
         if not gguf.is_file():
             raise ModelError(cfg.base_model, "base_model", "GGUF file not found")
         sha = file_identity(gguf, memo)
         identity = f"gguf:sha256:{sha}"  # the Run records the GGUF's bytes as the model identity
-        base = str(convert_gguf(gguf, sha, cache_dir))
+        folder, converted = convert_gguf(gguf, sha, cache_dir)
+        base, conversion = str(folder), ("converted" if converted else "reused")
     spec = inspect_model(base, cfg.task, cfg.trust_remote_code)
     return {
         "stage": "fingerprint",
@@ -76,6 +77,7 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
         "config_hash": config_hash(cfg),
         "model": {"source": spec.source, "kind": spec.kind, "model_type": spec.model_type, "is_local": spec.is_local},
         "model_identity": identity or model_identity(spec.source, spec.is_local, memo),
+        "gguf_conversion": conversion,
         "tokenizer_identity": tokenizer_identity(spec.source, spec.is_local, memo),
         "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings)},
         "numeric_env": numeric_env(),
@@ -251,6 +253,8 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "env_hash": e_hash,
         "reproducibility_hash": reproducibility_hash(c_hash, fp["data_hash"], e_hash),
         "model_identity": fp["model_identity"],
+        "model_source": fp["model"]["source"],
+        "gguf_conversion": fp["gguf_conversion"],
         "precision": trained["precision"],
         "quantization": cfg.lora.quantization if cfg.lora.enabled else "none",
         "evaluation": {"split": evaluated["split"], "skipped": evaluated["skipped"], "note": evaluated["note"]},

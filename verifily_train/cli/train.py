@@ -11,18 +11,24 @@ CAVEAT = "Correlation, not causation: slices describe the model on those test ro
 
 
 def _quiet_libraries() -> None:
-        # Logs still reach the Prefect API (and UI); only the console copy is silenced. A user error is then
+    # Logs still reach the Prefect API (and UI); only the console copy is silenced. A user error is then
     # one line from the CLI, and a bug keeps the traceback Python prints.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # read by transformers at import: no per-weight loading bars, no advisory warnings in the summary
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+
+def _preload_fingerprint_modules() -> None:
+    """Import what the fingerprint stage needs (torch, transformers' config classes) while the server boots."""
+    import torch  # noqa: F401
+    from transformers import AutoConfig  # noqa: F401
+    from transformers.models.auto import modeling_auto  # noqa: F401
 
 
 def _fmt(value) -> str:
@@ -75,10 +81,34 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"  adapter pushed to {summary['pushed_to']}\n")
 
 
+def _start_prefect_early():
+    """Without PREFECT_API_URL a flow run first boots Prefect's temporary server (~5 s): start that
+    subprocess now, so it boots on the other core while this process imports torch and transformers."""
+    import threading
+
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def boot():
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+        if not PREFECT_API_URL.value() and PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+            SubprocessASGIServer().start()  # the same singleton the flow's client uses
+
+    thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str], refresh: bool = False) -> int:
     _quiet_libraries()
+    booting = _start_prefect_early()
     from verifily_train.flows.train import train
 
+    _preload_fingerprint_modules()
+    if booting is not None:
+        booting.join()  # a half-started server must not be handed to the flow
     summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
     print_summary(summary)
     return 0

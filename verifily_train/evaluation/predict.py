@@ -14,12 +14,15 @@ from verifily_train.training.tokenize import TokenizedSplit
 
 
 def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Optional[Path],
-                       trained: Optional[dict]):
+                       trained: Optional[dict], plan: DevicePlan):
     """Base model + the run's adapter, exactly as a user would reload it (``PeftModel.from_pretrained``).
 
-    With ``trained`` None: the untuned base model (the baseline).
+    A QLoRA adapter is evaluated on the base quantized the same way it was trained on. With ``trained``
+    None: the untuned, unquantized base model (the baseline).
     """
     from peft import PeftModel
+
+    from verifily_train.training.quantization import disable_cpu_4bit_repacking, quantization_config
 
     if trained is None:
         return load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
@@ -30,8 +33,15 @@ def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str]
 
         return load_model(replace(spec, source=str(weights)), labels=labels or None, pad_token_id=tok.pad_token_id,
                           trust_remote_code=cfg.trust_remote_code)
-    base = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id, trust_remote_code=cfg.trust_remote_code)
-    return PeftModel.from_pretrained(base, weights)
+    quant = quantization_config(cfg.lora, plan.device)
+    base = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id, trust_remote_code=cfg.trust_remote_code,
+                      quantization_config=quant,
+                      device_map={"": plan.device if plan.device != "cuda" else 0} if quant is not None else None)
+    model = PeftModel.from_pretrained(base, weights)
+    # bitsandbytes' CPU inference repacking fails on small layers ("shape [32, 0] is invalid"): keep the
+    # same kernel path as training
+    disable_cpu_4bit_repacking(model)
+    return model
 
 
 def _score_batches(model, spec: ModelSpec, data: TokenizedSplit, collator, batch_size: int, device: str,
@@ -42,7 +52,9 @@ def _score_batches(model, spec: ModelSpec, data: TokenizedSplit, collator, batch
     order = sorted(range(len(data)), key=lambda i: len(data.columns["input_ids"][i]))
     out: Dict[str, list] = {"index": [], "loss_sum": [], "n_tokens": [], "probs": []}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    model.to(device)
+    if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_loaded_in_4bit", False) \
+            and not getattr(model, "is_loaded_in_8bit", False):
+        model.to(device)  # quantized models are placed at load time and refuse .to()
     model.eval()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.no_grad():
@@ -87,7 +99,7 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         return {"stage": "evaluate", "skipped": True, "note": note, "split": None,
                 "metrics": {}}
     labels = tokenized["labels"]
-    model = load_trained_model(cfg, spec, tok, labels, train_dir, trained)
+    model = load_trained_model(cfg, spec, tok, labels, train_dir, trained, plan)
     tok.padding_side = "right"
     data = TokenizedSplit(tokenized_dir / tokenized["splits"][split]["file"], cfg.task)
     scores = _score_batches(model, spec, data, make_collator(spec, tok), cfg.eval.batch_size, plan.device,

@@ -8,7 +8,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from verifily_train.errors import ModelError
 
@@ -75,18 +75,21 @@ def is_gguf(path: str) -> bool:
     return path.lower().endswith(".gguf")
 
 
-def convert_gguf(gguf_path: Path, file_sha256: str, cache_dir: Path) -> Path:
-    """Dequantize a GGUF checkpoint once into ``<cache>/gguf/<sha256>/`` (safetensors + tokenizer)."""
+def convert_gguf(gguf_path: Path, file_sha256: str, cache_dir: Path) -> Tuple[Path, bool]:
+    """Dequantize a GGUF checkpoint once into ``<cache>/gguf/<sha256>/`` (safetensors + tokenizer).
+
+    Returns the folder and whether this call converted it (False: an earlier run's conversion was reused).
+    """
     final = cache_dir / "gguf" / file_sha256
     if (final / "config.json").is_file() and (final / ".complete").is_file():
-        return final
+        return final, False
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(gguf_path, "base_model", "reading GGUF checkpoints needs the gguf package: pip install gguf")
     from verifily_train.cache import key_lock
 
     with key_lock(cache_dir, "gguf", file_sha256):
         if (final / ".complete").is_file():
-            return final
+            return final, False
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tmp = final.parent / f".tmp-{file_sha256}-{uuid.uuid4().hex[:6]}"
@@ -112,4 +115,4 @@ def convert_gguf(gguf_path: Path, file_sha256: str, cache_dir: Path) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return final, True
