@@ -1,20 +1,26 @@
 from prefect import task
 
 from verifily_train import stages
-from verifily_train.hashing import content_hash
+from verifily_train.config.loader import hashed_section
+from verifily_train.hashing import content_hash, sha256_file
 from verifily_train.identity import code_version
 from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
+
+
+def gold_set_hash(cfg):
+    """The gold set's bytes (not its path) when one is configured."""
+    return sha256_file(cfg.eval.gold_set) if cfg.eval.gold_set else None
 
 
 @task(name="evaluate", retries=1, **STAGE_OPTIONS)
 def evaluate(cfg, fp: dict, tokenized: dict, trained: dict, cache: dict) -> dict:
     """Score every evaluation example with the reloaded adapter."""
-    key = content_hash(code_version("evaluate"), trained["output_hash"], tokenized["output_hash"], fp["model_identity"], cfg.lora.quantization, cfg.eval.enabled, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    key = content_hash(code_version("evaluate"), trained["output_hash"], tokenized["output_hash"], fp["model_identity"], cfg.lora.quantization, cfg.eval.enabled, cfg.eval.batch_size, cfg.eval.metrics, cfg.eval.max_new_tokens, cfg.eval.format, gold_set_hash(cfg), hashed_section(cfg, "prompt"), fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
     return run_stage("evaluate", key, cache, lambda out, work: stages.evaluate_stage(cfg, fp, tokenized, trained, out, work))
 
 
 @task(name="evaluate-baseline", retries=1, **STAGE_OPTIONS)
 def evaluate_baseline(cfg, fp: dict, tokenized: dict, cache: dict) -> dict:
     """Score the untuned base model once (no training in the key: every run of this model and data reuses it)."""
-    key = content_hash(code_version("evaluate"), "baseline", tokenized["output_hash"], fp["model_identity"], cfg.task, cfg.eval.enabled, cfg.eval.baseline, cfg.eval.batch_size, cfg.eval.metrics, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    key = content_hash(code_version("evaluate"), "baseline", tokenized["output_hash"], fp["model_identity"], cfg.task, cfg.eval.enabled, cfg.eval.baseline, cfg.eval.batch_size, cfg.eval.metrics, cfg.eval.max_new_tokens, cfg.eval.format, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
     return run_stage("baseline", key, cache, lambda out, work: stages.baseline_stage(cfg, fp, tokenized, out, work))

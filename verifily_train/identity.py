@@ -119,9 +119,9 @@ STAGE_CODE = {
     "tokenize": ("tokenize/1", ["training/tokenize.py", "training/models.py"]),
     "train": ("train/1", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
                           "training/quantization.py"]),
-    "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "training/models.py",
-                                "training/quantization.py"]),
-    "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py"]),
+    "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "evaluation/generate.py",
+                                "evaluation/text_metrics.py", "training/models.py", "training/quantization.py"]),
+    "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py", "evaluation/bootstrap.py"]),
     "hard_examples": ("hard/1", ["evaluation/hard.py"]),
 }
 

@@ -168,7 +168,8 @@ def slice_stage(cfg: TrainConfig, tokenized: dict, evaluated: dict, baseline: di
     else:
         base = None if baseline.get("skipped", True) else _predictions(baseline)
         result = slice_metrics_by_tag(cfg.task, _predictions(evaluated), tokenized["labels"],
-                                      cfg.eval.slice_by_tags, evaluated["metrics"], baseline=base)
+                                      cfg.eval.slice_by_tags, evaluated["metrics"], baseline=base,
+                                      bootstrap_samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     atomic_write_json(out_dir / "slices.json", result)
     return dict(result, file="slices.json")
 
@@ -178,14 +179,14 @@ def hard_examples_stage(cfg: TrainConfig, evaluated: dict, out_dir: Path, work_d
     from verifily_train.evaluation.hard import mine_hard_examples
 
     if evaluated["skipped"]:
-        result = {"examples": [], "headline": None}
+        result = {"examples": [], "headline": None, "lift": {}}
     else:
         result = mine_hard_examples(cfg.task, _predictions(evaluated), cfg.eval.hard_examples, cfg.eval.slice_by_tags)
     with open(out_dir / "hard_examples.jsonl", "w", encoding="utf-8") as handle:
         for example in result["examples"]:
             handle.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")
     return {"stage": "hard_examples", "file": "hard_examples.jsonl", "count": len(result["examples"]),
-            "headline": result["headline"]}
+            "headline": result["headline"], "lift": result["lift"]}
 
 
 def stage_report(manifests: Dict[str, dict]) -> Dict[str, dict]:
@@ -214,6 +215,7 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         shutil.copyfile(eval_dir / evaluated["predictions"], stage / "predictions.parquet")
     shutil.copyfile(Path(sliced["dir"]) / sliced["file"], stage / "slices.json")
     shutil.copyfile(Path(hard["dir"]) / hard["file"], stage / "hard_examples.jsonl")
+    _write_data_rows(Path(tokenized["dir"]), tokenized, stage / "data_rows.parquet")
     (stage / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     env = describe_environment(trained["device"], trained["precision"], trained["threads"])
     atomic_write_json(stage / "env.json", env)
@@ -227,6 +229,11 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
             metrics[f"baseline_{name}"] = value
     atomic_write_json(stage / "metrics.json", {
         "eval": evaluated["metrics"], "eval_split": evaluated["split"], "eval_note": evaluated["note"],
+        "eval_ci95": sliced.get("overall", {}).get("ci95", {}),
+        "bootstrap": sliced.get("bootstrap"),
+        "classification_report": evaluated.get("classification_report"),
+        "format": evaluated.get("format"),
+        "hard_example_lift": hard.get("lift", {}),
         "baseline": baseline.get("metrics", {}), "baseline_note": baseline.get("note"),
         "train": {k: trained[k] for k in ("train_loss", "global_step", "epochs", "train_tokens", "train_seconds",
                                           "tokens_per_second", "trainable_params", "total_params",
@@ -263,8 +270,20 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "warnings": fp["device"]["warnings"],
     }
     atomic_write_json(stage / "run.json", record)
+    from verifily_train.artifacts.report import write_run_report
+
+    write_run_report(stage)
     final = publish_run(stage, runs_dir / run_id)
     return {"stage": "write_artifact", "run_id": run_id, "path": str(final), "record": record}
+
+
+def _write_data_rows(tokenized_dir: Path, tokenized: dict, target: Path) -> None:
+    """Per-row identity of every split (hash, id, tags): what ``compare`` diffs two dataset versions with."""
+    import pandas as pd
+
+    frames = [pd.read_parquet(tokenized_dir / info["file"], columns=["split", "line", "example_id", "row_hash", "tags"])
+              for info in tokenized["splits"].values()]
+    pd.concat(frames, ignore_index=True).to_parquet(target, index=False)
 
 
 def job_record(cfg: TrainConfig, run_id: str, created_at: str, dataset: Optional[dict], device: Optional[str]) -> dict:

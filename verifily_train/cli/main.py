@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", help="run id or path")
     p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs/)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report of the comparison")
+    p.add_argument("--bootstrap-samples", type=int, default=1000, help="resamples for the paired intervals")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("config", help="inspect train.yaml")
@@ -277,8 +280,15 @@ def cmd_compare(args) -> int:
     from verifily_train.artifacts.compare import compare_runs, render_comparison
     from verifily_train.artifacts.run import find_run
 
-    result = compare_runs(find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir))
-    print(json.dumps(result, indent=2) if args.json else render_comparison(result))
+    result = compare_runs(find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir),
+                          bootstrap_samples=args.bootstrap_samples)
+    if args.html:
+        from verifily_train.artifacts.report import write_compare_report
+
+        write_compare_report(result, args.html)
+    print(json.dumps(result, indent=2) if args.json else render_comparison(result, markdown=args.markdown))
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0
 
 

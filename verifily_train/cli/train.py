@@ -37,8 +37,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _ci(entry: dict, name: str) -> str:
+    low_high = entry.get("ci95", {}).get(name)
+    return f" [{_fmt(low_high[0])}, {_fmt(low_high[1])}]" if low_high else ""
+
+
 def print_summary(summary: dict, out=sys.stdout) -> None:
-    """Overall metrics, slice table, hard-example headline, path and reproducibility hash."""
+    """Overall metrics with intervals, slice table, hard-example headline, path and reproducibility hash."""
     record = summary["record"]
     metrics = record["metrics"]
     w = out.write
@@ -51,23 +56,30 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     if stages:
         w("  stages: " + "  ".join(f"{name} {'cached' if s['cache_hit'] else 'ran'} {s['seconds'] or 0:.1f}s"
                                    for name, s in stages.items()) + "\n")
-    shown = [k for k in ("loss", "perplexity", "accuracy", "macro_f1") if k in metrics]
-    w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown) +
-      f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
+    shown = [k for k in ("loss", "perplexity", "exact_match", "token_f1", "format_compliance", "accuracy", "macro_f1")
+             if k in metrics]
+    overall = summary["slices"].get("overall", {})
+    w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}{_ci(overall, k)}" for k in shown) + "\n")
+    w(f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
       f"  truncated_rows={metrics.get('truncated_rows')}\n")
     if "baseline_loss" in metrics:
         w(f"  base model (untuned): loss={_fmt(metrics['baseline_loss'])}  "
           f"perplexity={_fmt(metrics.get('baseline_perplexity'))}  -> fine-tuned loss={_fmt(metrics.get('loss'))}\n")
+    if "gold_exact_match" in metrics:
+        w(f"  gold set: exact_match={_fmt(metrics['gold_exact_match'])}  token_f1={_fmt(metrics['gold_token_f1'])}"
+          f"  ({metrics.get('gold_examples')} rows)\n")
+    lead = shown[0] if shown else None
     for key, block in summary["slices"].get("slices", {}).items():
-        w(f"\n  slices by {key}:\n")
+        w(f"\n  slices by {key} (95% bootstrap interval):\n")
         has_base = any("baseline" in e for e in block["values"])
-        rows = [["value", "n"] + shown + [f"Δ{shown[0]}" if shown else ""] + ([f"base {shown[0]}"] if has_base else [])]
+        extra = [k for k in shown[1:] if k != "perplexity"]
+        rows = [["value", "n", f"{lead} [95% CI]", f"Δ{lead}"] + extra + ([f"base {lead}"] if has_base else [])]
         for entry in block["values"]:
             m = entry["metrics"]
             flag = " (low n)" if entry["low_confidence"] else ""
-            rows.append([f"{entry['value']}{flag}", str(entry["n"])] + [_fmt(m.get(k)) for k in shown] +
-                        [f"{entry['delta'].get(shown[0], float('nan')):+.4f}" if shown else ""] +
-                        ([_fmt(entry.get("baseline", {}).get(shown[0]))] if has_base else []))
+            rows.append([f"{entry['value']}{flag}", str(entry["n"]), f"{_fmt(m.get(lead))}{_ci(entry, lead)}",
+                         f"{entry['delta'].get(lead, float('nan')):+.4f}"] + [_fmt(m.get(k)) for k in extra] +
+                        ([_fmt(entry.get("baseline", {}).get(lead))] if has_base else []))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             w("    " + "  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() + "\n")

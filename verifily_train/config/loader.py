@@ -247,6 +247,12 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
     for i, name in enumerate(e.metrics or []):
         _one_of(where, f"eval.metrics[{i}]", name, known)
     _check(where, "eval.hard_examples", e.hard_examples >= 0, f"must be >= 0; got {e.hard_examples}")
+    _check(where, "eval.max_new_tokens", e.max_new_tokens >= 1, f"must be >= 1; got {e.max_new_tokens}")
+    _check(where, "eval.bootstrap_samples", e.bootstrap_samples >= 0, f"must be >= 0; got {e.bootstrap_samples}")
+    from verifily_train.evaluation.text_metrics import check_format_setting
+
+    problem = check_format_setting(e.format)
+    _check(where, "eval.format", problem is None, problem or "")
     _check(where, "eval.batch_size", e.batch_size >= 1, f"must be >= 1; got {e.batch_size}")
     _check(where, "eval.retries", e.retries >= 0, f"must be >= 0; got {e.retries}")
     for i, tag in enumerate(e.slice_by_tags):

@@ -20,13 +20,14 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
 
 DEFAULT_EVAL_METRICS = {
-    "sft": ["loss", "perplexity"],
+    "sft": ["loss", "perplexity", "exact_match", "token_f1", "format_compliance"],
     "classification": ["accuracy", "macro_f1"],
 }
 KNOWN_EVAL_METRICS = {
-    "sft": ("loss", "perplexity"),
+    "sft": ("loss", "perplexity", "exact_match", "token_f1", "format_compliance"),
     "classification": ("accuracy", "macro_f1"),
 }
+GENERATION_METRICS = ("exact_match", "token_f1", "format_compliance")  # SFT metrics that need generated text
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,13 @@ class ComputeSection:
 @dataclass(frozen=True)
 class EvalSection:
     enabled: bool = True  # evaluate on the test split (else val) at the end of training
-    metrics: Optional[List[str]] = None  # null = task defaults: sft [loss, perplexity]; classification [accuracy, macro_f1]
-    gold_set: Optional[str] = None  # path to a gold evaluation set (JSONL of the task's row schema)
+    metrics: Optional[List[str]] = None  # null = task defaults: sft [loss, perplexity, exact_match, token_f1, format_compliance]; classification [accuracy, macro_f1]
+    gold_set: Optional[str] = None  # SFT: a JSONL of the SFT schema scored by exact match / token F1 (gold_* metrics); relative to train.yaml
+    max_new_tokens: int = 64  # SFT: greedy generation length for exact_match / token_f1 / format_compliance
+    format: str = "auto"  # SFT format compliance: auto (json when >= 90% of references parse as JSON, else off), json, none, regex:<pattern>
+    bootstrap_samples: int = 1000  # resamples for the 95% confidence intervals of overall and slice metrics (0 = none)
     slice_by_tags: List[str] = field(default_factory=lambda: ["source"])  # tag keys to slice metrics by; each must exist in the dataset
-    hard_examples: int = 20  # how many worst test examples to list, with their tags
+    hard_examples: int = 50  # how many worst test examples to list, with their tags
     baseline: bool = True  # SFT: also evaluate the untuned base model (cached) so the summary shows the gain
     batch_size: int = 16  # examples per evaluation batch
     retries: int = 1  # Prefect retries of the evaluation stages on a transient failure; not hashed

@@ -35,8 +35,27 @@ def classification_metrics(true: Sequence[int], pred: Sequence[int], labels: Lis
 def metrics_for_frame(task: str, frame, labels: List[str]) -> Dict[str, float]:
     """Metrics of a predictions frame (all rows, or one slice)."""
     if task == "sft":
-        return sft_metrics(frame["loss_sum"].to_numpy(), frame["n_tokens"].to_numpy())
+        out = sft_metrics(frame["loss_sum"].to_numpy(), frame["n_tokens"].to_numpy())
+        for name, column in (("exact_match", "exact_match"), ("token_f1", "token_f1"),
+                             ("format_compliance", "format_ok")):
+            if column in frame and len(frame):
+                out[name] = float(frame[column].mean())
+        return out
     return classification_metrics(frame["label_id"].to_numpy(), frame["pred_id"].to_numpy(), labels)
+
+
+def classification_report(true: Sequence[int], pred: Sequence[int], labels: List[str]) -> dict:
+    """Per-class precision, recall, F1 and support, and the confusion matrix (rows: true, columns: predicted)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    ids = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(true, pred, labels=ids, zero_division=0)
+    return {
+        "labels": list(labels),
+        "per_class": {labels[i]: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                                  "support": int(support[i])} for i in ids},
+        "confusion_matrix": confusion_matrix(true, pred, labels=ids).tolist(),
+    }
 
 
 # Metrics where lower is better; every other metric is higher-is-better.

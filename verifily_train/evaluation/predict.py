@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.config.schema import TrainConfig
-from verifily_train.evaluation.metrics import metrics_for_frame
+from verifily_train.evaluation.generate import generate_texts, prompt_ids
+from verifily_train.evaluation.metrics import classification_report, metrics_for_frame
+from verifily_train.evaluation.text_metrics import resolve_format, score_texts
 from verifily_train.training.device import DevicePlan
 from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
@@ -109,6 +111,7 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     frame = pd.DataFrame({
         "example_id": cols["example_id"], "split": cols["split"], "line": cols["line"], "tags": cols["tags"],
         "text": cols["text"], "reference": cols["reference"], "truncated": cols["truncated"],
+        "row_hash": cols["row_hash"],
     })
     tag_dicts = [json.loads(t) for t in cols["tags"]]
     for key in sorted({k for d in tag_dicts for k in d}):
@@ -132,8 +135,65 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         frame["n_tokens"] = n_tokens
         frame["loss"] = np.where(n_tokens > 0, loss_sum / np.maximum(n_tokens, 1), np.nan)
         frame["perplexity"] = np.exp(np.minimum(frame["loss"], 50.0))
-        frame["score"] = frame["loss"]  # hardness: mean response-token loss
+        frame["score"] = frame["loss"]  # hardness: mean response-token loss (token F1 ranks first when generated)
+    extra: dict = {}
+    if cfg.task == "sft" and wants_generation(cfg):
+        model = _merged_for_inference(model)
+        fmt = resolve_format(cfg.eval.format, list(frame["reference"]))
+        prompts = [prompt_ids(i, l, spec.kind) for i, l in zip(cols["input_ids"], cols["labels"])]
+        texts = generate_texts(model, spec, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, plan.device,
+                               plan.precision, cfg.runtime.progress)
+        frame["prediction"] = texts
+        for name, values in score_texts(texts, list(frame["reference"]), fmt).items():
+            frame[name] = values
+        extra["format"] = fmt or "off"
+        if cfg.eval.gold_set and trained is not None:
+            extra["gold"] = _score_gold_set(cfg, spec, tok, model, plan, out_dir)
+    elif cfg.task == "classification":
+        extra["classification_report"] = classification_report(frame["label_id"], frame["pred_id"], labels)
     frame.to_parquet(out_dir / "predictions.parquet", index=False)
     metrics = metrics_for_frame(cfg.task, frame, labels)
-    return {"stage": "evaluate", "skipped": False, "split": split,
-            "note": tokenized["eval_note"], "predictions": "predictions.parquet", "metrics": metrics}
+    if "gold" in extra:
+        metrics.update({f"gold_{k}": v for k, v in extra["gold"].items()})
+    return {"stage": "evaluate", "skipped": False, "split": split, "note": tokenized["eval_note"],
+            "predictions": "predictions.parquet", "metrics": metrics, **extra}
+
+
+def wants_generation(cfg: TrainConfig) -> bool:
+    from verifily_train.config.schema import GENERATION_METRICS
+
+    return any(m in GENERATION_METRICS for m in (cfg.eval.metrics or []))
+
+
+def _merged_for_inference(model):
+    """Fold the LoRA weights into the base for generation (one matmul per layer, not two); not for k-bit bases."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and not getattr(model.base_model.model, "is_loaded_in_4bit", False) \
+            and not getattr(model.base_model.model, "is_loaded_in_8bit", False):
+        return model.merge_and_unload()
+    return model
+
+
+def _score_gold_set(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, out_dir: Path) -> dict:
+    """Exact match and token F1 on ``eval.gold_set`` (rows validated like any SFT data)."""
+    import pandas as pd
+
+    from verifily_train.dataset.rows import iter_jsonl, validate_row
+    from verifily_train.training.tokenize import tokenize_row
+
+    rows, prompts = [], []
+    for lineno, row in iter_jsonl(Path(cfg.eval.gold_set), cfg.eval.gold_set):
+        validate_row(row, "sft", {}, {}, f"{cfg.eval.gold_set}:{lineno}")
+        example = tokenize_row(row, "gold", lineno, spec, tok, "sft", cfg.prompt, cfg.training.max_seq_length, {})
+        rows.append((lineno, row["output"], example.tags))
+        prompts.append(prompt_ids(example.input_ids, example.labels, spec.kind))
+    texts = generate_texts(model, spec, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, plan.device,
+                           plan.precision, cfg.runtime.progress)
+    scored = score_texts(texts, [r[1] for r in rows], None)
+    pd.DataFrame({"line": [r[0] for r in rows], "reference": [r[1] for r in rows], "prediction": texts,
+                  "tags": [json.dumps(r[2], sort_keys=True) for r in rows], **scored}
+                 ).to_parquet(out_dir / "gold_predictions.parquet", index=False)
+    n = len(rows)
+    return {"exact_match": sum(scored["exact_match"]) / n if n else float("nan"),
+            "token_f1": sum(scored["token_f1"]) / n if n else float("nan"), "examples": n}

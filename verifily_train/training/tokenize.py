@@ -48,6 +48,7 @@ class TokenizedExample:
     tags: Dict[str, str]
     text: str
     reference: str
+    row_hash: str = ""
 
 
 def tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task: str, prompt: PromptSection,
@@ -55,6 +56,21 @@ def tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task:
     """One row to token ids (and loss labels) for the model kind."""
     tags = {str(k): str(v) for k, v in (row.get("tags") or {}).items()}
     eid = example_id(row, split, lineno)
+    example = _tokenize_row(row, split, lineno, spec, tok, task, prompt, max_len, label_ids, tags, eid)
+    example.row_hash = row_hash(row)
+    return example
+
+
+def row_hash(row: dict) -> str:
+    """SHA-256 of the row's canonical JSON: the same row in two dataset versions has the same hash."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
+
+
+def _tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task: str, prompt: PromptSection,
+                  max_len: int, label_ids: Dict[str, int], tags: Dict[str, str], eid: str) -> TokenizedExample:
     if task == "classification":
         enc = tok(row["text"], add_special_tokens=True)["input_ids"]
         truncated = len(enc) > max_len
@@ -107,6 +123,7 @@ def write_split(examples: List[TokenizedExample], path: Path) -> None:
         "tags": [json.dumps(e.tags, sort_keys=True) for e in examples],
         "text": [e.text for e in examples],
         "reference": [e.reference for e in examples],
+        "row_hash": [e.row_hash for e in examples],
     })
     pq.write_table(table, path)
 

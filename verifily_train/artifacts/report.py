@@ -1,0 +1,212 @@
+"""Self-contained HTML reports (no network; plots are inlined PNGs made with matplotlib)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from verifily_train.fsio import atomic_write_text
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#1b1b1b;background:#fff}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f0f3f7}
+.low{color:#a15c00}.note{color:#555;font-size:13px}img{max-width:100%;border:1px solid #eee}
+.sig{font-weight:bold;color:#0b6b2e}"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(header: List[str], rows: List[List[str]], raw: bool = False) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if raw else html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
+
+
+def loss_curve(log_rows: List[dict]) -> Optional[str]:
+    train = [(r["step"], r["loss"]) for r in log_rows if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_rows if "eval_loss" in r and "step" in r]
+    if not train and not evals:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#1f5fbf")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="val loss", color="#c2571a")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def slice_chart(key: str, block: dict, metric: str) -> Optional[str]:
+    values = [e for e in block["values"] if metric in e["metrics"]]
+    if not values:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(values)))
+    names = [f"{e['value']} (n={e['n']})" for e in values]
+    points = [e["metrics"][metric] for e in values]
+    lows = [p - e.get("ci95", {}).get(metric, [p, p])[0] for p, e in zip(points, values)]
+    highs = [e.get("ci95", {}).get(metric, [p, p])[1] - p for p, e in zip(points, values)]
+    colors = ["#c98a2b" if e["low_confidence"] else "#1f5fbf" for e in values]
+    ax.barh(names, points, xerr=[lows, highs], color=colors, capsize=4)
+    ax.set_xlabel(f"{metric} (95% bootstrap interval; amber: n < 30)")
+    ax.set_title(f"{metric} by {key}")
+    ax.invert_yaxis()
+    return _png(fig)
+
+
+def confusion_heatmap(report: dict) -> Optional[str]:
+    if not report:
+        return None
+    plt = _pyplot()
+    matrix, labels = report["confusion_matrix"], report["labels"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.5 * len(labels)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=9)
+    return _png(fig)
+
+
+def _img(src: Optional[str], alt: str) -> str:
+    return f'<p><img alt="{html.escape(alt)}" src="{src}"></p>' if src else ""
+
+
+def render_run_report(run_dir: Path) -> str:
+    """report.html of one run, from the files already in its folder."""
+    record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    slices = json.loads((run_dir / "slices.json").read_text(encoding="utf-8"))
+    hard = [json.loads(l) for l in (run_dir / "hard_examples.jsonl").read_text(encoding="utf-8").splitlines() if l]
+    log = [json.loads(l) for l in (run_dir / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines() if l]
+    ci = metrics.get("eval_ci95", {})
+    parts = [f"<h1>Run {html.escape(record['run_id'])}</h1>",
+             f"<p>{html.escape(record['job']['task'])} of <code>{html.escape(str(record['job']['base_model']))}</code> on "
+             f"<code>{html.escape(str(record['job']['dataset_version'].get('ref')))}</code>; "
+             f"{html.escape(record['evaluation']['note'])}. Reproducibility hash <code>{record['reproducibility_hash']}</code>.</p>"]
+    rows = [[k, _fmt(v), f"[{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if k in ci else ""]
+            for k, v in metrics.get("eval", {}).items() if isinstance(v, (int, float))]
+    rows += [[f"base model {k}", _fmt(v), ""] for k, v in metrics.get("baseline", {}).items()
+             if k in ("loss", "perplexity")]
+    rows += [[f"train {k}", _fmt(v), ""] for k, v in metrics.get("train", {}).items() if v is not None]
+    parts.append("<h2>Metrics</h2>" + _table(["metric", "value", "95% CI"], rows))
+    parts.append("<h2>Training loss</h2>" + _img(loss_curve(log), "loss curve"))
+    lead = next((m for m in ("loss", "accuracy") if m in metrics.get("eval", {})), None)
+    for key, block in slices.get("slices", {}).items():
+        header = ["value", "n"] + [m for m in block["values"][0]["metrics"] if m not in ("examples", "tokens")] \
+            if block["values"] else ["value", "n"]
+        table_rows = []
+        for e in block["values"]:
+            cells = [html.escape(str(e["value"])) + (' <span class="low">(low n)</span>' if e["low_confidence"] else ""),
+                     str(e["n"])]
+            for m in header[2:]:
+                bounds = e.get("ci95", {}).get(m)
+                cells.append(_fmt(e["metrics"].get(m)) + (f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if bounds else ""))
+            table_rows.append(cells)
+        parts.append(f"<h2>Slices by {html.escape(key)}</h2>" + _img(slice_chart(key, block, lead), f"{key} slices")
+                     + _table(header, table_rows, raw=True))
+    if metrics.get("classification_report"):
+        report = metrics["classification_report"]
+        parts.append("<h2>Confusion matrix</h2>" + _img(confusion_heatmap(report), "confusion matrix"))
+        parts.append(_table(["class", "precision", "recall", "f1", "support"],
+                            [[c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), v["support"]]
+                             for c, v in report["per_class"].items()]))
+    headline = record.get("hard_examples_headline")
+    parts.append("<h2>Hard examples</h2>" + (f"<p>{html.escape(headline)}</p>" if headline else ""))
+    parts.append(_table(["#", "tags", "input", "reference", "prediction", "score"],
+                        [[h["rank"], ", ".join(f"{k}:{v}" for k, v in h["tags"].items()), h["input"][:300],
+                          h["reference"][:200], str(h.get("prediction") or "")[:200],
+                          _fmt(h.get("token_f1", h.get("loss", h.get("prob_true"))))] for h in hard]))
+    parts.append('<p class="note">Correlation, not causation: slices describe the model on those test rows. '
+                 "For causal attribution, see the roadmap.</p>")
+    return _page(f"Verifily run {record['run_id']}", "".join(parts))
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def write_run_report(run_dir: Path) -> Path:
+    target = run_dir / "report.html"
+    atomic_write_text(target, render_run_report(run_dir))
+    return target
+
+
+def write_compare_report(result: dict, out: str) -> Path:
+    """The comparison as one self-contained HTML file, with a paired-delta chart per slice key."""
+    parts = [f"<h1>{html.escape(result['run_b'])} vs {html.escape(result['run_a'])}</h1>",
+             f"<p>A: {html.escape(str(result['dataset_a']))}; B: {html.escape(str(result['dataset_b']))}; "
+             f"{result['paired']['shared_examples']} shared test rows.</p>"]
+    deltas = result["paired"].get("deltas", {})
+    rows = []
+    for name, entry in result["overall"].items():
+        d = deltas.get(name, {})
+        ci = d.get("ci95")
+        cell = _fmt(entry["delta"]) + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+        rows.append([name, _fmt(entry["a"]), _fmt(entry["b"]),
+                     f'<span class="sig">{cell}</span>' if d.get("excludes_zero") else html.escape(cell)])
+    parts.append("<h2>Overall (B - A)</h2>" + _table(["metric", "A", "B", "B - A [95% CI]"], rows, raw=True))
+    plt = _pyplot()
+    for key, values in result["slices"].items():
+        metric = next((m for m in ("loss", "accuracy", "exact_match") if any(m in v["deltas"] for v in values.values())), None)
+        if metric is None:
+            continue
+        names = [str(v) for v in values]
+        points = [values[v]["deltas"].get(metric, {}).get("delta") or 0.0 for v in values]
+        cis = [values[v]["deltas"].get(metric, {}).get("ci95") or [p, p] for v, p in zip(values, points)]
+        fig, ax = plt.subplots(figsize=(6, 0.6 + 0.45 * len(names)))
+        ax.barh(names, points, xerr=[[p - c[0] for p, c in zip(points, cis)], [c[1] - p for p, c in zip(points, cis)]],
+                color="#1f5fbf", capsize=4)
+        ax.axvline(0, color="#333", lw=0.8)
+        ax.set_xlabel(f"Δ {metric} (B - A), paired 95% interval")
+        ax.invert_yaxis()
+        table_rows = [[str(v), e["n"], html.escape("  ".join(f"{m}={_fmt(d.get('delta'))}" for m, d in e["deltas"].items())),
+                       html.escape(f"{e['flips']['wrong_to_right']} up / {e['flips']['right_to_wrong']} down") if e.get("flips") else "-"]
+                      for v, e in values.items()]
+        parts.append(f"<h2>By {html.escape(key)}</h2>" + _img(_png(fig), key) +
+                     _table(["value", "n", "deltas", "flips"], table_rows, raw=True))
+    diff = result.get("dataset_diff", {})
+    if diff.get("available"):
+        parts.append("<h2>Dataset diff (A → B)</h2>" + _table(
+            ["split", "rows A", "rows B", "added", "removed", "changed"],
+            [[s, d["rows_a"], d["rows_b"], d["added"], d["removed"], d["changed"]] for s, d in diff["splits"].items()]))
+    if result.get("config_diff"):
+        parts.append("<h2>Config diff</h2>" + _table(["key", "A", "B"],
+                                                     [[d["key"], d["a"], d["b"]] for d in result["config_diff"]]))
+    parts.append(f'<p class="note">{html.escape(result["caveat"])}</p>')
+    target = Path(out)
+    atomic_write_text(target, _page("Verifily comparison", "".join(parts)))
+    return target

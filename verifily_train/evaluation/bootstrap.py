@@ -1,0 +1,103 @@
+"""Seeded, vectorized bootstrap confidence intervals for every metric, and paired intervals for deltas.
+
+One (B, n) matrix of resample indices is drawn once per call; every metric is then a few numpy
+reductions over it (1000 resamples of 10,000 examples: a 10M-entry index matrix, well under a second).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+Statistic = Callable[[np.ndarray], np.ndarray]  # (B, n) indices -> (B,) values
+
+
+def resample_indices(n: int, samples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n, size=(samples, n), dtype=np.int64 if n > 2**31 - 1 else np.int32)
+
+
+def mean_stat(values: np.ndarray) -> Statistic:
+    return lambda idx: values[idx].mean(axis=1)
+
+
+def ratio_stat(numerator: np.ndarray, denominator: np.ndarray) -> Statistic:
+    """sum(num)/sum(den) per resample (token-weighted loss)."""
+    return lambda idx: numerator[idx].sum(axis=1) / np.maximum(denominator[idx].sum(axis=1), 1e-12)
+
+
+def macro_f1_stat(true: np.ndarray, pred: np.ndarray, k: int) -> Statistic:
+    """Macro-F1 over the classes present in the full sample, per resample, from batched confusion counts."""
+    present = np.unique(np.concatenate([true, pred]))
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        b = idx.shape[0]
+        cells = (np.arange(b)[:, None] * (k * k) + true[idx] * k + pred[idx]).ravel()
+        confusion = np.bincount(cells, minlength=b * k * k).reshape(b, k, k).astype(np.float64)
+        tp = np.diagonal(confusion, axis1=1, axis2=2)
+        precision_den = confusion.sum(axis=1)
+        recall_den = confusion.sum(axis=2)
+        denom = precision_den + recall_den
+        f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)
+        return f1[:, present].mean(axis=1)
+
+    return stat
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> List[float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return [float("nan"), float("nan")]
+    alpha = (1 - level) / 2
+    return [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
+
+
+def statistics_for(task: str, frame, labels: List[str]) -> Dict[str, Statistic]:
+    """The resampling statistic of each metric the frame supports."""
+    stats: Dict[str, Statistic] = {}
+    if task == "sft":
+        loss_sum = frame["loss_sum"].to_numpy(np.float64)
+        n_tokens = frame["n_tokens"].to_numpy(np.float64)
+        stats["loss"] = ratio_stat(loss_sum, n_tokens)
+        stats["perplexity"] = lambda idx, s=stats["loss"]: np.exp(np.minimum(s(idx), 50.0))
+        for name, column in (("exact_match", "exact_match"), ("token_f1", "token_f1"),
+                             ("format_compliance", "format_ok")):
+            if column in frame and frame[column].notna().all():
+                stats[name] = mean_stat(frame[column].to_numpy(np.float64))
+    else:
+        true = frame["label_id"].to_numpy(np.int64)
+        pred = frame["pred_id"].to_numpy(np.int64)
+        stats["accuracy"] = mean_stat((true == pred).astype(np.float64))
+        stats["macro_f1"] = macro_f1_stat(true, pred, max(len(labels), int(max(true.max(), pred.max())) + 1))
+    return stats
+
+
+def bootstrap_intervals(task: str, frame, labels: List[str], samples: int, seed: int) -> Dict[str, List[float]]:
+    """95% percentile interval of every metric of ``frame``."""
+    n = len(frame)
+    if n == 0 or samples <= 0:
+        return {}
+    idx = resample_indices(n, samples, seed)
+    return {name: interval(stat(idx)) for name, stat in statistics_for(task, frame, labels).items()}
+
+
+def paired_delta_intervals(task: str, frame_a, frame_b, labels: List[str], samples: int,
+                           seed: int) -> Dict[str, dict]:
+    """B minus A on the same examples (rows aligned), with a paired bootstrap interval per metric."""
+    n = len(frame_a)
+    if n == 0 or samples <= 0:
+        return {}
+    idx = resample_indices(n, samples, seed)
+    stats_a = statistics_for(task, frame_a, labels)
+    stats_b = statistics_for(task, frame_b, labels)
+    full = np.arange(n)[None, :]
+    out = {}
+    for name in sorted(set(stats_a) & set(stats_b)):
+        deltas = stats_b[name](idx) - stats_a[name](idx)
+        point = float((stats_b[name](full) - stats_a[name](full))[0])
+        low, high = interval(deltas)
+        significant = not (math.isnan(low) or low <= 0.0 <= high)
+        out[name] = {"delta": point, "ci95": [low, high], "excludes_zero": significant}
+    return out
