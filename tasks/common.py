@@ -27,4 +27,20 @@ def run_stage(stage: str, key: str, cache: dict, compute: Callable[[Path, Path],
     """Return the stage's manifest from the cache entry for ``key``, or compute and store it."""
     if os.environ.get("VERIFILY_FAIL_STAGE") == stage:  # fault injection for crash-recovery tests
         raise RuntimeError(f"injected failure in stage {stage} (VERIFILY_FAIL_STAGE)")
+    pause = _test_pause(stage)
+    if pause:  # a window for kill tests to land inside the stage, after its temporary folder exists
+        inner = compute
+
+        def compute(out: Path, work: Path) -> dict:
+            import time
+
+            manifest = inner(out, work)
+            time.sleep(pause)
+            return manifest
     return run_cached(stage, key, Path(cache["root"]), CacheMode(read=cache["read"], write=cache["write"]), compute)
+
+
+def _test_pause(stage: str) -> float:
+    """``VERIFILY_PAUSE_STAGE=<stage>:<seconds>`` (kill tests only)."""
+    name, _, seconds = os.environ.get("VERIFILY_PAUSE_STAGE", "").partition(":")
+    return float(seconds or 0) if name == stage else 0.0

@@ -57,7 +57,7 @@ def test_identical_rerun_is_all_cache_hits_with_equal_content(cold, prefect_api)
 @pytest.mark.parametrize("override, expected", [
     # Downstream keys hash the upstream stage's *output*: when a recomputed stage writes identical
     # bytes (a new eval batch size, no row long enough to truncate), later stages are reused.
-    ("eval.batch_size=5", ["evaluate", "baseline"]),
+    ("eval.batch_size=5", ["evaluate", "baseline", "slice"]),
     ("eval.hard_examples=5", ["hard_examples"]),
     ("eval.slice_by_tags=[difficulty]", ["validate", "slice", "hard_examples"]),
     ("lora.r=8", ["train", "evaluate", "slice", "hard_examples"]),

@@ -56,6 +56,22 @@ class EnvironmentProblem(VerifilyError):
     """An optional extra, device or credential the config needs is missing."""
 
 
+class DiskFullError(EnvironmentProblem):
+    """A write failed for lack of space (or a file size limit); finished stages stay cached."""
+
+
+SHORT_WRITE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left")
+
+
+def is_short_write(err: BaseException) -> bool:
+    """torch reports a full disk during ``torch.save`` as a RuntimeError, not an OSError."""
+    import errno
+
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in SHORT_WRITE_MARKERS)
+
+
 class RunError(VerifilyError):
     """A run artifact is missing, incomplete, or fails its checksums."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -297,7 +298,7 @@ def cmd_train(args) -> int:
 
     # Validate before anything heavy is imported: a bad config fails in well under a second.
     overrides = list(args.overrides) + (["cache.enabled=false"] if args.no_cache else [])
-    cfg = load_config(args.config, overrides, dataset=args.dataset)
+    cfg = load_config(args.config, overrides, dataset=args.dataset, collect=[])  # preflight reports problems
     mode = args.mode or cfg.compute.mode
     if mode == "managed":
         print("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "
@@ -307,7 +308,9 @@ def cmd_train(args) -> int:
         raise VerifilyError(None, "--mode", "self_host submits to a Prefect work pool; it is not available in this "
                                             "version yet, use --mode local")
     from verifily_train.cli.train import run_train
+    from verifily_train.preflight import preflight
 
+    preflight(args.config, overrides, args.dataset)  # every problem at once, before Prefect or a model
     return run_train(args.config, overrides, args.dataset, refresh=args.refresh)
 
 
@@ -330,8 +333,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except VerifilyError as err:
-        print(f"error: {err}", file=sys.stderr)
+        lines = err.lines() if hasattr(err, "lines") else [str(err)]
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error: {where}no space left on the device (or file size limit reached): free space and "
+                  f"re-run; finished stages are cached", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

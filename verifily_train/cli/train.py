@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-CAVEAT = "Correlation, not causation: slices describe the model on those test rows. For causal attribution, see v2 roadmap."
+CAVEAT = "Correlation, not causation: slices describe the model on those test rows. For causal attribution, see the roadmap."
 
 
 def _quiet_libraries() -> None:
@@ -93,22 +93,71 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"  adapter pushed to {summary['pushed_to']}\n")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel to SIGTERM it when its parent dies (Linux), so a
+    ``kill -9`` of ``verifily train`` does not leave Prefect's temporary server running forever."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _start_prefect_early():
-    """Without PREFECT_API_URL a flow run first boots Prefect's temporary server (~5 s): start that
-    subprocess now, so it boots on the other core while this process imports torch and transformers."""
+    """Without PREFECT_API_URL a flow run first boots Prefect's temporary server (~5 s). Start that
+    subprocess now, from the main thread (the death signal is tied to the thread that forks), and poll
+    its health in a thread, so it boots on the other core while this process imports torch."""
+    import subprocess
+    import sys
     import threading
 
-    if os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
         return None
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings)
 
-    def boot():
-        from prefect.server.api.server import SubprocessASGIServer
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return None
+    server = SubprocessASGIServer()  # the singleton the flow's client will use
+    if server.running:
+        return None
+    server.port = server.find_available_port()
+    # the same command Prefect runs (prefect/server/api/server.py), plus the death signal
+    server.server_process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(server.port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+             **get_current_settings().to_environment_variables(exclude_unset=True)},
+        preexec_fn=_die_with_parent)
+    server.running = True
+    import atexit
 
-        if not PREFECT_API_URL.value() and PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-            SubprocessASGIServer().start()  # the same singleton the flow's client uses
+    atexit.register(server.stop)
 
-    thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
+    def wait_healthy() -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if server.server_process.poll() is not None:
+                    server.running = False  # it died (port taken?): let Prefect start its own
+                    return
+                try:
+                    if client.get(f"{server.api_url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=wait_healthy, name="prefect-server-health", daemon=True)
     thread.start()
     return thread
 
@@ -121,7 +170,11 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
     _preload_fingerprint_modules()
     if booting is not None:
         booting.join()  # a half-started server must not be handed to the flow
-    summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
+    try:
+        summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
+    except BaseException:
+        sys.stderr.write("\n")  # end any progress bar's line so the error stands on its own
+        raise
     print_summary(summary)
     return 0
 

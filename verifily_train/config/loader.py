@@ -130,8 +130,13 @@ def load_config(
     path: Optional[os.PathLike | str],
     overrides: Sequence[str] = (),
     dataset: Optional[str] = None,
+    collect: Optional[List[ConfigError]] = None,
 ) -> TrainConfig:
-    """Read, merge, resolve and validate a config. Raises ``ConfigError`` naming file and key."""
+    """Read, merge, resolve and validate a config. Raises ``ConfigError`` naming file and key.
+
+    With ``collect``, value problems are appended to it instead (syntax, unknown keys and types still
+    raise: without them there is no config to check further).
+    """
     base = OmegaConf.structured(TrainConfig)
     if path is not None:
         path = Path(path)
@@ -155,7 +160,7 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ConfigError(where, getattr(err, "full_key", None), str(err).splitlines()[0]) from None
     cfg = _resolve(cfg, base_dir)
-    validate_config(cfg, where)
+    validate_config(cfg, where, collect)
     return cfg
 
 
@@ -178,20 +183,42 @@ def _resolve(cfg: TrainConfig, base_dir: Path) -> TrainConfig:
     return dataclasses.replace(cfg, data_paths=data_paths, dataset_version=ref, eval=ev)
 
 
+_SINK: Optional[List[ConfigError]] = None  # set while validate_config collects every problem
+
+
+def _fail(where: str, key: str, problem: str) -> None:
+    error = ConfigError(where, key, problem)
+    if _SINK is None:
+        raise error
+    _SINK.append(error)
+
+
 def _one_of(where: str, key: str, value: Any, options: Sequence[str]) -> None:
     if value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(where, key, f"must be one of {', '.join(options)}; got {value!r}{hint}")
+        _fail(where, key, f"must be one of {', '.join(options)}; got {value!r}{hint}")
 
 
 def _check(where: str, key: str, ok: bool, problem: str) -> None:
     if not ok:
-        raise ConfigError(where, key, problem)
+        _fail(where, key, problem)
 
 
-def validate_config(cfg: TrainConfig, where: str = "config") -> None:
-    """Spec §8 rules 1-3 plus types and ranges. Rules 4-6 need the machine, model and data."""
+def validate_config(cfg: TrainConfig, where: str = "config", collect: Optional[List[ConfigError]] = None) -> None:
+    """Spec §8 rules 1-3 plus types and ranges (rules 4-6 need the machine, model and data; see preflight).
+
+    Raises the first problem, or, with ``collect``, appends every problem to it.
+    """
+    global _SINK
+    _SINK = collect
+    try:
+        _validate(cfg, where)
+    finally:
+        _SINK = None
+
+
+def _validate(cfg: TrainConfig, where: str) -> None:
     _one_of(where, "task", cfg.task, schema.TASKS)
     has_ref = bool(cfg.dataset_version)
     has_paths = bool(cfg.data_paths.train)
@@ -200,7 +227,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
     _check(where, "dataset_version", not (has_ref and has_paths),
            "give dataset_version or data_paths, not both")
     if not has_ref and (cfg.data_paths.val or cfg.data_paths.test) and not has_paths:
-        raise ConfigError(where, "data_paths.train", "is required when data_paths.val or data_paths.test is set")
+        _fail(where, "data_paths.train", "is required when data_paths.val or data_paths.test is set")
     _check(where, "base_model", bool(str(cfg.base_model).strip()), "must not be empty")
 
     t = cfg.training
@@ -243,7 +270,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
     _check(where, "compute.fp16", not (c.fp16 and c.bf16), "fp16 and bf16 cannot both be true")
 
     e = cfg.eval
-    known = schema.KNOWN_EVAL_METRICS[cfg.task]
+    known = schema.KNOWN_EVAL_METRICS.get(cfg.task, ())
     for i, name in enumerate(e.metrics or []):
         _one_of(where, f"eval.metrics[{i}]", name, known)
     _check(where, "eval.hard_examples", e.hard_examples >= 0, f"must be >= 0; got {e.hard_examples}")
@@ -266,7 +293,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         try:
             tpl.format(instruction="", input="")
         except (KeyError, IndexError, ValueError) as err:
-            raise ConfigError(where, f"prompt.{key}", f"bad template: only {{instruction}} and {{input}} may be used ({err})") from None
+            _fail(where, f"prompt.{key}", f"bad template: only {{instruction}} and {{input}} may be used ({err})")
     _check(where, "prompt.template", "{instruction}" in p.template, "must contain {instruction}")
     _check(where, "output.dir", bool(cfg.output.dir), "must not be empty")
     if cfg.output.push_to_hub:

@@ -99,8 +99,12 @@ def _safe_member(root: Path, rel: str, manifest_path: Path, key: str) -> Path:
     return candidate
 
 
-def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True) -> DatasetVersion:
-    """Load a manifest written by this tool or by the Verifily platform, verifying every hash and row."""
+def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True,
+                  expected_task: Optional[str] = None) -> DatasetVersion:
+    """Load a manifest written by this tool or by the Verifily platform, verifying every hash and row.
+
+    ``expected_task``: the config's task, checked before any row is read.
+    """
     path = Path(manifest_path)
     if path.is_dir():
         path = path / "manifest.json"
@@ -120,6 +124,8 @@ def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True) 
     task = _require(manifest, path, "task", str)
     if task not in TASKS:
         raise ManifestError(path, "task", f"must be one of {', '.join(TASKS)}; got {task!r}")
+    if expected_task is not None and task != expected_task:
+        raise DataError(path, "task", f"the dataset is for task {task!r} but the config says task: {expected_task!r}")
     fmt = manifest.get("format", "jsonl")
     if fmt != "jsonl":
         raise ManifestError(path, "format", f"only jsonl is supported; got {fmt!r}")

@@ -133,9 +133,10 @@ def resolve_manifest_path(ref: str, home: Optional[Path] = None) -> Path:
     raise DatasetNotFoundError(ref, None, f"version {version!r} not found (versions: {', '.join(v['version'] for v in versions)})")
 
 
-def resolve(ref: str, home: Optional[Path] = None, validate_rows: bool = True) -> DatasetVersion:
+def resolve(ref: str, home: Optional[Path] = None, validate_rows: bool = True,
+            expected_task: Optional[str] = None) -> DatasetVersion:
     """Resolve a reference and load its manifest, verifying hashes (and rows unless told not to)."""
-    return load_manifest(resolve_manifest_path(ref, home), validate_rows=validate_rows)
+    return load_manifest(resolve_manifest_path(ref, home), validate_rows=validate_rows, expected_task=expected_task)
 
 
 def load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> DatasetVersion:
@@ -143,7 +144,7 @@ def load_for_config(dataset_version: Optional[str], data_paths, task: str, home:
     from verifily_train.dataset.manifest import dataset_from_paths
 
     if dataset_version:
-        dv = resolve(dataset_version, home)
+        dv = resolve(dataset_version, home, expected_task=task)
     else:
         dv = dataset_from_paths(task, data_paths.train, data_paths.val, data_paths.test)
     if dv.task != task:

@@ -176,7 +176,15 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         trainer.add_callback(step_bar)
     resume = last_complete_checkpoint(checkpoints)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (RuntimeError, OSError) as err:
+        from verifily_train.errors import DiskFullError, is_short_write
+
+        if is_short_write(err):
+            raise DiskFullError(checkpoints, None, "no space left on the device (or file size limit reached) "
+                                                   "while writing a checkpoint: free space and re-run") from err
+        raise
     seconds = time.perf_counter() - started
 
     adapter_dir = out_dir / ("adapter" if cfg.lora.enabled else "model")

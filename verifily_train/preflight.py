@@ -1,0 +1,106 @@
+"""Preflight: every problem that can be found before a model is loaded, reported at once.
+
+Config values, dataset (hashes, every row, labels across splits, slice tags), model reference and kind
+(its config only), device, optional extras, Hub credentials and the runs folder. Nothing here imports
+Prefect; torch and transformers are imported only for the device and the model's config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from verifily_train.errors import ConfigError, VerifilyError
+
+
+class PreflightError(VerifilyError):
+    """One or more problems found before any work; each is one line."""
+
+    def __init__(self, problems: List[VerifilyError]):
+        self.problems = problems
+        super().__init__(None, None, f"{len(problems)} problem(s) found before training: " +
+                         "; ".join(str(p) for p in problems))
+
+    def lines(self) -> List[str]:
+        return [str(p) for p in self.problems]
+
+
+def _attempt(problems: List[VerifilyError], check: Callable[[], None]) -> bool:
+    try:
+        check()
+        return True
+    except VerifilyError as err:
+        problems.append(err)
+        return False
+
+
+def _check_runs_dir(output_dir: str) -> None:
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise VerifilyError(path, "output.dir", "exists and is not a folder")
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise VerifilyError(path, "output.dir", f"not writable ({probe} does not allow writing)")
+
+
+def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None):
+    """Load the config collecting every value problem, then check everything else; raise them all at once."""
+    from verifily_train.config import load_config
+
+    problems: List[VerifilyError] = []
+    cfg = load_config(config, overrides, dataset=dataset, collect=problems)  # syntax/keys/types still raise
+    bad_keys = {p.key for p in problems if isinstance(p, ConfigError)}
+
+    def dataset_check() -> None:
+        from verifily_train.dataset.manifest import check_slice_tags
+        from verifily_train.dataset.store import load_for_config
+
+        dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+        if cfg.eval.enabled and not any(k and k.startswith("eval.slice_by_tags") for k in bad_keys):
+            check_slice_tags(dv, cfg.eval.slice_by_tags)
+
+    if not bad_keys & {"task", "dataset_version", "data_paths.train"}:
+        _attempt(problems, dataset_check)
+
+    def model_check() -> None:
+        from verifily_train.errors import ModelError
+        from verifily_train.training.models import check_model_reference, inspect_model
+        from verifily_train.training.registry import is_gguf, resolve_alias
+
+        base = resolve_alias(cfg.base_model)
+        if is_gguf(base):
+            if not Path(os.path.expanduser(base)).is_file():
+                raise ModelError(cfg.base_model, "base_model", "GGUF file not found")
+            if importlib.util.find_spec("gguf") is None:
+                raise ModelError(base, "base_model", "reading GGUF checkpoints needs the gguf package: pip install gguf")
+            return  # its kind is checked once it is converted (a CausalLM: SFT only)
+        check_model_reference(base)
+        inspect_model(base, cfg.task, cfg.trust_remote_code)
+
+    if "task" not in bad_keys and "base_model" not in bad_keys:
+        _attempt(problems, model_check)
+
+    def device_check() -> None:
+        from verifily_train.training.device import resolve_device
+        from verifily_train.training.quantization import quantization_config
+
+        plan = resolve_device(cfg.compute)
+        if "lora.quantization" not in bad_keys:
+            quantization_config(cfg.lora, plan.device)
+
+    _attempt(problems, device_check)
+
+    def hub_check() -> None:
+        from verifily_train.stages import check_push_to_hub
+
+        check_push_to_hub(cfg)
+
+    _attempt(problems, hub_check)
+    _attempt(problems, lambda: _check_runs_dir(cfg.output.dir))
+    if problems:
+        if len(problems) == 1:
+            raise problems[0]
+        raise PreflightError(problems)
+    return cfg
