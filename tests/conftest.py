@@ -106,14 +106,16 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit 2, exactly one line on stderr, no traceback, and the line names what is wrong."""
+    """Exit 2, no traceback, and exactly one error line (progress bars aside) naming what is wrong."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1, result.stderr
+    segments = [seg.strip() for line in result.stderr.splitlines() for seg in line.split("\r")]
+    errors = [seg for seg in segments if seg.startswith("error: ") or "error: " in seg and "[A" in seg]
+    assert len(errors) == 1, result.stderr
+    line = errors[0][errors[0].index("error: "):]
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+        assert fragment in line, (fragment, line)
+    return line
 
 
 FAST = {"training": {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,

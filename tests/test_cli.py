@@ -35,11 +35,20 @@ def test_every_level_has_help(argv, tmp_path):
     assert result.returncode == 0 and "usage: verifily" in result.stdout
 
 
-def test_bad_config_fails_fast_with_one_line(tmp_path):
+def test_bad_config_fails_before_heavy_imports_with_every_cheap_problem(tmp_path):
     (tmp_path / "train.yaml").write_text("task: sft\nbase_model: org/m\ndata_paths: {train: t.jsonl}\nlora:\n  r: 0\n")
     result = run_cli("train", "-c", "train.yaml", cwd=tmp_path)
-    assert_user_error(result, "train.yaml: lora.r: must be >= 1; got 0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: train.yaml: lora.r: must be >= 1; got 0",
+                     f"error: {tmp_path / 't.jsonl'}: data_paths.train: file not found"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_bad_config_value_is_one_line(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"instruction": "a", "output": "b", "tags": {"source": "human"}}\n')
+    (tmp_path / "train.yaml").write_text("task: sft\nbase_model: org/m\ndata_paths: {train: t.jsonl}\nlora:\n  r: 0\n")
+    assert_user_error(run_cli("train", "-c", "train.yaml", cwd=tmp_path), "train.yaml: lora.r: must be >= 1; got 0")
 
 
 def test_unknown_override_on_the_command_line(tmp_path):

@@ -46,7 +46,12 @@ def _check_runs_dir(output_dir: str) -> None:
 
 
 def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None):
-    """Load the config collecting every value problem, then check everything else; raise them all at once."""
+    """Load the config collecting every value problem, then check everything else; raise them all at once.
+
+    Cheap checks (config, dataset, slice tags, model reference, credentials, output folder) run first
+    and, if any fails, are reported without importing torch or transformers; then the model's kind (its
+    config) and the device.
+    """
     from verifily_train.config import load_config
 
     problems: List[VerifilyError] = []
@@ -64,9 +69,9 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
     if not bad_keys & {"task", "dataset_version", "data_paths.train"}:
         _attempt(problems, dataset_check)
 
-    def model_check() -> None:
+    def model_reference_check() -> None:
         from verifily_train.errors import ModelError
-        from verifily_train.training.models import check_model_reference, inspect_model
+        from verifily_train.training.models import check_model_reference
         from verifily_train.training.registry import is_gguf, resolve_alias
 
         base = resolve_alias(cfg.base_model)
@@ -75,12 +80,31 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
                 raise ModelError(cfg.base_model, "base_model", "GGUF file not found")
             if importlib.util.find_spec("gguf") is None:
                 raise ModelError(base, "base_model", "reading GGUF checkpoints needs the gguf package: pip install gguf")
-            return  # its kind is checked once it is converted (a CausalLM: SFT only)
+            return
         check_model_reference(base)
-        inspect_model(base, cfg.task, cfg.trust_remote_code)
 
-    if "task" not in bad_keys and "base_model" not in bad_keys:
-        _attempt(problems, model_check)
+    model_ok = "task" not in bad_keys and "base_model" not in bad_keys and _attempt(problems, model_reference_check)
+
+    def hub_check() -> None:
+        from verifily_train.stages import check_push_to_hub
+
+        check_push_to_hub(cfg)
+
+    _attempt(problems, hub_check)
+    _attempt(problems, lambda: _check_runs_dir(cfg.output.dir))
+    if problems:  # cheap checks failed: report them now, before torch and transformers are imported
+        raise problems[0] if len(problems) == 1 else PreflightError(problems)
+
+    def model_kind_check() -> None:  # reads the model's config only (imports transformers)
+        from verifily_train.training.models import inspect_model
+        from verifily_train.training.registry import is_gguf, resolve_alias
+
+        base = resolve_alias(cfg.base_model)
+        if not is_gguf(base):  # a GGUF's kind is checked once it is converted (a CausalLM)
+            inspect_model(base, cfg.task, cfg.trust_remote_code)
+
+    if model_ok:
+        _attempt(problems, model_kind_check)
 
     def device_check() -> None:
         from verifily_train.training.device import resolve_device
@@ -91,14 +115,6 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
             quantization_config(cfg.lora, plan.device)
 
     _attempt(problems, device_check)
-
-    def hub_check() -> None:
-        from verifily_train.stages import check_push_to_hub
-
-        check_push_to_hub(cfg)
-
-    _attempt(problems, hub_check)
-    _attempt(problems, lambda: _check_runs_dir(cfg.output.dir))
     if problems:
         if len(problems) == 1:
             raise problems[0]
