@@ -85,7 +85,8 @@ def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = Fa
         "dataset_version": ref,
         "training": _training(task, tiny),
         "lora": {"r": 16, "alpha": 32, "target_modules": tiny_llama_targets if (tiny and task == "sft") else "auto"},
-        "eval": {"slice_by_tags": ["source", "difficulty"], "hard_examples": 20},
+        # the example outputs are at most a few words: 16 new tokens bound the generation (and the baseline's)
+        "eval": {"slice_by_tags": ["source", "difficulty"], "hard_examples": 20, "max_new_tokens": 16},
         "output": {"dir": "runs/"},
     }
     name = f"train-{task}{'-tiny' if tiny else ''}.yaml"
