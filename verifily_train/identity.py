@@ -44,20 +44,24 @@ def folder_identity(folder: Path, memo_path: Optional[Path] = None, only: Option
     if only is not None:
         names = set(only)
         files = [p for p in files if p.name in names]
-    signature = _stat_signature(files, folder)
+    memo_key = f"{folder}|{','.join(sorted(only)) if only is not None else '*'}"
+    return _memoised(memo_path, memo_key, _stat_signature(files, folder), lambda: _hash_files(files, folder))
+
+
+def _memoised(memo_path: Optional[Path], key: str, signature: str, compute) -> str:
+    """``compute()`` unless the memo file holds a value for ``key`` with the same stat ``signature``."""
     memo: Dict[str, dict] = {}
     if memo_path is not None and memo_path.is_file():
         try:
             memo = json.loads(memo_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             memo = {}
-    memo_key = f"{folder}|{','.join(sorted(only)) if only is not None else '*'}"
-    cached = memo.get(memo_key)
+    cached = memo.get(key)
     if cached and cached.get("signature") == signature:
         return cached["sha256"]
-    value = _hash_files(files, folder)
+    value = compute()
     if memo_path is not None:
-        memo[memo_key] = {"signature": signature, "sha256": value}
+        memo[key] = {"signature": signature, "sha256": value}
         try:
             atomic_write_json(memo_path, memo)
         except OSError:
@@ -69,24 +73,7 @@ def file_identity(path: Path, memo_path: Optional[Path] = None) -> str:
     """SHA-256 of one file's bytes, memoised by its size and mtime."""
     path = path.resolve()
     st = path.stat()
-    signature = f"{st.st_size}:{st.st_mtime_ns}"
-    memo: Dict[str, dict] = {}
-    if memo_path is not None and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            memo = {}
-    cached = memo.get(f"file|{path}")
-    if cached and cached.get("signature") == signature:
-        return cached["sha256"]
-    value = sha256_file(path)
-    if memo_path is not None:
-        memo[f"file|{path}"] = {"signature": signature, "sha256": value}
-        try:
-            atomic_write_json(memo_path, memo)
-        except OSError:
-            pass
-    return value
+    return _memoised(memo_path, f"file|{path}", f"{st.st_size}:{st.st_mtime_ns}", lambda: sha256_file(path))
 
 
 def model_identity(source: str, is_local: bool, memo_path: Optional[Path] = None) -> str:
