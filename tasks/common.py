@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.states import Completed
 
 from verifily_train.cache import CacheMode, run_cached
 from verifily_train.errors import only_transient
@@ -37,7 +39,15 @@ def run_stage(stage: str, key: str, cache: dict, compute: Callable[[Path, Path],
             manifest = inner(out, work)
             time.sleep(pause)
             return manifest
-    return run_cached(stage, key, Path(cache["root"]), CacheMode(read=cache["read"], write=cache["write"]), compute)
+    manifest = run_cached(stage, key, Path(cache["root"]), CacheMode(read=cache["read"], write=cache["write"]), compute)
+    if manifest.get("cache_hit"):  # shown as "Cached" in the Prefect UI; the flow unwraps it with ``value``
+        return Completed(name="Cached", message=f"verifily cache hit {key[:12]}", data=manifest)
+    return manifest
+
+
+def value(result):
+    """A stage task's manifest, whether it returned it or a Cached state holding it."""
+    return result.result() if isinstance(result, State) else result
 
 
 def _test_pause(stage: str) -> float:

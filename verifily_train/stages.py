@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from verifily_train.config import config_hash, config_to_dict, config_to_yaml
 from verifily_train.config.schema import TrainConfig
@@ -114,14 +114,18 @@ def tokenize_stage(cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path) ->
     return tokenize_dataset(dv, spec, tok, cfg.task, cfg.prompt, cfg.training.max_seq_length, out_dir)
 
 
-def train_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work_dir: Path) -> dict:
-    """Fine-tune with LoRA (or fully) and save the adapter; checkpoints in ``work_dir`` make it resumable."""
+def train_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work_dir: Path,
+                on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Fine-tune with LoRA (or fully) and save the adapter; checkpoints in ``work_dir`` make it resumable.
+
+    ``on_progress(step, max_steps)`` is called as optimizer steps complete (an orchestrator's progress bar)."""
     from verifily_train.training.models import load_tokenizer
     from verifily_train.training.trainer import train_adapter
 
     spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
-    return train_adapter(cfg, spec, tok, tokenized, Path(tokenized["dir"]), _plan(fp), out_dir, work_dir)
+    return train_adapter(cfg, spec, tok, tokenized, Path(tokenized["dir"]), _plan(fp), out_dir, work_dir,
+                         on_progress=on_progress)
 
 
 def evaluate_stage(cfg: TrainConfig, fp: dict, tokenized: dict, trained: dict, out_dir: Path, work_dir: Path) -> dict:

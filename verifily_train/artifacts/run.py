@@ -114,15 +114,32 @@ def write_failed_run(runs_dir: Path, run_id: str, record: dict, error: BaseExcep
     return final
 
 
-def find_run(ref: str, runs_dir: str | Path = "runs") -> Path:
-    """A run id (looked up in ``runs_dir``) or a path to a run folder."""
+def runs_dirs(runs_dir: Optional[str | Path] = None) -> List[Path]:
+    """Where runs are looked up: the given folder, else ``runs/`` here and ``$VERIFILY_HOME/runs``
+    (where deployment runs land)."""
+    if runs_dir is not None:
+        return [Path(runs_dir)]
+    from verifily_train.fsio import verifily_home
+
+    out: List[Path] = []
+    for candidate in (Path("runs"), verifily_home() / "runs"):
+        if all(candidate.resolve() != p.resolve() for p in out):
+            out.append(candidate)
+    return out
+
+
+def find_run(ref: str, runs_dir: Optional[str | Path] = None) -> Path:
+    """A run id (looked up in ``runs_dirs(runs_dir)``) or a path to a run folder."""
     path = Path(ref)
     if path.is_dir() and (path / "run.json").is_file():
         return path
-    candidate = Path(runs_dir) / ref
-    if candidate.is_dir() and (candidate / "run.json").is_file():
-        return candidate
-    raise RunError(ref, None, f"no such run (looked in {runs_dir}/; give a run id or a run folder)")
+    folders = runs_dirs(runs_dir)
+    for folder in folders:
+        candidate = folder / ref
+        if candidate.is_dir() and (candidate / "run.json").is_file():
+            return candidate
+    where = " and ".join(f"{f}/" for f in folders)
+    raise RunError(ref, None, f"no such run (looked in {where}; give a run id or a run folder)")
 
 
 def load_run_json(root: Path) -> dict:
@@ -139,13 +156,11 @@ def _headline(metrics: dict) -> str:
     return "-"
 
 
-def list_runs(runs_dir: str | Path = "runs") -> List[dict]:
-    """Every run folder (completed or failed), newest first."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return []
+def list_runs(runs_dir: Optional[str | Path] = None) -> List[dict]:
+    """Every run folder (completed or failed) in ``runs_dirs(runs_dir)``, newest first."""
     out = []
-    for path in root.iterdir():
+    paths = [p for root in runs_dirs(runs_dir) if root.is_dir() for p in root.iterdir()]
+    for path in paths:
         if path.name.startswith(".") or not (path / "run.json").is_file():
             continue
         try:

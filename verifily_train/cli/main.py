@@ -51,10 +51,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for the demo config")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("attribute", help="causal attribution: retrain without each tag value and measure the effect",
+                       description="For each value of the tag key (--by), derive a dataset version without that "
+                                   "value's train rows, retrain the run's config on it with several seeds (and on the "
+                                   "full data), and report the effect of removing it on every metric and test slice, "
+                                   "with intervals over seeds and a paired bootstrap over test rows, and a verdict: "
+                                   "helps / hurts / no measurable effect. Ablation runs fan out as Prefect task runs. "
+                                   "See docs/attribution.md.")
+    p.add_argument("run", help="run id or path of a completed run (the parent)")
+    p.add_argument("--by", default="source", help="tag key (default: source)")
+    p.add_argument("--values", default=None, help="comma-separated values to remove (default: every value of the tag)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default: 3)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-steps", type=int, default=None,
+                        help="short retrains: this many optimizer steps per arm (documented approximation)")
+    budget.add_argument("--budget-fraction", type=float, default=None,
+                        help="short retrains: this fraction of the parent's steps per arm")
+    p.add_argument("--concurrency", type=int, default=2, help="ablation runs at once (default: 2)")
+    p.add_argument("--deployment", default=None,
+                   help="submit each ablation run to this training deployment (its work pool spreads them)")
+    p.add_argument("--out", default=None, help="output folder (default: <runs>/../attributions/<run>-by-<key>)")
+    p.add_argument("--json", action="store_true", help="print attribution.json instead of the table")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("stack", help="a local Prefect stack: server, work pools, deployments, workers",
+                       description="up: start a Prefect server (127.0.0.1 by default), create the work pools local, "
+                                   "managed and self-host, deploy prefect.yaml and start workers; print the UI "
+                                   "address. down: stop exactly what up started. status: what is running.")
+    ssub = p.add_subparsers(dest="stack_command", metavar="SUBCOMMAND")
+    ssub.required = True
+    q = ssub.add_parser("up", help="start the stack")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address the server listens on (beyond loopback needs PREFECT_SERVER_API_AUTH_STRING)")
+    q.add_argument("--port", type=int, default=4200)
+    q.add_argument("--project", default=".", help="folder holding prefect.yaml (default: current folder)")
+    q.add_argument("--workers", default=None, help="comma-separated pools to start a worker for (default: local,managed)")
+    q.set_defaults(func=cmd_stack)
+    for name, help_text in (("down", "stop what stack up started"), ("status", "show the stack's processes")):
+        q = ssub.add_parser(name, help=help_text)
+        q.set_defaults(func=cmd_stack)
+
     p = sub.add_parser("compare", help="diff two runs' metrics, overall and slice by slice")
     p.add_argument("run_a", help="run id or path")
     p.add_argument("run_b", help="run id or path")
-    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs/)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where run ids are looked up (default: runs/ and $VERIFILY_HOME/runs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--markdown", action="store_true", help="print markdown tables")
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report of the comparison")
@@ -113,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-runs RUN from its recorded config, dataset and model (cache off), then "
                                    "compares adapter bytes, metrics and predictions with the original.")
     p.add_argument("run", help="run id or path")
-    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs/)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where run ids are looked up (default: runs/ and $VERIFILY_HOME/runs)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("runs", help="Run artifacts")
@@ -125,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         q = rsub.add_parser(name, help=help_text)
         if name != "list":
             q.add_argument("run", help="run id or path")
-        q.add_argument("--runs-dir", default="runs", help="folder of runs (default: runs/)")
+        q.add_argument("--runs-dir", default=None, help="folder of runs (default: runs/ and $VERIFILY_HOME/runs)")
         if name == "list":
             q.add_argument("--json", action="store_true")
         q.set_defaults(func=func)
@@ -155,7 +197,33 @@ def cmd_dataset_create(args) -> int:
     dv = create_version(args.dataset_id, args.version, args.task, args.train, args.val, args.test)
     print(f"created {dv.ref}  {dv.num_rows} rows  {dv.content_hash}")
     print(f"  {dv.manifest_path}")
+    api_url = _use_prefect_server()
+    if api_url:  # a configured Prefect server: its retraining trigger reacts to this event
+        _quiet_prefect()
+        from verifily_train.flows.events import DATASET_CREATED, emit_dataset_created
+
+        try:
+            emit_dataset_created(dict(dv.summary(), ref=dv.ref))
+            print(f"  event {DATASET_CREATED} sent to {api_url}")
+        except Exception as err:  # the version exists either way; say the event did not go out
+            print(f"  warning: could not send {DATASET_CREATED} to {api_url}: {err}", file=sys.stderr)
     return 0
+
+
+def _use_prefect_server() -> Optional[str]:
+    """The configured Prefect API (PREFECT_API_URL, else a running `verifily stack`), exported for Prefect."""
+    from verifily_train.stack import configured_api_url
+
+    url = configured_api_url()
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def _quiet_prefect() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def cmd_dataset_list(args) -> int:
@@ -197,7 +265,9 @@ def cmd_runs_list(args) -> int:
         print(json.dumps(runs, indent=2))
         return 0
     if not runs:
-        print(f"no runs in {args.runs_dir}")
+        from verifily_train.artifacts.run import runs_dirs
+
+        print(f"no runs in {' or '.join(str(d) for d in runs_dirs(args.runs_dir))}")
         return 0
     _print_table([[r["run_id"], r["status"], r["task"], r["base_model"], r["dataset"], r["headline"]] for r in runs],
                  ["RUN", "STATUS", "TASK", "MODEL", "DATASET", "METRIC"])
@@ -305,13 +375,61 @@ def cmd_train(args) -> int:
               "Use --mode local to train on this machine.")
         return 0
     if mode == "self_host":
-        raise VerifilyError(None, "--mode", "self_host submits to a Prefect work pool; it is not available in this "
-                                            "version yet, use --mode local")
+        return _submit_self_host(args, overrides)
+    _use_prefect_server()  # runs show in the stack's UI while one is up
     from verifily_train.cli.train import run_train
     from verifily_train.preflight import preflight
 
     preflight(args.config, overrides, args.dataset)  # every problem at once, before Prefect or a model
     return run_train(args.config, overrides, args.dataset, refresh=args.refresh)
+
+
+def _submit_self_host(args, overrides: List[str]) -> int:
+    """Send the config (inline: the worker may be another machine) to the self-host pool and follow the run."""
+    from verifily_train.config.loader import read_yaml
+
+    api_url = _use_prefect_server()
+    if not api_url:
+        raise VerifilyError(None, "--mode", "self_host submits the run to a Prefect server's self-host pool: set "
+                                            "PREFECT_API_URL to it (or start one with verifily stack up)")
+    from pathlib import Path
+
+    config = read_yaml(Path(args.config)) if args.config else None
+    _quiet_prefect()
+    from verifily_train.flows.submit import submit_and_follow
+
+    return submit_and_follow({"config": config, "overrides": overrides, "dataset": args.dataset})
+
+
+def cmd_attribute(args) -> int:
+    from verifily_train.artifacts.run import find_run
+
+    parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
+    if args.seeds < 1:
+        raise VerifilyError(None, "--seeds", f"must be >= 1; got {args.seeds}")
+    if args.concurrency < 1:
+        raise VerifilyError(None, "--concurrency", f"must be >= 1; got {args.concurrency}")
+    _use_prefect_server()
+    from verifily_train.cli.train import run_attribute
+
+    values = [v for v in args.values.split(",") if v] if args.values else None
+    return run_attribute(str(parent.resolve()), args.by, values, args.seeds, args.budget_steps, args.budget_fraction,
+                         args.concurrency, args.out, args.deployment, args.json)
+
+
+def cmd_stack(args) -> int:
+    from pathlib import Path
+
+    from verifily_train import stack
+
+    if args.stack_command == "up":
+        workers = [w for w in args.workers.split(",") if w] if args.workers is not None else list(stack.WORKERS)
+        stack.stack_up(Path(args.project), host=args.host, port=args.port, workers=workers)
+        return 0
+    if args.stack_command == "down":
+        stack.stack_down()
+        return 0
+    return stack.stack_status()
 
 
 def cmd_demo(args) -> int:

@@ -198,3 +198,26 @@ def run_reproduce(original) -> int:
     report = compare_reproduction(Path(original), Path(summary["path"]))
     print(render_reproduction(report))
     return 0 if report["reproduced_exactly"] else 1
+
+
+def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fraction, concurrency: int,
+                  out_dir, deployment, as_json: bool) -> int:
+    """Run the ``attribute`` flow in this process (its ablation runs in child processes) and print the verdicts."""
+    import json
+
+    _quiet_libraries()
+    booting = _start_prefect_early()
+    from verifily_train.attribution import render
+    from verifily_train.flows.attribute import attribute
+
+    if booting is not None:
+        booting.join()
+    result = attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
+                       budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
+                       deployment=deployment)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result))
+        print(f"\n  attribution: {result['path']}/attribution.json  (report: attribution.html)")
+    return 0

@@ -126,32 +126,46 @@ def _looks_like_path(ref: str) -> bool:
     return ref.endswith(".json") or os.sep in ref and "@" not in ref
 
 
+INLINE = "config (inline)"
+
+
 def load_config(
-    path: Optional[os.PathLike | str],
+    path: Optional[os.PathLike | str | Dict[str, Any]],
     overrides: Sequence[str] = (),
     dataset: Optional[str] = None,
     collect: Optional[List[ConfigError]] = None,
 ) -> TrainConfig:
     """Read, merge, resolve and validate a config. Raises ``ConfigError`` naming file and key.
 
+    ``path`` is a train.yaml path, or the config itself as a mapping (a deployment's inline ``config``
+    parameter; its relative paths resolve against the working directory).
+
     With ``collect``, value problems are appended to it instead (syntax, unknown keys and types still
     raise: without them there is no config to check further).
     """
     base = OmegaConf.structured(TrainConfig)
+    if isinstance(path, dict):
+        _check_keys(path, TrainConfig, INLINE)
+        base = _merge(base, path, INLINE)
+        base_dir = Path.cwd()
+        path = None
+        inline = True
+    else:
+        inline = False
     if path is not None:
         path = Path(path)
         file_values = read_yaml(path)
         _check_keys(file_values, TrainConfig, str(path))
         base = _merge(base, file_values, str(path))
         base_dir = path.resolve().parent
-    else:
+    elif not inline:
         base_dir = Path.cwd()
     override_values = parse_overrides(overrides)
     if dataset is not None:
         override_values["dataset_version"] = dataset
     _check_keys(override_values, TrainConfig, OVERRIDES)
     merged = _merge(base, override_values, OVERRIDES)
-    where = str(path) if path is not None else OVERRIDES
+    where = str(path) if path is not None else INLINE if inline else OVERRIDES
     for key in ("task", "base_model"):
         if OmegaConf.is_missing(merged, key):
             raise ConfigError(where, key, "is required (spec §8)")

@@ -37,8 +37,12 @@ def create_version(
     val: Optional[str] = None,
     test: Optional[str] = None,
     home: Optional[Path] = None,
+    derived_from: Optional[dict] = None,
 ) -> DatasetVersion:
-    """Copy splits into a new, read-only version folder with a verified manifest; never overwrites."""
+    """Copy splits into a new, read-only version folder with a verified manifest; never overwrites.
+
+    ``derived_from`` (a parent reference, its content hash and the rule that derived this version) is
+    recorded in the manifest, so a derived version is reproducible from its parent."""
     _check_name("--id", dataset_id)
     _check_name("--version", version)
     if task not in TASKS:
@@ -60,6 +64,8 @@ def create_version(
             shutil.copyfile(p, dest)
             placed.append((split, dest.name, dest))
         manifest, _ = build_manifest(dataset_id, version, task, placed)
+        if derived_from is not None:
+            manifest["derived_from"] = derived_from
         atomic_write_json(staging / "manifest.json", manifest)
         make_read_only(staging)
         try:

@@ -59,6 +59,24 @@ def _checkpoint_marker_class():
     return MarkCompleteCheckpoints
 
 
+def _progress_hook_class():
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        """Tell the caller how many optimizer steps are done (at most once a second, and at the end)."""
+
+        def __init__(self, hook):
+            self.hook, self.last = hook, 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.monotonic()
+            if now - self.last >= 1.0 or state.global_step >= state.max_steps:
+                self.last = now
+                self.hook(state.global_step, state.max_steps)
+
+    return ReportProgress
+
+
 def last_complete_checkpoint(root: Path) -> Optional[Path]:
     """The highest-step checkpoint carrying the completion mark; partial ones are deleted."""
     import shutil
@@ -133,7 +151,7 @@ def _write_log(history: List[dict], path: Path) -> None:
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path, work_dir: Path) -> dict:
+                  out_dir: Path, work_dir: Path, on_progress=None) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
@@ -170,6 +188,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
     trainer.add_callback(_checkpoint_marker_class())
+    if on_progress is not None:
+        trainer.add_callback(_progress_hook_class()(on_progress))
     if cfg.runtime.progress:
         default_bar, step_bar = _progress_callback_class()
         trainer.remove_callback(default_bar)

@@ -1,0 +1,85 @@
+"""`verifily attribute`: leave-one-source-out retraining finds the source whose labels are noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import assert_user_error, cli_env, run_cli
+
+
+def _task_runs(api_url: str, name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+
+
+def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models, tmp_path, verifily_home, prefect_api):
+    from verifily_train.fixtures.data import label_noise_splits
+
+    splits = label_noise_splits(tmp_path / "data", {"train": 120, "val": 12, "test": 90}, seed=11)
+    env = cli_env({"PREFECT_API_URL": prefect_api})
+    made = run_cli("dataset", "create", "--id", "ds_noise", "--version", "v1", "--task", "classification",
+                   "--train", str(splits["train"]), "--val", str(splits["val"]), "--test", str(splits["test"]),
+                   cwd=tmp_path, env=env)
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "task": "classification", "base_model": str(models["bert"]), "dataset_version": "ds_noise@v1",
+        "training": {"num_epochs": 50, "max_steps": 40, "batch_size": 16, "gradient_accumulation_steps": 1,
+                     "learning_rate": 3e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_seq_length": 32,
+                     "save_steps": 1000, "eval_steps": 1000},
+        "lora": {"enabled": False}, "eval": {"bootstrap_samples": 200, "hard_examples": 5}}))
+    parent = run_cli("train", "-c", "train.yaml", cwd=tmp_path, env=env)
+    assert parent.returncode == 0, parent.stderr[-2000:]
+    [run] = list((tmp_path / "runs").glob("run_*"))
+
+    assert_user_error(run_cli("attribute", run.name, "--by", "nope", cwd=tmp_path, env=env), "--by", "nope")
+    assert_user_error(run_cli("attribute", run.name, "--values", "martian", cwd=tmp_path, env=env), "martian")
+
+    args = ["attribute", run.name, "--values", "scraped,synthetic", "--seeds", "2", "--budget-steps", "40", "--json"]
+    first = run_cli(*args, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(first.stdout)
+    scraped, synthetic = result["values"]["scraped"], result["values"]["synthetic"]
+    assert scraped["verdict"] == "hurts", scraped["why"]
+    assert synthetic["verdict"] != "hurts", synthetic["why"]
+    bad = scraped["slices"]["source!=scraped"]["loss"]
+    clean = synthetic["slices"]["source!=synthetic"]["loss"]
+    # removing the noisy source lowers the other rows' loss; the two paired intervals do not overlap
+    assert bad["bootstrap_ci95"][1] < 0 and bad["bootstrap_ci95"][1] < clean["bootstrap_ci95"][0], (bad, clean)
+    assert scraped["removed_rows"] > 0 and result["seeds"] == 2 and result["budget"]["max_steps"] == 40
+
+    # derived versions are ordinary, hash-addressed store versions that record their parent and rule
+    manifest = json.loads(Path(verifily_home / "datasets" / "ds_noise" / "v1-without-source-scraped" /
+                               "manifest.json").read_text())
+    assert manifest["derived_from"]["ref"] == "ds_noise@v1"
+    assert manifest["derived_from"]["rule"] == {"drop_train_rows_where_tag": {"source": "scraped"}}
+    out = Path(result["path"])
+    assert json.loads((out / "attribution.json").read_text())["values"]["scraped"]["verdict"] == "hurts"
+    assert "Causal attribution by retraining" in (out / "attribution.html").read_text()
+
+    # the six ablation runs are task runs of the attribute flow, and at least two of them ran at once
+    runs = [r for r in _task_runs(prefect_api, "ablation-") if r.state.is_completed()]
+    assert len(runs) == 6, [r.name for r in runs]
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "ablation runs never overlapped"
+
+    # the full-data arm with the parent's seed is the parent run itself: every stage a cache hit
+    full = [json.loads((Path(p) / "run.json").read_text()) for p in result["arms"]["__full__"]]
+    assert all(s["cache_hit"] for s in full[0]["stages"].values())
+
+    # an identical second call: every stage of every ablation run is a cache hit, same verdicts
+    second = run_cli(*args, cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout)
+    for paths in again["arms"].values():
+        for p in paths:
+            stages = json.loads((Path(p) / "run.json").read_text())["stages"]
+            assert all(s["cache_hit"] for s in stages.values()), (p, stages)
+    assert {v: e["verdict"] for v, e in again["values"].items()} == {v: e["verdict"] for v, e in result["values"].items()}

@@ -1,0 +1,242 @@
+"""``verifily stack up|down|status``: a Prefect server, the work pools, the deployments and workers.
+
+Everything started here is recorded (PID, process start time, log file) in
+``$VERIFILY_HOME/stack/state.json``, so ``stack down`` stops exactly those processes (each runs in its
+own process group, which also holds the flow runs a worker spawned) and nothing else. The server listens
+on 127.0.0.1 unless told otherwise; beyond loopback it needs an API auth string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from verifily_train.errors import EnvironmentProblem, VerifilyError
+from verifily_train.fsio import atomic_write_json, verifily_home
+
+POOLS = ("local", "managed", "self-host")  # spec §6 compute modes as Prefect work pools
+WORKERS = ("local", "managed")  # self-host is served by the customer's own worker
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
+
+
+def state_path(home: Optional[Path] = None) -> Path:
+    return (home or verifily_home()) / "stack" / "state.json"
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat): tells a recycled PID from ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(proc: dict) -> bool:
+    started = _start_time(proc["pid"])
+    return started is not None and started == proc.get("start_time")
+
+
+def read_state(home: Optional[Path] = None) -> Optional[dict]:
+    try:
+        return json.loads(state_path(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def running_api_url(home: Optional[Path] = None) -> Optional[str]:
+    """The API URL of a stack this user started and whose server is still running, else None."""
+    state = read_state(home)
+    if state and _alive(state["processes"]["server"]):
+        return state["api_url"]
+    return None
+
+
+def configured_api_url(home: Optional[Path] = None) -> Optional[str]:
+    """``PREFECT_API_URL`` from the environment, else the running stack's (no Prefect import)."""
+    return os.environ.get("PREFECT_API_URL") or running_api_url(home)
+
+
+def _prefect() -> List[str]:
+    exe = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+    if exe is None:
+        raise EnvironmentProblem(None, "prefect", "the prefect command is not installed in this environment")
+    return [exe]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _spawn(name: str, argv: Sequence[str], env: dict, logs: Path, cwd: Optional[Path] = None) -> dict:
+    log = logs / f"{name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return {"pid": proc.pid, "start_time": _start_time(proc.pid), "log": str(log), "argv": list(argv)}
+
+
+def _tail(path: str) -> str:
+    try:
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def _wait_healthy(url: str, proc: dict, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(proc):
+            raise EnvironmentProblem(proc["log"], None, f"the Prefect server exited: {_tail(proc['log'])}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise EnvironmentProblem(proc["log"], None, f"the Prefect server did not answer {url}/health in {timeout:.0f}s")
+
+
+def _run(argv: Sequence[str], env: dict, cwd: Optional[Path], what: str) -> None:
+    done = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        raise EnvironmentProblem(None, what, f"failed: {lines[-1] if lines else 'exit ' + str(done.returncode)}")
+
+
+def stack_env(api_url: str, home: Path, host: str) -> Dict[str, str]:
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_API_URL=api_url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", VERIFILY_HOME=str(home),
+               PREFECT_WORKER_QUERY_SECONDS=os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"))
+    if os.environ.get(AUTH_ENV):
+        env["PREFECT_API_AUTH_STRING"] = os.environ[AUTH_ENV]  # the clients' half of the server's auth
+    if host not in LOOPBACK:
+        env.setdefault("PREFECT_UI_API_URL", api_url)
+    return env
+
+
+def stack_up(project: Path, host: str = "127.0.0.1", port: int = 4200, workers: Sequence[str] = WORKERS,
+             home: Optional[Path] = None, timeout: float = 120.0, out=sys.stdout) -> dict:
+    """Start server, create pools, deploy ``project/prefect.yaml``, start workers; returns the state."""
+    home = home or verifily_home()
+    if host not in LOOPBACK and not os.environ.get(AUTH_ENV):
+        raise VerifilyError(None, "--host", f"listening on {host} exposes the API beyond this machine: set "
+                                            f"{AUTH_ENV} (and give clients PREFECT_API_AUTH_STRING) first")
+    if not (project / "prefect.yaml").is_file():
+        raise VerifilyError(project / "prefect.yaml", None, "not found: run from the repository root or pass --project")
+    unknown = [w for w in workers if w not in POOLS]
+    if unknown:
+        raise VerifilyError(None, "--workers", f"unknown pool {unknown[0]!r}; pools: {', '.join(POOLS)}")
+    if running_api_url(home):
+        raise VerifilyError(state_path(home), None, f"a stack is already running at {read_state(home)['ui_url']} "
+                                                    f"(verifily stack down stops it)")
+    if not _port_free(host, port):
+        raise VerifilyError(None, "--port", f"{host}:{port} is already in use; pick another --port")
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    api_url, ui_url = f"http://{client_host}:{port}/api", f"http://{client_host}:{port}"
+    env = stack_env(api_url, home, host)
+    logs = state_path(home).parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    state = {"api_url": api_url, "ui_url": ui_url, "host": host, "port": port, "project": str(project.resolve()),
+             "prefect_home": env["PREFECT_HOME"], "processes": {}}
+    prefect = _prefect()
+    server = _spawn("server", prefect + ["server", "start", "--host", host, "--port", str(port)], env, logs)
+    state["processes"]["server"] = server
+    atomic_write_json(state_path(home), state)  # recorded at once: `stack down` can stop a half-started stack
+    try:
+        out.write(f"starting Prefect server on {host}:{port} (log {server['log']})\n")
+        _wait_healthy(api_url, server, timeout)
+        creating = [subprocess.Popen(prefect + ["work-pool", "create", pool, "--type", "process", "--overwrite"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for pool in POOLS]
+        for pool, proc in zip(POOLS, creating):
+            if proc.wait() != 0:
+                raise EnvironmentProblem(None, f"work pool {pool}", "could not be created: "
+                                         + (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["?"])[-1])
+        out.write(f"work pools: {', '.join(POOLS)}\n")
+        _run(prefect + ["--no-prompt", "deploy", "--all"], env, project, "prefect deploy --all")
+        out.write(f"deployed {project / 'prefect.yaml'}\n")
+        for pool in workers:
+            state["processes"][f"worker-{pool}"] = _spawn(f"worker-{pool}", prefect + ["worker", "start", "--pool", pool],
+                                                          env, logs, cwd=project)
+        atomic_write_json(state_path(home), state)
+    except BaseException:
+        stack_down(home, out=open(os.devnull, "w"))
+        raise
+    out.write(f"workers: {', '.join(workers) or 'none'}\n\nPrefect UI: {ui_url}\n"
+              f"  export PREFECT_API_URL={api_url}   # verifily finds it by itself while the stack runs\n"
+              f"  prefect deployment run train/sft -p dataset=ds_x@v2\n  verifily stack down\n")
+    return state
+
+
+def _stop(proc: dict, grace: float = 15.0) -> bool:
+    if not _alive(proc):
+        return False
+    try:
+        os.killpg(proc["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(proc):
+        time.sleep(0.1)
+        _reap(proc["pid"])
+    if _alive(proc):
+        try:
+            os.killpg(proc["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap(proc["pid"])
+    return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # our own child when up and down run in one process (tests)
+    except ChildProcessError:
+        pass
+
+
+def stack_down(home: Optional[Path] = None, out=sys.stdout) -> int:
+    """Stop the workers, then the server, that ``stack up`` recorded; returns how many were running."""
+    state = read_state(home)
+    if state is None:
+        out.write("no stack recorded; nothing to stop\n")
+        return 0
+    procs = state["processes"]
+    order = [name for name in procs if name != "server"] + (["server"] if "server" in procs else [])
+    stopped = 0
+    for name in order:  # workers first: a worker whose server vanished can hang on shutdown
+        if _stop(procs[name]):
+            stopped += 1
+            out.write(f"stopped {name} (pid {procs[name]['pid']})\n")
+    state_path(home).unlink(missing_ok=True)
+    out.write(f"stack down ({stopped} process{'es' if stopped != 1 else ''} stopped)\n")
+    return stopped
+
+
+def stack_status(home: Optional[Path] = None, out=sys.stdout) -> int:
+    state = read_state(home)
+    if state is None:
+        out.write("no stack running (verifily stack up starts one)\n")
+        return 1
+    for name, proc in state["processes"].items():
+        out.write(f"{name:16s} pid {proc['pid']:<8d} {'running' if _alive(proc) else 'stopped'}  {proc['log']}\n")
+    out.write(f"Prefect UI: {state['ui_url']}   API: {state['api_url']}\n")
+    return 0
