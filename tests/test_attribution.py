@@ -67,7 +67,7 @@ def test_compare_shows_each_slice_delta_with_a_paired_interval(two_runs):
     assert data["dataset_diff"]["splits"]["test"]["added"] == data["dataset_diff"]["splits"]["test"]["removed"] == 0
     assert any(d["key"] == "data_paths.train" for d in data["config_diff"])
     text = run_cli("compare", str(with_run), str(without_run), "--markdown", cwd=root).stdout
-    assert "| accuracy |" in text and "Correlation, not causation. For causal attribution, see the roadmap." in text
+    assert "| accuracy |" in text and "Correlation, not causation. For causal attribution: verifily attribute RUN --by <tag>." in text
 
 
 def test_comparing_runs_of_different_tasks_is_a_clear_error(two_runs, tmp_path, models, sft_splits, prefect_api):

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 from verifily_train.artifacts.run import load_run_json
 from verifily_train.errors import RunError
 
-CAVEAT = "Correlation, not causation. For causal attribution, see the roadmap."
+CAVEAT = "Correlation, not causation. For causal attribution: verifily attribute RUN --by <tag>."
 PAIRED_SEED = 20260208
 
 

@@ -150,7 +150,7 @@ def render_run_report(run_dir: Path) -> str:
                           h["reference"][:200], str(h.get("prediction") or "")[:200],
                           _fmt(h.get("token_f1", h.get("loss", h.get("prob_true"))))] for h in hard]))
     parts.append('<p class="note">Correlation, not causation: slices describe the model on those test rows. '
-                 "For causal attribution, see the roadmap.</p>")
+                 "For causal attribution: <code>verifily attribute RUN --by &lt;tag&gt;</code>.</p>")
     return _page(f"Verifily run {record['run_id']}", "".join(parts))
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-CAVEAT = "Correlation, not causation: slices describe the model on those test rows. For causal attribution, see the roadmap."
+CAVEAT = "Correlation, not causation: slices describe the model on those test rows. For causal attribution: verifily attribute RUN --by <tag>."
 
 
 def _quiet_libraries() -> None:
