@@ -164,6 +164,9 @@ def launch_ranks(cfg, spec, tokenized: dict, tokenized_dir: Path, plan, out_dir:
 
 def _follow_rank0(proc: subprocess.Popen, log: Path) -> None:
     """Wait for the launcher, copying rank 0's output (progress bar included) to this process's stderr."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a bar's block glyph may span two reads
     handle = None
     try:
         while True:
@@ -173,7 +176,7 @@ def _follow_rank0(proc: subprocess.Popen, log: Path) -> None:
             if handle is not None:
                 chunk = handle.read()
                 if chunk:
-                    sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+                    sys.stderr.write(decoder.decode(chunk))
                     sys.stderr.flush()
             if finished:
                 return
