@@ -10,7 +10,8 @@ from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 @task(name="train-lora", retries=0, **STAGE_OPTIONS)
 def train_lora(cfg, fp: dict, tokenized: dict, cache: dict):
     """Fine-tune the base model with LoRA and save the adapter (resumes from the key's last checkpoint)."""
-    key = content_hash(code_version("train"), tokenized["output_hash"], fp["model_identity"], fp["model"]["kind"], cfg.task, hashed_section(cfg, "training"), hashed_section(cfg, "lora"), cfg.seed, cfg.output.save_adapter_only, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"])
+    processes = fp["device"].get("num_processes", 1)  # data-parallel ranks; the global batch follows from them
+    key = content_hash(code_version("train"), tokenized["output_hash"], fp["model_identity"], fp["model"]["kind"], cfg.task, hashed_section(cfg, "training"), hashed_section(cfg, "lora"), cfg.seed, cfg.output.save_adapter_only, fp["device"]["device"], fp["device"]["precision"], fp["numeric_env"], processes, processes * cfg.training.batch_size * cfg.training.gradient_accumulation_steps)
     progress = TrainingProgress()
     result = run_stage("train", key, cache, lambda out, work: stages.train_stage(cfg, fp, tokenized, out, work, progress))
     progress(1, 1)  # a cache hit, or the last step: the bar ends at 100%

@@ -105,7 +105,7 @@ STAGE_CODE = {
     "validate": ("validate/1", ["dataset/manifest.py", "dataset/rows.py", "dataset/store.py", "training/models.py"]),
     "tokenize": ("tokenize/1", ["training/tokenize.py", "training/models.py"]),
     "train": ("train/1", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
-                          "training/quantization.py"]),
+                          "training/quantization.py", "training/distributed.py", "training/ddp_worker.py"]),
     "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "evaluation/generate.py",
                                 "evaluation/text_metrics.py", "training/models.py", "training/quantization.py"]),
     "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py", "evaluation/bootstrap.py"]),

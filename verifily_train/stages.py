@@ -79,7 +79,8 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
         "model_identity": identity or model_identity(spec.source, spec.is_local, memo),
         "gguf_conversion": conversion,
         "tokenizer_identity": tokenizer_identity(spec.source, spec.is_local, memo),
-        "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings)},
+        "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings),
+                   "num_processes": plan.num_processes},
         "numeric_env": numeric_env(),
     }
 
@@ -242,6 +243,7 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "train": {k: trained[k] for k in ("train_loss", "global_step", "epochs", "train_tokens", "train_seconds",
                                           "tokens_per_second", "trainable_params", "total_params",
                                           "resumed_from_step")},
+        "num_processes": trained.get("num_processes", 1),
         "truncated_rows": tokenized["truncated_rows"],
         "truncated_by_split": {s: v["truncated"] for s, v in tokenized["splits"].items()},
     })

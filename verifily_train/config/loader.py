@@ -282,6 +282,12 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _one_of(where, "compute.mode", c.mode, schema.COMPUTE_MODES)
     _one_of(where, "compute.device", c.device, schema.DEVICES)
     _check(where, "compute.fp16", not (c.fp16 and c.bf16), "fp16 and bf16 cannot both be true")
+    n = c.num_processes
+    n_ok = n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)
+    _check(where, "compute.num_processes", n_ok, f"must be auto or an integer >= 1; got {n!r}")
+    if n_ok and n != 1:
+        _check(where, "compute.num_processes", c.device != "mps",
+               "data-parallel training runs on cuda (nccl) or cpu (gloo), not mps; set it to 1")
 
     e = cfg.eval
     known = schema.KNOWN_EVAL_METRICS.get(cfg.task, ())

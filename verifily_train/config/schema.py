@@ -73,6 +73,7 @@ class ComputeSection:
     device: str = "auto"  # auto (CUDA > MPS > CPU), cuda, mps, cpu
     fp16: bool = False  # float16 mixed precision (CUDA only; else one warning and fp32)
     bf16: bool = True  # bfloat16 mixed precision where supported (CUDA, or a CPU with native bf16)
+    num_processes: Any = 1  # data-parallel training processes (DDP via torchrun; nccl on cuda, gloo on cpu): 1, N, or auto (= visible CUDA GPUs, at least 1); per-device batch stays training.batch_size, so the global batch is batch_size * gradient_accumulation_steps * N (docs/scaling.md)
 
 
 @dataclass(frozen=True)

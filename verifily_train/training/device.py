@@ -14,6 +14,7 @@ class DevicePlan:
     device: str  # cuda | mps | cpu
     precision: str  # bf16 | fp16 | fp32: what really runs
     warnings: List[str] = field(default_factory=list)
+    num_processes: int = 1  # data-parallel ranks (compute.num_processes resolved; see training/distributed.py)
 
 
 def cpu_supports_bf16() -> bool:
@@ -53,4 +54,7 @@ def resolve_device(compute: ComputeSection) -> DevicePlan:
             precision = "fp16"
         else:
             warnings.append(f"compute.fp16: float16 mixed precision needs CUDA; training in fp32 on {device}")
-    return DevicePlan(device=device, precision=precision, warnings=warnings)
+    from verifily_train.training.distributed import resolve_num_processes
+
+    processes = resolve_num_processes(compute.num_processes, device, warnings)
+    return DevicePlan(device=device, precision=precision, warnings=warnings, num_processes=processes)

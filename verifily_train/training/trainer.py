@@ -10,6 +10,8 @@ from typing import List, Optional
 
 from verifily_train.config.schema import TrainConfig
 from verifily_train.training.device import DevicePlan
+from verifily_train.training.distributed import (barrier, ddp_backend, in_launched_rank, is_main_rank, launch_ranks,
+                                                 local_device_index, rank_callbacks)
 from verifily_train.training.models import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
@@ -53,7 +55,8 @@ def _checkpoint_marker_class():
 
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            barrier()  # under DDP every rank writes its own RNG state into the folder: mark it after all have
+            if folder.is_dir() and is_main_rank():
                 (folder / COMPLETE_MARKER).write_text(str(state.global_step))
 
     return MarkCompleteCheckpoints
@@ -130,6 +133,9 @@ def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path,
         dataloader_num_workers=cfg.runtime.num_workers,
         disable_tqdm=not cfg.runtime.progress,
         remove_unused_columns=False,
+        ddp_backend=ddp_backend(plan.device),
+        # LoRA uses every trainable weight in each forward: skip DDP's per-step search for unused ones
+        ddp_find_unused_parameters=False if cfg.lora.enabled else None,
     )
 
 
@@ -156,7 +162,10 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
     killed or failed earlier attempt with the same key), training resumes from it, RNG state included.
+    With ``plan.num_processes > 1`` this relaunches itself as that many DDP ranks (training/distributed.py).
     """
+    if plan.num_processes > 1 and not in_launched_rank():
+        return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
     import torch
     from transformers import Seq2SeqTrainer, Trainer, set_seed
 
@@ -171,7 +180,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     quant = quantization_config(cfg.lora, plan.device)
     model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
                        trust_remote_code=cfg.trust_remote_code, quantization_config=quant,
-                       device_map={"": plan.device if plan.device != "cuda" else 0} if quant is not None else None)
+                       device_map={"": plan.device if plan.device != "cuda" else local_device_index()} if quant is not None else None)
     if quant is not None:
         model = prepare_quantized(model)
     if cfg.lora.enabled:
@@ -190,6 +199,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     trainer.add_callback(_checkpoint_marker_class())
     if on_progress is not None:
         trainer.add_callback(_progress_hook_class()(on_progress))
+    for callback in rank_callbacks():
+        trainer.add_callback(callback)
     if cfg.runtime.progress:
         default_bar, step_bar = _progress_callback_class()
         trainer.remove_callback(default_bar)
@@ -208,16 +219,18 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     seconds = time.perf_counter() - started
 
     adapter_dir = out_dir / ("adapter" if cfg.lora.enabled else "model")
-    model.save_pretrained(adapter_dir)
-    _normalize_adapter_config(adapter_dir / "adapter_config.json")
-    tok.save_pretrained(adapter_dir)
-    (adapter_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n", encoding="utf-8")
     merged_dir: Optional[Path] = None
     if cfg.lora.enabled and not cfg.output.save_adapter_only:
         merged_dir = out_dir / "model"
-        model.merge_and_unload().save_pretrained(merged_dir)
-        tok.save_pretrained(merged_dir)
-    _write_log(trainer.state.log_history, out_dir / "trainer_log.jsonl")
+    if is_main_rank():  # under DDP every rank holds the same weights: rank 0 writes them
+        model.save_pretrained(adapter_dir)
+        _normalize_adapter_config(adapter_dir / "adapter_config.json")
+        tok.save_pretrained(adapter_dir)
+        (adapter_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n", encoding="utf-8")
+        if merged_dir is not None:
+            model.merge_and_unload().save_pretrained(merged_dir)
+            tok.save_pretrained(merged_dir)
+        _write_log(trainer.state.log_history, out_dir / "trainer_log.jsonl")
 
     tokens_per_epoch = sum(len(ids) for ids in train_data.columns["input_ids"])
     epochs_done = float(trainer.state.epoch or 0.0)
@@ -241,4 +254,5 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "trainable_params": int(trainable),
         "total_params": int(total),
         "threads": torch.get_num_threads(),
+        "num_processes": plan.num_processes,
     }
