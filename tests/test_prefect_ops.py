@@ -102,6 +102,10 @@ def test_stack_refuses_beyond_loopback_without_auth(tmp_path):
                       "--host", "PREFECT_SERVER_API_AUTH_STRING")
     assert_user_error(run_cli("stack", "up", "--project", str(tmp_path), cwd=tmp_path, env=env), "prefect.yaml")
     assert not (Path(env["VERIFILY_HOME"]) / "stack" / "state.json").exists()
+    env.pop("PREFECT_API_URL", None)
+    (tmp_path / "train.yaml").write_text("task: sft\nbase_model: some/model\ndataset_version: ds_x@v1\n")
+    assert_user_error(run_cli("train", "-c", "train.yaml", "--mode", "self_host", cwd=tmp_path, env=env),
+                      "--mode", "PREFECT_API_URL")
 
 
 def test_deployments_trigger_watch_and_ui_end_to_end(models, tmp_path, verifily_home):

@@ -72,3 +72,21 @@ def test_failed_run_releases_its_claim_and_completed_runs_are_never_pending(tmp_
     assert retrain.previous_run("cfg", "ds_a", v2["created_at"], "v2", tmp_path)["run_path"] == str(run1)
     assert retrain.previous_run("other", "ds_a", v2["created_at"], "v2", tmp_path) is None
     assert retrain.previous_run("cfg", "ds_a", v1["created_at"], "v1", tmp_path) is None
+
+
+def test_a_claim_left_by_a_killed_process_is_taken_over(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    key = retrain.claim_key("sha256:data", "cfg")
+    code = ("import sys, time; from pathlib import Path; from verifily_train import retrain; "
+            f"retrain.claim({key!r}, {{'owner': 'doomed'}}, Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    assert retrain.claim(key, {"owner": "me"}, tmp_path)["owner"] == "doomed"  # alive: it keeps its claim
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert retrain.claim(key, {"owner": "me"}, tmp_path) is None  # dead: the version can be trained again
+    assert retrain.read_claim(key, tmp_path)["owner"] == "me"

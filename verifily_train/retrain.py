@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,19 +65,52 @@ def read_claim(key: str, home: Optional[Path] = None) -> Optional[dict]:
         return {"status": CLAIMED, "key": key}
 
 
+def _holder() -> dict:
+    """Who holds a claim: host, PID and the PID's start time (so a recycled PID is not mistaken for it)."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _start_time(pid)}
+
+
+def _start_time(pid: int) -> Optional[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _stale(record: dict) -> bool:
+    """A claim whose holder died on this host (kill -9, OOM) before completing or releasing it."""
+    holder = record.get("holder") or {}
+    if record.get("status") != CLAIMED or holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    return _start_time(int(holder["pid"])) != holder.get("pid_start")
+
+
 def claim(key: str, record: dict, home: Optional[Path] = None) -> Optional[dict]:
-    """Take the claim for ``key``; returns None when taken, else the existing claim (someone else has it)."""
+    """Take the claim for ``key``; returns None when taken, else the existing claim (someone else has it).
+
+    A claim left by a process that died on this host is taken over (renamed away first, so of two
+    processes that both find it stale, exactly one wins the ``O_EXCL`` create)."""
     path = _path(key, home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return read_claim(key, home) or {"status": CLAIMED, "key": key}
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(dict(record, key=key, status=CLAIMED), handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            existing = read_claim(key, home) or {"status": CLAIMED, "key": key}
+            if not _stale(existing):
+                return existing
+            try:
+                os.rename(path, path.with_name(f".stale-{path.name}-{os.getpid()}"))
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(dict(record, key=key, status=CLAIMED, holder=_holder()), handle, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return None
+    return read_claim(key, home) or {"status": CLAIMED, "key": key}
 
 
 def complete(key: str, record: dict, home: Optional[Path] = None) -> None:
