@@ -119,7 +119,9 @@ def _run(argv: Sequence[str], env: dict, cwd: Optional[Path], what: str) -> None
     done = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        raise EnvironmentProblem(None, what, f"failed: {lines[-1] if lines else 'exit ' + str(done.returncode)}")
+        errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0]] or lines  # e.g. "DeploymentApplyError: ..."
+        problem = errors[-1][:300] if errors else f"exit {done.returncode}"
+        raise EnvironmentProblem(None, what, f"failed: {problem} (run it by hand for the whole output)")
 
 
 def stack_env(api_url: str, home: Path, host: str) -> Dict[str, str]:
