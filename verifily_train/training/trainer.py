@@ -10,7 +10,8 @@ from typing import List, Optional
 
 from verifily_train.config.schema import TrainConfig
 from verifily_train.training.device import DevicePlan
-from verifily_train.training.models import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.training.loss import supports_label_only_head
+from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
 COMPLETE_MARKER = ".verifily-complete"
@@ -79,6 +80,28 @@ def last_complete_checkpoint(root: Path) -> Optional[Path]:
     return best[1] if best else None
 
 
+def _trainer_class(base_cls, sampler, label_only_head: bool):
+    """``base_cls`` with our training sampler and, for supported CausalLMs, the label-position loss."""
+    from verifily_train.training.loss import label_position_loss
+
+    class VerifilyTrainer(base_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            if sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
+                return sampler
+            return super()._get_train_sampler(train_dataset)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # evaluation needs the logits (and takes the plain path); training only needs the loss
+            if label_only_head and not return_outputs and model.training and "labels" in inputs:
+                # accelerate autocasts by patching model.forward, which this path does not call
+                with self.accelerator.autocast():
+                    return label_position_loss(model, inputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return VerifilyTrainer
+
+
 def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path, has_val: bool, seq2seq: bool):
     """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -133,11 +156,13 @@ def _write_log(history: List[dict], path: Path) -> None:
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path, work_dir: Path) -> dict:
+                  out_dir: Path, work_dir: Path, label_only_head: bool = True) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
     killed or failed earlier attempt with the same key), training resumes from it, RNG state included.
+    ``label_only_head`` (CausalLMs of the families in ``training.loss``) applies the output head only at
+    positions that carry a label; False runs the model's plain forward (benchmarks compare the two).
     """
     import torch
     from transformers import Seq2SeqTrainer, Trainer, set_seed
@@ -166,7 +191,13 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     seq2seq = spec.kind == KIND_SEQ2SEQ
     checkpoints = work_dir / "checkpoints"
     args = training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq)
-    trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
+    sampler = None
+    if cfg.training.group_by_length:
+        from verifily_train.training.batching import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler([len(ids) for ids in train_data.columns["input_ids"]], cfg.training.batch_size, cfg.seed)
+    label_only = label_only_head and spec.kind == KIND_CAUSAL and supports_label_only_head(model)
+    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
     trainer.add_callback(_checkpoint_marker_class())
@@ -221,4 +252,22 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "trainable_params": int(trainable),
         "total_params": int(total),
         "threads": torch.get_num_threads(),
+        "label_only_head": label_only,
+        "padding_fraction": _padding_fraction(train_data, sampler, cfg),
     }
+
+
+def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig) -> float:
+    """Share of padding in the first epoch's batches (random order when grouping is off, seeded alike)."""
+    import torch
+
+    from verifily_train.training.batching import length_grouped_order, padding_fraction
+
+    lengths = [len(ids) for ids in train_data.columns["input_ids"]]
+    if sampler is not None:
+        order = length_grouped_order(lengths, cfg.training.batch_size, cfg.seed)
+    else:
+        generator = torch.Generator()
+        generator.manual_seed(cfg.seed)
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    return round(padding_fraction(lengths, order, cfg.training.batch_size), 4)
