@@ -42,7 +42,7 @@ class OurTrainStage:
         data = TokenizedSplit(self.tokenized_dir / self.tokenized["splits"]["test"]["file"], "sft")
         return [data[i] for i in range(len(data))]
 
-    def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = True,
+    def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = False,
               keep_model: bool = True) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         from bench.throughput import run_throughput
 
         runs = [(f"bench-llama-h{hidden}-l{layers}", bench_model,
-                 TrainSettings(rows=24 if args.quick else 160, max_len=64 if args.quick else 256, eval_rows=8 if args.quick else 40),
+                 TrainSettings(rows=16 if args.quick else 160, max_len=64 if args.quick else 256, eval_rows=8 if args.quick else 40),
                  8.0 if args.quick else 24.0)]
         if smollm2 is not None:
             runs.append(("smollm2-135m", smollm2, TrainSettings(rows=args.smollm2_rows, max_len=96), 8.0))
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         from bench.evaluation import run_evaluation
 
         model_dir = smollm2 or bench_model
-        result = run_evaluation(model_dir, work, 8 if args.quick else 32, 16, 4 if args.quick else 16, reps)
+        result = run_evaluation(model_dir, work, 6 if args.quick else 32, 16, 4 if args.quick else 16, reps)
         result.update(machine=info, model=Path(model_dir).name if smollm2 is None else "smollm2-135m")
         write_result("eval", result, out)
         sections.append(f"### Evaluation ({result['model']}, {result['prompts']} prompts, {result['max_new_tokens']} new "
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if "cli" in only:
         from bench.cli_startup import run_cli_startup
 
-        result = run_cli_startup(work, 2 if args.quick else 5)
+        result = run_cli_startup(work, 1 if args.quick else 5)
         result["machine"] = info
         write_result("cli", result, out)
         sections.append("### CLI start-up\n\n" + markdown_table(

@@ -17,9 +17,10 @@ DESCRIPTIONS = {
     "peft_dynamic": "(b) HF Trainer + PEFT, dynamic padding",
     "trl_sft": "(c) TRL SFTTrainer",
     "peft_dynamic_bf16": "(b) with bf16 autocast",
-    "verifily_plain": "verifily train stage, levers off (random batches, full head)",
-    "verifily": "verifily train stage (length-grouped batches, label-only head)",
+    "verifily_plain": "verifily train stage, levers off (plain forward, batch padded to its longest row)",
+    "verifily": "verifily train stage (head at label positions only, batch run as length-sorted sub-batches)",
     "verifily_bf16": "verifily train stage, bf16 autocast (its default on this CPU)",
+    "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
 }
 PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16")
 
@@ -54,6 +55,7 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
         "trl_sft": lambda: measured(train_trl_sft(str(model_dir), rows, settings)),
         "verifily_plain": our_run(precision="fp32", label_only_head=False, group_by_length=False),
         "verifily": our_run(precision="fp32"),
+        "verifily_grouped": our_run(precision="fp32", group_by_length=True),
     }
     if bf16:
         runs["peft_dynamic_bf16"] = lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest",

@@ -28,9 +28,13 @@ def _batch(tok, n=6, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora):
+@pytest.mark.parametrize("lora,split", [(False, True), (True, True), (True, False)])
+def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora, split, monkeypatch):
     import torch
+
+    import verifily_train.training.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "GROUP_COST_TOKENS", 0)  # split even the fixture's small length spread
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,6 +48,8 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
                                                  task_type="CAUSAL_LM"))
     assert supports_label_only_head(model)
     batch = _batch(tok)
+    if split:
+        assert len(loss_module.length_groups(batch["attention_mask"].sum(1).tolist())) > 1
     n_items = int((batch["labels"][:, 1:] != -100).sum())
     for num_items in (None, torch.tensor(n_items + 7)):
         kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
@@ -52,7 +58,7 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
         plain.backward()
         plain_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad()
-        fast = label_position_loss(model, batch, num_items)
+        fast = label_position_loss(model, batch, num_items, split_by_length=split)
         fast.backward()
         fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         assert torch.allclose(plain, fast, rtol=1e-5, atol=1e-6)
@@ -90,3 +96,14 @@ def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
     sampler = LengthGroupedSampler(lengths, 8, seed=1)
     sampler.set_epoch(1)
     assert list(iter(sampler)) == length_grouped_order(lengths, 8, seed=2)
+
+
+def test_length_groups_cover_the_batch_and_cut_padding():
+    from verifily_train.training.loss import length_groups
+
+    lengths = [40, 200, 35, 190, 45, 38, 210, 42]
+    groups = length_groups(lengths, group_cost=24)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+    assert 1 < len(groups) < 8 and padded < max(lengths) * len(lengths) * 0.7
+    assert length_groups([50] * 8, group_cost=24) == [list(range(8))]
