@@ -29,11 +29,16 @@ def parse(argv=None):
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--smollm2-rows", type=int, default=160, help="training rows for the SmolLM2 throughput run")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render summary.md from the JSON results in --out (throughput ratios recomputed)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.render:
+        print(render(Path(args.out)))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     set_threads(args.threads)
@@ -96,20 +101,14 @@ def main(argv=None) -> int:
         result = run_evaluation(model_dir, work, 6 if args.quick else 32, 16, 4 if args.quick else 16, reps)
         result.update(machine=info, model=Path(model_dir).name if smollm2 is None else "smollm2-135m")
         write_result("eval", result, out)
-        sections.append(f"### Evaluation ({result['model']}, {result['prompts']} prompts, {result['max_new_tokens']} new "
-                        "tokens)\n\n" + markdown_table(
-                            ["one at a time (s)", "batched (s)", "speedup", "target 5x", "identical outputs"],
-                            [[result["one_at_a_time_seconds"], result["batched_seconds"], result["speedup"],
-                              "met" if result["target_5x_met"] else "missed", result["outputs_identical_fraction"]]]))
+        sections.append(eval_table(result))
     if "cli" in only:
         from bench.cli_startup import run_cli_startup
 
         result = run_cli_startup(work, 1 if args.quick else 5)
         result["machine"] = info
         write_result("cli", result, out)
-        sections.append("### CLI start-up\n\n" + markdown_table(
-            ["command", "seconds (median)", "target < 1 s"],
-            [[k, v["seconds"], "met" if v["target_under_1s_met"] else "missed"] for k, v in result["commands"].items()]))
+        sections.append(cli_table(result))
     if "pipeline" in only:
         from bench.pipeline import run_pipeline
 
@@ -117,12 +116,7 @@ def main(argv=None) -> int:
                               reps if args.quick else max(1, reps - 1))
         result["machine"] = info
         write_result("pipeline", result, out)
-        sections.append("### Whole pipeline\n\n" + markdown_table(
-            ["cold `verifily train` (s)", "stages by hand (s)", "overhead", "target < 10%", "identical re-run (s)",
-             "re-run / cold", "target < 5%"],
-            [[result["cold_seconds"], result["by_hand_seconds"], f"{result['cold_overhead']:+.1%}",
-              "met" if result["target_overhead_under_10pct_met"] else "missed", result["rerun_seconds"],
-              f"{result['rerun_over_cold']:.1%}", "met" if result["target_rerun_under_5pct_met"] else "missed"]]))
+        sections.append(pipeline_table(result))
     if "gpu" in only:
         import torch
 
@@ -143,6 +137,53 @@ def main(argv=None) -> int:
     return 0
 
 
+def render(out: Path) -> str:
+    """summary.md from the JSON results already in ``out`` (throughput summaries recomputed from their raw runs)."""
+    import json
+
+    from bench.throughput import summarize
+
+    sections = []
+    for path in sorted(out.glob("throughput-*.json")):
+        result = json.loads(path.read_text())
+        machine_info = result.get("machine")
+        result = summarize(result["model"], result["settings"], result["raw"], result["trl_installed"])
+        result["machine"] = machine_info
+        write_result(path.stem, result, out)
+        sections.append(throughput_table(result))
+    if (out / "limit.json").is_file():
+        sections.append(limit_table(json.loads((out / "limit.json").read_text())))
+    for name, fn in (("eval", eval_table), ("cli", cli_table), ("pipeline", pipeline_table)):
+        if (out / f"{name}.json").is_file():
+            sections.append(fn(json.loads((out / f"{name}.json").read_text())))
+    summary = "\n\n".join(sections) + "\n"
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    return summary
+
+
+def eval_table(result: dict) -> str:
+    return (f"### Evaluation ({result['model']}, {result['prompts']} prompts, {result['max_new_tokens']} new "
+            "tokens)\n\n" + markdown_table(
+                ["one at a time (s)", "batched (s)", "speedup", "target 5x", "identical outputs"],
+                [[result["one_at_a_time_seconds"], result["batched_seconds"], result["speedup"],
+                  "met" if result["target_5x_met"] else "missed", result["outputs_identical_fraction"]]]))
+
+
+def cli_table(result: dict) -> str:
+    return "### CLI start-up\n\n" + markdown_table(
+        ["command", "seconds (median)", "target < 1 s"],
+        [[k, v["seconds"], "met" if v["target_under_1s_met"] else "missed"] for k, v in result["commands"].items()])
+
+
+def pipeline_table(result: dict) -> str:
+    return "### Whole pipeline\n\n" + markdown_table(
+        ["cold `verifily train` (s)", "stages by hand (s)", "overhead", "target < 10%", "identical re-run (s)",
+         "re-run / cold", "target < 5%"],
+        [[result["cold_seconds"], result["by_hand_seconds"], f"{result['cold_overhead']:+.1%}",
+          "met" if result["target_overhead_under_10pct_met"] else "missed", result["rerun_seconds"],
+          f"{result['rerun_over_cold']:.1%}", "met" if result["target_rerun_under_5pct_met"] else "missed"]])
+
+
 def throughput_table(result: dict) -> str:
     rows = []
     for name, row in result["contenders"].items():
@@ -150,8 +191,9 @@ def throughput_table(result: dict) -> str:
                      row.get("vs_fastest_peer"), row["eval_loss"],
                      f"{row.get('vs_fastest_fp32_peer_loss_delta', 0):+.2%}", row["train_loss"], row["padding_fraction"]])
     s = result["settings"]
-    head = (f"### Training throughput: {result['model']} (LoRA r={s.lora_r} all-linear, {s.rows} rows, batch {s.batch_size}, "
-            f"max {s.max_len} tokens, {s.epochs} epoch, {s.threads} threads; medians of {result['reps']})\n\n")
+    head = (f"### Training throughput: {result['model']} (LoRA r={s['lora_r']} all-linear, {s['rows']} rows, batch "
+            f"{s['batch_size']}, max {s['max_len']} tokens, {s['epochs']} epoch; medians of {result['reps']}, ratios "
+            "paired by repetition)\n\n")
     verdicts = "; ".join(f"{k}: {v['speedup_vs_fastest_fp32_peer']:.2f}x the fastest fp32 peer "
                          f"({result['fastest_fp32_peer']}), loss within 1%: {v['loss_within_1pct_of_fastest_fp32_peer']}, "
                          f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
