@@ -17,8 +17,9 @@ from typing import List, Optional
 
 # families whose CausalLM forward is exactly ``logits = lm_head(decoder(...).last_hidden_state)``:
 # no logit soft-capping (gemma2/3), logit scaling (cohere, granite) or extra heads
-# a sub-batch costs about this many padded tokens of work in fixed per-call overhead (measured on 2 CPU
-# cores for SmolLM2-135M and the hidden-512 bench model: 10-40); splitting a batch stops paying below it
+# the fixed per-call cost of one more sub-batch, in padded tokens of work: an estimate (a forward and
+# backward's per-op overhead against SmolLM2's per-token cost on 2 CPU cores), not tuned; below it,
+# splitting a batch stops paying
 GROUP_COST_TOKENS = 24
 
 LABEL_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
