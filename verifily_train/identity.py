@@ -104,8 +104,9 @@ def tokenizer_identity(source: str, is_local: bool, memo_path: Optional[Path] = 
 STAGE_CODE = {
     "validate": ("validate/1", ["dataset/manifest.py", "dataset/rows.py", "dataset/store.py", "training/models.py"]),
     "tokenize": ("tokenize/1", ["training/tokenize.py", "training/models.py"]),
-    "train": ("train/1", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
-                          "training/quantization.py", "training/distributed.py", "training/ddp_worker.py"]),
+    "train": ("train/2", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
+                          "training/quantization.py", "training/distributed.py", "training/ddp_worker.py",
+                          "training/batching.py", "training/loss.py"]),
     "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "evaluation/generate.py",
                                 "evaluation/text_metrics.py", "training/models.py", "training/quantization.py"]),
     "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py", "evaluation/bootstrap.py"]),

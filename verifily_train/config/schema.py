@@ -48,6 +48,7 @@ class TrainingSection:
     weight_decay: float = 0.01  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping norm
     max_seq_length: int = 2048  # longer rows are truncated (and counted), never dropped; >= 8
+    group_by_length: bool = False  # draw batches of similar-length rows (less padding, but a different optimisation: measured worse loss on short runs, docs/benchmarks.md)
     max_steps: int = -1  # when > 0, stop after this many optimizer steps (overrides num_epochs)
     eval_steps: int = 500  # evaluate on val every N steps (when a val split exists)
     save_steps: int = 500  # checkpoint every N steps

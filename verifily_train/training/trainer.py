@@ -12,7 +12,8 @@ from verifily_train.config.schema import TrainConfig
 from verifily_train.training.device import DevicePlan
 from verifily_train.training.distributed import (barrier, ddp_backend, in_launched_rank, is_main_rank, launch_ranks,
                                                  local_device_index, rank_callbacks)
-from verifily_train.training.models import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.training.loss import supports_label_only_head
+from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
 COMPLETE_MARKER = ".verifily-complete"
@@ -100,6 +101,45 @@ def last_complete_checkpoint(root: Path) -> Optional[Path]:
     return best[1] if best else None
 
 
+def _trainer_class(base_cls, sampler, label_only_head: bool, loss_denominator: Optional[float]):
+    """``base_cls`` with our training sampler and, for supported CausalLMs, the label-position loss.
+
+    ``loss_denominator`` (with length-grouped batches): divide each batch's summed token loss by this
+    constant, the epoch's mean label tokens per optimizer step, instead of by the batch's own count.
+    A batch of short rows then weighs what its tokens weigh, as in a random batch: dividing by its own
+    small count would up-weight short rows' tokens (measured: 2% worse held-out loss on the bench data).
+    """
+    from verifily_train.training.loss import label_position_loss
+
+    class VerifilyTrainer(base_cls):
+        if loss_denominator is not None:
+            loss_is_scaled_for_ga = True  # the constant already covers gradient accumulation
+
+        def _get_train_sampler(self, train_dataset=None):
+            if sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
+                return sampler
+            return super()._get_train_sampler(train_dataset)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # evaluation needs the logits (and takes the plain path); training only needs the loss
+            if label_only_head and not return_outputs and model.training and "labels" in inputs:
+                denominator = loss_denominator if loss_denominator is not None else num_items_in_batch
+                # accelerate autocasts by patching model.forward, which this path does not call
+                with self.accelerator.autocast():
+                    return label_position_loss(model, inputs, denominator)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return VerifilyTrainer
+
+
+def label_tokens_per_step(labels: List[List[int]], cfg: TrainConfig) -> float:
+    """Mean next-token targets (labels other than -100 after the shift) per optimizer step over the epoch."""
+    targets = sum(sum(1 for x in row[1:] if x != -100) for row in labels)
+    t = cfg.training
+    return max(targets / max(len(labels), 1), 1e-6) * t.batch_size * t.gradient_accumulation_steps
+
+
 def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path, has_val: bool, seq2seq: bool):
     """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -157,12 +197,15 @@ def _write_log(history: List[dict], path: Path) -> None:
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path, work_dir: Path, on_progress=None) -> dict:
+                  out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
     killed or failed earlier attempt with the same key), training resumes from it, RNG state included.
     With ``plan.num_processes > 1`` this relaunches itself as that many DDP ranks (training/distributed.py).
+    ``label_only_head`` (CausalLMs of the families in ``training.loss``) applies the output head only at
+    positions that carry a label; False runs the model's plain forward (benchmarks compare the two).
+    DDP ranks always take the plain forward: it goes through the DistributedDataParallel wrapper.
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
@@ -193,7 +236,19 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     seq2seq = spec.kind == KIND_SEQ2SEQ
     checkpoints = work_dir / "checkpoints"
     args = training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq)
-    trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
+    label_only = (label_only_head and spec.kind == KIND_CAUSAL and supports_label_only_head(model)
+                  and not in_launched_rank())
+    # grouping by length is exact in weight only where each token's share of the loss can be kept: CausalLMs
+    # on the label-only path (constant denominator) and classification (one label per row)
+    sampler, denominator = None, None
+    if cfg.training.group_by_length and (label_only or spec.kind == KIND_SEQ_CLS):
+        from verifily_train.training.batching import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler([len(ids) for ids in train_data.columns["input_ids"]], cfg.training.batch_size,
+                                       cfg.seed)
+        if label_only:
+            denominator = label_tokens_per_step(train_data.columns["labels"], cfg)
+    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only, denominator)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
     trainer.add_callback(_checkpoint_marker_class())
@@ -255,4 +310,30 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "total_params": int(total),
         "threads": torch.get_num_threads(),
         "num_processes": plan.num_processes,
+        "label_only_head": label_only,
+        "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only),
     }
+
+
+def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, split_by_length: bool) -> float:
+    """Share of computed positions that are padding over the first epoch's batches (as the loss runs them)."""
+    import torch
+
+    from verifily_train.training.batching import length_grouped_order
+    from verifily_train.training.loss import length_groups
+
+    lengths = [len(ids) for ids in train_data.columns["input_ids"]]
+    size = cfg.training.batch_size
+    if sampler is not None:
+        order = length_grouped_order(lengths, size, cfg.seed)
+    else:
+        generator = torch.Generator()
+        generator.manual_seed(cfg.seed)
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    real = padded = 0
+    for start in range(0, len(order), size):
+        batch = [lengths[i] for i in order[start:start + size]]
+        groups = length_groups(batch) if split_by_length and len(batch) > 1 else [list(range(len(batch)))]
+        real += sum(batch)
+        padded += sum(max(batch[i] for i in g) * len(g) for g in groups)
+    return round(1.0 - real / padded, 4) if padded else 0.0

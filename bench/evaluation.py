@@ -1,0 +1,54 @@
+"""Suite 3, evaluation: our batched gold-set generation against a one-example-at-a-time ``generate`` loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.common import alternate, median
+from bench.data import write_skewed_splits
+
+
+def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new_tokens: int, reps: int,
+                   log=print) -> dict:
+    """Greedy continuations of ``n`` prompts both ways; speedup and how many outputs agree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verifily_train.config.schema import PromptSection
+    from verifily_train.evaluation.generate import generate_texts
+    from verifily_train.training.models import inspect_model, load_tokenizer
+    from verifily_train.training.tokenize import render_prompt
+    from bench.data import read_rows
+
+    rows = read_rows(write_skewed_splits(work / "eval-data", {"test": n}, seed=23)["test"])
+    spec = inspect_model(str(model_dir), "sft")
+    tok = load_tokenizer(spec)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [tok(render_prompt(r, PromptSection()), add_special_tokens=True)["input_ids"] for r in rows]
+    outputs = {}
+
+    def batched():
+        started = time.perf_counter()
+        outputs["batched"] = generate_texts(model, spec, tok, prompts, batch_size, max_new_tokens, "cpu", "fp32", False)
+        return {"seconds": time.perf_counter() - started}
+
+    def one_at_a_time():
+        started = time.perf_counter()
+        texts = []
+        with torch.no_grad():
+            for p in prompts:  # the loop people write first: one prompt, no padding, generate, decode
+                ids = torch.tensor([p])
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                texts.append(tok.decode(out[0, len(p):], skip_special_tokens=True).strip())
+        outputs["loop"] = texts
+        return {"seconds": time.perf_counter() - started}
+
+    log(f"evaluation: {n} prompts, batch {batch_size}, {max_new_tokens} new tokens x {reps}")
+    raw = alternate({"one_at_a_time": one_at_a_time, "batched": batched}, reps, log)
+    loop_s, batch_s = median([o["seconds"] for o in raw["one_at_a_time"]]), median([o["seconds"] for o in raw["batched"]])
+    agree = sum(a == b for a, b in zip(outputs["batched"], outputs["loop"])) / n
+    return {"prompts": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "reps": reps,
+            "one_at_a_time_seconds": loop_s, "batched_seconds": batch_s, "speedup": loop_s / batch_s,
+            "outputs_identical_fraction": agree, "target_5x_met": loop_s / batch_s >= 5, "raw": raw}

@@ -1,0 +1,79 @@
+"""Our contender: the real train stage (``verifily_train.training.trainer.train_adapter``) on prepared data."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from bench.common import LLAMA_LINEAR, TrainSettings
+
+
+class OurTrainStage:
+    """Tokenize once (the tokenize stage, untimed), then run the train stage as ``verifily train`` does."""
+
+    def __init__(self, model_dir: Path, train_path: Path, heldout_path: Path, settings: TrainSettings, work: Path,
+                 full_finetune: bool = False, extra: Optional[List[str]] = None):
+        from verifily_train.config import load_config
+        from verifily_train.stages import fingerprint_stage, tokenize_stage
+
+        self.settings, self.work = settings, Path(work)
+        overrides = [
+            "task=sft", f"base_model={model_dir}", f"data_paths.train={train_path}", f"data_paths.test={heldout_path}",
+            f"seed={settings.seed}", f"training.num_epochs={settings.epochs}",
+            f"training.batch_size={settings.batch_size}", "training.gradient_accumulation_steps=1",
+            f"training.learning_rate={settings.learning_rate}", "training.lr_scheduler=cosine",
+            f"training.warmup_ratio={settings.warmup_ratio}", f"training.weight_decay={settings.weight_decay}",
+            f"training.max_seq_length={settings.max_len}", "training.save_steps=100000", "training.logging_steps=10",
+            f"lora.enabled={str(not full_finetune).lower()}", f"lora.r={settings.lora_r}",
+            f"lora.alpha={settings.lora_alpha}", f"lora.dropout={settings.lora_dropout}",
+            "lora.target_modules=[" + ",".join(LLAMA_LINEAR) + "]", "runtime.progress=false",
+        ] + list(extra or [])
+        self.cfg = load_config(None, overrides)
+        self.fp = fingerprint_stage(self.cfg, self.work / "cache")
+        tok_dir = self.work / "tokenized"
+        self.tokenized = tokenize_stage(self.cfg, self.fp, tok_dir, self.work)
+        self.tokenized_dir = tok_dir
+
+    def heldout_examples(self) -> List[dict]:
+        from verifily_train.training.tokenize import TokenizedSplit
+
+        data = TokenizedSplit(self.tokenized_dir / self.tokenized["splits"]["test"]["file"], "sft")
+        return [data[i] for i in range(len(data))]
+
+    def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = False,
+              keep_model: bool = True) -> dict:
+        """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
+        import dataclasses
+
+        from verifily_train.stages import _spec
+        from verifily_train.training.device import DevicePlan
+        from verifily_train.training.models import load_tokenizer
+        from verifily_train.training.trainer import train_adapter
+
+        cfg = dataclasses.replace(self.cfg, training=dataclasses.replace(self.cfg.training,
+                                                                         group_by_length=group_by_length))
+        spec = _spec(self.fp)
+        tok = load_tokenizer(spec)
+        out = Path(tempfile.mkdtemp(dir=self.work, prefix="train-"))
+        try:
+            manifest = train_adapter(cfg, spec, tok, self.tokenized, self.tokenized_dir,
+                                     DevicePlan(device="cpu", precision=precision), out / "out", out / "work",
+                                     label_only_head=label_only_head)
+            if keep_model:
+                manifest["model"] = self._load_trained(spec, out / "out" / manifest["adapter_dir"], cfg.lora.enabled)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return manifest
+
+    @staticmethod
+    def _load_trained(spec, folder: Path, lora: bool):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if not lora:
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(spec.source, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, folder)

@@ -1,0 +1,81 @@
+"""Suite 2, whole-pipeline overhead: ``verifily train`` (cold, then an identical re-run) against its stages by hand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.cli_startup import verifily_command
+from bench.common import alternate, median
+from bench.data import write_skewed_splits
+
+
+def write_config(work: Path, model_dir: Path, rows: int, eval_rows: int, epochs: int) -> Path:
+    splits = write_skewed_splits(work / "pipeline-data", {"train": rows, "val": 8, "test": eval_rows}, seed=31)
+    config = {
+        "task": "sft", "base_model": str(model_dir),
+        "data_paths": {k: str(v) for k, v in splits.items()},
+        "training": {"num_epochs": epochs, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                     "max_seq_length": 96, "save_steps": 1000, "eval_steps": 1000},
+        "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]},
+        "eval": {"slice_by_tags": ["source", "kind"], "hard_examples": 10, "max_new_tokens": 8,
+                 "bootstrap_samples": 200},
+        "runtime": {"progress": False},
+    }
+    path = work / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _timed(cmd, env, cwd) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs: int, reps: int, log=print) -> dict:
+    """Per repetition: a cold ``verifily train`` (fresh home), its identical re-run, and the stages by hand."""
+    config = write_config(work, model_dir, rows, eval_rows, epochs)
+    base_env = dict(os.environ, HF_HUB_OFFLINE="1")
+    base_env.pop("PREFECT_API_URL", None)  # the default: Prefect's temporary local server, as a user gets it
+    counter = {"n": 0}
+
+    def home() -> Path:
+        counter["n"] += 1
+        path = work / f"home-{counter['n']}"
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def cold_then_rerun():
+        h = home()
+        env = dict(base_env, VERIFILY_HOME=str(h))
+        cmd = [verifily_command(), "train", "-c", str(config)]
+        cold = _timed(cmd, env, work)
+        rerun = _timed(cmd, env, work)
+        return {"seconds": cold, "rerun_seconds": rerun}
+
+    def by_hand():
+        h = home()
+        env = dict(base_env, VERIFILY_HOME=str(h))
+        return {"seconds": _timed([sys.executable, "-m", "bench.by_hand", str(config), str(h / "runs")], env,
+                                  Path(__file__).resolve().parents[1])}
+
+    log(f"pipeline: cold verifily train + identical re-run vs stages by hand x {reps}")
+    raw = alternate({"verifily_train": cold_then_rerun, "by_hand": by_hand}, reps, log)
+    cold = median([o["seconds"] for o in raw["verifily_train"]])
+    rerun = median([o["rerun_seconds"] for o in raw["verifily_train"]])
+    hand = median([o["seconds"] for o in raw["by_hand"]])
+    return {"reps": reps, "train_rows": rows, "epochs": epochs, "cold_seconds": cold, "rerun_seconds": rerun,
+            "by_hand_seconds": hand, "cold_overhead": cold / hand - 1, "rerun_over_cold": rerun / cold,
+            "target_overhead_under_10pct_met": cold / hand - 1 < 0.10, "target_rerun_under_5pct_met": rerun / cold < 0.05,
+            "raw": raw}

@@ -1,0 +1,214 @@
+"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,gpu]``: run, print a table, write JSON.
+
+Every suite runs its contenders alternately in one process, ``--reps`` times, and reports medians and
+ratios (machines are noisy: the ratios are the result). Results go to ``bench/results/<suite>.json``
+and ``bench/results/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import List
+
+from bench.common import RESULTS, TrainSettings, machine, markdown_table, set_threads, write_result
+
+SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "gpu")
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, tiny data, one repetition (CI smoke)")
+    parser.add_argument("--only", default=",".join(s for s in SUITES if s != "gpu"),
+                        help=f"comma-separated suites among {', '.join(SUITES)} (gpu runs only where CUDA is visible)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per contender (default 3, quick 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--smollm2-rows", type=int, default=160, help="training rows for the SmolLM2 throughput run")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render summary.md from the JSON results in --out (throughput ratios recomputed)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.render:
+        print(render(Path(args.out)))
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    set_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    only: List[str] = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SUITES]
+    if unknown:
+        raise SystemExit(f"--only: unknown suite(s) {', '.join(unknown)}; choose among {', '.join(SUITES)}")
+    reps = args.reps or (1 if args.quick else 3)
+    out = Path(args.out)
+    work = Path(args.work or tempfile.mkdtemp(prefix="verifily-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {args.threads} threads, bf16 kernels: "
+          f"{info['torch_bf16_kernels']}, CUDA: {info['cuda']}")
+    sections = [f"Machine: {info['cpu']}, {info['cores']} cores, torch threads {args.threads}, "
+                f"AVX512-BF16 {info['avx512_bf16']}, AMX-BF16 {info['amx_bf16']}, torch {info['torch']}, "
+                f"CUDA {info['cuda']}; repetitions {reps}{' (quick)' if args.quick else ''}."]
+    from bench.models import bench_llama, smollm2_folder
+
+    hidden, layers = (32, 2) if args.quick else (512, 4)
+    bench_model = bench_llama(work / "models", hidden, layers)
+    smollm2 = None if args.quick else smollm2_folder(work / "smollm2-cache")
+    bf16 = info["torch_bf16_kernels"]
+    started = time.time()
+
+    if "throughput" in only:
+        from bench.throughput import run_throughput
+
+        runs = [(f"bench-llama-h{hidden}-l{layers}", bench_model,
+                 TrainSettings(rows=16 if args.quick else 160, max_len=64 if args.quick else 256, eval_rows=8 if args.quick else 40),
+                 8.0 if args.quick else 24.0)]
+        if smollm2 is not None:
+            runs.append(("smollm2-135m", smollm2, TrainSettings(rows=args.smollm2_rows, max_len=96), 8.0))
+        for name, model_dir, settings, words in runs:
+            result = run_throughput(name, model_dir, work / f"throughput-{name}", settings, reps, bf16, words)
+            result["machine"] = info
+            write_result(f"throughput-{name}", result, out)
+            sections.append(throughput_table(result))
+    if "limit" in only:
+        from bench.limit import run_limit
+
+        settings = (TrainSettings(rows=16, batch_size=8, max_len=64) if args.quick
+                    else TrainSettings(rows=96, batch_size=12, max_len=512))
+        result = run_limit(bench_model, work / "limit", settings, reps, bf16, 10.0 if args.quick else 80.0,
+                           256 if args.quick else 2048)
+        result["machine"] = info
+        write_result("limit", result, out)
+        sections.append(limit_table(result))
+    if "eval" in only:
+        from bench.evaluation import run_evaluation
+
+        model_dir = smollm2 or bench_model
+        result = run_evaluation(model_dir, work, 6 if args.quick else 32, 16, 4 if args.quick else 16, reps)
+        result.update(machine=info, model=Path(model_dir).name if smollm2 is None else "smollm2-135m")
+        write_result("eval", result, out)
+        sections.append(eval_table(result))
+    if "cli" in only:
+        from bench.cli_startup import run_cli_startup
+
+        result = run_cli_startup(work, 1 if args.quick else 5)
+        result["machine"] = info
+        write_result("cli", result, out)
+        sections.append(cli_table(result))
+    if "pipeline" in only:
+        from bench.pipeline import run_pipeline
+
+        result = run_pipeline(bench_model, work, 24 if args.quick else 160, 8 if args.quick else 24, 1 if args.quick else 2,
+                              reps if args.quick else max(1, reps - 1))
+        result["machine"] = info
+        write_result("pipeline", result, out)
+        sections.append(pipeline_table(result))
+    if "gpu" in only:
+        import torch
+
+        if torch.cuda.is_available() and smollm2 is not None:
+            from bench.gpu import run_gpu
+
+            result = run_gpu(smollm2, work, reps)
+            write_result("gpu", result, out)
+            sections.append("### GPU\n\n" + markdown_table(
+                ["quantization", "tokens/s", "MFU", "peak GiB", "loss"],
+                [[q, r["tokens_per_second"], r["mfu"], r["peak_memory_gib"], r["loss"]] for q, r in result["runs"].items()]))
+        else:
+            sections.append("### GPU\n\nskipped: no CUDA device (or SmolLM2 not installed)")
+    summary = "\n\n".join(sections) + f"\n\n(total {time.time() - started:.0f} s)\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    print("\n" + summary)
+    return 0
+
+
+def render(out: Path) -> str:
+    """summary.md from the JSON results already in ``out`` (throughput summaries recomputed from their raw runs)."""
+    import json
+
+    from bench.throughput import summarize
+
+    sections = []
+    for path in sorted(out.glob("throughput-*.json")):
+        result = json.loads(path.read_text())
+        machine_info = result.get("machine")
+        result = summarize(result["model"], result["settings"], result["raw"], result["trl_installed"])
+        result["machine"] = machine_info
+        write_result(path.stem, result, out)
+        sections.append(throughput_table(result))
+    if (out / "limit.json").is_file():
+        sections.append(limit_table(json.loads((out / "limit.json").read_text())))
+    for name, fn in (("eval", eval_table), ("cli", cli_table), ("pipeline", pipeline_table)):
+        if (out / f"{name}.json").is_file():
+            sections.append(fn(json.loads((out / f"{name}.json").read_text())))
+    summary = "\n\n".join(sections) + "\n"
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    return summary
+
+
+def eval_table(result: dict) -> str:
+    return (f"### Evaluation ({result['model']}, {result['prompts']} prompts, {result['max_new_tokens']} new "
+            "tokens)\n\n" + markdown_table(
+                ["one at a time (s)", "batched (s)", "speedup", "target 5x", "identical outputs"],
+                [[result["one_at_a_time_seconds"], result["batched_seconds"], result["speedup"],
+                  "met" if result["target_5x_met"] else "missed", result["outputs_identical_fraction"]]]))
+
+
+def cli_table(result: dict) -> str:
+    return "### CLI start-up\n\n" + markdown_table(
+        ["command", "seconds (median)", "target < 1 s"],
+        [[k, v["seconds"], "met" if v["target_under_1s_met"] else "missed"] for k, v in result["commands"].items()])
+
+
+def pipeline_table(result: dict) -> str:
+    return "### Whole pipeline\n\n" + markdown_table(
+        ["cold `verifily train` (s)", "stages by hand (s)", "overhead", "target < 10%", "identical re-run (s)",
+         "re-run / cold", "target < 5%"],
+        [[result["cold_seconds"], result["by_hand_seconds"], f"{result['cold_overhead']:+.1%}",
+          "met" if result["target_overhead_under_10pct_met"] else "missed", result["rerun_seconds"],
+          f"{result['rerun_over_cold']:.1%}", "met" if result["target_rerun_under_5pct_met"] else "missed"]])
+
+
+def throughput_table(result: dict) -> str:
+    rows = []
+    for name, row in result["contenders"].items():
+        rows.append([name, row["description"], row["tokens_per_second"], row.get("vs_fastest_fp32_peer"),
+                     row.get("vs_fastest_peer"), row["eval_loss"],
+                     f"{row.get('vs_fastest_fp32_peer_loss_delta', 0):+.2%}", row["train_loss"], row["padding_fraction"]])
+    s = result["settings"]
+    head = (f"### Training throughput: {result['model']} (LoRA r={s['lora_r']} all-linear, {s['rows']} rows, batch "
+            f"{s['batch_size']}, max {s['max_len']} tokens, {s['epochs']} epoch; medians of {result['reps']}, ratios "
+            "paired by repetition)\n\n")
+    verdicts = "; ".join(f"{k}: {v['speedup_vs_fastest_fp32_peer']:.2f}x the fastest fp32 peer "
+                         f"({result['fastest_fp32_peer']}), loss within 1%: {v['loss_within_1pct_of_fastest_fp32_peer']}, "
+                         f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
+                         for k, v in result["verdicts"].items())
+    return head + markdown_table(["contender", "what", "real tok/s", "x fastest fp32 peer", "x fastest peer",
+                                  "held-out loss", "loss vs fp32 peer", "train loss", "padding"], rows) + "\n\n" + verdicts
+
+
+def limit_table(result: dict) -> str:
+    p = result["peaks_gflops"]
+    rows = [[name, r["gflops"], f"{r['fraction_of_fp32_peak']:.0%}", f"{r['fraction_of_same_dtype_peak']:.0%}",
+             r["train_loss"], r["tokens_per_second"]] for name, r in result["runs"].items()]
+    v = result["verdict"]
+    return (f"### Physical limit ({result['model_dims']['hidden']}-hidden, {result['model_dims']['layers']} layers; "
+            f"torch.mm {result['matmul_n']}^2 peak: " + ", ".join(f"{k} {g:.0f} GFLOP/s" for k, g in p.items())
+            + f"; {result['mean_row_tokens']:.0f} tokens/row)\n\n"
+            + markdown_table(["run", "GFLOP/s", "of fp32 peak", "of same-dtype peak", "train loss", "tok/s"], rows)
+            + "\n\n" + ", ".join(f"{k}: {val:.3g}" if isinstance(val, float) else f"{k}: {val}" for k, val in v.items()))

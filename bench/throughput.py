@@ -1,0 +1,114 @@
+"""Suite 1, training throughput: real (non-pad) tokens/s of our train stage against the peers, at equal loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from bench.common import TrainSettings, alternate, heldout_loss, median
+from bench.data import read_rows, write_skewed_splits
+from bench.ours import OurTrainStage
+from bench.peers.hf_peft import train_hf_peft
+from bench.peers.trl_sft import train_trl_sft, trl_available
+
+# contender -> (what it is, peer or ours)
+DESCRIPTIONS = {
+    "peft_max_length": "(a) HF Trainer + PEFT, padded to max length (PEFT examples)",
+    "peft_dynamic": "(b) HF Trainer + PEFT, dynamic padding",
+    "trl_sft": "(c) TRL SFTTrainer",
+    "peft_dynamic_bf16": "(b) with bf16 autocast",
+    "verifily_plain": "verifily train stage, levers off (plain forward, batch padded to its longest row)",
+    "verifily": "verifily train stage (head at label positions only, batch run as length-sorted sub-batches)",
+    "verifily_bf16": "verifily train stage, bf16 autocast (its default on this CPU)",
+    "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
+}
+PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16")
+
+
+def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
+                   bf16: bool, median_words: float = 8.0, log=print, contenders=None) -> dict:
+    """Alternate every contender ``reps`` times on the same data; medians of tokens/s and held-out loss."""
+    splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": settings.eval_rows},
+                                 median_words=median_words)
+    rows = read_rows(splits["train"])
+    ours = OurTrainStage(model_dir, splits["train"], splits["test"], settings, work)
+    heldout = ours.heldout_examples()
+
+    def measured(outcome: dict) -> dict:
+        model = outcome.pop("model")
+        loss = heldout_loss(model, heldout)
+        return {"tokens_per_second": outcome["real_tokens"] / outcome["seconds"], "eval_loss": loss,
+                "train_loss": outcome["train_loss"], "seconds": outcome["seconds"], "real_tokens": outcome["real_tokens"],
+                **{k: outcome[k] for k in ("padding_fraction", "label_only_head") if k in outcome}}
+
+    def our_run(**kwargs):
+        def run():
+            m = ours.train(**kwargs)
+            return measured({"model": m["model"], "real_tokens": m["train_tokens"], "seconds": m["train_seconds"],
+                             "train_loss": m["train_loss"], "padding_fraction": m["padding_fraction"],
+                             "label_only_head": m["label_only_head"]})
+        return run
+
+    runs = {
+        "peft_max_length": lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="max_length")),
+        "peft_dynamic": lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest")),
+        "trl_sft": lambda: measured(train_trl_sft(str(model_dir), rows, settings)),
+        "verifily_plain": our_run(precision="fp32", label_only_head=False, group_by_length=False),
+        "verifily": our_run(precision="fp32"),
+        "verifily_grouped": our_run(precision="fp32", group_by_length=True),
+    }
+    if bf16:
+        runs["peft_dynamic_bf16"] = lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest",
+                                                                   bf16=True))
+        runs["verifily_bf16"] = our_run(precision="bf16")
+    if not trl_available():
+        runs.pop("trl_sft")
+    if contenders:
+        runs = {k: v for k, v in runs.items() if k in contenders}
+    log(f"throughput on {model_name}: {', '.join(runs)} x {reps}")
+    raw = alternate(runs, reps, log)
+    return summarize(model_name, settings, raw, trl_available())
+
+
+def paired_ratio(raw: Dict[str, list], name: str, ref: str, key: str) -> float:
+    """Median over repetitions of ``name``'s value over ``ref``'s in the same repetition (noise hits both)."""
+    return median([a[key] / b[key] for a, b in zip(raw[name], raw[ref])])
+
+
+def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bool) -> dict:
+    """Medians per contender; speed ratios paired by repetition against the fastest peers; the verdicts."""
+    import dataclasses
+
+    table = {}
+    for name, outcomes in raw.items():
+        table[name] = {"description": DESCRIPTIONS[name],
+                       "tokens_per_second": median([o["tokens_per_second"] for o in outcomes]),
+                       "eval_loss": median([o["eval_loss"] for o in outcomes]),
+                       "train_loss": median([o["train_loss"] for o in outcomes]),
+                       "seconds": median([o["seconds"] for o in outcomes]),
+                       "real_tokens": outcomes[0]["real_tokens"],
+                       "padding_fraction": outcomes[0].get("padding_fraction")}
+    fp32_peers = [n for n in ("peft_max_length", "peft_dynamic", "trl_sft") if n in table]
+    all_peers = [n for n in PEERS if n in table]
+    fastest_fp32 = max(fp32_peers, key=lambda n: table[n]["tokens_per_second"]) if fp32_peers else None
+    fastest_any = max(all_peers, key=lambda n: table[n]["tokens_per_second"]) if all_peers else None
+    for name, row in table.items():
+        for ref_name, key in ((fastest_fp32, "vs_fastest_fp32_peer"), (fastest_any, "vs_fastest_peer")):
+            if ref_name:
+                row[key] = paired_ratio(raw, name, ref_name, "tokens_per_second")
+                row[key + "_loss_delta"] = paired_ratio(raw, name, ref_name, "eval_loss") - 1.0
+    verdicts = {}
+    for ours_name in ("verifily", "verifily_bf16"):
+        if ours_name in table and fastest_fp32:
+            row = table[ours_name]
+            equal = abs(row["vs_fastest_fp32_peer_loss_delta"]) <= 0.01
+            verdicts[ours_name] = {"speedup_vs_fastest_fp32_peer": row["vs_fastest_fp32_peer"],
+                                   "speedup_vs_fastest_peer": row.get("vs_fastest_peer"),
+                                   "loss_within_1pct_of_fastest_fp32_peer": equal,
+                                   "target_1_5x_met": row["vs_fastest_fp32_peer"] >= 1.5 and equal}
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
+    return {"model": model_name, "settings": settings, "reps": len(next(iter(raw.values()))),
+            "contenders": table, "fastest_fp32_peer": fastest_fp32, "fastest_peer": fastest_any,
+            "ratios": "paired: median over repetitions of contender / reference in the same repetition",
+            "trl_installed": trl_installed, "verdicts": verdicts, "raw": raw}

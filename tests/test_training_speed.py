@@ -1,0 +1,109 @@
+"""The train stage's speed levers change how fast it runs, never what it computes."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _batch(tok, n=6, seed=0):
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = tok("### Instruction:\nRepeat the colors exactly.\n\n### Response:\n")["input_ids"]
+        target = tok(" ".join(rng.choice(["red", "blue", "green"]) for _ in range(rng.randint(1, 9))),
+                     add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt, target))
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((n, width), tok.pad_token_id)
+    labels = torch.full((n, width), -100)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, (p, t) in enumerate(rows):
+        ids[r, :len(p) + len(t)] = torch.tensor(p + t)
+        labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+        mask[r, :len(p) + len(t)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("lora,split", [(False, True), (True, True), (True, False)])
+def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora, split, monkeypatch):
+    import torch
+
+    import verifily_train.training.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "GROUP_COST_TOKENS", 0)  # split even the fixture's small length spread
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verifily_train.training.loss import label_position_loss, supports_label_only_head
+
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    assert supports_label_only_head(model)
+    batch = _batch(tok)
+    if split:
+        assert len(loss_module.length_groups(batch["attention_mask"].sum(1).tolist())) > 1
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    for num_items in (None, torch.tensor(n_items + 7)):
+        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+        model.zero_grad()
+        plain = model(**batch, **kwargs).loss
+        plain.backward()
+        plain_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        fast = label_position_loss(model, batch, num_items, split_by_length=split)
+        fast.backward()
+        fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        assert torch.allclose(plain, fast, rtol=1e-5, atol=1e-6)
+        for a, b in zip(plain_grads, fast_grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_models_with_capped_logits_keep_the_plain_forward():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from verifily_train.training.loss import supports_label_only_head
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    assert not supports_label_only_head(Gemma2ForCausalLM(config))
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
+    import random
+
+    from verifily_train.training.batching import LengthGroupedSampler, length_grouped_order, padding_fraction
+
+    rng = random.Random(3)
+    lengths = [int(rng.lognormvariate(3.5, 0.7)) + 4 for _ in range(500)]
+    order = length_grouped_order(lengths, 8, seed=1)
+    assert sorted(order) == list(range(500))
+    assert order == length_grouped_order(lengths, 8, seed=1)
+    assert order != length_grouped_order(lengths, 8, seed=2)
+    shuffled = list(range(500))
+    random.Random(1).shuffle(shuffled)
+    assert padding_fraction(lengths, order, 8) < 0.1 < padding_fraction(lengths, shuffled, 8)
+    # batches are shuffled, not run longest-to-shortest
+    firsts = [lengths[order[i]] for i in range(0, 80, 8)]
+    assert firsts != sorted(firsts, reverse=True)
+    sampler = LengthGroupedSampler(lengths, 8, seed=1)
+    sampler.set_epoch(1)
+    assert list(iter(sampler)) == length_grouped_order(lengths, 8, seed=2)
+
+
+def test_length_groups_cover_the_batch_and_cut_padding():
+    from verifily_train.training.loss import length_groups
+
+    lengths = [40, 200, 35, 190, 45, 38, 210, 42]
+    groups = length_groups(lengths, group_cost=24)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+    assert 1 < len(groups) < 8 and padded < max(lengths) * len(lengths) * 0.7
+    assert length_groups([50] * 8, group_cost=24) == [list(range(8))]
