@@ -58,6 +58,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """The server gets SIGTERM when pytest dies (a CI timeout, kill -9): no server outlives the session."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One Prefect server on 127.0.0.1 for the whole session (a flow run then skips the ephemeral start-up)."""
@@ -69,7 +80,7 @@ def prefect_api(tmp_path_factory):
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 90
     while time.time() < deadline:
