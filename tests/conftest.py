@@ -19,6 +19,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from verifily_train.procs import die_with_parent, stop  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,17 +60,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """The server gets SIGTERM when pytest dies (a CI timeout, kill -9): no server outlives the session."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One Prefect server on 127.0.0.1 for the whole session (a flow run then skips the ephemeral start-up)."""
@@ -80,7 +71,7 @@ def prefect_api(tmp_path_factory):
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=die_with_parent)  # no server outlives a killed pytest
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -96,11 +87,7 @@ def prefect_api(tmp_path_factory):
         proc.kill()
         raise RuntimeError("Prefect server did not become healthy in 90 s")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc, timeout=20)
     log.close()
 
 

@@ -20,6 +20,7 @@ from verifily_train.config.loader import hashed_view
 from verifily_train.config.schema import TrainConfig
 from verifily_train.fsio import atomic_write_json, verifily_home
 from verifily_train.hashing import canonical_json
+from verifily_train.procs import start_time
 
 CLAIMED, COMPLETED = "claimed", "completed"
 
@@ -68,14 +69,7 @@ def read_claim(key: str, home: Optional[Path] = None) -> Optional[dict]:
 def _holder() -> dict:
     """Who holds a claim: host, PID and the PID's start time (so a recycled PID is not mistaken for it)."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_start": _start_time(pid)}
-
-
-def _start_time(pid: int) -> Optional[str]:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": start_time(pid)}
 
 
 def _stale(record: dict) -> bool:
@@ -83,7 +77,7 @@ def _stale(record: dict) -> bool:
     holder = record.get("holder") or {}
     if record.get("status") != CLAIMED or holder.get("host") != socket.gethostname() or not holder.get("pid"):
         return False
-    return _start_time(int(holder["pid"])) != holder.get("pid_start")
+    return start_time(int(holder["pid"])) != holder.get("pid_start")
 
 
 def claim(key: str, record: dict, home: Optional[Path] = None) -> Optional[dict]:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from verifily_train.errors import EnvironmentProblem, VerifilyError
 from verifily_train.fsio import atomic_write_json, verifily_home
+from verifily_train.procs import start_time
 
 POOLS = ("local", "managed", "self-host")  # spec §6 compute modes as Prefect work pools
 WORKERS = ("local", "managed")  # self-host is served by the customer's own worker
@@ -32,17 +33,8 @@ def state_path(home: Optional[Path] = None) -> Path:
     return (home or verifily_home()) / "stack" / "state.json"
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat): tells a recycled PID from ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def _alive(proc: dict) -> bool:
-    started = _start_time(proc["pid"])
+    started = start_time(proc["pid"])
     return started is not None and started == proc.get("start_time")
 
 
@@ -87,7 +79,7 @@ def _spawn(name: str, argv: Sequence[str], env: dict, logs: Path, cwd: Optional[
     with open(log, "ab") as out:
         proc = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    return {"pid": proc.pid, "start_time": _start_time(proc.pid), "log": str(log), "argv": list(argv)}
+    return {"pid": proc.pid, "start_time": start_time(proc.pid), "log": str(log), "argv": list(argv)}
 
 
 def _tail(path: str) -> str:

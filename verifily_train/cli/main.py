@@ -199,7 +199,9 @@ def cmd_dataset_create(args) -> int:
     print(f"  {dv.manifest_path}")
     api_url = _use_prefect_server()
     if api_url:  # a configured Prefect server: its retraining trigger reacts to this event
-        _quiet_prefect()
+        from verifily_train.cli.train import _quiet_libraries
+
+        _quiet_libraries()
         from verifily_train.flows.events import DATASET_CREATED, emit_dataset_created
 
         try:
@@ -218,12 +220,6 @@ def _use_prefect_server() -> Optional[str]:
     if url:
         os.environ["PREFECT_API_URL"] = url
     return url
-
-
-def _quiet_prefect() -> None:
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def cmd_dataset_list(args) -> int:
@@ -395,7 +391,9 @@ def _submit_self_host(args, overrides: List[str]) -> int:
     from pathlib import Path
 
     config = read_yaml(Path(args.config)) if args.config else None
-    _quiet_prefect()
+    from verifily_train.cli.train import _quiet_libraries
+
+    _quiet_libraries()
     from verifily_train.flows.submit import submit_and_follow
 
     return submit_and_follow({"config": config, "overrides": overrides, "dataset": args.dataset})

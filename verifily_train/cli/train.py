@@ -93,18 +93,6 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"  adapter pushed to {summary['pushed_to']}\n")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask the kernel to SIGTERM it when its parent dies (Linux), so a
-    ``kill -9`` of ``verifily train`` does not leave Prefect's temporary server running forever."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _start_prefect_early():
     """Without PREFECT_API_URL a flow run first boots Prefect's temporary server (~5 s). Start that
     subprocess now, from the main thread (the death signal is tied to the thread that forks), and poll
@@ -112,6 +100,8 @@ def _start_prefect_early():
     import subprocess
     import sys
     import threading
+
+    from verifily_train.procs import die_with_parent
 
     if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
         return None
@@ -133,7 +123,7 @@ def _start_prefect_early():
          "--log-level", "error", "--lifespan", "on"],
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
              **get_current_settings().to_environment_variables(exclude_unset=True)},
-        preexec_fn=_die_with_parent)
+        preexec_fn=die_with_parent)  # a kill -9 of verifily leaves no server
     server.running = True
     import atexit
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from verifily_train.errors import EnvironmentProblem
+from verifily_train.procs import die_with_parent, stop
 
 JOB_ENV = "VERIFILY_DDP_JOB"  # set in every rank: train_adapter trains there instead of relaunching
 FAIL_ENV = "VERIFILY_FAIL_RANK"  # "<rank>:<step>": that rank raises after that optimizer step (tests only)
@@ -111,18 +112,6 @@ def _rank_env(plan, job_path: Path) -> dict:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the launcher, before exec: SIGTERM it when the stage's process dies (``kill -9``), so no rank
-    keeps training into a work folder that a re-run is about to resume from. torchrun stops its ranks."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def launch_ranks(cfg, spec, tokenized: dict, tokenized_dir: Path, plan, out_dir: Path, work_dir: Path) -> dict:
     """Train on ``plan.num_processes`` DDP ranks under torchrun; returns rank 0's stage manifest."""
     from verifily_train.config import config_to_dict
@@ -145,17 +134,12 @@ def launch_ranks(cfg, spec, tokenized: dict, tokenized_dir: Path, plan, out_dir:
     with open(folder / "launcher.log", "wb") as launcher_log:
         proc = subprocess.Popen(command, env=_rank_env(plan, job_path), stdin=subprocess.DEVNULL,
                                 stdout=launcher_log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         try:
             _follow_rank0(proc, folder / "rank-0.log")
         finally:
             if proc.poll() is None:  # interrupted (Ctrl-C, a Prefect cancel): stop every rank
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc, timeout=30)
     result = folder / "result.json"
     if proc.returncode == 0 and result.is_file():
         return json.loads(result.read_text(encoding="utf-8"))
