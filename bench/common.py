@@ -106,6 +106,7 @@ def heldout_loss(model, examples: List[dict], batch_size: int = 8) -> float:
     import torch.nn.functional as F
 
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
@@ -119,7 +120,7 @@ def heldout_loss(model, examples: List[dict], batch_size: int = 8) -> float:
                 ids[r, :n] = torch.tensor(e["input_ids"])
                 labels[r, :n] = torch.tensor(e["labels"])
                 mask[r, :n] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
             targets = labels[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction="sum")

@@ -10,7 +10,7 @@ from bench.data import write_skewed_splits
 
 
 def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new_tokens: int, reps: int,
-                   log=print) -> dict:
+                   log=print, device: str = "cpu") -> dict:
     """Greedy continuations of ``n`` prompts both ways; speedup and how many outputs agree."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -24,13 +24,15 @@ def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new
     rows = read_rows(write_skewed_splits(work / "eval-data", {"test": n}, seed=23)["test"])
     spec = inspect_model(str(model_dir), "sft")
     tok = load_tokenizer(spec)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    precision = "bf16" if device == "cuda" else "fp32"
     prompts = [tok(render_prompt(r, PromptSection()), add_special_tokens=True)["input_ids"] for r in rows]
     outputs = {}
 
     def batched():
         started = time.perf_counter()
-        outputs["batched"] = generate_texts(model, spec, tok, prompts, batch_size, max_new_tokens, "cpu", "fp32", False)
+        outputs["batched"] = generate_texts(model, spec, tok, prompts, batch_size, max_new_tokens, device, precision,
+                                            False)
         return {"seconds": time.perf_counter() - started}
 
     def one_at_a_time():
@@ -38,10 +40,12 @@ def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new
         texts = []
         with torch.no_grad():
             for p in prompts:  # the loop people write first: one prompt, no padding, generate, decode
-                ids = torch.tensor([p])
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                texts.append(tok.decode(out[0, len(p):], skip_special_tokens=True).strip())
+                ids = torch.tensor([p], device=device)
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                         do_sample=False, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id)
+                texts.append(tok.decode(out[0, len(p):].cpu(), skip_special_tokens=True).strip())
         outputs["loop"] = texts
         return {"seconds": time.perf_counter() - started}
 
@@ -49,6 +53,6 @@ def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new
     raw = alternate({"one_at_a_time": one_at_a_time, "batched": batched}, reps, log)
     loop_s, batch_s = median([o["seconds"] for o in raw["one_at_a_time"]]), median([o["seconds"] for o in raw["batched"]])
     agree = sum(a == b for a, b in zip(outputs["batched"], outputs["loop"])) / n
-    return {"prompts": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "reps": reps,
+    return {"device": device, "precision": precision, "prompts": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "reps": reps,
             "one_at_a_time_seconds": loop_s, "batched_seconds": batch_s, "speedup": loop_s / batch_s,
             "outputs_identical_fraction": agree, "target_5x_met": loop_s / batch_s >= 5, "raw": raw}

@@ -43,7 +43,7 @@ class OurTrainStage:
         return [data[i] for i in range(len(data))]
 
     def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = False,
-              keep_model: bool = True) -> dict:
+              keep_model: bool = True, device: str = "cpu", frozen_in_compute_dtype: bool = True) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses
 
@@ -59,21 +59,22 @@ class OurTrainStage:
         out = Path(tempfile.mkdtemp(dir=self.work, prefix="train-"))
         try:
             manifest = train_adapter(cfg, spec, tok, self.tokenized, self.tokenized_dir,
-                                     DevicePlan(device="cpu", precision=precision), out / "out", out / "work",
-                                     label_only_head=label_only_head)
+                                     DevicePlan(device=device, precision=precision), out / "out", out / "work",
+                                     label_only_head=label_only_head, frozen_in_compute_dtype=frozen_in_compute_dtype)
             if keep_model:
-                manifest["model"] = self._load_trained(spec, out / "out" / manifest["adapter_dir"], cfg.lora.enabled)
+                manifest["model"] = self._load_trained(spec, out / "out" / manifest["adapter_dir"], cfg.lora.enabled,
+                                                       device)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         return manifest
 
     @staticmethod
-    def _load_trained(spec, folder: Path, lora: bool):
+    def _load_trained(spec, folder: Path, lora: bool, device: str = "cpu"):
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         if not lora:
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
         base = AutoModelForCausalLM.from_pretrained(spec.source, dtype=torch.float32)
-        return PeftModel.from_pretrained(base, folder)
+        return PeftModel.from_pretrained(base, folder).to(device)

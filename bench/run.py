@@ -29,6 +29,11 @@ def parse(argv=None):
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--smollm2-rows", type=int, default=160, help="training rows for the SmolLM2 throughput run")
+    parser.add_argument("--gpu-archs", default="smollm2-135m,smollm2-1.7b",
+                        help="architectures of the gpu suite (the first one runs throughput and eval)")
+    parser.add_argument("--gpu-parts", default="throughput,quantization,eval", help="parts of the gpu suite")
+    parser.add_argument("--gpu-dry-run", action="store_true",
+                        help="run the gpu suite's plumbing on the CPU with a tiny model (a check, not figures)")
     parser.add_argument("--render", action="store_true",
                         help="only re-render summary.md from the JSON results in --out (throughput ratios recomputed)")
     return parser.parse_args(argv)
@@ -46,9 +51,12 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    import datasets
+    try:
+        import datasets
 
-    datasets.disable_progress_bars()
+        datasets.disable_progress_bars()
+    except ImportError:  # the peers need it; our contenders do not
+        pass
     only: List[str] = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SUITES]
     if unknown:
@@ -120,16 +128,20 @@ def main(argv=None) -> int:
     if "gpu" in only:
         import torch
 
-        if torch.cuda.is_available() and smollm2 is not None:
-            from bench.gpu import run_gpu
+        if torch.cuda.is_available() or args.gpu_dry_run:
+            from bench.gpu import gpu_tables, run_gpu
 
-            result = run_gpu(smollm2, work, reps)
+            result = run_gpu(work, reps, smollm2=smollm2, archs=args.gpu_archs.split(","),
+                             parts=args.gpu_parts.split(","), dry_run=args.gpu_dry_run)
+            result["machine"] = info
             write_result("gpu", result, out)
-            sections.append("### GPU\n\n" + markdown_table(
-                ["quantization", "tokens/s", "MFU", "peak GiB", "loss"],
-                [[q, r["tokens_per_second"], r["mfu"], r["peak_memory_gib"], r["loss"]] for q, r in result["runs"].items()]))
+            if "throughput" in result:
+                result["throughput"]["machine"] = info
+                write_result("throughput-gpu", result["throughput"], out)
+                sections.append(throughput_table(result["throughput"]))
+            sections.append(gpu_tables(result))
         else:
-            sections.append("### GPU\n\nskipped: no CUDA device (or SmolLM2 not installed)")
+            sections.append("### GPU\n\nskipped: no CUDA device")
     summary = "\n\n".join(sections) + f"\n\n(total {time.time() - started:.0f} s)\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(summary, encoding="utf-8")
@@ -189,17 +201,18 @@ def throughput_table(result: dict) -> str:
     for name, row in result["contenders"].items():
         rows.append([name, row["description"], row["tokens_per_second"], row.get("vs_fastest_fp32_peer"),
                      row.get("vs_fastest_peer"), row["eval_loss"],
-                     f"{row.get('vs_fastest_fp32_peer_loss_delta', 0):+.2%}", row["train_loss"], row["padding_fraction"]])
+                     f"{row.get('vs_fastest_fp32_peer_loss_delta', row.get('vs_fastest_peer_loss_delta', 0)):+.2%}", row["train_loss"], row["padding_fraction"]])
     s = result["settings"]
     head = (f"### Training throughput: {result['model']} (LoRA r={s['lora_r']} all-linear, {s['rows']} rows, batch "
             f"{s['batch_size']}, max {s['max_len']} tokens, {s['epochs']} epoch; medians of {result['reps']}, ratios "
             "paired by repetition)\n\n")
-    verdicts = "; ".join(f"{k}: {v['speedup_vs_fastest_fp32_peer']:.2f}x the fastest fp32 peer "
-                         f"({result['fastest_fp32_peer']}), loss within 1%: {v['loss_within_1pct_of_fastest_fp32_peer']}, "
+    verdicts = "; ".join(f"{k}: {v['speedup_vs_reference']:.2f}x the fastest "
+                         f"{'fp32 ' if v['reference_peer'] == result['fastest_fp32_peer'] else ''}peer "
+                         f"({v['reference_peer']}), loss within 1%: {v['loss_within_1pct_of_reference']}, "
                          f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
                          for k, v in result["verdicts"].items())
     return head + markdown_table(["contender", "what", "real tok/s", "x fastest fp32 peer", "x fastest peer",
-                                  "held-out loss", "loss vs fp32 peer", "train loss", "padding"], rows) + "\n\n" + verdicts
+                                  "held-out loss", "loss vs reference peer", "train loss", "padding"], rows) + "\n\n" + verdicts
 
 
 def limit_table(result: dict) -> str:

@@ -19,14 +19,33 @@ DESCRIPTIONS = {
     "peft_dynamic_bf16": "(b) with bf16 autocast",
     "verifily_plain": "verifily train stage, levers off (plain forward, batch padded to its longest row)",
     "verifily": "verifily train stage (head at label positions only, batch run as length-sorted sub-batches)",
-    "verifily_bf16": "verifily train stage, bf16 autocast (its default on this CPU)",
+    "verifily_bf16": "verifily train stage, bf16 autocast (the default where bf16 is native)",
     "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
+    "trl_sft_bf16": "(c) with bf16 autocast",
+    "verifily_plain_bf16": "verifily_plain with bf16 autocast",
+    "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU's setting; off on GPUs)",
+    "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
 }
-PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16")
+PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16")
+
+
+def _with_group_cost(run, cost):
+    """``run`` with the sub-batch cost set to ``cost`` on every device (None: each batch runs whole)."""
+    def wrapped():
+        from verifily_train.training import loss
+
+        saved = dict(loss.GROUP_COST_TOKENS)
+        loss.GROUP_COST_TOKENS.update({k: cost for k in saved})
+        try:
+            return run()
+        finally:
+            loss.GROUP_COST_TOKENS.update(saved)
+    return wrapped
 
 
 def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
-                   bf16: bool, median_words: float = 8.0, log=print, contenders=None) -> dict:
+                   bf16: bool, median_words: float = 8.0, log=print, contenders=None, device: str = "cpu",
+                   gpu_contenders: bool = None) -> dict:
     """Alternate every contender ``reps`` times on the same data; medians of tokens/s and held-out loss."""
     splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": settings.eval_rows},
                                  median_words=median_words)
@@ -43,7 +62,7 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
 
     def our_run(**kwargs):
         def run():
-            m = ours.train(**kwargs)
+            m = ours.train(device=device, **kwargs)
             return measured({"model": m["model"], "real_tokens": m["train_tokens"], "seconds": m["train_seconds"],
                              "train_loss": m["train_loss"], "padding_fraction": m["padding_fraction"],
                              "label_only_head": m["label_only_head"]})
@@ -57,17 +76,32 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
         "verifily": our_run(precision="fp32"),
         "verifily_grouped": our_run(precision="fp32", group_by_length=True),
     }
-    if bf16:
+    if device == "cuda" if gpu_contenders is None else gpu_contenders:
+        # on a GPU everyone trains with bf16 autocast, as its users would
+        runs = {
+            "peft_dynamic_bf16": lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest",
+                                                                bf16=True)),
+            "trl_sft_bf16": lambda: measured(train_trl_sft(str(model_dir), rows, settings, bf16=True)),
+            "verifily_plain_bf16": our_run(precision="bf16", label_only_head=False),
+            "verifily_bf16": our_run(precision="bf16"),
+            "verifily_bf16_split": _with_group_cost(our_run(precision="bf16"), 24),
+            "verifily_bf16_recast": our_run(precision="bf16", frozen_in_compute_dtype=False),
+        }
+    elif bf16:
         runs["peft_dynamic_bf16"] = lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest",
                                                                    bf16=True))
         runs["verifily_bf16"] = our_run(precision="bf16")
+        runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
     if not trl_available():
-        runs.pop("trl_sft")
+        runs.pop("trl_sft", None)
+        runs.pop("trl_sft_bf16", None)
     if contenders:
         runs = {k: v for k, v in runs.items() if k in contenders}
     log(f"throughput on {model_name}: {', '.join(runs)} x {reps}")
     raw = alternate(runs, reps, log)
-    return summarize(model_name, settings, raw, trl_available())
+    result = summarize(model_name, settings, raw, trl_available())
+    result["device"] = device
+    return result
 
 
 def paired_ratio(raw: Dict[str, list], name: str, ref: str, key: str) -> float:
@@ -98,14 +132,17 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
                 row[key] = paired_ratio(raw, name, ref_name, "tokens_per_second")
                 row[key + "_loss_delta"] = paired_ratio(raw, name, ref_name, "eval_loss") - 1.0
     verdicts = {}
+    # the target is against the fastest fp32 peer where fp32 peers ran (CPU), else the fastest peer (GPU, bf16)
+    reference, prefix = (fastest_fp32, "vs_fastest_fp32_peer") if fastest_fp32 else (fastest_any, "vs_fastest_peer")
     for ours_name in ("verifily", "verifily_bf16"):
-        if ours_name in table and fastest_fp32:
+        if ours_name in table and reference:
             row = table[ours_name]
-            equal = abs(row["vs_fastest_fp32_peer_loss_delta"]) <= 0.01
-            verdicts[ours_name] = {"speedup_vs_fastest_fp32_peer": row["vs_fastest_fp32_peer"],
+            equal = abs(row[prefix + "_loss_delta"]) <= 0.01
+            verdicts[ours_name] = {"reference_peer": reference, "speedup_vs_reference": row[prefix],
+                                   "speedup_vs_fastest_fp32_peer": row.get("vs_fastest_fp32_peer"),
                                    "speedup_vs_fastest_peer": row.get("vs_fastest_peer"),
-                                   "loss_within_1pct_of_fastest_fp32_peer": equal,
-                                   "target_1_5x_met": row["vs_fastest_fp32_peer"] >= 1.5 and equal}
+                                   "loss_within_1pct_of_reference": equal,
+                                   "target_1_5x_met": row[prefix] >= 1.5 and equal}
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)
     return {"model": model_name, "settings": settings, "reps": len(next(iter(raw.values()))),

@@ -34,7 +34,7 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
 
     import verifily_train.training.loss as loss_module
 
-    monkeypatch.setattr(loss_module, "GROUP_COST_TOKENS", 0)  # split even the fixture's small length spread
+    monkeypatch.setitem(loss_module.GROUP_COST_TOKENS, "cpu", 0)  # split even the fixture's small length spread
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +49,8 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
     assert supports_label_only_head(model)
     batch = _batch(tok)
     if split:
-        assert len(loss_module.length_groups(batch["attention_mask"].sum(1).tolist())) > 1
+        lengths = batch["attention_mask"].sum(1).tolist()
+        assert len(loss_module.length_groups(lengths, loss_module.group_cost_for("cpu"))) > 1
     n_items = int((batch["labels"][:, 1:] != -100).sum())
     for num_items in (None, torch.tensor(n_items + 7)):
         kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
@@ -107,3 +108,92 @@ def test_length_groups_cover_the_batch_and_cut_padding():
     padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
     assert 1 < len(groups) < 8 and padded < max(lengths) * len(lengths) * 0.7
     assert length_groups([50] * 8, group_cost=24) == [list(range(8))]
+
+
+def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_only=True):
+    """The real train stage (bf16 autocast on the CPU) on the fixture Llama; returns (manifest, adapter tensors)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from verifily_train.config import load_config
+    from verifily_train.stages import _spec, fingerprint_stage, tokenize_stage
+    from verifily_train.training.device import DevicePlan
+    from verifily_train.training.models import load_tokenizer
+    from verifily_train.training.trainer import train_adapter
+
+    cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
+                             f"data_paths.test={sft_splits['test']}", "training.max_steps=4", "training.batch_size=4",
+                             "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                             f"output.save_adapter_only={str(save_adapter_only).lower()}", "runtime.progress=false"])
+    fp = fingerprint_stage(cfg, work / "cache")
+    tokenized = tokenize_stage(cfg, fp, work / "tok", work)
+    spec = _spec(fp)
+    out = work / f"out-{frozen_in_compute_dtype}"
+    manifest = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, work / "tok", DevicePlan("cpu", "bf16"),
+                             out, work / f"w-{frozen_in_compute_dtype}", frozen_in_compute_dtype=frozen_in_compute_dtype)
+    return manifest, load_file(out / "adapter" / "adapter_model.safetensors"), out
+
+
+def test_frozen_weights_held_in_bf16_train_the_same_adapter_bit_for_bit(models, sft_splits, tmp_path):
+    """Autocast casts a frozen fp32 weight on every forward; holding it in bf16 gives the very same operands."""
+    import torch
+
+    cast, cast_weights, _ = _train_bf16(models, sft_splits, tmp_path, False)
+    held, held_weights, _ = _train_bf16(models, sft_splits, tmp_path, True)
+    assert cast["frozen_linears_in_compute_dtype"] == 0
+    assert held["frozen_linears_in_compute_dtype"] == 2 * 7 + 1  # 2 layers x 7 projections + the untied head
+    assert held["train_loss"] == cast["train_loss"]
+    assert cast_weights.keys() == held_weights.keys()
+    for name in cast_weights:
+        assert torch.equal(cast_weights[name], held_weights[name]), name
+
+
+def test_merged_model_is_merged_into_the_fp32_base(models, sft_splits, tmp_path):
+    """output.save_adapter_only: false must not save the bf16 copies the training held."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, _, out = _train_bf16(models, sft_splits, tmp_path, True, save_adapter_only=False)
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    base = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_cached_head_cast_gives_the_same_loss_and_gradients(models, monkeypatch):
+    """A tied (fp32) head is cast to bf16 once and reused: the loss and gradients equal autocast's own cast."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import verifily_train.training.loss as loss_module
+
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    batch = _batch(tok)
+
+    def loss_and_grad():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_module.label_position_loss(model, batch)
+        loss.backward()
+        return loss.detach(), model.model.layers[0].mlp.down_proj.weight.grad.clone()
+
+    cached = [loss_and_grad() for _ in range(2)]
+    assert loss_module._HEAD_CASTS[model.lm_head][1].dtype == torch.bfloat16
+    monkeypatch.setattr(loss_module, "_autocast_head_weight", lambda head: None)
+    plain = loss_and_grad()
+    for loss, grad in cached:
+        assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1])
+    monkeypatch.undo()
+    with torch.no_grad():  # a changed weight is cast again, not served stale
+        model.lm_head.weight.mul_(0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recast = loss_module._autocast_head_weight(model.lm_head)
+    assert torch.equal(recast, model.lm_head.weight.to(torch.bfloat16))

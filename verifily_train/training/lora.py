@@ -29,6 +29,29 @@ def build_adapter(model, lora: LoraSection, spec: ModelSpec):
         raise ConfigError(None, "lora.target_modules", str(err).splitlines()[0]) from err
 
 
+def store_frozen_linears_in(model, dtype) -> int:
+    """Keep frozen linear layers' weights in ``dtype``, the autocast dtype; returns how many were converted.
+
+    Under autocast a linear layer's fp32 weight is cast to bf16 on every forward, and autocast caches only
+    casts of weights that require grad: with LoRA that is every frozen weight, every step (measured on an
+    H100: 27% of the GPU time of a SmolLM2-135M LoRA step went to these copies, and their launches to the
+    CPU's time). Storing them in ``dtype`` gives the matrix products the very same operands (the same
+    round-to-nearest cast, done once), so the loss and gradients are unchanged. Weights shared with the
+    input embeddings stay fp32: the embedding output is not autocast and feeds the residual stream.
+    """
+    import torch
+
+    embeddings = model.get_input_embeddings()
+    tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    count = 0
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and module.weight.dtype != dtype and not module.weight.requires_grad
+                and id(module.weight) not in tied and (module.bias is None or not module.bias.requires_grad)):
+            module.to(dtype)
+            count += 1
+    return count
+
+
 def count_parameters(model) -> tuple:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -13,14 +13,23 @@ batch itself, and so the optimisation, stays exactly what the random sampler dre
 
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional
 
 # families whose CausalLM forward is exactly ``logits = lm_head(decoder(...).last_hidden_state)``:
 # no logit soft-capping (gemma2/3), logit scaling (cohere, granite) or extra heads
-# the fixed per-call cost of one more sub-batch, in padded tokens of work: an estimate (a forward and
-# backward's per-op overhead against SmolLM2's per-token cost on 2 CPU cores), not tuned; below it,
-# splitting a batch stops paying
-GROUP_COST_TOKENS = 24
+# the fixed per-call cost of one more sub-batch, in padded tokens of work, by device type; None: never split.
+# CPU: a forward and backward's per-op overhead against SmolLM2's per-token cost on 2 cores (an estimate,
+# not tuned). GPUs: a training step there is bound by kernel launches, not by arithmetic (H100, SmolLM2-135M
+# LoRA, batch 16: 1.0 s of GPU work in 7.1 s of training), so every sub-batch adds launches for padding
+# that was nearly free: measured 0.59x the unsplit batch's tokens/s (bench/results/gpu-h100).
+GROUP_COST_TOKENS = {"cpu": 24, "cuda": None, "mps": None}
+DEFAULT_GROUP_COST = 24
+
+
+def group_cost_for(device_type: str) -> Optional[int]:
+    return GROUP_COST_TOKENS.get(device_type, DEFAULT_GROUP_COST)
+
 
 LABEL_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
 
@@ -46,7 +55,7 @@ def length_groups(lengths: List[int], group_cost: Optional[int] = None) -> List[
 
     Exact dynamic programme over at most a batch of rows: each run is padded only to its own longest row.
     """
-    group_cost = GROUP_COST_TOKENS if group_cost is None else group_cost
+    group_cost = DEFAULT_GROUP_COST if group_cost is None else group_cost
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
@@ -62,15 +71,49 @@ def length_groups(lengths: List[int], group_cost: Optional[int] = None) -> List[
     return groups[::-1]
 
 
+# lm_head -> ((weight identity, version, dtype), the weight cast to the autocast dtype)
+_HEAD_CASTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _autocast_head_weight(head):
+    """A frozen fp32 head weight cast to the autocast dtype once, reused while the weight is unchanged; else None.
+
+    Autocast re-casts a weight that does not require grad at every call: a head tied to the input
+    embeddings (SmolLM2: 49,152 x 576) stays fp32 (see ``lora.store_frozen_linears_in``) and would be cast
+    once per sub-batch per step. The cached cast is the same round-to-nearest copy autocast makes, so the
+    logits are unchanged; it is re-made if the weight changes (its version counter moves).
+    """
+    import torch
+
+    weight = getattr(head, "weight", None)
+    device = weight.device.type if weight is not None else "cpu"
+    if weight is None or weight.requires_grad or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    if weight.dtype == dtype or weight.dtype != torch.float32:
+        return None
+    key = (weight.data_ptr(), weight._version, dtype)
+    cached = _HEAD_CASTS.get(head)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        _HEAD_CASTS[head] = cached
+    return cached[1]
+
+
 def _label_loss_sum(base, input_ids, attention_mask, labels):
     """(sum of next-token cross-entropies, number of targets) with the head applied at target positions only."""
+    import torch
     import torch.nn.functional as F
 
     hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = base.lm_head(hidden[:, :-1][keep]).float()  # (kept positions, vocab): fp32 like ForCausalLMLoss
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+    kept = hidden[:, :-1][keep]
+    head = base.lm_head
+    weight = _autocast_head_weight(head) if isinstance(head, torch.nn.Linear) else None
+    logits = F.linear(kept, weight, head.bias) if weight is not None else head(kept)
+    # (kept positions, vocab) in fp32, like ForCausalLMLoss
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
 
 
 def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True):
@@ -84,11 +127,12 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
 
     base = unwrap_causal_lm(model)
     ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
-    right_padded = mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all())
-    if split_by_length and right_padded and ids.shape[0] > 1:
+    cost = group_cost_for(ids.device.type)
+    split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
+    if split and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right-padded
         lengths = mask.sum(dim=1).tolist()
         total, count = 0.0, 0
-        for group in length_groups(lengths):
+        for group in length_groups(lengths, cost):
             width = max(int(lengths[i]) for i in group)
             index = torch.tensor(group, device=ids.device)
             part_sum, part_count = _label_loss_sum(base, ids[index, :width], mask[index, :width], labels[index, :width])

@@ -197,7 +197,8 @@ def _write_log(history: List[dict], path: Path) -> None:
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True) -> dict:
+                  out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True,
+                  frozen_in_compute_dtype: bool = True) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
@@ -206,6 +207,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     ``label_only_head`` (CausalLMs of the families in ``training.loss``) applies the output head only at
     positions that carry a label; False runs the model's plain forward (benchmarks compare the two).
     DDP ranks always take the plain forward: it goes through the DistributedDataParallel wrapper.
+    ``frozen_in_compute_dtype`` (LoRA under bf16/fp16 autocast, no quantization): frozen linear weights are
+    stored in the autocast dtype instead of being cast on every forward (``lora.store_frozen_linears_in``).
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
@@ -228,6 +231,11 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         model = prepare_quantized(model)
     if cfg.lora.enabled:
         model = build_adapter(model, cfg.lora, spec)
+    converted = 0
+    if frozen_in_compute_dtype and cfg.lora.enabled and quant is None and plan.precision in ("bf16", "fp16"):
+        from verifily_train.training.lora import store_frozen_linears_in
+
+        converted = store_frozen_linears_in(model, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
     trainable, total = count_parameters(model)
     tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
@@ -283,7 +291,9 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         tok.save_pretrained(adapter_dir)
         (adapter_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n", encoding="utf-8")
         if merged_dir is not None:
-            model.merge_and_unload().save_pretrained(merged_dir)
+            # frozen weights held in bf16 for speed would merge into a bf16 model: merge into the fp32 base
+            merged = _merge_into_fresh_base(spec, adapter_dir, labels, tok, cfg) if converted else model.merge_and_unload()
+            merged.save_pretrained(merged_dir)
             tok.save_pretrained(merged_dir)
         _write_log(trainer.state.log_history, out_dir / "trainer_log.jsonl")
 
@@ -311,16 +321,27 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "threads": torch.get_num_threads(),
         "num_processes": plan.num_processes,
         "label_only_head": label_only,
-        "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only),
+        "frozen_linears_in_compute_dtype": converted,
+        "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device),
     }
 
 
-def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, split_by_length: bool) -> float:
+def _merge_into_fresh_base(spec: ModelSpec, adapter_dir: Path, labels, tok, cfg: TrainConfig):
+    """The saved adapter merged into the base model loaded afresh (fp32), for ``output.save_adapter_only: false``."""
+    from peft import PeftModel
+
+    base = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
+                      trust_remote_code=cfg.trust_remote_code)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, split_by_length: bool,
+                      device: str = "cpu") -> float:
     """Share of computed positions that are padding over the first epoch's batches (as the loss runs them)."""
     import torch
 
     from verifily_train.training.batching import length_grouped_order
-    from verifily_train.training.loss import length_groups
+    from verifily_train.training.loss import group_cost_for, length_groups
 
     lengths = [len(ids) for ids in train_data.columns["input_ids"]]
     size = cfg.training.batch_size
@@ -333,7 +354,9 @@ def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, spl
     real = padded = 0
     for start in range(0, len(order), size):
         batch = [lengths[i] for i in order[start:start + size]]
-        groups = length_groups(batch) if split_by_length and len(batch) > 1 else [list(range(len(batch)))]
+        cost = group_cost_for(device)
+        split = split_by_length and cost is not None and len(batch) > 1
+        groups = length_groups(batch, cost) if split else [list(range(len(batch)))]
         real += sum(batch)
         padded += sum(max(batch[i] for i in g) * len(g) for g in groups)
     return round(1.0 - real / padded, 4) if padded else 0.0
