@@ -43,8 +43,40 @@ def _timed(cmd, env, cwd) -> float:
     return seconds
 
 
-def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs: int, reps: int, log=print) -> dict:
-    """Per repetition: a cold ``verifily train`` (fresh home), its identical re-run, and the stages by hand."""
+def start_server(work: Path):
+    """A Prefect server on a free loopback port, as ``verifily stack up`` runs one; returns (process, API URL)."""
+    import socket
+    import urllib.request
+
+    from verifily_train.procs import die_with_parent
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="0")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the bench's Prefect server did not start")
+
+
+def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs: int, reps: int, log=print,
+                 configured_server: bool = True) -> dict:
+    """Per repetition: a cold ``verifily train`` (fresh home) and its identical re-run, with Prefect's temporary
+    server (no server configured: what a bare CLI gets) and, with ``configured_server``, against a running
+    server (``PREFECT_API_URL``, as after ``verifily stack up``); and the stages by hand."""
     config = write_config(work, model_dir, rows, eval_rows, epochs)
     base_env = dict(os.environ, HF_HUB_OFFLINE="1")
     base_env.pop("PREFECT_API_URL", None)  # the default: Prefect's temporary local server, as a user gets it
@@ -56,13 +88,15 @@ def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def cold_then_rerun():
-        h = home()
-        env = dict(base_env, VERIFILY_HOME=str(h))
-        cmd = [verifily_command(), "train", "-c", str(config)]
-        cold = _timed(cmd, env, work)
-        rerun = _timed(cmd, env, work)
-        return {"seconds": cold, "rerun_seconds": rerun}
+    def cold_then_rerun(api_url=None):
+        def run():
+            h = home()
+            env = dict(base_env, VERIFILY_HOME=str(h), **({"PREFECT_API_URL": api_url} if api_url else {}))
+            cmd = [verifily_command(), "train", "-c", str(config)]
+            cold = _timed(cmd, env, work)
+            rerun = _timed(cmd, env, work)
+            return {"seconds": cold, "rerun_seconds": rerun}
+        return run
 
     def by_hand():
         h = home()
@@ -70,12 +104,30 @@ def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs:
         return {"seconds": _timed([sys.executable, "-m", "bench.by_hand", str(config), str(h / "runs")], env,
                                   Path(__file__).resolve().parents[1])}
 
-    log(f"pipeline: cold verifily train + identical re-run vs stages by hand x {reps}")
-    raw = alternate({"verifily_train": cold_then_rerun, "by_hand": by_hand}, reps, log)
-    cold = median([o["seconds"] for o in raw["verifily_train"]])
-    rerun = median([o["rerun_seconds"] for o in raw["verifily_train"]])
+    contenders = {"verifily_train": cold_then_rerun(), "by_hand": by_hand}
+    server = None
+    if configured_server:
+        server, url = start_server(work)
+        contenders["verifily_train_server"] = cold_then_rerun(url)
+    log(f"pipeline: cold verifily train + identical re-run ({', '.join(k for k in contenders if k != 'by_hand')}) "
+        f"vs stages by hand x {reps}")
+    try:
+        raw = alternate(contenders, reps, log)
+    finally:
+        if server is not None:
+            from verifily_train.procs import stop
+
+            stop(server, timeout=10)
     hand = median([o["seconds"] for o in raw["by_hand"]])
-    return {"reps": reps, "train_rows": rows, "epochs": epochs, "cold_seconds": cold, "rerun_seconds": rerun,
-            "by_hand_seconds": hand, "cold_overhead": cold / hand - 1, "rerun_over_cold": rerun / cold,
-            "target_overhead_under_10pct_met": cold / hand - 1 < 0.10, "target_rerun_under_5pct_met": rerun / cold < 0.05,
-            "raw": raw}
+    result = {"reps": reps, "train_rows": rows, "epochs": epochs, "by_hand_seconds": hand, "raw": raw, "modes": {}}
+    for name, label in (("verifily_train", "temporary server"), ("verifily_train_server", "configured server")):
+        if name not in raw:
+            continue
+        cold = median([o["seconds"] for o in raw[name]])
+        rerun = median([o["rerun_seconds"] for o in raw[name]])
+        result["modes"][label] = {
+            "cold_seconds": cold, "rerun_seconds": rerun, "cold_overhead": cold / hand - 1,
+            "cold_overhead_seconds": cold - hand, "rerun_over_cold": rerun / cold,
+            "target_overhead_under_10pct_met": cold / hand - 1 < 0.10, "target_rerun_under_5pct_met": rerun / cold < 0.05}
+    result.update(result["modes"]["temporary server"])  # the headline keys: what a bare CLI gets
+    return result

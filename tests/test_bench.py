@@ -50,3 +50,25 @@ def test_bench_quick_writes_every_suite_result(tmp_path):
     summary = (out / "summary.md").read_text()
     for heading in ("Training throughput", "Physical limit", "Evaluation", "CLI start-up"):
         assert heading in summary
+
+
+def test_gpu_suite_plumbing_runs_on_the_cpu(tmp_path):
+    """The GPU suite (peers in bf16, LoRA vs QLoRA, batched eval) is run for real only on a lent GPU; its dry
+    run drives the same code on the CPU with a tiny model, so it cannot rot between GPU sessions."""
+    out = tmp_path / "results"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "gpu", "--gpu-dry-run",
+                           "--out", str(out), "--work", str(tmp_path / "work")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gpu = json.loads((out / "gpu.json").read_text())
+    assert gpu["errors"] == {}
+    contenders = gpu["throughput"]["contenders"]
+    assert {"peft_dynamic_bf16", "verifily_bf16", "verifily_bf16_split", "verifily_bf16_recast"} <= set(contenders)
+    # the levers change speed only: every contender of ours ends at the same loss
+    ours = {round(row["train_loss"], 6) for name, row in contenders.items() if name.startswith("verifily_bf16")}
+    assert len(ours) == 1
+    quant = gpu["quantization-tiny"]["runs"]
+    assert set(quant) == {"none", "4bit"} and all(r["tokens_per_second"] > 0 for r in quant.values())
+    assert gpu["eval"]["speedup"] > 0
+    assert "LoRA bf16 vs QLoRA 4-bit" in (out / "summary.md").read_text()

@@ -45,12 +45,14 @@ def _check_runs_dir(output_dir: str) -> None:
         raise VerifilyError(path, "output.dir", f"not writable ({probe} does not allow writing)")
 
 
-def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None):
+def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None,
+              on_cheap_checks_passed: Optional[Callable[[], None]] = None):
     """Load the config collecting every value problem, then check everything else; raise them all at once.
 
     Cheap checks (config, dataset, slice tags, model reference, credentials, output folder) run first
     and, if any fails, are reported without importing torch or transformers; then the model's kind (its
-    config) and the device.
+    config) and the device. ``on_cheap_checks_passed`` runs between the two (the CLI starts work that
+    overlaps the heavy imports there).
     """
     from verifily_train.config import load_config
 
@@ -94,6 +96,8 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
     _attempt(problems, lambda: _check_runs_dir(cfg.output.dir))
     if problems:  # cheap checks failed: report them now, before torch and transformers are imported
         raise problems[0] if len(problems) == 1 else PreflightError(problems)
+    if on_cheap_checks_passed is not None:
+        on_cheap_checks_passed()
 
     def model_kind_check() -> None:  # reads the model's config only (imports transformers)
         from verifily_train.training.models import inspect_model

@@ -373,10 +373,12 @@ def cmd_train(args) -> int:
     if mode == "self_host":
         return _submit_self_host(args, overrides)
     _use_prefect_server()  # runs show in the stack's UI while one is up
-    from verifily_train.cli.train import run_train
+    from verifily_train.cli.train import run_train, start_quiet_server
     from verifily_train.preflight import preflight
 
-    preflight(args.config, overrides, args.dataset)  # every problem at once, before Prefect or a model
+    # every problem at once, before Prefect or a model; the temporary Prefect server (when no server is
+    # configured) starts as soon as the cheap checks pass, and boots while the model's config is read
+    preflight(args.config, overrides, args.dataset, on_cheap_checks_passed=start_quiet_server)
     return run_train(args.config, overrides, args.dataset, refresh=args.refresh)
 
 

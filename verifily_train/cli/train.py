@@ -93,73 +93,137 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"  adapter pushed to {summary['pushed_to']}\n")
 
 
-def _start_prefect_early():
-    """Without PREFECT_API_URL a flow run first boots Prefect's temporary server (~5 s). Start that
-    subprocess now, from the main thread (the death signal is tied to the thread that forks), and poll
-    its health in a thread, so it boots on the other core while this process imports torch."""
-    import subprocess
-    import sys
-    import threading
+def _prefect_setting_elsewhere(name: str) -> bool:
+    """True when ``name`` may be set outside the environment (the active Prefect profile, or a prefect.toml
+    or .env in this folder): then Prefect's own settings decide, and we do not start a server over them."""
+    from pathlib import Path
 
-    from verifily_train.procs import die_with_parent
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    if (Path("prefect.toml").is_file() or Path(".env").is_file()
+            or (Path("pyproject.toml").is_file() and "[tool.prefect" in Path("pyproject.toml").read_text(errors="ignore"))):
+        return True
+    if not profiles.is_file():
+        return False
+    try:
+        import tomllib
 
-    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
-        return None
-    import prefect
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
-                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings)
+        data = tomllib.loads(profiles.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return name in (data.get("profiles", {}).get(active) or {})
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-        return None
-    server = SubprocessASGIServer()  # the singleton the flow's client will use
-    if server.running:
-        return None
-    server.port = server.find_available_port()
-    # the same command Prefect runs (prefect/server/api/server.py), plus the death signal
-    server.server_process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(server.port),
-         "--log-level", "error", "--lifespan", "on"],
-        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-             **get_current_settings().to_environment_variables(exclude_unset=True)},
-        preexec_fn=die_with_parent)  # a kill -9 of verifily leaves no server
-    server.running = True
-    import atexit
 
-    atexit.register(server.stop)
+class TemporaryServer:
+    """Prefect's temporary local server, started by us as early as possible instead of by Prefect on first use.
 
-    def wait_healthy() -> None:
+    Prefect starts it (``SubprocessASGIServer``) when the first client call finds no ``PREFECT_API_URL``:
+    after its own import (~0.7 s) and the server module's (~2.4 s) in this process, then ~5 s of boot.
+    Started here right after the cheap preflight checks, without importing Prefect, it boots on the other
+    core while this process imports transformers and torch. It is the same command Prefect runs
+    (prefect/server/api/server.py), on a free loopback port, with the same settings (the child reads the
+    same environment and profile), plus a death signal: a ``kill -9`` of verifily leaves no server.
+    """
+
+    def __init__(self):
+        import atexit
+        import importlib.util
+        import socket
+        import subprocess
+        import threading
+        from pathlib import Path
+
+        from verifily_train.procs import die_with_parent
+
+        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"},
+            preexec_fn=die_with_parent)
+        atexit.register(self.stop)
+        self.healthy = False
+        self._thread = threading.Thread(target=self._wait_healthy, name="prefect-server-health", daemon=True)
+        self._thread.start()
+
+    def _wait_healthy(self, timeout: float = 90.0) -> None:
         import time
+        import urllib.error
+        import urllib.request
 
-        import httpx
-
-        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        with httpx.Client() as client:
-            while time.monotonic() < deadline:
-                if server.server_process.poll() is not None:
-                    server.running = False  # it died (port taken?): let Prefect start its own
-                    return
-                try:
-                    if client.get(f"{server.api_url}/health").status_code == 200:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        self.healthy = True
                         return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
 
-    thread = threading.Thread(target=wait_healthy, name="prefect-server-health", daemon=True)
-    thread.start()
-    return thread
+    def wait(self) -> None:
+        """Block until the server answers; a server that died or never answered is a one-line error."""
+        from verifily_train.errors import VerifilyError
+
+        self._thread.join()
+        if not self.healthy:
+            code = self.proc.poll()
+            self.stop()
+            raise VerifilyError(None, "PREFECT_API_URL", "Prefect's temporary server did not start"
+                                + (f" (exit code {code})" if code is not None else " within 90 s")
+                                + ": set PREFECT_API_URL to a running server, or start one with verifily stack up")
+
+    def stop(self) -> None:
+        from verifily_train.procs import stop
+
+        if self.proc.poll() is None:
+            stop(self.proc, timeout=5)
+
+
+_SERVER: Optional[TemporaryServer] = None
+
+
+def start_quiet_server() -> None:
+    """Preflight's callback once the cheap checks pass: quiet the libraries, then start the server."""
+    _quiet_libraries()
+    start_temporary_server()
+
+
+def start_temporary_server() -> Optional[TemporaryServer]:
+    """Start Prefect's temporary server now when a run would start one anyway; export its URL for Prefect.
+
+    Nothing is started when a server is configured (``PREFECT_API_URL``, a running stack, a profile), when
+    Prefect is already imported (its settings are read), when ephemeral mode is off, or off Linux.
+    """
+    global _SERVER
+    if _SERVER is not None:
+        return _SERVER
+    if (os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux") or "prefect" in sys.modules
+            or os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").lower() in ("0", "false")
+            or _prefect_setting_elsewhere("PREFECT_API_URL")
+            or _prefect_setting_elsewhere("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")):
+        return None
+    _SERVER = TemporaryServer()
+    os.environ["PREFECT_API_URL"] = _SERVER.url  # read when Prefect is imported; child processes inherit it
+    return _SERVER
 
 
 def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str], refresh: bool = False) -> int:
     _quiet_libraries()
-    booting = _start_prefect_early()
+    server = start_temporary_server()  # already started by preflight's callback unless a server is configured
     from verifily_train.flows.train import train
 
     _preload_fingerprint_modules()
-    if booting is not None:
-        booting.join()  # a half-started server must not be handed to the flow
+    if server is not None:
+        server.wait()  # a half-started server must not be handed to the flow
     try:
         summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
     except BaseException:
@@ -181,8 +245,11 @@ def run_reproduce(original) -> int:
     if record.get("status") != "completed":
         raise RunError(original, None, f"status is {record.get('status')!r}; only completed runs can be reproduced")
     _quiet_libraries()
+    server = start_temporary_server()
     from verifily_train.flows.train import train
 
+    if server is not None:
+        server.wait()
     summary = train(config=str(Path(original) / "config.yaml"), overrides=["cache.enabled=false"],
                     runs_dir=str(Path(original).parent))
     report = compare_reproduction(Path(original), Path(summary["path"]))
@@ -196,12 +263,12 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
     import json
 
     _quiet_libraries()
-    booting = _start_prefect_early()
+    server = start_temporary_server()
     from verifily_train.attribution import render
     from verifily_train.flows.attribute import attribute
 
-    if booting is not None:
-        booting.join()
+    if server is not None:
+        server.wait()
     result = attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
                        budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
                        deployment=deployment)
