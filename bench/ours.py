@@ -43,7 +43,8 @@ class OurTrainStage:
         return [data[i] for i in range(len(data))]
 
     def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = False,
-              keep_model: bool = True, device: str = "cpu", frozen_in_compute_dtype: bool = True) -> dict:
+              keep_model: bool = True, device: str = "cpu", frozen_in_compute_dtype: bool = True,
+              cpu_fp32_attention: bool = True) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses
 
@@ -60,7 +61,8 @@ class OurTrainStage:
         try:
             manifest = train_adapter(cfg, spec, tok, self.tokenized, self.tokenized_dir,
                                      DevicePlan(device=device, precision=precision), out / "out", out / "work",
-                                     label_only_head=label_only_head, frozen_in_compute_dtype=frozen_in_compute_dtype)
+                                     label_only_head=label_only_head, frozen_in_compute_dtype=frozen_in_compute_dtype,
+                                     cpu_fp32_attention=cpu_fp32_attention)
             if keep_model:
                 manifest["model"] = self._load_trained(spec, out / "out" / manifest["adapter_dir"], cfg.lora.enabled,
                                                        device)

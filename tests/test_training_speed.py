@@ -197,3 +197,35 @@ def test_cached_head_cast_gives_the_same_loss_and_gradients(models, monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recast = loss_module._autocast_head_weight(model.lm_head)
     assert torch.equal(recast, model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_fp32_attention_on_cpu_bf16_masks_padding_and_matches_fp32_attention(models):
+    """Under CPU bf16 autocast the attention runs in fp32 (training.attention); left-padded batches must still
+    mask their padding (a custom attention gets no mask unless one is registered) and agree with SDPA in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verifily_train.training.attention import NAME, for_plan
+
+    torch.manual_seed(0)
+    ids = torch.randint(4, 40, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as batched generation has it
+    plain = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+    patched = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+    assert not for_plan(patched, "cpu", "fp32") and not for_plan(patched, "cuda", "bf16")
+    assert for_plan(patched, "cpu", "bf16") and patched.config._attn_implementation == NAME
+    with torch.no_grad():
+        reference = plain(input_ids=ids, attention_mask=mask).logits  # fp32 everywhere
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = patched(input_ids=ids, attention_mask=mask).logits.float()
+            bf16_sdpa = plain(input_ids=ids, attention_mask=mask).logits.float()
+        # row 1's real tokens must not see its padding: same logits as the row alone, unpadded
+        alone = plain(input_ids=ids[1:, 4:]).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], reference[real], atol=0.05, rtol=0.05)
+    assert (ours[real] - reference[real]).abs().max() <= (bf16_sdpa[real] - reference[real]).abs().max() * 1.5 + 1e-3
+    assert torch.allclose(reference[1, 4:], alone[0], atol=1e-4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_alone = patched(input_ids=ids[1:, 4:]).logits.float()
+    assert torch.allclose(ours[1, 4:], ours_alone[0], atol=0.05)

@@ -106,9 +106,10 @@ STAGE_CODE = {
     "tokenize": ("tokenize/1", ["training/tokenize.py", "training/models.py"]),
     "train": ("train/2", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
                           "training/quantization.py", "training/distributed.py", "training/ddp_worker.py",
-                          "training/batching.py", "training/loss.py"]),
+                          "training/batching.py", "training/loss.py", "training/attention.py"]),
     "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "evaluation/generate.py",
-                                "evaluation/text_metrics.py", "training/models.py", "training/quantization.py"]),
+                                "evaluation/text_metrics.py", "training/models.py", "training/quantization.py",
+                                "training/attention.py"]),
     "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py", "evaluation/bootstrap.py"]),
     "hard_examples": ("hard/1", ["evaluation/hard.py"]),
 }

@@ -24,21 +24,27 @@ def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str]
     """
     from peft import PeftModel
 
+    from verifily_train.training.attention import for_plan
     from verifily_train.training.quantization import disable_cpu_4bit_repacking, quantization_config
 
     if trained is None:
-        return load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
-                          trust_remote_code=cfg.trust_remote_code)
+        model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
+                           trust_remote_code=cfg.trust_remote_code)
+        for_plan(model, plan.device, plan.precision)  # as in training: fp32 attention under CPU bf16
+        return model
     weights = train_dir / trained["adapter_dir"]
     if trained["full_finetune"]:
         from dataclasses import replace
 
-        return load_model(replace(spec, source=str(weights)), labels=labels or None, pad_token_id=tok.pad_token_id,
-                          trust_remote_code=cfg.trust_remote_code)
+        model = load_model(replace(spec, source=str(weights)), labels=labels or None, pad_token_id=tok.pad_token_id,
+                           trust_remote_code=cfg.trust_remote_code)
+        for_plan(model, plan.device, plan.precision)
+        return model
     quant = quantization_config(cfg.lora, plan.device)
     base = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id, trust_remote_code=cfg.trust_remote_code,
                       quantization_config=quant,
                       device_map={"": plan.device if plan.device != "cuda" else 0} if quant is not None else None)
+    for_plan(base, plan.device, plan.precision)
     model = PeftModel.from_pretrained(base, weights)
     # bitsandbytes' CPU inference repacking fails on small layers ("shape [32, 0] is invalid"): keep the
     # same kernel path as training
