@@ -229,3 +229,49 @@ def test_fp32_attention_on_cpu_bf16_masks_padding_and_matches_fp32_attention(mod
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ours_alone = patched(input_ids=ids[1:, 4:]).logits.float()
     assert torch.allclose(ours[1, 4:], ours_alone[0], atol=0.05)
+
+
+def test_cheap_dropout_has_dropouts_distribution_and_gradient():
+    """LoRA's CPU dropout draws its masks from 16 random bits per element: the same distribution as nn.Dropout
+    (drop rate p to 1/65536, kept elements scaled by 1/(1-p)), the mask's gradient, identity in eval mode,
+    and a seeded generator repeats it bit for bit."""
+    import torch
+
+    from verifily_train.training.lora import _dropout_class
+
+    layer = _dropout_class()(0.05)
+    assert abs(layer.p - 0.05) < 1 / 65536
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.001  # 1e6 draws: sd 2e-4
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - layer.p)))
+    assert abs(y.mean().item() - 1.0) < 0.002
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the scaled mask
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), y)
+    # rows, columns and the four 16-bit lanes of each random word are all unbiased
+    for part in (kept[:, :250], kept[:, 750:], kept[::4], kept[3::4]):
+        assert abs(part.float().mean().item() - 0.95) < 0.004
+    layer.eval()
+    assert layer(x) is x
+    assert _dropout_class()(0.0)(x) is x
+
+
+def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(models, sft_splits, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from verifily_train.training.lora import use_cheap_dropout
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["llama"]),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                      task_type="CAUSAL_LM"))
+    assert use_cheap_dropout(model) == 2 * 7
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    first, _, _ = _train_bf16(models, sft_splits, tmp_path / "a", True)
+    again, _, _ = _train_bf16(models, sft_splits, tmp_path / "b", True)
+    assert first["cheap_dropout_layers"] == 2 * 7 and again["train_loss"] == first["train_loss"]

@@ -198,7 +198,8 @@ def _write_log(history: List[dict], path: Path) -> None:
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
                   out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True,
-                  frozen_in_compute_dtype: bool = True, cpu_fp32_attention: bool = True) -> dict:
+                  frozen_in_compute_dtype: bool = True, cpu_fp32_attention: bool = True,
+                  cpu_cheap_dropout: bool = True) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
@@ -211,6 +212,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     stored in the autocast dtype instead of being cast on every forward (``lora.store_frozen_linears_in``).
     ``cpu_fp32_attention`` (CPU under bf16/fp16 autocast, SDPA models): attention runs in fp32
     (``training.attention``), where this CPU's kernel is several times faster than its bf16 one.
+    ``cpu_cheap_dropout`` (LoRA on the CPU): LoRA's dropout masks come from 16 random bits per element
+    (``lora.use_cheap_dropout``: same distribution, cheaper sampler, other masks than ``nn.Dropout``).
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
@@ -243,6 +246,11 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         from verifily_train.training.lora import store_frozen_linears_in
 
         converted = store_frozen_linears_in(model, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
+    cheap_dropout = 0
+    if cpu_cheap_dropout and cfg.lora.enabled and plan.device == "cpu":
+        from verifily_train.training.lora import use_cheap_dropout
+
+        cheap_dropout = use_cheap_dropout(model)
     trainable, total = count_parameters(model)
     tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
@@ -330,6 +338,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "label_only_head": label_only,
         "frozen_linears_in_compute_dtype": converted,
         "fp32_attention": fp32_attention,
+        "cheap_dropout_layers": cheap_dropout,
         "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device),
     }
 
