@@ -24,8 +24,15 @@ def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new
     rows = read_rows(write_skewed_splits(work / "eval-data", {"test": n}, seed=23)["test"])
     spec = inspect_model(str(model_dir), "sft")
     tok = load_tokenizer(spec)
+    from verifily_train.config.schema import ComputeSection
+    from verifily_train.training.attention import for_plan
+    from verifily_train.training.device import resolve_device
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    precision = "bf16" if device == "cuda" else "fp32"
+    # the evaluate stage's own precision on this machine (bf16 autocast where native; its attention set-up
+    # too); both contenders run in it
+    precision = resolve_device(ComputeSection(device=device)).precision
+    for_plan(model, device, precision)
     prompts = [tok(render_prompt(r, PromptSection()), add_special_tokens=True)["input_ids"] for r in rows]
     outputs = {}
 
@@ -35,24 +42,32 @@ def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new
                                             False)
         return {"seconds": time.perf_counter() - started}
 
-    def one_at_a_time():
-        started = time.perf_counter()
-        texts = []
-        with torch.no_grad():
-            for p in prompts:  # the loop people write first: one prompt, no padding, generate, decode
-                ids = torch.tensor([p], device=device)
-                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                         do_sample=False, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id)
-                texts.append(tok.decode(out[0, len(p):].cpu(), skip_special_tokens=True).strip())
-        outputs["loop"] = texts
-        return {"seconds": time.perf_counter() - started}
+    def one_at_a_time(loop_precision: str):
+        def run():
+            started = time.perf_counter()
+            texts = []
+            with torch.no_grad():
+                for p in prompts:  # the loop people write first: one prompt, no padding, generate, decode
+                    ids = torch.tensor([p], device=device)
+                    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=loop_precision == "bf16"):
+                        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             max_new_tokens=max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                    texts.append(tok.decode(out[0, len(p):].cpu(), skip_special_tokens=True).strip())
+            outputs[f"loop_{loop_precision}"] = texts
+            return {"seconds": time.perf_counter() - started}
+        return run
 
-    log(f"evaluation: {n} prompts, batch {batch_size}, {max_new_tokens} new tokens x {reps}")
-    raw = alternate({"one_at_a_time": one_at_a_time, "batched": batched}, reps, log)
-    loop_s, batch_s = median([o["seconds"] for o in raw["one_at_a_time"]]), median([o["seconds"] for o in raw["batched"]])
-    agree = sum(a == b for a, b in zip(outputs["batched"], outputs["loop"])) / n
-    return {"device": device, "precision": precision, "prompts": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "reps": reps,
+    # the loop runs in fp32 and, where it differs, in the stage's precision; the faster one is the baseline
+    # (on a CPU, one-row decoding is overhead-bound and autocast only adds casts)
+    loops = {f"one_at_a_time_{p}": one_at_a_time(p) for p in dict.fromkeys(["fp32", precision])}
+    log(f"evaluation: {n} prompts, batch {batch_size}, {max_new_tokens} new tokens, batched in {precision}, x {reps}")
+    raw = alternate({**loops, "batched": batched}, reps, log)
+    loop_times = {name: median([o["seconds"] for o in raw[name]]) for name in loops}
+    baseline = min(loop_times, key=loop_times.get)
+    loop_s, batch_s = loop_times[baseline], median([o["seconds"] for o in raw["batched"]])
+    agree = sum(a == b for a, b in zip(outputs["batched"], outputs["loop_fp32"])) / n
+    return {"device": device, "precision": precision, "prompts": n, "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens, "reps": reps, "loop_seconds": loop_times, "baseline": baseline,
             "one_at_a_time_seconds": loop_s, "batched_seconds": batch_s, "speedup": loop_s / batch_s,
             "outputs_identical_fraction": agree, "target_5x_met": loop_s / batch_s >= 5, "raw": raw}

@@ -219,7 +219,7 @@ def gpu_tables(result: dict) -> str:
     if isinstance(result.get("eval"), dict):
         e = result["eval"]
         out.append(f"Evaluation on the GPU ({e['prompts']} prompts, batch {e['batch_size']}, {e['max_new_tokens']} new "
-                   f"tokens, {e.get('precision')}): one at a time {e['one_at_a_time_seconds']:.2f} s, batched {e['batched_seconds']:.2f} s, "
+                   f"tokens, {e.get('precision')}): one at a time {e['one_at_a_time_seconds']:.2f} s ({e.get('baseline')}), batched {e['batched_seconds']:.2f} s, "
                    f"speedup {e['speedup']:.1f}x (target 5x {'met' if e['target_5x_met'] else 'missed'})")
     for name, err in result.get("errors", {}).items():
         out.append(f"{name} failed: {err}")
