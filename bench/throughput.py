@@ -17,11 +17,12 @@ DESCRIPTIONS = {
     "peft_dynamic": "(b) HF Trainer + PEFT, dynamic padding",
     "trl_sft": "(c) TRL SFTTrainer",
     "peft_dynamic_bf16": "(b) with bf16 autocast",
-    "verifily_plain": "verifily train stage, levers off (plain forward, batch padded to its longest row)",
-    "verifily": "verifily train stage (head at label positions only, batch run as length-sorted sub-batches)",
+    "verifily_plain": "verifily train stage with the model's plain forward (no label-only head, batch padded to its longest row)",
+    "verifily": "verifily train stage (its defaults: head at label positions only, length-sorted sub-batches on a CPU)",
     "verifily_bf16": "verifily train stage, bf16 autocast (the default where bf16 is native)",
     "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
     "trl_sft_bf16": "(c) with bf16 autocast",
+    "verifily_torch_dropout": "verifily with PyTorch's own dropout sampler (bernoulli_) instead of the 16-bit one",
     "verifily_plain_bf16": "verifily_plain with bf16 autocast",
     "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU's setting; off on GPUs)",
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
@@ -75,6 +76,7 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
         "verifily_plain": our_run(precision="fp32", label_only_head=False, group_by_length=False),
         "verifily": our_run(precision="fp32"),
         "verifily_grouped": our_run(precision="fp32", group_by_length=True),
+        "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
     }
     if device == "cuda" if gpu_contenders is None else gpu_contenders:
         # on a GPU everyone trains with bf16 autocast, as its users would
