@@ -45,14 +45,9 @@ def _timed(cmd, env, cwd) -> float:
 
 def start_server(work: Path):
     """A Prefect server on a free loopback port, as ``verifily stack up`` runs one; returns (process, API URL)."""
-    import socket
-    import urllib.request
+    from verifily_train.procs import die_with_parent, free_port, wait_healthy
 
-    from verifily_train.procs import die_with_parent
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_ENABLED="0")
     env.pop("PREFECT_API_URL", None)
@@ -60,14 +55,8 @@ def start_server(work: Path):
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.2)
+    if wait_healthy(url, lambda: proc.poll() is None, 120, interval=0.2):
+        return proc, url
     proc.kill()
     raise RuntimeError("the bench's Prefect server did not start")
 

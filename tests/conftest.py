@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from verifily_train.procs import die_with_parent, stop  # noqa: E402
+from verifily_train.procs import die_with_parent, free_port, stop, wait_healthy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,9 +51,7 @@ def cls_splits(tmp_path):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -73,17 +67,9 @@ def prefect_api(tmp_path_factory):
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=die_with_parent)  # no server outlives a killed pytest
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
+    if not wait_healthy(url, lambda: proc.poll() is None, 90, interval=0.5):
         if proc.poll() is not None:
             raise RuntimeError((home / "server.log").read_text())
-    else:
         proc.kill()
         raise RuntimeError("Prefect server did not become healthy in 90 s")
     yield url

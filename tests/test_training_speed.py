@@ -112,8 +112,6 @@ def test_length_groups_cover_the_batch_and_cut_padding():
 
 def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_only=True):
     """The real train stage (bf16 autocast on the CPU) on the fixture Llama; returns (manifest, adapter tensors)."""
-    import dataclasses
-
     from safetensors.torch import load_file
 
     from verifily_train.config import load_config

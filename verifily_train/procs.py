@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def die_with_parent() -> None:
@@ -35,3 +35,29 @@ def stop(proc: subprocess.Popen, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (bound to 0 and released: a server started right after gets it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(api_url: str, alive: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``<api_url>/health`` until it answers 200 (True), or ``alive()`` turns False or ``timeout`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(interval)
+    return False

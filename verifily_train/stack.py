@@ -91,19 +91,12 @@ def _tail(path: str) -> str:
 
 
 def _wait_healthy(url: str, proc: dict, timeout: float) -> None:
-    import urllib.request
+    from verifily_train.procs import wait_healthy
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(proc):
-            raise EnvironmentProblem(proc["log"], None, f"the Prefect server exited: {_tail(proc['log'])}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
+    if wait_healthy(url, lambda: _alive(proc), timeout, interval=0.25):
+        return
+    if not _alive(proc):
+        raise EnvironmentProblem(proc["log"], None, f"the Prefect server exited: {_tail(proc['log'])}")
     raise EnvironmentProblem(proc["log"], None, f"the Prefect server did not answer {url}/health in {timeout:.0f}s")
 
 

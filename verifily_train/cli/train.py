@@ -129,17 +129,14 @@ class TemporaryServer:
     def __init__(self):
         import atexit
         import importlib.util
-        import socket
         import subprocess
         import threading
         from pathlib import Path
 
-        from verifily_train.procs import die_with_parent
+        from verifily_train.procs import die_with_parent, free_port
 
         app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
@@ -154,20 +151,9 @@ class TemporaryServer:
         self._thread.start()
 
     def _wait_healthy(self, timeout: float = 90.0) -> None:
-        import time
-        import urllib.error
-        import urllib.request
+        from verifily_train.procs import wait_healthy
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        self.healthy = True
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
+        self.healthy = wait_healthy(self.url, lambda: self.proc.poll() is None, timeout)
 
     def wait(self) -> None:
         """Block until the server answers; a server that died or never answered is a one-line error."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from verifily_train.config.schema import LoraSection
 from verifily_train.errors import ConfigError
 from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
@@ -52,6 +54,7 @@ def store_frozen_linears_in(model, dtype) -> int:
     return count
 
 
+@functools.lru_cache(maxsize=None)
 def _dropout_class():
     import torch
 
