@@ -62,6 +62,22 @@ def set_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def quiet_libraries() -> None:
+    """Offline, no progress bars, errors only: what every bench process (parent or contender) sets."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # the peers need it; our contenders do not
+        pass
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     import torch

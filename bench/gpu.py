@@ -131,7 +131,8 @@ def quantization_runs(model_dir: Path, work: Path, settings: TrainSettings, reps
 
 
 def run_gpu(work: Path, reps: int, smollm2: Optional[Path] = None, archs: Iterable[str] = ("smollm2-135m", "smollm2-1.7b"),
-            parts: Iterable[str] = ("throughput", "quantization", "eval"), log=print, dry_run: bool = False) -> dict:
+            parts: Iterable[str] = ("throughput", "quantization", "eval"), log=print, dry_run: bool = False,
+            isolate: bool = True) -> dict:
     """Every GPU part on every architecture it applies to; a part that fails is recorded, the others still run.
 
     ``dry_run``: the same plumbing on the CPU with the tiny architecture and tiny data (checks, not figures).
@@ -184,7 +185,8 @@ def run_gpu(work: Path, reps: int, smollm2: Optional[Path] = None, archs: Iterab
         settings = TrainSettings(rows=512 // scale, batch_size=16, max_len=512, eval_rows=32 // scale,
                                  learning_rate=2e-4)
         attempt("throughput", lambda: run_throughput(small, models[small], work / "throughput", settings, reps, True,
-                                                     median_words=60.0, log=log, device=device, gpu_contenders=True))
+                                                     median_words=60.0, log=log, device=device, gpu_contenders=True,
+                                                     isolate=isolate))
     if "quantization" in parts:
         for arch in archs:
             rows = (512 if arch == small else 256) // scale

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List
 
 from bench.common import TrainSettings, median
-from bench.data import read_rows, write_skewed_splits
+from bench.data import write_skewed_splits
+from bench.isolated import isolated_runs
 from bench.ours import OurTrainStage
 
 
@@ -89,43 +91,85 @@ def bare_loop(model_dir: Path, examples: List[dict], batch_size: int, lr: float,
     return time.perf_counter() - started, [examples[i] for b in batches for i in b]
 
 
+def _examples(stage: OurTrainStage) -> List[dict]:
+    from verifily_train.training.tokenize import TokenizedSplit
+
+    split = TokenizedSplit(stage.tokenized_dir / "train.parquet", "sft")
+    return [split[i] for i in range(len(split))]
+
+
+def limit_runs(model_dir, work, settings, splits: dict, bf16: bool) -> Dict[str, Callable[[], dict]]:
+    """{run: zero-argument run}: the train stage (LoRA/full x fp32/bf16) and the bare loops; nothing loads until
+    a run starts (``bench.isolated`` calls this in each run's own process)."""
+    model_dir, work = Path(model_dir), Path(work)
+    settings = TrainSettings(**settings) if isinstance(settings, dict) else settings
+
+    @functools.lru_cache(maxsize=None)
+    def stage(mode: str) -> OurTrainStage:
+        return OurTrainStage(model_dir, Path(splits["train"]), Path(splits["test"]), settings, work / mode,
+                             full_finetune=(mode == "full"))
+
+    def stage_run(mode: str, precision: str):
+        def run():
+            m = stage(mode).train(precision=precision, keep_model=False)
+            return {"seconds": m["train_seconds"], "loss": m["train_loss"], "tokens_per_second": m["tokens_per_second"]}
+        return run
+
+    def bare(mode: str):
+        def run():
+            examples = _examples(stage("lora"))
+            seconds, used = bare_loop(model_dir, examples, settings.batch_size, settings.learning_rate, mode == "full",
+                                      settings.lora_r, len(examples) // settings.batch_size)
+            return {"seconds": seconds, "lengths": [len(e["input_ids"]) for e in used]}
+        return run
+
+    precisions = ("fp32", "bf16") if bf16 else ("fp32",)
+    runs = {f"{mode}_{p}": stage_run(mode, p) for p in precisions for mode in ("lora", "full")}
+    runs.update({f"bare_loop_{mode}_fp32": bare(mode) for mode in ("lora", "full")})
+    return runs
+
+
 def run_limit(model_dir: Path, work: Path, settings: TrainSettings, reps: int, bf16: bool, median_words: float,
-              matmul_n: int, log=print) -> dict:
-    """Peak GFLOP/s, then the train stage's (and a bare loop's) achieved GFLOP/s as a fraction of it."""
+              matmul_n: int, log=print, isolate: bool = True) -> dict:
+    """Peak GFLOP/s, then the train stage's (and a bare loop's) achieved GFLOP/s as a fraction of it.
+
+    ``isolate``: each run in its own process (see ``bench.isolated``), else all in this one.
+    """
+    import dataclasses
+
+    import torch
+
     peaks = {"fp32": matmul_peak("fp32", matmul_n)}
     if bf16:
         peaks["bf16"] = matmul_peak("bf16", matmul_n)
     log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": 8}, seed=11, median_words=median_words)
     dims = model_dims(model_dir)
-    results = {}
-    runs = [("lora", "fp32"), ("full", "fp32")] + ([("lora", "bf16"), ("full", "bf16")] if bf16 else [])
-    stages = {mode: OurTrainStage(model_dir, splits["train"], splits["test"], settings, work / mode,
-                                  full_finetune=(mode == "full")) for mode in ("lora", "full")}
-    from verifily_train.training.tokenize import TokenizedSplit
-
-    train_split = TokenizedSplit(stages["lora"].tokenized_dir / "train.parquet", "sft")
-    examples = [train_split[i] for i in range(len(train_split))]
+    kwargs = {"model_dir": str(model_dir), "work": str(work), "settings": dataclasses.asdict(settings),
+              "splits": {k: str(v) for k, v in splits.items()}, "bf16": bf16}
+    runs = limit_runs(**kwargs)
+    # the lengths of the rows every run trains on (tokenizing here trains nothing)
+    examples = _examples(OurTrainStage(model_dir, splits["train"], splits["test"], settings, work / "lora"))
     lengths = [len(e["input_ids"]) for e in examples]
     label_tokens = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+    if isolate:
+        runs = isolated_runs("bench.limit:limit_runs", kwargs, list(runs), torch.get_num_threads(), work / "isolated")
+    results = {}
     for rep in range(reps):
-        for mode, precision in runs:
-            m = stages[mode].train(precision=precision, keep_model=False)
-            flops = training_flops(dims, lengths, label_tokens, settings.lora_r, mode == "full") * settings.epochs
-            gflops = flops / m["train_seconds"] / 1e9
-            results.setdefault(f"{mode}_{precision}", []).append({"gflops": gflops, "loss": m["train_loss"],
-                                                                  "tokens_per_second": m["tokens_per_second"]})
-            log(f"  rep {rep + 1}/{reps} train stage {mode} {precision}: {gflops:.1f} GFLOP/s "
-                f"({gflops / peaks['fp32']:.0%} of fp32 peak), loss {m['train_loss']:.4f}")
-        for mode in ("lora", "full"):
-            steps = len(examples) // settings.batch_size
-            seconds, used = bare_loop(model_dir, examples, settings.batch_size, settings.learning_rate, mode == "full",
-                                      settings.lora_r, steps)
-            u_lengths = [len(e["input_ids"]) for e in used]
-            # the bare loop's head runs at every position: count what it really computed
-            flops = training_flops(dims, u_lengths, sum(u_lengths), settings.lora_r, mode == "full")
-            results.setdefault(f"bare_loop_{mode}_fp32", []).append({"gflops": flops / seconds / 1e9})
-            log(f"  rep {rep + 1}/{reps} bare PyTorch loop {mode} fp32: {flops / seconds / 1e9:.1f} GFLOP/s")
+        for name, run in runs.items():
+            outcome = run()
+            if name.startswith("bare_loop_"):
+                # the bare loop's head runs at every position: count what it really computed
+                u_lengths = outcome["lengths"]
+                flops = training_flops(dims, u_lengths, sum(u_lengths), settings.lora_r, "_full_" in name)
+                results.setdefault(name, []).append({"gflops": flops / outcome["seconds"] / 1e9})
+            else:
+                flops = training_flops(dims, lengths, label_tokens, settings.lora_r, name.startswith("full")) * settings.epochs
+                results.setdefault(name, []).append({"gflops": flops / outcome["seconds"] / 1e9, "loss": outcome["loss"],
+                                                     "tokens_per_second": outcome["tokens_per_second"]})
+            gflops = results[name][-1]["gflops"]
+            log(f"  rep {rep + 1}/{reps} {name}: {gflops:.1f} GFLOP/s ({gflops / peaks['fp32']:.0%} of fp32 peak)"
+                + (f", loss {outcome['loss']:.4f}" if "loss" in outcome else ""))
     table = {}
     for name, outcomes in results.items():
         g = median([o["gflops"] for o in outcomes])
@@ -142,4 +186,4 @@ def run_limit(model_dir: Path, work: Path, settings: TrainSettings, reps: int, b
             verdict[f"{mode}_bf16_loss_delta"] = (a["train_loss"] - b["train_loss"]) / b["train_loss"]
     return {"peaks_gflops": peaks, "matmul_n": matmul_n, "model_dims": dims, "settings": settings,
             "tokens_per_pass": sum(lengths), "mean_row_tokens": sum(lengths) / len(lengths), "runs": table,
-            "verdict": verdict, "raw": results}
+            "verdict": verdict, "raw": results, "isolated": isolate}

@@ -1,20 +1,19 @@
 """``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,gpu]``: run, print a table, write JSON.
 
-Every suite runs its contenders alternately in one process, ``--reps`` times, and reports medians and
-ratios (machines are noisy: the ratios are the result). Results go to ``bench/results/<suite>.json``
-and ``bench/results/summary.md``.
+Every suite runs its contenders alternately, ``--reps`` times (training runs each in a fresh process,
+``bench/isolated.py``), and reports medians and ratios (machines are noisy: the ratios are the result).
+Results go to ``bench/results/<suite>.json`` and ``bench/results/summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import List
 
-from bench.common import RESULTS, TrainSettings, machine, markdown_table, set_threads, write_result
+from bench.common import RESULTS, TrainSettings, machine, markdown_table, quiet_libraries, set_threads, write_result
 
 SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "gpu")
 
@@ -34,6 +33,9 @@ def parse(argv=None):
     parser.add_argument("--gpu-parts", default="throughput,quantization,eval", help="parts of the gpu suite")
     parser.add_argument("--gpu-dry-run", action="store_true",
                         help="run the gpu suite's plumbing on the CPU with a tiny model (a check, not figures)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every contender in this process (default: each run of the throughput and limit "
+                             "suites in its own process, as bench/isolated.py explains; --quick implies it)")
     parser.add_argument("--render", action="store_true",
                         help="only re-render summary.md from the JSON results in --out (throughput ratios recomputed)")
     return parser.parse_args(argv)
@@ -44,24 +46,14 @@ def main(argv=None) -> int:
     if args.render:
         print(render(Path(args.out)))
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     set_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # the peers need it; our contenders do not
-        pass
+    quiet_libraries()
     only: List[str] = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SUITES]
     if unknown:
         raise SystemExit(f"--only: unknown suite(s) {', '.join(unknown)}; choose among {', '.join(SUITES)}")
     reps = args.reps or (1 if args.quick else 3)
+    isolate = not (args.quick or args.in_process)
     out = Path(args.out)
     work = Path(args.work or tempfile.mkdtemp(prefix="verifily-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -88,7 +80,8 @@ def main(argv=None) -> int:
         if smollm2 is not None:
             runs.append(("smollm2-135m", smollm2, TrainSettings(rows=args.smollm2_rows, max_len=96), 8.0))
         for name, model_dir, settings, words in runs:
-            result = run_throughput(name, model_dir, work / f"throughput-{name}", settings, reps, bf16, words)
+            result = run_throughput(name, model_dir, work / f"throughput-{name}", settings, reps, bf16, words,
+                                    isolate=isolate)
             result["machine"] = info
             write_result(f"throughput-{name}", result, out)
             sections.append(throughput_table(result))
@@ -98,7 +91,7 @@ def main(argv=None) -> int:
         settings = (TrainSettings(rows=16, batch_size=8, max_len=64) if args.quick
                     else TrainSettings(rows=96, batch_size=12, max_len=512))
         result = run_limit(bench_model, work / "limit", settings, reps, bf16, 10.0 if args.quick else 80.0,
-                           256 if args.quick else 2048)
+                           256 if args.quick else 2048, isolate=isolate)
         result["machine"] = info
         write_result("limit", result, out)
         sections.append(limit_table(result))
@@ -132,7 +125,7 @@ def main(argv=None) -> int:
             from bench.gpu import gpu_tables, run_gpu
 
             result = run_gpu(work, reps, smollm2=smollm2, archs=args.gpu_archs.split(","),
-                             parts=args.gpu_parts.split(","), dry_run=args.gpu_dry_run)
+                             parts=args.gpu_parts.split(","), dry_run=args.gpu_dry_run, isolate=isolate)
             result["machine"] = info
             write_result("gpu", result, out)
             if "throughput" in result:

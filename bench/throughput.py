@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 from bench.common import TrainSettings, alternate, heldout_loss, median
 from bench.data import read_rows, write_skewed_splits
+from bench.isolated import isolated_runs
 from bench.ours import OurTrainStage
 from bench.peers.hf_peft import train_hf_peft
 from bench.peers.trl_sft import train_trl_sft, trl_available
@@ -44,65 +46,103 @@ def _with_group_cost(run, cost):
     return wrapped
 
 
-def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
-                   bf16: bool, median_words: float = 8.0, log=print, contenders=None, device: str = "cpu",
-                   gpu_contenders: bool = None) -> dict:
-    """Alternate every contender ``reps`` times on the same data; medians of tokens/s and held-out loss."""
-    splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": settings.eval_rows},
-                                 median_words=median_words)
-    rows = read_rows(splits["train"])
-    ours = OurTrainStage(model_dir, splits["train"], splits["test"], settings, work)
-    heldout = ours.heldout_examples()
+def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool, device: str = "cpu",
+                   gpu_contenders: bool = None) -> Dict[str, Callable[[], dict]]:
+    """{contender: run}; each run trains once and returns tokens/s and held-out loss. Nothing is loaded until
+    a run starts, so the names are free to list (``bench.isolated`` calls this in each contender's process)."""
+    model_dir, work = Path(model_dir), Path(work)
+    if isinstance(settings, dict):
+        settings = TrainSettings(**settings)
+    splits = {k: Path(v) for k, v in splits.items()}
+
+    @functools.lru_cache(maxsize=None)
+    def ours() -> OurTrainStage:
+        return OurTrainStage(model_dir, splits["train"], splits["test"], settings, work)
+
+    @functools.lru_cache(maxsize=None)
+    def heldout():
+        return ours().heldout_examples()
+
+    def rows():
+        return read_rows(splits["train"])
 
     def measured(outcome: dict) -> dict:
         model = outcome.pop("model")
-        loss = heldout_loss(model, heldout)
+        loss = heldout_loss(model, heldout())
         return {"tokens_per_second": outcome["real_tokens"] / outcome["seconds"], "eval_loss": loss,
                 "train_loss": outcome["train_loss"], "seconds": outcome["seconds"], "real_tokens": outcome["real_tokens"],
                 **{k: outcome[k] for k in ("padding_fraction", "label_only_head") if k in outcome}}
 
     def our_run(**kwargs):
         def run():
-            m = ours.train(device=device, **kwargs)
+            m = ours().train(device=device, **kwargs)
             return measured({"model": m["model"], "real_tokens": m["train_tokens"], "seconds": m["train_seconds"],
                              "train_loss": m["train_loss"], "padding_fraction": m["padding_fraction"],
                              "label_only_head": m["label_only_head"]})
         return run
 
-    runs = {
-        "peft_max_length": lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="max_length")),
-        "peft_dynamic": lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest")),
-        "trl_sft": lambda: measured(train_trl_sft(str(model_dir), rows, settings)),
-        "verifily_plain": our_run(precision="fp32", label_only_head=False, group_by_length=False),
-        "verifily": our_run(precision="fp32"),
-        "verifily_grouped": our_run(precision="fp32", group_by_length=True),
-        "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
-    }
+    def peft(padding: str, bf16: bool = False):
+        return lambda: measured(train_hf_peft(str(model_dir), rows(), settings, padding=padding, bf16=bf16))
+
+    def trl(bf16: bool = False):
+        return lambda: measured(train_trl_sft(str(model_dir), rows(), settings, bf16=bf16))
+
     if device == "cuda" if gpu_contenders is None else gpu_contenders:
         # on a GPU everyone trains with bf16 autocast, as its users would
         runs = {
-            "peft_dynamic_bf16": lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest",
-                                                                bf16=True)),
-            "trl_sft_bf16": lambda: measured(train_trl_sft(str(model_dir), rows, settings, bf16=True)),
+            "peft_dynamic_bf16": peft("longest", bf16=True),
+            "trl_sft_bf16": trl(bf16=True),
             "verifily_plain_bf16": our_run(precision="bf16", label_only_head=False),
             "verifily_bf16": our_run(precision="bf16"),
             "verifily_bf16_split": _with_group_cost(our_run(precision="bf16"), 24),
             "verifily_bf16_recast": our_run(precision="bf16", frozen_in_compute_dtype=False),
         }
-    elif bf16:
-        runs["peft_dynamic_bf16"] = lambda: measured(train_hf_peft(str(model_dir), rows, settings, padding="longest",
-                                                                   bf16=True))
-        runs["verifily_bf16"] = our_run(precision="bf16")
-        runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
+    else:
+        runs = {
+            "peft_max_length": peft("max_length"),
+            "peft_dynamic": peft("longest"),
+            "trl_sft": trl(),
+            "verifily_plain": our_run(precision="fp32", label_only_head=False, group_by_length=False),
+            "verifily": our_run(precision="fp32"),
+            "verifily_grouped": our_run(precision="fp32", group_by_length=True),
+            "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
+        }
+        if bf16:
+            runs["peft_dynamic_bf16"] = peft("longest", bf16=True)
+            runs["verifily_bf16"] = our_run(precision="bf16")
+            runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
     if not trl_available():
         runs.pop("trl_sft", None)
         runs.pop("trl_sft_bf16", None)
+    return runs
+
+
+def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
+                   bf16: bool, median_words: float = 8.0, log=print, contenders=None, device: str = "cpu",
+                   gpu_contenders: bool = None, isolate: bool = True) -> dict:
+    """Alternate every contender ``reps`` times on the same data; medians of tokens/s and held-out loss.
+
+    ``isolate``: each run in its own process (``bench.isolated``: what a run leaves in the allocator slows
+    the next one), else all in this one (quicker to start; the CI smoke test).
+    """
+    import dataclasses
+    import torch
+
+    splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": settings.eval_rows},
+                                 median_words=median_words)
+    kwargs = {"model_dir": str(model_dir), "work": str(work), "settings": dataclasses.asdict(settings),
+              "splits": {k: str(v) for k, v in splits.items()}, "bf16": bf16, "device": device,
+              "gpu_contenders": gpu_contenders}
+    runs = contender_runs(**kwargs)
     if contenders:
         runs = {k: v for k, v in runs.items() if k in contenders}
-    log(f"throughput on {model_name}: {', '.join(runs)} x {reps}")
+    if isolate:
+        runs = isolated_runs("bench.throughput:contender_runs", kwargs, list(runs), torch.get_num_threads(),
+                             work / "isolated")
+    log(f"throughput on {model_name}: {', '.join(runs)} x {reps}{' (each run in its own process)' if isolate else ''}")
     raw = alternate(runs, reps, log)
     result = summarize(model_name, settings, raw, trl_available())
-    result["device"] = device
+    result.update(device=device, isolated=isolate)
     return result
 
 

@@ -72,3 +72,22 @@ def test_gpu_suite_plumbing_runs_on_the_cpu(tmp_path):
     assert set(quant) == {"none", "4bit"} and all(r["tokens_per_second"] > 0 for r in quant.values())
     assert gpu["eval"]["speedup"] > 0
     assert "LoRA bf16 vs QLoRA 4-bit" in (out / "summary.md").read_text()
+
+
+def test_each_contender_trains_in_a_fresh_process(tmp_path):
+    """Full runs isolate every training run (bench/isolated.py: a run's allocator state slows the next one):
+    each contender trains in its own process, and its figures come back intact."""
+    sys.path.insert(0, str(REPO))
+    from bench.common import TrainSettings
+    from bench.models import bench_llama
+    from bench.throughput import run_throughput
+
+    model = bench_llama(tmp_path / "models", 32, 2)
+    result = run_throughput("tiny", model, tmp_path / "work", TrainSettings(rows=16, max_len=64, eval_rows=8), 1,
+                            False, contenders=["peft_dynamic", "verifily"], isolate=True, log=lambda _: None)
+    assert result["isolated"] is True
+    processes = [o["process"] for runs in result["raw"].values() for o in runs]
+    assert len(processes) == 2 and len(set(processes)) == 2 and os.getpid() not in processes
+    for row in result["contenders"].values():
+        assert row["tokens_per_second"] > 0 and math.isfinite(row["eval_loss"])
+    assert result["contenders"]["verifily"]["real_tokens"] == result["contenders"]["peft_dynamic"]["real_tokens"]
