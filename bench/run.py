@@ -33,6 +33,10 @@ def parse(argv=None):
     parser.add_argument("--gpu-parts", default="throughput,quantization,eval", help="parts of the gpu suite")
     parser.add_argument("--gpu-dry-run", action="store_true",
                         help="run the gpu suite's plumbing on the CPU with a tiny model (a check, not figures)")
+    parser.add_argument("--contenders", default=None,
+                        help="comma-separated throughput contenders to run (default: all of them)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated throughput models among bench-llama, smollm2 (default: both)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every contender in this process (default: each run of the throughput and limit "
                              "suites in its own process, as bench/isolated.py explains; --quick implies it)")
@@ -79,9 +83,13 @@ def main(argv=None) -> int:
                  8.0 if args.quick else 24.0)]
         if smollm2 is not None:
             runs.append(("smollm2-135m", smollm2, TrainSettings(rows=args.smollm2_rows, max_len=96), 8.0))
+        if args.models:
+            wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+            runs = [r for r in runs if any(r[0].startswith(m) for m in wanted)]
+        contenders = [c.strip() for c in args.contenders.split(",")] if args.contenders else None
         for name, model_dir, settings, words in runs:
             result = run_throughput(name, model_dir, work / f"throughput-{name}", settings, reps, bf16, words,
-                                    isolate=isolate)
+                                    isolate=isolate, contenders=contenders)
             result["machine"] = info
             write_result(f"throughput-{name}", result, out)
             sections.append(throughput_table(result))

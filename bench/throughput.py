@@ -20,13 +20,13 @@ DESCRIPTIONS = {
     "trl_sft": "(c) TRL SFTTrainer",
     "peft_dynamic_bf16": "(b) with bf16 autocast",
     "verifily_plain": "verifily train stage with the model's plain forward (no label-only head, batch padded to its longest row)",
-    "verifily": "verifily train stage (its defaults: head at label positions only, length-sorted sub-batches on a CPU)",
+    "verifily": "verifily train stage (its defaults: head at label positions only, length-sorted sub-batches on a CPU in fp32)",
     "verifily_bf16": "verifily train stage, bf16 autocast (the default where bf16 is native)",
     "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
     "trl_sft_bf16": "(c) with bf16 autocast",
     "verifily_torch_dropout": "verifily with PyTorch's own dropout sampler (bernoulli_) instead of the 16-bit one",
     "verifily_plain_bf16": "verifily_plain with bf16 autocast",
-    "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU's setting; off on GPUs)",
+    "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU fp32 setting; off under bf16 and on GPUs)",
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
 }
 PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16")
@@ -110,6 +110,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)
             runs["verifily_bf16"] = our_run(precision="bf16")
+            runs["verifily_bf16_split"] = _with_group_cost(our_run(precision="bf16"), 24)
             runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
     if not trl_available():
         runs.pop("trl_sft", None)

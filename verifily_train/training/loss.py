@@ -23,12 +23,26 @@ from typing import List, Optional
 # not tuned). GPUs: a training step there is bound by kernel launches, not by arithmetic (H100, SmolLM2-135M
 # LoRA, batch 16: 1.0 s of GPU work in 7.1 s of training), so every sub-batch adds launches for padding
 # that was nearly free: measured 0.59x the unsplit batch's tokens/s (bench/results/gpu-h100).
-GROUP_COST_TOKENS = {"cpu": 24, "cuda": None, "mps": None}
+# CPU under bf16 autocast: every extra sub-batch also re-casts its activations for each adapted layer, and
+# the matmuls it saves are the cheap part (AMX): measured on the hidden-512 bench model, 1,229 tok/s split
+# against 1,422 whole. Keys: "<device>-<precision>" first, then "<device>".
+GROUP_COST_TOKENS = {"cpu": 24, "cpu-bf16": None, "cuda": None, "mps": None}
 DEFAULT_GROUP_COST = 24
 
 
-def group_cost_for(device_type: str) -> Optional[int]:
-    return GROUP_COST_TOKENS.get(device_type, DEFAULT_GROUP_COST)
+def group_cost_for(device_type: str, precision: str = "fp32") -> Optional[int]:
+    """Padded tokens one more sub-batch must save to be worth its fixed cost; None: never split."""
+    key = f"{device_type}-{precision}"
+    return GROUP_COST_TOKENS[key] if key in GROUP_COST_TOKENS else GROUP_COST_TOKENS.get(device_type, DEFAULT_GROUP_COST)
+
+
+def autocast_precision(device_type: str) -> str:
+    """"bf16" or "fp16" inside an autocast region on ``device_type``, else "fp32"."""
+    import torch
+
+    if not torch.is_autocast_enabled(device_type):
+        return "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch.get_autocast_dtype(device_type), "fp32")
 
 
 LABEL_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
@@ -127,7 +141,7 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
 
     base = unwrap_causal_lm(model)
     ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
-    cost = group_cost_for(ids.device.type)
+    cost = group_cost_for(ids.device.type, autocast_precision(ids.device.type))
     split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
     if split and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right-padded
         lengths = mask.sum(dim=1).tolist()

@@ -339,7 +339,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "frozen_linears_in_compute_dtype": converted,
         "fp32_attention": fp32_attention,
         "cheap_dropout_layers": cheap_dropout,
-        "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device),
+        "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device, plan.precision),
     }
 
 
@@ -353,7 +353,7 @@ def _merge_into_fresh_base(spec: ModelSpec, adapter_dir: Path, labels, tok, cfg:
 
 
 def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, split_by_length: bool,
-                      device: str = "cpu") -> float:
+                      device: str = "cpu", precision: str = "fp32") -> float:
     """Share of computed positions that are padding over the first epoch's batches (as the loss runs them)."""
     import torch
 
@@ -371,7 +371,7 @@ def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, spl
     real = padded = 0
     for start in range(0, len(order), size):
         batch = [lengths[i] for i in order[start:start + size]]
-        cost = group_cost_for(device)
+        cost = group_cost_for(device, precision)
         split = split_by_length and cost is not None and len(batch) > 1
         groups = length_groups(batch, cost) if split else [list(range(len(batch)))]
         real += sum(batch)
