@@ -37,6 +37,9 @@ def parse(argv=None):
                         help="comma-separated throughput contenders to run (default: all of them)")
     parser.add_argument("--models", default=None,
                         help="comma-separated throughput models among bench-llama, smollm2 (default: both)")
+    parser.add_argument("--pipeline-model", default="bench-llama", choices=("bench-llama", "smollm2"),
+                        help="the pipeline suite's model (default: the hidden-512 bench model, a ~17 s job; smollm2: "
+                             "a job the size of the README demo's)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every contender in this process (default: each run of the throughput and limit "
                              "suites in its own process, as bench/isolated.py explains; --quick implies it)")
@@ -121,10 +124,13 @@ def main(argv=None) -> int:
     if "pipeline" in only:
         from bench.pipeline import run_pipeline
 
-        result = run_pipeline(bench_model, work, 24 if args.quick else 160, 8 if args.quick else 24, 1 if args.quick else 2,
-                              reps if args.quick else max(1, reps - 1))
+        pipeline_model = smollm2 if args.pipeline_model == "smollm2" and smollm2 is not None else bench_model
+        on_smollm2 = pipeline_model == smollm2
+        result = run_pipeline(pipeline_model, work, 24 if args.quick else 160, 8 if args.quick else 24,
+                              1 if args.quick or on_smollm2 else 2, reps if args.quick else max(1, reps - 1))
+        result["model"] = "smollm2-135m" if on_smollm2 else Path(pipeline_model).name
         result["machine"] = info
-        write_result("pipeline", result, out)
+        write_result("pipeline-smollm2" if on_smollm2 else "pipeline", result, out)
         sections.append(pipeline_table(result))
     if "gpu" in only:
         import torch
@@ -166,7 +172,8 @@ def render(out: Path) -> str:
         sections.append(throughput_table(result))
     if (out / "limit.json").is_file():
         sections.append(limit_table(json.loads((out / "limit.json").read_text())))
-    for name, fn in (("eval", eval_table), ("cli", cli_table), ("pipeline", pipeline_table)):
+    for name, fn in (("eval", eval_table), ("cli", cli_table), ("pipeline", pipeline_table),
+                     ("pipeline-smollm2", pipeline_table)):
         if (out / f"{name}.json").is_file():
             sections.append(fn(json.loads((out / f"{name}.json").read_text())))
     summary = "\n\n".join(sections) + "\n"
@@ -193,7 +200,7 @@ def cli_table(result: dict) -> str:
 
 def pipeline_table(result: dict) -> str:
     modes = result.get("modes") or {"temporary server": result}
-    return (f"### Whole pipeline ({result['train_rows']} rows x {result['epochs']} epochs; stages by hand "
+    return (f"### Whole pipeline ({result.get('model', 'bench model')}, {result['train_rows']} rows x {result['epochs']} epochs; stages by hand "
             f"{result['by_hand_seconds']:.1f} s)\n\n" + markdown_table(
                 ["Prefect API", "cold `verifily train` (s)", "overhead", "target < 10%", "identical re-run (s)",
                  "re-run / cold", "target < 5%"],

@@ -273,3 +273,19 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     first, _, _ = _train_bf16(models, sft_splits, tmp_path / "a", True)
     again, _, _ = _train_bf16(models, sft_splits, tmp_path / "b", True)
     assert first["cheap_dropout_layers"] == 2 * 7 and again["train_loss"] == first["train_loss"]
+
+
+def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatch):
+    """fp32 on a CPU splits, bf16 autocast on a CPU and GPUs never do; compute_loss reads the autocast state."""
+    import torch
+
+    import verifily_train.training.loss as loss_module
+
+    assert loss_module.group_cost_for("cpu") == loss_module.GROUP_COST_TOKENS["cpu"] is not None
+    assert loss_module.group_cost_for("cpu", "bf16") is None
+    assert loss_module.group_cost_for("cuda", "bf16") is None and loss_module.group_cost_for("cuda") is None
+    monkeypatch.setitem(loss_module.GROUP_COST_TOKENS, "cpu-bf16", 7)
+    assert loss_module.group_cost_for("cpu", "bf16") == 7
+    assert loss_module.autocast_precision("cpu") == "fp32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss_module.autocast_precision("cpu") == "bf16"
