@@ -65,9 +65,10 @@ def test_gpu_suite_plumbing_runs_on_the_cpu(tmp_path):
     assert gpu["errors"] == {}
     contenders = gpu["throughput"]["contenders"]
     assert {"peft_dynamic_bf16", "verifily_bf16", "verifily_bf16_split", "verifily_bf16_recast"} <= set(contenders)
-    # the levers change speed only: every contender of ours ends at the same loss
-    ours = {round(row["train_loss"], 6) for name, row in contenders.items() if name.startswith("verifily_bf16")}
-    assert len(ours) == 1
+    # the levers change speed only: every contender of ours ends at the same loss (to bf16 rounding: a batch
+    # run whole or as sub-batches gives its matmuls other shapes, so the last digits may move)
+    ours = [row["train_loss"] for name, row in contenders.items() if name.startswith("verifily_bf16")]
+    assert len(ours) == 3 and max(ours) - min(ours) <= 1e-5 * max(ours)
     quant = gpu["quantization-tiny"]["runs"]
     assert set(quant) == {"none", "4bit"} and all(r["tokens_per_second"] > 0 for r in quant.values())
     assert gpu["eval"]["speedup"] > 0

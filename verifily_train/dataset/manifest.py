@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,7 +134,7 @@ def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True,
         raise ManifestError(path, "files", "lists no data files")
     row_schema = manifest.get("row_schema") or dict(DEFAULT_ROW_SCHEMA)
     if not isinstance(row_schema, dict) or not isinstance(row_schema.get(task, []), list):
-        raise ManifestError(path, "row_schema", f"must map each task to a list of field names")
+        raise ManifestError(path, "row_schema", "must map each task to a list of field names")
     tag_schema = manifest.get("tag_schema") or {}
     if not isinstance(tag_schema, dict) or not all(isinstance(v, dict) for v in tag_schema.values()):
         raise ManifestError(path, "tag_schema", "must map each tag key to an object like {\"type\": \"categorical\", \"values\": [...]}")

@@ -7,7 +7,7 @@ reductions over it (1000 resamples of 10,000 examples: a 10M-entry index matrix,
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 

@@ -11,7 +11,7 @@ from verifily_train.evaluation.generate import generate_texts, prompt_ids
 from verifily_train.evaluation.metrics import classification_report, metrics_for_frame
 from verifily_train.evaluation.text_metrics import resolve_format, score_texts
 from verifily_train.training.device import DevicePlan
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
 
