@@ -25,6 +25,7 @@ DESCRIPTIONS = {
     "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
     "trl_sft_bf16": "(c) with bf16 autocast",
     "verifily_torch_dropout": "verifily with PyTorch's own dropout sampler (bernoulli_) instead of the 16-bit one",
+    "verifily_unfused": "verifily with PEFT's LoRA output (scale, then add) instead of one addmm",
     "verifily_plain_bf16": "verifily_plain with bf16 autocast",
     "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU fp32 setting; off under bf16 and on GPUs)",
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
@@ -106,6 +107,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "verifily": our_run(precision="fp32"),
             "verifily_grouped": our_run(precision="fp32", group_by_length=True),
             "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
+            "verifily_unfused": our_run(precision="fp32", fused_lora_output=False),
         }
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)

@@ -289,3 +289,41 @@ def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatc
     assert loss_module.autocast_precision("cpu") == "fp32"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert loss_module.autocast_precision("cpu") == "bf16"
+
+
+def test_fused_lora_output_computes_peft_forward_and_gradients(models):
+    """``addmm(result, h, (scaling * B)^T)`` is PEFT's ``result + B(h) * scaling``: same logits and gradients in
+    fp32 (to rounding), PEFT's own path when adapters are disabled or merged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verifily_train.training.lora import use_fused_lora_output
+
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    batch = _batch(tok)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+
+    def run():
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    peft_logits, peft_grads = run()
+    with torch.no_grad(), model.disable_adapter():
+        peft_base = model(**batch).logits
+    fused_layers = use_fused_lora_output(model)
+    assert fused_layers == sum(1 for m in model.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    fused_logits, fused_grads = run()
+    torch.testing.assert_close(fused_logits, peft_logits, rtol=1e-5, atol=1e-5)
+    for fused, peft in zip(fused_grads, peft_grads):
+        torch.testing.assert_close(fused, peft, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**batch).logits, peft_base)
+        model.merge_adapter()
+        torch.testing.assert_close(model(**batch).logits, peft_logits, rtol=1e-4, atol=1e-4)

@@ -108,6 +108,57 @@ def use_cheap_dropout(model) -> int:
     return count
 
 
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """PEFT's vanilla LoRA forward with the adapter's output added inside one ``addmm``.
+
+    PEFT computes ``result + lora_B(lora_A(dropout(x))) * scaling``: after B's product, one pass over
+    the layer's output to scale it and one to add it (and their backward). Here the scaling goes into
+    B's (rank x out) weight and the add into the product: ``addmm(result, h, (scaling * B)^T)``, the
+    same sum in exact arithmetic (rounding may differ in the last bits). Anything but one plain
+    adapter (merged, disabled, mixed batches, variants such as DoRA, a bias on B) takes PEFT's forward.
+    """
+    import torch
+
+    adapters = self.active_adapters
+    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(adapters) != 1
+            or adapters[0] in self.lora_variant or adapters[0] not in self.lora_A):
+        return type(self).forward(self, x, *args, **kwargs)
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    self._check_forward_args(x, *args, **kwargs)
+    kwargs.pop("adapter_names", None)
+    for key in VARIANT_KWARG_KEYS:  # PEFT keeps these from the base layer too
+        kwargs.pop(key, None)
+    name = adapters[0]
+    lora_b = self.lora_B[name]
+    if lora_b.bias is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    lora_a = self.lora_A[name]
+    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                      lora_b.weight.t() * self.scaling[name])
+    return out.view(result.shape).to(result.dtype)
+
+
+def use_fused_lora_output(model) -> int:
+    """Give PEFT's plain ``lora.Linear`` layers :func:`_fused_lora_forward`; returns how many."""
+    import types
+
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # no PEFT: nothing to fuse
+        return 0
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
+
+
 def count_parameters(model) -> tuple:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -199,7 +199,7 @@ def _write_log(history: List[dict], path: Path) -> None:
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
                   out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True,
                   frozen_in_compute_dtype: bool = True, cpu_fp32_attention: bool = True,
-                  cpu_cheap_dropout: bool = True) -> dict:
+                  cpu_cheap_dropout: bool = True, fused_lora_output: bool = True) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
@@ -214,6 +214,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     (``training.attention``), where this CPU's kernel is several times faster than its bf16 one.
     ``cpu_cheap_dropout`` (LoRA on the CPU): LoRA's dropout masks come from 16 random bits per element
     (``lora.use_cheap_dropout``: same distribution, cheaper sampler, other masks than ``nn.Dropout``).
+    ``fused_lora_output`` (LoRA): each adapted layer adds its scaled adapter output inside one ``addmm``
+    (``lora.use_fused_lora_output``: the same sum, two fewer passes over the layer's output).
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
@@ -251,6 +253,11 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         from verifily_train.training.lora import use_cheap_dropout
 
         cheap_dropout = use_cheap_dropout(model)
+    fused = 0
+    if fused_lora_output and cfg.lora.enabled:
+        from verifily_train.training.lora import use_fused_lora_output
+
+        fused = use_fused_lora_output(model)
     trainable, total = count_parameters(model)
     tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
@@ -339,6 +346,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "frozen_linears_in_compute_dtype": converted,
         "fp32_attention": fp32_attention,
         "cheap_dropout_layers": cheap_dropout,
+        "fused_lora_output_layers": fused,
         "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device, plan.precision),
     }
 
