@@ -98,16 +98,20 @@ def _examples(stage: OurTrainStage) -> List[dict]:
     return [split[i] for i in range(len(split))]
 
 
+@functools.lru_cache(maxsize=None)
+def _stage(model_dir: Path, work: Path, settings: TrainSettings, train: Path, test: Path, mode: str) -> OurTrainStage:
+    """The tokenized train stage of ``mode`` (lora/full), built once per process."""
+    return OurTrainStage(model_dir, train, test, settings, work / mode, full_finetune=(mode == "full"))
+
+
 def limit_runs(model_dir, work, settings, splits: dict, bf16: bool) -> Dict[str, Callable[[], dict]]:
     """{run: zero-argument run}: the train stage (LoRA/full x fp32/bf16) and the bare loops; nothing loads until
     a run starts (``bench.isolated`` calls this in each run's own process)."""
     model_dir, work = Path(model_dir), Path(work)
     settings = TrainSettings(**settings) if isinstance(settings, dict) else settings
 
-    @functools.lru_cache(maxsize=None)
     def stage(mode: str) -> OurTrainStage:
-        return OurTrainStage(model_dir, Path(splits["train"]), Path(splits["test"]), settings, work / mode,
-                             full_finetune=(mode == "full"))
+        return _stage(model_dir, work, settings, Path(splits["train"]), Path(splits["test"]), mode)
 
     def stage_run(mode: str, precision: str):
         def run():
@@ -149,7 +153,8 @@ def run_limit(model_dir: Path, work: Path, settings: TrainSettings, reps: int, b
               "splits": {k: str(v) for k, v in splits.items()}, "bf16": bf16}
     runs = limit_runs(**kwargs)
     # the lengths of the rows every run trains on (tokenizing here trains nothing)
-    examples = _examples(OurTrainStage(model_dir, splits["train"], splits["test"], settings, work / "lora"))
+    examples = _examples(_stage(Path(model_dir), Path(work), settings, Path(splits["train"]), Path(splits["test"]),
+                                "lora"))
     lengths = [len(e["input_ids"]) for e in examples]
     label_tokens = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
     if isolate:

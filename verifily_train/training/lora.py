@@ -121,7 +121,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 
     adapters = self.active_adapters
     if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(adapters) != 1
-            or adapters[0] in self.lora_variant or adapters[0] not in self.lora_A):
+            or adapters[0] in self.lora_variant or adapters[0] not in self.lora_A
+            or self.lora_B[adapters[0]].bias is not None):
         return type(self).forward(self, x, *args, **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
@@ -130,11 +131,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     for key in VARIANT_KWARG_KEYS:  # PEFT keeps these from the base layer too
         kwargs.pop(key, None)
     name = adapters[0]
-    lora_b = self.lora_B[name]
-    if lora_b.bias is not None:
-        return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
-    lora_a = self.lora_A[name]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                       lora_b.weight.t() * self.scaling[name])
