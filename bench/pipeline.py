@@ -34,12 +34,14 @@ def write_config(work: Path, model_dir: Path, rows: int, eval_rows: int, epochs:
     return path
 
 
-def _timed(cmd, env, cwd) -> float:
+def _timed(cmd, env, cwd, expect: str = "") -> float:
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{done.stderr[-2000:]}")
+    if expect and expect not in done.stdout:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} did not print {expect!r}:\n{done.stdout[-2000:]}")
     return seconds
 
 
@@ -63,7 +65,8 @@ def start_server(work: Path):
 
 def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs: int, reps: int, log=print,
                  configured_server: bool = True) -> dict:
-    """Per repetition: a cold ``verifily train`` (fresh home) and its identical re-run, with Prefect's temporary
+    """Per repetition: a cold ``verifily train`` (fresh home), its identical re-run (replayed from the cache) and
+    the same re-run through a Prefect flow run (``--flow``), with Prefect's temporary
     server (no server configured: what a bare CLI gets) and, with ``configured_server``, against a running
     server (``PREFECT_API_URL``, as after ``verifily stack up``); and the stages by hand."""
     config = write_config(work, model_dir, rows, eval_rows, epochs)
@@ -83,8 +86,9 @@ def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs:
             env = dict(base_env, VERIFILY_HOME=str(h), **({"PREFECT_API_URL": api_url} if api_url else {}))
             cmd = [verifily_command(), "train", "-c", str(config)]
             cold = _timed(cmd, env, work)
-            rerun = _timed(cmd, env, work)
-            return {"seconds": cold, "rerun_seconds": rerun}
+            rerun = _timed(cmd, env, work, expect="replayed:")  # answered from the cache (verifily_train/replay.py)
+            flow = _timed(cmd + ["--flow"], env, work, expect="train cached")  # the same, through a Prefect flow run
+            return {"seconds": cold, "rerun_seconds": rerun, "rerun_flow_seconds": flow}
         return run
 
     def by_hand():
@@ -114,8 +118,10 @@ def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs:
             continue
         cold = median([o["seconds"] for o in raw[name]])
         rerun = median([o["rerun_seconds"] for o in raw[name]])
+        flow = median([o["rerun_flow_seconds"] for o in raw[name]])
         result["modes"][label] = {
-            "cold_seconds": cold, "rerun_seconds": rerun, "cold_overhead": cold / hand - 1,
+            "cold_seconds": cold, "rerun_seconds": rerun, "rerun_flow_seconds": flow, "rerun_flow_over_cold": flow / cold,
+            "cold_overhead": cold / hand - 1,
             "cold_overhead_seconds": cold - hand, "rerun_over_cold": rerun / cold,
             "target_overhead_under_10pct_met": cold / hand - 1 < 0.10, "target_rerun_under_5pct_met": rerun / cold < 0.05}
     result.update(result["modes"]["temporary server"])  # the headline keys: what a bare CLI gets

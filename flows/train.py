@@ -10,13 +10,13 @@ from typing import List, Optional, Union
 
 from prefect import flow, get_run_logger
 
-from verifily_train import retrain
+from verifily_train import replay, retrain
 from verifily_train.artifacts.run import discard, new_run_id, utc_now, write_failed_run
 from verifily_train.cache import CacheMode, cache_root
 from verifily_train.config import load_config
 from verifily_train.config.schema import OutputSection
 from verifily_train.fsio import verifily_home
-from verifily_train.stages import job_record, push_adapter, stage_report
+from verifily_train.stages import job_record, push_adapter, run_summary, stage_report
 from verifily_train.flows.report import publish_comparison, publish_run_artifacts
 from verifily_train.tasks.common import value
 from verifily_train.tasks.evaluate import evaluate, evaluate_baseline
@@ -126,14 +126,12 @@ def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[st
             for manifest in done.values():
                 if ".private-" in str(manifest.get("dir", "")):
                     discard(Path(manifest["dir"]).parent)
-    summary = {"run_id": run_id, "path": written["path"], "record": written["record"], "slices": sliced,
-               "hard_examples": hard, "evaluation": evaluated.get("note")}
-    ds = validated["dataset"]
-    retrain.complete(key, {"run_id": run_id, "run_path": str(Path(written["path"]).resolve()),
-                           "dataset_ref": ds["ref"], "dataset_id": ds["dataset_id"], "dataset_version": ds["version"],
-                           "dataset_created_at": ds.get("created_at") or "", "data_hash": fp["data_hash"],
-                           "training_config_hash": training_hash, "completed_at": utc_now()})
+    summary = run_summary(written, evaluated, sliced, hard)
+    retrain.complete_run(cfg, fp, validated, written)
+    if cache["write"]:  # the next identical run can be answered from these entries (verifily_train/replay.py)
+        replay.remember(cfg, fp, done, Path(cache["root"]))
     publish_run_artifacts(summary)
+    ds = validated["dataset"]
     previous = retrain.previous_run(training_hash, ds["dataset_id"], ds.get("created_at") or "", ds["version"])
     if previous is not None:
         summary["compared_with"] = publish_comparison(Path(previous["run_path"]), Path(written["path"]))

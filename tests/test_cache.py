@@ -54,6 +54,44 @@ def test_identical_rerun_is_all_cache_hits_with_equal_content(cold, prefect_api)
     assert run_cli("runs", "verify", second.name, cwd=folder).returncode == 0
 
 
+def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold, prefect_api):
+    """A re-run with every input unchanged writes a new, verifiable Run from the cache and loads nothing heavy."""
+    folder, first = cold
+    time.sleep(1.1)
+    probe = ("import sys; from verifily_train.cli.main import main; code = main(['train', '-c', 'train.yaml']); "
+             "print('heavy:', sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules)); "
+             "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True, timeout=300,
+                            env=cli_env({"PREFECT_API_URL": prefect_api}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replayed:" in result.stdout and "heavy: []" in result.stdout, result.stdout
+    second = max(folder.glob("runs/run_*"), key=lambda p: p.stat().st_mtime)
+    assert second != first and ran(second) == []
+    a, b = (json.loads((run / "run.json").read_text()) for run in (first, second))
+    for key in ("reproducibility_hash", "config_hash", "data_hash", "env_hash", "model_identity", "metrics",
+                "precision", "evaluation", "hard_examples_headline", "warnings"):
+        assert a[key] == b[key], key
+    assert {k: v["key"] for k, v in a["stages"].items()} == {k: v["key"] for k, v in b["stages"].items()}
+    for name in ("adapter/adapter_model.safetensors", "predictions.parquet", "slices.json", "hard_examples.jsonl",
+                 "trainer_log.jsonl", "data_rows.parquet", "env.json", "metrics.json", "config.yaml"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert run_cli("runs", "verify", second.name, cwd=folder).returncode == 0
+
+
+@pytest.mark.parametrize("extra, env", [(("--flow",), {}), ((), {"CUDA_VISIBLE_DEVICES": ""})],
+                         ids=["--flow", "device-environment-changed"])
+def test_flow_flag_or_another_device_environment_runs_the_flow(cold, prefect_api, extra, env):
+    """``--flow`` always makes a flow run; a changed device environment is another replay key (the flow
+    then decides the device again) though every stage still hits the cache here (still the CPU)."""
+    folder, _ = cold
+    time.sleep(1.1)
+    result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder,
+                     env=cli_env({"PREFECT_API_URL": prefect_api, **env}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replayed:" not in result.stdout
+    assert ran(max(folder.glob("runs/run_*"), key=lambda p: p.stat().st_mtime)) == []
+
+
 @pytest.mark.parametrize("override, expected", [
     # Downstream keys hash the upstream stage's *output*: when a recomputed stage writes identical
     # bytes (a new eval batch size, no row long enough to truncate), later stages are reused.
@@ -132,7 +170,9 @@ def test_corrupted_or_missing_cache_files_are_a_miss_not_a_crash(cold, prefect_a
     predictions = next((verifily_home / "cache/evaluate").glob("*/predictions.parquet"))
     predictions.unlink()
     time.sleep(1.1)
-    assert ran(ok(train(folder, prefect_api))) == ["train", "evaluate"]
+    result = train(folder, prefect_api)
+    assert "replayed:" not in result[0].stdout  # a damaged entry is never replayed: the flow recomputes it
+    assert ran(ok(result)) == ["train", "evaluate"]
 
 
 def test_cache_cli_lists_prunes_and_clears(cold, verifily_home):

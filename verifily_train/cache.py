@@ -115,8 +115,7 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
     final = root / stage / key
     with key_lock(root, stage, key):
         if mode.read and entry_is_valid(final):
-            manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
-            return dict(manifest, cache_hit=True, seconds=round(time.perf_counter() - started, 3), dir=str(final))
+            return _hit(final, started)
         tmp = root / stage / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -134,6 +133,21 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
             _discard(tmp)
         _discard(root / stage / f".work-{key}")  # checkpoints are no longer needed once the entry exists
     return dict(manifest, cache_hit=False, seconds=round(time.perf_counter() - started, 3), dir=str(final))
+
+
+def lookup(stage: str, key: str, root: Path) -> Optional[dict]:
+    """The manifest of a valid entry (every file checked), marked as a cache hit; None when missing or damaged."""
+    final = root / stage / key
+    if not final.is_dir():
+        return None
+    started = time.perf_counter()
+    with key_lock(root, stage, key):
+        return _hit(final, started) if entry_is_valid(final) else None
+
+
+def _hit(final: Path, started: float) -> dict:
+    manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+    return dict(manifest, cache_hit=True, seconds=round(time.perf_counter() - started, 3), dir=str(final))
 
 
 def list_entries(root: Path) -> List[dict]:

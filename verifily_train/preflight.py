@@ -54,6 +54,16 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
     config) and the device. ``on_cheap_checks_passed`` runs between the two (the CLI starts work that
     overlaps the heavy imports there).
     """
+    cfg = cheap_checks(config, overrides, dataset)
+    if on_cheap_checks_passed is not None:
+        on_cheap_checks_passed()
+    model_and_device_checks(cfg)
+    return cfg
+
+
+def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None):
+    """Config values, dataset, slice tags, model reference, credentials and output folder, all at once,
+    without importing torch or transformers; returns the config."""
     from verifily_train.config import load_config
 
     problems: List[VerifilyError] = []
@@ -85,7 +95,8 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
             return
         check_model_reference(base)
 
-    model_ok = "task" not in bad_keys and "base_model" not in bad_keys and _attempt(problems, model_reference_check)
+    if "task" not in bad_keys and "base_model" not in bad_keys:
+        _attempt(problems, model_reference_check)
 
     def hub_check() -> None:
         from verifily_train.stages import check_push_to_hub
@@ -96,8 +107,12 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
     _attempt(problems, lambda: _check_runs_dir(cfg.output.dir))
     if problems:  # cheap checks failed: report them now, before torch and transformers are imported
         raise problems[0] if len(problems) == 1 else PreflightError(problems)
-    if on_cheap_checks_passed is not None:
-        on_cheap_checks_passed()
+    return cfg
+
+
+def model_and_device_checks(cfg) -> None:
+    """The model's kind (its config: imports transformers) and the device (imports torch), after the cheap checks."""
+    problems: List[VerifilyError] = []
 
     def model_kind_check() -> None:  # reads the model's config only (imports transformers)
         from verifily_train.training.models import inspect_model
@@ -107,20 +122,15 @@ def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Opt
         if not is_gguf(base):  # a GGUF's kind is checked once it is converted (a CausalLM)
             inspect_model(base, cfg.task, cfg.trust_remote_code)
 
-    if model_ok:
-        _attempt(problems, model_kind_check)
+    _attempt(problems, model_kind_check)
 
     def device_check() -> None:
         from verifily_train.training.device import resolve_device
         from verifily_train.training.quantization import quantization_config
 
         plan = resolve_device(cfg.compute)
-        if "lora.quantization" not in bad_keys:
-            quantization_config(cfg.lora, plan.device)
+        quantization_config(cfg.lora, plan.device)
 
     _attempt(problems, device_check)
     if problems:
-        if len(problems) == 1:
-            raise problems[0]
-        raise PreflightError(problems)
-    return cfg
+        raise problems[0] if len(problems) == 1 else PreflightError(problems)

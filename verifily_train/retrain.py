@@ -114,6 +114,19 @@ def complete(key: str, record: dict, home: Optional[Path] = None) -> None:
     atomic_write_json(path, dict(record, key=key, status=COMPLETED))
 
 
+def complete_run(cfg: TrainConfig, fp: dict, validated: dict, written: dict, home: Optional[Path] = None) -> None:
+    """Record a completed Run for its dataset version and training config (what ``once`` and compare look up)."""
+    from verifily_train.artifacts.run import utc_now
+
+    ds = validated["dataset"]
+    training_hash = training_config_hash(cfg)
+    complete(claim_key(fp["data_hash"], training_hash), {
+        "run_id": written["run_id"], "run_path": str(Path(written["path"]).resolve()), "dataset_ref": ds["ref"],
+        "dataset_id": ds["dataset_id"], "dataset_version": ds["version"],
+        "dataset_created_at": ds.get("created_at") or "", "data_hash": fp["data_hash"],
+        "training_config_hash": training_hash, "completed_at": utc_now()}, home)
+
+
 def release(key: str, owner: str, home: Optional[Path] = None) -> None:
     """Drop a claim this owner holds and did not complete (the run failed: a later attempt may train it)."""
     current = read_claim(key, home)

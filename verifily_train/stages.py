@@ -277,18 +277,28 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
     }
     atomic_write_json(stage / "run.json", record)
     from verifily_train.artifacts.report import write_run_report
+    from verifily_train.cache import cache_root
 
-    write_run_report(stage)
+    write_run_report(stage, cache_root(cfg.cache.dir) / "charts" if cfg.cache.enabled else None)
     final = publish_run(stage, runs_dir / run_id)
     return {"stage": "write_artifact", "run_id": run_id, "path": str(final), "record": record}
+
+
+def run_summary(written: dict, evaluated: dict, sliced: dict, hard: dict) -> dict:
+    """What ``verifily train`` prints and the flow returns for a written Run."""
+    return {"run_id": written["run_id"], "path": written["path"], "record": written["record"], "slices": sliced,
+            "hard_examples": hard, "evaluation": evaluated.get("note")}
 
 
 def _write_data_rows(tokenized_dir: Path, tokenized: dict, target: Path) -> None:
     """Per-row identity of every split (hash, id, tags): what ``compare`` diffs two dataset versions with."""
     import pandas as pd
 
-    frames = [pd.read_parquet(tokenized_dir / info["file"], columns=["split", "line", "example_id", "row_hash", "tags"])
-              for info in tokenized["splits"].values()]
+    # in a fixed order: a manifest read back from the cache lists its splits sorted, a fresh one in build order
+    order = {name: i for i, name in enumerate(("train", "val", "test"))}
+    names = sorted(tokenized["splits"], key=lambda name: (order.get(name, len(order)), name))
+    frames = [pd.read_parquet(tokenized_dir / tokenized["splits"][name]["file"],
+                              columns=["split", "line", "example_id", "row_hash", "tags"]) for name in names]
     pd.concat(frames, ignore_index=True).to_parquet(target, index=False)
 
 

@@ -100,12 +100,45 @@ def confusion_heatmap(report: dict) -> Optional[str]:
     return _png(fig)
 
 
+class ChartMemo:
+    """Rendered charts by the SHA-256 of their data and matplotlib's version, in ``<cache>/charts``: an
+    identical re-run's report reuses them instead of importing matplotlib (~1 s). Each file records the
+    hash of its image, so a damaged one is drawn again."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = folder
+
+    def __call__(self, draw, *data) -> Optional[str]:
+        if self.folder is None:
+            return draw(*data)
+        from importlib import metadata
+
+        from verifily_train.hashing import content_hash
+
+        key = content_hash("chart/1", draw.__name__, metadata.version("matplotlib"), list(data))
+        path = self.folder / f"{key}.json"
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if content_hash(saved["uri"]) == saved["sha256"]:
+                return saved["uri"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        uri = draw(*data)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"sha256": content_hash(uri), "uri": uri}))
+        except OSError:
+            pass  # an optimisation: the report already has its chart
+        return uri
+
+
 def _img(src: Optional[str], alt: str) -> str:
     return f'<p><img alt="{html.escape(alt)}" src="{src}"></p>' if src else ""
 
 
-def render_run_report(run_dir: Path) -> str:
-    """report.html of one run, from the files already in its folder."""
+def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
+    """report.html of one run, from the files already in its folder (charts reused from ``chart_cache``)."""
+    chart = ChartMemo(chart_cache)
     record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     slices = json.loads((run_dir / "slices.json").read_text(encoding="utf-8"))
@@ -122,7 +155,7 @@ def render_run_report(run_dir: Path) -> str:
              if k in ("loss", "perplexity")]
     rows += [[f"train {k}", _fmt(v), ""] for k, v in metrics.get("train", {}).items() if v is not None]
     parts.append("<h2>Metrics</h2>" + _table(["metric", "value", "95% CI"], rows))
-    parts.append("<h2>Training loss</h2>" + _img(loss_curve(log), "loss curve"))
+    parts.append("<h2>Training loss</h2>" + _img(chart(loss_curve, log), "loss curve"))
     lead = next((m for m in ("loss", "accuracy") if m in metrics.get("eval", {})), None)
     for key, block in slices.get("slices", {}).items():
         header = ["value", "n"] + [m for m in block["values"][0]["metrics"] if m not in ("examples", "tokens")] \
@@ -135,11 +168,11 @@ def render_run_report(run_dir: Path) -> str:
                 bounds = e.get("ci95", {}).get(m)
                 cells.append(_fmt(e["metrics"].get(m)) + (f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if bounds else ""))
             table_rows.append(cells)
-        parts.append(f"<h2>Slices by {html.escape(key)}</h2>" + _img(slice_chart(key, block, lead), f"{key} slices")
+        parts.append(f"<h2>Slices by {html.escape(key)}</h2>" + _img(chart(slice_chart, key, block, lead), f"{key} slices")
                      + _table(header, table_rows, raw=True))
     if metrics.get("classification_report"):
         report = metrics["classification_report"]
-        parts.append("<h2>Confusion matrix</h2>" + _img(confusion_heatmap(report), "confusion matrix"))
+        parts.append("<h2>Confusion matrix</h2>" + _img(chart(confusion_heatmap, report), "confusion matrix"))
         parts.append(_table(["class", "precision", "recall", "f1", "support"],
                             [[c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), v["support"]]
                              for c, v in report["per_class"].items()]))
@@ -159,9 +192,9 @@ def _page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 
-def write_run_report(run_dir: Path) -> Path:
+def write_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> Path:
     target = run_dir / "report.html"
-    atomic_write_text(target, render_run_report(run_dir))
+    atomic_write_text(target, render_run_report(run_dir, chart_cache))
     return target
 
 

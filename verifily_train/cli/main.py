@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="recompute every stage in private folders; read and write no cache entries")
     p.add_argument("--refresh", action="store_true", help="recompute every stage and replace its cache entries")
+    p.add_argument("--flow", action="store_true",
+                   help="run the Prefect flow even when an identical run can be replayed from the cache")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the embedded default model on the shipped example dataset",
@@ -373,12 +375,16 @@ def cmd_train(args) -> int:
     if mode == "self_host":
         return _submit_self_host(args, overrides)
     _use_prefect_server()  # runs show in the stack's UI while one is up
-    from verifily_train.cli.train import run_train, start_quiet_server
-    from verifily_train.preflight import preflight
+    from verifily_train.cli.train import replay_identical_run, run_train, start_quiet_server
+    from verifily_train.preflight import cheap_checks, model_and_device_checks
 
-    # every problem at once, before Prefect or a model; the temporary Prefect server (when no server is
-    # configured) starts as soon as the cheap checks pass, and boots while the model's config is read
-    preflight(args.config, overrides, args.dataset, on_cheap_checks_passed=start_quiet_server)
+    # every problem at once, before Prefect or a model
+    cfg = cheap_checks(args.config, overrides, args.dataset)
+    if not (args.refresh or args.flow) and replay_identical_run(cfg):
+        return 0  # these exact inputs ran before: a new Run from the verified cache entries, no flow run
+    # the temporary Prefect server (when no server is configured) boots while the model's config is read
+    start_quiet_server()
+    model_and_device_checks(cfg)
     return run_train(args.config, overrides, args.dataset, refresh=args.refresh)
 
 

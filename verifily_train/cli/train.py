@@ -202,6 +202,24 @@ def start_temporary_server() -> Optional[TemporaryServer]:
     return _SERVER
 
 
+def replay_identical_run(cfg) -> bool:
+    """Write and print a new Run from the cache when these exact inputs completed before (verifily_train/replay.py)."""
+    if not cfg.cache.enabled or cfg.output.push_to_hub:
+        return False
+    from pathlib import Path
+
+    from verifily_train.cache import cache_root
+    from verifily_train.replay import replay
+
+    summary = replay(cfg, cache_root(cfg.cache.dir), Path(cfg.output.dir))
+    if summary is None:
+        return False
+    print_summary(summary)
+    print("  replayed: every stage was cached for these exact inputs, so no Prefect flow run was made "
+          "(--flow makes one)")
+    return True
+
+
 def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str], refresh: bool = False) -> int:
     _quiet_libraries()
     server = start_temporary_server()  # already started by preflight's callback unless a server is configured

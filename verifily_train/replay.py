@@ -1,0 +1,169 @@
+"""Replay: an identical re-run answered from the stage cache, without loading a model or running a flow.
+
+When the ``train`` flow completes with the cache on, it records which stage entries it used under a
+*replay key*: the SHA-256 of every input any stage key reads (the whole resolved config, the data's
+bytes, the model's and tokenizer's identities, the gold set's bytes, library versions, each stage's code
+version) plus what decides the device and precision (the torch build, visible GPUs, the CPU's bf16
+flags, device environment variables). ``verifily train`` with the same inputs finds the record, verifies
+every entry against its checksums, and writes a new Run from them, as the flow's ``write-artifact``
+would: no torch, transformers or Prefect import, and no Prefect flow run. A missing or changed entry, a
+different input, ``--refresh``, ``--no-cache`` or ``--flow`` and the run goes through the flow as usual.
+
+Only the model's kind and the device plan come from the record rather than being re-derived: both are
+functions of inputs in the key (the model's config bytes and the transformers version; the torch build
+and the machine's devices), so a changed input is a different key, never a stale answer.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from verifily_train.cache import lookup
+from verifily_train.config.loader import config_hash, config_to_dict
+from verifily_train.config.schema import TrainConfig
+from verifily_train.fsio import atomic_write_json
+from verifily_train.hashing import content_hash, sha256_file
+from verifily_train.identity import STAGE_CODE, code_version
+
+VERSION = "replay/1"
+STAGES = ("validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples")
+FOLDER = "replay"
+# environment variables that change which device torch sees or how many ranks a run uses
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+              "PYTORCH_ENABLE_MPS_FALLBACK", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+# test hooks that must reach a running stage (tasks/common.py): never replay past them
+STAGE_HOOKS = ("VERIFILY_FAIL_STAGE", "VERIFILY_PAUSE_STAGE")
+
+
+def device_signature() -> dict:
+    """What ``training/device.py`` decides the device, precision and ranks from, read without importing torch."""
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    flags: List[str] = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = sorted(f for f in line.split(":", 1)[1].split() if "bf16" in f or f.startswith("amx"))
+                    break
+    except OSError:
+        pass
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg"))
+    return {"platform": sys.platform, "machine": platform.machine(), "mac": platform.mac_ver()[0],
+            "torch": torch_version, "cpu_count": os.cpu_count(), "cpu_flags": flags, "devices": devices,
+            "env": {name: os.environ.get(name) for name in DEVICE_ENV}}
+
+
+def replay_key(cfg: TrainConfig, data_hash: str, model_identity: str, tokenizer_identity: Optional[str],
+               numeric_env: dict) -> str:
+    """Every input of every stage key, the whole config and the device's determinants, in one hash."""
+    gold = sha256_file(cfg.eval.gold_set) if cfg.eval.gold_set and Path(cfg.eval.gold_set).is_file() else None
+    return content_hash(VERSION, {s: code_version(s) for s in STAGE_CODE}, config_to_dict(cfg), data_hash,
+                        model_identity, tokenizer_identity, gold, numeric_env, device_signature())
+
+
+def _record_path(root: Path, key: str) -> Path:
+    return root / FOLDER / f"{key}.json"
+
+
+def _is_gguf(fp: dict) -> bool:
+    return str(fp["model_identity"]).startswith("gguf:")
+
+
+def remember(cfg: TrainConfig, fp: dict, manifests: Dict[str, dict], root: Path) -> Optional[Path]:
+    """After a completed run (cache on): record the entries it used under its replay key."""
+    if any(name not in manifests or not manifests[name].get("key") for name in STAGES):
+        return None
+    key = replay_key(cfg, fp["data_hash"], fp["model_identity"], None if _is_gguf(fp) else fp["tokenizer_identity"],
+                     fp["numeric_env"])
+    record = {"version": VERSION, "key": key, "model": fp["model"], "tokenizer_identity": fp["tokenizer_identity"],
+              "device": fp["device"], "stages": {name: manifests[name]["key"] for name in STAGES}}
+    path = _record_path(root, key)
+    try:
+        atomic_write_json(path, record)
+    except OSError:
+        return None  # an optimisation: a record that cannot be written only means the next run is a flow run
+    return path
+
+
+def _fresh_identities(cfg: TrainConfig, root: Path) -> Optional[dict]:
+    """The key's inputs read again now (data bytes, model and tokenizer identities), without torch or transformers."""
+    from verifily_train.dataset.store import dataset_fingerprint
+    from verifily_train.identity import file_identity, model_identity, numeric_env, tokenizer_identity
+    from verifily_train.training.registry import is_gguf, resolve_alias
+
+    memo = root / "model-identities.json"
+    base = resolve_alias(cfg.base_model)
+    path = Path(os.path.expanduser(base))
+    if is_gguf(base):
+        if not path.is_file():
+            return None
+        model, tokenizer = f"gguf:sha256:{file_identity(path, memo)}", None
+    else:
+        is_local = path.exists()
+        source = str(path.resolve()) if is_local else base
+        model, tokenizer = model_identity(source, is_local, memo), tokenizer_identity(source, is_local, memo)
+    dataset = dataset_fingerprint(cfg.dataset_version, cfg.data_paths, cfg.task)
+    return {"dataset": dataset, "data_hash": dataset["data_hash"], "model_identity": model,
+            "tokenizer_identity": tokenizer, "numeric_env": numeric_env()}
+
+
+def find(cfg: TrainConfig, root: Path) -> Optional[dict]:
+    """The recorded run for exactly these inputs, with every stage entry verified; None when anything differs."""
+    if any(os.environ.get(name) for name in STAGE_HOOKS):
+        return None
+    folder = root / FOLDER
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None  # nothing recorded yet: skip hashing the inputs
+    try:
+        fresh = _fresh_identities(cfg, root)
+    except Exception:  # an input that cannot be read now is the flow's to report, with its own message
+        return None
+    if fresh is None:
+        return None
+    key = replay_key(cfg, fresh["data_hash"], fresh["model_identity"], fresh["tokenizer_identity"], fresh["numeric_env"])
+    try:
+        record = json.loads(_record_path(root, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("version") != VERSION or record.get("key") != key:
+        return None
+    manifests = {}
+    for name in STAGES:
+        manifest = lookup(name, record["stages"][name], root)
+        if manifest is None:
+            return None
+        manifests[name] = manifest
+    fp = {"stage": "fingerprint", "dataset": fresh["dataset"], "data_hash": fresh["data_hash"],
+          "config_hash": config_hash(cfg), "model": record["model"], "model_identity": fresh["model_identity"],
+          "gguf_conversion": "reused" if _is_gguf(fresh) else None,
+          "tokenizer_identity": record["tokenizer_identity"], "device": record["device"],
+          "numeric_env": fresh["numeric_env"]}
+    return {"fingerprint": fp, "manifests": manifests}
+
+
+def replay(cfg: TrainConfig, root: Path, runs_dir: Path) -> Optional[dict]:
+    """Write a new Run from the recorded entries when these inputs were run before; the run summary, or None."""
+    from verifily_train import retrain
+    from verifily_train.artifacts.run import new_run_id, utc_now
+    from verifily_train.stages import run_summary, write_artifact_stage
+
+    started_at, started_clock = utc_now(), time.time()
+    found = find(cfg, root)
+    if found is None:
+        return None
+    fp, m = found["fingerprint"], found["manifests"]
+    written = write_artifact_stage(cfg, new_run_id(), started_at, started_clock, fp, m["validate"], m["tokenize"],
+                                   m["train"], m["evaluate"], m["baseline"], m["slice"], m["hard_examples"], runs_dir)
+    retrain.complete_run(cfg, fp, m["validate"], written)
+    return dict(run_summary(written, m["evaluate"], m["slice"], m["hard_examples"]), replayed=True)
