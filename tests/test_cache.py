@@ -183,6 +183,8 @@ def test_cache_cli_lists_prunes_and_clears(cold, verifily_home):
     cleared = run_cli("cache", "clear", cwd=folder)
     assert cleared.returncode == 0 and "removed 7 " in cleared.stdout
     assert not [p for p in (verifily_home / "cache/train").iterdir() if not p.name.startswith(".")]
+    for folder in ("replay", "charts"):  # the replay record and memoised charts go with the entries
+        assert not list((verifily_home / "cache" / folder).iterdir()), folder
 
 
 def _start(folder: Path, prefect_api: str) -> subprocess.Popen:

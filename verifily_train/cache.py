@@ -164,16 +164,20 @@ def list_entries(root: Path) -> List[dict]:
 
 
 def prune(root: Path, older_than_days: Optional[float] = None) -> int:
-    """Delete entries (and stale scratch folders) last written more than N days ago; all when N is None."""
+    """Delete entries (and stale scratch folders, replay records and charts) last written more than N days ago;
+    all when N is None. Returns the number of entry folders removed."""
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
     removed = 0
     if not root.is_dir():
         return 0
     for stage_dir in (p for p in root.iterdir() if p.is_dir()):
-        for entry in stage_dir.iterdir():
-            if entry.name == ".locks" or not entry.is_dir():
+        for entry in stage_dir.iterdir():  # entry folders; replay records and charts are single files
+            if entry.name == ".locks" or not (entry.is_dir() or entry.suffix == ".json"):
                 continue
             if cutoff is None or entry.stat().st_mtime < cutoff:
-                _discard(entry)
-                removed += 1
+                if entry.is_dir():
+                    _discard(entry)
+                    removed += 1
+                else:
+                    entry.unlink(missing_ok=True)
     return removed
