@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from conftest import assert_user_error, cli_env, run_cli, train, write_config
 

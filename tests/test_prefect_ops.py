@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, _free_port, assert_user_error, cli_env, run_cli, write_config
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, cli_env, run_cli, train, write_config
+from conftest import assert_user_error, cli_env, train, write_config
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes not installed (pip install -e '.[qlora]')")
