@@ -229,6 +229,61 @@ def test_fp32_attention_on_cpu_bf16_masks_padding_and_matches_fp32_attention(mod
     assert torch.allclose(ours[1, 4:], ours_alone[0], atol=0.05)
 
 
+def test_cpu_attention_under_autocast_is_fp32_math_equal_to_fp32_sdpa(monkeypatch):
+    """The CPU bf16 attention: fp32 products and softmax (short sequences) or fp32 SDPA (long ones), both equal
+    to SDPA in fp32, forward and backward: boolean padding masks, no mask (causal), additive masks, grouped
+    key/value heads; and taken when autocast hands it an fp32 query and key (rotary embeddings) with a
+    bf16 value, where it once fell through to SDPA in bf16."""
+    import types
+
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from verifily_train.training import attention
+
+    torch.manual_seed(0)
+    b, heads, groups, t, d = 3, 4, 2, 11, 16
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=groups)
+    lengths = torch.tensor([11, 7, 4])
+    padding = torch.arange(t)[None, :] < lengths[:, None]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    boolean = causal[None, None] & padding[:, None, None, :]
+    additive = torch.zeros(b, 1, t, t).masked_fill(~boolean, torch.finfo(torch.float32).min)
+    rows = padding[:, None, :, None].expand(b, heads, t, d)  # queries that are real tokens
+
+    def run(fn, mask, q_dtype, v_dtype, autocast):
+        q = torch.randn(b, heads, t, d, generator=torch.Generator().manual_seed(1)).to(q_dtype).requires_grad_()
+        k = torch.randn(b, heads // groups, t, d, generator=torch.Generator().manual_seed(2)).to(q_dtype).requires_grad_()
+        v = torch.randn(b, heads // groups, t, d, generator=torch.Generator().manual_seed(3))
+        v = v.to(torch.bfloat16).to(v_dtype).requires_grad_()  # bf16 values, in the dtype given
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(module, q, k, v, mask, dropout=0.0, scaling=d ** -0.5, use_cache=False)[0]
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        (out.float() * grad * rows.transpose(1, 2)).sum().backward()
+        return out.float(), [x.grad.float() for x in (q, k, v)]
+
+    for mask in (boolean, None, additive):
+        ref_out, ref_grads = run(sdpa_attention_forward, mask, torch.float32, torch.float32, False)
+        for limit in (attention.EAGER_MAX_SCORES, 0):  # the plain products, then SDPA in fp32
+            monkeypatch.setattr(attention, "EAGER_MAX_SCORES", limit)
+            out, grads = run(attention.sdpa_fp32_on_cpu, mask, torch.bfloat16, torch.bfloat16, True)
+            real = rows.transpose(1, 2)
+            # inputs rounded to bf16 on the way in, the output on the way out: compare at bf16 precision
+            assert torch.allclose(out[real], ref_out[real], atol=3e-2), (mask is None, limit)
+            for g, r in zip(grads, ref_grads):
+                assert torch.allclose(g, r, atol=5e-2), (mask is None, limit)
+    # autocast's rotary case: fp32 query and key, bf16 value. fp32 math gives the fp32 answer, rounded once to
+    # bf16 on the way out; SDPA under autocast (what ran before) rounds its inputs and products to bf16 too.
+    monkeypatch.setattr(attention, "EAGER_MAX_SCORES", 8 * 2 ** 20)
+    exact, _ = run(sdpa_attention_forward, boolean, torch.float32, torch.float32, False)
+    ours, _ = run(attention.sdpa_fp32_on_cpu, boolean, torch.float32, torch.bfloat16, True)
+    bf16_sdpa, _ = run(sdpa_attention_forward, boolean, torch.float32, torch.bfloat16, True)
+    real = rows.transpose(1, 2)
+    ours_error, bf16_error = ((x[real] - exact[real]).abs() for x in (ours, bf16_sdpa))
+    bound = exact[real].abs() * 2 ** -8 + 1e-6  # bf16's rounding of the output
+    assert (ours_error <= bound).all() and not (bf16_error <= bound).all()
+
+
 def test_cheap_dropout_has_dropouts_distribution_and_gradient():
     """LoRA's CPU dropout draws its masks from 16 random bits per element: the same distribution as nn.Dropout
     (drop rate p to 1/65536, kept elements scaled by 1/(1-p)), the mask's gradient, identity in eval mode,
