@@ -55,6 +55,11 @@ def test_minilm_classification_demo_completes(tmp_path, prefect_api):
     run = next((tmp_path / "runs").glob("run_*"))
     record = json.loads((run / "run.json").read_text())
     assert record["job"]["base_model"] == "minilm" and record["metrics"]["accuracy"] > 0.5
+    again = run_cli("demo", "--task", "classification", "training.num_epochs=1", cwd=tmp_path,
+                    env=cli_env({"PREFECT_API_URL": prefect_api}))
+    assert again.returncode == 0 and "replayed:" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    second = max((tmp_path / "runs").glob("run_*"), key=lambda p: p.stat().st_mtime)
+    assert second != run and json.loads((second / "run.json").read_text())["metrics"] == record["metrics"]
 
 
 def test_missing_embedded_model_is_one_line_with_the_install_command(tmp_path, monkeypatch):
