@@ -95,7 +95,7 @@ def test_flow_flag_or_another_device_environment_runs_the_flow(cold, prefect_api
 @pytest.mark.parametrize("override, expected", [
     # Downstream keys hash the upstream stage's *output*: when a recomputed stage writes identical
     # bytes (a new eval batch size, no row long enough to truncate), later stages are reused.
-    ("eval.batch_size=5", ["evaluate", "baseline", "slice"]),
+    ("eval.batch_size=5", ["evaluate", "baseline"]),  # + slice if the predictions' bytes changed (see below)
     ("eval.hard_examples=5", ["hard_examples"]),
     ("eval.slice_by_tags=[difficulty]", ["validate", "slice", "hard_examples"]),
     ("lora.r=8", ["train", "evaluate", "slice", "hard_examples"]),
@@ -105,9 +105,14 @@ def test_flow_flag_or_another_device_environment_runs_the_flow(cold, prefect_api
     ("runtime.progress=false", []),
 ])
 def test_a_change_reruns_exactly_the_stages_that_read_it(cold, prefect_api, override, expected):
-    folder, _ = cold
+    folder, first = cold
     time.sleep(1.1)
     run = ok(train(folder, prefect_api, override))
+    if override.startswith("eval.batch_size"):
+        # Another batch size pads the prompts differently. With attention in fp32 (CPU bf16) the predictions
+        # came out byte-identical here, so slice (keyed by their hashes) was reused; where they differ it re-runs.
+        keys = [json.loads((r / "run.json").read_text())["stages"]["slice"]["key"] for r in (first, run)]
+        expected = expected + (["slice"] if keys[0] != keys[1] else [])
     assert ran(run) == expected
 
 
