@@ -55,7 +55,8 @@ def test_identical_rerun_is_all_cache_hits_with_equal_content(cold, prefect_api)
 
 
 def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold, prefect_api):
-    """A re-run with every input unchanged writes a new, verifiable Run from the cache and loads nothing heavy."""
+    """A re-run with every input unchanged writes a new, verifiable Run from the cache and loads nothing heavy;
+    ``--flow`` or another device environment goes through the flow."""
     folder, first = cold
     time.sleep(1.1)
     probe = ("import sys; from verifily_train.cli.main import main; code = main(['train', '-c', 'train.yaml']); "
@@ -76,20 +77,15 @@ def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold,
                  "trainer_log.jsonl", "data_rows.parquet", "env.json", "metrics.json", "config.yaml"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert run_cli("runs", "verify", second.name, cwd=folder).returncode == 0
-
-
-@pytest.mark.parametrize("extra, env", [(("--flow",), {}), ((), {"CUDA_VISIBLE_DEVICES": ""})],
-                         ids=["--flow", "device-environment-changed"])
-def test_flow_flag_or_another_device_environment_runs_the_flow(cold, prefect_api, extra, env):
-    """``--flow`` always makes a flow run; a changed device environment is another replay key (the flow
-    then decides the device again) though every stage still hits the cache here (still the CPU)."""
-    folder, _ = cold
-    time.sleep(1.1)
-    result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder,
-                     env=cli_env({"PREFECT_API_URL": prefect_api, **env}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "replayed:" not in result.stdout
-    assert ran(max(folder.glob("runs/run_*"), key=lambda p: p.stat().st_mtime)) == []
+    # --flow always makes a flow run; a changed device environment is another replay key (the flow then
+    # decides the device again), though every stage still hits the cache here (still the CPU)
+    for extra, env in ((("--flow",), {}), ((), {"CUDA_VISIBLE_DEVICES": ""})):
+        time.sleep(1.1)
+        result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder,
+                         env=cli_env({"PREFECT_API_URL": prefect_api, **env}))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "replayed:" not in result.stdout, (extra, env)
+        assert ran(max(folder.glob("runs/run_*"), key=lambda p: p.stat().st_mtime)) == []
 
 
 @pytest.mark.parametrize("override, expected", [
