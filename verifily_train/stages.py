@@ -295,7 +295,9 @@ def _write_data_rows(tokenized_dir: Path, tokenized: dict, target: Path) -> None
     import pandas as pd
 
     # in a fixed order: a manifest read back from the cache lists its splits sorted, a fresh one in build order
-    order = {name: i for i, name in enumerate(("train", "val", "test"))}
+    from verifily_train.dataset.version import SPLITS
+
+    order = {name: i for i, name in enumerate(SPLITS)}
     names = sorted(tokenized["splits"], key=lambda name: (order.get(name, len(order)), name))
     frames = [pd.read_parquet(tokenized_dir / tokenized["splits"][name]["file"],
                               columns=["split", "line", "example_id", "row_hash", "tags"]) for name in names]
