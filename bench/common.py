@@ -36,22 +36,76 @@ class TrainSettings:
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class StepClock:
+    """When each optimizer step ended, for a warm-up-free rate (compilation happens in the first steps).
+
+    Call it as ``clock(step, max_steps)`` after a step (our train stage's ``on_progress`` hook, at most
+    once a second, and always at the last step; for the peers, :meth:`callback`). The steady rate
+    counts the run's real tokens in proportion to the steps after the first mark at or beyond
+    ``skip`` of the run: batches are random draws of one data set, so each step's share of the tokens
+    is close to 1/steps (an estimate, the same for every contender on the same data and order).
+    """
+
+    def __init__(self):
+        self.marks: List[tuple] = []
+
+    def __call__(self, step: int, max_steps: int) -> None:
+        self.marks.append((int(step), int(max_steps), time.perf_counter()))
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock(state.global_step, state.max_steps)
+
+        return Clock()
+
+    def steady_tokens_per_second(self, tokens: float, skip: float = 0.25) -> Optional[float]:
+        if not self.marks:
+            return None
+        last_step, total, end = self.marks[-1]
+        first = next(((s, t) for s, _, t in self.marks if s >= skip * total and s < last_step), None)
+        if first is None or total <= 0:
+            return None
+        return tokens * (last_step - first[0]) / total / (end - first[1])
+
+
 def median(values: List[float]) -> Optional[float]:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
-def alternate(contenders: Dict[str, Callable[[], dict]], reps: int, log=print) -> Dict[str, List[dict]]:
-    """Run every contender once per repetition, in turn, so machine noise hits them all alike."""
+def alternate(contenders: Dict[str, Callable[[], dict]], reps: int, log=print,
+              failed: Optional[Dict[str, str]] = None) -> Dict[str, List[dict]]:
+    """Run every contender once per repetition, in turn, so machine noise hits them all alike.
+
+    ``failed``: where given, a contender that raises is recorded there ({name: error}) and left out of
+    the results whole (ratios pair repetitions), and the others go on; else the error propagates.
+    """
     results: Dict[str, List[dict]] = {name: [] for name in contenders}
+    keep_going = failed is not None
+    failed = {} if failed is None else failed
     for rep in range(reps):
         for name, run in contenders.items():
+            if name in failed:
+                continue
             started = time.perf_counter()
-            outcome = run()
+            try:
+                outcome = run()
+            except Exception as err:  # noqa: BLE001 - one contender failing must not lose the others' figures
+                if not keep_going:
+                    raise
+                failed[name] = f"{type(err).__name__}: {err}"
+                results.pop(name)  # ratios pair repetitions: a contender with a gap is left out whole
+                log(f"  rep {rep + 1}/{reps} {name}: FAILED ({failed[name]})")
+                continue
             results[name].append(outcome)
             log(f"  rep {rep + 1}/{reps} {name}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.items()
-                if k in ("tokens_per_second", "eval_loss", "seconds", "speedup")) + f" ({time.perf_counter() - started:.0f} s)")
+                if k in ("tokens_per_second", "steady_tokens_per_second", "eval_loss", "seconds", "speedup")) + f" ({time.perf_counter() - started:.0f} s)")
     return results
 
 

@@ -132,10 +132,11 @@ def quantization_runs(model_dir: Path, work: Path, settings: TrainSettings, reps
 
 def run_gpu(work: Path, reps: int, smollm2: Optional[Path] = None, archs: Iterable[str] = ("smollm2-135m", "smollm2-1.7b"),
             parts: Iterable[str] = ("throughput", "quantization", "eval"), log=print, dry_run: bool = False,
-            isolate: bool = True) -> dict:
+            isolate: bool = True, rows: int = 512, contenders: Optional[Iterable[str]] = None) -> dict:
     """Every GPU part on every architecture it applies to; a part that fails is recorded, the others still run.
 
     ``dry_run``: the same plumbing on the CPU with the tiny architecture and tiny data (checks, not figures).
+    ``rows``: training rows of the throughput part; ``contenders``: its contenders (default: all).
     """
     import torch
     import transformers
@@ -180,13 +181,16 @@ def run_gpu(work: Path, reps: int, smollm2: Optional[Path] = None, archs: Iterab
         _free_cuda()
 
     if "throughput" in parts:
-        from bench.throughput import run_throughput
+        from bench.throughput import contender_names, run_throughput
 
-        settings = TrainSettings(rows=512 // scale, batch_size=16, max_len=512, eval_rows=32 // scale,
+        if dry_run and contenders is None:  # compiling on a CPU takes minutes: the compiled ones only on request
+            contenders = [n for n in contender_names(gpu_contenders=True) if not n.endswith("_compiled")]
+
+        settings = TrainSettings(rows=rows // scale, batch_size=16, max_len=512, eval_rows=32 // scale,
                                  learning_rate=2e-4)
         attempt("throughput", lambda: run_throughput(small, models[small], work / "throughput", settings, reps, True,
                                                      median_words=60.0, log=log, device=device, gpu_contenders=True,
-                                                     isolate=isolate))
+                                                     isolate=isolate, contenders=contenders))
     if "quantization" in parts:
         for arch in archs:
             rows = (512 if arch == small else 256) // scale

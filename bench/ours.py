@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from bench.common import LLAMA_LINEAR, TrainSettings
+from bench.common import LLAMA_LINEAR, StepClock, TrainSettings
 
 
 class OurTrainStage:
@@ -44,7 +44,8 @@ class OurTrainStage:
 
     def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = False,
               keep_model: bool = True, device: str = "cpu", frozen_in_compute_dtype: bool = True,
-              cpu_fp32_attention: bool = True, cpu_cheap_dropout: bool = True, fused_lora_output: bool = True) -> dict:
+              cpu_fp32_attention: bool = True, cpu_cheap_dropout: bool = True, fused_lora_output: bool = True,
+              compile_blocks: bool = False) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses
 
@@ -58,12 +59,15 @@ class OurTrainStage:
         spec = _spec(self.fp)
         tok = load_tokenizer(spec)
         out = Path(tempfile.mkdtemp(dir=self.work, prefix="train-"))
+        clock = StepClock()
         try:
             manifest = train_adapter(cfg, spec, tok, self.tokenized, self.tokenized_dir,
                                      DevicePlan(device=device, precision=precision), out / "out", out / "work",
                                      label_only_head=label_only_head, frozen_in_compute_dtype=frozen_in_compute_dtype,
                                      cpu_fp32_attention=cpu_fp32_attention, cpu_cheap_dropout=cpu_cheap_dropout,
-                                     fused_lora_output=fused_lora_output)
+                                     fused_lora_output=fused_lora_output, compile_blocks=compile_blocks,
+                                     on_progress=clock)
+            manifest["steady_tokens_per_second"] = clock.steady_tokens_per_second(manifest["train_tokens"])
             if keep_model:
                 manifest["model"] = self._load_trained(spec, out / "out" / manifest["adapter_dir"], cfg.lora.enabled,
                                                        device)

@@ -31,6 +31,7 @@ def parse(argv=None):
     parser.add_argument("--gpu-archs", default="smollm2-135m,smollm2-1.7b",
                         help="architectures of the gpu suite (the first one runs throughput and eval)")
     parser.add_argument("--gpu-parts", default="throughput,quantization,eval", help="parts of the gpu suite")
+    parser.add_argument("--gpu-rows", type=int, default=512, help="training rows of the gpu suite's throughput part")
     parser.add_argument("--gpu-dry-run", action="store_true",
                         help="run the gpu suite's plumbing on the CPU with a tiny model (a check, not figures)")
     parser.add_argument("--contenders", default=None,
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
             from bench.gpu import gpu_tables, run_gpu
 
             result = run_gpu(work, reps, smollm2=smollm2, archs=args.gpu_archs.split(","),
-                             parts=args.gpu_parts.split(","), dry_run=args.gpu_dry_run, isolate=isolate)
+                             parts=args.gpu_parts.split(","), dry_run=args.gpu_dry_run, isolate=isolate,
+                             rows=args.gpu_rows, contenders=args.contenders.split(",") if args.contenders else None)
             result["machine"] = info
             write_result("gpu", result, out)
             if "throughput" in result:
@@ -217,7 +219,8 @@ def throughput_table(result: dict) -> str:
     for name, row in result["contenders"].items():
         rows.append([name, row["description"], row["tokens_per_second"], row.get("vs_fastest_fp32_peer"),
                      row.get("vs_fastest_peer"), row["eval_loss"],
-                     f"{row.get('vs_fastest_fp32_peer_loss_delta', row.get('vs_fastest_peer_loss_delta', 0)):+.2%}", row["train_loss"], row["padding_fraction"]])
+                     f"{row.get('vs_fastest_fp32_peer_loss_delta', row.get('vs_fastest_peer_loss_delta', 0)):+.2%}", row["train_loss"], row["padding_fraction"],
+                     row.get("steady_tokens_per_second"), row.get("steady_vs_fastest_peer")])
     s = result["settings"]
     head = (f"### Training throughput: {result['model']} (LoRA r={s['lora_r']} all-linear, {s['rows']} rows, batch "
             f"{s['batch_size']}, max {s['max_len']} tokens, {s['epochs']} epoch; medians of {result['reps']}, ratios "
@@ -227,8 +230,10 @@ def throughput_table(result: dict) -> str:
                          f"({v['reference_peer']}), loss within 1%: {v['loss_within_1pct_of_reference']}, "
                          f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
                          for k, v in result["verdicts"].items())
-    return head + markdown_table(["contender", "what", "real tok/s", "x fastest fp32 peer", "x fastest peer",
-                                  "held-out loss", "loss vs reference peer", "train loss", "padding"], rows) + "\n\n" + verdicts
+    return (head + markdown_table(["contender", "what", "real tok/s", "x fastest fp32 peer", "x fastest peer",
+                                  "held-out loss", "loss vs reference peer", "train loss", "padding",
+                                  "steady tok/s (after 1/4 of the steps)", "steady x fastest peer"], rows) + "\n\n" + verdicts
+            + "".join(f"\n\n{name} failed: {err}" for name, err in result.get("failed", {}).items()))
 
 
 def limit_table(result: dict) -> str:

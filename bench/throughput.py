@@ -29,8 +29,10 @@ DESCRIPTIONS = {
     "verifily_plain_bf16": "verifily_plain with bf16 autocast",
     "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU fp32 setting; off under bf16 and on GPUs)",
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
+    "verifily_bf16_compiled": "verifily_bf16 plus training.compile (torch.compile of the repeated decoder block)",
+    "trl_sft_bf16_compiled": "(c) with bf16 autocast and torch_compile=True (the whole model compiled)",
 }
-PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16")
+PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16", "trl_sft_bf16_compiled")
 
 
 def _with_group_cost(run, cost):
@@ -72,21 +74,23 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
         loss = heldout_loss(model, heldout())
         return {"tokens_per_second": outcome["real_tokens"] / outcome["seconds"], "eval_loss": loss,
                 "train_loss": outcome["train_loss"], "seconds": outcome["seconds"], "real_tokens": outcome["real_tokens"],
-                **{k: outcome[k] for k in ("padding_fraction", "label_only_head") if k in outcome}}
+                **{k: outcome[k] for k in ("padding_fraction", "label_only_head", "steady_tokens_per_second")
+                   if k in outcome}}
 
     def our_run(**kwargs):
         def run():
             m = ours().train(device=device, **kwargs)
             return measured({"model": m["model"], "real_tokens": m["train_tokens"], "seconds": m["train_seconds"],
                              "train_loss": m["train_loss"], "padding_fraction": m["padding_fraction"],
-                             "label_only_head": m["label_only_head"]})
+                             "label_only_head": m["label_only_head"],
+                             "steady_tokens_per_second": m.get("steady_tokens_per_second")})
         return run
 
     def peft(padding: str, bf16: bool = False):
         return lambda: measured(train_hf_peft(str(model_dir), rows(), settings, padding=padding, bf16=bf16))
 
-    def trl(bf16: bool = False):
-        return lambda: measured(train_trl_sft(str(model_dir), rows(), settings, bf16=bf16))
+    def trl(bf16: bool = False, compile: bool = False):
+        return lambda: measured(train_trl_sft(str(model_dir), rows(), settings, bf16=bf16, torch_compile=compile))
 
     if device == "cuda" if gpu_contenders is None else gpu_contenders:
         # on a GPU everyone trains with bf16 autocast, as its users would
@@ -97,6 +101,8 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "verifily_bf16": our_run(precision="bf16"),
             "verifily_bf16_split": _with_group_cost(our_run(precision="bf16"), 24),
             "verifily_bf16_recast": our_run(precision="bf16", frozen_in_compute_dtype=False),
+            "verifily_bf16_compiled": our_run(precision="bf16", compile_blocks=True),
+            "trl_sft_bf16_compiled": trl(bf16=True, compile=True),
         }
     else:
         runs = {
@@ -117,7 +123,13 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
     if not trl_available():
         runs.pop("trl_sft", None)
         runs.pop("trl_sft_bf16", None)
+        runs.pop("trl_sft_bf16_compiled", None)
     return runs
+
+
+def contender_names(gpu_contenders: bool) -> list:
+    """The contenders ``contender_runs`` offers (CPU set or GPU set), in their running order."""
+    return list(contender_runs(".", ".", TrainSettings(), {}, bf16=True, gpu_contenders=gpu_contenders))
 
 
 def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
@@ -143,9 +155,10 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
         runs = isolated_runs("bench.throughput:contender_runs", kwargs, list(runs), torch.get_num_threads(),
                              work / "isolated")
     log(f"throughput on {model_name}: {', '.join(runs)} x {reps}{' (each run in its own process)' if isolate else ''}")
-    raw = alternate(runs, reps, log)
+    failed: Dict[str, str] = {}
+    raw = alternate(runs, reps, log, failed)
     result = summarize(model_name, settings, raw, trl_available())
-    result.update(device=device, isolated=isolate)
+    result.update(device=device, isolated=isolate, failed=failed)
     return result
 
 
@@ -165,6 +178,7 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
                        "eval_loss": median([o["eval_loss"] for o in outcomes]),
                        "train_loss": median([o["train_loss"] for o in outcomes]),
                        "seconds": median([o["seconds"] for o in outcomes]),
+                       "steady_tokens_per_second": median([o.get("steady_tokens_per_second") for o in outcomes]),
                        "real_tokens": outcomes[0]["real_tokens"],
                        "padding_fraction": outcomes[0].get("padding_fraction")}
     fp32_peers = [n for n in ("peft_max_length", "peft_dynamic", "trl_sft") if n in table]
@@ -176,10 +190,17 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
             if ref_name:
                 row[key] = paired_ratio(raw, name, ref_name, "tokens_per_second")
                 row[key + "_loss_delta"] = paired_ratio(raw, name, ref_name, "eval_loss") - 1.0
+    # after the first quarter of the steps (compilation and warm-up left out): where runs compile, both rates count
+    steady_peers = [n for n in all_peers if table[n]["steady_tokens_per_second"]]
+    fastest_steady = max(steady_peers, key=lambda n: table[n]["steady_tokens_per_second"]) if steady_peers else None
+    if fastest_steady:
+        for name, row in table.items():
+            if row["steady_tokens_per_second"]:
+                row["steady_vs_fastest_peer"] = paired_ratio(raw, name, fastest_steady, "steady_tokens_per_second")
     verdicts = {}
     # the target is against the fastest fp32 peer where fp32 peers ran (CPU), else the fastest peer (GPU, bf16)
     reference, prefix = (fastest_fp32, "vs_fastest_fp32_peer") if fastest_fp32 else (fastest_any, "vs_fastest_peer")
-    for ours_name in ("verifily", "verifily_bf16"):
+    for ours_name in ("verifily", "verifily_bf16", "verifily_bf16_compiled"):
         if ours_name in table and reference:
             row = table[ours_name]
             equal = abs(row[prefix + "_loss_delta"]) <= 0.01
@@ -192,5 +213,6 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
         settings = dataclasses.asdict(settings)
     return {"model": model_name, "settings": settings, "reps": len(next(iter(raw.values()))),
             "contenders": table, "fastest_fp32_peer": fastest_fp32, "fastest_peer": fastest_any,
+            "fastest_steady_peer": fastest_steady,
             "ratios": "paired: median over repetitions of contender / reference in the same repetition",
             "trl_installed": trl_installed, "verdicts": verdicts, "raw": raw}

@@ -10,6 +10,8 @@ import json
 import math
 import os
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -92,3 +94,27 @@ def test_each_contender_trains_in_a_fresh_process(tmp_path):
     for row in result["contenders"].values():
         assert row["tokens_per_second"] > 0 and math.isfinite(row["eval_loss"])
     assert result["contenders"]["verifily"]["real_tokens"] == result["contenders"]["peft_dynamic"]["real_tokens"]
+
+
+def test_steady_rate_leaves_out_the_first_quarter_and_a_failing_contender_spares_the_others():
+    """``StepClock``: the rate after the warm-up (a compiled run compiles in its first steps); ``alternate`` with
+    ``failed`` records a contender that raises, leaves it out whole, and runs the rest."""
+    sys.path.insert(0, str(REPO))
+    from bench.common import StepClock, alternate
+
+    clock = StepClock()
+    clock.marks = [(1, 8, 100.0), (2, 8, 101.0), (3, 8, 102.0), (8, 8, 107.0)]  # step 1 took 100 s (compiling)
+    # first mark at or past 8/4 = 2 steps: 6 of the 8 steps' share of 800 tokens in 6 s
+    assert clock.steady_tokens_per_second(800.0) == 600 / 6.0
+    assert StepClock().steady_tokens_per_second(800.0) is None
+
+    def boom():
+        raise RuntimeError("no GPU")
+
+    failed = {}
+    lines = []
+    raw = alternate({"ok": lambda: {"tokens_per_second": 1.0}, "bad": boom}, 2, lines.append, failed)
+    assert list(raw) == ["ok"] and len(raw["ok"]) == 2
+    assert failed == {"bad": "RuntimeError: no GPU"} and sum("FAILED" in line for line in lines) == 1
+    with pytest.raises(RuntimeError):
+        alternate({"bad": boom}, 1, lines.append)

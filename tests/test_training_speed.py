@@ -382,3 +382,80 @@ def test_fused_lora_output_computes_peft_forward_and_gradients(models):
             torch.testing.assert_close(model(**batch).logits, peft_base)
         model.merge_adapter()
         torch.testing.assert_close(model(**batch).logits, peft_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_blocks_compute_the_eager_forward_and_gradients_in_one_graph(models):
+    """training.compile: each decoder block compiled in place, one graph for all blocks and lengths, no graph
+    break, the same logits and gradients as eager, and unchanged parameter names (the saved adapter's keys)."""
+    import torch
+    import torch._dynamo
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verifily_train.training.compiled import compile_repeated_blocks, repeated_blocks
+    from verifily_train.training.lora import use_fused_lora_output
+
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    batches = [_batch(tok, n=6, seed=0), _batch(tok, n=5, seed=3)]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    use_fused_lora_output(model)
+    names = [name for name, _ in model.named_parameters()]
+
+    def run(batch):
+        model.zero_grad()
+        out = model(**batch, use_cache=False)  # as training runs it (a KV cache is state the graph would guard on)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = [run(b) for b in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    assert len(repeated_blocks(model)) == 2
+    assert compile_repeated_blocks(model, backend="aot_eager") == 2
+    compiled = [run(b) for b in batches]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # both blocks, both lengths, one trace
+    assert [name for name, _ in model.named_parameters()] == names
+    for (e_logits, e_grads), (c_logits, c_grads) in zip(eager, compiled):
+        torch.testing.assert_close(c_logits, e_logits, rtol=1e-5, atol=1e-5)
+        for c, e in zip(c_grads, e_grads):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp_path, monkeypatch):
+    """``training.compile: true`` in the real train stage: the blocks are compiled, nn.Dropout stays (the 16-bit
+    sampler's in-place draw would break the graph), and the adapter trains to the eager run's loss."""
+    import torch._dynamo
+
+    from verifily_train.config import load_config
+    from verifily_train.stages import _spec, fingerprint_stage, tokenize_stage
+    from verifily_train.training import compiled
+    from verifily_train.training.device import DevicePlan
+    from verifily_train.training.models import load_tokenizer
+    from verifily_train.training.trainer import train_adapter
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # the trace and autograd without code generation
+    manifests = {}
+    for flag in ("false", "true"):
+        cfg = load_config(None, ["task=sft", f"base_model={models['llama']}",
+                                 f"data_paths.train={sft_splits['train']}", f"data_paths.test={sft_splits['test']}",
+                                 "training.max_steps=3", "training.batch_size=4", f"training.compile={flag}",
+                                 "runtime.progress=false"])
+        fp = fingerprint_stage(cfg, tmp_path / "cache")
+        tokenized = tokenize_stage(cfg, fp, tmp_path / "tok", tmp_path)
+        spec = _spec(fp)
+        torch._dynamo.reset()
+        manifests[flag] = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, tmp_path / "tok",
+                                        DevicePlan("cpu", "fp32"), tmp_path / f"out-{flag}", tmp_path / f"w-{flag}")
+    torch._dynamo.reset()
+    assert manifests["false"]["compiled_blocks"] == 0 and manifests["true"]["compiled_blocks"] == 2
+    assert manifests["false"]["cheap_dropout_layers"] > 0 and manifests["true"]["cheap_dropout_layers"] == 0
+    assert (tmp_path / "out-true" / "adapter" / "adapter_model.safetensors").is_file()
+    # other dropout masks (nn.Dropout's sampler), same data and steps: the loss agrees closely, not bitwise
+    assert abs(manifests["true"]["train_loss"] - manifests["false"]["train_loss"]) < 0.02 * manifests["false"]["train_loss"]

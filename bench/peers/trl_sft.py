@@ -11,6 +11,7 @@ import tempfile
 import time
 from typing import List
 
+from bench.common import StepClock
 from bench.peers.hf_peft import prompt_of
 
 
@@ -20,8 +21,12 @@ def trl_available() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
-def train_trl_sft(model_dir: str, rows: List[dict], settings, bf16: bool = False) -> dict:
-    """Train LoRA with ``trl.SFTTrainer``; returns the trained model, real tokens, seconds and the Trainer's loss."""
+def train_trl_sft(model_dir: str, rows: List[dict], settings, bf16: bool = False, torch_compile: bool = False) -> dict:
+    """Train LoRA with ``trl.SFTTrainer``; returns the trained model, real tokens, seconds and the Trainer's loss.
+
+    ``torch_compile``: the Trainer's own ``torch_compile=True`` (the whole model through ``torch.compile``),
+    what a TRL user who wants speed on a GPU turns on.
+    """
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -43,12 +48,15 @@ def train_trl_sft(model_dir: str, rows: List[dict], settings, bf16: bool = False
                          weight_decay=settings.weight_decay, logging_steps=10, save_strategy="no", report_to=[],
                          use_cpu=not torch.cuda.is_available(), seed=settings.seed, data_seed=settings.seed,
                          bf16=bf16, gradient_checkpointing=False, max_length=settings.max_len, packing=False,
-                         disable_tqdm=True, dataset_num_proc=None)
+                         disable_tqdm=True, dataset_num_proc=None, torch_compile=torch_compile)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config)
+        clock = StepClock()
+        trainer.add_callback(clock.callback())
         real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * settings.epochs
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
     return {"model": trainer.model, "real_tokens": real_tokens, "seconds": seconds,
-            "train_loss": float(result.training_loss), "steps": int(trainer.state.global_step)}
+            "train_loss": float(result.training_loss), "steps": int(trainer.state.global_step),
+            "steady_tokens_per_second": clock.steady_tokens_per_second(real_tokens)}

@@ -199,7 +199,8 @@ def _write_log(history: List[dict], path: Path) -> None:
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
                   out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True,
                   frozen_in_compute_dtype: bool = True, cpu_fp32_attention: bool = True,
-                  cpu_cheap_dropout: bool = True, fused_lora_output: bool = True) -> dict:
+                  cpu_cheap_dropout: bool = True, fused_lora_output: bool = True,
+                  compile_blocks: Optional[bool] = None) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
@@ -216,6 +217,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     (``lora.use_cheap_dropout``: same distribution, cheaper sampler, other masks than ``nn.Dropout``).
     ``fused_lora_output`` (LoRA): each adapted layer adds its scaled adapter output inside one ``addmm``
     (``lora.use_fused_lora_output``: the same sum, two fewer passes over the layer's output).
+    ``compile_blocks`` (default: ``training.compile``): ``torch.compile`` the repeated decoder block
+    (``training.compiled``).
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
@@ -248,8 +251,10 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         from verifily_train.training.lora import store_frozen_linears_in
 
         converted = store_frozen_linears_in(model, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
+    compile_blocks = cfg.training.compile if compile_blocks is None else compile_blocks
     cheap_dropout = 0
-    if cpu_cheap_dropout and cfg.lora.enabled and plan.device == "cpu":
+    # compiled blocks fuse nn.Dropout's own sampling; the 16-bit sampler's in-place random_ breaks their graph
+    if cpu_cheap_dropout and cfg.lora.enabled and plan.device == "cpu" and not compile_blocks:
         from verifily_train.training.lora import use_cheap_dropout
 
         cheap_dropout = use_cheap_dropout(model)
@@ -258,6 +263,11 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         from verifily_train.training.lora import use_fused_lora_output
 
         fused = use_fused_lora_output(model)
+    compiled = 0
+    if compile_blocks:
+        from verifily_train.training.compiled import compile_repeated_blocks
+
+        compiled = compile_repeated_blocks(model)
     trainable, total = count_parameters(model)
     tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
@@ -347,6 +357,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "fp32_attention": fp32_attention,
         "cheap_dropout_layers": cheap_dropout,
         "fused_lora_output_layers": fused,
+        "compiled_blocks": compiled,
         "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device, plan.precision),
     }
 

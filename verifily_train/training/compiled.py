@@ -1,0 +1,53 @@
+"""``training.compile``: ``torch.compile`` of the model's repeated decoder block (regional compilation).
+
+A LoRA step on a small model on a GPU is bound by the host: every adapted linear layer launches its own
+handful of kernels (dropout, A, B, the add), every norm, rotary embedding and activation a few more, and
+each launch costs microseconds of Python and driver time while the GPU finishes the work in less
+(docs/benchmarks.md, GPU). Compiling the decoder block fuses its elementwise work into a few generated
+kernels and runs the block's Python once per trace instead of once per call.
+
+Only the block is compiled, not the whole model: the blocks are instances of one class, so with
+PyTorch's default ``inline_inbuilt_nn_modules`` one compiled graph serves all of them (the parameters
+are inputs), and compile time is that of one block, not of the stacked model. ``dynamic=True`` marks
+the batch and sequence sizes symbolic from the first call, so the varying padded lengths of dynamic
+padding reuse the same graph instead of recompiling per length. Each block is compiled in place
+(``nn.Module.compile``): parameter names, and so the saved adapter, are unchanged.
+
+The first block's input is the frozen embeddings' output, which needs no gradient, while every later
+block's input does: two graphs where one would do (a guard on ``requires_grad``). So the embeddings'
+output is marked as needing one (PEFT's ``enable_input_require_grads``, as gradient checkpointing
+does): the first block's backward then also computes a gradient for its input, a few small products
+against a second cold compile.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+BACKEND = "inductor"  # torch.compile's default; the tests trace with "aot_eager" (no code generation)
+
+
+def repeated_blocks(model) -> List:
+    """The modules of the longest ``nn.ModuleList`` whose entries (at least two) all share one class."""
+    import torch
+
+    best: List = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and len(module) > len(best):
+                best = list(module)
+    return best
+
+
+def compile_repeated_blocks(model, dynamic: bool = True, backend: str = None) -> int:
+    """Compile each repeated block in place; returns how many (0 when the model has none)."""
+    blocks = repeated_blocks(model)
+    if blocks and hasattr(model, "enable_input_require_grads"):
+        try:
+            model.enable_input_require_grads()
+        except NotImplementedError:  # a model without input embeddings: one more graph, nothing worse
+            pass
+    for block in blocks:
+        block.compile(dynamic=dynamic, backend=backend or BACKEND)
+    return len(blocks)
