@@ -181,10 +181,7 @@ def run_gpu(work: Path, reps: int, smollm2: Optional[Path] = None, archs: Iterab
         _free_cuda()
 
     if "throughput" in parts:
-        from bench.throughput import contender_names, run_throughput
-
-        if dry_run and contenders is None:  # compiling on a CPU takes minutes: the compiled ones only on request
-            contenders = [n for n in contender_names(gpu_contenders=True) if not n.endswith("_compiled")]
+        from bench.throughput import run_throughput
 
         settings = TrainSettings(rows=rows // scale, batch_size=16, max_len=512, eval_rows=32 // scale,
                                  learning_rate=2e-4)

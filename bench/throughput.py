@@ -30,6 +30,7 @@ DESCRIPTIONS = {
     "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU fp32 setting; off under bf16 and on GPUs)",
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
     "verifily_bf16_compiled": "verifily_bf16 plus training.compile (torch.compile of the repeated decoder block)",
+    "verifily_compiled": "verifily (fp32) plus training.compile",
     "trl_sft_bf16_compiled": "(c) with bf16 autocast and torch_compile=True (the whole model compiled)",
 }
 PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16", "trl_sft_bf16_compiled")
@@ -120,16 +121,13 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             runs["verifily_bf16"] = our_run(precision="bf16")
             runs["verifily_bf16_split"] = _with_group_cost(our_run(precision="bf16"), 24)
             runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
+            runs["verifily_bf16_compiled"] = our_run(precision="bf16", compile_blocks=True)
+        runs["verifily_compiled"] = our_run(precision="fp32", compile_blocks=True)
     if not trl_available():
         runs.pop("trl_sft", None)
         runs.pop("trl_sft_bf16", None)
         runs.pop("trl_sft_bf16_compiled", None)
     return runs
-
-
-def contender_names(gpu_contenders: bool) -> list:
-    """The contenders ``contender_runs`` offers (CPU set or GPU set), in their running order."""
-    return list(contender_runs(".", ".", TrainSettings(), {}, bf16=True, gpu_contenders=gpu_contenders))
 
 
 def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
@@ -151,6 +149,8 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
     runs = contender_runs(**kwargs)
     if contenders:
         runs = {k: v for k, v in runs.items() if k in contenders}
+    elif device != "cuda":  # compiling takes minutes on a CPU and does not pay there (docs/models.md): on request
+        runs = {k: v for k, v in runs.items() if not k.endswith("_compiled")}
     if isolate:
         runs = isolated_runs("bench.throughput:contender_runs", kwargs, list(runs), torch.get_num_threads(),
                              work / "isolated")

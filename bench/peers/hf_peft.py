@@ -12,6 +12,8 @@ import tempfile
 import time
 from typing import List
 
+from bench.common import StepClock
+
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -71,8 +73,11 @@ def train_hf_peft(model_dir: str, rows: List[dict], settings, padding: str = "lo
                                  report_to=[], use_cpu=not torch.cuda.is_available(), seed=settings.seed,
                                  data_seed=settings.seed, bf16=bf16, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+        clock = StepClock()
+        trainer.add_callback(clock.callback())
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
     return {"model": model, "real_tokens": real_tokens, "seconds": seconds, "train_loss": float(result.training_loss),
+            "steady_tokens_per_second": clock.steady_tokens_per_second(real_tokens),
             "steps": int(trainer.state.global_step)}

@@ -49,7 +49,7 @@ class TrainingSection:
     max_grad_norm: float = 1.0  # gradient clipping norm
     max_seq_length: int = 2048  # longer rows are truncated (and counted), never dropped; >= 8
     group_by_length: bool = False  # draw batches of similar-length rows (less padding, but a different optimisation: measured worse loss on short runs, docs/benchmarks.md)
-    compile: bool = False  # torch.compile the repeated decoder block (fewer, fused kernels; pays a one-off compile, so for long runs, docs/benchmarks.md)
+    compile: bool = False  # torch.compile the repeated decoder block: fewer, fused kernels after a one-off compile of about a minute; pays on long GPU runs (docs/models.md)
     max_steps: int = -1  # when > 0, stop after this many optimizer steps (overrides num_epochs)
     eval_steps: int = 500  # evaluate on val every N steps (when a val split exists)
     save_steps: int = 500  # checkpoint every N steps
