@@ -459,3 +459,15 @@ def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp
     assert (tmp_path / "out-true" / "adapter" / "adapter_model.safetensors").is_file()
     # other dropout masks (nn.Dropout's sampler), same data and steps: the loss agrees closely, not bitwise
     assert abs(manifests["true"]["train_loss"] - manifests["false"]["train_loss"]) < 0.02 * manifests["false"]["train_loss"]
+
+
+def test_compiled_blocks_are_found_in_decoder_only_and_encoder_decoder_models(models):
+    """One list of blocks in a Llama, the encoder's and the decoder's in a T5; lists inside a block are not taken."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from verifily_train.training.compiled import repeated_blocks
+
+    llama = AutoModelForCausalLM.from_pretrained(models["llama"])
+    assert repeated_blocks(llama) == list(llama.model.layers)
+    t5 = AutoModelForSeq2SeqLM.from_pretrained(models["t5"])
+    assert repeated_blocks(t5) == list(t5.encoder.block) + list(t5.decoder.block)

@@ -28,16 +28,24 @@ BACKEND = "inductor"  # torch.compile's default; the tests trace with "aot_eager
 
 
 def repeated_blocks(model) -> List:
-    """The modules of the longest ``nn.ModuleList`` whose entries (at least two) all share one class."""
+    """Every block of every outermost ``nn.ModuleList`` whose entries (two or more, with parameters) share one class.
+
+    A decoder-only model has one such list (its layers); an encoder-decoder has two (T5's encoder and
+    decoder blocks, one graph each). Lists inside a chosen block (a mixture of experts, say) are left to
+    the block's graph.
+    """
     import torch
 
-    best: List = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1 and len(module) > len(best):
-                best = list(module)
-    return best
+    chosen: List[str] = []
+    blocks: List = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in chosen):
+            continue
+        if (isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1
+                and all(any(True for _ in child.parameters()) for child in module)):
+            chosen.append(name)
+            blocks.extend(module)
+    return blocks
 
 
 def compile_repeated_blocks(model, dynamic: bool = True, backend: str = None) -> int:
