@@ -15,7 +15,7 @@ padding reuse the same graph instead of recompiling per length. Each block is co
 
 The first block's input is the frozen embeddings' output, which needs no gradient, while every later
 block's input does: two graphs where one would do (a guard on ``requires_grad``). So the embeddings'
-output is marked as needing one (PEFT's ``enable_input_require_grads``, as gradient checkpointing
+output is marked as needing one (transformers' ``enable_input_require_grads``, as gradient checkpointing
 does): the first block's backward then also computes a gradient for its input, a few small products
 against a second cold compile.
 """
