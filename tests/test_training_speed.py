@@ -471,3 +471,32 @@ def test_compiled_blocks_are_found_in_decoder_only_and_encoder_decoder_models(mo
     assert repeated_blocks(llama) == list(llama.model.layers)
     t5 = AutoModelForSeq2SeqLM.from_pretrained(models["t5"])
     assert repeated_blocks(t5) == list(t5.encoder.block) + list(t5.decoder.block)
+
+
+def test_training_compile_without_its_code_generator_is_refused_before_any_work(monkeypatch, tmp_path, sft_splits,
+                                                                                models):
+    """No C++ compiler (CPU) or no Triton (CUDA): one line naming training.compile, from preflight's device check."""
+    import shutil
+
+    from verifily_train.errors import EnvironmentProblem
+    from verifily_train.preflight import model_and_device_checks
+    from verifily_train.training import compiled
+
+    compiled.check_compile_support("cpu")  # this machine has one
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(EnvironmentProblem, match="training.compile.*C\\+\\+ compiler"):
+        compiled.check_compile_support("cpu")
+    real_find_spec = compiled.importlib.util.find_spec
+    monkeypatch.setattr(compiled.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    with pytest.raises(EnvironmentProblem, match="training.compile.*Triton"):
+        compiled.check_compile_support("cuda")
+
+    from verifily_train.config import load_config
+
+    cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
+                             "compute.device=cpu", "training.compile=true"])
+    with pytest.raises(EnvironmentProblem, match="training.compile"):
+        model_and_device_checks(cfg)
+    model_and_device_checks(load_config(None, ["task=sft", f"base_model={models['llama']}",
+                                               f"data_paths.train={sft_splits['train']}", "compute.device=cpu"]))

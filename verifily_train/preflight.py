@@ -130,6 +130,10 @@ def model_and_device_checks(cfg) -> None:
 
         plan = resolve_device(cfg.compute)
         quantization_config(cfg.lora, plan.device)
+        if cfg.training.compile:
+            from verifily_train.training.compiled import check_compile_support
+
+            check_compile_support(plan.device)
 
     _attempt(problems, device_check)
     if problems:

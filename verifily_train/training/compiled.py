@@ -22,9 +22,30 @@ against a second cold compile.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 from typing import List
 
 BACKEND = "inductor"  # torch.compile's default; the tests trace with "aot_eager" (no code generation)
+
+
+def check_compile_support(device: str) -> None:
+    """Refuse ``training.compile`` before any work where its code generator cannot run (one line, the key named).
+
+    Inductor writes C++ for a CPU (it needs a C++ compiler) and Triton kernels for a CUDA GPU (it needs
+    the ``triton`` package); without them the first training step would fail after the model is loaded.
+    """
+    from verifily_train.errors import EnvironmentProblem
+
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        raise EnvironmentProblem(None, "training.compile", "compiling for a CUDA GPU needs Triton: pip install "
+                                                           "triton, or set training.compile: false")
+    if device == "cpu":
+        compilers = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+        if not any(shutil.which(c) for c in compilers if c):
+            raise EnvironmentProblem(None, "training.compile", "compiling for the CPU needs a C++ compiler "
+                                                               "(g++ or clang++) on PATH, or set training.compile: false")
 
 
 def repeated_blocks(model) -> List:
