@@ -11,7 +11,9 @@ PyTorch's default ``inline_inbuilt_nn_modules`` one compiled graph serves all of
 are inputs), and compile time is that of one block, not of the stacked model. ``dynamic=True`` marks
 the batch and sequence sizes symbolic from the first call, so the varying padded lengths of dynamic
 padding reuse the same graph instead of recompiling per length. Each block is compiled in place
-(``nn.Module.compile``): parameter names, and so the saved adapter, are unchanged.
+(``nn.Module.compile``): parameter names, and so the saved adapter, are unchanged. (accelerate's
+``compile_regions`` does the same search but wraps each block in a new ``OptimizedModule``, whose
+``_orig_mod.`` prefix would change every saved key: hence this module.)
 
 The first block's input is the frozen embeddings' output, which needs no gradient, while every later
 block's input does: two graphs where one would do (a guard on ``requires_grad``). So the embeddings'
