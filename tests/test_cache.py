@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -32,13 +33,45 @@ def ok(result):
     return result[1]
 
 
-@pytest.fixture
-def cold(tmp_path, models, sft_splits, prefect_api):
-    """A first, uncached run; returns (folder, run)."""
-    write_config(tmp_path, "sft", models["llama"], sft_splits)
-    run = ok(train(tmp_path, prefect_api))
+@dataclass
+class Cold:
+    """A project folder after its first run: config, data, runs/ and its own VERIFILY_HOME (cache, store)."""
+    folder: Path
+    run: Path
+    splits: dict
+    home: Path
+
+    def __iter__(self):
+        return iter((self.folder, self.run))
+
+
+@pytest.fixture(scope="module")
+def cold_snapshot(tmp_path_factory, models, prefect_api):
+    """One first, uncached run for the whole module, then a copy of its folder to restore before each test."""
+    from verifily_train.fixtures.data import write_splits
+
+    root = tmp_path_factory.mktemp("cold")
+    folder = root / "project"
+    splits = write_splits(folder / "sft-data", "sft", {"train": 48, "val": 16, "test": 40}, seed=1)
+    write_config(folder, "sft", models["llama"], splits)
+    env = cli_env({"PREFECT_API_URL": prefect_api, "VERIFILY_HOME": str(folder / "home")})
+    result = run_cli("train", "-c", "train.yaml", cwd=folder, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = (folder / "runs").glob("run_*")
     assert ran(run) == STAGES
-    return tmp_path, run
+    shutil.copytree(folder, root / "snapshot", symlinks=True)
+    return Cold(folder, run, splits, folder / "home"), root / "snapshot"
+
+
+@pytest.fixture
+def cold(cold_snapshot, monkeypatch):
+    """The module's first run, restored at its own absolute path (the config names its data by path, so a
+    re-run sees exactly the first run's inputs) with a fresh copy of its cache; VERIFILY_HOME points there."""
+    first, snapshot = cold_snapshot
+    shutil.rmtree(first.folder)
+    shutil.copytree(snapshot, first.folder, symlinks=True)
+    monkeypatch.setenv("VERIFILY_HOME", str(first.home))
+    return first
 
 
 def test_identical_rerun_is_all_cache_hits_with_equal_content(cold, prefect_api):
@@ -112,9 +145,9 @@ def test_a_change_reruns_exactly_the_stages_that_read_it(cold, prefect_api, over
     assert ran(run) == expected
 
 
-def test_one_changed_data_byte_invalidates_every_stage(cold, prefect_api, sft_splits):
+def test_one_changed_data_byte_invalidates_every_stage(cold, prefect_api):
     folder, _ = cold
-    path = sft_splits["test"]
+    path = cold.splits["test"]
     path.write_bytes(path.read_bytes().replace(b"human", b"synthetic", 1))
     time.sleep(1.1)
     assert ran(ok(train(folder, prefect_api))) == STAGES
@@ -123,21 +156,21 @@ def test_one_changed_data_byte_invalidates_every_stage(cold, prefect_api, sft_sp
 def test_same_bytes_at_another_path_hit_the_cache(cold, prefect_api, models, tmp_path):
     folder, _ = cold
     moved = tmp_path / "moved"
-    shutil.copytree(tmp_path / "sft-data", moved)
+    shutil.copytree(folder / "sft-data", moved)
     elsewhere = tmp_path / "other-project"
     elsewhere.mkdir()
     write_config(elsewhere, "sft", models["llama"], {s: moved / f"{s}.jsonl" for s in ("train", "val", "test")})
     assert ran(ok(train(elsewhere, prefect_api))) == []
 
 
-def test_tokenizer_change_retokenizes_and_weights_change_only_retrains(cold, prefect_api, models, sft_splits, tmp_path):
+def test_tokenizer_change_retokenizes_and_weights_change_only_retrains(cold, prefect_api, models, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = tmp_path / "model-copy"
     shutil.copytree(models["llama"], model)
     other = tmp_path / "copy-run"
     other.mkdir()
-    write_config(other, "sft", model, sft_splits)
+    write_config(other, "sft", model, cold.splits)
     assert ran(ok(train(other, prefect_api))) == []  # a byte-identical copy is the same model
     weights = load_file(model / "model.safetensors")
     name = next(k for k in weights if k.endswith("mlp.up_proj.weight"))
@@ -152,8 +185,9 @@ def test_tokenizer_change_retokenizes_and_weights_change_only_retrains(cold, pre
     assert "tokenize" in ran(ok(train(other, prefect_api)))
 
 
-def test_no_cache_and_refresh_force_recomputation(cold, prefect_api, verifily_home):
+def test_no_cache_and_refresh_force_recomputation(cold, prefect_api):
     folder, first = cold
+    verifily_home = cold.home
     time.sleep(1.1)
     assert ran(ok(train(folder, prefect_api, "--no-cache"))) == STAGES
     assert not list((verifily_home / "cache").glob("*/.private-*")), "private folders are cleaned up"
@@ -164,8 +198,9 @@ def test_no_cache_and_refresh_force_recomputation(cold, prefect_api, verifily_ho
            (refreshed / "adapter/adapter_model.safetensors").read_bytes()
 
 
-def test_corrupted_or_missing_cache_files_are_a_miss_not_a_crash(cold, prefect_api, verifily_home):
+def test_corrupted_or_missing_cache_files_are_a_miss_not_a_crash(cold, prefect_api):
     folder, _ = cold
+    verifily_home = cold.home
     adapter = next((verifily_home / "cache/train").glob("*/adapter/adapter_model.safetensors"))
     adapter.write_bytes(adapter.read_bytes()[:-3] + b"xyz")
     predictions = next((verifily_home / "cache/evaluate").glob("*/predictions.parquet"))
@@ -176,8 +211,9 @@ def test_corrupted_or_missing_cache_files_are_a_miss_not_a_crash(cold, prefect_a
     assert ran(ok(result)) == ["train", "evaluate"]
 
 
-def test_cache_cli_lists_prunes_and_clears(cold, verifily_home):
+def test_cache_cli_lists_prunes_and_clears(cold):
     folder, _ = cold
+    verifily_home = cold.home
     listing = run_cli("cache", "list", cwd=folder)
     assert listing.returncode == 0 and "train" in listing.stdout and "tokenize" in listing.stdout
     assert run_cli("cache", "prune", "--older-than", "30", cwd=folder).stdout.startswith("removed 0 ")

@@ -1,5 +1,5 @@
-"""kill -9 at a point inside each stage (two seeds each): the re-run completes, reuses finished stages, and
-its artifact equals an uninterrupted run's; the killed run leaves no process behind."""
+"""kill -9 at a point inside each stage: the re-run completes, reuses finished stages, and its artifact equals
+an uninterrupted run's; the killed run leaves no process behind."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from conftest import cli_env, write_config
 
 pytestmark = pytest.mark.slow
 STAGES = ["validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples", "write_artifact"]
-KILLS = [(stage, seed) for stage in STAGES for seed in (0, 1)]
+# One kill timing (seed) per stage, alternating, to keep the suite's time down; the train stage gets both: seed 0
+# is killed in a pause after it computed, seed 1 in the middle of training.
+KILLS = [(stage, i % 2) for i, stage in enumerate(STAGES)] + [("train", 1 - STAGES.index("train") % 2)]
 FAST = {"training": {"num_epochs": 3, "save_steps": 4, "eval_steps": 1000}, "eval": {"bootstrap_samples": 200}}
 
 
