@@ -104,3 +104,24 @@ def test_managed_mode_prints_coming_soon_and_trains_nothing(tmp_path):
 
 def test_runs_verify_unknown_run(tmp_path):
     assert_user_error(run_cli("runs", "verify", "run_nope", cwd=tmp_path), "run_nope", "no such run")
+
+
+@pytest.mark.parametrize("configured", [None, "45"])
+def test_in_process_flow_runs_skip_heartbeats_unless_configured(configured, tmp_path):
+    """The flow run `verifily train` makes and watches sends no heartbeats (Prefect joins their thread at the end,
+    up to a second); a heartbeat frequency the user set is kept."""
+    import os
+
+    code = ("from verifily_train.cli.train import in_process_flow_settings\n"
+            "from prefect.flow_engine import FlowRunEngine\n"
+            "seconds = lambda: FlowRunEngine.heartbeat_seconds.fget(None)\n"
+            "before = seconds()\n"
+            "with in_process_flow_settings():\n    inside = seconds()\n"
+            "print('HEARTBEAT', before, inside, seconds())")
+    env = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile setting
+    if configured:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = configured
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    expected = "HEARTBEAT 45 45 45" if configured else "HEARTBEAT 180 None 180"
+    assert expected in out.stdout, out.stdout + out.stderr
