@@ -36,11 +36,16 @@ def models(tmp_path_factory):
     return build_all(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture
-def sft_splits(tmp_path):
+def write_sft_splits(folder: Path) -> dict:
+    """The tagged SFT fixture splits most pipeline tests train on, written under ``folder/sft-data``."""
     from verifily_train.fixtures.data import write_splits
 
-    return write_splits(tmp_path / "sft-data", "sft", {"train": 48, "val": 16, "test": 40}, seed=1)
+    return write_splits(folder / "sft-data", "sft", {"train": 48, "val": 16, "test": 40}, seed=1)
+
+
+@pytest.fixture
+def sft_splits(tmp_path):
+    return write_sft_splits(tmp_path)
 
 
 @pytest.fixture

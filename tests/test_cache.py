@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import cli_env, run_cli, train, write_config
+from conftest import cli_env, run_cli, train, write_config, write_sft_splits
 
 pytestmark = pytest.mark.slow
 STAGES = ["validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples"]
@@ -48,11 +48,9 @@ class Cold:
 @pytest.fixture(scope="module")
 def cold_snapshot(tmp_path_factory, models, prefect_api):
     """One first, uncached run for the whole module, then a copy of its folder to restore before each test."""
-    from verifily_train.fixtures.data import write_splits
-
     root = tmp_path_factory.mktemp("cold")
     folder = root / "project"
-    splits = write_splits(folder / "sft-data", "sft", {"train": 48, "val": 16, "test": 40}, seed=1)
+    splits = write_sft_splits(folder)
     write_config(folder, "sft", models["llama"], splits)
     env = cli_env({"PREFECT_API_URL": prefect_api, "VERIFILY_HOME": str(folder / "home")})
     result = run_cli("train", "-c", "train.yaml", cwd=folder, env=env)
