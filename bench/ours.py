@@ -45,7 +45,7 @@ class OurTrainStage:
     def train(self, precision: str = "fp32", label_only_head: bool = True, group_by_length: bool = False,
               keep_model: bool = True, device: str = "cpu", frozen_in_compute_dtype: bool = True,
               cpu_fp32_attention: bool = True, cpu_cheap_dropout: bool = True, fused_lora_output: bool = True,
-              compile_blocks: bool = False) -> dict:
+              compile_blocks: bool = False, pack_rows: bool = True) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses
 
@@ -66,6 +66,7 @@ class OurTrainStage:
                                      label_only_head=label_only_head, frozen_in_compute_dtype=frozen_in_compute_dtype,
                                      cpu_fp32_attention=cpu_fp32_attention, cpu_cheap_dropout=cpu_cheap_dropout,
                                      fused_lora_output=fused_lora_output, compile_blocks=compile_blocks,
+                                     pack_rows=pack_rows,
                                      on_progress=clock)
             manifest["steady_tokens_per_second"] = clock.steady_tokens_per_second(manifest["train_tokens"])
             if keep_model:

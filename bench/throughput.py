@@ -20,14 +20,16 @@ DESCRIPTIONS = {
     "trl_sft": "(c) TRL SFTTrainer",
     "peft_dynamic_bf16": "(b) with bf16 autocast",
     "verifily_plain": "verifily train stage with the model's plain forward (no label-only head, batch padded to its longest row)",
-    "verifily": "verifily train stage (its defaults: head at label positions only, length-sorted sub-batches on a CPU in fp32)",
+    "verifily": "verifily train stage (its defaults: head at label positions only, each batch's rows packed on a CPU, attention within each row)",
+    "verifily_split": "verifily with length-sorted sub-batches instead of packed rows (the CPU fp32 default before packing)",
     "verifily_bf16": "verifily train stage, bf16 autocast (the default where bf16 is native)",
     "verifily_grouped": "verifily, plus training.group_by_length (length-grouped batches; off by default)",
     "trl_sft_bf16": "(c) with bf16 autocast",
     "verifily_torch_dropout": "verifily with PyTorch's own dropout sampler (bernoulli_) instead of the 16-bit one",
     "verifily_unfused": "verifily with PEFT's LoRA output (scale, then add) instead of one addmm",
     "verifily_plain_bf16": "verifily_plain with bf16 autocast",
-    "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches (the CPU fp32 setting; off under bf16 and on GPUs)",
+    "verifily_bf16_split": "verifily_bf16 with length-sorted sub-batches instead of packed rows",
+    "verifily_bf16_whole": "verifily_bf16 with each batch whole, padded to its longest row (the CPU bf16 default before packing; GPUs)",
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
     "verifily_bf16_compiled": "verifily_bf16 plus training.compile (torch.compile of the repeated decoder block)",
     "verifily_compiled": "verifily (fp32) plus training.compile",
@@ -100,7 +102,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "trl_sft_bf16": trl(bf16=True),
             "verifily_plain_bf16": our_run(precision="bf16", label_only_head=False),
             "verifily_bf16": our_run(precision="bf16"),
-            "verifily_bf16_split": _with_group_cost(our_run(precision="bf16"), 24),
+            "verifily_bf16_split": _with_group_cost(our_run(precision="bf16", pack_rows=False), 24),
             "verifily_bf16_recast": our_run(precision="bf16", frozen_in_compute_dtype=False),
             "verifily_bf16_compiled": our_run(precision="bf16", compile_blocks=True),
             "trl_sft_bf16_compiled": trl(bf16=True, compile=True),
@@ -112,6 +114,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "trl_sft": trl(),
             "verifily_plain": our_run(precision="fp32", label_only_head=False, group_by_length=False),
             "verifily": our_run(precision="fp32"),
+            "verifily_split": our_run(precision="fp32", pack_rows=False),
             "verifily_grouped": our_run(precision="fp32", group_by_length=True),
             "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
             "verifily_unfused": our_run(precision="fp32", fused_lora_output=False),
@@ -119,7 +122,8 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)
             runs["verifily_bf16"] = our_run(precision="bf16")
-            runs["verifily_bf16_split"] = _with_group_cost(our_run(precision="bf16"), 24)
+            runs["verifily_bf16_split"] = _with_group_cost(our_run(precision="bf16", pack_rows=False), 24)
+            runs["verifily_bf16_whole"] = our_run(precision="bf16", pack_rows=False)
             runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
             runs["verifily_bf16_compiled"] = our_run(precision="bf16", compile_blocks=True)
         runs["verifily_compiled"] = our_run(precision="fp32", compile_blocks=True)

@@ -28,8 +28,9 @@ def _batch(tok, n=6, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("lora,split", [(False, True), (True, True), (True, False)])
-def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora, split, monkeypatch):
+@pytest.mark.parametrize("lora,split,pack", [(False, True, False), (True, True, False), (True, False, False),
+                                             (False, False, True), (True, False, True)])
+def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora, split, pack, monkeypatch):
     import torch
 
     import verifily_train.training.loss as loss_module
@@ -48,6 +49,12 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
                                                  task_type="CAUSAL_LM"))
     assert supports_label_only_head(model)
     batch = _batch(tok)
+    if pack:  # the packed path runs through the stage's attention function
+        from verifily_train.training.attention import use_fp32_attention
+        from verifily_train.training.loss import can_pack, unwrap_causal_lm
+
+        assert use_fp32_attention(unwrap_causal_lm(model))
+        assert can_pack(unwrap_causal_lm(model), batch["input_ids"], batch["attention_mask"])
     if split:
         lengths = batch["attention_mask"].sum(1).tolist()
         assert len(loss_module.length_groups(lengths, loss_module.group_cost_for("cpu"))) > 1
@@ -59,7 +66,7 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
         plain.backward()
         plain_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad()
-        fast = label_position_loss(model, batch, num_items, split_by_length=split)
+        fast = label_position_loss(model, batch, num_items, split_by_length=split, pack=pack)
         fast.backward()
         fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         assert torch.allclose(plain, fast, rtol=1e-5, atol=1e-6)
@@ -97,6 +104,76 @@ def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
     sampler = LengthGroupedSampler(lengths, 8, seed=1)
     sampler.set_epoch(1)
     assert list(iter(sampler)) == length_grouped_order(lengths, 8, seed=2)
+
+
+def _tiny_family(family: str, sliding_window=None):
+    """A 2-layer model of one label-only family (GQA: 4 query heads, 2 key/value heads), built from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    if family in ("mistral", "qwen2"):
+        kwargs["sliding_window"] = sliding_window
+    if family == "qwen3":
+        kwargs["head_dim"] = 8
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **kwargs)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def _random_batch(rows=5, width=23, vocab=96, seed=0):
+    """Right-padded rows of skewed lengths, the first few positions of each a prompt (labels -100)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [width, 4, 17, 9, 1][:rows]
+    ids = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((rows, width), -100)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(1, vocab, (n,), generator=generator)
+        mask[r, :n] = 1
+        labels[r, n // 3:n] = ids[r, n // 3:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"])
+def test_packed_rows_give_every_label_only_familys_loss_and_gradients(family):
+    """Packing is exact for each family the label-only head serves: no token sees another row's, and the
+    rotary positions restart per row (a length-1 row and a full-width row included)."""
+    import torch
+
+    from verifily_train.training.attention import use_fp32_attention
+    from verifily_train.training.loss import can_pack, label_position_loss, supports_label_only_head
+
+    model = _tiny_family(family)
+    assert supports_label_only_head(model)
+    batch = _random_batch()
+    model.train()
+    plain = model(**batch).loss
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    assert use_fp32_attention(model) and can_pack(model, batch["input_ids"], batch["attention_mask"])
+    packed = label_position_loss(model, batch, pack=True)
+    packed_grads = torch.autograd.grad(packed, list(model.parameters()))
+    assert torch.allclose(plain, packed, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain_grads, packed_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_are_not_packed_where_the_mask_would_need_more_than_rows_and_causality():
+    from verifily_train.training.attention import use_fp32_attention
+    from verifily_train.training.loss import can_pack
+
+    batch = _random_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    windowed = _tiny_family("mistral", sliding_window=8)  # a window shorter than the batch
+    assert use_fp32_attention(windowed) and not can_pack(windowed, ids, mask)
+    model = _tiny_family("llama")
+    assert not can_pack(model, ids, mask)  # plain SDPA: the packed rows would attend to each other
+    assert use_fp32_attention(model) and can_pack(model, ids, mask)
+    assert not can_pack(model, ids.flip(1), mask.flip(1))  # left padding
+    assert not can_pack(model, ids[:1], mask[:1])  # one row: nothing to pack
 
 
 def test_length_groups_cover_the_batch_and_cut_padding():

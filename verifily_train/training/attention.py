@@ -19,6 +19,7 @@ anywhere else it is plain SDPA.
 from __future__ import annotations
 
 NAME = "verifily_sdpa_fp32_cpu"
+PACKED_KWARG = "verifily_packed_rows"  # the keyword a packed forward hands each attention call (PackedRows)
 _registered = False
 
 
@@ -58,9 +59,57 @@ def _plain_form_applies(query, key, kwargs) -> bool:
     return query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] <= EAGER_MAX_SCORES
 
 
+class PackedRows:
+    """Where the rows of a right-padded batch sit once packed into one ``(1, tokens)`` sequence.
+
+    The train stage's packed path (``training.loss``) runs every per-token layer on the batch's real
+    tokens only, concatenated; attention alone needs the rows apart. ``gather`` (rows x width) picks,
+    for each slot of the re-padded ``(rows, width)`` layout, its token in the packed sequence (a padding
+    slot repeats its row's first token, which the mask hides); ``scatter`` picks each packed token's slot
+    back out of that layout. The 4D boolean mask handed to attention with it is causal within each row
+    and hides the padding slots as keys, so no token attends across rows.
+    """
+
+    __slots__ = ("gather", "scatter", "rows", "width")
+
+    def __init__(self, gather, scatter, rows: int, width: int):
+        self.gather, self.scatter, self.rows, self.width = gather, scatter, rows, width
+
+
+def _attend_packed(module, query, key, value, attention_mask, packed: PackedRows, **kwargs):
+    """Attention over packed rows: re-pad query, key and value to (rows, heads, width, dim), attend, unpad."""
+
+    def repad(states):  # (1, heads, tokens, dim) -> (rows, heads, width, dim)
+        heads, dim = states.shape[1], states.shape[3]
+        picked = states[0].transpose(0, 1).index_select(0, packed.gather)
+        return picked.view(packed.rows, packed.width, heads, dim).transpose(1, 2)
+
+    out, _ = _attend_rows(module, repad(query), repad(key), repad(value), attention_mask, **kwargs)
+    # (rows, width, heads, dim) -> (1, tokens, heads, dim), the layout attention functions return
+    return out.reshape(packed.rows * packed.width, *out.shape[2:]).index_select(0, packed.scatter)[None], None
+
+
+def _attend_rows(module, query, key, value, attention_mask, **kwargs):
+    """Re-padded rows: the plain form where it applies (fp32 math, any precision), else SDPA as the stage runs it."""
+    import torch
+
+    if query.device.type == "cpu" and _plain_form_applies(query, key, kwargs):
+        low = next((t.dtype for t in (query, key, value) if t.dtype in (torch.bfloat16, torch.float16)), None)
+        if low is None and torch.is_autocast_enabled("cpu"):
+            low = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            out = _eager_fp32(module, query, key, value, attention_mask, **kwargs)
+        return (out if low is None else out.to(low)), None
+    return sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs)
+
+
 def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    packed = kwargs.pop(PACKED_KWARG, None)
+    if packed is not None:
+        return _attend_packed(module, query, key, value, attention_mask, packed, **kwargs)
 
     # Under autocast the query and key usually arrive in fp32 (rotary embeddings compute in fp32) and the
     # value in bf16; SDPA would then run in the autocast dtype. The output goes back in that dtype.

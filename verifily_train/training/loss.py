@@ -28,6 +28,10 @@ from typing import List, Optional
 # against 1,422 whole. Keys: "<device>-<precision>" first, then "<device>".
 GROUP_COST_TOKENS = {"cpu": 24, "cpu-bf16": None, "cuda": None, "mps": None}
 DEFAULT_GROUP_COST = 24
+# devices where a batch runs packed (its real tokens as one sequence, attention re-padded by row) when the
+# model takes the stage's attention function. Not on GPUs: unmeasured there, and a GPU step is bound by
+# kernel launches, which packing adds (index copies per layer) rather than removes.
+PACK_DEVICES = frozenset({"cpu"})
 
 
 def group_cost_for(device_type: str, precision: str = "fp32") -> Optional[int]:
@@ -116,13 +120,17 @@ def _autocast_head_weight(head):
 
 def _label_loss_sum(base, input_ids, attention_mask, labels):
     """(sum of next-token cross-entropies, number of targets) with the head applied at target positions only."""
+    hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return _head_loss_sum(base, hidden[:, :-1], labels[:, 1:])
+
+
+def _head_loss_sum(base, hidden, targets):
+    """(sum of cross-entropies, count) of ``hidden`` positions whose target is kept, the head applied there only."""
     import torch
     import torch.nn.functional as F
 
-    hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
     keep = targets != -100
-    kept = hidden[:, :-1][keep]
+    kept = hidden[keep]
     head = base.lm_head
     weight = _autocast_head_weight(head) if isinstance(head, torch.nn.Linear) else None
     logits = F.linear(kept, weight, head.bias) if weight is not None else head(kept)
@@ -130,12 +138,64 @@ def _label_loss_sum(base, input_ids, attention_mask, labels):
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
 
 
-def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True):
+def can_pack(base, ids, mask) -> bool:
+    """True when :func:`_packed_label_loss_sum` is exact and available for this right-padded batch.
+
+    It needs the stage's CPU attention function (``training.attention``, which handles packed rows), rows
+    that each hold a token, and no sliding window shorter than the batch (its mask would need the window).
+    """
+    from verifily_train.training.attention import NAME
+
+    config = base.config
+    if ids.device.type not in PACK_DEVICES or getattr(config, "_attn_implementation", None) != NAME:
+        return False
+    if mask is None or ids.shape[0] < 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()) or not bool(mask[:, 0].all()):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or int(window) >= ids.shape[1]
+
+
+def _packed_label_loss_sum(base, ids, mask, labels):
+    """:func:`_label_loss_sum` with the batch's real tokens packed into one sequence (no padding computed).
+
+    Every per-token layer (projections, MLP, norms, LoRA, dropout) runs on the concatenated real tokens
+    of the right-padded batch, with each row's own position ids; attention re-pads them by row
+    (``attention.PackedRows``), so no token attends to another row's. The same loss and gradients as
+    the padded forward, without computing any padding outside attention.
+    """
+    import torch
+
+    from verifily_train.training.attention import PACKED_KWARG, PackedRows
+
+    rows = ids.shape[0]
+    lengths = mask.sum(dim=1)
+    width = int(lengths.max())
+    real = mask[:, :width].bool()
+    slots = torch.arange(width, device=ids.device)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    in_row = slots[None, :] < lengths[:, None]
+    gather = torch.where(in_row, offsets[:, None] + slots[None, :], offsets[:, None]).reshape(-1)
+    scatter = (torch.arange(rows, device=ids.device)[:, None] * width + slots[None, :])[in_row]
+    causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+    attend = causal[None, None] & in_row[:, None, None, :]  # (rows, 1, width, width)
+    ids, labels = ids[:, :width], labels[:, :width]
+    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), -100)], dim=1)[real]
+    position_ids = (torch.cumsum(mask[:, :width], dim=1) - 1)[real][None]
+    # a 4D mask is used as given (transformers builds none); only the packed attention reads it
+    hidden = base.model(input_ids=ids[real][None], position_ids=position_ids, attention_mask=attend, use_cache=False,
+                        **{PACKED_KWARG: PackedRows(gather, scatter, rows, width)}).last_hidden_state
+    return _head_loss_sum(base, hidden[0], targets)
+
+
+def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True,
+                        pack: bool = True):
     """Next-token cross-entropy over positions whose label is not -100, with the head applied only there.
 
-    ``split_by_length``: the (right-padded) batch runs as a few sub-batches of similar length, each cut
-    to its own longest row, in one autograd graph: the same batch, the same loss and gradient (padding
-    never changed a real position's value), without computing most of the padding.
+    ``pack`` (CPU, the stage's attention function): the batch's real tokens run packed into one sequence,
+    attention kept within each row (:func:`_packed_label_loss_sum`). Otherwise ``split_by_length``: the
+    (right-padded) batch runs as a few sub-batches of similar length, each cut to its own longest row, in
+    one autograd graph. Either way the same batch, the same loss and gradient (padding never changed a
+    real position's value), without computing most of the padding.
     """
     import torch
 
@@ -143,7 +203,9 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
     cost = group_cost_for(ids.device.type, autocast_precision(ids.device.type))
     split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
-    if split and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right-padded
+    if pack and can_pack(base, ids, mask):
+        total, count = _packed_label_loss_sum(base, ids, mask, labels)
+    elif split and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right-padded
         lengths = mask.sum(dim=1).tolist()
         total, count = 0.0, 0
         for group in length_groups(lengths, cost):

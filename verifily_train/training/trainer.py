@@ -12,7 +12,7 @@ from verifily_train.config.schema import TrainConfig
 from verifily_train.training.device import DevicePlan
 from verifily_train.training.distributed import (barrier, ddp_backend, in_launched_rank, is_main_rank, launch_ranks,
                                                  local_device_index, rank_callbacks)
-from verifily_train.training.loss import supports_label_only_head
+from verifily_train.training.loss import PACK_DEVICES, supports_label_only_head, unwrap_causal_lm
 from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.training.tokenize import TokenizedSplit
 
@@ -101,7 +101,7 @@ def last_complete_checkpoint(root: Path) -> Optional[Path]:
     return best[1] if best else None
 
 
-def _trainer_class(base_cls, sampler, label_only_head: bool, loss_denominator: Optional[float]):
+def _trainer_class(base_cls, sampler, label_only_head: bool, loss_denominator: Optional[float], pack_rows: bool = False):
     """``base_cls`` with our training sampler and, for supported CausalLMs, the label-position loss.
 
     ``loss_denominator`` (with length-grouped batches): divide each batch's summed token loss by this
@@ -126,7 +126,7 @@ def _trainer_class(base_cls, sampler, label_only_head: bool, loss_denominator: O
                 denominator = loss_denominator if loss_denominator is not None else num_items_in_batch
                 # accelerate autocasts by patching model.forward, which this path does not call
                 with self.accelerator.autocast():
-                    return label_position_loss(model, inputs, denominator)
+                    return label_position_loss(model, inputs, denominator, pack=pack_rows)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
@@ -200,7 +200,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
                   out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True,
                   frozen_in_compute_dtype: bool = True, cpu_fp32_attention: bool = True,
                   cpu_cheap_dropout: bool = True, fused_lora_output: bool = True,
-                  compile_blocks: Optional[bool] = None) -> dict:
+                  compile_blocks: Optional[bool] = None, pack_rows: bool = True) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
@@ -219,6 +219,9 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     (``lora.use_fused_lora_output``: the same sum, two fewer passes over the layer's output).
     ``compile_blocks`` (default: ``training.compile``): ``torch.compile`` the repeated decoder block
     (``training.compiled``).
+    ``pack_rows`` (the label-only path on a CPU, SDPA models, not compiled): each batch's real tokens run
+    as one packed sequence, attention re-padded by row (``loss._packed_label_loss_sum``): no padding
+    computed outside attention.
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
@@ -278,6 +281,12 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     args = training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq)
     label_only = (label_only_head and spec.kind == KIND_CAUSAL and supports_label_only_head(model)
                   and not in_launched_rank())
+    packed = False
+    if pack_rows and label_only and plan.device in PACK_DEVICES and not compile_blocks:
+        from verifily_train.training.attention import use_fp32_attention
+
+        # the stage's attention function handles packed rows; in fp32 it is SDPA for anything else
+        packed = fp32_attention or use_fp32_attention(unwrap_causal_lm(model))
     # grouping by length is exact in weight only where each token's share of the loss can be kept: CausalLMs
     # on the label-only path (constant denominator) and classification (one label per row)
     sampler, denominator = None, None
@@ -288,7 +297,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
                                        cfg.seed)
         if label_only:
             denominator = label_tokens_per_step(train_data.columns["labels"], cfg)
-    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only, denominator)
+    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only, denominator, packed)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
     trainer.add_callback(_checkpoint_marker_class())
@@ -358,7 +367,9 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "cheap_dropout_layers": cheap_dropout,
         "fused_lora_output_layers": fused,
         "compiled_blocks": compiled,
-        "padding_fraction": _padding_fraction(train_data, sampler, cfg, label_only, plan.device, plan.precision),
+        "packed_rows": packed,
+        "padding_fraction": 0.0 if packed else _padding_fraction(train_data, sampler, cfg, label_only, plan.device,
+                                                                 plan.precision),
     }
 
 
