@@ -125,3 +125,30 @@ def test_in_process_flow_runs_skip_heartbeats_unless_configured(configured, tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     expected = "HEARTBEAT 45 45 45" if configured else "HEARTBEAT 180 None 180"
     assert expected in out.stdout, out.stdout + out.stderr
+
+
+def test_stage_modules_are_imported_only_while_the_temporary_server_boots(monkeypatch):
+    """The CLI imports the train and evaluate stages' modules in the time it would idle waiting for the server,
+    and stops as soon as the server is up (or has died): a flow that needs none of them loses one import at most."""
+    import importlib
+    import types
+
+    from verifily_train.cli import train as cli_train
+
+    def fake_server(healthy=False, exit_code=None):
+        return types.SimpleNamespace(healthy=healthy, proc=types.SimpleNamespace(poll=lambda: exit_code))
+
+    imported = []
+    server = fake_server()
+
+    def import_module(name):
+        imported.append(name)
+        server.healthy = len(imported) == 2  # the server answers during the second import
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    assert cli_train._preload_while_server_boots(server) == 2
+    assert imported == list(cli_train.STAGE_MODULES[:2])
+    imported.clear()
+    assert cli_train._preload_while_server_boots(fake_server(healthy=True)) == 0
+    assert cli_train._preload_while_server_boots(fake_server(exit_code=1)) == 0
+    assert imported == []

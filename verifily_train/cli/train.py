@@ -32,6 +32,30 @@ def _preload_fingerprint_modules() -> None:
     from transformers.models.auto import modeling_auto  # noqa: F401
 
 
+# what the train and evaluate stages import, one or both of which run in every flow that is not a replay:
+# 1.7 s, 1.3 s and 0.3 s here after the fingerprint modules
+STAGE_MODULES = ("transformers.modeling_utils", "peft", "transformers.trainer")
+
+
+def _preload_while_server_boots(server: "TemporaryServer") -> int:
+    """Import :data:`STAGE_MODULES` while the temporary server is still booting; returns how many were imported.
+
+    The server boots on the other core and this process would otherwise idle in ``server.wait()`` (about
+    1.2 s on the 17 s bench job). Each module is imported only while the server is not up yet, so a flow
+    that needs none of them (its train and evaluate stages cached) loses at most the one import that
+    outlasts the boot.
+    """
+    import importlib
+
+    count = 0
+    for name in STAGE_MODULES:
+        if server.healthy or server.proc.poll() is not None:
+            break
+        importlib.import_module(name)
+        count += 1
+    return count
+
+
 HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
 
@@ -252,6 +276,7 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
 
     _preload_fingerprint_modules()
     if server is not None:
+        _preload_while_server_boots(server)
         server.wait()  # a half-started server must not be handed to the flow
     try:
         with in_process_flow_settings():
@@ -279,6 +304,7 @@ def run_reproduce(original) -> int:
     from verifily_train.flows.train import train
 
     if server is not None:
+        _preload_while_server_boots(server)  # the cache is off: the train stage runs
         server.wait()
     with in_process_flow_settings():
         summary = train(config=str(Path(original) / "config.yaml"), overrides=["cache.enabled=false"],
