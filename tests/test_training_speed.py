@@ -405,6 +405,8 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     first, _, _ = _train_bf16(models, sft_splits, tmp_path / "a", True)
     again, _, _ = _train_bf16(models, sft_splits, tmp_path / "b", True)
     assert first["cheap_dropout_layers"] == 2 * 7 and again["train_loss"] == first["train_loss"]
+    # the train stage packed each batch's rows (the CPU, the label-only path): no padding computed
+    assert first["packed_rows"] is True and first["padding_fraction"] == 0.0
 
 
 def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatch):

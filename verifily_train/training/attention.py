@@ -12,8 +12,9 @@ took 17% of a SmolLM2 LoRA step, and the plain products made the step 1.21x fast
 (1.08-1.12x on the hidden-512 bench model). They keep one ``batch x heads x query x key`` fp32 tensor per
 layer for the backward, so above ``EAGER_MAX_SCORES`` elements (and with attention dropout, position
 biases or anything else the plain form does not cover) SDPA runs instead.
-It is registered with transformers' ``AttentionInterface`` and used only on the CPU under bf16/fp16;
-anywhere else it is plain SDPA.
+It is registered with transformers' ``AttentionInterface`` on the CPU: under bf16/fp16 for the above, and
+in fp32 too when the train stage packs rows (``PackedRows``: each batch's real tokens as one sequence,
+attention re-padded by row), where it is plain SDPA for anything but packed rows.
 """
 
 from __future__ import annotations
