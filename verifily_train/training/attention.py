@@ -90,14 +90,26 @@ def _attend_packed(module, query, key, value, attention_mask, packed: PackedRows
     return out.reshape(packed.rows * packed.width, *out.shape[2:]).index_select(0, packed.scatter)[None], None
 
 
+def _low_precision(query, key, value):
+    """bf16/fp16 if any input is in it or CPU autocast is on, else None: the dtype attention's output goes back in.
+
+    Under autocast the query and key usually arrive in fp32 (rotary embeddings compute in fp32) and the
+    value in bf16; SDPA would then run in the autocast dtype.
+    """
+    import torch
+
+    low = next((t.dtype for t in (query, key, value) if t.dtype in (torch.bfloat16, torch.float16)), None)
+    if low is None and torch.is_autocast_enabled("cpu"):
+        low = torch.get_autocast_dtype("cpu")
+    return low
+
+
 def _attend_rows(module, query, key, value, attention_mask, **kwargs):
     """Re-padded rows: the plain form where it applies (fp32 math, any precision), else SDPA as the stage runs it."""
     import torch
 
     if query.device.type == "cpu" and _plain_form_applies(query, key, kwargs):
-        low = next((t.dtype for t in (query, key, value) if t.dtype in (torch.bfloat16, torch.float16)), None)
-        if low is None and torch.is_autocast_enabled("cpu"):
-            low = torch.get_autocast_dtype("cpu")
+        low = _low_precision(query, key, value)
         with torch.autocast("cpu", enabled=False):
             out = _eager_fp32(module, query, key, value, attention_mask, **kwargs)
         return (out if low is None else out.to(low)), None
@@ -112,11 +124,7 @@ def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     if packed is not None:
         return _attend_packed(module, query, key, value, attention_mask, packed, **kwargs)
 
-    # Under autocast the query and key usually arrive in fp32 (rotary embeddings compute in fp32) and the
-    # value in bf16; SDPA would then run in the autocast dtype. The output goes back in that dtype.
-    low = next((t.dtype for t in (query, key, value) if t.dtype in (torch.bfloat16, torch.float16)), None)
-    if low is None and torch.is_autocast_enabled("cpu"):
-        low = torch.get_autocast_dtype("cpu")
+    low = _low_precision(query, key, value)
     if low is None or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _plain_form_applies(query, key, kwargs):

@@ -138,6 +138,10 @@ def _head_loss_sum(base, hidden, targets):
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
 
 
+def _right_padded(mask) -> bool:
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def can_pack(base, ids, mask) -> bool:
     """True when :func:`_packed_label_loss_sum` is exact and available for this right-padded batch.
 
@@ -149,7 +153,7 @@ def can_pack(base, ids, mask) -> bool:
     config = base.config
     if ids.device.type not in PACK_DEVICES or getattr(config, "_attn_implementation", None) != NAME:
         return False
-    if mask is None or ids.shape[0] < 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()) or not bool(mask[:, 0].all()):
+    if mask is None or ids.shape[0] < 2 or not _right_padded(mask) or not bool(mask[:, 0].all()):
         return False
     window = getattr(config, "sliding_window", None)
     return window is None or int(window) >= ids.shape[1]
@@ -205,7 +209,7 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
     if pack and can_pack(base, ids, mask):
         total, count = _packed_label_loss_sum(base, ids, mask, labels)
-    elif split and bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right-padded
+    elif split and _right_padded(mask):
         lengths = mask.sum(dim=1).tolist()
         total, count = 0.0, 0
         for group in length_groups(lengths, cost):
