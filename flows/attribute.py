@@ -1,6 +1,7 @@
 """The ``attribute`` flow (deployment ``attribute/by-tag``): leave-one-value-out retraining, fanned out.
 
-Each ablation run (an arm and a seed) is one task run. Locally it trains in its own process (a
+Arms: the full data, each value removed, and per removed size a control removing as many random rows
+(a fresh draw per seed), each at every seed. Each ablation run (an arm and a seed) is one task run. Locally it trains in its own process (a
 ``train`` flow run of its own, reporting to the same Prefect API), so runs proceed in parallel and
 no two share a global RNG; ``concurrency`` bounds how many run at once. With ``deployment`` set, each
 arm is submitted to that training deployment instead, so the work pool behind it (several workers,
@@ -23,6 +24,8 @@ from prefect.futures import as_completed
 from verifily_train import attribution
 from verifily_train.errors import RunError, VerifilyError
 
+DEFAULT_SEEDS = 5  # docs/attribution.md "Seeds and power": 4 degrees of freedom, detectable effect ~1.7 seed SDs
+
 
 @task(name="derive-dataset", cache_policy=NO_CACHE, persist_result=False)
 def derive(parent_cfg, by: str, value: str) -> dict:
@@ -31,6 +34,16 @@ def derive(parent_cfg, by: str, value: str) -> dict:
 
     dv = load_for_config(parent_cfg.dataset_version, parent_cfg.data_paths, parent_cfg.task)
     return attribution.derive_without(dv, by, value)
+
+
+@task(name="derive-random-control", cache_policy=NO_CACHE, persist_result=False,
+      task_run_name="derive-random-{rows}-seed{seed}")
+def derive_control(parent_cfg, rows: int, seed: int) -> dict:
+    """The parent's dataset without ``rows`` random train rows (the size-matched control of one seed)."""
+    from verifily_train.dataset.store import load_for_config
+
+    dv = load_for_config(parent_cfg.dataset_version, parent_cfg.data_paths, parent_cfg.task)
+    return attribution.derive_random(dv, rows, seed)
 
 
 @task(name="ablation-run", cache_policy=NO_CACHE, persist_result=False, retries=1,
@@ -65,21 +78,26 @@ def _via_deployment(deployment: str, config: str, overrides: List[str], runs_dir
 
 
 @task(name="attribution-analysis", cache_policy=NO_CACHE, persist_result=False)
-def analyze(task_name: str, by: str, arms: dict, derived: dict, bootstrap_samples: int) -> dict:
-    return attribution.analyze(task_name, by, {k: [Path(p) for p in v] for k, v in arms.items()}, derived,
-                               bootstrap_samples)
+def analyze(task_name: str, by: str, arms: dict, plan: dict, alpha: float, correction: str,
+            bootstrap_samples: int) -> dict:
+    tables = {arm: [attribution.per_example(Path(p), task_name) for p in paths] for arm, paths in arms.items()}
+    return attribution.analyze(task_name, by, tables, plan, alpha=alpha, correction=correction,
+                               bootstrap_samples=bootstrap_samples)
 
 
 @flow(name="attribute", log_prints=False, validate_parameters=False)
-def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, seeds: int = 3,
+def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, seeds: int = DEFAULT_SEEDS,
               budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None, concurrency: int = 2,
-              out_dir: Optional[str] = None, deployment: Optional[str] = None, bootstrap_samples: int = 1000) -> dict:
-    """Retrain the parent run without each value of tag ``by`` (and with all data), ``seeds`` times each."""
+              out_dir: Optional[str] = None, deployment: Optional[str] = None, bootstrap_samples: int = 1000,
+              alpha: float = 0.05, correction: str = "holm") -> dict:
+    """Retrain the parent run without each value of tag ``by``, without as many random rows, and with all
+    data, ``seeds`` times each; verdicts from the seed-level test, corrected over the values."""
     from prefect.artifacts import create_table_artifact
     from prefect.client.orchestration import get_client
 
     from verifily_train.artifacts.run import find_run, load_run_json, utc_now
     from verifily_train.config import load_config
+    from verifily_train.dataset.store import load_for_config
     from verifily_train.fsio import atomic_write_json
 
     logger = get_run_logger()
@@ -87,64 +105,106 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     record = load_run_json(parent)
     if record.get("status") != "completed":
         raise RunError(parent, None, "only a completed run can be attributed")
+    check_test_options(seeds, alpha, correction)
     parent_config = str(parent / "config.yaml")
     cfg = load_config(parent_config)
-    chosen = _values(record, by, values, parent)
+    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+    chosen, notes = _values(record, by, values, attribution.train_tag_counts(dv, by))
+    for note in notes:
+        logger.warning(note)
     overrides, budget = _budget(record, budget_steps, budget_fraction)
     out = Path(out_dir) if out_dir else parent.parent.parent / "attributions" / f"{parent.name}-by-{by}"
     runs_dir = str((out / "runs").resolve())
     derived = {v: f.result() for v, f in zip(chosen, [derive.submit(cfg, by, v) for v in chosen])}
+    sizes = sorted({d["removed_rows"] for d in derived.values()})
+    draws = [(n, i) for n in sizes for i in range(seeds)]
+    controls = {key: f.result() for key, f in zip(draws, [derive_control.submit(cfg, n, cfg.seed + i) for n, i in draws])}
     api_url = str(get_client().api_url).rstrip("/")
+
+    def data(ref: str) -> List[str]:
+        return [f"dataset_version={ref}", "data_paths.train=null", "data_paths.val=null", "data_paths.test=null"]
+
     jobs = []
-    for arm in [attribution.FULL] + chosen:
-        data = [] if arm == attribution.FULL else [f"dataset_version={derived[arm]['ref']}", "data_paths.train=null",
-                                                   "data_paths.val=null", "data_paths.test=null"]
-        for s in range(seeds):
-            jobs.append((arm, cfg.seed + s, overrides + data + [f"seed={cfg.seed + s}"]))
-    logger.info(f"{len(jobs)} ablation runs ({1 + len(chosen)} arms x {seeds} seeds), at most {concurrency} at once")
-    arms: dict = {arm: [None] * seeds for arm in [attribution.FULL] + chosen}
+    for s in range(seeds):
+        seed_overrides = overrides + [f"seed={cfg.seed + s}"]
+        jobs.append((attribution.FULL, s, seed_overrides))
+        jobs += [(v, s, seed_overrides + data(derived[v]["ref"])) for v in chosen]
+        jobs += [(attribution.control_arm(n), s, seed_overrides + data(controls[(n, s)]["ref"])) for n in sizes]
+    arm_names = [attribution.FULL] + chosen + [attribution.control_arm(n) for n in sizes]
+    logger.info(f"{len(jobs)} ablation runs ({len(arm_names)} arms: full, {len(chosen)} value(s), {len(sizes)} "
+                f"size-matched random control(s); x {seeds} seeds), at most {concurrency} at once")
+    arms: dict = {arm: [None] * seeds for arm in arm_names}
     pending, active = list(jobs), {}
     while pending or active:
         while pending and len(active) < max(1, concurrency):
-            arm, seed, extra = pending.pop(0)
-            future = ablation_run.submit(arm, seed, parent_config, extra, runs_dir, api_url, deployment)
-            active[future] = (arm, seed - cfg.seed)
+            arm, index, extra = pending.pop(0)
+            future = ablation_run.submit(arm, cfg.seed + index, parent_config, extra, runs_dir, api_url, deployment)
+            active[future] = (arm, index)
         finished = next(as_completed(list(active)))
         arm, index = active.pop(finished)
         arms[arm][index] = finished.result()
-    result = analyze(cfg.task, by, arms, derived, bootstrap_samples)
+    plan = {v: {"removed_rows": derived[v]["removed_rows"], "kept_rows": derived[v]["kept_rows"],
+                "derived_dataset": derived[v]["ref"], "control": attribution.control_arm(derived[v]["removed_rows"])}
+            for v in chosen}
+    result = analyze(cfg.task, by, arms, plan, alpha, correction, bootstrap_samples)
     result.update(parent_run=str(parent), parent_dataset=record["job"]["dataset_version"].get("ref"),
-                  budget=budget, concurrency=concurrency, created_at=utc_now(),
-                  arms={k: [str(p) for p in v] for k, v in arms.items()}, derived=derived)
+                  budget=budget, concurrency=concurrency, created_at=utc_now(), notes=notes,
+                  arms={k: [str(p) for p in v] for k, v in arms.items()}, derived=derived,
+                  controls={f"{n}/seed{cfg.seed + i}": c for (n, i), c in controls.items()})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "attribution.json", result)
     (out / "attribution.html").write_text(attribution.render_html(result), encoding="utf-8")
     metric = result["primary_metric"]
-    create_table_artifact([{"removed": f"{by}={v}", "rows_removed": e["removed_rows"], "verdict": e["verdict"],
-                            f"delta_{metric}_other_rows": round(e["slices"][e["verdict_slice"]][metric]["effect"], 4),
-                            "paired_ci95": e["slices"][e["verdict_slice"]][metric]["bootstrap_ci95"],
-                            "seed_ci95": e["slices"][e["verdict_slice"]][metric]["seed_ci95"]}
-                           for v, e in result["values"].items()], key="attribution",
-                          description=f"Causal attribution by retraining, by {by} ({budget['description']})")
+    rows = []
+    for v, e in result["values"].items():
+        cell = e["slices"][e["verdict_slice"]][metric]
+        rows.append({"removed": f"{by}={v}", "rows_removed": e["removed_rows"], "verdict": e["verdict"],
+                     f"delta_{metric}_vs_random_removal": round(cell["effect"], 4), "seed_ci95": cell["seed_ci95"],
+                     f"p_{correction}": e["p_adjusted"], "detectable_effect": cell["mde"],
+                     "removal_vs_full": round(cell["removal_effect"], 4),
+                     "random_removal_vs_full": round(cell["random_removal_effect"], 4)})
+    create_table_artifact(rows, key="attribution",
+                          description=f"Causal attribution by retraining, by {by} ({budget['description']}); "
+                                      f"{result['method']}")
     return dict(result, path=str(out))
 
 
-def _values(record: dict, by: str, values: Optional[List[str]], parent: Path) -> List[str]:
-    """The tag values to remove: the given ones (checked against the dataset's tag schema) or all of them."""
-    schema = (record["job"]["dataset_version"].get("tag_schema") or {}).get(by) or {}
-    known = sorted(str(v) for v in schema.get("values", []))
-    if by not in (record["job"]["dataset_version"].get("tag_schema") or {}):
-        tags = ", ".join(record["job"]["dataset_version"].get("tag_schema") or {}) or "none"
-        raise VerifilyError(None, "--by", f"the run's dataset has no tag {by!r} (tags: {tags})")
+
+def check_test_options(seeds: int, alpha: float, correction: str) -> None:
+    """The verdict test's settings, checked before any retraining (one line each)."""
+    if seeds < 1:
+        raise VerifilyError(None, "--seeds", f"must be >= 1; got {seeds}")
+    if not 0 < alpha < 1:
+        raise VerifilyError(None, "--alpha", f"must be in (0, 1); got {alpha}")
+    if correction not in ("holm", "bh"):
+        raise VerifilyError(None, "--correction", f"must be holm or bh; got {correction!r}")
+
+
+def _values(record: dict, by: str, values: Optional[List[str]], counts: dict):
+    """The tag values to remove, and notes: the given ones (checked against the dataset's tag schema and its
+    train rows) or every value present in the train rows (declared but absent values named in one note)."""
+    tag_schema = record["job"]["dataset_version"].get("tag_schema") or {}
+    if by not in tag_schema:
+        raise VerifilyError(None, "--by", f"the run's dataset has no tag {by!r} (tags: {', '.join(tag_schema) or 'none'})")
+    known = sorted(str(v) for v in (tag_schema.get(by) or {}).get("values", []))
     if values:
         unknown = [v for v in values if known and v not in known]
         if unknown:
             raise VerifilyError(None, "--values", f"{unknown[0]!r} is not a value of tag {by!r} "
                                                   f"(values: {', '.join(known)})")
-        return list(values)
+        absent = [v for v in values if v not in counts]
+        if absent:
+            raise VerifilyError(None, "--values", f"no train rows have {by}={absent[0]} "
+                                                  f"(present: {', '.join(counts) or 'none'})")
+        return list(values), []
     if not known:
         raise VerifilyError(None, "--by", f"tag {by!r} is not categorical: give the values with --values")
-    return known
+    if not counts:
+        raise VerifilyError(None, "--by", f"no train rows carry tag {by!r}")
+    absent = [v for v in known if v not in counts]
+    notes = [f"declared in the tag schema but absent from the train rows, not attributed: "
+             f"{', '.join(f'{by}={v}' for v in absent)}"] if absent else []
+    return sorted(counts), notes
 
 
 def _budget(record: dict, steps: Optional[int], fraction: Optional[float]):

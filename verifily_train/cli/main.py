@@ -56,14 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="causal attribution: retrain without each tag value and measure the effect",
                        description="For each value of the tag key (--by), derive a dataset version without that "
                                    "value's train rows, retrain the run's config on it with several seeds (and on the "
-                                   "full data), and report the effect of removing it on every metric and test slice, "
-                                   "with intervals over seeds and a paired bootstrap over test rows, and a verdict: "
+                                   "full data, and without as many random rows), and report the effect of removing "
+                                   "it against removing random rows on every metric and test slice, tested over "
+                                   "seeds and corrected over the values, with a verdict: "
                                    "helps / hurts / no measurable effect. Ablation runs fan out as Prefect task runs. "
                                    "See docs/attribution.md.")
     p.add_argument("run", help="run id or path of a completed run (the parent)")
     p.add_argument("--by", default="source", help="tag key (default: source)")
     p.add_argument("--values", default=None, help="comma-separated values to remove (default: every value of the tag)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default: 3)")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="seeds per arm (default: 5; the seed is the unit of evidence, docs/attribution.md)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="error rate of the verdicts over the values tested (default: 0.05)")
+    p.add_argument("--correction", choices=["holm", "bh"], default="holm",
+                   help="multiple-testing correction over the values: holm (family-wise) or bh (false discovery "
+                        "rate) (default: holm)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-steps", type=int, default=None,
                         help="short retrains: this many optimizer steps per arm (documented approximation)")
@@ -420,8 +427,10 @@ def cmd_attribute(args) -> int:
 
     values = [v for v in args.values.split(",") if v] if args.values else None
     return run_attribute(str(parent.resolve()), args.by, values, args.seeds, args.budget_steps, args.budget_fraction,
-                         args.concurrency, args.out, args.deployment, args.json)
+                         args.concurrency, args.out, args.deployment, args.json, args.alpha, args.correction)
 
+    if not 0 < args.alpha < 1:
+        raise VerifilyError(None, "--alpha", f"must be in (0, 1); got {args.alpha}")
 
 def cmd_stack(args) -> int:
     from pathlib import Path

@@ -315,7 +315,7 @@ def run_reproduce(original) -> int:
 
 
 def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fraction, concurrency: int,
-                  out_dir, deployment, as_json: bool) -> int:
+                  out_dir, deployment, as_json: bool, alpha: float = 0.05, correction: str = "holm") -> int:
     """Run the ``attribute`` flow in this process (its ablation runs in child processes) and print the verdicts."""
     import json
 
@@ -329,7 +329,7 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
     with in_process_flow_settings():
         result = attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
                            budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
-                           deployment=deployment)
+                           deployment=deployment, alpha=alpha, correction=correction)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

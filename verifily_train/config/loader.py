@@ -257,6 +257,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _check(where, "training.max_seq_length", t.max_seq_length >= 8, f"must be >= 8; got {t.max_seq_length}")
     _check(where, "training.max_steps", t.max_steps == -1 or t.max_steps >= 1,
            f"must be -1 (use num_epochs) or >= 1; got {t.max_steps}")
+    _check(where, "training.data_order_seed", t.data_order_seed == -1 or 0 <= t.data_order_seed < 2 ** 32,
+           f"must be -1 (the run's seed) or in [0, 2**32); got {t.data_order_seed}")
     for key in ("eval_steps", "save_steps", "logging_steps"):
         value = getattr(t, key)
         _check(where, f"training.{key}", value >= 1, f"must be >= 1; got {value}")

@@ -54,6 +54,7 @@ class TrainingSection:
     eval_steps: int = 500  # evaluate on val every N steps (when a val split exists)
     save_steps: int = 500  # checkpoint every N steps
     logging_steps: int = 10  # log the loss every N steps; not hashed (cannot change the result)
+    data_order_seed: int = -1  # -1: the run's seed orders the rows; >= 0 reorders them alone (same init): order-sensitivity checks
     report_to: str = "none"  # tracker passed to the HF Trainer: none, tensorboard, mlflow, wandb; not hashed
     retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed
 

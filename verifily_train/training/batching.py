@@ -1,15 +1,41 @@
-"""Length-grouped training batches: rows of similar length share a batch, so padding is a few percent."""
+"""Training data order: a row-keyed shuffle (removing rows leaves the others' order unchanged) and
+length-grouped batches (rows of similar length share a batch, so padding is a few percent)."""
 
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence
+import hashlib
+from collections import Counter
+from typing import Iterator, List, Optional, Sequence
 
 # Rows are grouped inside windows of this many batches: wide enough that most batches hold rows of nearly
 # equal length, narrow enough that each epoch's batches still mix rows from the whole split.
 WINDOW_BATCHES = 50
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> List[int]:
+def row_keys(row_hashes: Sequence[str]) -> List[str]:
+    """Each row's ordering key: its content hash and its occurrence among identical rows (duplicates stay distinct)."""
+    seen: Counter = Counter()
+    keys = []
+    for h in row_hashes:
+        keys.append(f"{h}#{seen[h]}")
+        seen[h] += 1
+    return keys
+
+
+def keyed_order(keys: Sequence[str], seed: int) -> List[int]:
+    """A permutation of ``range(len(keys))`` that sorts rows by ``sha256(seed, key)``.
+
+    A row's place depends only on its own key and the seed, so a dataset with some rows removed is
+    ordered exactly as the full one with those rows deleted, and the file order of the rows does not
+    matter: two attribution arms at the same seed see the same sequence of shared rows (paired arms).
+    """
+    prefix = f"verifily-order/{int(seed)}/".encode()
+    priority = [hashlib.sha256(prefix + k.encode("utf-8")).digest() for k in keys]
+    return sorted(range(len(keys)), key=priority.__getitem__)
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int,
+                         keys: Optional[Sequence[str]] = None) -> List[int]:
     """A permutation of ``range(len(lengths))`` whose consecutive ``batch_size`` chunks hold similar lengths.
 
     Shuffle, sort by length inside windows of ``WINDOW_BATCHES`` batches, cut into batches, then shuffle
@@ -20,7 +46,7 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> 
 
     generator = torch.Generator()
     generator.manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = keyed_order(keys, seed) if keys is not None else torch.randperm(len(lengths), generator=generator).tolist()
     window = max(batch_size, batch_size * WINDOW_BATCHES)
     batches: List[List[int]] = []
     for start in range(0, len(order), window):
@@ -42,13 +68,33 @@ def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: i
     return 1.0 - real / padded if padded else 0.0
 
 
+class KeyedOrderSampler:
+    """A torch Sampler over :func:`keyed_order`, reshuffled per epoch from ``seed + epoch`` (the default order)."""
+
+    def __init__(self, keys: Sequence[str], seed: int):
+        self.keys = list(keys)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer before each epoch (and on resume, with the resumed epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(keyed_order(self.keys, self.seed + self.epoch))
+
+
 class LengthGroupedSampler:
     """A torch Sampler over :func:`length_grouped_order`, reshuffled per epoch from ``seed + epoch``."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, keys: Optional[Sequence[str]] = None):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
+        self.keys = list(keys) if keys is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,4 +105,4 @@ class LengthGroupedSampler:
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch, self.keys))

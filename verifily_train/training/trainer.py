@@ -140,6 +140,11 @@ def label_tokens_per_step(labels: List[List[int]], cfg: TrainConfig) -> float:
     return max(targets / max(len(labels), 1), 1e-6) * t.batch_size * t.gradient_accumulation_steps
 
 
+def data_order_seed(cfg: TrainConfig) -> int:
+    """The seed of the training rows' order: ``training.data_order_seed`` when set, else the run's seed."""
+    return cfg.training.data_order_seed if cfg.training.data_order_seed >= 0 else cfg.seed
+
+
 def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path, has_val: bool, seq2seq: bool):
     """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -165,7 +170,7 @@ def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path,
         eval_strategy="steps" if has_val else "no",
         eval_steps=t.eval_steps,
         seed=cfg.seed,
-        data_seed=cfg.seed,
+        data_seed=data_order_seed(cfg),
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         use_cpu=plan.device == "cpu",
@@ -289,14 +294,18 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         packed = fp32_attention or use_fp32_attention(unwrap_causal_lm(model))
     # grouping by length is exact in weight only where each token's share of the loss can be kept: CausalLMs
     # on the label-only path (constant denominator) and classification (one label per row)
-    sampler, denominator = None, None
-    if cfg.training.group_by_length and (label_only or spec.kind == KIND_SEQ_CLS):
-        from verifily_train.training.batching import LengthGroupedSampler
+    from verifily_train.training.batching import KeyedOrderSampler, LengthGroupedSampler, row_keys
 
+    sampler, denominator = None, None
+    keys = row_keys(train_data.columns["row_hash"])
+    if cfg.training.group_by_length and (label_only or spec.kind == KIND_SEQ_CLS):
         sampler = LengthGroupedSampler([len(ids) for ids in train_data.columns["input_ids"]], cfg.training.batch_size,
-                                       cfg.seed)
+                                       data_order_seed(cfg), keys)
         if label_only:
             denominator = label_tokens_per_step(train_data.columns["labels"], cfg)
+    elif not in_launched_rank():
+        # rows ordered by a keyed hash: an arm without some rows sees the others in the same order (attribution)
+        sampler = KeyedOrderSampler(keys, data_order_seed(cfg))
     trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only, denominator, packed)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
@@ -387,13 +396,15 @@ def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, spl
     """Share of computed positions that are padding over the first epoch's batches (as the loss runs them)."""
     import torch
 
-    from verifily_train.training.batching import length_grouped_order
+    from verifily_train.training.batching import LengthGroupedSampler, length_grouped_order
     from verifily_train.training.loss import group_cost_for, length_groups
 
     lengths = [len(ids) for ids in train_data.columns["input_ids"]]
     size = cfg.training.batch_size
-    if sampler is not None:
-        order = length_grouped_order(lengths, size, cfg.seed)
+    if isinstance(sampler, LengthGroupedSampler):
+        order = length_grouped_order(lengths, size, sampler.seed, sampler.keys)
+    elif sampler is not None:
+        order = list(iter(sampler))
     else:
         generator = torch.Generator()
         generator.manual_seed(cfg.seed)
