@@ -97,18 +97,47 @@ def tokenizer_identity(source: str, is_local: bool, memo_path: Optional[Path] = 
     return model_identity(source, is_local, memo_path)
 
 
+def chat_template_identity(source: str, is_local: bool) -> Optional[str]:
+    """SHA-256 of every chat template a local tokenizer folder holds (None without one), read from its files.
+
+    Part of the tokenize key by itself, so a changed template re-tokenizes whatever else the folder holds;
+    a Hub model's template is covered by its commit (``tokenizer_identity``).
+    """
+    if not is_local:
+        return None
+    folder = Path(source)
+    texts = []
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (folder / name).is_file():
+            texts.append(f"{name}\0" + (folder / name).read_text(encoding="utf-8"))
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        texts.extend(f"{p.name}\0" + p.read_text(encoding="utf-8") for p in sorted(extra.glob("*.jinja")))
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            embedded = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            embedded = None
+        if embedded:
+            texts.append("tokenizer_config.json\0" + json.dumps(embedded, sort_keys=True))
+    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest() if texts else None
+
+
 # Each stage's code: a manual version (bump it when behaviour changes through something not listed,
 # e.g. a dependency's semantics) plus the source of the library modules the stage runs. Editing any of
 # those modules re-keys the stage automatically.
 STAGE_CODE = {
     "validate": ("validate/1", ["dataset/manifest.py", "dataset/rows.py", "dataset/store.py", "training/models.py"]),
-    "tokenize": ("tokenize/1", ["training/tokenize.py", "training/models.py"]),
+    "tokenize": ("tokenize/2", ["training/tokenize.py", "training/render.py", "training/chat.py",
+                                "training/truncation.py", "training/models.py", "dataset/rows.py"]),
     "train": ("train/2", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
                           "training/quantization.py", "training/distributed.py", "training/ddp_worker.py",
                           "training/batching.py", "training/loss.py", "training/attention.py"]),
     "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "evaluation/generate.py",
                                 "evaluation/text_metrics.py", "training/models.py", "training/quantization.py",
-                                "training/attention.py"]),
+                                "training/attention.py", "training/render.py", "training/chat.py",
+                                "training/truncation.py"]),
     "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py", "evaluation/bootstrap.py"]),
     "hard_examples": ("hard/1", ["evaluation/hard.py"]),
 }

@@ -49,7 +49,8 @@ def check_push_to_hub(cfg: TrainConfig) -> None:
 def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
     """Identities of the data (bytes), model (weights), tokenizer (files), device and config: the keys' inputs."""
     from verifily_train.errors import ModelError
-    from verifily_train.identity import file_identity, model_identity, numeric_env, tokenizer_identity
+    from verifily_train.identity import (chat_template_identity, file_identity, model_identity, numeric_env,
+                                         tokenizer_identity)
     from verifily_train.training.device import resolve_device
     from verifily_train.training.models import inspect_model
     from verifily_train.training.registry import convert_gguf, is_gguf, resolve_alias
@@ -79,6 +80,7 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
         "model_identity": identity or model_identity(spec.source, spec.is_local, memo),
         "gguf_conversion": conversion,
         "tokenizer_identity": tokenizer_identity(spec.source, spec.is_local, memo),
+        "chat_template_hash": chat_template_identity(spec.source, spec.is_local),  # in the tokenize key
         "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings),
                    "num_processes": plan.num_processes},
         "numeric_env": numeric_env(),
@@ -246,6 +248,8 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "num_processes": trained.get("num_processes", 1),
         "truncated_rows": tokenized["truncated_rows"],
         "truncated_by_split": {s: v["truncated"] for s, v in tokenized["splits"].items()},
+        "answer_cut_by_split": {s: v.get("answer_cut", 0) for s, v in tokenized["splits"].items()},
+        "dropped_by_split": {s: v.get("dropped", 0) for s, v in tokenized["splits"].items()},
     })
     stages = stage_report({"validate": validated, "tokenize": tokenized, "train": trained, "evaluate": evaluated,
                            "baseline": baseline, "slice": sliced, "hard_examples": hard})
@@ -273,7 +277,9 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "evaluation": {"split": evaluated["split"], "skipped": evaluated["skipped"], "note": evaluated["note"]},
         "hard_examples_headline": hard["headline"],
         "stages": stages,
-        "warnings": fp["device"]["warnings"],
+        "prompt": tokenized.get("prompt"),  # the rendering: format, chat template hash, an example row
+        "render_check": tokenized.get("render_check"),
+        "warnings": fp["device"]["warnings"] + tokenized.get("warnings", []),
     }
     atomic_write_json(stage / "run.json", record)
     from verifily_train.artifacts.report import write_run_report

@@ -121,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="the local dataset store ($VERIFILY_HOME/datasets)")
     dsub = p.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
     dsub.required = True
-    q = dsub.add_parser("create", help="copy JSONL splits into a new immutable version")
+    q = dsub.add_parser("create", help="store splits (JSONL, Parquet, CSV, a save_to_disk folder) as a new immutable version",
+                        description="Validates every row and stores the splits as JSONL (Parquet, CSV and datasets' "
+                                    "save_to_disk folders are converted deterministically: the same input gives the "
+                                    "same content hash). A DatasetDict folder as --train also supplies its validation "
+                                    "and test splits. Row formats and column mapping: docs/datasets.md.")
     q.add_argument("--id", required=True, dest="dataset_id", help="dataset id, e.g. ds_support")
     q.add_argument("--version", required=True, help="version name, e.g. v3")
     q.add_argument("--task", required=True, choices=["sft", "classification"])
-    q.add_argument("--train", required=True, help="train split (JSONL)")
-    q.add_argument("--val", help="validation split (JSONL)")
-    q.add_argument("--test", help="test split (JSONL)")
+    q.add_argument("--train", required=True, help="train split: .jsonl, .parquet, .csv, or a save_to_disk folder (a DatasetDict: all its splits)")
+    q.add_argument("--val", help="validation split (same formats)")
+    q.add_argument("--test", help="test split (same formats)")
     q.set_defaults(func=cmd_dataset_create)
     q = dsub.add_parser("list", help="list versions in the store")
     q.add_argument("--json", action="store_true")

@@ -91,6 +91,18 @@ def _ci(entry: dict, name: str) -> str:
     return f" [{_fmt(low_high[0])}, {_fmt(low_high[1])}]" if low_high else ""
 
 
+def render_line(prompt: Optional[dict], check: Optional[dict]) -> Optional[str]:
+    """One line on how SFT rows were rendered and what the render check found (None for classification)."""
+    if not prompt or not check:
+        return None
+    how = (f"chat template {prompt['chat_template_sha256'][:12]}" if prompt["format"] == "chat"
+           else "prompt.template")
+    ends = "/".join(prompt.get("end_of_turn") or []) or "EOS"
+    dropped = f", {check['dropped']} dropped" if check["dropped"] else ""
+    return (f"prompt: {how}; render check: {check['rows']} rows, each supervises its answer and {ends}"
+            f"{dropped}, {check['answer_cut']} answers shortened")
+
+
 def print_summary(summary: dict, out=sys.stdout) -> None:
     """Overall metrics with intervals, slice table, hard-example headline, path and reproducibility hash."""
     record = summary["record"]
@@ -111,6 +123,9 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}{_ci(overall, k)}" for k in shown) + "\n")
     w(f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
       f"  truncated_rows={metrics.get('truncated_rows')}\n")
+    line = render_line(record.get("prompt"), record.get("render_check"))
+    if line:
+        w(f"  {line}\n")
     if "baseline_loss" in metrics:
         w(f"  base model (untuned): loss={_fmt(metrics['baseline_loss'])}  "
           f"perplexity={_fmt(metrics.get('baseline_perplexity'))}  -> fine-tuned loss={_fmt(metrics.get('loss'))}\n")

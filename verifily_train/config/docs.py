@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import json
+import tokenize as pytokenize
 import re
 from typing import Dict, List
 
@@ -13,7 +15,7 @@ from omegaconf import MISSING
 from verifily_train.config import schema
 from verifily_train.config.loader import _section_type
 
-_FIELD_LINE = re.compile(r"^\s+(\w+):[^#]*?(?:#\s*(.*))?$")
+_FIELD_LINE = re.compile(r"^\s+(\w+):")
 
 HEADER = """# train.yaml reference
 
@@ -31,11 +33,18 @@ weights or the metrics: {unhashed}.
 
 
 def _comments(cls: type) -> Dict[str, str]:
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
+    """Each field's trailing comment, found by Python's tokenizer: a ``#`` inside a default string is no comment."""
+    out: Dict[str, str] = {}
+    field_at: Dict[int, str] = {}
+    for line_no, line in enumerate(inspect.getsource(cls).splitlines(), start=1):
         match = _FIELD_LINE.match(line)
         if match:
-            out[match.group(1)] = (match.group(2) or "").strip()
+            field_at[line_no] = match.group(1)
+            out[match.group(1)] = ""
+    source = io.StringIO(inspect.getsource(cls)).readline
+    for token in pytokenize.generate_tokens(source):
+        if token.type == pytokenize.COMMENT and token.start[0] in field_at:
+            out[field_at[token.start[0]]] = token.string.lstrip("#").strip()
     return out
 
 

@@ -310,6 +310,10 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         _check(where, "eval.gold_set", Path(e.gold_set).is_file(), f"file not found: {e.gold_set}")
 
     p = cfg.prompt
+    _one_of(where, "prompt.format", p.format, schema.PROMPT_FORMATS)
+    _one_of(where, "prompt.truncation", p.truncation, schema.TRUNCATION_MODES)
+    _one_of(where, "prompt.unsupervised_rows", p.unsupervised_rows, schema.UNSUPERVISED_ROWS)
+    _check(where, "prompt.system", p.system is None or isinstance(p.system, str), "must be a string or null")
     for key in ("template", "template_no_input"):
         tpl = getattr(p, key)
         try:

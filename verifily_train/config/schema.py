@@ -18,6 +18,9 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 COMPUTE_MODES = ("local", "managed", "self_host")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
+PROMPT_FORMATS = ("auto", "chat", "template")
+TRUNCATION_MODES = ("end", "middle")
+UNSUPERVISED_ROWS = ("error", "drop")
 
 DEFAULT_EVAL_METRICS = {
     "sft": ["loss", "perplexity", "exact_match", "token_f1", "format_compliance"],
@@ -96,8 +99,12 @@ class EvalSection:
 
 @dataclass(frozen=True)
 class PromptSection:
-    template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"  # SFT prompt when the row has an input
-    template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # SFT prompt when input is empty or absent
+    format: str = "auto"  # SFT rendering: auto (chat when the tokenizer has a chat template and the model is a CausalLM, else template), chat (the tokenizer's chat template), template (the two strings below)
+    system: Optional[str] = None  # chat: system prompt for rows without their own (a row's `system` field or system turn wins); null = the template's default
+    truncation: str = "end"  # a row longer than training.max_seq_length: its user content is cut at the end or middle (docs/datasets.md); never the assistant header, and the answer keeps its end token
+    unsupervised_rows: str = "error"  # a row left with no answer token within the window: error (names file and line) or drop (counted in the Run)
+    template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"  # template format: the prompt when the row has an input
+    template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # template format: the prompt when input is empty or absent
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from verifily_train.config.schema import TASKS
-from verifily_train.dataset.rows import DEFAULT_ROW_SCHEMA, iter_jsonl, label_of, validate_row
+from verifily_train.dataset.rows import (CONVERSATION_SCHEMA, DEFAULT_ROW_SCHEMA, is_conversation, iter_jsonl, label_of,
+                                         validate_row)
 from verifily_train.dataset.version import SPLITS, DataFile, DatasetVersion
 from verifily_train.errors import DataError, ManifestError
 from verifily_train.hashing import dataset_content_hash, sha256_file
@@ -24,6 +25,7 @@ class FileScan:
     tag_values: Dict[str, Set[str]] = field(default_factory=dict)
     labels: Dict[str, int] = field(default_factory=dict)  # label -> first line number
     tagless_rows: int = 0
+    conversations: int = 0  # SFT rows in the conversational (messages) format
 
 
 def scan_file(
@@ -45,7 +47,17 @@ def scan_file(
             scan.tag_values.setdefault(key, set()).add(str(value))
         if task == "classification":
             scan.labels.setdefault(label_of(row), lineno)
+        elif is_conversation(row):
+            scan.conversations += 1
     return scan
+
+
+def row_schema_of(task: str, scans: Sequence[FileScan]) -> Dict[str, List[str]]:
+    """The manifest's row_schema: SFT rows that are all conversations say so, any other mix keeps the default."""
+    schema = dict(DEFAULT_ROW_SCHEMA)
+    if task == "sft" and scans and all(s.conversations == s.num_rows for s in scans):
+        schema["sft"] = list(CONVERSATION_SCHEMA)
+    return schema
 
 
 def check_split_labels(dv: DatasetVersion, scans: Dict[str, FileScan]) -> None:
@@ -241,7 +253,7 @@ def build_manifest(
         "created_at": created_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tag_keys": sorted(tag_schema),
         "files": entries,
-        "row_schema": dict(DEFAULT_ROW_SCHEMA),
+        "row_schema": row_schema_of(task, list(scans.values())),
         "tag_schema": tag_schema,
     }
     return manifest, scans
@@ -281,7 +293,7 @@ def dataset_from_paths(task: str, train: str, val: Optional[str] = None, test: O
         created_at=manifest["created_at"],
         files=files,
         tag_schema=manifest["tag_schema"],
-        row_schema={task: DEFAULT_ROW_SCHEMA[task]},
+        row_schema={task: manifest["row_schema"][task]},
     )
     check_split_labels(dv, {f.path: scans[f.path] for f in files})
     return dv

@@ -14,6 +14,12 @@ DEFAULT_ROW_SCHEMA = {
 }
 # Fields of a row schema that a row may leave out (spec §4.1: `input` is optional).
 OPTIONAL_FIELDS = {"input"}
+# An SFT row may instead hold a conversation (TRL's and Axolotl's conversational format): the manifest's
+# row_schema then names this field, and the instruction fields are not required of such a row.
+MESSAGES_FIELD = "messages"
+CONVERSATION_SCHEMA = [MESSAGES_FIELD]
+INSTRUCTION_FIELDS = ("instruction", "input", "output")
+ROLES = ("system", "user", "assistant")
 
 
 def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int, dict]]:
@@ -48,7 +54,12 @@ def validate_row(
     where: str,
 ) -> None:
     """Check one row's fields and tags; raises ``DataError`` naming file:line and field."""
-    fields = row_schema.get(task) or DEFAULT_ROW_SCHEMA[task]
+    fields = list(row_schema.get(task) or DEFAULT_ROW_SCHEMA[task])
+    if task == "sft" and is_conversation(row):
+        validate_messages(row[MESSAGES_FIELD], where)
+        fields = [name for name in fields if name not in INSTRUCTION_FIELDS and name != MESSAGES_FIELD]
+    elif task == "sft" and MESSAGES_FIELD in fields:
+        raise DataError(where, MESSAGES_FIELD, "missing required field: the manifest's row_schema says rows are conversations")
     for name in fields:
         if name not in row or row[name] is None:
             if name in OPTIONAL_FIELDS:
@@ -62,8 +73,10 @@ def validate_row(
                 raise DataError(where, name, "must not be empty")
         elif not isinstance(value, str):
             raise DataError(where, name, f"must be a string, got {type(value).__name__}")
-    if task == "sft" and not str(row.get("output", "")).strip():
+    if task == "sft" and not is_conversation(row) and not str(row.get("output", "")).strip():
         raise DataError(where, "output", "must not be empty")
+    if task == "sft" and row.get("system") is not None and not isinstance(row["system"], str):
+        raise DataError(where, "system", f"must be a string, got {type(row['system']).__name__}")
     if task == "classification" and not str(row.get("text", "")).strip():
         raise DataError(where, "text", "must not be empty")
     tags = row.get("tags")
@@ -80,6 +93,36 @@ def validate_row(
         if spec and spec.get("type", "categorical") == "categorical" and "values" in spec:
             if str(value) not in [str(v) for v in spec["values"]]:
                 raise DataError(where, f"tags.{key}", f"value {value!r} is not one of the tag_schema values {spec['values']}")
+
+
+def is_conversation(row: dict) -> bool:
+    """An SFT row in the conversational format (``messages``) rather than instruction/input/output."""
+    return row.get(MESSAGES_FIELD) is not None
+
+
+def validate_messages(messages, where: str) -> None:
+    """A conversation: role/content turns, an optional leading system turn, ending with an assistant reply."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(where, MESSAGES_FIELD, "must be a non-empty list of {\"role\", \"content\"} turns")
+    for i, turn in enumerate(messages):
+        key = f"{MESSAGES_FIELD}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(where, key, f"must be an object with role and content, got {type(turn).__name__}")
+        role = turn.get("role")
+        if role not in ROLES:
+            raise DataError(where, f"{key}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
+        if not isinstance(turn.get("content"), str):
+            raise DataError(where, f"{key}.content", f"must be a string, got {type(turn.get('content')).__name__}")
+        if role == "system" and i != 0:
+            raise DataError(where, f"{key}.role", "a system turn may only come first")
+    roles = [turn["role"] for turn in messages]
+    if "user" not in roles:
+        raise DataError(where, MESSAGES_FIELD, "has no user turn")
+    last = len(messages) - 1
+    if roles[-1] != "assistant":
+        raise DataError(where, f"{MESSAGES_FIELD}[{last}].role", "the last turn must be the assistant's reply (what is trained and evaluated)")
+    if not messages[-1]["content"].strip():
+        raise DataError(where, f"{MESSAGES_FIELD}[{last}].content", "must not be empty")
 
 
 def label_of(row: dict) -> str:

@@ -8,7 +8,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from verifily_train.config.schema import TASKS
 from verifily_train.dataset.manifest import build_manifest, load_manifest
@@ -41,16 +41,17 @@ def create_version(
 ) -> DatasetVersion:
     """Copy splits into a new, read-only version folder with a verified manifest; never overwrites.
 
+    A split may be JSONL, Parquet, CSV or a ``datasets`` ``save_to_disk`` folder (converted to JSONL,
+    ``dataset.convert``); a ``DatasetDict`` folder as ``train`` also supplies its val and test splits.
     ``derived_from`` (a parent reference, its content hash and the rule that derived this version) is
     recorded in the manifest, so a derived version is reproducible from its parent."""
+    from verifily_train.dataset.convert import JSONL, convert_split, source_format
+
     _check_name("--id", dataset_id)
     _check_name("--version", version)
     if task not in TASKS:
         raise VerifilyError(None, "--task", f"must be one of {', '.join(TASKS)}; got {task!r}")
-    sources = [(split, p) for split, p in (("train", train), ("val", val), ("test", test)) if p]
-    for split, p in sources:
-        if not Path(p).is_file():
-            raise DataError(p, None, f"--{split}: file not found")
+    sources = _split_sources({"train": train, "val": val, "test": test})
     final = store_root(home) / dataset_id / version
     if final.exists():
         raise DatasetExistsError(final, None, f"{dataset_id}@{version} already exists; versions are immutable, pick a new --version")
@@ -58,12 +59,17 @@ def create_version(
     staging = final.parent / f".staging-{version}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        placed = []
+        placed, converted = [], []
         for split, p in sources:
             dest = staging / f"{split}.jsonl"
-            shutil.copyfile(p, dest)
+            if source_format(p) == JSONL:
+                shutil.copyfile(p, dest)
+            else:
+                converted.append(dict(convert_split(p, task, dest), split=split))
             placed.append((split, dest.name, dest))
         manifest, _ = build_manifest(dataset_id, version, task, placed)
+        if converted:  # provenance only: the content hash is over the JSONL the store keeps
+            manifest["converted_from"] = converted
         if derived_from is not None:
             manifest["derived_from"] = derived_from
         atomic_write_json(staging / "manifest.json", manifest)
@@ -78,6 +84,39 @@ def create_version(
             make_writable(staging)
             shutil.rmtree(staging, ignore_errors=True)
     return load_manifest(final / "manifest.json")
+
+
+def _split_sources(given: dict) -> List[Tuple[str, Path]]:
+    """(split, path) for each given split; a DatasetDict folder resolves to its split's sub-folder."""
+    from verifily_train.dataset.convert import dataset_dict_split, is_dataset_dict
+
+    given = dict(given)
+    train = Path(given["train"])
+    if is_dataset_dict(train):  # --train DICT: its own val/test splits unless given separately
+        for split in ("val", "test"):
+            if not given[split] and dataset_dict_split(train, split) is not None:
+                given[split] = given["train"]
+    sources = []
+    for split, value in given.items():
+        if not value:
+            continue
+        path = Path(value)
+        if not path.exists():
+            raise DataError(value, None, f"--{split}: file not found")
+        if is_dataset_dict(path):
+            folder = dataset_dict_split(path, split)
+            if folder is None:
+                raise DataError(value, None, f"--{split}: the DatasetDict has no {split} split "
+                                             f"({' / '.join(_split_names(split))})")
+            path = folder
+        sources.append((split, path))
+    return sources
+
+
+def _split_names(split: str):
+    from verifily_train.dataset.convert import SPLIT_NAMES
+
+    return SPLIT_NAMES[split]
 
 
 def list_versions(home: Optional[Path] = None) -> List[dict]:

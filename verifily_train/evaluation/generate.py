@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional
 
 from verifily_train.training.models import KIND_CAUSAL, ModelSpec
 
 
-def prompt_ids(input_ids: Sequence[int], labels: Sequence[int], kind: str) -> List[int]:
-    """The prompt part of a tokenized SFT example (CausalLM: the positions whose label is masked)."""
-    if kind != KIND_CAUSAL:
-        return list(input_ids)
-    n = 0
-    for label in labels:
-        if label != -100:
-            break
-        n += 1
-    return list(input_ids[:n])
-
-
 def generate_texts(model, spec: ModelSpec, tok, prompts: List[List[int]], batch_size: int, max_new_tokens: int,
-                   device: str, precision: str, progress: bool) -> List[str]:
-    """Greedy continuations of ``prompts`` in input order; only scalar text per example is kept."""
+                   device: str, precision: str, progress: bool, stop_ids: Optional[List[int]] = None) -> List[str]:
+    """Greedy continuations of ``prompts`` in input order; only scalar text per example is kept.
+
+    ``stop_ids``: the tokens that end a reply (the chat template's end-of-turn token as well as EOS)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -48,7 +38,7 @@ def generate_texts(model, spec: ModelSpec, tok, prompts: List[List[int]], batch_
                                 enabled=dtype is not None):
                 generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                           use_cache=True, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                                           use_cache=True, pad_token_id=pad, eos_token_id=stop_ids or tok.eos_token_id)
             new_tokens = generated[:, width:] if causal else generated
             texts = tok.batch_decode(new_tokens.cpu(), skip_special_tokens=True)
             for row, i in enumerate(batch):

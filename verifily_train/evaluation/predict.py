@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.config.schema import TrainConfig
-from verifily_train.evaluation.generate import generate_texts, prompt_ids
+from verifily_train.errors import DataError
+from verifily_train.evaluation.generate import generate_texts
 from verifily_train.evaluation.metrics import classification_report, metrics_for_frame
 from verifily_train.evaluation.text_metrics import resolve_format, score_texts
 from verifily_train.training.device import DevicePlan
@@ -146,15 +147,17 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     if cfg.task == "sft" and wants_generation(cfg):
         model = _merged_for_inference(model)
         fmt = resolve_format(cfg.eval.format, list(frame["reference"]))
-        prompts = [prompt_ids(i, l, spec.kind) for i, l in zip(cols["input_ids"], cols["labels"])]
+        # the final answer's generation prompt, rendered as in training (a conversation: every turn before it)
+        prompts = [list(ids[:n]) for ids, n in zip(cols["input_ids"], cols["prompt_len"])]
+        stop_ids = tokenized.get("stop_token_ids") or None
         texts = generate_texts(model, spec, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, plan.device,
-                               plan.precision, cfg.runtime.progress)
+                               plan.precision, cfg.runtime.progress, stop_ids=stop_ids)
         frame["prediction"] = texts
         for name, values in score_texts(texts, list(frame["reference"]), fmt).items():
             frame[name] = values
         extra["format"] = fmt or "off"
         if cfg.eval.gold_set and trained is not None:
-            extra["gold"] = _score_gold_set(cfg, spec, tok, model, plan, out_dir)
+            extra["gold"] = _score_gold_set(cfg, spec, tok, model, plan, out_dir, stop_ids)
     elif cfg.task == "classification":
         extra["classification_report"] = classification_report(frame["label_id"], frame["pred_id"], labels)
     frame.to_parquet(out_dir / "predictions.parquet", index=False)
@@ -181,21 +184,27 @@ def _merged_for_inference(model):
     return model
 
 
-def _score_gold_set(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, out_dir: Path) -> dict:
-    """Exact match and token F1 on ``eval.gold_set`` (rows validated like any SFT data)."""
+def _score_gold_set(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, out_dir: Path,
+                    stop_ids: Optional[List[int]]) -> dict:
+    """Exact match and token F1 on ``eval.gold_set`` (rows validated and rendered like any SFT data)."""
     import pandas as pd
 
     from verifily_train.dataset.rows import iter_jsonl, validate_row
+    from verifily_train.training.render import RowRenderer
     from verifily_train.training.tokenize import tokenize_row
 
+    renderer = RowRenderer(spec, tok, cfg.prompt, cfg.training.max_seq_length)
     rows, prompts = [], []
     for lineno, row in iter_jsonl(Path(cfg.eval.gold_set), cfg.eval.gold_set):
-        validate_row(row, "sft", {}, {}, f"{cfg.eval.gold_set}:{lineno}")
-        example = tokenize_row(row, "gold", lineno, spec, tok, "sft", cfg.prompt, cfg.training.max_seq_length, {})
-        rows.append((lineno, row["output"], example.tags))
-        prompts.append(prompt_ids(example.input_ids, example.labels, spec.kind))
+        where = f"{cfg.eval.gold_set}:{lineno}"
+        validate_row(row, "sft", {}, {}, where)
+        example = tokenize_row(row, "gold", lineno, spec, tok, "sft", cfg.training.max_seq_length, {}, renderer, where)
+        if example is None:
+            raise DataError(where, None, renderer.unsupervised_problem(renderer.fit(row, where)[1]))
+        rows.append((lineno, example.reference, example.tags))
+        prompts.append(list(example.input_ids[:example.prompt_len]))
     texts = generate_texts(model, spec, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, plan.device,
-                           plan.precision, cfg.runtime.progress)
+                           plan.precision, cfg.runtime.progress, stop_ids=stop_ids)
     scored = score_texts(texts, [r[1] for r in rows], None)
     pd.DataFrame({"line": [r[0] for r in rows], "reference": [r[1] for r in rows], "prediction": texts,
                   "tags": [json.dumps(r[2], sort_keys=True) for r in rows], **scored}

@@ -1,4 +1,4 @@
-"""Tokenize a DatasetVersion's splits into parquet files of token ids, with per-example metadata."""
+"""Tokenize a DatasetVersion's splits into parquet files of token ids, with per-example metadata (rendering: ``render``)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,16 @@ from typing import Dict, List, Optional, Tuple
 
 from verifily_train.config.schema import PromptSection
 from verifily_train.dataset.rows import iter_jsonl, label_of
-from verifily_train.dataset.version import DatasetVersion
-from verifily_train.errors import ModelError
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
-
-
-def render_prompt(row: dict, prompt: PromptSection) -> str:
-    """The SFT prompt: ``template`` when the row has a non-empty input, else ``template_no_input``."""
-    inp = row.get("input") or ""
-    if str(inp).strip():
-        return prompt.template.format(instruction=row["instruction"], input=inp)
-    return prompt.template_no_input.format(instruction=row["instruction"], input="")
+from verifily_train.dataset.version import SPLITS, DatasetVersion
+from verifily_train.errors import DataError
+from verifily_train.training.models import KIND_SEQ2SEQ, ModelSpec
+from verifily_train.training.render import RowRenderer, final_answer, render_prompt  # noqa: F401  (render_prompt: re-exported)
 
 
 def example_id(row: dict, split: str, lineno: int) -> str:
     """A row's own ``id`` when it has one, else ``split:line``."""
     rid = row.get("id")
     return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"{split}:{lineno}"
-
-
-def _truncate_causal(prompt_ids: List[int], target_ids: List[int], max_len: int) -> Tuple[List[int], List[int], bool]:
-    """Fit prompt + target into ``max_len``; the target keeps at least half the window so loss is never empty."""
-    if len(prompt_ids) + len(target_ids) <= max_len:
-        return prompt_ids, target_ids, False
-    keep_target = min(len(target_ids), max(max_len - len(prompt_ids), max_len // 2))
-    return prompt_ids[: max_len - keep_target], target_ids[:keep_target], True
 
 
 @dataclass
@@ -49,16 +34,8 @@ class TokenizedExample:
     text: str
     reference: str
     row_hash: str = ""
-
-
-def tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task: str, prompt: PromptSection,
-                 max_len: int, label_ids: Dict[str, int]) -> TokenizedExample:
-    """One row to token ids (and loss labels) for the model kind."""
-    tags = {str(k): str(v) for k, v in (row.get("tags") or {}).items()}
-    eid = example_id(row, split, lineno)
-    example = _tokenize_row(row, split, lineno, spec, tok, task, prompt, max_len, label_ids, tags, eid)
-    example.row_hash = row_hash(row)
-    return example
+    prompt_len: int = 0  # leading input_ids that form the generation prompt of the final answer
+    answer_cut: bool = False  # the training target was shortened to fit (its end token kept)
 
 
 def row_hash(row: dict) -> str:
@@ -69,24 +46,26 @@ def row_hash(row: dict) -> str:
                           .encode("utf-8")).hexdigest()
 
 
-def _tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task: str, prompt: PromptSection,
-                  max_len: int, label_ids: Dict[str, int], tags: Dict[str, str], eid: str) -> TokenizedExample:
+def tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task: str, max_len: int,
+                 label_ids: Dict[str, int], renderer: Optional[RowRenderer], where: str) -> Optional[TokenizedExample]:
+    """One row to token ids (and loss labels) for the model kind; None when nothing in it can be supervised."""
+    tags = {str(k): str(v) for k, v in (row.get("tags") or {}).items()}
+    eid = example_id(row, split, lineno)
     if task == "classification":
         enc = tok(row["text"], add_special_tokens=True)["input_ids"]
-        truncated = len(enc) > max_len
-        return TokenizedExample(eid, split, lineno, enc[:max_len], [], label_ids[label_of(row)], truncated, tags,
-                                row["text"], label_of(row))
-    prompt_text = render_prompt(row, prompt)
-    prompt_ids = tok(prompt_text, add_special_tokens=True)["input_ids"]
-    target_ids = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    if spec.kind == KIND_CAUSAL:
-        p_ids, t_ids, truncated = _truncate_causal(prompt_ids, target_ids, max_len)
-        # loss only on the response: prompt positions are masked with -100
-        return TokenizedExample(eid, split, lineno, p_ids + t_ids, [-100] * len(p_ids) + t_ids, -1, truncated, tags,
-                                prompt_text, row["output"])
-    truncated = len(prompt_ids) > max_len or len(target_ids) > max_len
-    return TokenizedExample(eid, split, lineno, prompt_ids[:max_len], target_ids[:max_len], -1, truncated, tags,
-                            prompt_text, row["output"])
+        example = TokenizedExample(eid, split, lineno, enc[:max_len], [], label_ids[label_of(row)], len(enc) > max_len,
+                                   tags, row["text"], label_of(row), prompt_len=min(len(enc), max_len))
+    else:
+        _, fitted = renderer.fit(row, where)
+        if fitted.encoded is None:
+            return None
+        enc = fitted.encoded
+        # the reference is the whole answer, even when the training target had to be shortened
+        example = TokenizedExample(eid, split, lineno, enc.input_ids, enc.labels, -1, fitted.truncated, tags,
+                                   enc.prompt_text, final_answer(row), prompt_len=enc.prompt_len,
+                                   answer_cut=fitted.answer_cut)
+    example.row_hash = row_hash(row)
+    return example
 
 
 def collect_labels(dv: DatasetVersion) -> List[str]:
@@ -124,37 +103,50 @@ def write_split(examples: List[TokenizedExample], path: Path) -> None:
         "text": [e.text for e in examples],
         "reference": [e.reference for e in examples],
         "row_hash": [e.row_hash for e in examples],
+        "prompt_len": pa.array([e.prompt_len for e in examples], pa.int32()),
+        "answer_cut": [e.answer_cut for e in examples],
     })
     pq.write_table(table, path)
 
 
 def tokenize_dataset(dv: DatasetVersion, spec: ModelSpec, tok, task: str, prompt: PromptSection, max_len: int,
                      out_dir: Path) -> dict:
-    """Tokenize every split into ``out_dir/<split>.parquet``; returns the stage manifest."""
-    if spec.kind in (KIND_CAUSAL, KIND_SEQ2SEQ) and tok.eos_token_id is None:
-        raise ModelError(spec.source, "base_model", "tokenizer has no eos token, needed to end SFT targets")
+    """Tokenize every split into ``out_dir/<split>.parquet``, render-checking each row; returns the stage manifest."""
+    renderer = RowRenderer(spec, tok, prompt, max_len) if task == "sft" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = collect_labels(dv) if task == "classification" else []
     label_ids = {name: i for i, name in enumerate(labels)}
-    splits = {}
-    for split in ("train", "val", "test"):
+    splits, first = {}, None
+    for split in SPLITS:
         files = dv.split_files(split)
         if not files:
             continue
-        examples = []
+        examples, dropped = [], 0
         for f in files:
             for lineno, row in iter_jsonl(Path(f.abs_path), f.abs_path):
-                examples.append(tokenize_row(row, split, lineno, spec, tok, task, prompt, max_len, label_ids))
+                where = f"{f.abs_path}:{lineno}"
+                example = tokenize_row(row, split, lineno, spec, tok, task, max_len, label_ids, renderer, where)
+                if example is None:
+                    if prompt.unsupervised_rows != "drop":
+                        raise DataError(where, None, renderer.unsupervised_problem(renderer.fit(row, where)[1]))
+                    dropped += 1
+                    continue
+                examples.append(example)
+        if not examples:
+            raise DataError(files[0].abs_path, None, f"split {split}: every row was dropped (prompt.unsupervised_rows: drop)")
+        first = first or examples[0]
         name = f"{split}.parquet"
         write_split(examples, out_dir / name)
         splits[split] = {
             "file": name,
             "rows": len(examples),
             "truncated": sum(e.truncated for e in examples),
+            "answer_cut": sum(e.answer_cut for e in examples),
+            "dropped": dropped,
             "tokens": sum(len(e.input_ids) + (len(e.labels) if spec.kind == KIND_SEQ2SEQ else 0) for e in examples),
         }
     eval_split, eval_note = choose_eval_split(dv)
-    return {
+    manifest = {
         "stage": "tokenize",
         "splits": splits,
         "labels": labels,
@@ -162,7 +154,46 @@ def tokenize_dataset(dv: DatasetVersion, spec: ModelSpec, tok, task: str, prompt
         "eval_note": eval_note,
         "truncated_rows": sum(s["truncated"] for s in splits.values()),
         "max_seq_length": max_len,
+        "prompt": None,
+        "render_check": None,
+        "stop_token_ids": [tok.eos_token_id] if tok.eos_token_id is not None else [],
+        "warnings": [],
     }
+    if renderer is not None:
+        manifest.update(render_report(renderer, tok, first, splits, prompt, max_len))
+    return manifest
+
+
+def render_report(renderer: RowRenderer, tok, example: TokenizedExample, splits: Dict[str, dict],
+                  prompt: PromptSection, max_len: int) -> dict:
+    """The rendering as the Run records it (an example row, the template hash), the render check's counts and warnings."""
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+    if renderer.spec.kind == KIND_SEQ2SEQ:
+        supervised = list(example.labels)
+    end_tokens = sorted({t for t in supervised if t in renderer.end_ids})
+    described = dict(renderer.describe(), end_of_turn=tok.convert_ids_to_tokens(end_tokens), example={
+        "example_id": example.example_id,
+        "text": tok.decode(example.input_ids, skip_special_tokens=False),
+        "supervised": tok.decode(supervised, skip_special_tokens=False),
+    })
+    rows = sum(s["rows"] for s in splits.values())
+    dropped = sum(s["dropped"] for s in splits.values())
+    check = {"rows": rows, "end_token_supervised": rows, "dropped": dropped,
+             "answer_cut": sum(s["answer_cut"] for s in splits.values()),
+             "unsupervised_rows": prompt.unsupervised_rows}
+    warnings = []
+    truncated = {name: s["truncated"] for name, s in splits.items() if s["truncated"]}
+    if truncated:
+        per = ", ".join(f"{name} {n} of {splits[name]['rows']}" for name, n in truncated.items())
+        warnings.append(f"{sum(truncated.values())} rows longer than training.max_seq_length={max_len} were cut ({per}): "
+                        f"user content at its {prompt.truncation}, the assistant header and the answer's end token "
+                        f"kept; {check['answer_cut']} answers shortened")
+    if dropped:
+        per = ", ".join(f"{name} {s['dropped']}" for name, s in splits.items() if s["dropped"])
+        warnings.append(f"{dropped} rows dropped ({per}): their answer could not keep one token within "
+                        f"training.max_seq_length={max_len} (prompt.unsupervised_rows: drop)")
+    return {"prompt": described, "render_check": check, "warnings": warnings,
+            "stop_token_ids": sorted({tok.eos_token_id, *end_tokens})}
 
 
 class TokenizedSplit:
