@@ -116,6 +116,8 @@ def test_quantized_run_end_to_end_records_quantization(tmp_path, models, sft_spl
     record = json.loads((run / "run.json").read_text())
     assert record["quantization"] == bits and record["status"] == "completed"
     assert record["metrics"]["loss"] > 0
+    assert record["baseline_quantization"] == bits  # the gain is measured against the base quantized the same way
+    assert record["metrics"]["baseline_loss"] > 0
 
 
 BLOCK_BNB = """

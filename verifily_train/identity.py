@@ -1,12 +1,16 @@
 """Identities of the things a stage reads: model weights, tokenizer files, and the stage's own code.
 
 Model folders are hashed by their bytes once and memoised by (path, size, mtime) of every file, so a
-re-run does not re-read gigabytes; a Hub model is identified by its resolved commit.
+re-run does not re-read gigabytes; a Hub model is identified by its resolved commit. The tool's own
+identity (version, a digest of its sources) and the accelerator's (GPU name, CUDA version) enter the
+reproducibility hash (``artifacts/run.py``), not the stage keys.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -165,3 +169,54 @@ def numeric_env() -> Dict[str, Optional[str]]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def tool_version() -> str:
+    """The installed verifily-train version (the package's ``__version__`` when run from a bare checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("verifily-train")
+    except metadata.PackageNotFoundError:
+        from verifily_train import __version__
+
+        return __version__
+
+
+def package_sources() -> Dict[str, Path]:
+    """This tool's ``.py`` files by their name inside the installed package.
+
+    ``flows/`` and ``tasks/`` sit beside the package in a checkout but install inside it
+    (``verifily_train.flows``), so a checkout and a wheel of the same code name the same files.
+    ``find_spec`` of a subpackage imports only its parent: Prefect is not loaded.
+    """
+    files = {p.relative_to(LIBRARY_ROOT).as_posix(): p for p in LIBRARY_ROOT.rglob("*.py")}
+    for sub in ("flows", "tasks"):
+        spec = importlib.util.find_spec(f"verifily_train.{sub}")
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            root = Path(location).resolve()
+            files.update({f"{sub}/{p.relative_to(root).as_posix()}": p for p in root.rglob("*.py")})
+    return files
+
+
+def digest_sources(files: Dict[str, Path]) -> str:
+    """SHA-256 over ``name\\0sha256(bytes)`` lines in sorted name order: where the files live does not count."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{sha256_file(files[name])}\n".encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """``digest_sources(package_sources())``, computed once per process."""
+    return digest_sources(package_sources())
+
+
+def accelerator_identity(device: str) -> Dict[str, Optional[str]]:
+    """GPU name and CUDA version of the first visible GPU on ``cuda``; None for both elsewhere."""
+    if device != "cuda":
+        return {"gpu_name": None, "cuda_version": None}
+    import torch
+
+    return {"gpu_name": torch.cuda.get_device_name(0), "cuda_version": torch.version.cuda}

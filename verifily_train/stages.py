@@ -29,9 +29,12 @@ def _spec(fp: dict):
 
 
 def _plan(fp: dict):
+    from dataclasses import fields
+
     from verifily_train.training.device import DevicePlan
 
-    return DevicePlan(**fp["device"])
+    names = {f.name for f in fields(DevicePlan)}  # fp["device"] also records the GPU name and CUDA version
+    return DevicePlan(**{k: v for k, v in fp["device"].items() if k in names})
 
 
 def check_push_to_hub(cfg: TrainConfig) -> None:
@@ -49,8 +52,8 @@ def check_push_to_hub(cfg: TrainConfig) -> None:
 def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
     """Identities of the data (bytes), model (weights), tokenizer (files), device and config: the keys' inputs."""
     from verifily_train.errors import ModelError
-    from verifily_train.identity import (chat_template_identity, file_identity, model_identity, numeric_env,
-                                         tokenizer_identity)
+    from verifily_train.identity import (accelerator_identity, chat_template_identity, file_identity, model_identity,
+                                         numeric_env, tokenizer_identity)
     from verifily_train.training.device import resolve_device
     from verifily_train.training.models import inspect_model
     from verifily_train.training.registry import convert_gguf, is_gguf, resolve_alias
@@ -82,7 +85,7 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
         "tokenizer_identity": tokenizer_identity(spec.source, spec.is_local, memo),
         "chat_template_hash": chat_template_identity(spec.source, spec.is_local),  # in the tokenize key
         "device": {"device": plan.device, "precision": plan.precision, "warnings": list(plan.warnings),
-                   "num_processes": plan.num_processes},
+                   "num_processes": plan.num_processes, **accelerator_identity(plan.device)},
         "numeric_env": numeric_env(),
     }
 
@@ -145,7 +148,10 @@ def evaluate_stage(cfg: TrainConfig, fp: dict, tokenized: dict, trained: dict, o
 
 
 def baseline_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work_dir: Path) -> dict:
-    """The untuned base model on the same split (SFT), so the run shows what fine-tuning changed."""
+    """The untuned base model on the split (SFT), loaded as the adapter's base is: the gain is fine-tuning alone."""
+    from dataclasses import replace
+
+    from verifily_train.evaluation.baseline import baseline_load_plan, write_untrained_adapter
     from verifily_train.evaluation.predict import predict_split
     from verifily_train.training.models import load_tokenizer
 
@@ -155,8 +161,15 @@ def baseline_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, w
         return {"stage": "baseline", "skipped": True, "note": why, "split": None, "metrics": {}}
     spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
-    manifest = predict_split(cfg, spec, tok, tokenized, Path(tokenized["dir"]), None, None, _plan(fp), out_dir)
-    return dict(manifest, stage="baseline")
+    quantization = baseline_load_plan(cfg.lora)["quantization"]
+    if quantization == "none":
+        manifest = predict_split(cfg, spec, tok, tokenized, Path(tokenized["dir"]), None, None, _plan(fp), out_dir)
+    else:  # the trained adapter's own load path (quantized base + adapter), with an all-zero adapter
+        untrained = write_untrained_adapter(cfg, spec, work_dir)
+        base_cfg = replace(cfg, eval=replace(cfg.eval, gold_set=None))  # the gold set scores the tuned model only
+        manifest = predict_split(base_cfg, spec, tok, tokenized, Path(tokenized["dir"]), untrained, work_dir,
+                                 _plan(fp), out_dir)
+    return dict(manifest, stage="baseline", quantization=quantization)
 
 
 def _predictions(evaluated: dict):
@@ -209,7 +222,8 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
     import time
 
     from verifily_train.artifacts.env import describe_environment, env_hash
-    from verifily_train.artifacts.run import publish_run, reproducibility_hash, staging_dir, utc_now
+    from verifily_train.artifacts.run import (REPRODUCIBILITY_VERSION, publish_run, reproducibility_components,
+                                              reproducibility_hash, staging_dir, utc_now)
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     stage = staging_dir(runs_dir, run_id)
@@ -255,6 +269,12 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
                            "baseline": baseline, "slice": sliced, "hard_examples": hard})
     c_hash = fp["config_hash"]
     dataset = _dataset_now(fp, validated)
+    components = reproducibility_components(
+        cfg, data_hash=fp["data_hash"], model_identity=fp["model_identity"],
+        tokenizer_identity=fp["tokenizer_identity"], env_hash=e_hash, device=trained["device"],
+        precision=trained["precision"], gpu_name=fp["device"].get("gpu_name"),
+        cuda_version=fp["device"].get("cuda_version"))  # a replay reads both from its record: no torch import
+    r_hash = reproducibility_hash(components)
     record = {
         "schema_version": 1,
         "run_id": run_id,
@@ -268,12 +288,14 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
         "config_hash": c_hash,
         "data_hash": fp["data_hash"],
         "env_hash": e_hash,
-        "reproducibility_hash": reproducibility_hash(c_hash, fp["data_hash"], e_hash),
+        "reproducibility_hash": r_hash,
+        "reproducibility": {"hash": r_hash, "version": REPRODUCIBILITY_VERSION, "components": components},
         "model_identity": fp["model_identity"],
         "model_source": fp["model"]["source"],
         "gguf_conversion": fp["gguf_conversion"],
         "precision": trained["precision"],
         "quantization": cfg.lora.quantization if cfg.lora.enabled else "none",
+        "baseline_quantization": None if baseline.get("skipped", True) else baseline.get("quantization", "none"),
         "evaluation": {"split": evaluated["split"], "skipped": evaluated["skipped"], "note": evaluated["note"]},
         "hard_examples_headline": hard["headline"],
         "stages": stages,

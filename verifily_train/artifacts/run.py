@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -11,9 +10,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from verifily_train.config.loader import hashed_view
+from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import RunError
 from verifily_train.fsio import atomic_write_json, atomic_write_text, fsync_dir, make_read_only, make_writable
-from verifily_train.hashing import sha256_file
+from verifily_train.hashing import content_hash, sha256_file
+from verifily_train.identity import source_digest, tool_version
 
 CHECKSUMS = "checksums.sha256"
 RUN_SCHEMA_VERSION = 1
@@ -29,9 +31,55 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def reproducibility_hash(config_hash: str, data_hash: str, env_hash: str) -> str:
-    """SHA-256 of the UTF-8 string ``config_hash + data_hash + env_hash`` (hex, sha256:-prefixed, hex)."""
-    return hashlib.sha256((config_hash + data_hash + env_hash).encode("utf-8")).hexdigest()
+REPRODUCIBILITY_VERSION = "reproducibility/2"
+# Config keys left out of the reproducibility view (on top of schema.UNHASHED_KEYS): each is either a
+# location or request that a component below replaces with what it resolved to, or an output form.
+REPLACED_IN_VIEW = (
+    "base_model",  # a path or Hub id: replaced by model_identity (and tokenizer_identity)
+    "eval.gold_set",  # a path: replaced by gold_set_sha256
+    "compute.device",  # a request (auto, cuda, ...): replaced by device_kind
+    "compute.fp16",  # requests: replaced by the precision that really ran
+    "compute.bf16",
+    "output.save_adapter_only",  # whether merged weights are also written: the weights are the same
+)
+
+
+def reproducibility_config_view(cfg: TrainConfig) -> dict:
+    """The hashed config view minus ``REPLACED_IN_VIEW``: settings only, no locations."""
+    data = hashed_view(cfg)
+    for dotted in REPLACED_IN_VIEW:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return data
+
+
+def reproducibility_components(cfg: TrainConfig, *, data_hash: str, model_identity: str,
+                               tokenizer_identity: Optional[str], env_hash: str, device: str, precision: str,
+                               gpu_name: Optional[str] = None, cuda_version: Optional[str] = None) -> dict:
+    """Everything that can change a run's weights or metrics, by identity (bytes, commits, versions), never by path."""
+    gold = cfg.eval.gold_set
+    return {
+        "config_view_hash": content_hash(reproducibility_config_view(cfg)),
+        "data_hash": data_hash,
+        "model_identity": model_identity,
+        "tokenizer_identity": tokenizer_identity,
+        "gold_set_sha256": sha256_file(gold) if gold else None,
+        "tool_version": tool_version(),
+        "source_digest": source_digest(),
+        "env_hash": env_hash,
+        "device_kind": device,
+        "gpu_name": gpu_name,
+        "cuda_version": cuda_version,
+        "precision": precision,
+    }
+
+
+def reproducibility_hash(components: dict) -> str:
+    """Hex SHA-256 of the canonical JSON of ``[REPRODUCIBILITY_VERSION, components]``."""
+    return content_hash(REPRODUCIBILITY_VERSION, components)
 
 
 def write_checksums(root: Path) -> int:

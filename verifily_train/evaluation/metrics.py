@@ -17,7 +17,7 @@ def sft_metrics(loss_sum: np.ndarray, n_tokens: np.ndarray) -> Dict[str, float]:
 
 
 def classification_metrics(true: Sequence[int], pred: Sequence[int], labels: List[str]) -> Dict[str, float]:
-    """Accuracy and macro-F1 over every label of the train split (absent labels count as F1 0)."""
+    """Accuracy, and macro-F1 over the labels present in ``true`` or ``pred`` (a label in neither is left out)."""
     from sklearn.metrics import accuracy_score, f1_score
 
     true = np.asarray(true)
