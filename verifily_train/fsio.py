@@ -81,3 +81,98 @@ def make_writable(root: PathLike) -> None:
 def verifily_home() -> Path:
     """``$VERIFILY_HOME``, default ``~/.verifily``."""
     return Path(os.environ.get("VERIFILY_HOME") or Path.home() / ".verifily").expanduser()
+
+
+def check_writable_folder(folder: os.PathLike | str, key: str) -> None:
+    """``folder`` is a folder, or can be made one, where files can be written: tried, not read off mode bits
+    (root passes every ``os.access`` test, yet cannot write under /proc). Leaves nothing behind."""
+    import errno
+    import tempfile
+
+    from verifily_train.errors import VerifilyError
+
+    path = Path(os.path.expanduser(os.fspath(folder)))
+    try:
+        if path.exists() and not path.is_dir():
+            raise VerifilyError(path, key, "exists and is not a folder")
+        probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+        if not probe.is_dir():
+            raise VerifilyError(path, key, f"cannot be created: {probe} is not a folder")
+        tempfile.TemporaryDirectory(prefix=".verifily-probe-", dir=probe).cleanup()
+    except VerifilyError:
+        raise
+    except ValueError as err:  # an embedded NUL byte
+        raise VerifilyError(None, key, f"not a usable path ({err})") from None
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise VerifilyError(None, key, f"path too long ({len(os.fspath(folder)):,} characters)") from None
+        raise VerifilyError(path, key, f"not writable: {err.strerror or err}") from None
+
+
+# Staging folders (a dataset version or a Run being assembled) are owned by the process building them: it
+# holds an exclusive lock on ``<folder>.lock`` beside it for as long as it works, and the kernel drops the lock
+# when the process dies. A staging folder whose lock nobody holds was left by a killed process: debris.
+_OWNED: dict = {}
+
+
+def claim_staging(folder: PathLike) -> Path:
+    """Lock ``<folder>.lock`` (held until :func:`release_staging` or this process ends), then create ``folder``."""
+    import fcntl
+
+    folder = Path(folder)
+    fd = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _OWNED[str(folder)] = fd
+    folder.mkdir()
+    return folder
+
+
+def release_staging(folder: PathLike) -> None:
+    """Drop the ownership lock of ``folder`` and delete the lock file (the folder is renamed or gone by now)."""
+    fd = _OWNED.pop(str(Path(folder)), None)
+    if fd is None:
+        return
+    try:
+        os.unlink(f"{folder}.lock")
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def sweep_abandoned(parent: PathLike, prefixes: tuple) -> int:
+    """Delete folders in ``parent`` named ``<prefix>...`` whose owner died (no live lock); returns how many."""
+    import fcntl
+    import shutil
+
+    parent = Path(parent)
+    removed = 0
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefixes) and not p.name.endswith(".lock")]
+    except OSError:
+        return 0
+    for folder in candidates:
+        lock = f"{folder}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None  # no lock file: left by a version of this tool that did not lock, or killed before locking
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its owner is alive
+            if not folder.exists():
+                continue
+            if folder.is_dir():
+                make_writable(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+            if fd is not None:
+                os.unlink(lock)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed

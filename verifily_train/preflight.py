@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from verifily_train.errors import ConfigError, VerifilyError
+from verifily_train.errors import ConfigError, EnvironmentProblem, VerifilyError
 
 
 class PreflightError(VerifilyError):
@@ -37,12 +37,54 @@ def _attempt(problems: List[VerifilyError], check: Callable[[], None]) -> bool:
 
 
 def _check_runs_dir(output_dir: str) -> None:
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise VerifilyError(path, "output.dir", "exists and is not a folder")
-    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise VerifilyError(path, "output.dir", f"not writable ({probe} does not allow writing)")
+    from verifily_train.fsio import check_writable_folder
+
+    check_writable_folder(output_dir, "output.dir")
+
+
+def _check_gold_set(cfg) -> None:
+    """``eval.gold_set``'s rows, before training: a malformed or empty gold set used to fail (or write NaN)
+    only once the model was trained."""
+    from verifily_train.dataset.rows import iter_jsonl, validate_row
+    from verifily_train.errors import DataError
+
+    gold = cfg.eval.gold_set
+    if not gold or cfg.task != "sft" or not cfg.eval.enabled or not Path(gold).is_file():
+        return  # a missing file is the config's own problem (eval.gold_set: file not found)
+    rows = 0
+    for lineno, row in iter_jsonl(Path(gold), gold):
+        validate_row(row, "sft", {}, {}, f"{gold}:{lineno}")
+        rows += 1
+    if rows == 0:
+        raise DataError(gold, "eval.gold_set", "has no rows: give a JSONL file of SFT rows, or remove eval.gold_set")
+
+
+# the trackers training.report_to can name, and the packages the HF Trainer needs for each (any one will do)
+REPORT_TO_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+
+
+def _check_report_to(cfg) -> None:
+    """The tracker ``training.report_to`` names is installed (the Trainer would fail at its first log, after
+    the model loaded)."""
+    needs = REPORT_TO_PACKAGES.get(cfg.training.report_to, ())
+    if needs and not any(importlib.util.find_spec(name) for name in needs):
+        raise EnvironmentProblem(None, "training.report_to", f"{cfg.training.report_to} needs the {needs[0]} package: "
+                                                             f"pip install {needs[0]} (or set training.report_to: none)")
+
+
+def _check_cache_dir(cfg) -> None:
+    """The stage cache (``cache.dir``, else ``$VERIFILY_HOME/cache``) must be writable: even with the cache
+    off, stages compute in private folders under it."""
+    from verifily_train.cache import cache_root
+
+    from verifily_train.fsio import check_writable_folder
+
+    key = "cache.dir" if cfg.cache.dir else "VERIFILY_HOME"
+    try:
+        root = cache_root(cfg.cache.dir)
+    except (OSError, ValueError) as err:
+        raise VerifilyError(None, key, f"not a usable path ({err})") from None
+    check_writable_folder(root, key)
 
 
 def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None,
@@ -104,7 +146,10 @@ def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: 
         check_push_to_hub(cfg)
 
     _attempt(problems, hub_check)
+    _attempt(problems, lambda: _check_gold_set(cfg))
+    _attempt(problems, lambda: _check_report_to(cfg))
     _attempt(problems, lambda: _check_runs_dir(cfg.output.dir))
+    _attempt(problems, lambda: _check_cache_dir(cfg))
     if problems:  # cheap checks failed: report them now, before torch and transformers are imported
         raise problems[0] if len(problems) == 1 else PreflightError(problems)
     return cfg

@@ -238,7 +238,10 @@ def _use_prefect_server() -> Optional[str]:
 def cmd_dataset_list(args) -> int:
     from verifily_train.dataset import list_versions
 
-    versions = list_versions()
+    unreadable: List[dict] = []
+    versions = list_versions(unreadable=unreadable)
+    for bad in unreadable:  # one bad folder is reported, and the good versions are still listed
+        print(f"warning: {bad['ref']} left out: {bad['problem']}", file=sys.stderr)
     if args.json:
         print(json.dumps(versions, indent=2))
         return 0

@@ -208,7 +208,9 @@ class TemporaryServer:
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                  "PREFECT__SERVER_FINAL": "1"},
-            preexec_fn=die_with_parent)
+            # its own session: a terminal's Ctrl-C (SIGINT to the foreground group) must reach verifily alone,
+            # which then reports the interrupted run to the server and stops it (a dead server hangs the exit)
+            start_new_session=True, preexec_fn=die_with_parent)
         atexit.register(self.stop)
         self.healthy = False
         self._thread = threading.Thread(target=self._wait_healthy, name="prefect-server-health", daemon=True)

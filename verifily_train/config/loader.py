@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -63,6 +64,53 @@ def _check_keys(values: Dict[str, Any], cls: type, where: str, prefix: str = "")
             _check_keys(value, sub, where, dotted + ".")
 
 
+# Values (scalars and collections) a YAML document may hold once its aliases are expanded: a train.yaml has a
+# few hundred; a 640-byte alias bomb expands to millions and would be built in full by OmegaConf.
+MAX_YAML_VALUES = 10_000
+
+
+class YamlTooLarge(ValueError):
+    """The document's aliases expand past ``MAX_YAML_VALUES`` values (or refer to themselves)."""
+
+
+def _expanded_size(root) -> int:
+    """How many values the node graph holds with every alias expanded, counted without expanding it."""
+    sizes: Dict[int, Optional[int]] = {}
+
+    def size(node) -> int:
+        known = sizes.get(id(node), -1)
+        if known is None:
+            raise YamlTooLarge("an alias refers to itself")
+        if known >= 0:
+            return known
+        sizes[id(node)] = None  # in progress: meeting it again means a cycle
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        if total > MAX_YAML_VALUES:
+            raise YamlTooLarge(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load``, but a document whose aliases expand past ``MAX_YAML_VALUES`` values is refused
+    (``YamlTooLarge``) before any of it is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> Dict[str, Any]:
     """Parse a YAML mapping, turning syntax errors into one line that names file and line."""
     try:
@@ -72,12 +120,18 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(path, None, f"cannot read: {err}") from err
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}" if mark is not None else None
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(path, line, f"YAML syntax error: {problem}") from err
+    except YamlTooLarge as err:
+        raise ConfigError(path, None, f"refused: {err} (YAML anchors and aliases are limited)") from None
+    except RecursionError:
+        raise ConfigError(path, None, "YAML nested too deeply") from None
+    except ValueError as err:  # a number too long for Python's int parser
+        raise ConfigError(path, None, f"bad value: {str(err).split(';')[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -93,9 +147,15 @@ def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
             raise ConfigError(OVERRIDES, item, "an override must look like key=value, e.g. training.num_epochs=1")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except YamlTooLarge as err:
+            raise ConfigError(OVERRIDES, key, f"refused: {err} (YAML anchors and aliases are limited)") from None
+        except RecursionError:
+            raise ConfigError(OVERRIDES, key, "value nested too deeply") from None
+        except ValueError as err:  # a number too long for Python's int parser
+            raise ConfigError(OVERRIDES, key, f"bad value: {str(err).split(';')[0]}") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -174,8 +234,17 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ConfigError(where, getattr(err, "full_key", None), str(err).splitlines()[0]) from None
     cfg = _resolve(cfg, base_dir)
-    validate_config(cfg, where, collect)
+    validate_config(cfg, where, collect, from_command_line=_dotted_keys(override_values))
     return cfg
+
+
+def _dotted_keys(values: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Every leaf key of a nested override dict, dotted (what a problem's key is matched against)."""
+    keys: List[str] = []
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        keys.extend(_dotted_keys(value, dotted + ".") if isinstance(value, dict) and value else [dotted])
+    return keys
 
 
 def _resolve(cfg: TrainConfig, base_dir: Path) -> TrainConfig:
@@ -198,12 +267,18 @@ def _resolve(cfg: TrainConfig, base_dir: Path) -> TrainConfig:
 
 
 _SINK: Optional[List[ConfigError]] = None  # set while validate_config collects every problem
+_FROM_COMMAND_LINE: Sequence[str] = ()  # dotted keys an override set: their problems name the command line
 
 
 def _fail(where: str, key: str, problem: str) -> None:
+    base = key.split("[", 1)[0]
+    if any(base == k or base.startswith(k + ".") or k.startswith(base + ".") for k in _FROM_COMMAND_LINE):
+        where = OVERRIDES  # the bad value came from KEY=VALUE, not from the file
     error = ConfigError(where, key, problem)
     if _SINK is None:
         raise error
+    if any(p.key == key for p in _SINK):
+        return  # one line per key: e.g. -inf is both not finite and below the minimum
     _SINK.append(error)
 
 
@@ -211,7 +286,13 @@ def _one_of(where: str, key: str, value: Any, options: Sequence[str]) -> None:
     if value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _fail(where, key, f"must be one of {', '.join(options)}; got {value!r}{hint}")
+        _fail(where, key, f"must be one of {', '.join(options)}; got {_short(value)}{hint}")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error stays one readable line whatever was given."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _check(where: str, key: str, ok: bool, problem: str) -> None:
@@ -219,17 +300,31 @@ def _check(where: str, key: str, ok: bool, problem: str) -> None:
         _fail(where, key, problem)
 
 
-def validate_config(cfg: TrainConfig, where: str = "config", collect: Optional[List[ConfigError]] = None) -> None:
+def validate_config(cfg: TrainConfig, where: str = "config", collect: Optional[List[ConfigError]] = None,
+                    from_command_line: Sequence[str] = ()) -> None:
     """Spec §8 rules 1-3 plus types and ranges (rules 4-6 need the machine, model and data; see preflight).
 
-    Raises the first problem, or, with ``collect``, appends every problem to it.
+    Raises the first problem, or, with ``collect``, appends every problem to it. A problem with a key in
+    ``from_command_line`` (set by an override) names the command line instead of ``where``.
     """
-    global _SINK
-    _SINK = collect
+    global _SINK, _FROM_COMMAND_LINE
+    _SINK, _FROM_COMMAND_LINE = collect, tuple(from_command_line)
     try:
+        _check_finite(cfg, where)
         _validate(cfg, where)
     finally:
-        _SINK = None
+        _SINK, _FROM_COMMAND_LINE = None, ()
+
+
+def _check_finite(node: Any, where: str, prefix: str = "") -> None:
+    """Every float of the config is finite: inf or nan pass range checks like ``> 0`` and break JSON later."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, where, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            _fail(where, prefix + f.name, f"must be a finite number; got {value}")
+
 
 
 def _validate(cfg: TrainConfig, where: str) -> None:
@@ -243,6 +338,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     if not has_ref and (cfg.data_paths.val or cfg.data_paths.test) and not has_paths:
         _fail(where, "data_paths.train", "is required when data_paths.val or data_paths.test is set")
     _check(where, "base_model", bool(str(cfg.base_model).strip()), "must not be empty")
+    _check(where, "seed", 0 <= cfg.seed < 2 ** 32, f"must be in [0, 2**32) (numpy's seed range); got {cfg.seed}")
 
     t = cfg.training
     _check(where, "training.num_epochs", t.num_epochs >= 1, f"must be >= 1; got {t.num_epochs}")
@@ -274,7 +370,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     tm = lo.target_modules
     ok_modules = (isinstance(tm, str) and tm.strip() != "") or (
         isinstance(tm, list) and len(tm) > 0 and all(isinstance(m, str) and m for m in tm))
-    _check(where, "lora.target_modules", ok_modules, f"must be \"auto\" or a non-empty list of module names; got {tm!r}")
+    _check(where, "lora.target_modules", ok_modules, f"must be \"auto\" or a non-empty list of module names; got {_short(tm)}")
     if lo.quantization != "none":
         _check(where, "lora.quantization", lo.enabled, f"{lo.quantization} quantization needs lora.enabled: true")
         _check(where, "lora.quantization", importlib.util.find_spec("bitsandbytes") is not None,

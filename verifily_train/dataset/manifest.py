@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,6 +12,7 @@ from verifily_train.config.schema import TASKS
 from verifily_train.dataset.rows import (CONVERSATION_SCHEMA, DEFAULT_ROW_SCHEMA, is_conversation, iter_jsonl, label_of,
                                          validate_row)
 from verifily_train.dataset.version import SPLITS, DataFile, DatasetVersion
+from verifily_train import jsonsafe
 from verifily_train.errors import DataError, ManifestError
 from verifily_train.hashing import dataset_content_hash, sha256_file
 
@@ -90,12 +90,30 @@ def _require(manifest: dict, path: Path, key: str, kind: type):
         raise ManifestError(path, key, "missing required key")
     value = manifest[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ManifestError(path, key, f"must be a {kind.__name__}, got {type(value).__name__}")
+        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise ManifestError(path, key, f"must be a {names}, got {type(value).__name__}")
     return value
+
+
+def _check_count(mapping: dict, name: str, path: Path, key: str) -> None:
+    """A declared row count is an integer: ``"24"`` would fail as "says 24 but the file has 24 rows"."""
+    value = mapping.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ManifestError(path, key, f"must be a non-negative integer, got {type(value).__name__} {str(value)[:40]!r}")
+
+
+# a member's path: at most this many characters, and each folder or file name at most 255 bytes (the
+# filesystem's own limits, which otherwise surface as an OSError while resolving it)
+MAX_MEMBER_PATH = 1024
 
 
 def _safe_member(root: Path, rel: str, manifest_path: Path, key: str) -> Path:
     """Resolve ``rel`` inside ``root``; absolute paths, ``..`` escapes and symlinks leading out are rejected."""
+    if "\x00" in rel:
+        raise ManifestError(manifest_path, key, "path holds a NUL byte")
+    if len(rel) > MAX_MEMBER_PATH or any(len(part.encode("utf-8")) > 255 for part in rel.split("/")):
+        raise ManifestError(manifest_path, key, f"path is too long ({len(rel):,} characters; at most "
+                                                f"{MAX_MEMBER_PATH}, 255 bytes per name)")
     if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
         raise ManifestError(manifest_path, key, f"path {rel!r} must be relative to the version folder")
     if any(part == ".." for part in Path(rel).parts):
@@ -120,11 +138,11 @@ def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True,
     if path.is_dir():
         path = path / "manifest.json"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = jsonsafe.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(path, None, "manifest not found") from None
-    except json.JSONDecodeError as err:
-        raise ManifestError(path, f"line {err.lineno}", f"malformed JSON: {err.msg}") from None
+    except jsonsafe.BadJson as err:
+        raise ManifestError(path, err.key or (f"line {err.lineno}" if err.lineno else None), err.problem) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(path, None, f"cannot read: {err}") from None
     if not isinstance(manifest, dict):
@@ -147,9 +165,15 @@ def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True,
     row_schema = manifest.get("row_schema") or dict(DEFAULT_ROW_SCHEMA)
     if not isinstance(row_schema, dict) or not isinstance(row_schema.get(task, []), list):
         raise ManifestError(path, "row_schema", "must map each task to a list of field names")
+    if not all(isinstance(name, str) for name in row_schema.get(task, [])):
+        raise ManifestError(path, f"row_schema.{task}", "must be a list of field names (strings)")
     tag_schema = manifest.get("tag_schema") or {}
     if not isinstance(tag_schema, dict) or not all(isinstance(v, dict) for v in tag_schema.values()):
         raise ManifestError(path, "tag_schema", "must map each tag key to an object like {\"type\": \"categorical\", \"values\": [...]}")
+    for tag, spec in tag_schema.items():
+        if "values" in spec and not isinstance(spec["values"], list):
+            raise ManifestError(path, f"tag_schema.{tag}.values", f"must be a list, got {type(spec['values']).__name__}")
+    _check_count(manifest, "num_rows", path, "num_rows")
     tag_keys = manifest.get("tag_keys")
     if tag_keys is not None and (not isinstance(tag_keys, list) or not all(isinstance(k, str) for k in tag_keys)):
         raise ManifestError(path, "tag_keys", "must be a list of tag key names")
@@ -164,6 +188,7 @@ def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True,
         rel = entry.get("path")
         if not isinstance(rel, str):
             raise ManifestError(path, f"{key}.path", "missing or not a string")
+        _check_count(entry, "num_rows", path, f"{key}.num_rows")
         split = entry.get("split")
         if split not in SPLITS:
             raise ManifestError(path, f"{key}.split", f"must be one of {', '.join(SPLITS)}; got {split!r}")
@@ -174,6 +199,10 @@ def load_manifest(manifest_path: os.PathLike | str, validate_rows: bool = True,
             raise ManifestError(path, f"{key}.path", f"{rel!r} is listed twice")
         seen.add(rel)
         abs_path = _safe_member(root, rel, path, f"{key}.path")
+        real = str(abs_path.resolve())
+        if real in seen:  # ./train.jsonl, a//b or a symlink naming a file listed already: its rows would count twice
+            raise ManifestError(path, f"{key}.path", f"{rel!r} is listed twice (it names the same file as another entry)")
+        seen.add(real)
         actual = sha256_file(abs_path)
         if actual != sha.removeprefix("sha256:"):
             raise ManifestError(path, f"{key}.sha256", f"does not match {rel} (file changed since the manifest was written)")
@@ -232,14 +261,18 @@ def build_manifest(
     task: str,
     split_files: Sequence[Tuple[str, str, Path]],
     created_at: Optional[str] = None,
+    sources: Optional[Dict[str, str]] = None,
 ) -> Tuple[dict, Dict[str, FileScan]]:
-    """A spec §7.1 manifest for files already in place; ``split_files`` is (split, relative name, path)."""
+    """A spec §7.1 manifest for files already in place; ``split_files`` is (split, relative name, path).
+
+    ``sources`` maps a relative name to the file the user gave (row errors name it, not a staging copy)."""
     scans: Dict[str, FileScan] = {}
     entries = []
     for split, rel, path in split_files:
-        scan = scan_file(path, str(path), task, DEFAULT_ROW_SCHEMA, {})
+        display = (sources or {}).get(rel, str(path))
+        scan = scan_file(path, display, task, DEFAULT_ROW_SCHEMA, {})
         if scan.num_rows == 0:
-            raise DataError(path, None, f"split {split} has no rows")
+            raise DataError(display, None, f"split {split} has no rows")
         scans[rel] = scan
         entries.append({"path": rel, "split": split, "num_rows": scan.num_rows, "sha256": sha256_file(path)})
     tag_schema = infer_tag_schema(list(scans.values()))

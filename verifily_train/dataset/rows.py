@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from verifily_train import jsonsafe
 from verifily_train.errors import DataError
 
 DEFAULT_ROW_SCHEMA = {
@@ -20,6 +20,10 @@ MESSAGES_FIELD = "messages"
 CONVERSATION_SCHEMA = [MESSAGES_FIELD]
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
 ROLES = ("system", "user", "assistant")
+# The longest row (one JSONL line) accepted: tokenizing text costs ~130 bytes of memory per byte, and a
+# row this long is far past any max_seq_length (2,048 tokens is ~10 KB of text). Longer lines are refused
+# while being read, without reading the rest of them.
+MAX_ROW_BYTES = 4 * 1024 * 1024
 
 
 def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int, dict]]:
@@ -30,7 +34,10 @@ def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int,
     except OSError as err:
         raise DataError(display, None, f"cannot read: {err.strerror or err}") from None
     with handle:
-        for lineno, raw in enumerate(handle, start=1):
+        for lineno, raw in enumerate(iter(lambda: handle.readline(MAX_ROW_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{display}:{lineno}", None, f"row is longer than {MAX_ROW_BYTES // 2 ** 20} MiB, the "
+                                                             "most a row may hold (docs/reliability.md)")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -38,9 +45,9 @@ def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int,
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{display}:{lineno}", None, f"malformed JSON: {err.msg} at column {err.colno}") from None
+                row = jsonsafe.loads(text)
+            except jsonsafe.BadJson as err:
+                raise DataError(f"{display}:{lineno}", err.key, err.problem) from None
             if not isinstance(row, dict):
                 raise DataError(f"{display}:{lineno}", None, f"each line must be a JSON object, got {type(row).__name__}")
             yield lineno, row

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,8 +12,10 @@ from typing import List, Optional, Tuple
 from verifily_train.config.schema import TASKS
 from verifily_train.dataset.manifest import build_manifest, load_manifest
 from verifily_train.dataset.version import DatasetVersion
-from verifily_train.errors import DatasetExistsError, DatasetNotFoundError, DataError, VerifilyError
-from verifily_train.fsio import atomic_write_json, fsync_dir, make_read_only, make_writable, verifily_home
+from verifily_train import jsonsafe
+from verifily_train.errors import DatasetExistsError, DatasetNotFoundError, DataError, ManifestError, VerifilyError
+from verifily_train.fsio import (atomic_write_json, check_writable_folder, claim_staging, fsync_dir, make_read_only,
+                                 make_writable, release_staging, sweep_abandoned, verifily_home)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -25,7 +26,7 @@ def store_root(home: Optional[Path] = None) -> Path:
 
 
 def _check_name(kind: str, value: str) -> None:
-    if not _NAME.match(value) or value in ("latest",) or value.startswith("sha256"):
+    if not _NAME.fullmatch(value) or value in ("latest",) or value.startswith("sha256"):  # fullmatch: "v1\n" too
         raise VerifilyError(None, kind, f"{value!r} is not a valid name (letters, digits, . _ -; not 'latest' or 'sha256...')")
 
 
@@ -52,14 +53,22 @@ def create_version(
     if task not in TASKS:
         raise VerifilyError(None, "--task", f"must be one of {', '.join(TASKS)}; got {task!r}")
     sources = _split_sources({"train": train, "val": val, "test": test})
+    check_writable_folder(store_root(home), "VERIFILY_HOME")
     final = store_root(home) / dataset_id / version
     if final.exists():
         raise DatasetExistsError(final, None, f"{dataset_id}@{version} already exists; versions are immutable, pick a new --version")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-{version}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    created_parent = not final.parent.exists()
+    for attempt in range(3):  # a failed create of another version may remove the empty parent meanwhile
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging = claim_staging(final.parent / f".staging-{version}-{uuid.uuid4().hex[:8]}")
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    sweep_abandoned(final.parent, (".staging-",))  # copies left by a killed dataset create
     try:
-        placed, converted = [], []
+        placed, converted, given = [], [], {}
         for split, p in sources:
             dest = staging / f"{split}.jsonl"
             if source_format(p) == JSONL:
@@ -67,7 +76,8 @@ def create_version(
             else:
                 converted.append(dict(convert_split(p, task, dest), split=split))
             placed.append((split, dest.name, dest))
-        manifest, _ = build_manifest(dataset_id, version, task, placed)
+            given[dest.name] = str(p)
+        manifest, _ = build_manifest(dataset_id, version, task, placed, sources=given)
         if converted:  # provenance only: the content hash is over the JSONL the store keeps
             manifest["converted_from"] = converted
         if derived_from is not None:
@@ -83,6 +93,12 @@ def create_version(
         if staging.exists():
             make_writable(staging)
             shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
+        if created_parent and not final.exists():
+            try:
+                final.parent.rmdir()  # a failed first version leaves no empty datasets/<id>/ behind
+            except OSError:
+                pass  # another version of the id is being created meanwhile
     return load_manifest(final / "manifest.json")
 
 
@@ -119,47 +135,82 @@ def _split_names(split: str):
     return SPLIT_NAMES[split]
 
 
-def list_versions(home: Optional[Path] = None) -> List[dict]:
-    """Every version in the store (read from manifests, not re-verified), oldest first per dataset."""
+def list_versions(home: Optional[Path] = None, unreadable: Optional[List[dict]] = None) -> List[dict]:
+    """Every version in the store (read from manifests, not re-verified), oldest first per dataset.
+
+    A version whose manifest cannot be read as one (not an object, fields of the wrong type, bad JSON) is
+    left out, so one bad folder cannot hide the good ones; with ``unreadable``, each is appended to it as
+    ``{"ref", "manifest_path", "problem"}``."""
     out = []
     root = store_root(home)
     if not root.is_dir():
         return out
     for ds_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for v_dir in ds_dir.iterdir():
+        for v_dir in sorted(ds_dir.iterdir()):
             manifest = v_dir / "manifest.json"
             if v_dir.name.startswith(".") or not manifest.is_file():
                 continue
+            ref = f"{ds_dir.name}@{v_dir.name}"
             try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = {}
-            out.append({
-                "ref": f"{ds_dir.name}@{v_dir.name}",
-                "dataset_id": ds_dir.name,
-                "version": v_dir.name,
-                "task": data.get("task", "?"),
-                "num_rows": data.get("num_rows", 0),
-                "content_hash": data.get("content_hash", ""),
-                "created_at": data.get("created_at", ""),
-                "tag_keys": data.get("tag_keys", []),
-                "manifest_path": str(manifest),
-            })
+                out.append(dict(_listing(manifest), ref=ref, dataset_id=ds_dir.name, version=v_dir.name,
+                                manifest_path=str(manifest)))
+            except ManifestError as err:
+                if unreadable is not None:
+                    unreadable.append({"ref": ref, "manifest_path": str(manifest), "problem": str(err)})
     out.sort(key=lambda r: (r["dataset_id"], r["created_at"], r["version"]))
     return out
 
 
+def _listing(manifest: Path) -> dict:
+    """The fields ``dataset list`` shows, type-checked (a ``ManifestError`` when the manifest is not usable)."""
+    try:
+        data = jsonsafe.loads(manifest.read_text(encoding="utf-8"))
+    except jsonsafe.BadJson as err:
+        raise ManifestError(manifest, err.key, err.problem) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(manifest, None, f"cannot read: {err}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(manifest, None, f"must be a JSON object, got {type(data).__name__}")
+    fields = {"task": (str, "?"), "num_rows": (int, 0), "content_hash": (str, ""), "created_at": (str, ""),
+              "tag_keys": (list, [])}
+    listing = {}
+    for name, (kind, default) in fields.items():
+        value = data.get(name, default)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ManifestError(manifest, name, f"must be a {kind.__name__}, got {type(value).__name__}")
+        listing[name] = value
+    if not all(isinstance(k, str) for k in listing["tag_keys"]):
+        raise ManifestError(manifest, "tag_keys", "must be a list of tag key names")
+    return listing
+
+
 def resolve_manifest_path(ref: str, home: Optional[Path] = None) -> Path:
     """``ds_x@v3``, ``ds_x@latest``, ``ds_x@sha256:<hex prefix>`` or a manifest path -> manifest.json path."""
+    if "\x00" in ref or len(ref) > 4096:
+        raise DatasetNotFoundError(ref[:60] + "...", None, "not a dataset reference (a NUL byte, or too long)")
     as_path = Path(os.path.expanduser(ref))
-    if ref.endswith(".json") or as_path.is_dir() or "@" not in ref:
-        if as_path.is_dir():
-            as_path = as_path / "manifest.json"
-        if not as_path.is_file():
-            raise DatasetNotFoundError(ref, None, "no such manifest; a dataset reference looks like ds_x@v3, ds_x@latest or path/to/manifest.json")
-        return as_path
+    try:
+        is_dir = as_path.is_dir()
+        if ref.endswith(".json") or is_dir or "@" not in ref:
+            if is_dir:
+                as_path = as_path / "manifest.json"
+            if not as_path.is_file():
+                raise DatasetNotFoundError(ref, None, "no such manifest; a dataset reference looks like ds_x@v3, ds_x@latest or path/to/manifest.json")
+            return as_path
+    except OSError as err:
+        raise DatasetNotFoundError(ref, None, f"not a usable path: {err.strerror or err}") from None
     dataset_id, _, version = ref.partition("@")
-    versions = [v for v in list_versions(home) if v["dataset_id"] == dataset_id]
+    unreadable: List[dict] = []
+    versions = [v for v in list_versions(home, unreadable) if v["dataset_id"] == dataset_id]
+    broken = [u for u in unreadable if u["ref"].partition("@")[0] == dataset_id]
+    for u in broken:
+        if u["ref"] == ref:  # named exactly: loading it reports what is wrong with it
+            return Path(u["manifest_path"])
+    if broken and version == "latest":
+        raise DatasetNotFoundError(ref, None, f"cannot tell the latest version: {broken[0]['problem']} "
+                                              f"(fix or remove {broken[0]['ref']}, or name a version)")
+    if not versions and broken:
+        raise DatasetNotFoundError(ref, None, f"no readable version: {broken[0]['problem']}")
     if not versions:
         known = sorted({v["dataset_id"] for v in list_versions(home)})
         hint = f" (datasets in the store: {', '.join(known)})" if known else " (the store is empty: verifily dataset create ...)"
