@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from verifily_train import replay, retrain
 from verifily_train.artifacts.run import discard, new_run_id, utc_now, write_failed_run
-from verifily_train.cache import CacheMode, cache_root
+from verifily_train.cache import CacheMode, cache_root, release_held
 from verifily_train.config import load_config
 from verifily_train.config.schema import OutputSection
 from verifily_train.fsio import verifily_home
@@ -29,6 +29,9 @@ from verifily_train.tasks.write_artifact import write_artifact
 
 MANAGED_MESSAGE = ("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "
                    "Use the local or self-host pool.")
+
+
+LAST_SUMMARY: Optional[dict] = None  # the summary of the last Run this process's train flow completed
 
 
 def run_name() -> str:
@@ -126,7 +129,10 @@ def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[st
             for manifest in done.values():
                 if ".private-" in str(manifest.get("dir", "")):
                     discard(Path(manifest["dir"]).parent)
+        release_held()  # the entries this run read are in the Run now: cache clear may delete them
     summary = run_summary(written, evaluated, sliced, hard)
+    global LAST_SUMMARY
+    LAST_SUMMARY = summary  # the Run is complete: a later failure of Prefect's API must not disown it
     retrain.complete_run(cfg, fp, validated, written)
     if cache["write"]:  # the next identical run can be answered from these entries (verifily_train/replay.py)
         replay.remember(cfg, fp, done, Path(cache["root"]))

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -80,6 +81,56 @@ def key_lock(root: Path, stage: str, key: str) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+# Entries this process uses (read or computes) in the current flow run: a shared lock on
+# ``<stage>/.locks/<key>.inuse`` each, held until ``release_held`` (the flow's end) or this process dies.
+# ``prune``/``cache clear`` take the lock exclusively before deleting, so they skip what a live run holds.
+_HELD: List[int] = []
+
+
+def hold(root: Path, stage: str, key: str) -> None:
+    """Mark ``key``'s entry (and its scratch folders) as in use by this process until :func:`release_held`."""
+    lock_dir = root / stage / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"{key}.inuse", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _HELD.append(fd)
+
+
+def release_held() -> None:
+    """Drop every in-use mark this process holds (a flow run ended)."""
+    while _HELD:
+        os.close(_HELD.pop())
+
+
+@contextlib.contextmanager
+def _unless_in_use(stage_dir: Path, key: Optional[str]) -> Iterator[bool]:
+    """Yields True while holding ``key``'s in-use lock exclusively (no live run holds it: delete now; a run
+    that starts meanwhile waits, then finds no entry), False when a live run holds it."""
+    if not key:
+        yield True
+        return
+    (stage_dir / ".locks").mkdir(exist_ok=True)
+    fd = os.open(stage_dir / ".locks" / f"{key}.inuse", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+_SCRATCH = re.compile(r"\.(?:tmp|trash|private)-([0-9a-f]{64})-[0-9a-f]+|\.work-([0-9a-f]{64})|([0-9a-f]{64})(?:\.json)?")
+
+
+def _key_of(name: str) -> Optional[str]:
+    """The cache key an entry, scratch folder or record is named after (None: not one of ours)."""
+    match = _SCRATCH.fullmatch(name)
+    return next((g for g in match.groups() if g), None) if match else None
+
+
 def _discard(path: Path) -> None:
     if path.exists():
         make_writable(path)
@@ -100,8 +151,9 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
     The returned manifest carries ``key``, ``output_hash``, ``cache_hit``, ``seconds`` and ``dir``.
     """
     started = time.perf_counter()
+    hold(root, stage, key)  # before the hit check: a prune racing it deletes first (a miss) or skips the entry
     if not mode.write:  # cache off: compute in a private folder that nothing else reads
-        private = root / stage / f".private-{uuid.uuid4().hex[:10]}"
+        private = root / stage / f".private-{key}-{uuid.uuid4().hex[:10]}"
         out, work = private / "out", private / "work"
         out.mkdir(parents=True)
         work.mkdir(parents=True)
@@ -141,6 +193,7 @@ def lookup(stage: str, key: str, root: Path) -> Optional[dict]:
     if not final.is_dir():
         return None
     started = time.perf_counter()
+    hold(root, stage, key)
     with key_lock(root, stage, key):
         return _hit(final, started) if entry_is_valid(final) else None
 
@@ -163,9 +216,10 @@ def list_entries(root: Path) -> List[dict]:
     return out
 
 
-def prune(root: Path, older_than_days: Optional[float] = None) -> int:
+def prune(root: Path, older_than_days: Optional[float] = None, kept: Optional[List[str]] = None) -> int:
     """Delete entries (and stale scratch folders, replay records and charts) last written more than N days ago;
-    all when N is None. Returns the number of entry folders removed."""
+    all when N is None. What a live run holds (:func:`hold`) is kept, and listed in ``kept``. Returns the
+    number of entry folders removed."""
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
     removed = 0
     if not root.is_dir():
@@ -174,10 +228,15 @@ def prune(root: Path, older_than_days: Optional[float] = None) -> int:
         for entry in stage_dir.iterdir():  # entry folders; replay records and charts are single files
             if entry.name == ".locks" or not (entry.is_dir() or entry.suffix == ".json"):
                 continue
-            if cutoff is None or entry.stat().st_mtime < cutoff:
-                if entry.is_dir():
-                    _discard(entry)
-                    removed += 1
-                else:
-                    entry.unlink(missing_ok=True)
+            with _unless_in_use(stage_dir, _key_of(entry.name)) as free:
+                if not free:
+                    if kept is not None:
+                        kept.append(str(entry))
+                    continue
+                if cutoff is None or entry.stat().st_mtime < cutoff:
+                    if entry.is_dir():
+                        _discard(entry)
+                        removed += 1
+                    else:
+                        entry.unlink(missing_ok=True)
     return removed

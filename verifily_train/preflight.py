@@ -72,6 +72,34 @@ def _check_report_to(cfg) -> None:
                                                              f"pip install {needs[0]} (or set training.report_to: none)")
 
 
+HUB_UNREACHABLE = "the Hub is unreachable: only the local Hub cache was tried"
+_WENT_OFFLINE = False
+
+
+def go_offline_when_hub_unreachable(timeout: float = 3.0) -> bool:
+    """For a Hub id: when the Hub cannot be reached (no network) and HF_HUB_OFFLINE is not set, set it, so
+    the model loads from the local Hub cache at once instead of after ~30 s of retries; True when it did.
+    Skipped behind a proxy (a direct connection says nothing then) and once huggingface_hub is imported."""
+    global _WENT_OFFLINE
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")) \
+            or "huggingface_hub" in sys.modules:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported, and by child processes
+        _WENT_OFFLINE = True
+        return True
+
+
 def _check_cache_dir(cfg) -> None:
     """The stage cache (``cache.dir``, else ``$VERIFILY_HOME/cache``) must be writable: even with the cache
     off, stages compute in private folders under it."""
@@ -136,6 +164,8 @@ def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: 
                 raise ModelError(base, "base_model", "reading GGUF checkpoints needs the gguf package: pip install gguf")
             return
         check_model_reference(base)
+        if not Path(os.path.expanduser(base)).exists():
+            go_offline_when_hub_unreachable()
 
     if "task" not in bad_keys and "base_model" not in bad_keys:
         _attempt(problems, model_reference_check)
@@ -163,11 +193,16 @@ def model_and_device_checks(cfg) -> None:
         from verifily_train.training.models import inspect_model
         from verifily_train.training.registry import is_gguf, resolve_alias
 
+        from verifily_train.training.models import check_weights
+
         base = resolve_alias(cfg.base_model)
         if not is_gguf(base):  # a GGUF's kind is checked once it is converted (a CausalLM)
             inspect_model(base, cfg.task, cfg.trust_remote_code)
+            check_weights(base)
 
-    _attempt(problems, model_kind_check)
+    if not _attempt(problems, model_kind_check) and _WENT_OFFLINE and problems[-1].key == "base_model":
+        last = problems.pop()
+        problems.append(type(last)(last.where, last.key, f"{last.problem} ({HUB_UNREACHABLE})"))
 
     def device_check() -> None:
         from verifily_train.training.device import resolve_device

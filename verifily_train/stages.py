@@ -74,8 +74,11 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
         folder, converted = convert_gguf(gguf, sha, cache_dir)
         base, conversion = str(folder), ("converted" if converted else "reused")
     spec = inspect_model(base, cfg.task, cfg.trust_remote_code)
+    from verifily_train.training.models import position_limit
+
     return {
         "stage": "fingerprint",
+        "max_positions": position_limit(spec.source, cfg.trust_remote_code),  # the model's own row limit
         "dataset": dataset,
         "data_hash": dataset["data_hash"],
         "config_hash": config_hash(cfg),
@@ -117,7 +120,19 @@ def tokenize_stage(cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path) ->
         raise DataError(dv.manifest_path or dv.data_path, None, "the dataset changed while the run was in progress")
     spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
-    return tokenize_dataset(dv, spec, tok, cfg.task, cfg.prompt, cfg.training.max_seq_length, out_dir)
+    max_len = max_row_tokens(cfg, fp)
+    manifest = tokenize_dataset(dv, spec, tok, cfg.task, cfg.prompt, max_len, out_dir)
+    if max_len < cfg.training.max_seq_length:  # said once, in the Run's warnings
+        manifest["warnings"] = [f"the model reads at most {max_len} positions (max_position_embeddings): rows are "
+                                f"cut at {max_len} tokens, not at training.max_seq_length="
+                                f"{cfg.training.max_seq_length}"] + list(manifest.get("warnings") or [])
+    return manifest
+
+
+def max_row_tokens(cfg: TrainConfig, fp: dict) -> int:
+    """``training.max_seq_length``, or the model's position limit when that is smaller (in the tokenize key)."""
+    limit = fp.get("max_positions")
+    return min(cfg.training.max_seq_length, limit) if limit else cfg.training.max_seq_length
 
 
 def train_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work_dir: Path,
@@ -219,14 +234,26 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
                          validated: dict, tokenized: dict, trained: dict, evaluated: dict, baseline: dict,
                          sliced: dict, hard: dict, runs_dir: Path) -> dict:
     """Assemble ``runs/<run_id>/`` in a staging folder, checksum it, rename it into place, make it read-only."""
+    from verifily_train.artifacts.run import discard, staging_dir
+
+    stage = staging_dir(runs_dir, run_id)
+    try:
+        return _assemble_run(cfg, run_id, started_at, started_clock, fp, validated, tokenized, trained, evaluated,
+                             baseline, sliced, hard, runs_dir, stage)
+    except BaseException:
+        discard(stage)  # a failed write leaves no staging folder behind (a killed one is swept by the next run)
+        raise
+
+
+def _assemble_run(cfg: TrainConfig, run_id: str, started_at: str, started_clock: float, fp: dict, validated: dict,
+                  tokenized: dict, trained: dict, evaluated: dict, baseline: dict, sliced: dict, hard: dict,
+                  runs_dir: Path, stage: Path) -> dict:
     import time
 
     from verifily_train.artifacts.env import describe_environment, env_hash
-    from verifily_train.artifacts.run import (REPRODUCIBILITY_VERSION, publish_run, reproducibility_components,
-                                              reproducibility_hash, staging_dir, utc_now)
+    from verifily_train.artifacts.run import (REPRODUCIBILITY_VERSION, integrity_root, publish_run,
+                                              reproducibility_components, reproducibility_hash, utc_now)
 
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    stage = staging_dir(runs_dir, run_id)
     train_dir, eval_dir = Path(trained["dir"]), Path(evaluated["dir"])
     shutil.copytree(train_dir / trained["adapter_dir"], stage / trained["adapter_dir"])
     if trained.get("merged_dir"):
@@ -309,13 +336,14 @@ def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started
 
     write_run_report(stage, cache_root(cfg.cache.dir) / "charts" if cfg.cache.enabled else None)
     final = publish_run(stage, runs_dir / run_id)
-    return {"stage": "write_artifact", "run_id": run_id, "path": str(final), "record": record}
+    return {"stage": "write_artifact", "run_id": run_id, "path": str(final), "record": record,
+            "integrity_root": integrity_root(final / "checksums.sha256")}
 
 
 def run_summary(written: dict, evaluated: dict, sliced: dict, hard: dict) -> dict:
     """What ``verifily train`` prints and the flow returns for a written Run."""
     return {"run_id": written["run_id"], "path": written["path"], "record": written["record"], "slices": sliced,
-            "hard_examples": hard, "evaluation": evaluated.get("note")}
+            "hard_examples": hard, "evaluation": evaluated.get("note"), "integrity_root": written.get("integrity_root")}
 
 
 def _write_data_rows(tokenized_dir: Path, tokenized: dict, target: Path) -> None:

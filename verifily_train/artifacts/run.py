@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from datetime import datetime, timezone
@@ -13,7 +14,8 @@ from typing import Dict, List, Optional
 from verifily_train.config.loader import hashed_view
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import RunError
-from verifily_train.fsio import atomic_write_json, atomic_write_text, fsync_dir, make_read_only, make_writable
+from verifily_train.fsio import (atomic_write_json, atomic_write_text, claim_staging, fsync_dir, make_read_only,
+                                 make_writable, release_staging, sweep_abandoned)
 from verifily_train.hashing import content_hash, sha256_file
 from verifily_train.identity import source_digest, tool_version
 
@@ -93,20 +95,113 @@ def write_checksums(root: Path) -> int:
     return len(lines)
 
 
-def verify_run(root: Path) -> int:
-    """Re-hash every file; a changed, missing or extra file is a ``RunError`` naming it."""
+_CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  (.+)")
+
+
+def parse_checksums(listing: Path) -> Dict[str, str]:
+    """``relative name -> sha256`` of a Run's checksum file, exactly as :func:`write_checksums` writes it:
+    LF line ends, one line per file, each name a plain relative path inside the Run (no ``..``, no ``.``
+    or empty part, no leading ``/``, no backslash or control character), none twice."""
+    data = listing.read_bytes()
+    if b"\r" in data or (data and not data.endswith(b"\n")):
+        raise RunError(listing, None, "not as written (line ends changed, or the file was cut short)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RunError(listing, None, "not valid UTF-8") from None
+    expected: Dict[str, str] = {}
+    for lineno, line in enumerate(text.split("\n")[:-1], start=1):
+        match = _CHECKSUM_LINE.fullmatch(line)
+        if not match:
+            raise RunError(listing, f"line {lineno}", "malformed checksum line (expected '<sha256>  <name>')")
+        digest, rel = match.groups()
+        if not _plain_name(rel):
+            raise RunError(listing, f"line {lineno}", f"{rel[:80]!r} is not a plain relative name inside the run")
+        if rel in expected or rel == CHECKSUMS:
+            raise RunError(listing, f"line {lineno}", f"{rel!r} is listed twice")
+        expected[rel] = digest
+    return expected
+
+
+def _plain_name(rel: str) -> bool:
+    parts = rel.split("/")
+    return (not rel.startswith("/") and all(part not in ("", ".", "..") for part in parts)
+            and not any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in rel))
+
+
+def integrity_root(listing: Path) -> str:
+    """``sha256:`` + SHA-256 of the checksum file's bytes: one hash that changes with any byte of any file of
+    the Run, and with any file added, removed or renamed (docs/run_artifacts.md)."""
+    return "sha256:" + sha256_file(listing)
+
+
+def ledger_dir() -> Path:
+    """``$VERIFILY_HOME/ledger/runs``: each Run's integrity root, written once, before the Run appears."""
+    from verifily_train.fsio import verifily_home
+
+    return verifily_home() / "ledger" / "runs"
+
+
+def record_in_ledger(run_id: str, root: str, files: int) -> Path:
+    """Write ``<ledger>/<run_id>.json`` once (never overwritten: a second Run with this id is refused)."""
+    import tempfile
+
+    folder = ledger_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / f"{run_id}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{run_id}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"run_id": run_id, "root": root, "files": files, "written_at": utc_now()}, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o444)
+        try:
+            os.link(tmp, entry)  # atomic and exclusive: fails when an entry for this id exists
+        except FileExistsError:
+            raise RunError(entry, None, "a run with this id was recorded already; runs are immutable") from None
+    finally:
+        os.unlink(tmp)
+    fsync_dir(folder)
+    return entry
+
+
+def ledger_root(run_id: str) -> Optional[str]:
+    """The integrity root recorded for ``run_id``, or None when this machine's ledger has no entry."""
+    entry = ledger_dir() / f"{run_id}.json"
+    try:
+        value = json.loads(entry.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise RunError(entry, None, f"ledger entry unreadable: {err}") from None
+    root = value.get("root") if isinstance(value, dict) else None
+    if not isinstance(root, str):
+        raise RunError(entry, "root", "ledger entry holds no root")
+    return root
+
+
+def verify_run(root: Path, expected_root: Optional[str] = None) -> int:
+    """Check the Run against its integrity root (the ledger's, or ``expected_root`` given out of band), then
+    re-hash every file; a changed, missing, extra or linked file is a ``RunError`` naming it."""
     root = Path(root)
     listing = root / CHECKSUMS
     if not listing.is_file():
         raise RunError(root, None, f"no {CHECKSUMS}: not a completed run")
-    expected: Dict[str, str] = {}
-    for lineno, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        digest, sep, rel = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise RunError(listing, f"line {lineno}", "malformed checksum line")
-        expected[rel] = digest
+    expected = parse_checksums(listing)
+    actual_root = integrity_root(listing)
+    recorded = expected_root if expected_root is not None else ledger_root(root.name)
+    if recorded is None:
+        raise RunError(root, None, f"no ledger entry for {root.name} in {ledger_dir()} (a run written on another "
+                                   "machine or under another VERIFILY_HOME): give the integrity root printed when "
+                                   "it was written with --root")
+    if recorded.removeprefix("sha256:") != actual_root.removeprefix("sha256:"):
+        where = "the root given with --root" if expected_root is not None else f"its ledger entry ({ledger_dir() / (root.name + '.json')})"
+        raise RunError(listing, None, f"does not match {where}: the run's files or their checksums were changed "
+                                      "since it was written")
+    linked = [p for p in root.rglob("*") if p.is_symlink()]
+    if linked:
+        raise RunError(linked[0], None, "is a link: a Run holds plain files only")
     actual = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {CHECKSUMS}
     for rel in sorted(expected):
         path = root / rel
@@ -121,30 +216,39 @@ def verify_run(root: Path) -> int:
 
 
 def publish_run(staging: Path, final: Path) -> Path:
-    """Checksum, make read-only and atomically rename a staged run into place."""
+    """Checksum, record the integrity root in the ledger, make read-only and atomically rename a staged run
+    into place. The ledger entry comes first: a Run that exists always has one."""
     if final.exists():
         raise RunError(final, None, "already exists; runs are immutable")
-    write_checksums(staging)
+    files = write_checksums(staging)
+    record_in_ledger(final.name, integrity_root(staging / CHECKSUMS), files)
     make_read_only(staging)
     os.rename(staging, final)
     fsync_dir(final.parent)
+    release_staging(staging)
     return final
 
 
+STAGING_PREFIXES = (".staging-", ".failed-")
+
+
 def staging_dir(runs_dir: Path, run_id: str) -> Path:
-    """A hidden folder beside the final place: no reader ever sees half an artifact."""
+    """A hidden folder beside the final place, owned (locked) by this process: no reader ever sees half an
+    artifact. Staging folders left by killed runs are deleted first."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned(runs_dir, STAGING_PREFIXES)
     path = runs_dir / f".staging-{run_id}"
     if path.exists():
         discard(path)
-    path.mkdir(parents=True)
-    return path
+    return claim_staging(path)
 
 
 def discard(path: Path) -> None:
-    """Delete a staging or work folder, read-only parts included."""
+    """Delete a staging or work folder, read-only parts included (and drop its ownership lock)."""
     if path.exists():
         make_writable(path)
         shutil.rmtree(path, ignore_errors=True)
+    release_staging(path)
 
 
 def write_failed_run(runs_dir: Path, run_id: str, record: dict, error: BaseException) -> Path:
@@ -156,9 +260,11 @@ def write_failed_run(runs_dir: Path, run_id: str, record: dict, error: BaseExcep
                   error={"type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""})
     staging = runs_dir / f".failed-{run_id}"
     discard(staging)
-    staging.mkdir(parents=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    claim_staging(staging)
     atomic_write_json(staging / "run.json", record)
     os.rename(staging, final)
+    release_staging(staging)
     return final
 
 
@@ -178,7 +284,12 @@ def runs_dirs(runs_dir: Optional[str | Path] = None) -> List[Path]:
 
 def find_run(ref: str, runs_dir: Optional[str | Path] = None) -> Path:
     """A run id (looked up in ``runs_dirs(runs_dir)``) or a path to a run folder."""
+    if "\x00" in ref or len(ref) > 4096 or any(len(part.encode("utf-8", "replace")) > 255 for part in ref.split("/")):
+        raise RunError(ref[:60] + ("..." if len(ref) > 60 else ""), None, "not a run id or run folder (a NUL byte, "
+                                                                         "or too long)")
     path = Path(ref)
+    if path.name.startswith(STAGING_PREFIXES):
+        raise RunError(ref, None, "is a staging folder (a run being written, or debris of a killed one), not a Run")
     if path.is_dir() and (path / "run.json").is_file():
         return path
     folders = runs_dirs(runs_dir)
@@ -191,17 +302,29 @@ def find_run(ref: str, runs_dir: Optional[str | Path] = None) -> Path:
 
 
 def load_run_json(root: Path) -> dict:
+    from verifily_train import jsonsafe
+
+    path = Path(root) / "run.json"
     try:
-        return json.loads((Path(root) / "run.json").read_text(encoding="utf-8"))
+        record = jsonsafe.loads(path.read_text(encoding="utf-8"))
+    except jsonsafe.BadJson as err:
+        raise RunError(path, err.key, err.problem) from None
     except (OSError, ValueError) as err:
-        raise RunError(Path(root) / "run.json", None, f"cannot read: {err}") from None
+        raise RunError(path, None, f"cannot read: {err}") from None
+    if not isinstance(record, dict):
+        raise RunError(path, None, f"must be a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _headline(metrics: dict) -> str:
     for key in ("loss", "accuracy"):
-        if isinstance(metrics.get(key), (int, float)):
+        if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool):
             return f"{key}={metrics[key]:.4f}"
     return "-"
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def list_runs(runs_dir: Optional[str | Path] = None) -> List[dict]:
@@ -213,14 +336,17 @@ def list_runs(runs_dir: Optional[str | Path] = None) -> List[dict]:
             continue
         try:
             run = load_run_json(path)
-        except RunError:
+        except RunError:  # one unreadable run.json is shown as such; it cannot hide the others
+            out.append({"run_id": path.name, "status": "unreadable", "task": "?", "base_model": "?", "dataset": "?",
+                        "headline": "-", "started_at": "", "path": str(path)})
             continue
-        job = run.get("job", {})
+        job = _mapping(run.get("job"))
+        dataset = _mapping(job.get("dataset_version"))
         out.append({
-            "run_id": run.get("run_id", path.name), "status": run.get("status", "?"), "task": job.get("task", "?"),
-            "base_model": Path(str(job.get("base_model", "?"))).name,
-            "dataset": job.get("dataset_version", {}).get("ref", "?"),
-            "headline": _headline(run.get("metrics", {})), "started_at": run.get("started_at", ""),
+            "run_id": str(run.get("run_id", path.name)), "status": str(run.get("status", "?")),
+            "task": str(job.get("task", "?")), "base_model": Path(str(job.get("base_model", "?"))).name,
+            "dataset": str(dataset.get("ref", "?")),
+            "headline": _headline(_mapping(run.get("metrics"))), "started_at": str(run.get("started_at", "")),
             "path": str(path),
         })
     out.sort(key=lambda r: r["started_at"], reverse=True)

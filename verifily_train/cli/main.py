@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--runs-dir", default=None, help="folder of runs (default: runs/ and $VERIFILY_HOME/runs)")
         if name == "list":
             q.add_argument("--json", action="store_true")
+        if name == "verify":
+            q.add_argument("--root", default=None, metavar="SHA256",
+                           help="the integrity root printed when the run was written (default: the one this "
+                                "machine's ledger recorded, $VERIFILY_HOME/ledger)")
         q.set_defaults(func=func)
     return parser
 
@@ -294,11 +298,13 @@ def cmd_runs_show(args) -> int:
 
 
 def cmd_runs_verify(args) -> int:
-    from verifily_train.artifacts.run import find_run, verify_run
+    from verifily_train.artifacts.run import find_run, integrity_root, verify_run
 
     path = find_run(args.run, args.runs_dir)
-    n = verify_run(path)
-    print(f"ok {path}: {n} files match checksums.sha256")
+    n = verify_run(path, expected_root=args.root)
+    where = "the root given" if args.root else "the ledger's root"
+    print(f"ok {path}: {n} files match checksums.sha256, which matches {where} "
+          f"({integrity_root(path / 'checksums.sha256')})")
     return 0
 
 
@@ -341,14 +347,21 @@ def cmd_cache_prune(args) -> int:
 
     if args.older_than < 0:
         raise VerifilyError(None, "--older-than", "must be >= 0 days")
-    print(f"removed {prune(cache_root(args.dir), args.older_than)} entries older than {args.older_than:g} days")
+    kept: List[str] = []
+    print(f"removed {prune(cache_root(args.dir), args.older_than, kept)} entries older than {args.older_than:g} days"
+          + _kept_note(kept))
     return 0
+
+
+def _kept_note(kept: List[str]) -> str:
+    return f"; kept {len(kept)} in use by a running verifily train" if kept else ""
 
 
 def cmd_cache_clear(args) -> int:
     from verifily_train.cache import cache_root, prune
 
-    print(f"removed {prune(cache_root(args.dir), None)} entries from {cache_root(args.dir)}")
+    kept: List[str] = []
+    print(f"removed {prune(cache_root(args.dir), None, kept)} entries from {cache_root(args.dir)}" + _kept_note(kept))
     return 0
 
 
@@ -361,9 +374,15 @@ def cmd_reproduce(args) -> int:
 
 def cmd_compare(args) -> int:
     from verifily_train.artifacts.compare import compare_runs, render_comparison
-    from verifily_train.artifacts.run import find_run
+    from verifily_train.artifacts.run import find_run, load_run_json
+    from verifily_train.errors import RunError
 
-    result = compare_runs(find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir),
+    run_a, run_b = find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir)
+    for run in (run_a, run_b):  # a failed run has no predictions: pairing it would claim "0 shared rows"
+        status = load_run_json(run).get("status")
+        if status != "completed":
+            raise RunError(run, None, f"status is {status!r}; only completed runs can be compared")
+    result = compare_runs(run_a, run_b,
                           bootstrap_samples=args.bootstrap_samples)
     if args.html:
         from verifily_train.artifacts.report import write_compare_report

@@ -153,6 +153,8 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     if summary["slices"].get("slices"):
         w(f"  {CAVEAT}\n")
     w(f"\n  run: {summary['path']}\n  reproducibility_hash: {record['reproducibility_hash']}\n")
+    if summary.get("integrity_root"):  # kept elsewhere, it verifies the Run anywhere: verifily runs verify RUN --root
+        w(f"  integrity_root: {summary['integrity_root']}\n")
     if summary.get("pushed_to"):
         w(f"  adapter pushed to {summary['pushed_to']}\n")
 
@@ -230,7 +232,8 @@ class TemporaryServer:
             code = self.proc.poll()
             self.stop()
             raise VerifilyError(None, "PREFECT_API_URL", "Prefect's temporary server did not start"
-                                + (f" (exit code {code})" if code is not None else " within 90 s")
+                                + (f" (exit code {code}: is PREFECT_HOME's disk full, or a file size limit set?)"
+                                   if code is not None else " within 90 s")
                                 + ": set PREFECT_API_URL to a running server, or start one with verifily stack up")
 
     def stop(self) -> None:
@@ -274,10 +277,13 @@ def replay_identical_run(cfg) -> bool:
         return False
     from pathlib import Path
 
-    from verifily_train.cache import cache_root
+    from verifily_train.cache import cache_root, release_held
     from verifily_train.replay import replay
 
-    summary = replay(cfg, cache_root(cfg.cache.dir), Path(cfg.output.dir))
+    try:
+        summary = replay(cfg, cache_root(cfg.cache.dir), Path(cfg.output.dir))
+    finally:
+        release_held()  # the entries it read are copied into the Run (or it was not replayable)
     if summary is None:
         return False
     print_summary(summary)
@@ -295,14 +301,53 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
     if server is not None:
         _preload_while_server_boots(server)
         server.wait()  # a half-started server must not be handed to the flow
+    import logging
+
+    from verifily_train.flows import train as train_flow
+
+    logging.raiseExceptions = False  # a log record the API refused is not printed ("--- Error logging to API ---")
+    train_flow.LAST_SUMMARY = None
     try:
         with in_process_flow_settings():
             summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
-    except BaseException:
+    except BaseException as err:
         sys.stderr.write("\n")  # end any progress bar's line so the error stands on its own
-        raise
+        if not is_prefect_api_error(err):
+            raise
+        if train_flow.LAST_SUMMARY is None:
+            raise prefect_api_problem(err) from err
+        summary = train_flow.LAST_SUMMARY  # the Run is complete and verifiable; only Prefect's record of it failed
+        print_summary(summary)
+        print(f"  warning: the Run is complete, but Prefect's server could not record it ({_first_line(err)})",
+              file=sys.stderr)
+        return 0
     print_summary(summary)
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line.split(" for url ")[0][:200]  # "Server error '500 Internal Server Error'", not the URL and advice
+
+
+def is_prefect_api_error(err: BaseException) -> bool:
+    """A failure of the Prefect server's API (an HTTP error status, or no connection), not of our stages."""
+    try:
+        import httpx
+        from prefect.exceptions import PrefectHTTPStatusError
+    except ImportError:
+        return False
+    return isinstance(err, (PrefectHTTPStatusError, httpx.HTTPError))
+
+
+def prefect_api_problem(err: BaseException):
+    """One line for a Prefect API failure before the Run was written: the stages that finished stay cached."""
+    from verifily_train.errors import EnvironmentProblem
+
+    return EnvironmentProblem(None, "PREFECT_API_URL", f"Prefect's server failed ({_first_line(err)}); its database "
+                                                       "may be out of space or past a file size limit. Finished "
+                                                       "stages are cached: fix it and re-run")
 
 
 def run_reproduce(original) -> int:

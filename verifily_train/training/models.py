@@ -75,6 +75,78 @@ def inspect_model(base_model: str, task: str, trust_remote_code: bool = False) -
     return ModelSpec(source=source, kind=kind, model_type=model_type, is_local=is_local)
 
 
+# model types whose position ids start after the padding index (RoBERTa's scheme): pad_token_id + 1 fewer usable
+OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer", "mpnet", "ibert")
+
+
+def position_limit(source: str, trust_remote_code: bool = False) -> Optional[int]:
+    """The most tokens the model can read in one row (its position embeddings); None when positions are
+    relative (T5) or the config names no limit. A longer row crashes the forward of an absolute-position
+    encoder such as BERT, whatever ``training.max_seq_length`` says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            offset = (getattr(config, "pad_token_id", None) or 0) + 1 if config.model_type in OFFSET_POSITION_TYPES else 0
+            return value - offset
+    return None
+
+
+def check_weights(base_model: str) -> None:
+    """A local model's weight files can be read safely and whole, checked before training: a truncated
+    safetensors file (its header promises more bytes than the file holds) or a pickle checkpoint that
+    ``torch.load(weights_only=True)`` refuses is one ``ModelError``, not a traceback mid-run."""
+    folder = Path(os.path.expanduser(base_model))
+    if not folder.is_dir():
+        return  # a Hub id: its files are checked by their hashes as they download
+    tensors = sorted(folder.glob("*.safetensors"))
+    for path in tensors:
+        _check_safetensors(path, base_model)
+    if tensors:
+        return
+    for path in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        _check_pickle(path, base_model)
+
+
+def _check_safetensors(path: Path, base_model: str) -> None:
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if header_len < 2 or header_len > min(size - 8, 100 * 2 ** 20):
+            raise ModelError(path, "base_model", f"not a readable safetensors file ({size:,} bytes; truncated or damaged)")
+        try:
+            header = json.loads(handle.read(header_len))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelError(path, "base_model", "not a readable safetensors file (its header is damaged)") from None
+    needed = 8 + header_len + max(ends, default=0)
+    if size < needed:
+        raise ModelError(path, "base_model", f"truncated: holds {size:,} of the {needed:,} bytes its header lists")
+
+
+def _check_pickle(path: Path, base_model: str) -> None:
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ModelError(path, "base_model", "cannot be loaded safely: torch.load(weights_only=True) refuses it (it "
+                                             "pickles more than tensors); convert it to safetensors") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ModelError(path, "base_model", f"not a readable checkpoint ({first})") from None
+
+
 def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token guaranteed (EOS stands in when the model has none)."""
     from transformers import AutoTokenizer
@@ -116,4 +188,8 @@ def load_model(spec: ModelSpec, labels: Optional[List[str]] = None, pad_token_id
                 model.config.pad_token_id = pad_token_id
     except (OSError, ValueError) as err:
         raise ModelError(spec.source, "base_model", f"cannot load weights: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # a damaged safetensors file or a refused pickle, if it slipped past check_weights
+        if type(err).__name__ not in ("SafetensorError", "UnpicklingError", "HeaderTooLarge"):
+            raise
+        raise ModelError(spec.source, "base_model", f"cannot load weights: {str(err).splitlines()[0][:200]}") from err
     return model
