@@ -66,8 +66,12 @@ def test_compare_shows_each_slice_delta_with_a_paired_interval(two_runs):
     assert train_diff["removed"] == removed > 0 and train_diff["added"] == 0
     assert data["dataset_diff"]["splits"]["test"]["added"] == data["dataset_diff"]["splits"]["test"]["removed"] == 0
     assert any(d["key"] == "data_paths.train" for d in data["config_diff"])
+    assert data["overall"]["accuracy"]["a"] == data["paired"]["deltas"]["accuracy"]["a"]  # A on the shared rows
+    assert data["fdr"]["method"] == "benjamini-hochberg" and data["fdr"]["cells"] > 0
+    assert human["deltas"]["accuracy"]["p_adjusted"] >= human["deltas"]["accuracy"]["p"]
     text = run_cli("compare", str(with_run), str(without_run), "--markdown", cwd=root).stdout
     assert "| accuracy |" in text and "Correlation, not causation. For causal attribution: verifily attribute RUN --by <tag>." in text
+    assert f"Benjamini–Hochberg at q=0.10 over {data['fdr']['cells']} slice × metric cells" in text
 
 
 def test_comparing_runs_of_different_tasks_is_a_clear_error(two_runs, tmp_path, models, sft_splits, prefect_api):

@@ -1,5 +1,6 @@
-"""``verifily compare A B`` (spec §9.3): overall and per-slice deltas, paired bootstrap intervals on the
-shared test examples, flipped examples, the dataset diff from per-row hashes, and the config diff."""
+"""``verifily compare A B`` (spec §9.3): overall and per-slice deltas on the shared test examples, with paired
+bootstrap intervals, paired tests under one Benjamini–Hochberg correction, flipped examples, the dataset
+diff from per-row hashes, the config diff, and what else makes the two runs less comparable."""
 
 from __future__ import annotations
 
@@ -7,13 +8,22 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
+from verifily_train.artifacts.comparability import comparability_caveats, run_facts
 from verifily_train.artifacts.run import load_run_json
-from verifily_train.errors import RunError
+from verifily_train.config.schema import EvalSection
+from verifily_train.errors import ConfigError, RunError
+from verifily_train.evaluation.bootstrap import paired_delta_intervals
+from verifily_train.evaluation.significance import (BETWEEN_MIN_CELLS, SAME_TEST_AS, between_cell_sd,
+                                                     mark_discoveries, paired_tests)
 
 CAVEAT = "Correlation, not causation. For causal attribution: verifily attribute RUN --by <tag>."
 PAIRED_SEED = 20260208
+PERMUTATIONS = 9999  # random swaps per non-0/1 metric cell: p-values down to 1e-4 (exact when 2**n is fewer)
+TEST_NAME = "paired swap test (A/B swapped per row; exact McNemar for 0/1 metrics)"
 
 
 def _read_parquet(path: Path):
@@ -91,61 +101,155 @@ def _correct(frame, task: str):
     return None
 
 
-def compare_runs(run_a: Path, run_b: Path, bootstrap_samples: int = 1000) -> dict:
-    """B minus A, overall and per slice, with paired intervals where the runs share test rows."""
-    from verifily_train.evaluation.bootstrap import paired_delta_intervals
+def resolve_fdr_q(fdr_q: Optional[float], record_a: dict, record_b: dict) -> float:
+    """``--fdr-q`` when given, else the runs' ``eval.fdr_q`` (the smaller if they differ), else the default."""
+    if fdr_q is None:
+        recorded = [((r.get("job") or {}).get("config") or {}).get("eval", {}).get("fdr_q") for r in (record_a, record_b)]
+        recorded = [q for q in recorded if isinstance(q, (int, float))]
+        fdr_q = min(recorded) if recorded else EvalSection.fdr_q
+    if isinstance(fdr_q, bool) or not isinstance(fdr_q, (int, float)) or not 0.0 < float(fdr_q) < 1.0:
+        raise ConfigError("verifily compare", "--fdr-q", f"must be a number between 0 and 1 (exclusive); got {fdr_q!r}")
+    return float(fdr_q)
 
+
+def _paired_cells(task: str, pa, pb, labels: List[str], bootstrap_samples: int, permutations: int,
+                  seed: int) -> Tuple[Dict[str, dict], Dict[str, object]]:
+    """Per metric on aligned rows: A, B, B - A and the paired bootstrap interval; and each metric's swap test."""
+    cells = paired_delta_intervals(task, pa, pb, labels, max(bootstrap_samples, 1), seed)
+    if bootstrap_samples <= 0:
+        for cell in cells.values():
+            cell["ci95"], cell["excludes_zero"] = None, None
+    return cells, paired_tests(task, pa, pb, labels, permutations, seed)
+
+
+def _flips(ca, cb) -> dict:
+    return {"right_to_wrong": int((ca & ~cb).sum()), "wrong_to_right": int((~ca & cb).sum())}
+
+
+def _between_sds(tested: List[Tuple[str, dict, object, Optional[str]]]) -> Dict[str, Dict[str, float]]:
+    """Per metric and tag key, how far that key's slice deltas spread beyond row noise; the overall cell
+    (and a key with too few values) takes the median over keys. Per key: an effect confined to one slice
+    of a key moves every slice of the other keys a little, which must not widen this key's null."""
+    out: Dict[str, Dict[str, float]] = {}
+    for metric in sorted({m for m, _, _, _ in tested}):
+        by_key: Dict[str, float] = {}
+        for key in sorted({k for m, _, _, k in tested if m == metric and k is not None}):
+            cells = [t for m, _, t, k in tested if m == metric and k == key]
+            if len(cells) >= BETWEEN_MIN_CELLS:
+                by_key[key] = between_cell_sd([t.delta for t in cells], [t.null_sd for t in cells])
+        out[metric] = dict(by_key, overall=float(np.median(list(by_key.values()))) if by_key else 0.0)
+    return out
+
+
+def _test_cells(tested: List[Tuple[str, dict, object, Optional[str]]], q: float) -> dict:
+    """p-values against row noise plus the between-slice spread, then one BH over all cells."""
+    between = _between_sds(tested)
+    for metric, cell, test, key in tested:
+        spread = between[metric].get(key if key is not None else "overall", between[metric]["overall"])
+        cell.update(null_sd=test.null_sd, p_row=test.pvalue(), between_sd=spread, p=test.pvalue(spread))
+    discoveries = mark_discoveries([cell for _, cell, _, _ in tested], q)
+    return {"method": "benjamini-hochberg", "q": q, "cells": len(tested), "discoveries": discoveries,
+            "test": TEST_NAME, "between_slice_sd": between, "between_min_cells": BETWEEN_MIN_CELLS}
+
+
+def _paired_comparison(task: str, pred_a, pred_b, labels: List[str], bootstrap_samples: int, permutations: int,
+                       q: float) -> Tuple[dict, dict, dict]:
+    """Overall and per-slice cells on the shared rows, with one BH correction over every tested cell."""
+    pa, pb = _pair(pred_a, pred_b)
+    overall, tests = _paired_cells(task, pa, pb, labels, bootstrap_samples, permutations, PAIRED_SEED)
+    tested = [(m, overall[m], t, None) for m, t in tests.items() if m in overall]
+    paired = {"shared_examples": int(len(pa)), "rows_a": int(len(pred_a)), "rows_b": int(len(pred_b)),
+              "deltas": overall}
+    ca, cb = _correct(pa, task), _correct(pb, task)
+    if ca is not None:
+        paired["flips"] = _flips(ca, cb)
+    slices: Dict[str, dict] = {}
+    for column in sorted(c for c in pa.columns if c.startswith("tag.")):
+        key = column[len("tag."):]
+        slices[key] = {}
+        for value in sorted(pa[column].dropna().unique()):
+            mask = (pa[column] == value).to_numpy()
+            deltas, tests = _paired_cells(task, pa[mask].reset_index(drop=True), pb[mask].reset_index(drop=True),
+                                          labels, bootstrap_samples, permutations,
+                                          PAIRED_SEED + len(slices) * 100 + len(slices[key]))
+            tested += [(m, deltas[m], t, key) for m, t in tests.items() if m in deltas]
+            entry = {"n": int(mask.sum()), "deltas": deltas}
+            if ca is not None:
+                entry["flips"] = _flips(ca[mask], cb[mask])
+            slices[key][value] = entry
+    fdr = _test_cells(tested, q)
+    fdr["permutations"] = permutations
+    for family in [overall] + [e["deltas"] for values in slices.values() for e in values.values()]:
+        for cell in family.values():
+            cell.setdefault("p", None)
+            cell.setdefault("significant", False)
+        for name, tested_as in SAME_TEST_AS.items():
+            if name in family and tested_as in family:
+                family[name].update({k: family[tested_as].get(k) for k in ("null_sd", "p_row", "between_sd", "p",
+                                                                           "p_adjusted", "significant")}, same_test_as=tested_as)
+    return paired, slices, fdr
+
+
+def _unpaired_slices(run_a: Path, run_b: Path) -> Dict[str, dict]:
+    """Slice deltas from each run's slices.json (whole runs; no interval, nothing tested)."""
+    sa = json.loads((run_a / "slices.json").read_text()).get("slices", {}) if (run_a / "slices.json").is_file() else {}
+    sb = json.loads((run_b / "slices.json").read_text()).get("slices", {}) if (run_b / "slices.json").is_file() else {}
+    slices: Dict[str, dict] = {}
+    for key in sorted(set(sa) & set(sb)):
+        va = {e["value"]: e for e in sa[key]["values"]}
+        vb = {e["value"]: e for e in sb[key]["values"]}
+        slices[key] = {v: {"n": (vb.get(v) or {}).get("n", 0), "deltas": {
+            m: {"delta": _delta((va.get(v) or {}).get("metrics", {}).get(m), (vb.get(v) or {}).get("metrics", {}).get(m)),
+                "ci95": None, "excludes_zero": None, "p": None, "p_adjusted": None, "significant": False}
+            for m in (vb.get(v) or {}).get("metrics", {}) if m not in ("examples", "tokens")}}
+            for v in sorted(set(va) | set(vb))}
+    return slices
+
+
+def _run_metrics(a: dict, b: dict, skip) -> Dict[str, dict]:
+    ma, mb = a.get("metrics", {}), b.get("metrics", {})
+    return {k: {"a": ma[k], "b": mb[k], "delta": _delta(ma[k], mb[k])} for k in sorted(set(ma) & set(mb))
+            if k not in skip and isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}
+
+
+def compare_runs(run_a: Path, run_b: Path, bootstrap_samples: int = 1000, fdr_q: Optional[float] = None,
+                 permutations: int = PERMUTATIONS) -> dict:
+    """B minus A, overall and per slice, on the runs' shared test rows, with paired intervals, paired tests
+    and one Benjamini–Hochberg correction over every slice x metric cell; plus what makes the runs less
+    comparable."""
     run_a, run_b = Path(run_a), Path(run_b)
     a, b = load_run_json(run_a), load_run_json(run_b)
     task_a, task_b = a["job"]["task"], b["job"]["task"]
     if task_a != task_b:
         raise RunError(run_b, None, f"is a {task_b} run and {a['run_id']} is a {task_a} run; only runs of the same task compare")
     task = task_a
-    overall = {k: {"a": a["metrics"][k], "b": b["metrics"][k], "delta": _delta(a["metrics"][k], b["metrics"][k])}
-               for k in sorted(set(a.get("metrics", {})) & set(b.get("metrics", {})))
-               if isinstance(a["metrics"][k], (int, float)) and isinstance(b["metrics"][k], (int, float))}
+    q = resolve_fdr_q(fdr_q, a, b)
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise ConfigError("verifily compare", "--permutations", f"must be an integer >= 1; got {permutations!r}")
     labels = json.loads((run_a / "adapter/labels.json").read_text())["labels"] if (run_a / "adapter/labels.json").is_file() else []
     labels_b = json.loads((run_b / "adapter/labels.json").read_text())["labels"] if (run_b / "adapter/labels.json").is_file() else []
     pred_a, pred_b = _read_parquet(run_a / "predictions.parquet"), _read_parquet(run_b / "predictions.parquet")
-    paired: dict = {"shared_examples": 0}
-    slices: Dict[str, dict] = {}
-    if pred_a is not None and pred_b is not None and "row_hash" in pred_a and "row_hash" in pred_b \
-            and (task == "sft" or labels == labels_b):
-        pa, pb = _pair(pred_a, pred_b)
-        paired = {"shared_examples": int(len(pa)),
-                  "deltas": paired_delta_intervals(task, pa, pb, labels, bootstrap_samples, PAIRED_SEED)}
-        ca, cb = _correct(pa, task), _correct(pb, task)
-        if ca is not None:
-            paired["flips"] = {"right_to_wrong": int((ca & ~cb).sum()), "wrong_to_right": int((~ca & cb).sum())}
-        for column in sorted(c for c in pa.columns if c.startswith("tag.")):
-            key = column[len("tag."):]
-            slices[key] = {}
-            for value in sorted(pa[column].dropna().unique()):
-                mask = (pa[column] == value).to_numpy()
-                entry = {"n": int(mask.sum()),
-                         "deltas": paired_delta_intervals(task, pa[mask].reset_index(drop=True),
-                                                          pb[mask].reset_index(drop=True), labels, bootstrap_samples,
-                                                          PAIRED_SEED + len(slices) * 100 + len(slices[key]))}
-                if ca is not None:
-                    entry["flips"] = {"right_to_wrong": int((ca[mask] & ~cb[mask]).sum()),
-                                      "wrong_to_right": int((~ca[mask] & cb[mask]).sum())}
-                slices[key][value] = entry
-    else:  # different test rows: unpaired slice deltas from each run's slices.json
-        sa = json.loads((run_a / "slices.json").read_text()).get("slices", {}) if (run_a / "slices.json").is_file() else {}
-        sb = json.loads((run_b / "slices.json").read_text()).get("slices", {}) if (run_b / "slices.json").is_file() else {}
-        for key in sorted(set(sa) & set(sb)):
-            va = {e["value"]: e for e in sa[key]["values"]}
-            vb = {e["value"]: e for e in sb[key]["values"]}
-            slices[key] = {v: {"n": (vb.get(v) or {}).get("n", 0), "deltas": {
-                m: {"delta": _delta((va.get(v) or {}).get("metrics", {}).get(m), (vb.get(v) or {}).get("metrics", {}).get(m)),
-                    "ci95": None, "excludes_zero": None}
-                for m in (vb.get(v) or {}).get("metrics", {}) if m not in ("examples", "tokens")}}
-                for v in sorted(set(va) | set(vb))}
+    pairable = pred_a is not None and pred_b is not None and "row_hash" in pred_a and "row_hash" in pred_b \
+        and (task == "sft" or labels == labels_b)
+    if pairable:
+        paired, slices, fdr = _paired_comparison(task, pred_a, pred_b, labels, bootstrap_samples, permutations, q)
+    if pairable and paired["shared_examples"] > 0:
+        # A and B on the same rows as the delta: full-set figures of runs with different test rows do not subtract
+        overall = {k: {"a": d["a"], "b": d["b"], "delta": d["delta"]} for k, d in paired["deltas"].items()}
+    else:
+        paired = {"shared_examples": 0, "rows_a": None if pred_a is None else int(len(pred_a)),
+                  "rows_b": None if pred_b is None else int(len(pred_b))}
+        slices = _unpaired_slices(run_a, run_b)
+        fdr = {"method": "benjamini-hochberg", "q": q, "cells": 0, "discoveries": 0, "test": TEST_NAME,
+               "permutations": permutations}
+        overall = _run_metrics(a, b, skip=())
     return {
         "task": task,
         "run_a": a["run_id"], "run_b": b["run_id"],
         "dataset_a": a["job"]["dataset_version"].get("ref"), "dataset_b": b["job"]["dataset_version"].get("ref"),
-        "overall": overall, "paired": paired, "slices": slices,
+        "overall": overall, "run_level": _run_metrics(a, b, skip=set(overall)) if paired["shared_examples"] else {},
+        "paired": paired, "slices": slices, "fdr": fdr,
+        "comparability": comparability_caveats(run_facts(run_a, a), run_facts(run_b, b)),
         "dataset_diff": dataset_diff(_read_parquet(run_a / "data_rows.parquet"), _read_parquet(run_b / "data_rows.parquet")),
         "config_diff": config_diff(a["job"]["config"], b["job"]["config"]),
         "caveat": CAVEAT,
@@ -164,15 +268,51 @@ def _delta_cell(d: dict) -> str:
     text = _f(d.get("delta"))
     ci = d.get("ci95")
     if ci:
-        text += f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" + (" *" if d.get("excludes_zero") else "")
-    return text
+        text += f" [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+    return text + (" *" if d.get("significant") else "")
+
+
+def _rows_line(paired: dict) -> str:
+    shared, rows_a, rows_b = paired["shared_examples"], paired.get("rows_a"), paired.get("rows_b")
+    if not shared:
+        return "overall (B - A), whole runs: no shared test rows, so nothing is paired or tested:"
+    if rows_a == rows_b == shared:
+        return f"overall (B - A), paired on {shared} shared test rows (every test row of both runs):"
+    return (f"overall (B - A), paired on {shared} shared test rows (A evaluated {rows_a}, B {rows_b}; "
+            "A, B and B - A are all on the shared rows):")
+
+
+def legend(fdr: dict) -> str:
+    """The star's meaning: which correction, at which q, over how many cells, against which null."""
+    if not fdr.get("cells"):
+        return "no slice x metric cell was tested (no shared test rows): no stars."
+    return (f"* Benjamini–Hochberg at q={fdr['q']:.2f} over {fdr['cells']} slice × metric cells (overall included): "
+            f"adjusted p <= q; {fdr['test']} on the shared rows, its null widened by how far apart the metric's "
+            f"slices spread beyond row noise; {fdr['discoveries']} starred. [intervals]: paired 95% bootstrap "
+            "(rows only), unadjusted.")
+
+
+def spread_notes(result: dict) -> List[str]:
+    """One line naming the metrics whose slices spread wider than the overall cell's own row noise."""
+    overall = result.get("paired", {}).get("deltas", {})
+    between = (result.get("fdr") or {}).get("between_slice_sd") or {}
+    wide = {m: by_key for m, by_key in between.items()
+            if m in overall and by_key.get("overall", 0.0) > (overall[m].get("null_sd") or 0.0)}
+    if not wide:
+        return []
+    parts = ", ".join(f"{m} ±{by_key['overall']:.4f}" for m, by_key in wide.items())
+    return [f"note: slice deltas spread wider than row noise alone predicts ({parts}); that spread, which two seeds' "
+            "models show too, is added to each null. One run per side cannot tell seed noise from a data effect that "
+            "moves every slice: seed replicates can (verifily attribute)."]
 
 
 def render_comparison(result: dict, markdown: bool = False) -> str:
-    """Plain text (or markdown) tables; ``*`` marks a paired 95% interval that excludes zero."""
-    lines = [f"A: {result['run_a']} ({result['dataset_a']})", f"B: {result['run_b']} ({result['dataset_b']})", ""]
+    """Plain text (or markdown) tables; ``*`` marks a cell whose Benjamini–Hochberg-adjusted p is <= q."""
+    lines = [f"A: {result['run_a']} ({result['dataset_a']})", f"B: {result['run_b']} ({result['dataset_b']})"]
+    lines += [c["line"] for c in result.get("comparability", [])]
+    lines.append("")
     deltas = result["paired"].get("deltas", {})
-    lines.append(f"overall (B - A), paired on {result['paired']['shared_examples']} shared test rows:")
+    lines.append(_rows_line(result["paired"]))
     if markdown:
         lines += ["", "| metric | A | B | B - A [95% CI] |", "|---|---|---|---|"]
     for name, entry in result["overall"].items():
@@ -184,6 +324,11 @@ def render_comparison(result: dict, markdown: bool = False) -> str:
     flips = result["paired"].get("flips")
     if flips:
         lines.append(f"  flipped examples: {flips['wrong_to_right']} wrong->right, {flips['right_to_wrong']} right->wrong")
+    if result.get("run_level"):
+        lines.append("")
+        lines.append("run-level figures (whole runs, not test rows: not paired, not tested):")
+        for name, entry in result["run_level"].items():
+            lines.append(f"  {name:<26} {_f(entry['a'], False):>12} {_f(entry['b'], False):>12}  {_f(entry['delta'])}")
     for key, values in result["slices"].items():
         lines.append("")
         lines.append(f"by {key} (B - A):")
@@ -213,6 +358,7 @@ def render_comparison(result: dict, markdown: bool = False) -> str:
         for d in result["config_diff"]:
             lines.append(f"  {d['key']}: {d['a']!r} -> {d['b']!r}")
     lines.append("")
-    lines.append("* paired 95% bootstrap interval excludes zero.")
+    lines += spread_notes(result)
+    lines.append(legend(result.get("fdr", {})))
     lines.append(result["caveat"])
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.artifacts.compare import legend, spread_notes
 from verifily_train.fsio import atomic_write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#1b1b1b;background:#fff}
@@ -210,7 +211,7 @@ def write_compare_report(result: dict, out: str) -> Path:
         ci = d.get("ci95")
         cell = _fmt(entry["delta"]) + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
         rows.append([name, _fmt(entry["a"]), _fmt(entry["b"]),
-                     f'<span class="sig">{cell}</span>' if d.get("excludes_zero") else html.escape(cell)])
+                     f'<span class="sig">{cell} *</span>' if d.get("significant") else html.escape(cell)])
     parts.append("<h2>Overall (B - A)</h2>" + _table(["metric", "A", "B", "B - A [95% CI]"], rows, raw=True))
     plt = _pyplot()
     for key, values in result["slices"].items():
@@ -239,7 +240,9 @@ def write_compare_report(result: dict, out: str) -> Path:
     if result.get("config_diff"):
         parts.append("<h2>Config diff</h2>" + _table(["key", "A", "B"],
                                                      [[d["key"], d["a"], d["b"]] for d in result["config_diff"]]))
-    parts.append(f'<p class="note">{html.escape(result["caveat"])}</p>')
+    notes = [c["line"] for c in result.get("comparability", [])] + spread_notes(result) + [legend(result.get("fdr", {})),
+                                                                                   result["caveat"]]
+    parts.append("".join(f'<p class="note">{html.escape(line)}</p>' for line in notes))
     target = Path(out)
     atomic_write_text(target, _page("Verifily comparison", "".join(parts)))
     return target

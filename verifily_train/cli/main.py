@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print markdown tables")
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report of the comparison")
     p.add_argument("--bootstrap-samples", type=int, default=1000, help="resamples for the paired intervals")
+    p.add_argument("--fdr-q", type=float, default=None, metavar="Q",
+                   help="false-discovery rate of the stars: Benjamini-Hochberg over every slice x metric cell "
+                        "(default: the runs' eval.fdr_q, 0.10)")
+    p.add_argument("--permutations", type=int, default=9999,
+                   help="random A/B swaps per paired test of a non-0/1 metric (0/1 metrics are tested exactly)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("config", help="inspect train.yaml")
@@ -383,7 +388,7 @@ def cmd_compare(args) -> int:
         if status != "completed":
             raise RunError(run, None, f"status is {status!r}; only completed runs can be compared")
     result = compare_runs(run_a, run_b,
-                          bootstrap_samples=args.bootstrap_samples)
+                          bootstrap_samples=args.bootstrap_samples, fdr_q=args.fdr_q, permutations=args.permutations)
     if args.html:
         from verifily_train.artifacts.report import write_compare_report
 

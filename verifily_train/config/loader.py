@@ -394,6 +394,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _check(where, "eval.hard_examples", e.hard_examples >= 0, f"must be >= 0; got {e.hard_examples}")
     _check(where, "eval.max_new_tokens", e.max_new_tokens >= 1, f"must be >= 1; got {e.max_new_tokens}")
     _check(where, "eval.bootstrap_samples", e.bootstrap_samples >= 0, f"must be >= 0; got {e.bootstrap_samples}")
+    _check(where, "eval.fdr_q", 0.0 < e.fdr_q < 1.0, f"must be between 0 and 1 (exclusive); got {e.fdr_q}")
     from verifily_train.evaluation.text_metrics import check_format_setting
 
     problem = check_format_setting(e.format)

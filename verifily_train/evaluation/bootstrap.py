@@ -85,7 +85,10 @@ def bootstrap_intervals(task: str, frame, labels: List[str], samples: int, seed:
 
 def paired_delta_intervals(task: str, frame_a, frame_b, labels: List[str], samples: int,
                            seed: int) -> Dict[str, dict]:
-    """B minus A on the same examples (rows aligned), with a paired bootstrap interval per metric."""
+    """A, B and B minus A on the same examples (rows aligned), with a paired bootstrap interval per metric.
+
+    ``excludes_zero`` is the marginal interval's own property, not a discovery: with many slices and
+    metrics some unadjusted intervals exclude zero by chance (``significance.mark_discoveries`` decides)."""
     n = len(frame_a)
     if n == 0 or samples <= 0:
         return {}
@@ -96,8 +99,9 @@ def paired_delta_intervals(task: str, frame_a, frame_b, labels: List[str], sampl
     out = {}
     for name in sorted(set(stats_a) & set(stats_b)):
         deltas = stats_b[name](idx) - stats_a[name](idx)
-        point = float((stats_b[name](full) - stats_a[name](full))[0])
+        value_a, value_b = float(stats_a[name](full)[0]), float(stats_b[name](full)[0])
         low, high = interval(deltas)
-        significant = not (math.isnan(low) or low <= 0.0 <= high)
-        out[name] = {"delta": point, "ci95": [low, high], "excludes_zero": significant}
+        excludes_zero = not (math.isnan(low) or low <= 0.0 <= high)
+        out[name] = {"a": value_a, "b": value_b, "delta": value_b - value_a, "ci95": [low, high],
+                     "excludes_zero": excludes_zero}
     return out
