@@ -57,7 +57,7 @@ def create_version(
     final = store_root(home) / dataset_id / version
     if final.exists():
         raise DatasetExistsError(final, None, f"{dataset_id}@{version} already exists; versions are immutable, pick a new --version")
-    created_parent = not final.parent.exists()
+    created = [p for p in (final.parent, final.parent.parent) if not p.exists()]  # removed again if this fails
     for attempt in range(3):  # a failed create of another version may remove the empty parent meanwhile
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -94,11 +94,11 @@ def create_version(
             make_writable(staging)
             shutil.rmtree(staging, ignore_errors=True)
         release_staging(staging)
-        if created_parent and not final.exists():
+        for folder in created if not final.exists() else []:
             try:
-                final.parent.rmdir()  # a failed first version leaves no empty datasets/<id>/ behind
+                folder.rmdir()  # a failed first version leaves no empty datasets/<id>/ behind
             except OSError:
-                pass  # another version of the id is being created meanwhile
+                break  # another version (or dataset) is being created meanwhile
     return load_manifest(final / "manifest.json")
 
 
