@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,gpu]``: run, print a table, write JSON.
+"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,gpu]``: run, print a table, write JSON.
 
 Every suite runs its contenders alternately, ``--reps`` times (training runs each in a fresh process,
 ``bench/isolated.py``), and reports medians and ratios (machines are noisy: the ratios are the result).
@@ -15,7 +15,7 @@ from typing import List
 
 from bench.common import RESULTS, TrainSettings, machine, markdown_table, quiet_libraries, set_threads, write_result
 
-SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "gpu")
+SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "gpu")
 
 
 def parse(argv=None):
@@ -122,6 +122,13 @@ def main(argv=None) -> int:
         result["machine"] = info
         write_result("cli", result, out)
         sections.append(cli_table(result))
+    if "aa" in only:
+        from bench.aa import aa_table, run_aa
+
+        result = run_aa(work, 2 if args.quick else 10)
+        result["machine"] = info
+        write_result("aa", result, out)
+        sections.append(aa_table(result))
     if "pipeline" in only:
         from bench.pipeline import run_pipeline
 
@@ -174,6 +181,10 @@ def render(out: Path) -> str:
         sections.append(throughput_table(result))
     if (out / "limit.json").is_file():
         sections.append(limit_table(json.loads((out / "limit.json").read_text())))
+    if (out / "aa.json").is_file():
+        from bench.aa import aa_table
+
+        sections.append(aa_table(json.loads((out / "aa.json").read_text())))
     for name, fn in (("eval", eval_table), ("cli", cli_table), ("pipeline", pipeline_table),
                      ("pipeline-smollm2", pipeline_table)):
         if (out / f"{name}.json").is_file():
