@@ -216,7 +216,8 @@ def hard_examples_stage(cfg: TrainConfig, evaluated: dict, out_dir: Path, work_d
     if evaluated["skipped"]:
         result = {"examples": [], "headline": None, "lift": {}}
     else:
-        result = mine_hard_examples(cfg.task, _predictions(evaluated), cfg.eval.hard_examples, cfg.eval.slice_by_tags)
+        result = mine_hard_examples(cfg.task, _predictions(evaluated), cfg.eval.hard_examples, cfg.eval.slice_by_tags,
+                                    q=cfg.eval.fdr_q)
     with open(out_dir / "hard_examples.jsonl", "w", encoding="utf-8") as handle:
         for example in result["examples"]:
             handle.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")

@@ -90,7 +90,7 @@ class EvalSection:
     max_new_tokens: int = 64  # SFT: greedy generation length for exact_match / token_f1 / format_compliance
     format: str = "auto"  # SFT format compliance: auto (json when >= 90% of references parse as JSON, else off), json, none, regex:<pattern>
     bootstrap_samples: int = 1000  # resamples for the 95% confidence intervals of overall and slice metrics (0 = none)
-    fdr_q: float = 0.10  # false-discovery rate of `verifily compare`'s stars: Benjamini-Hochberg over every slice x metric cell (0 < q < 1); not hashed
+    fdr_q: float = 0.10  # false-discovery rate (Benjamini-Hochberg, 0 < q < 1) of `verifily compare`'s stars over every slice x metric cell and of the hard-example headline over tag values; not hashed (keys the hard-examples stage)
     slice_by_tags: List[str] = field(default_factory=lambda: ["source"])  # tag keys to slice metrics by; each must exist in the dataset
     hard_examples: int = 50  # how many worst test examples to list, with their tags
     baseline: bool = True  # SFT: also evaluate the untuned base model (cached) so the summary shows the gain
