@@ -231,16 +231,22 @@ def stage_report(manifests: Dict[str, dict]) -> Dict[str, dict]:
             for name, m in manifests.items()}
 
 
+LAST_PUBLISHED: Optional[str] = None  # the last Run this process published (read if the orchestrator fails after it)
+
+
 def write_artifact_stage(cfg: TrainConfig, run_id: str, started_at: str, started_clock: float, fp: dict,
                          validated: dict, tokenized: dict, trained: dict, evaluated: dict, baseline: dict,
                          sliced: dict, hard: dict, runs_dir: Path) -> dict:
     """Assemble ``runs/<run_id>/`` in a staging folder, checksum it, rename it into place, make it read-only."""
     from verifily_train.artifacts.run import discard, staging_dir
 
+    global LAST_PUBLISHED
     stage = staging_dir(runs_dir, run_id)
     try:
-        return _assemble_run(cfg, run_id, started_at, started_clock, fp, validated, tokenized, trained, evaluated,
-                             baseline, sliced, hard, runs_dir, stage)
+        written = _assemble_run(cfg, run_id, started_at, started_clock, fp, validated, tokenized, trained, evaluated,
+                                baseline, sliced, hard, runs_dir, stage)
+        LAST_PUBLISHED = written["path"]
+        return written
     except BaseException:
         discard(stage)  # a failed write leaves no staging folder behind (a killed one is swept by the next run)
         raise

@@ -305,8 +305,10 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
 
     from verifily_train.flows import train as train_flow
 
+    from verifily_train import stages
+
     logging.raiseExceptions = False  # a log record the API refused is not printed ("--- Error logging to API ---")
-    train_flow.LAST_SUMMARY = None
+    train_flow.LAST_SUMMARY, stages.LAST_PUBLISHED = None, None
     try:
         with in_process_flow_settings():
             summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
@@ -314,15 +316,30 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
         sys.stderr.write("\n")  # end any progress bar's line so the error stands on its own
         if not is_prefect_api_error(err):
             raise
-        if train_flow.LAST_SUMMARY is None:
+        if train_flow.LAST_SUMMARY is None and stages.LAST_PUBLISHED is None:
             raise prefect_api_problem(err) from err
-        summary = train_flow.LAST_SUMMARY  # the Run is complete and verifiable; only Prefect's record of it failed
+        # the Run is complete and verifiable; only Prefect's record of it failed
+        summary = train_flow.LAST_SUMMARY or summary_from_run(stages.LAST_PUBLISHED)
         print_summary(summary)
         print(f"  warning: the Run is complete, but Prefect's server could not record it ({_first_line(err)})",
               file=sys.stderr)
         return 0
     print_summary(summary)
     return 0
+
+
+def summary_from_run(path: str) -> dict:
+    """What :func:`print_summary` needs, read back from a published Run's files."""
+    import json
+    from pathlib import Path
+
+    from verifily_train.artifacts.run import integrity_root, load_run_json
+
+    record = load_run_json(Path(path))
+    slices = json.loads((Path(path) / "slices.json").read_text(encoding="utf-8"))
+    return {"run_id": record["run_id"], "path": path, "record": record, "slices": slices,
+            "hard_examples": {"headline": record.get("hard_examples_headline")},
+            "integrity_root": integrity_root(Path(path) / "checksums.sha256")}
 
 
 def _first_line(err: BaseException) -> str:
