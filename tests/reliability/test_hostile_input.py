@@ -131,6 +131,11 @@ def _case_table() -> dict:
     c["1+: a gold set row nested 100,000 deep"] = (
         lambda f, m: (_sft(f, m), _gold(f, b'{"instruction": "a", "output": ' + b"[" * 100_000 + b"\n"), _train())[2],
         ("gold.jsonl:1", "nested too deeply"))
+    c["1+: a lone surrogate escape in train.yaml (config show)"] = (
+        lambda f, m: (_sft(f, m), (f / "train.yaml").write_text((f / "train.yaml").read_text() + 'seed_note: "\\ud800"\n'),
+                      ["config", "show", "-c", "train.yaml"])[2], ("train.yaml", "seed_note", "not valid Unicode"))
+    c["1+: an argument whose bytes are not UTF-8"] = (
+        lambda f, m: (_sft(f, m), _train("prompt.system=\udcff"))[1], ("command line: prompt.system", "not valid Unicode"))
     c["1+: a run id longer than a file name may be (300 bytes)"] = (
         lambda f, m: ["runs", "show", "r" * 300], ("not a run id or run folder",))
 

@@ -215,6 +215,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         file_values = read_yaml(path)
+        _check_text(file_values, str(path))
         _check_keys(file_values, TrainConfig, str(path))
         base = _merge(base, file_values, str(path))
         base_dir = path.resolve().parent
@@ -223,6 +224,7 @@ def load_config(
     override_values = parse_overrides(overrides)
     if dataset is not None:
         override_values["dataset_version"] = dataset
+    _check_text(override_values, OVERRIDES)
     _check_keys(override_values, TrainConfig, OVERRIDES)
     merged = _merge(base, override_values, OVERRIDES)
     where = str(path) if path is not None else INLINE if inline else OVERRIDES
@@ -236,6 +238,16 @@ def load_config(
     cfg = _resolve(cfg, base_dir)
     validate_config(cfg, where, collect, from_command_line=_dotted_keys(override_values))
     return cfg
+
+
+def _check_text(values: Dict[str, Any], where: str) -> None:
+    """No string holds a lone surrogate: a YAML ``"\\ud800"`` escape, or bytes of an argument that are not UTF-8
+    (Python passes them on as surrogates); printing or hashing the config would fail on it later."""
+    from verifily_train.jsonsafe import lone_surrogate
+
+    key = lone_surrogate(values)
+    if key is not None:
+        raise ConfigError(where, key or None, "not valid Unicode text (a lone surrogate, or bytes that are not UTF-8)")
 
 
 def _dotted_keys(values: Dict[str, Any], prefix: str = "") -> List[str]:
