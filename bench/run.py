@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,gpu]``: run, print a table, write JSON.
+"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,attribution,gpu]``: run, print a table, write JSON.
 
 Every suite runs its contenders alternately, ``--reps`` times (training runs each in a fresh process,
 ``bench/isolated.py``), and reports medians and ratios (machines are noisy: the ratios are the result).
@@ -8,6 +8,7 @@ Results go to ``bench/results/<suite>.json`` and ``bench/results/summary.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import List
 
 from bench.common import RESULTS, TrainSettings, machine, markdown_table, quiet_libraries, set_threads, write_result
 
-SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "gpu")
+SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "attribution", "gpu")
 
 
 def parse(argv=None):
@@ -129,6 +130,20 @@ def main(argv=None) -> int:
         result["machine"] = info
         write_result("aa", result, out)
         sections.append(aa_table(result))
+    if "attribution" in only:
+        from bench.attribution import main as run_attribution_calibration, render as attribution_table
+
+        # trials resume from bench/results/attribution*.json of the same settings; --quick: 1 trial, 3 seeds
+        quick = ["--trials", "1", "--seeds", "3", "--kinds", "placebo-shuffle,power-0.35",
+                 "--out", str(out / "attribution-quick.json")] if args.quick else []
+        run_attribution_calibration(quick or ["--out", str(out / "attribution.json")])
+        if not args.quick:
+            run_attribution_calibration(["--seeds", "8", "--kinds", "power-0.35,placebo-shuffle",
+                                         "--out", str(out / "attribution-8-seeds.json")])
+        for name in (["attribution-quick"] if args.quick else ["attribution", "attribution-8-seeds"]):
+            record = json.loads((out / f"{name}.json").read_text())
+            sections.append(f"### Attribution calibration ({record['settings']['seeds']} seeds)\n\n"
+                            + attribution_table(record["summary"]))
     if "pipeline" in only:
         from bench.pipeline import run_pipeline
 
@@ -185,6 +200,13 @@ def render(out: Path) -> str:
         from bench.aa import aa_table
 
         sections.append(aa_table(json.loads((out / "aa.json").read_text())))
+    for name in ("attribution", "attribution-8-seeds"):
+        if (out / f"{name}.json").is_file():
+            from bench.attribution import render as attribution_table
+
+            record = json.loads((out / f"{name}.json").read_text())
+            sections.append(f"### Attribution calibration ({record['settings']['seeds']} seeds)\n\n"
+                            + attribution_table(record["summary"]))
     for name, fn in (("eval", eval_table), ("cli", cli_table), ("pipeline", pipeline_table),
                      ("pipeline-smollm2", pipeline_table)):
         if (out / f"{name}.json").is_file():

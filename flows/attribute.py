@@ -22,9 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from verifily_train import attribution
+from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.errors import RunError, VerifilyError
 
-DEFAULT_SEEDS = 5  # docs/attribution.md "Seeds and power": 4 degrees of freedom, detectable effect ~1.7 seed SDs
 
 
 @task(name="derive-dataset", cache_policy=NO_CACHE, persist_result=False)

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import List, Optional
 
+from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.errors import VerifilyError
 
 EPILOG = "Docs: docs/config.md (train.yaml), docs/run_artifacts.md (Run layout), docs/architecture.md."
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run id or path of a completed run (the parent)")
     p.add_argument("--by", default="source", help="tag key (default: source)")
     p.add_argument("--values", default=None, help="comma-separated values to remove (default: every value of the tag)")
-    p.add_argument("--seeds", type=int, default=5,
-                   help="seeds per arm (default: 5; the seed is the unit of evidence, docs/attribution.md)")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"seeds per arm (default: {DEFAULT_SEEDS}; the seed is the unit of evidence, docs/attribution.md)")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="error rate of the verdicts over the values tested (default: 0.05)")
     p.add_argument("--correction", choices=["holm", "bh"], default="holm",
