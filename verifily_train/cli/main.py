@@ -452,6 +452,8 @@ def cmd_attribute(args) -> int:
     parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
     if args.seeds < 1:
         raise VerifilyError(None, "--seeds", f"must be >= 1; got {args.seeds}")
+    if not 0 < args.alpha < 1:
+        raise VerifilyError(None, "--alpha", f"must be in (0, 1); got {args.alpha}")
     if args.concurrency < 1:
         raise VerifilyError(None, "--concurrency", f"must be >= 1; got {args.concurrency}")
     _use_prefect_server()
@@ -461,8 +463,6 @@ def cmd_attribute(args) -> int:
     return run_attribute(str(parent.resolve()), args.by, values, args.seeds, args.budget_steps, args.budget_fraction,
                          args.concurrency, args.out, args.deployment, args.json, args.alpha, args.correction)
 
-    if not 0 < args.alpha < 1:
-        raise VerifilyError(None, "--alpha", f"must be in (0, 1); got {args.alpha}")
 
 def cmd_stack(args) -> int:
     from pathlib import Path

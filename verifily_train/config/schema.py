@@ -54,10 +54,10 @@ class TrainingSection:
     group_by_length: bool = False  # draw batches of similar-length rows (less padding, but a different optimisation: measured worse loss on short runs, docs/benchmarks.md)
     compile: bool = False  # torch.compile the repeated decoder block: fewer, fused kernels after a one-off compile of about a minute; pays on long GPU runs (docs/models.md)
     max_steps: int = -1  # when > 0, stop after this many optimizer steps (overrides num_epochs)
+    data_order_seed: int = -1  # -1: the run's seed orders the rows; >= 0 reorders them alone (same init): order-sensitivity checks
     eval_steps: int = 500  # evaluate on val every N steps (when a val split exists)
     save_steps: int = 500  # checkpoint every N steps
     logging_steps: int = 10  # log the loss every N steps; not hashed (cannot change the result)
-    data_order_seed: int = -1  # -1: the run's seed orders the rows; >= 0 reorders them alone (same init): order-sensitivity checks
     report_to: str = "none"  # tracker passed to the HF Trainer: none, tensorboard, mlflow, wandb; not hashed
     retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed
 
