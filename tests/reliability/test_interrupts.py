@@ -103,12 +103,12 @@ def test_ctrl_c_stops_a_run_at_once_and_the_rerun_resumes(tmp_path, models, sft_
     assert json.loads((run / "metrics.json").read_text())["train"]["resumed_from_step"] >= 2
 
 
-def test_sigint_to_the_main_process_alone_stops_it_too(tmp_path, models, sft_splits, verifily_home):  # designed here
-    """`kill -INT <pid>` (no group) while a stage works: the same clean stop, and the stage's scratch is gone."""
+def test_sigint_to_the_main_process_alone_stops_it_too(tmp_path, models, sft_splits, verifily_home,
+                                                       prefect_api):  # designed here
+    """`kill -INT <pid>` (no group) while a stage works, with a configured server: the same clean stop, and the
+    stage's scratch folder is gone."""
     write_config(tmp_path, "sft", models["llama"], sft_splits)
-    env = cli_env({"VERIFILY_PAUSE_STAGE": "tokenize:60"})
-    env.pop("PREFECT_API_URL", None)
-    proc = _start(tmp_path, env)
+    proc = _start(tmp_path, cli_env({"VERIFILY_PAUSE_STAGE": "tokenize:60", "PREFECT_API_URL": prefect_api}))
     _wait_for(lambda: list((verifily_home / "cache/tokenize").glob(".tmp-*")), proc)
     err, left = _interrupt(proc, group=False)
     _assert_interrupted(proc, err, left, tmp_path)
