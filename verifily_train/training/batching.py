@@ -4,6 +4,7 @@ length-grouped batches (rows of similar length share a batch, so padding is a fe
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Iterator, List, Optional, Sequence
 
@@ -68,41 +69,48 @@ def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: i
     return 1.0 - real / padded if padded else 0.0
 
 
-class KeyedOrderSampler:
-    """A torch Sampler over :func:`keyed_order`, reshuffled per epoch from ``seed + epoch`` (the default order)."""
+class _EpochSampler(ABC):
+    """A torch Sampler whose order is a function of ``seed + epoch`` (so a resumed run sees the same batches)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer before each epoch (and on resume, with the resumed epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.seed + self.epoch))
+
+    @abstractmethod
+    def order(self, seed: int) -> List[int]:
+        """This sampler's permutation of the rows for one epoch's seed."""
+
+
+class KeyedOrderSampler(_EpochSampler):
+    """Rows in :func:`keyed_order`, reshuffled per epoch (the default training order)."""
 
     def __init__(self, keys: Sequence[str], seed: int):
+        super().__init__(len(keys), seed)
         self.keys = list(keys)
-        self.seed = seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer before each epoch (and on resume, with the resumed epoch)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(keyed_order(self.keys, self.seed + self.epoch))
+    def order(self, seed: int) -> List[int]:
+        return keyed_order(self.keys, seed)
 
 
-class LengthGroupedSampler:
-    """A torch Sampler over :func:`length_grouped_order`, reshuffled per epoch from ``seed + epoch``."""
+class LengthGroupedSampler(_EpochSampler):
+    """Rows in :func:`length_grouped_order`, reshuffled per epoch."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, keys: Optional[Sequence[str]] = None):
+        super().__init__(len(lengths), seed)
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.seed = seed
         self.keys = list(keys) if keys is not None else None
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer before each epoch (and on resume, with the resumed epoch)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch, self.keys))
+    def order(self, seed: int) -> List[int]:
+        return length_grouped_order(self.lengths, self.batch_size, seed, self.keys)
