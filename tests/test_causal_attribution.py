@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import assert_user_error, cli_env, run_cli
@@ -43,7 +44,7 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     assert_user_error(run_cli("attribute", run.name, "--by", "nope", cwd=tmp_path, env=env), "--by", "nope")
     assert_user_error(run_cli("attribute", run.name, "--values", "martian", cwd=tmp_path, env=env), "martian")
 
-    args = ["attribute", run.name, "--values", "scraped", "--seeds", "3", "--budget-steps", "40", "--json"]
+    args = ["attribute", run.name, "--values", "scraped", "--seeds", "5", "--budget-steps", "40", "--json"]
     first = run_cli(*args, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads(first.stdout)
@@ -53,9 +54,9 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     # judged against removing as many random rows, at the seed level (the clean-source and coin-flip
     # directions are guarded in-process by tests/test_attribution_calibration.py, at less cost)
     assert bad["seed_ci95"][1] < 0 and scraped["p_adjusted"] <= 0.05 and result["correction"] == "holm"
-    assert bad["effect"] == sum(bad["per_seed"]) / 3 and len(bad["random_per_seed"]) == 3
+    assert bad["effect"] == pytest.approx(sum(bad["per_seed"]) / 5) and len(bad["random_per_seed"]) == 5
     assert scraped["control"] == f"__random_{scraped['removed_rows']}__" and bad["mde"] > 0
-    assert scraped["removed_rows"] > 0 and result["seeds"] == 3 and result["budget"]["max_steps"] == 40
+    assert scraped["removed_rows"] > 0 and result["seeds"] == 5 and result["budget"]["max_steps"] == 40
 
     # derived versions are ordinary, hash-addressed store versions that record their parent and rule
     manifest = json.loads(Path(verifily_home / "datasets" / "ds_noise" / "v1-without-source-scraped" /
@@ -68,11 +69,11 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
 
     # a size-matched random control per removed size and seed, stored like any derived version
     controls = {c["rule"]["drop_random_train_rows"]["count"] for c in result["controls"].values()}
-    assert controls == {scraped["removed_rows"]} and len(result["controls"]) == 3
+    assert controls == {scraped["removed_rows"]} and len(result["controls"]) == 5
 
-    # 9 ablation runs (full, the value, its control; 3 seeds) are task runs of the flow, some at once
+    # 15 ablation runs (full, the value, its control; 5 seeds) are task runs of the flow, some at once
     runs = [r for r in _task_runs(prefect_api, "ablation-") if r.state.is_completed()]
-    assert len(runs) == 9, [r.name for r in runs]
+    assert len(runs) == 15, [r.name for r in runs]
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "ablation runs never overlapped"
 

@@ -303,8 +303,9 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
                                        data_order_seed(cfg), keys)
         if label_only:
             denominator = label_tokens_per_step(train_data.columns["labels"], cfg)
-    elif not in_launched_rank():
-        # rows ordered by a keyed hash: an arm without some rows sees the others in the same order (attribution)
+    else:
+        # rows ordered by a keyed hash: an arm without some rows sees the others in the same order (attribution);
+        # under DDP accelerate deals its batches out to the ranks, so a step sees the one-process batch
         sampler = KeyedOrderSampler(keys, data_order_seed(cfg))
     trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only, denominator, packed)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
