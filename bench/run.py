@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,attribution,gpu]``: run, print a table, write JSON.
+"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,attribution,headline,gpu]``: run, print a table, write JSON.
 
 Every suite runs its contenders alternately, ``--reps`` times (training runs each in a fresh process,
 ``bench/isolated.py``), and reports medians and ratios (machines are noisy: the ratios are the result).
@@ -16,7 +16,7 @@ from typing import List
 
 from bench.common import RESULTS, TrainSettings, machine, markdown_table, quiet_libraries, set_threads, write_result
 
-SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "attribution", "gpu")
+SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "attribution", "headline", "gpu")
 
 
 def parse(argv=None):
@@ -130,6 +130,12 @@ def main(argv=None) -> int:
         result["machine"] = info
         write_result("aa", result, out)
         sections.append(aa_table(result))
+    if "headline" in only:
+        from bench.hard_headline import render as headline_table, run as run_headline
+
+        result = run_headline(200 if args.quick else 2000, 1.0)
+        write_result("hard_headline", result, out)
+        sections.append("### Hard-example headline\n\n" + headline_table(result))
     if "attribution" in only:
         from bench.attribution import main as run_attribution_calibration, render as attribution_table
 
