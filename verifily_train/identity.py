@@ -138,7 +138,9 @@ STAGE_CODE = {
     "train": ("train/2", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
                           "training/quantization.py", "training/distributed.py", "training/ddp_worker.py",
                           "training/batching.py", "training/loss.py", "training/attention.py"]),
-    "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/metrics.py", "evaluation/generate.py",
+    # evaluate (and the baseline, keyed by it) also runs the collator and row tokenizer of training/
+    "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/baseline.py", "training/trainer.py",
+                                "training/tokenize.py", "evaluation/metrics.py", "evaluation/generate.py",
                                 "evaluation/text_metrics.py", "training/models.py", "training/quantization.py",
                                 "training/attention.py", "training/render.py", "training/chat.py",
                                 "training/truncation.py"]),
