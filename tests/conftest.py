@@ -131,3 +131,15 @@ def train(folder: Path, prefect_api: str, *extra: str) -> tuple[subprocess.Compl
     return result, (max(runs, key=lambda p: p.stat().st_mtime) if runs else None)
 
 
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Set keys of ``folder/train.yaml``; a double underscore separates sections: ``lora__dropout=0.1``."""
+    cfg = yaml.safe_load((folder / "train.yaml").read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (folder / "train.yaml").write_text(yaml.safe_dump(cfg))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import cli_env, write_config
+from conftest import edit_config, cli_env, write_config
 from verifily_train.hashing import hash_tree
 
 pytestmark = pytest.mark.slow
@@ -38,15 +38,7 @@ def _cls(folder: Path, models, **sections) -> dict:
     return splits
 
 
-def _edit_config(folder: Path, **changes) -> None:
-    cfg = yaml.safe_load((folder / "train.yaml").read_text())
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, last = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    (folder / "train.yaml").write_text(yaml.safe_dump(cfg))
+_edit_config = edit_config
 
 
 def _store_version(folder: Path, models, mutate=None) -> Path:

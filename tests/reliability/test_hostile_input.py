@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_user_error, cli_env, run_cli, write_config
+from conftest import assert_user_error, cli_env, edit_config, run_cli, write_config
 from verifily_train.hashing import hash_tree
 
 pytestmark = pytest.mark.slow
@@ -43,15 +43,7 @@ def _append(path: Path, data: bytes) -> None:
     path.write_bytes(path.read_bytes() + data)
 
 
-def _edit(folder: Path, **changes) -> None:
-    cfg = yaml.safe_load((folder / "train.yaml").read_text())
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, last = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    (folder / "train.yaml").write_text(yaml.safe_dump(cfg))
+_edit = edit_config
 
 
 def _version(folder: Path, models, dataset_id: str = "ds_bad", mutate=None, raw: str | None = None) -> Path:
