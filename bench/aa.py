@@ -53,7 +53,7 @@ def _config(work: Path, task: str, model: Path, splits: Dict[str, Path], seed: i
 
 def _train_pairs(task: str, work: Path, pairs: int, log) -> List[tuple]:
     """Two runs per seed pair (seeds 2i+1, 2i+2), stages by hand, tokenized data shared."""
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
     from verifily_train.artifacts.run import new_run_id, utc_now
     from verifily_train.config import load_config
     from verifily_train.fixtures.data import write_splits

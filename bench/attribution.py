@@ -52,7 +52,7 @@ def train_and_score(model: Path, ref: str, seed: int, work: Path, extra: dict | 
     import pandas as pd
     import yaml
 
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
     from verifily_train.attribution import per_example_frame
     from verifily_train.config import load_config
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def main(config: str, runs_dir: str) -> None:
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
     from verifily_train.artifacts.run import new_run_id, utc_now
     from verifily_train.config import load_config
 

@@ -136,7 +136,7 @@ def machine() -> dict:
     """What the figures were measured on."""
     import torch
 
-    from verifily_train.training.device import cpu_supports_bf16
+    from verifily_train.model.device import cpu_supports_bf16
 
     cpu, flags = platform.processor(), set()
     try:

@@ -17,16 +17,16 @@ def run_evaluation(model_dir: Path, work: Path, n: int, batch_size: int, max_new
 
     from verifily_train.config.schema import PromptSection
     from verifily_train.evaluation.generate import generate_texts
-    from verifily_train.training.models import inspect_model, load_tokenizer
-    from verifily_train.training.tokenize import render_prompt
+    from verifily_train.model.loading import inspect_model, load_tokenizer
+    from verifily_train.model.tokenize import render_prompt
     from bench.data import read_rows
 
     rows = read_rows(write_skewed_splits(work / "eval-data", {"test": n}, seed=23)["test"])
     spec = inspect_model(str(model_dir), "sft")
     tok = load_tokenizer(spec)
     from verifily_train.config.schema import ComputeSection
-    from verifily_train.training.attention import for_plan
-    from verifily_train.training.device import resolve_device
+    from verifily_train.model.attention import for_plan
+    from verifily_train.model.device import resolve_device
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     # the evaluate stage's own precision on this machine (bf16 autocast where native; its attention set-up

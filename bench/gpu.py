@@ -100,7 +100,7 @@ def quantization_runs(model_dir: Path, work: Path, settings: TrainSettings, reps
     from bench.data import write_skewed_splits
     from bench.limit import model_dims, training_flops
     from bench.ours import OurTrainStage
-    from verifily_train.training.tokenize import TokenizedSplit
+    from verifily_train.model.tokenize import TokenizedSplit
 
     splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": 8}, seed=41,
                                  median_words=median_words)

@@ -92,7 +92,7 @@ def bare_loop(model_dir: Path, examples: List[dict], batch_size: int, lr: float,
 
 
 def _examples(stage: OurTrainStage) -> List[dict]:
-    from verifily_train.training.tokenize import TokenizedSplit
+    from verifily_train.model.tokenize import TokenizedSplit
 
     split = TokenizedSplit(stage.tokenized_dir / "train.parquet", "sft")
     return [split[i] for i in range(len(split))]

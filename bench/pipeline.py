@@ -86,7 +86,7 @@ def run_pipeline(model_dir: Path, work: Path, rows: int, eval_rows: int, epochs:
             env = dict(base_env, VERIFILY_HOME=str(h), **({"PREFECT_API_URL": api_url} if api_url else {}))
             cmd = [verifily_command(), "train", "-c", str(config)]
             cold = _timed(cmd, env, work)
-            rerun = _timed(cmd, env, work, expect="replayed:")  # answered from the cache (verifily_train/replay.py)
+            rerun = _timed(cmd, env, work, expect="replayed:")  # answered from the cache (verifily_train/pipeline/replay.py)
             flow = _timed(cmd + ["--flow"], env, work, expect="train cached")  # the same, through a Prefect flow run
             return {"seconds": cold, "rerun_seconds": rerun, "rerun_flow_seconds": flow}
         return run

@@ -6,7 +6,7 @@ from typing import List, Optional, Union
 
 from prefect import flow, get_run_logger
 
-from verifily_train import retrain
+from verifily_train.pipeline import claims as retrain
 from verifily_train.artifacts.run import utc_now
 from verifily_train.flows.train import train
 

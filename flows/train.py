@@ -10,13 +10,15 @@ from typing import List, Optional, Union
 
 from prefect import flow, get_run_logger
 
-from verifily_train import replay, retrain
+from verifily_train.pipeline import replay
+
+from verifily_train.pipeline import claims as retrain
 from verifily_train.artifacts.run import discard, new_run_id, utc_now, write_failed_run
-from verifily_train.cache import CacheMode, cache_root, release_held
+from verifily_train.pipeline.cache import CacheMode, cache_root, release_held
 from verifily_train.config import load_config
 from verifily_train.config.schema import OutputSection
 from verifily_train.fsio import verifily_home
-from verifily_train.stages import job_record, push_adapter, run_summary, stage_report
+from verifily_train.pipeline.stages import job_record, push_adapter, run_summary, stage_report
 from verifily_train.flows.report import publish_comparison, publish_run_artifacts
 from verifily_train.tasks.common import value
 from verifily_train.tasks.evaluate import evaluate, evaluate_baseline
@@ -134,7 +136,7 @@ def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[st
     global LAST_SUMMARY
     LAST_SUMMARY = summary  # the Run is complete: a later failure of Prefect's API must not disown it
     retrain.complete_run(cfg, fp, validated, written)
-    if cache["write"]:  # the next identical run can be answered from these entries (verifily_train/replay.py)
+    if cache["write"]:  # the next identical run can be answered from these entries (verifily_train/pipeline/replay.py)
         replay.remember(cfg, fp, done, Path(cache["root"]))
     publish_run_artifacts(summary)
     ds = validated["dataset"]

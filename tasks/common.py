@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
-from verifily_train.cache import CacheMode, run_cached
+from verifily_train.pipeline.cache import CacheMode, run_cached
 from verifily_train.errors import only_transient
 
 
@@ -20,7 +20,7 @@ def retry_only_transient(task, task_run, state) -> bool:
     return not isinstance(exc, BaseException) or only_transient(exc)
 
 
-# Caching is by our own content-hash keys (verifily_train.cache), which verify the files a hit points
+# Caching is by our own content-hash keys (verifily_train.pipeline.cache), which verify the files a hit points
 # to; Prefect's result cache would hand back a manifest whose files may be gone, so it stays off.
 STAGE_OPTIONS = dict(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_only_transient)
 

@@ -1,10 +1,10 @@
 from prefect import task
 
-from verifily_train import stages
+from verifily_train.pipeline import stages
 from verifily_train.config.loader import hashed_section
 from verifily_train.evaluation.baseline import baseline_key_parts
 from verifily_train.hashing import content_hash, sha256_file
-from verifily_train.identity import code_version
+from verifily_train.pipeline.codeversion import stage_code_version as code_version
 from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 
 

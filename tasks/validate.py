@@ -1,8 +1,8 @@
 from prefect import task
 
-from verifily_train import stages
+from verifily_train.pipeline import stages
 from verifily_train.hashing import content_hash
-from verifily_train.identity import code_version
+from verifily_train.pipeline.codeversion import stage_code_version as code_version
 from verifily_train.tasks.common import STAGE_OPTIONS, run_stage
 
 

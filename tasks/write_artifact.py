@@ -2,7 +2,7 @@ from pathlib import Path
 
 from prefect import task
 
-from verifily_train import stages
+from verifily_train.pipeline import stages
 from verifily_train.tasks.common import STAGE_OPTIONS
 
 

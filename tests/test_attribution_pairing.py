@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from verifily_train import stages
+from verifily_train.pipeline import stages
 from verifily_train.config import load_config
 
 

@@ -65,8 +65,8 @@ def _untrained_model_logits(llama64, tmp_path, bits: str, device: str):
     from verifily_train.config.schema import TrainConfig
     from verifily_train.evaluation.baseline import write_untrained_adapter
     from verifily_train.evaluation.predict import load_trained_model
-    from verifily_train.training.device import DevicePlan
-    from verifily_train.training.models import KIND_CAUSAL, ModelSpec, load_tokenizer
+    from verifily_train.model.device import DevicePlan
+    from verifily_train.model.loading import KIND_CAUSAL, ModelSpec, load_tokenizer
 
     spec = ModelSpec(str(llama64), KIND_CAUSAL, "llama", True)
     cfg = TrainConfig(task="sft", base_model=str(llama64),
@@ -80,7 +80,7 @@ def _quantized_base_logits(llama64, bits: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from verifily_train.training.quantization import disable_cpu_4bit_repacking, quantization_config
+    from verifily_train.model.quantization import disable_cpu_4bit_repacking, quantization_config
 
     lora = LoraSection(quantization=bits, bnb_4bit_compute_dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32,
@@ -128,7 +128,7 @@ def test_a_qlora_baseline_on_cuda_is_the_4bit_base(llama64, tmp_path):
 @needs_bnb
 def test_the_baseline_stage_of_a_4bit_run_scores_the_4bit_base(tmp_path, models, sft_splits):
     """In process: fingerprint, tokenize, then the baseline stage with and without 4-bit quantization."""
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
 
     losses = {}
     for bits in ("none", "4bit"):

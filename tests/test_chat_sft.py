@@ -15,7 +15,7 @@ from conftest import assert_user_error, run_cli, train, write_config
 from verifily_train.config.schema import PromptSection
 from verifily_train.errors import ConfigError, DataError, ModelError
 from verifily_train.fixtures.data import make_conversations, make_rows, write_jsonl, write_splits
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
+from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
 
 CONVERSATION = [
     {"role": "user", "content": "Give the opposite of the word. hot"},
@@ -36,7 +36,7 @@ def chat_model(tmp_path_factory):
 def _renderer(model: Path, kind: str = KIND_CAUSAL, max_len: int = 128, **prompt):
     from transformers import AutoTokenizer
 
-    from verifily_train.training.render import RowRenderer
+    from verifily_train.model.render import RowRenderer
 
     tok = AutoTokenizer.from_pretrained(model)
     spec = ModelSpec(str(model), kind, "llama", True)
@@ -142,7 +142,7 @@ def test_row_whose_answer_would_be_truncated_away_is_reported_or_dropped_and_cou
     from transformers import AutoTokenizer
 
     from verifily_train.dataset.manifest import dataset_from_paths
-    from verifily_train.training.tokenize import tokenize_dataset
+    from verifily_train.model.tokenize import tokenize_dataset
 
     rows = make_rows("sft", 6, 3)
     rows[3] = dict(rows[3], system=" ".join(["Answer briefly ."] * 20))  # a system prompt longer than the window
@@ -167,8 +167,8 @@ def test_tokenize_manifest_records_the_rendering_and_counts_truncation_per_split
     from transformers import AutoTokenizer
 
     from verifily_train.dataset.manifest import dataset_from_paths
-    from verifily_train.training.chat import template_sha256
-    from verifily_train.training.tokenize import tokenize_dataset
+    from verifily_train.model.chat import template_sha256
+    from verifily_train.model.tokenize import tokenize_dataset
 
     splits = write_splits(tmp_path, "sft", {"train": 12, "test": 6}, seed=4)
     long_row = {"instruction": "Repeat the colors exactly.", "input": " ".join(["red"] * 80), "output": "red"}
@@ -202,7 +202,7 @@ def test_seq2seq_target_cut_to_the_window_keeps_its_eos(models):
 def test_template_that_rewrites_earlier_turns_is_an_error_naming_the_row(chat_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from verifily_train.training.chat import encode_conversation, special_ids
+    from verifily_train.model.chat import encode_conversation, special_ids
 
     tok = AutoTokenizer.from_pretrained(chat_model)
     # like templates that strip earlier replies' reasoning: an assistant turn renders empty unless it is last
@@ -216,7 +216,7 @@ def test_template_that_rewrites_earlier_turns_is_an_error_naming_the_row(chat_mo
 def test_template_without_an_end_of_turn_token_is_an_error(chat_model):
     from transformers import AutoTokenizer
 
-    from verifily_train.training.chat import encode_conversation, special_ids
+    from verifily_train.model.chat import encode_conversation, special_ids
 
     tok = AutoTokenizer.from_pretrained(chat_model)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
@@ -274,7 +274,7 @@ def test_bad_prompt_setting_names_its_key(tmp_path, override, key):
 
 
 def test_chat_template_identity_follows_the_template_text(chat_model, tmp_path):
-    from verifily_train.identity import chat_template_identity
+    from verifily_train.model.identity import chat_template_identity
 
     copy = tmp_path / "copy"
     shutil.copytree(chat_model, copy)

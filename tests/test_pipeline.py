@@ -134,7 +134,7 @@ def test_adapter_reloads_with_peft_and_reproduces_test_predictions(tmp_path, mod
 
     from verifily_train.config.schema import PromptSection
     from verifily_train.dataset.rows import iter_jsonl
-    from verifily_train.training.tokenize import render_prompt
+    from verifily_train.model.tokenize import render_prompt
 
     write_config(tmp_path, "sft", models["llama"], sft_splits, compute={"bf16": False})
     result, run = train(tmp_path, prefect_api)

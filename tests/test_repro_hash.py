@@ -14,7 +14,8 @@ import pytest
 from conftest import train, write_config
 from verifily_train.artifacts.run import reproducibility_components, reproducibility_hash
 from verifily_train.config import load_config
-from verifily_train.identity import digest_sources, model_identity, package_sources, source_digest, tokenizer_identity
+from verifily_train.artifacts.env import digest_sources, package_sources, source_digest
+from verifily_train.model.identity import model_identity, tokenizer_identity
 
 ENV = {"env_hash": "e" * 64, "device": "cpu", "precision": "fp32"}
 
@@ -95,7 +96,7 @@ def test_each_identity_component_changes_the_hash(job, component):
 
 def test_the_source_digest_follows_file_contents_not_their_location(tmp_path):
     files = package_sources()
-    assert {"stages.py", "artifacts/run.py", "flows/train.py", "tasks/evaluate.py"} <= set(files)
+    assert {"pipeline/cache.py", "artifacts/run.py", "flows/train.py", "tasks/evaluate.py"} <= set(files)
     copy = {}
     for name, path in files.items():
         target = tmp_path / "copy" / name
@@ -103,7 +104,7 @@ def test_the_source_digest_follows_file_contents_not_their_location(tmp_path):
         shutil.copyfile(path, target)
         copy[name] = target
     assert digest_sources(copy) == digest_sources(files)
-    copy["stages.py"].write_text(copy["stages.py"].read_text() + "\n# an edit\n")
+    copy["artifacts/run.py"].write_text(copy["artifacts/run.py"].read_text() + "\n# an edit\n")
     assert digest_sources(copy) != digest_sources(files)
 
 

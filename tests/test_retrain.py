@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from verifily_train import retrain
+from verifily_train.pipeline import claims as retrain
 from verifily_train.config import load_config
 from verifily_train.errors import ConfigError
 

@@ -50,7 +50,7 @@ def test_label_only_head_loss_and_gradients_equal_the_plain_forward(models, lora
     assert supports_label_only_head(model)
     batch = _batch(tok)
     if pack:  # the packed path runs through the stage's attention function
-        from verifily_train.training.attention import use_fp32_attention
+        from verifily_train.model.attention import use_fp32_attention
         from verifily_train.training.loss import can_pack, unwrap_causal_lm
 
         assert use_fp32_attention(unwrap_causal_lm(model))
@@ -144,7 +144,7 @@ def test_packed_rows_give_every_label_only_familys_loss_and_gradients(family):
     rotary positions restart per row (a length-1 row and a full-width row included)."""
     import torch
 
-    from verifily_train.training.attention import use_fp32_attention
+    from verifily_train.model.attention import use_fp32_attention
     from verifily_train.training.loss import can_pack, label_position_loss, supports_label_only_head
 
     model = _tiny_family(family)
@@ -162,7 +162,7 @@ def test_packed_rows_give_every_label_only_familys_loss_and_gradients(family):
 
 
 def test_rows_are_not_packed_where_the_mask_would_need_more_than_rows_and_causality():
-    from verifily_train.training.attention import use_fp32_attention
+    from verifily_train.model.attention import use_fp32_attention
     from verifily_train.training.loss import can_pack
 
     batch = _random_batch()
@@ -192,9 +192,9 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     from safetensors.torch import load_file
 
     from verifily_train.config import load_config
-    from verifily_train.stages import _spec, fingerprint_stage, tokenize_stage
-    from verifily_train.training.device import DevicePlan
-    from verifily_train.training.models import load_tokenizer
+    from verifily_train.pipeline.stages import _spec, fingerprint_stage, tokenize_stage
+    from verifily_train.model.device import DevicePlan
+    from verifily_train.model.loading import load_tokenizer
     from verifily_train.training.trainer import train_adapter
 
     cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
@@ -280,7 +280,7 @@ def test_fp32_attention_on_cpu_bf16_masks_padding_and_matches_fp32_attention(mod
     import torch
     from transformers import AutoModelForCausalLM
 
-    from verifily_train.training.attention import NAME, for_plan
+    from verifily_train.model.attention import NAME, for_plan
 
     torch.manual_seed(0)
     ids = torch.randint(4, 40, (2, 9))
@@ -316,7 +316,7 @@ def test_cpu_attention_under_autocast_is_fp32_math_equal_to_fp32_sdpa(monkeypatc
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from verifily_train.training import attention
+    from verifily_train.model import attention
 
     torch.manual_seed(0)
     b, heads, groups, t, d = 3, 4, 2, 11, 16
@@ -367,7 +367,7 @@ def test_cheap_dropout_has_dropouts_distribution_and_gradient():
     and a seeded generator repeats it bit for bit."""
     import torch
 
-    from verifily_train.training.lora import _dropout_class
+    from verifily_train.model.lora import _dropout_class
 
     layer = _dropout_class()(0.05)
     assert abs(layer.p - 0.05) < 1 / 65536
@@ -395,7 +395,7 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from verifily_train.training.lora import use_cheap_dropout
+    from verifily_train.model.lora import use_cheap_dropout
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["llama"]),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
@@ -432,7 +432,7 @@ def test_fused_lora_output_computes_peft_forward_and_gradients(models):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from verifily_train.training.lora import use_fused_lora_output
+    from verifily_train.model.lora import use_fused_lora_output
 
     tok = AutoTokenizer.from_pretrained(models["llama"])
     batch = _batch(tok)
@@ -473,7 +473,7 @@ def test_compiled_blocks_compute_the_eager_forward_and_gradients_in_one_graph(mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from verifily_train.training.compiled import compile_repeated_blocks, repeated_blocks
-    from verifily_train.training.lora import use_fused_lora_output
+    from verifily_train.model.lora import use_fused_lora_output
 
     tok = AutoTokenizer.from_pretrained(models["llama"])
     batches = [_batch(tok, n=6, seed=0), _batch(tok, n=5, seed=3)]
@@ -513,10 +513,10 @@ def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp
     import torch._dynamo
 
     from verifily_train.config import load_config
-    from verifily_train.stages import _spec, fingerprint_stage, tokenize_stage
+    from verifily_train.pipeline.stages import _spec, fingerprint_stage, tokenize_stage
     from verifily_train.training import compiled
-    from verifily_train.training.device import DevicePlan
-    from verifily_train.training.models import load_tokenizer
+    from verifily_train.model.device import DevicePlan
+    from verifily_train.model.loading import load_tokenizer
     from verifily_train.training.trainer import train_adapter
 
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # the trace and autograd without code generation
@@ -558,7 +558,7 @@ def test_training_compile_without_its_code_generator_is_refused_before_any_work(
     import shutil
 
     from verifily_train.errors import EnvironmentProblem
-    from verifily_train.preflight import model_and_device_checks
+    from verifily_train.pipeline.preflight import model_and_device_checks
     from verifily_train.training import compiled
 
     compiled.check_compile_support("cpu")  # this machine has one

@@ -171,7 +171,7 @@ def test_bad_input_is_one_clear_line(name, tmp_path, models):
 
 def test_a_row_longer_than_max_seq_length_is_truncated_and_counted(tmp_path, models):
     """Not an error: counted in the tokenize stage's manifest."""
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
     from verifily_train.config import load_config
 
     # 24, not less: the Alpaca template's own tokens (10 here) are never cut, so a smaller window leaves some

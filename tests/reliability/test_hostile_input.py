@@ -262,11 +262,11 @@ def test_a_row_past_the_models_positions_is_cut_at_them_and_said_once(task, tmp_
     forward pass of the longest row runs (it crashed on BERT's position embeddings)."""
     import torch
 
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
     from verifily_train.config import load_config
     from verifily_train.fixtures.data import write_splits
-    from verifily_train.training.models import ModelSpec, load_model, load_tokenizer
-    from verifily_train.training.tokenize import TokenizedSplit
+    from verifily_train.model.loading import ModelSpec, load_model, load_tokenizer
+    from verifily_train.model.tokenize import TokenizedSplit
 
     model = models["bert" if task == "classification" else "llama"]
     splits = write_splits(tmp_path / "data", task, {"train": 24, "test": 8}, seed=4)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_four_concurrent_runs_share_store_cache_and_runs_folder(tmp_path, models, cls_splits, prefect_api,
                                                                 verifily_home):
-    from verifily_train.cache import entry_is_valid, list_entries
+    from verifily_train.pipeline.cache import entry_is_valid, list_entries
 
     created = run_cli("dataset", "create", "--id", "ds_c", "--version", "v1", "--task", "classification",
                       "--train", str(cls_splits["train"]), "--test", str(cls_splits["test"]), cwd=tmp_path)

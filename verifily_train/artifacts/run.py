@@ -17,7 +17,7 @@ from verifily_train.errors import RunError
 from verifily_train.fsio import (atomic_write_json, atomic_write_text, claim_staging, fsync_dir, make_read_only,
                                  make_writable, release_staging, sweep_abandoned)
 from verifily_train.hashing import content_hash, sha256_file
-from verifily_train.identity import source_digest, tool_version
+from verifily_train.artifacts.env import source_digest, tool_version
 
 CHECKSUMS = "checksums.sha256"
 RUN_SCHEMA_VERSION = 1

@@ -237,7 +237,7 @@ def cmd_dataset_create(args) -> int:
 
 def _use_prefect_server() -> Optional[str]:
     """The configured Prefect API (PREFECT_API_URL, else a running `verifily stack`), exported for Prefect."""
-    from verifily_train.stack import configured_api_url
+    from verifily_train.cli.stack import configured_api_url
 
     url = configured_api_url()
     if url:
@@ -315,7 +315,7 @@ def cmd_runs_verify(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from verifily_train.training.registry import list_embedded
+    from verifily_train.model.registry import list_embedded
 
     rows = [[m["alias"], m["task"], m["description"], m["path"] if m["installed"] else f"not installed: {m['install']}"]
             for m in list_embedded()]
@@ -335,7 +335,7 @@ def _human_bytes(n: int) -> str:
 def cmd_cache_list(args) -> int:
     import time
 
-    from verifily_train.cache import cache_root, list_entries
+    from verifily_train.pipeline.cache import cache_root, list_entries
 
     entries = list_entries(cache_root(args.dir))
     if not entries:
@@ -349,7 +349,7 @@ def cmd_cache_list(args) -> int:
 
 
 def cmd_cache_prune(args) -> int:
-    from verifily_train.cache import cache_root, prune
+    from verifily_train.pipeline.cache import cache_root, prune
 
     if args.older_than < 0:
         raise VerifilyError(None, "--older-than", "must be >= 0 days")
@@ -364,7 +364,7 @@ def _kept_note(kept: List[str]) -> str:
 
 
 def cmd_cache_clear(args) -> int:
-    from verifily_train.cache import cache_root, prune
+    from verifily_train.pipeline.cache import cache_root, prune
 
     kept: List[str] = []
     print(f"removed {prune(cache_root(args.dir), None, kept)} entries from {cache_root(args.dir)}" + _kept_note(kept))
@@ -415,7 +415,7 @@ def cmd_train(args) -> int:
         return _submit_self_host(args, overrides)
     _use_prefect_server()  # runs show in the stack's UI while one is up
     from verifily_train.cli.train import replay_identical_run, run_train, start_quiet_server
-    from verifily_train.preflight import cheap_checks, model_and_device_checks
+    from verifily_train.pipeline.preflight import cheap_checks, model_and_device_checks
 
     # every problem at once, before Prefect or a model
     cfg = cheap_checks(args.config, overrides, args.dataset)
@@ -467,7 +467,7 @@ def cmd_attribute(args) -> int:
 def cmd_stack(args) -> int:
     from pathlib import Path
 
-    from verifily_train import stack
+    from verifily_train.cli import stack
 
     if args.stack_command == "up":
         workers = [w for w in args.workers.split(",") if w] if args.workers is not None else list(stack.WORKERS)
@@ -482,7 +482,7 @@ def cmd_stack(args) -> int:
 def cmd_demo(args) -> int:
     from verifily_train.config import load_config
 
-    from verifily_train.demo import prepare_demo
+    from verifily_train.cli.demo import prepare_demo
 
     path = prepare_demo(args.task, tiny=args.tiny)
     print(f"demo config: {path}")

@@ -272,13 +272,13 @@ def start_temporary_server() -> Optional[TemporaryServer]:
 
 
 def replay_identical_run(cfg) -> bool:
-    """Write and print a new Run from the cache when these exact inputs completed before (verifily_train/replay.py)."""
+    """Write and print a new Run from the cache when these exact inputs completed before (verifily_train/pipeline/replay.py)."""
     if not cfg.cache.enabled or cfg.output.push_to_hub:
         return False
     from pathlib import Path
 
-    from verifily_train.cache import cache_root, release_held
-    from verifily_train.replay import replay
+    from verifily_train.pipeline.cache import cache_root, release_held
+    from verifily_train.pipeline.replay import replay
 
     try:
         summary = replay(cfg, cache_root(cfg.cache.dir), Path(cfg.output.dir))
@@ -305,7 +305,7 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
 
     from verifily_train.flows import train as train_flow
 
-    from verifily_train import stages
+    from verifily_train.pipeline import stages
 
     logging.raiseExceptions = False  # a log record the API refused is not printed ("--- Error logging to API ---")
     train_flow.LAST_SUMMARY, stages.LAST_PUBLISHED = None, None

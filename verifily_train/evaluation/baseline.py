@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from verifily_train.config.schema import LoraSection, TrainConfig
-from verifily_train.training.lora import build_adapter
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
+from verifily_train.model.lora import build_adapter
+from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
 
 # Bump when the same plan should now give another baseline (the stage's code version does not list this file).
 BASELINE_LOAD_VERSION = "baseline-load/1"

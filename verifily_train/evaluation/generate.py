@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from verifily_train.training.models import KIND_CAUSAL, ModelSpec
+from verifily_train.model.loading import KIND_CAUSAL, ModelSpec
 
 
 def generate_texts(model, spec: ModelSpec, tok, prompts: List[List[int]], batch_size: int, max_new_tokens: int,

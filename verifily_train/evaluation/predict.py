@@ -11,9 +11,9 @@ from verifily_train.errors import DataError
 from verifily_train.evaluation.generate import generate_texts
 from verifily_train.evaluation.metrics import classification_report, metrics_for_frame
 from verifily_train.evaluation.text_metrics import resolve_format, score_texts
-from verifily_train.training.device import DevicePlan
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
-from verifily_train.training.tokenize import TokenizedSplit
+from verifily_train.model.device import DevicePlan
+from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.model.tokenize import TokenizedSplit
 
 
 def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Optional[Path],
@@ -25,8 +25,8 @@ def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str]
     """
     from peft import PeftModel
 
-    from verifily_train.training.attention import for_plan
-    from verifily_train.training.quantization import disable_cpu_4bit_repacking, quantization_config
+    from verifily_train.model.attention import for_plan
+    from verifily_train.model.quantization import disable_cpu_4bit_repacking, quantization_config
 
     if trained is None:
         model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
@@ -190,8 +190,8 @@ def _score_gold_set(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DeviceP
     import pandas as pd
 
     from verifily_train.dataset.rows import iter_jsonl, validate_row
-    from verifily_train.training.render import RowRenderer
-    from verifily_train.training.tokenize import tokenize_row
+    from verifily_train.model.render import RowRenderer
+    from verifily_train.model.tokenize import tokenize_row
 
     renderer = RowRenderer(spec, tok, cfg.prompt, cfg.training.max_seq_length)
     rows, prompts = [], []

@@ -41,9 +41,9 @@ def run_rank(job_path: Path) -> None:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         from verifily_train.fsio import atomic_write_json
-        from verifily_train.training.device import DevicePlan
+        from verifily_train.model.device import DevicePlan
         from verifily_train.training.distributed import config_from_dict
-        from verifily_train.training.models import ModelSpec, load_tokenizer
+        from verifily_train.model.loading import ModelSpec, load_tokenizer
         from verifily_train.training.trainer import train_adapter
 
         job = json.loads(job_path.read_text(encoding="utf-8"))

@@ -148,7 +148,7 @@ def can_pack(base, ids, mask) -> bool:
     It needs the stage's CPU attention function (``training.attention``, which handles packed rows), rows
     that each hold a token, and no sliding window shorter than the batch (its mask would need the window).
     """
-    from verifily_train.training.attention import NAME
+    from verifily_train.model.attention import NAME
 
     config = base.config
     if ids.device.type not in PACK_DEVICES or getattr(config, "_attn_implementation", None) != NAME:
@@ -169,7 +169,7 @@ def _packed_label_loss_sum(base, ids, mask, labels):
     """
     import torch
 
-    from verifily_train.training.attention import PACKED_KWARG, PackedRows
+    from verifily_train.model.attention import PACKED_KWARG, PackedRows
 
     rows = ids.shape[0]
     lengths = mask.sum(dim=1)

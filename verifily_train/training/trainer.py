@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.config.schema import TrainConfig
-from verifily_train.training.device import DevicePlan
+from verifily_train.model.device import DevicePlan
 from verifily_train.training.distributed import (barrier, ddp_backend, in_launched_rank, is_main_rank, launch_ranks,
                                                  local_device_index, rank_callbacks)
 from verifily_train.training.loss import PACK_DEVICES, supports_label_only_head, unwrap_causal_lm
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
-from verifily_train.training.tokenize import TokenizedSplit
+from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.model.tokenize import TokenizedSplit
 
 COMPLETE_MARKER = ".verifily-complete"
 
@@ -233,13 +233,13 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     import torch
     from transformers import Seq2SeqTrainer, Trainer, set_seed
 
-    from verifily_train.training.lora import build_adapter, count_parameters
+    from verifily_train.model.lora import build_adapter, count_parameters
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = tokenized["labels"]
     # seed before the model is built: LoRA init and a fresh classification head draw from it
     set_seed(cfg.seed)
-    from verifily_train.training.quantization import prepare_quantized, quantization_config
+    from verifily_train.model.quantization import prepare_quantized, quantization_config
 
     quant = quantization_config(cfg.lora, plan.device)
     model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
@@ -249,26 +249,26 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         model = prepare_quantized(model)
     fp32_attention = False
     if cpu_fp32_attention:
-        from verifily_train.training.attention import for_plan
+        from verifily_train.model.attention import for_plan
 
         fp32_attention = for_plan(model, plan.device, plan.precision)
     if cfg.lora.enabled:
         model = build_adapter(model, cfg.lora, spec)
     converted = 0
     if frozen_in_compute_dtype and cfg.lora.enabled and quant is None and plan.precision in ("bf16", "fp16"):
-        from verifily_train.training.lora import store_frozen_linears_in
+        from verifily_train.model.lora import store_frozen_linears_in
 
         converted = store_frozen_linears_in(model, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
     compile_blocks = cfg.training.compile if compile_blocks is None else compile_blocks
     cheap_dropout = 0
     # compiled blocks fuse nn.Dropout's own sampling; the 16-bit sampler's in-place random_ breaks their graph
     if cpu_cheap_dropout and cfg.lora.enabled and plan.device == "cpu" and not compile_blocks:
-        from verifily_train.training.lora import use_cheap_dropout
+        from verifily_train.model.lora import use_cheap_dropout
 
         cheap_dropout = use_cheap_dropout(model)
     fused = 0
     if fused_lora_output and cfg.lora.enabled:
-        from verifily_train.training.lora import use_fused_lora_output
+        from verifily_train.model.lora import use_fused_lora_output
 
         fused = use_fused_lora_output(model)
     compiled = 0
@@ -288,7 +288,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
                   and not in_launched_rank())
     packed = False
     if pack_rows and label_only and plan.device in PACK_DEVICES and not compile_blocks:
-        from verifily_train.training.attention import use_fp32_attention
+        from verifily_train.model.attention import use_fp32_attention
 
         # the stage's attention function handles packed rows; in fp32 it is SDPA for anything else
         packed = fp32_attention or use_fp32_attention(unwrap_causal_lm(model))

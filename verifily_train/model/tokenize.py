@@ -11,8 +11,8 @@ from verifily_train.config.schema import PromptSection
 from verifily_train.dataset.rows import iter_jsonl, label_of
 from verifily_train.dataset.version import SPLITS, DatasetVersion
 from verifily_train.errors import DataError
-from verifily_train.training.models import KIND_SEQ2SEQ, ModelSpec
-from verifily_train.training.render import RowRenderer, final_answer, render_prompt  # noqa: F401  (render_prompt: re-exported)
+from verifily_train.model.loading import KIND_SEQ2SEQ, ModelSpec
+from verifily_train.model.render import RowRenderer, final_answer, render_prompt  # noqa: F401  (render_prompt: re-exported)
 
 
 def example_id(row: dict, split: str, lineno: int) -> str:

@@ -69,7 +69,7 @@ def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = Fa
     By default the demo fine-tunes the embedded pretrained model (SmolLM2-135M-Instruct for SFT,
     all-MiniLM-L6-v2 for classification); ``tiny`` uses a small model built offline instead.
     """
-    from verifily_train.training.registry import resolve_alias
+    from verifily_train.model.registry import resolve_alias
 
     home = home or verifily_home()
     if tiny:

@@ -103,7 +103,7 @@ def go_offline_when_hub_unreachable(timeout: float = 3.0) -> bool:
 def _check_cache_dir(cfg) -> None:
     """The stage cache (``cache.dir``, else ``$VERIFILY_HOME/cache``) must be writable: even with the cache
     off, stages compute in private folders under it."""
-    from verifily_train.cache import cache_root
+    from verifily_train.pipeline.cache import cache_root
 
     from verifily_train.fsio import check_writable_folder
 
@@ -153,8 +153,8 @@ def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: 
 
     def model_reference_check() -> None:
         from verifily_train.errors import ModelError
-        from verifily_train.training.models import check_model_reference
-        from verifily_train.training.registry import is_gguf, resolve_alias
+        from verifily_train.model.loading import check_model_reference
+        from verifily_train.model.registry import is_gguf, resolve_alias
 
         base = resolve_alias(cfg.base_model)
         if is_gguf(base):
@@ -171,7 +171,7 @@ def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: 
         _attempt(problems, model_reference_check)
 
     def hub_check() -> None:
-        from verifily_train.stages import check_push_to_hub
+        from verifily_train.pipeline.stages import check_push_to_hub
 
         check_push_to_hub(cfg)
 
@@ -190,10 +190,10 @@ def model_and_device_checks(cfg) -> None:
     problems: List[VerifilyError] = []
 
     def model_kind_check() -> None:  # reads the model's config only (imports transformers)
-        from verifily_train.training.models import inspect_model
-        from verifily_train.training.registry import is_gguf, resolve_alias
+        from verifily_train.model.loading import inspect_model
+        from verifily_train.model.registry import is_gguf, resolve_alias
 
-        from verifily_train.training.models import check_weights
+        from verifily_train.model.loading import check_weights
 
         base = resolve_alias(cfg.base_model)
         if not is_gguf(base):  # a GGUF's kind is checked once it is converted (a CausalLM)
@@ -205,8 +205,8 @@ def model_and_device_checks(cfg) -> None:
         problems.append(type(last)(last.where, last.key, f"{last.problem} ({HUB_UNREACHABLE})"))
 
     def device_check() -> None:
-        from verifily_train.training.device import resolve_device
-        from verifily_train.training.quantization import quantization_config
+        from verifily_train.model.device import resolve_device
+        from verifily_train.model.quantization import quantization_config
 
         plan = resolve_device(cfg.compute)
         quantization_config(cfg.lora, plan.device)

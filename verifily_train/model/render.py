@@ -14,10 +14,10 @@ from typing import List, Optional, Set, Tuple
 from verifily_train.config.schema import PromptSection
 from verifily_train.dataset.rows import MESSAGES_FIELD, is_conversation
 from verifily_train.errors import DataError, ModelError
-from verifily_train.training.chat import (Encoded, encode_conversation, instruction_messages, special_ids,
+from verifily_train.model.chat import (Encoded, encode_conversation, instruction_messages, special_ids,
                                           template_of, template_sha256, with_system)
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
-from verifily_train.training.truncation import Cut, Fitted, TextCut, causal_limits, fit_row, seq2seq_limits
+from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
+from verifily_train.model.truncation import Cut, Fitted, TextCut, causal_limits, fit_row, seq2seq_limits
 
 FORMAT_CHAT, FORMAT_TEMPLATE = "chat", "template"
 

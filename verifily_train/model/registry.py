@@ -85,7 +85,7 @@ def convert_gguf(gguf_path: Path, file_sha256: str, cache_dir: Path) -> Tuple[Pa
         return final, False
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(gguf_path, "base_model", "reading GGUF checkpoints needs the gguf package: pip install gguf")
-    from verifily_train.cache import key_lock
+    from verifily_train.pipeline.cache import key_lock
 
     with key_lock(cache_dir, "gguf", file_sha256):
         if (final / ".complete").is_file():

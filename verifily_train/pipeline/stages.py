@@ -1,7 +1,7 @@
 """The pipeline's stages as plain library functions (``tasks/`` wraps each one as a Prefect task).
 
 Each stage reads the config section it needs plus the small JSON manifests of earlier stages, writes
-files into its own output folder (a cache entry, see ``verifily_train.cache``), and returns a JSON
+files into its own output folder (a cache entry, see ``verifily_train.pipeline.cache``), and returns a JSON
 manifest naming them. ``fingerprint_stage`` runs every time: it computes the identities the cache
 keys are made of. Nothing here imports Prefect.
 """
@@ -23,7 +23,7 @@ from verifily_train.fsio import atomic_write_json
 
 
 def _spec(fp: dict):
-    from verifily_train.training.models import ModelSpec
+    from verifily_train.model.loading import ModelSpec
 
     return ModelSpec(**fp["model"])
 
@@ -31,7 +31,7 @@ def _spec(fp: dict):
 def _plan(fp: dict):
     from dataclasses import fields
 
-    from verifily_train.training.device import DevicePlan
+    from verifily_train.model.device import DevicePlan
 
     names = {f.name for f in fields(DevicePlan)}  # fp["device"] also records the GPU name and CUDA version
     return DevicePlan(**{k: v for k, v in fp["device"].items() if k in names})
@@ -52,11 +52,11 @@ def check_push_to_hub(cfg: TrainConfig) -> None:
 def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
     """Identities of the data (bytes), model (weights), tokenizer (files), device and config: the keys' inputs."""
     from verifily_train.errors import ModelError
-    from verifily_train.identity import (accelerator_identity, chat_template_identity, file_identity, model_identity,
-                                         numeric_env, tokenizer_identity)
-    from verifily_train.training.device import resolve_device
-    from verifily_train.training.models import inspect_model
-    from verifily_train.training.registry import convert_gguf, is_gguf, resolve_alias
+    from verifily_train.artifacts.env import accelerator_identity, numeric_env
+    from verifily_train.model.identity import chat_template_identity, file_identity, model_identity, tokenizer_identity
+    from verifily_train.model.device import resolve_device
+    from verifily_train.model.loading import inspect_model
+    from verifily_train.model.registry import convert_gguf, is_gguf, resolve_alias
 
     dataset = dataset_fingerprint(cfg.dataset_version, cfg.data_paths, cfg.task)
     plan = resolve_device(cfg.compute)
@@ -74,7 +74,7 @@ def fingerprint_stage(cfg: TrainConfig, cache_dir: Path) -> dict:
         folder, converted = convert_gguf(gguf, sha, cache_dir)
         base, conversion = str(folder), ("converted" if converted else "reused")
     spec = inspect_model(base, cfg.task, cfg.trust_remote_code)
-    from verifily_train.training.models import position_limit
+    from verifily_train.model.loading import position_limit
 
     return {
         "stage": "fingerprint",
@@ -112,8 +112,8 @@ def _dataset_now(fp: dict, validated: dict) -> dict:
 
 def tokenize_stage(cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path) -> dict:
     """Tokenize every split with the base model's tokenizer."""
-    from verifily_train.training.models import load_tokenizer
-    from verifily_train.training.tokenize import tokenize_dataset
+    from verifily_train.model.loading import load_tokenizer
+    from verifily_train.model.tokenize import tokenize_dataset
 
     dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
     if dv.content_hash != fp["data_hash"]:
@@ -140,7 +140,7 @@ def train_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work
     """Fine-tune with LoRA (or fully) and save the adapter; checkpoints in ``work_dir`` make it resumable.
 
     ``on_progress(step, max_steps)`` is called as optimizer steps complete (an orchestrator's progress bar)."""
-    from verifily_train.training.models import load_tokenizer
+    from verifily_train.model.loading import load_tokenizer
     from verifily_train.training.trainer import train_adapter
 
     spec = _spec(fp)
@@ -152,7 +152,7 @@ def train_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, work
 def evaluate_stage(cfg: TrainConfig, fp: dict, tokenized: dict, trained: dict, out_dir: Path, work_dir: Path) -> dict:
     """Per-example scores and overall metrics on the evaluation split."""
     from verifily_train.evaluation.predict import predict_split
-    from verifily_train.training.models import load_tokenizer
+    from verifily_train.model.loading import load_tokenizer
 
     spec = _spec(fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
@@ -168,7 +168,7 @@ def baseline_stage(cfg: TrainConfig, fp: dict, tokenized: dict, out_dir: Path, w
 
     from verifily_train.evaluation.baseline import baseline_load_plan, write_untrained_adapter
     from verifily_train.evaluation.predict import predict_split
-    from verifily_train.training.models import load_tokenizer
+    from verifily_train.model.loading import load_tokenizer
 
     if cfg.task != "sft" or not cfg.eval.baseline or not cfg.eval.enabled or tokenized["eval_split"] is None:
         why = ("classification heads start random, so the base model has no meaningful score"
@@ -339,7 +339,7 @@ def _assemble_run(cfg: TrainConfig, run_id: str, started_at: str, started_clock:
     }
     atomic_write_json(stage / "run.json", record)
     from verifily_train.artifacts.report import write_run_report
-    from verifily_train.cache import cache_root
+    from verifily_train.pipeline.cache import cache_root
 
     write_run_report(stage, cache_root(cfg.cache.dir) / "charts" if cfg.cache.enabled else None)
     final = publish_run(stage, runs_dir / run_id)

@@ -6,7 +6,7 @@ import functools
 
 from verifily_train.config.schema import LoraSection
 from verifily_train.errors import ConfigError
-from verifily_train.training.models import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
+from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
 
 
 def resolve_target_modules(lora: LoraSection, spec: ModelSpec):

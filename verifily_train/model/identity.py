@@ -3,14 +3,13 @@
 Model folders are hashed by their bytes once and memoised by (path, size, mtime) of every file, so a
 re-run does not re-read gigabytes; a Hub model is identified by its resolved commit. The tool's own
 identity (version, a digest of its sources) and the accelerator's (GPU name, CUDA version) enter the
-reproducibility hash (``artifacts/run.py``), not the stage keys.
+reproducibility hash (``artifacts/env.py``), not the stage keys.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -21,7 +20,6 @@ from verifily_train.hashing import sha256_file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "chat_template.jinja", "chat_template.json")
-LIBRARY_ROOT = Path(__file__).resolve().parent
 
 
 def _stat_signature(files: Iterable[Path], root: Path) -> str:
@@ -126,99 +124,3 @@ def chat_template_identity(source: str, is_local: bool) -> Optional[str]:
         if embedded:
             texts.append("tokenizer_config.json\0" + json.dumps(embedded, sort_keys=True))
     return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest() if texts else None
-
-
-# Each stage's code: a manual version (bump it when behaviour changes through something not listed,
-# e.g. a dependency's semantics) plus the source of the library modules the stage runs. Editing any of
-# those modules re-keys the stage automatically.
-STAGE_CODE = {
-    "validate": ("validate/1", ["dataset/manifest.py", "dataset/rows.py", "dataset/store.py", "training/models.py"]),
-    "tokenize": ("tokenize/2", ["training/tokenize.py", "training/render.py", "training/chat.py",
-                                "training/truncation.py", "training/models.py", "dataset/rows.py"]),
-    "train": ("train/2", ["training/trainer.py", "training/lora.py", "training/models.py", "training/device.py",
-                          "training/quantization.py", "training/distributed.py", "training/ddp_worker.py",
-                          "training/batching.py", "training/loss.py", "training/attention.py"]),
-    # evaluate (and the baseline, keyed by it) also runs the collator and row tokenizer of training/
-    "evaluate": ("evaluate/1", ["evaluation/predict.py", "evaluation/baseline.py", "training/trainer.py",
-                                "training/tokenize.py", "evaluation/metrics.py", "evaluation/generate.py",
-                                "evaluation/text_metrics.py", "training/models.py", "training/quantization.py",
-                                "training/attention.py", "training/render.py", "training/chat.py",
-                                "training/truncation.py"]),
-    "slice": ("slice/1", ["evaluation/slices.py", "evaluation/metrics.py", "evaluation/bootstrap.py"]),
-    "hard_examples": ("hard/1", ["evaluation/hard.py"]),
-}
-
-
-def code_version(stage: str) -> str:
-    """``<manual version>:<sha256 of the stage's module sources>``."""
-    manual, modules = STAGE_CODE[stage]
-    digest = hashlib.sha256()
-    for rel in modules:
-        path = LIBRARY_ROOT / rel
-        if path.is_file():
-            digest.update(rel.encode() + b"\0" + path.read_bytes())
-    return f"{manual}:{digest.hexdigest()[:16]}"
-
-
-def numeric_env() -> Dict[str, Optional[str]]:
-    """Library versions whose upgrade can change trained weights or scores."""
-    from importlib import metadata
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def tool_version() -> str:
-    """The installed verifily-train version (the package's ``__version__`` when run from a bare checkout)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("verifily-train")
-    except metadata.PackageNotFoundError:
-        from verifily_train import __version__
-
-        return __version__
-
-
-def package_sources() -> Dict[str, Path]:
-    """This tool's ``.py`` files by their name inside the installed package.
-
-    ``flows/`` and ``tasks/`` sit beside the package in a checkout but install inside it
-    (``verifily_train.flows``), so a checkout and a wheel of the same code name the same files.
-    ``find_spec`` of a subpackage imports only its parent: Prefect is not loaded.
-    """
-    files = {p.relative_to(LIBRARY_ROOT).as_posix(): p for p in LIBRARY_ROOT.rglob("*.py")}
-    for sub in ("flows", "tasks"):
-        spec = importlib.util.find_spec(f"verifily_train.{sub}")
-        for location in (spec.submodule_search_locations or []) if spec is not None else []:
-            root = Path(location).resolve()
-            files.update({f"{sub}/{p.relative_to(root).as_posix()}": p for p in root.rglob("*.py")})
-    return files
-
-
-def digest_sources(files: Dict[str, Path]) -> str:
-    """SHA-256 over ``name\\0sha256(bytes)`` lines in sorted name order: where the files live does not count."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(f"{name}\0{sha256_file(files[name])}\n".encode())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """``digest_sources(package_sources())``, computed once per process."""
-    return digest_sources(package_sources())
-
-
-def accelerator_identity(device: str) -> Dict[str, Optional[str]]:
-    """GPU name and CUDA version of the first visible GPU on ``cuda``; None for both elsewhere."""
-    if device != "cuda":
-        return {"gpu_name": None, "cuda_version": None}
-    import torch
-
-    return {"gpu_name": torch.cuda.get_device_name(0), "cuda_version": torch.version.cuda}

@@ -26,12 +26,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from verifily_train.cache import lookup
+from verifily_train.pipeline.cache import lookup
 from verifily_train.config.loader import config_hash, config_to_dict
 from verifily_train.config.schema import TrainConfig
 from verifily_train.fsio import atomic_write_json
 from verifily_train.hashing import content_hash, sha256_file
-from verifily_train.identity import STAGE_CODE, code_version
+from verifily_train.pipeline.codeversion import STAGE_CODE, stage_code_version as code_version
 
 VERSION = "replay/1"
 STAGES = ("validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples")
@@ -99,8 +99,9 @@ def remember(cfg: TrainConfig, fp: dict, manifests: Dict[str, dict], root: Path)
 def _fresh_identities(cfg: TrainConfig, root: Path) -> Optional[dict]:
     """The key's inputs read again now (data bytes, model and tokenizer identities), without torch or transformers."""
     from verifily_train.dataset.store import dataset_fingerprint
-    from verifily_train.identity import file_identity, model_identity, numeric_env, tokenizer_identity
-    from verifily_train.training.registry import is_gguf, resolve_alias
+    from verifily_train.artifacts.env import numeric_env
+    from verifily_train.model.identity import file_identity, model_identity, tokenizer_identity
+    from verifily_train.model.registry import is_gguf, resolve_alias
 
     memo = root / "model-identities.json"
     base = resolve_alias(cfg.base_model)
@@ -154,9 +155,9 @@ def find(cfg: TrainConfig, root: Path) -> Optional[dict]:
 
 def replay(cfg: TrainConfig, root: Path, runs_dir: Path) -> Optional[dict]:
     """Write a new Run from the recorded entries when these inputs were run before; the run summary, or None."""
-    from verifily_train import retrain
+    from verifily_train.pipeline import claims as retrain
     from verifily_train.artifacts.run import new_run_id, utc_now
-    from verifily_train.stages import run_summary, write_artifact_stage
+    from verifily_train.pipeline.stages import run_summary, write_artifact_stage
 
     started_at, started_clock = utc_now(), time.time()
     found = find(cfg, root)
