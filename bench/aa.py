@@ -53,11 +53,13 @@ def _config(work: Path, task: str, model: Path, splits: Dict[str, Path], seed: i
 
 def _train_pairs(task: str, work: Path, pairs: int, log) -> List[tuple]:
     """Two runs per seed pair (seeds 2i+1, 2i+2), stages by hand, tokenized data shared."""
-    from verifily_train.pipeline import stages
+    from verifily_train.artifacts.record import RunStart, write_run
     from verifily_train.artifacts.run import new_run_id, utc_now
     from verifily_train.config import load_config
     from verifily_train.fixtures.data import write_splits
     from verifily_train.fixtures.models import build_model, pretrain_causal_lm
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
+    from verifily_train.pipeline.runner import STAGES, run_uncached
 
     kind, sizes, _ = TASKS[task]
     model = build_model(kind, work / f"model-{kind}")
@@ -67,29 +69,26 @@ def _train_pairs(task: str, work: Path, pairs: int, log) -> List[tuple]:
     root, runs_dir = work / f"stages-{task}", work / f"runs-{task}"
     root.mkdir(parents=True, exist_ok=True)
 
-    def run(name, fn, *args):
-        out = root / name
+    def run(name, folder, cfg, fp, done):
+        out = root / folder
         out.mkdir(parents=True, exist_ok=True)
-        return dict(fn(*args, out, root / f"work-{name}"), dir=str(out))
+        return dict(run_uncached(name, cfg, fp, out, root / f"work-{folder}", **done), dir=str(out))
 
     first = load_config(_config(work, task, model, splits, 1))
-    fp = stages.fingerprint_stage(first, root / "cache")
-    validated = run("validate", stages.validate_stage, first, fp)
-    tokenized = run("tokenize", stages.tokenize_stage, first, fp)  # the seed is not in the tokenize key
+    fp = fingerprint_stage(first, root / "cache")
+    shared = {}
+    for name in ("validate", "tokenize"):  # the seed is not in their keys
+        shared[name] = run(name, name, first, fp, shared)
     out = []
     for i in range(pairs):
         pair = []
         for seed in (2 * i + 1, 2 * i + 2):
-            started_at, clock = utc_now(), time.time()
+            start = RunStart(new_run_id(), utc_now(), time.time())
             cfg = load_config(_config(work, task, model, splits, seed))
-            tag = f"seed{seed}"
-            trained = run(f"train-{tag}", stages.train_stage, cfg, fp, tokenized)
-            evaluated = run(f"evaluate-{tag}", stages.evaluate_stage, cfg, fp, tokenized, trained)
-            baseline = run(f"baseline-{tag}", stages.baseline_stage, cfg, fp, tokenized)  # skipped: not the question
-            sliced = run(f"slice-{tag}", stages.slice_stage, cfg, tokenized, evaluated, baseline)
-            hard = run(f"hard-{tag}", stages.hard_examples_stage, cfg, evaluated)
-            written = stages.write_artifact_stage(cfg, new_run_id(), started_at, clock, fp, validated, tokenized,
-                                                  trained, evaluated, baseline, sliced, hard, runs_dir)
+            done = dict(shared)
+            for stage in STAGES[2:]:  # baseline: skipped for this question (eval.baseline off)
+                done[stage.name] = run(stage.name, f"{stage.name}-seed{seed}", cfg, fp, done)
+            written = write_run(cfg, start, fp, done, runs_dir)
             pair.append(Path(written["path"]))
         log(f"  {task} pair {i + 1}/{pairs}: {pair[0].name} vs {pair[1].name}")
         out.append(tuple(pair))

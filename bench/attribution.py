@@ -52,7 +52,9 @@ def train_and_score(model: Path, ref: str, seed: int, work: Path, extra: dict | 
     import pandas as pd
     import yaml
 
-    from verifily_train.pipeline import stages
+    from verifily_train.pipeline import runner as stages
+
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
     from verifily_train.attribution import per_example_frame
     from verifily_train.config import load_config
 
@@ -60,13 +62,13 @@ def train_and_score(model: Path, ref: str, seed: int, work: Path, extra: dict | 
     try:
         (folder / "train.yaml").write_text(yaml.safe_dump(_config(model, ref, seed, extra or {})))
         cfg = load_config(str(folder / "train.yaml"))
-        fp = stages.fingerprint_stage(cfg, work / "cache")
+        fp = fingerprint_stage(cfg, work / "cache")
         outs = {name: folder / name for name in ("tokenize", "train", "evaluate")}
         for path in outs.values():
             path.mkdir()
-        tokenized = dict(stages.tokenize_stage(cfg, fp, outs["tokenize"], folder), dir=str(outs["tokenize"]))
-        trained = dict(stages.train_stage(cfg, fp, tokenized, outs["train"], folder), dir=str(outs["train"]))
-        evaluated = stages.evaluate_stage(cfg, fp, tokenized, trained, outs["evaluate"], folder)
+        tokenized = dict(stages.run_uncached("tokenize", cfg, fp, outs["tokenize"], folder), dir=str(outs["tokenize"]))
+        trained = dict(stages.run_uncached("train", cfg, fp, outs["train"], folder, tokenize=tokenized), dir=str(outs["train"]))
+        evaluated = stages.run_uncached("evaluate", cfg, fp, outs["evaluate"], folder, tokenize=tokenized, train=trained)
         return per_example_frame(pd.read_parquet(outs["evaluate"] / evaluated["predictions"]), "classification")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -13,34 +13,23 @@ from pathlib import Path
 
 
 def main(config: str, runs_dir: str) -> None:
-    from verifily_train.pipeline import stages
+    from verifily_train.artifacts.record import RunStart, write_run
     from verifily_train.artifacts.run import new_run_id, utc_now
     from verifily_train.config import load_config
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
+    from verifily_train.pipeline.runner import STAGES, run_uncached
 
     cfg = load_config(config)
-    started_at, clock = utc_now(), time.time()
+    start = RunStart(new_run_id(), utc_now(), time.time())
     root = Path(tempfile.mkdtemp(prefix="by-hand-"))
-
-    def folder(name: str) -> Path:
-        path = root / name
-        path.mkdir()
-        return path
-
-    def run(name, fn, *args):
-        out = folder(name)
-        manifest = fn(*args, out, root / f"work-{name}")
-        return dict(manifest, dir=str(out))
-
-    fp = stages.fingerprint_stage(cfg, root / "cache")
-    validated = run("validate", stages.validate_stage, cfg, fp)
-    tokenized = run("tokenize", stages.tokenize_stage, cfg, fp)
-    trained = run("train", stages.train_stage, cfg, fp, tokenized)
-    evaluated = run("evaluate", stages.evaluate_stage, cfg, fp, tokenized, trained)
-    baseline = run("baseline", stages.baseline_stage, cfg, fp, tokenized)
-    sliced = run("slice", stages.slice_stage, cfg, tokenized, evaluated, baseline)
-    hard = run("hard", stages.hard_examples_stage, cfg, evaluated)
-    stages.write_artifact_stage(cfg, new_run_id(), started_at, clock, fp, validated, tokenized, trained, evaluated,
-                                baseline, sliced, hard, Path(runs_dir))
+    fp = fingerprint_stage(cfg, root / "cache")
+    done = {}
+    for stage in STAGES:  # in the flow's order, each into its own folder, no cache
+        out = root / stage.name
+        out.mkdir()
+        done[stage.name] = dict(run_uncached(stage.name, cfg, fp, out, root / f"work-{stage.name}", **done),
+                                dir=str(out))
+    write_run(cfg, start, fp, done, Path(runs_dir))
 
 
 if __name__ == "__main__":

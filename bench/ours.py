@@ -16,7 +16,8 @@ class OurTrainStage:
     def __init__(self, model_dir: Path, train_path: Path, heldout_path: Path, settings: TrainSettings, work: Path,
                  full_finetune: bool = False, extra: Optional[List[str]] = None):
         from verifily_train.config import load_config
-        from verifily_train.pipeline.stages import fingerprint_stage, tokenize_stage
+        from verifily_train.pipeline.fingerprint import fingerprint_stage
+        from verifily_train.pipeline.runner import run_uncached
 
         self.settings, self.work = settings, Path(work)
         overrides = [
@@ -33,7 +34,7 @@ class OurTrainStage:
         self.cfg = load_config(None, overrides)
         self.fp = fingerprint_stage(self.cfg, self.work / "cache")
         tok_dir = self.work / "tokenized"
-        self.tokenized = tokenize_stage(self.cfg, self.fp, tok_dir, self.work)
+        self.tokenized = run_uncached("tokenize", self.cfg, self.fp, tok_dir, self.work)
         self.tokenized_dir = tok_dir
 
     def heldout_examples(self) -> List[dict]:
@@ -49,7 +50,7 @@ class OurTrainStage:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model."""
         import dataclasses
 
-        from verifily_train.pipeline.stages import _spec
+        from verifily_train.pipeline.manifests import model_spec as _spec
         from verifily_train.model.device import DevicePlan
         from verifily_train.model.loading import load_tokenizer
         from verifily_train.training.trainer import train_adapter

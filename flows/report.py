@@ -6,27 +6,22 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from verifily_train.artifacts import tables
+from verifily_train.artifacts.tables import ArtifactSpec, comparison_artifact, run_artifacts
+from verifily_train.pipeline.runner import Publisher
 
 
-def publish_run_artifacts(summary: dict) -> None:
-    """What the UI shows on the flow run once the Run artifact is written."""
-    create_table_artifact(tables.metrics_table(summary), key="metrics",
-                          description="Overall metrics with 95% bootstrap intervals")
-    create_table_artifact(tables.slice_table(summary), key="slices",
-                          description="Metrics by tag value (95% bootstrap intervals; delta vs overall). "
-                                      "Correlation, not causation.")
-    create_markdown_artifact(tables.hard_examples_markdown(summary), key="hard-examples",
-                             description="Hardest test examples and the tags they concentrate in")
-    create_markdown_artifact(tables.run_markdown(summary), key="run",
-                             description="The Run artifact's path and reproducibility hash")
+def create_artifact(spec: ArtifactSpec) -> None:
+    """One artifact on the current flow run (what ``artifacts/tables.py`` describes)."""
+    create = create_table_artifact if spec.kind == "table" else create_markdown_artifact
+    create(spec.content, key=spec.key, description=spec.description)
 
 
-def publish_comparison(previous: Path, current: Path) -> str:
-    """``verifily compare`` of the previous version's run against this one, as a markdown artifact."""
-    from verifily_train.artifacts.compare import compare_runs, render_comparison
+class PrefectPublisher(Publisher):
+    """A completed Run as Prefect artifacts on the flow run."""
 
-    text = render_comparison(compare_runs(previous, current), markdown=True)
-    create_markdown_artifact(f"## Compared with the previous version's run\n\n{text}", key="comparison",
-                             description=f"verifily compare {previous.name} {current.name}")
-    return str(previous)
+    def run_artifacts(self, summary: dict) -> None:
+        for spec in run_artifacts(summary):
+            create_artifact(spec)
+
+    def comparison(self, previous: Path, current: Path, text: str) -> None:
+        create_artifact(comparison_artifact(previous, current, text))

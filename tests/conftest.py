@@ -18,6 +18,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from verifily_train.procs import die_with_parent, free_port, stop, wait_healthy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# the crash tests' fault injection (tests/faults/sitecustomize.py) reaches every subprocess a test starts
+FAULTS = Path(__file__).resolve().parent / "faults"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(FAULTS)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from verifily_train.pipeline import stages
+from verifily_train.pipeline import runner as stages
+
+from verifily_train.pipeline.fingerprint import fingerprint_stage
 from verifily_train.config import load_config
 
 
@@ -23,11 +25,11 @@ def _train(model: Path, splits: dict, train_rows: list, folder: Path, **training
         "training": {"max_steps": 6, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
                      "max_seq_length": 32, "save_steps": 1000, "eval_steps": 1000, **training}}))
     cfg = load_config(str(folder / "train.yaml"))
-    fp = stages.fingerprint_stage(cfg, folder / "cache")
+    fp = fingerprint_stage(cfg, folder / "cache")
     (folder / "tok").mkdir()
     (folder / "out").mkdir()
-    tokenized = dict(stages.tokenize_stage(cfg, fp, folder / "tok", folder), dir=str(folder / "tok"))
-    stages.train_stage(cfg, fp, tokenized, folder / "out", folder)
+    tokenized = dict(stages.run_uncached("tokenize", cfg, fp, folder / "tok", folder), dir=str(folder / "tok"))
+    stages.run_uncached("train", cfg, fp, folder / "out", folder, tokenize=tokenized)
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "out").rglob("*"))
             if p.is_file() and p.suffix == ".safetensors"}
 

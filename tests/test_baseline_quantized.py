@@ -30,9 +30,11 @@ def test_full_fine_tuning_has_an_unquantized_baseline():
 
 
 def _key(cfg, **lora):
-    from verifily_train.tasks.evaluate import baseline_key
+    from verifily_train.pipeline.evaluate import BASELINE
+    from verifily_train.pipeline.stage import StageContext
 
-    return baseline_key(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, **lora)), FP, TOKENIZED)
+    return BASELINE.key(StageContext(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, **lora)), FP,
+                                     {"tokenize": TOKENIZED}))
 
 
 def test_the_baseline_cache_key_changes_with_the_quantization(tmp_path, sft_splits):
@@ -128,7 +130,8 @@ def test_a_qlora_baseline_on_cuda_is_the_4bit_base(llama64, tmp_path):
 @needs_bnb
 def test_the_baseline_stage_of_a_4bit_run_scores_the_4bit_base(tmp_path, models, sft_splits):
     """In process: fingerprint, tokenize, then the baseline stage with and without 4-bit quantization."""
-    from verifily_train.pipeline import stages
+    from verifily_train.pipeline import runner as stages
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
 
     losses = {}
     for bits in ("none", "4bit"):
@@ -137,12 +140,12 @@ def test_the_baseline_stage_of_a_4bit_run_scores_the_4bit_base(tmp_path, models,
         write_config(folder, "sft", models["llama"], sft_splits, lora={"quantization": bits},
                      eval={"metrics": ["loss", "perplexity"]})
         cfg = load_config(folder / "train.yaml")
-        fp = stages.fingerprint_stage(cfg, folder / "cache")
+        fp = fingerprint_stage(cfg, folder / "cache")
         (folder / "tok").mkdir()
-        tokenized = dict(stages.tokenize_stage(cfg, fp, folder / "tok", folder), dir=str(folder / "tok"))
+        tokenized = dict(stages.run_uncached("tokenize", cfg, fp, folder / "tok", folder), dir=str(folder / "tok"))
         (folder / "out").mkdir()
         (folder / "work").mkdir()
-        manifest = stages.baseline_stage(cfg, fp, tokenized, folder / "out", folder / "work")
+        manifest = stages.run_uncached("baseline", cfg, fp, folder / "out", folder / "work", tokenize=tokenized)
         assert manifest["stage"] == "baseline" and manifest["quantization"] == bits and not manifest["skipped"]
         assert (folder / "out" / "predictions.parquet").is_file()
         losses[bits] = manifest["metrics"]["loss"]

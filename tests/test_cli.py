@@ -12,7 +12,7 @@ from conftest import assert_user_error, run_cli
 
 
 def test_import_library_does_not_import_prefect():
-    code = "import verifily_train, verifily_train.pipeline.stages, verifily_train.dataset, sys; print('prefect' in sys.modules)"
+    code = "import verifily_train, verifily_train.pipeline.runner, verifily_train.dataset, sys; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -18,7 +18,7 @@ def test_wheel_maps_flows_and_tasks_under_the_verifily_namespace(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"verifily_train"}, top_level
     assert "verifily_train/flows/train.py" in names
-    assert "verifily_train/tasks/train.py" in names
+    assert "verifily_train/tasks/common.py" in names
     assert "verifily_train/cli/main.py" in names
 
 

@@ -82,20 +82,22 @@ def test_qlora_weights_keep_changing_across_evaluations(tmp_path, models, sft_sp
     """Train stage in-process with an evaluation every 2 steps: adapters at steps 4 and 8 differ."""
     from safetensors.torch import load_file
 
-    from verifily_train.pipeline import stages
+    from verifily_train.pipeline import runner as stages
+
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
     from verifily_train.config import load_config
 
     config = write_config(tmp_path, "sft", models["llama"], sft_splits,
                           training={"max_steps": 8, "eval_steps": 2, "save_steps": 4},
                           lora={"quantization": "4bit"})
     cfg = load_config(config)
-    fp = stages.fingerprint_stage(cfg, tmp_path / "cache")
+    fp = fingerprint_stage(cfg, tmp_path / "cache")
     (tmp_path / "tok").mkdir()
-    tokenized = dict(stages.tokenize_stage(cfg, fp, tmp_path / "tok", tmp_path), dir=str(tmp_path / "tok"))
+    tokenized = dict(stages.run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path), dir=str(tmp_path / "tok"))
     (tmp_path / "out").mkdir()
     work = tmp_path / "work"
     work.mkdir()
-    trained = stages.train_stage(cfg, fp, tokenized, tmp_path / "out", work)
+    trained = stages.run_uncached("train", cfg, fp, tmp_path / "out", work, tokenize=tokenized)
     assert trained["global_step"] == 8
     log = [json.loads(l) for l in (tmp_path / "out/trainer_log.jsonl").read_text().splitlines()]
     assert sum("eval_loss" in e for e in log) >= 3

@@ -192,7 +192,9 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     from safetensors.torch import load_file
 
     from verifily_train.config import load_config
-    from verifily_train.pipeline.stages import _spec, fingerprint_stage, tokenize_stage
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
+    from verifily_train.pipeline.manifests import model_spec as _spec
+    from verifily_train.pipeline.runner import run_uncached
     from verifily_train.model.device import DevicePlan
     from verifily_train.model.loading import load_tokenizer
     from verifily_train.training.trainer import train_adapter
@@ -202,7 +204,7 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
                              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
                              f"output.save_adapter_only={str(save_adapter_only).lower()}", "runtime.progress=false"])
     fp = fingerprint_stage(cfg, work / "cache")
-    tokenized = tokenize_stage(cfg, fp, work / "tok", work)
+    tokenized = run_uncached("tokenize", cfg, fp, work / "tok", work)
     spec = _spec(fp)
     out = work / f"out-{frozen_in_compute_dtype}"
     manifest = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, work / "tok", DevicePlan("cpu", "bf16"),
@@ -513,7 +515,9 @@ def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp
     import torch._dynamo
 
     from verifily_train.config import load_config
-    from verifily_train.pipeline.stages import _spec, fingerprint_stage, tokenize_stage
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
+    from verifily_train.pipeline.manifests import model_spec as _spec
+    from verifily_train.pipeline.runner import run_uncached
     from verifily_train.training import compiled
     from verifily_train.model.device import DevicePlan
     from verifily_train.model.loading import load_tokenizer
@@ -527,7 +531,7 @@ def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp
                                  "training.max_steps=3", "training.batch_size=4", f"training.compile={flag}",
                                  "runtime.progress=false"])
         fp = fingerprint_stage(cfg, tmp_path / "cache")
-        tokenized = tokenize_stage(cfg, fp, tmp_path / "tok", tmp_path)
+        tokenized = run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
         spec = _spec(fp)
         torch._dynamo.reset()
         manifests[flag] = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, tmp_path / "tok",

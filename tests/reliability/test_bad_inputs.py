@@ -171,7 +171,8 @@ def test_bad_input_is_one_clear_line(name, tmp_path, models):
 
 def test_a_row_longer_than_max_seq_length_is_truncated_and_counted(tmp_path, models):
     """Not an error: counted in the tokenize stage's manifest."""
-    from verifily_train.pipeline import stages
+    from verifily_train.pipeline import runner as stages
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
     from verifily_train.config import load_config
 
     # 24, not less: the Alpaca template's own tokens (10 here) are never cut, so a smaller window leaves some
@@ -181,9 +182,9 @@ def test_a_row_longer_than_max_seq_length_is_truncated_and_counted(tmp_path, mod
                 "tags": {"source": "human", "difficulty": "hard", "length_bucket": "long"}}
     _append(splits["train"], (json.dumps(long_row) + "\n").encode())
     cfg = load_config(tmp_path / "train.yaml")
-    fp = stages.fingerprint_stage(cfg, tmp_path / "cache")
+    fp = fingerprint_stage(cfg, tmp_path / "cache")
     (tmp_path / "tok").mkdir()
-    tokenized = stages.tokenize_stage(cfg, fp, tmp_path / "tok", tmp_path)
+    tokenized = stages.run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
     assert tokenized["splits"]["train"]["truncated"] >= 1 and tokenized["splits"]["train"]["answer_cut"] >= 1
     assert tokenized["truncated_rows"] == sum(s["truncated"] for s in tokenized["splits"].values())
 

@@ -262,7 +262,9 @@ def test_a_row_past_the_models_positions_is_cut_at_them_and_said_once(task, tmp_
     forward pass of the longest row runs (it crashed on BERT's position embeddings)."""
     import torch
 
-    from verifily_train.pipeline import stages
+    from verifily_train.pipeline import runner as stages
+
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
     from verifily_train.config import load_config
     from verifily_train.fixtures.data import write_splits
     from verifily_train.model.loading import ModelSpec, load_model, load_tokenizer
@@ -275,10 +277,10 @@ def test_a_row_past_the_models_positions_is_cut_at_them_and_said_once(task, tmp_
     _append(splits["train"], (json.dumps(long_row) + "\n").encode())
     write_config(tmp_path, task, model, splits, training={"max_seq_length": 2048})
     cfg = load_config(tmp_path / "train.yaml")
-    fp = stages.fingerprint_stage(cfg, tmp_path / "cache")
+    fp = fingerprint_stage(cfg, tmp_path / "cache")
     assert fp["max_positions"] == 512
     (tmp_path / "tok").mkdir()
-    tokenized = stages.tokenize_stage(cfg, fp, tmp_path / "tok", tmp_path)
+    tokenized = stages.run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
     assert tokenized["max_seq_length"] == 512 and tokenized["splits"]["train"]["truncated"] == 1
     said = [w for w in tokenized["warnings"] if "512 positions" in w]
     assert len(said) == 1 and "training.max_seq_length=2048" in said[0]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List
+from dataclasses import dataclass
+from typing import Any, List
 
 SHOWN_METRICS = ("loss", "perplexity", "exact_match", "token_f1", "format_compliance", "accuracy", "macro_f1",
                  "gold_exact_match", "gold_token_f1", "baseline_loss", "train_loss", "train_steps")
@@ -86,3 +87,31 @@ def run_markdown(summary: dict) -> str:
             f"(`{record['job']['dataset_version'].get('content_hash', '')}`)\n"
             f"- base model: `{record['job']['base_model']}`, {record['job']['device']}, {record['precision']}\n"
             f"- verify: `verifily runs verify {summary['path']}`\n")
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """One orchestration-UI artifact: its kind (``table`` or ``markdown``), key, content and description."""
+
+    kind: str
+    key: str
+    content: Any
+    description: str
+
+
+def run_artifacts(summary: dict) -> List[ArtifactSpec]:
+    """What the UI shows on a completed Run (the flow's and a replay's alike)."""
+    return [
+        ArtifactSpec("table", "metrics", metrics_table(summary), "Overall metrics with 95% bootstrap intervals"),
+        ArtifactSpec("table", "slices", slice_table(summary),
+                     "Metrics by tag value (95% bootstrap intervals; delta vs overall). Correlation, not causation."),
+        ArtifactSpec("markdown", "hard-examples", hard_examples_markdown(summary),
+                     "Hardest test examples and the tags they concentrate in"),
+        ArtifactSpec("markdown", "run", run_markdown(summary), "The Run artifact's path and reproducibility hash"),
+    ]
+
+
+def comparison_artifact(previous: Path, current: Path, text: str) -> ArtifactSpec:
+    """``verifily compare`` of the previous dataset version's run against this one."""
+    return ArtifactSpec("markdown", "comparison", f"## Compared with the previous version's run\n\n{text}",
+                        f"verifily compare {previous.name} {current.name}")

@@ -408,8 +408,9 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides, dataset=args.dataset, collect=[])  # preflight reports problems
     mode = args.mode or cfg.compute.mode
     if mode == "managed":
-        print("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "
-              "Use --mode local to train on this machine.")
+        from verifily_train.config.schema import MANAGED_MESSAGE
+
+        print(MANAGED_MESSAGE)
         return 0
     if mode == "self_host":
         return _submit_self_host(args, overrides)

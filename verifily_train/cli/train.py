@@ -272,23 +272,30 @@ def start_temporary_server() -> Optional[TemporaryServer]:
 
 
 def replay_identical_run(cfg) -> bool:
-    """Write and print a new Run from the cache when these exact inputs completed before (verifily_train/pipeline/replay.py)."""
+    """Write and print a new Run from the cache when these exact inputs completed before (pipeline/replay.py).
+
+    It finishes as a flow run does (pipeline/runner.py): the claim, the comparison with the previous dataset
+    version's run, and the Prefect artifacts when a Prefect server is configured (none is started for it).
+    """
     if not cfg.cache.enabled or cfg.output.push_to_hub:
         return False
     from pathlib import Path
 
-    from verifily_train.pipeline.cache import cache_root, release_held
-    from verifily_train.pipeline.replay import replay
+    from verifily_train.pipeline.runner import replay_run
 
-    try:
-        summary = replay(cfg, cache_root(cfg.cache.dir), Path(cfg.output.dir))
-    finally:
-        release_held()  # the entries it read are copied into the Run (or it was not replayable)
+    from verifily_train.cli.prefect_rest import RestPublisher
+    from verifily_train.pipeline.runner import Publisher, replay_run
+
+    api = os.environ.get("PREFECT_API_URL")
+    publisher = RestPublisher(api) if api else Publisher()  # no server configured: none is started for a replay
+    summary = replay_run(cfg, Path(cfg.output.dir), publisher)
     if summary is None:
         return False
     print_summary(summary)
     print("  replayed: every stage was cached for these exact inputs, so no Prefect flow run was made "
-          "(--flow makes one)")
+          "(--flow makes one)" + ("; its artifacts are on the Prefect server" if api else ""))
+    if getattr(publisher, "failed", None):
+        print(f"  warning: the Prefect server did not take the Run's artifacts ({publisher.failed})", file=sys.stderr)
     return True
 
 
@@ -303,12 +310,11 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
         server.wait()  # a half-started server must not be handed to the flow
     import logging
 
-    from verifily_train.flows import train as train_flow
-
-    from verifily_train.pipeline import stages
+    from verifily_train.artifacts import record
+    from verifily_train.pipeline import runner
 
     logging.raiseExceptions = False  # a log record the API refused is not printed ("--- Error logging to API ---")
-    train_flow.LAST_SUMMARY, stages.LAST_PUBLISHED = None, None
+    runner.LAST_SUMMARY, record.LAST_PUBLISHED = None, None
     try:
         with in_process_flow_settings():
             summary = train(config=config, overrides=overrides, dataset=dataset, refresh=refresh)
@@ -316,10 +322,10 @@ def run_train(config: Optional[str], overrides: List[str], dataset: Optional[str
         sys.stderr.write("\n")  # end any progress bar's line so the error stands on its own
         if not is_prefect_api_error(err):
             raise
-        if train_flow.LAST_SUMMARY is None and stages.LAST_PUBLISHED is None:
+        if runner.LAST_SUMMARY is None and record.LAST_PUBLISHED is None:
             raise prefect_api_problem(err) from err
         # the Run is complete and verifiable; only Prefect's record of it failed
-        summary = train_flow.LAST_SUMMARY or summary_from_run(stages.LAST_PUBLISHED)
+        summary = runner.LAST_SUMMARY or summary_from_run(record.LAST_PUBLISHED)
         print_summary(summary)
         print(f"  warning: the Run is complete, but Prefect's server could not record it ({_first_line(err)})",
               file=sys.stderr)

@@ -33,6 +33,10 @@ KNOWN_EVAL_METRICS = {
 GENERATION_METRICS = ("exact_match", "token_f1", "format_compliance")  # SFT metrics that need generated text
 
 
+MANAGED_MESSAGE = ("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "
+                   "Use the local or self-host pool (--mode local trains on this machine).")
+
+
 @dataclass(frozen=True)
 class DataPathsSection:
     train: Optional[str] = None  # path to the training split (JSONL); relative to train.yaml

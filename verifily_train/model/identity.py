@@ -8,7 +8,6 @@ reproducibility hash (``artifacts/env.py``), not the stage keys.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path

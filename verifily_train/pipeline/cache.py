@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
+from verifily_train.checksums import CHECKSUMS, first_mismatch, parse_checksums, write_checksums
+from verifily_train.errors import VerifilyError
 from verifily_train.fsio import atomic_write_json, fsync_dir, make_writable, verifily_home
-from verifily_train.hashing import hash_tree, sha256_file
+from verifily_train.hashing import hash_tree
 
 MANIFEST = "stage.json"
-CHECKSUMS = "checksums.sha256"
 
 
 def cache_root(configured: Optional[str] = None) -> Path:
@@ -43,27 +44,16 @@ class CacheMode:
         return cls(read=not refresh, write=True)
 
 
-def _write_checksums(folder: Path) -> None:
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS]
-    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 def entry_is_valid(folder: Path) -> bool:
     """Every listed file present with its recorded hash, and the stage manifest readable."""
     listing = folder / CHECKSUMS
     if not (folder / MANIFEST).is_file() or not listing.is_file():
         return False
     try:
-        for line in listing.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            digest, _, rel = line.partition("  ")
-            path = folder / rel
-            if not path.is_file() or sha256_file(path) != digest:
-                return False
+        if first_mismatch(folder, parse_checksums(listing)) is not None:
+            return False
         json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, VerifilyError):
         return False
     return True
 
@@ -162,7 +152,7 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
             _discard(private)
             raise
         return dict(manifest, key=key, output_hash=hash_tree(out), cache_hit=False,
-                    seconds=round(time.perf_counter() - started, 3), dir=str(out))
+                    seconds=round(time.perf_counter() - started, 3), dir=str(out), private=str(private))
     final = root / stage / key
     with key_lock(root, stage, key):
         if mode.read and entry_is_valid(final):
@@ -173,7 +163,7 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
             manifest = compute(tmp, work_dir(root, stage, key))
             manifest = dict(manifest, key=key, output_hash=hash_tree(tmp))
             atomic_write_json(tmp / MANIFEST, manifest)
-            _write_checksums(tmp)
+            write_checksums(tmp)
             if final.exists():  # a stale or refreshed entry: move it aside, then swap in the new one
                 trash = root / stage / f".trash-{key}-{uuid.uuid4().hex[:8]}"
                 os.rename(final, trash)
@@ -239,3 +229,10 @@ def prune(root: Path, older_than_days: Optional[float] = None, kept: Optional[Li
                     else:
                         entry.unlink(missing_ok=True)
     return removed
+
+
+def discard_private(manifests) -> None:
+    """Delete the private folders of a cache-off run's stages (nothing else reads them)."""
+    for manifest in manifests:
+        if manifest.get("private"):
+            _discard(Path(manifest["private"]))

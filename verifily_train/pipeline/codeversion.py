@@ -91,12 +91,3 @@ def closure_modules(module: str) -> FrozenSet[str]:
     """The closure's module names (what ``verifily cache`` and the docs can show)."""
     return frozenset(import_closure(module))
 
-
-_INTERIM = {"validate": "validate/1", "tokenize": "tokenize/2", "train": "train/2", "evaluate": "evaluate/1",
-            "slice": "slice/1", "hard_examples": "hard/1"}
-STAGE_CODE = _INTERIM
-
-
-def stage_code_version(stage: str) -> str:
-    """Interim: every stage keyed by the closure of ``pipeline.stages`` (split per stage next)."""
-    return code_version(_INTERIM[stage], "verifily_train.pipeline.stages")

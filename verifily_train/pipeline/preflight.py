@@ -171,7 +171,7 @@ def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: 
         _attempt(problems, model_reference_check)
 
     def hub_check() -> None:
-        from verifily_train.pipeline.stages import check_push_to_hub
+        from verifily_train.artifacts.hub import check_push_to_hub
 
         check_push_to_hub(cfg)
 

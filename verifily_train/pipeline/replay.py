@@ -21,26 +21,26 @@ import json
 import os
 import platform
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-from verifily_train.pipeline.cache import lookup
+from verifily_train.artifacts.env import numeric_env
 from verifily_train.config.loader import config_hash, config_to_dict
 from verifily_train.config.schema import TrainConfig
+from verifily_train.dataset.store import dataset_fingerprint
 from verifily_train.fsio import atomic_write_json
 from verifily_train.hashing import content_hash, sha256_file
-from verifily_train.pipeline.codeversion import STAGE_CODE, stage_code_version as code_version
+from verifily_train.model.identity import file_identity, model_identity, tokenizer_identity
+from verifily_train.model.registry import is_gguf, resolve_alias
+from verifily_train.pipeline.cache import lookup
+from verifily_train.pipeline.stage import Stage, code_versions
 
 VERSION = "replay/1"
-STAGES = ("validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples")
 FOLDER = "replay"
 # environment variables that change which device torch sees or how many ranks a run uses
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
               "PYTORCH_ENABLE_MPS_FALLBACK", "WORLD_SIZE", "RANK", "LOCAL_RANK")
-# test hooks that must reach a running stage (tasks/common.py): never replay past them
-STAGE_HOOKS = ("VERIFILY_FAIL_STAGE", "VERIFILY_PAUSE_STAGE")
 
 
 def device_signature() -> dict:
@@ -64,12 +64,12 @@ def device_signature() -> dict:
             "env": {name: os.environ.get(name) for name in DEVICE_ENV}}
 
 
-def replay_key(cfg: TrainConfig, data_hash: str, model_identity: str, tokenizer_identity: Optional[str],
-               numeric_env: dict) -> str:
+def replay_key(cfg: TrainConfig, stages: Sequence[Stage], data_hash: str, model: str, tokenizer: Optional[str],
+               libraries: dict) -> str:
     """Every input of every stage key, the whole config and the device's determinants, in one hash."""
     gold = sha256_file(cfg.eval.gold_set) if cfg.eval.gold_set and Path(cfg.eval.gold_set).is_file() else None
-    return content_hash(VERSION, {s: code_version(s) for s in STAGE_CODE}, config_to_dict(cfg), data_hash,
-                        model_identity, tokenizer_identity, gold, numeric_env, device_signature())
+    return content_hash(VERSION, code_versions(stages), config_to_dict(cfg), data_hash, model, tokenizer, gold,
+                        libraries, device_signature())
 
 
 def _record_path(root: Path, key: str) -> Path:
@@ -80,14 +80,16 @@ def _is_gguf(fp: dict) -> bool:
     return str(fp["model_identity"]).startswith("gguf:")
 
 
-def remember(cfg: TrainConfig, fp: dict, manifests: Dict[str, dict], root: Path) -> Optional[Path]:
+def remember(cfg: TrainConfig, fp: dict, manifests: Dict[str, dict], root: Path,
+             stages: Sequence[Stage]) -> Optional[Path]:
     """After a completed run (cache on): record the entries it used under its replay key."""
-    if any(name not in manifests or not manifests[name].get("key") for name in STAGES):
+    names = [stage.name for stage in stages]
+    if any(name not in manifests or not manifests[name].get("key") for name in names):
         return None
-    key = replay_key(cfg, fp["data_hash"], fp["model_identity"], None if _is_gguf(fp) else fp["tokenizer_identity"],
-                     fp["numeric_env"])
+    key = replay_key(cfg, stages, fp["data_hash"], fp["model_identity"],
+                     None if _is_gguf(fp) else fp["tokenizer_identity"], fp["numeric_env"])
     record = {"version": VERSION, "key": key, "model": fp["model"], "tokenizer_identity": fp["tokenizer_identity"],
-              "device": fp["device"], "stages": {name: manifests[name]["key"] for name in STAGES}}
+              "device": fp["device"], "stages": {name: manifests[name]["key"] for name in names}}
     path = _record_path(root, key)
     try:
         atomic_write_json(path, record)
@@ -98,11 +100,6 @@ def remember(cfg: TrainConfig, fp: dict, manifests: Dict[str, dict], root: Path)
 
 def _fresh_identities(cfg: TrainConfig, root: Path) -> Optional[dict]:
     """The key's inputs read again now (data bytes, model and tokenizer identities), without torch or transformers."""
-    from verifily_train.dataset.store import dataset_fingerprint
-    from verifily_train.artifacts.env import numeric_env
-    from verifily_train.model.identity import file_identity, model_identity, tokenizer_identity
-    from verifily_train.model.registry import is_gguf, resolve_alias
-
     memo = root / "model-identities.json"
     base = resolve_alias(cfg.base_model)
     path = Path(os.path.expanduser(base))
@@ -119,10 +116,8 @@ def _fresh_identities(cfg: TrainConfig, root: Path) -> Optional[dict]:
             "tokenizer_identity": tokenizer, "numeric_env": numeric_env()}
 
 
-def find(cfg: TrainConfig, root: Path) -> Optional[dict]:
+def find(cfg: TrainConfig, root: Path, stages: Sequence[Stage]) -> Optional[dict]:
     """The recorded run for exactly these inputs, with every stage entry verified; None when anything differs."""
-    if any(os.environ.get(name) for name in STAGE_HOOKS):
-        return None
     folder = root / FOLDER
     if not folder.is_dir() or not any(folder.iterdir()):
         return None  # nothing recorded yet: skip hashing the inputs
@@ -132,7 +127,8 @@ def find(cfg: TrainConfig, root: Path) -> Optional[dict]:
         return None
     if fresh is None:
         return None
-    key = replay_key(cfg, fresh["data_hash"], fresh["model_identity"], fresh["tokenizer_identity"], fresh["numeric_env"])
+    key = replay_key(cfg, stages, fresh["data_hash"], fresh["model_identity"], fresh["tokenizer_identity"],
+                     fresh["numeric_env"])
     try:
         record = json.loads(_record_path(root, key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -140,7 +136,7 @@ def find(cfg: TrainConfig, root: Path) -> Optional[dict]:
     if record.get("version") != VERSION or record.get("key") != key:
         return None
     manifests = {}
-    for name in STAGES:
+    for name in (stage.name for stage in stages):
         manifest = lookup(name, record["stages"][name], root)
         if manifest is None:
             return None
@@ -151,20 +147,3 @@ def find(cfg: TrainConfig, root: Path) -> Optional[dict]:
           "tokenizer_identity": record["tokenizer_identity"], "device": record["device"],
           "numeric_env": fresh["numeric_env"]}
     return {"fingerprint": fp, "manifests": manifests}
-
-
-def replay(cfg: TrainConfig, root: Path, runs_dir: Path) -> Optional[dict]:
-    """Write a new Run from the recorded entries when these inputs were run before; the run summary, or None."""
-    from verifily_train.pipeline import claims as retrain
-    from verifily_train.artifacts.run import new_run_id, utc_now
-    from verifily_train.pipeline.stages import run_summary, write_artifact_stage
-
-    started_at, started_clock = utc_now(), time.time()
-    found = find(cfg, root)
-    if found is None:
-        return None
-    fp, m = found["fingerprint"], found["manifests"]
-    written = write_artifact_stage(cfg, new_run_id(), started_at, started_clock, fp, m["validate"], m["tokenize"],
-                                   m["train"], m["evaluate"], m["baseline"], m["slice"], m["hard_examples"], runs_dir)
-    retrain.complete_run(cfg, fp, m["validate"], written)
-    return dict(run_summary(written, m["evaluate"], m["slice"], m["hard_examples"]), replayed=True)

@@ -1,0 +1,33 @@
+"""Stage ``hard_examples``: the ``eval.hard_examples`` worst examples, with their tags and the headline test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from verifily_train.evaluation.hard import mine_hard_examples
+from verifily_train.pipeline.manifests import read_predictions
+from verifily_train.pipeline.stage import Stage, StageContext
+
+
+def key_inputs(ctx: StageContext) -> tuple:
+    cfg = ctx.cfg
+    return ctx["evaluate"]["output_hash"], cfg.eval.hard_examples, cfg.eval.slice_by_tags, cfg.eval.fdr_q
+
+
+def run(ctx: StageContext, out_dir: Path, work_dir: Path) -> dict:
+    cfg, evaluated = ctx.cfg, ctx["evaluate"]
+    if evaluated["skipped"]:
+        result = {"examples": [], "headline": None, "lift": {}}
+    else:
+        result = mine_hard_examples(cfg.task, read_predictions(evaluated), cfg.eval.hard_examples,
+                                    cfg.eval.slice_by_tags, q=cfg.eval.fdr_q)
+    with open(out_dir / "hard_examples.jsonl", "w", encoding="utf-8") as handle:
+        for example in result["examples"]:
+            handle.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")
+    return {"stage": "hard_examples", "file": "hard_examples.jsonl", "count": len(result["examples"]),
+            "headline": result["headline"], "lift": result["lift"]}
+
+
+STAGE = Stage("hard_examples", "mine-hard-examples", "hard/1", __name__, key_inputs, run, needs=("evaluate",),
+              retries="eval", description="The worst evaluation examples with their tags.")

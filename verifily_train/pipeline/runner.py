@@ -1,0 +1,160 @@
+"""The one runner of the ``train`` pipeline: the Prefect flow and replay both call :func:`run_pipeline`.
+
+The caller decides how a stage executes (the flow: as a Prefect task; replay: from the entries its record
+names) and where the Run's summary is published (the flow: Prefect artifacts); everything else, from the
+claim to the comparison with the previous dataset version's run, happens here once, for both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from verifily_train.artifacts.compare import compare_runs, render_comparison
+from verifily_train.artifacts.hub import push_adapter
+from verifily_train.artifacts.record import RunStart, job_record, run_summary, stage_report, write_run
+from verifily_train.artifacts.run import new_run_id, utc_now, write_failed_run
+from verifily_train.config.schema import TrainConfig
+from verifily_train.pipeline import claims, evaluate, hard_examples, replay, slice, tokenize, train, validate
+from verifily_train.pipeline.cache import CacheMode, cache_root, discard_private, release_held, run_cached
+from verifily_train.pipeline.stage import Stage, StageContext
+
+STAGES = (validate.STAGE, tokenize.STAGE, train.STAGE, evaluate.STAGE, evaluate.BASELINE, slice.STAGE,
+          hard_examples.STAGE)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where the stage cache lives and whether this run reads and writes it (JSON-able for task parameters)."""
+
+    root: str
+    read: bool = True
+    write: bool = True
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, refresh: bool = False) -> "CacheSettings":
+        mode = CacheMode.from_flags(cfg.cache.enabled, refresh)
+        return cls(str(cache_root(cfg.cache.dir)), mode.read, mode.write)
+
+    @property
+    def mode(self) -> CacheMode:
+        return CacheMode(read=self.read, write=self.write)
+
+
+def compute_stage(stage: Stage, ctx: StageContext, cache: CacheSettings) -> dict:
+    """The stage's manifest from its cache entry for this context's key, or computed and stored."""
+    return run_cached(stage.name, stage.key(ctx), Path(cache.root), cache.mode,
+                      lambda out, work: stage.run(ctx, out, work))
+
+
+class Publisher:
+    """Where a completed Run is announced; this base announces nothing (the flow's publishes Prefect artifacts)."""
+
+    def run_artifacts(self, summary: dict) -> None:
+        """The Run's metrics, slices, hard examples and path."""
+
+    def comparison(self, previous: Path, current: Path, text: str) -> None:
+        """``verifily compare`` of the previous dataset version's run against this one (markdown)."""
+
+
+Execute = Callable[[Stage, StageContext], dict]
+Write = Callable[[TrainConfig, RunStart, dict, Dict[str, dict], Path, Optional[Path]], dict]
+LAST_SUMMARY: Optional[dict] = None  # the summary of the last Run this process completed
+
+
+def new_start() -> RunStart:
+    return RunStart(new_run_id(), utc_now(), time.time())
+
+
+def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSettings, execute: Execute,
+                 publisher: Publisher = Publisher(), write: Write = write_run, once: bool = False,
+                 start: Optional[RunStart] = None, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Every stage in order, then the Run, the claim, the replay record, the artifacts and the comparison.
+
+    ``once`` (retraining): skip when this dataset version was already trained (or is being trained) under the
+    same training config. A failure after the first stage leaves a failed-run record in ``runs_dir``.
+    """
+    start = start or new_start()
+    key = claims.claim_key(fp["data_hash"], claims.training_config_hash(cfg))
+    owner = f"{start.run_id}:{os.getpid()}"
+    if once:
+        held = claims.claim(key, {"owner": owner, "dataset_ref": fp["dataset"]["ref"], "claimed_at": utc_now()})
+        if held is not None:
+            log(f"{fp['dataset']['ref']} is already {held.get('status')} under this training config "
+                f"({held.get('run_path') or held.get('owner')}): not training it again")
+            return {"status": "skipped", "dataset": fp["dataset"]["ref"], "claim": held}
+    done: Dict[str, dict] = {}
+    charts = Path(cache.root) / "charts" if cfg.cache.enabled else None
+    try:
+        for stage in STAGES:
+            done[stage.name] = execute(stage, StageContext(cfg, fp, dict(done)))
+        written = write(cfg, start, fp, done, runs_dir, charts)
+    except BaseException as err:
+        if once:
+            claims.release(key, owner)
+        if isinstance(err, Exception) and "validate" in done:  # bad config, data or model fail before any record
+            _record_failure(cfg, start, fp, done, runs_dir, err)
+        raise
+    finally:
+        if not cache.write:  # cache off: the stages computed into private folders nobody else reads
+            discard_private(done.values())
+        release_held()  # the entries this run read are in the Run now: cache clear may delete them
+    return _finish(cfg, fp, done, written, cache, publisher)
+
+
+def _record_failure(cfg: TrainConfig, start: RunStart, fp: dict, done: Dict[str, dict], runs_dir: Path,
+                    err: Exception) -> None:
+    dataset = dict(done["validate"]["dataset"], manifest_path=fp["dataset"]["manifest_path"],
+                   data_path=fp["dataset"]["data_path"])
+    record = {"job": job_record(cfg, start.run_id, start.started_at, dataset, None), "started_at": start.started_at,
+              "duration_seconds": round(time.time() - start.started_clock, 3), "metrics": {},
+              "stages": stage_report(done)}
+    write_failed_run(runs_dir, start.run_id, record, err)
+
+
+def _finish(cfg: TrainConfig, fp: dict, done: Dict[str, dict], written: dict, cache: CacheSettings,
+            publisher: Publisher) -> dict:
+    global LAST_SUMMARY
+    summary = run_summary(written, done["evaluate"], done["slice"], done["hard_examples"])
+    LAST_SUMMARY = summary  # the Run is complete: a later failure of Prefect's API must not disown it
+    claims.complete_run(cfg, fp, done["validate"], written)
+    if cache.write:  # the next identical run can be answered from these entries (pipeline/replay.py)
+        replay.remember(cfg, fp, done, Path(cache.root), STAGES)
+    publisher.run_artifacts(summary)
+    ds = done["validate"]["dataset"]
+    previous = claims.previous_run(claims.training_config_hash(cfg), ds["dataset_id"], ds.get("created_at") or "",
+                                   ds["version"])
+    if previous is not None:
+        before, now = Path(previous["run_path"]), Path(written["path"])
+        publisher.comparison(before, now, render_comparison(compare_runs(before, now), markdown=True))
+        summary["compared_with"] = str(before)
+    if cfg.output.push_to_hub:
+        summary["pushed_to"] = push_adapter(cfg, Path(written["path"]))
+    return summary
+
+
+def replay_run(cfg: TrainConfig, runs_dir: Path, publisher: Publisher = Publisher()) -> Optional[dict]:
+    """A new Run from the recorded entries when these exact inputs completed before; its summary, or None."""
+    start = new_start()
+    cache = CacheSettings.for_config(cfg)
+    found = replay.find(cfg, Path(cache.root), STAGES)
+    if found is None:
+        return None
+    recorded = found["manifests"]
+    summary = run_pipeline(cfg, found["fingerprint"], runs_dir, cache, lambda stage, ctx: recorded[stage.name],
+                           publisher, start=start)
+    return dict(summary, replayed=True)
+
+
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def run_uncached(name: str, cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path, **done: dict) -> dict:
+    """One stage run straight into ``out_dir``, without the cache (how benchmarks and tests drive a stage).
+
+    ``done`` holds the manifests of the stages it reads, by stage name (``tokenize=...``, ``train=...``).
+    """
+    return BY_NAME[name].run(StageContext(cfg, fp, done), out_dir, work_dir)
