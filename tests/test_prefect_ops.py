@@ -63,6 +63,13 @@ class Api:
         found = self.client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         return {a.key: a for a in found}
 
+    def artifacts_without_flow_run(self) -> dict:
+        """Artifacts no flow run owns (a replayed Run's), by key."""
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        found = self.client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(is_null_=True)))
+        return {a.key: a for a in found}
+
     def logs(self, flow_run_id) -> str:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -205,6 +212,17 @@ def test_deployments_trigger_watch_and_ui_end_to_end(models, tmp_path, verifily_
             v1_runs = [p.name for p in (verifily_home / "runs").glob("run_*")]  # by hand and self-host, both v1
             assert "Compared with the previous version's run" in comparison and "(ds_ops@v1)" in comparison
             assert any(name in comparison for name in v1_runs), comparison
+
+            # 4b. the same job from the CLI is a replay (no flow run) and publishes what that flow run published
+            replayed = run_cli("train", "-c", str(config), "--dataset", "ds_ops@v2", cwd=tmp_path, env=api_env)
+            assert replayed.returncode == 0 and "replayed:" in replayed.stdout, replayed.stdout[-2000:]
+            flow_arts, replay_arts = api.artifacts(second.id), api.artifacts_without_flow_run()
+            assert set(replay_arts) == set(flow_arts) - {"training-progress"}, (set(replay_arts), set(flow_arts))
+            for key in ("metrics", "slices", "hard-examples"):
+                assert replay_arts[key].data == flow_arts[key].data, key
+            assert "Compared with the previous version's run" in replay_arts["comparison"].data
+            assert "(ds_ops@v1)" in replay_arts["comparison"].data
+            assert len(list((verifily_home / "runs").glob("run_*"))) == 3  # the replay wrote to ./runs
 
             # 5. retrain/watch trains what no one trained (ds_quiet@v1) and never a version trained before
             watch = _prefect("deployment", "run", "retrain/watch", "--watch", "--watch-interval", "1", env=api_env)

