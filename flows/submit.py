@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from typing import Optional
+from verifily_train.errors import VerifilyError
 
 SELF_HOST_DEPLOYMENT = "train/self-host"
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -18,7 +19,6 @@ def submit_and_follow(parameters: dict, deployment: str = SELF_HOST_DEPLOYMENT, 
     from prefect.client.schemas.sorting import LogSort
     from prefect.exceptions import ObjectNotFound
 
-    from verifily_train.errors import VerifilyError
 
     with get_client(sync_client=True) as client:
         try:

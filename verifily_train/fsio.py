@@ -10,6 +10,7 @@ import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
+from verifily_train.errors import VerifilyError
 
 PathLike = Union[str, os.PathLike]
 
@@ -91,7 +92,6 @@ def check_writable_folder(folder: os.PathLike | str, key: str) -> None:
     import errno
     import tempfile
 
-    from verifily_train.errors import VerifilyError
 
     path = Path(os.path.expanduser(os.fspath(folder)))
     try:

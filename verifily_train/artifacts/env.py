@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 from verifily_train.hashing import content_hash, sha256_file
+from verifily_train import __version__
 
 LIBRARY_ROOT = Path(__file__).resolve().parent.parent
 # library versions whose upgrade can change trained weights or scores (in every stage key)
@@ -60,8 +61,6 @@ def tool_version() -> str:
     try:
         return metadata.version("verifily-train")
     except metadata.PackageNotFoundError:
-        from verifily_train import __version__
-
         return __version__
 
 

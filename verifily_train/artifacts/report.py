@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from verifily_train.artifacts.compare import legend, spread_notes
 from verifily_train.fsio import atomic_write_text
+from verifily_train.hashing import content_hash
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#1b1b1b;background:#fff}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}table{border-collapse:collapse;font-size:13px}
@@ -114,7 +115,6 @@ class ChartMemo:
             return draw(*data)
         from importlib import metadata
 
-        from verifily_train.hashing import content_hash
 
         key = content_hash("chart/1", draw.__name__, metadata.version("matplotlib"), list(data))
         path = self.folder / f"{key}.json"

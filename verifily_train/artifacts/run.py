@@ -13,11 +13,13 @@ from typing import List, Optional
 from verifily_train.config.loader import hashed_view
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import RunError
-from verifily_train.fsio import (atomic_write_json, atomic_write_text, claim_staging, fsync_dir, make_read_only,
+from verifily_train.fsio import (atomic_write_json, claim_staging, fsync_dir, make_read_only,
                                  make_writable, release_staging, sweep_abandoned)
 from verifily_train.hashing import content_hash, sha256_file
 from verifily_train.artifacts.env import source_digest, tool_version
 from verifily_train.checksums import CHECKSUMS, parse_checksums, write_checksums  # noqa: F401  (re-exported)
+from verifily_train import jsonsafe
+from verifily_train.fsio import verifily_home
 
 RUN_SCHEMA_VERSION = 1
 
@@ -91,8 +93,6 @@ def integrity_root(listing: Path) -> str:
 
 def ledger_dir() -> Path:
     """``$VERIFILY_HOME/ledger/runs``: each Run's integrity root, written once, before the Run appears."""
-    from verifily_train.fsio import verifily_home
-
     return verifily_home() / "ledger" / "runs"
 
 
@@ -227,8 +227,6 @@ def runs_dirs(runs_dir: Optional[str | Path] = None) -> List[Path]:
     (where deployment runs land)."""
     if runs_dir is not None:
         return [Path(runs_dir)]
-    from verifily_train.fsio import verifily_home
-
     out: List[Path] = []
     for candidate in (Path("runs"), verifily_home() / "runs"):
         if all(candidate.resolve() != p.resolve() for p in out):
@@ -256,8 +254,6 @@ def find_run(ref: str, runs_dir: Optional[str | Path] = None) -> Path:
 
 
 def load_run_json(root: Path) -> dict:
-    from verifily_train import jsonsafe
-
     path = Path(root) / "run.json"
     try:
         record = jsonsafe.loads(path.read_text(encoding="utf-8"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.errors import DatasetExistsError, DataError, VerifilyError
+from verifily_train.dataset.store import create_version, resolve
 
 
 def _safe(value: str) -> str:
@@ -77,8 +78,6 @@ def derive_random(dv, rows: int, seed: int, home: Optional[Path] = None) -> dict
 
 def _store(dv, version: str, rule: dict, lines: List[str], keep: List[bool], home: Optional[Path],
            extra: dict) -> dict:
-    from verifily_train.dataset.store import create_version, resolve
-
     kept = [line for line, k in zip(lines, keep) if k]
     if not kept:
         raise VerifilyError(None, "--values", f"{json.dumps(rule)} leaves {dv.ref} without train rows")

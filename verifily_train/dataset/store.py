@@ -16,6 +16,10 @@ from verifily_train import jsonsafe
 from verifily_train.errors import DatasetExistsError, DatasetNotFoundError, DataError, ManifestError, VerifilyError
 from verifily_train.fsio import (atomic_write_json, check_writable_folder, claim_staging, fsync_dir, make_read_only,
                                  make_writable, release_staging, sweep_abandoned, verifily_home)
+from verifily_train.dataset.convert import (JSONL, SPLIT_NAMES, convert_split, dataset_dict_split, is_dataset_dict,
+                                           source_format)
+from verifily_train.dataset.manifest import dataset_files_from_paths, dataset_from_paths
+from verifily_train.hashing import dataset_content_hash
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -46,8 +50,6 @@ def create_version(
     ``dataset.convert``); a ``DatasetDict`` folder as ``train`` also supplies its val and test splits.
     ``derived_from`` (a parent reference, its content hash and the rule that derived this version) is
     recorded in the manifest, so a derived version is reproducible from its parent."""
-    from verifily_train.dataset.convert import JSONL, convert_split, source_format
-
     _check_name("--id", dataset_id)
     _check_name("--version", version)
     if task not in TASKS:
@@ -104,8 +106,6 @@ def create_version(
 
 def _split_sources(given: dict) -> List[Tuple[str, Path]]:
     """(split, path) for each given split; a DatasetDict folder resolves to its split's sub-folder."""
-    from verifily_train.dataset.convert import dataset_dict_split, is_dataset_dict
-
     given = dict(given)
     train = Path(given["train"])
     if is_dataset_dict(train):  # --train DICT: its own val/test splits unless given separately
@@ -130,8 +130,6 @@ def _split_sources(given: dict) -> List[Tuple[str, Path]]:
 
 
 def _split_names(split: str):
-    from verifily_train.dataset.convert import SPLIT_NAMES
-
     return SPLIT_NAMES[split]
 
 
@@ -237,8 +235,6 @@ def resolve(ref: str, home: Optional[Path] = None, validate_rows: bool = True,
 
 def load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> DatasetVersion:
     """The DatasetVersion a config names, by reference or by ``data_paths``, checked against its task."""
-    from verifily_train.dataset.manifest import dataset_from_paths
-
     if dataset_version:
         dv = resolve(dataset_version, home, expected_task=task)
     else:
@@ -251,9 +247,6 @@ def load_for_config(dataset_version: Optional[str], data_paths, task: str, home:
 
 def dataset_fingerprint(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> dict:
     """The dataset's identity without parsing rows: every file's bytes hashed, manifest hashes checked."""
-    from verifily_train.dataset.manifest import dataset_files_from_paths
-    from verifily_train.hashing import dataset_content_hash
-
     if dataset_version:
         dv = load_manifest(resolve_manifest_path(dataset_version, home), validate_rows=False)
         if dv.task != task:

@@ -21,6 +21,9 @@ from verifily_train.config.schema import TrainConfig
 from verifily_train.fsio import atomic_write_json, verifily_home
 from verifily_train.hashing import canonical_json
 from verifily_train.procs import start_time
+from verifily_train.artifacts.run import utc_now
+from verifily_train.config.loader import load_config
+from verifily_train.dataset.store import list_versions
 
 CLAIMED, COMPLETED = "claimed", "completed"
 
@@ -35,8 +38,6 @@ def training_config_hash(cfg: TrainConfig) -> str:
 
 def load_training_config(config, overrides) -> TrainConfig:
     """A config that names no dataset (the watcher picks the versions); every other problem still raises."""
-    from verifily_train.config.loader import load_config
-
     problems: list = []
     cfg = load_config(config, overrides or [], collect=problems)
     problems = [p for p in problems if p.key not in ("dataset_version", "data_paths.train")]
@@ -116,8 +117,6 @@ def complete(key: str, record: dict, home: Optional[Path] = None) -> None:
 
 def complete_run(cfg: TrainConfig, fp: dict, validated: dict, written: dict, home: Optional[Path] = None) -> None:
     """Record a completed Run for its dataset version and training config (what ``once`` and compare look up)."""
-    from verifily_train.artifacts.run import utc_now
-
     ds = validated["dataset"]
     training_hash = training_config_hash(cfg)
     complete(claim_key(fp["data_hash"], training_hash), {
@@ -162,8 +161,6 @@ def previous_run(training_hash: str, dataset_id: str, created_at: str, version: 
 def pending_versions(training_hash: str, task: str, latest_only: bool = True, datasets: Optional[List[str]] = None,
                      home: Optional[Path] = None) -> List[dict]:
     """Store versions of ``task`` with no claim under this training config (newest per dataset if ``latest_only``)."""
-    from verifily_train.dataset.store import list_versions
-
     versions = [v for v in list_versions(home) if v["task"] == task and (not datasets or v["dataset_id"] in datasets)]
     if latest_only:
         newest = {}
