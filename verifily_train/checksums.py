@@ -45,7 +45,7 @@ def parse_checksums(listing: Path) -> Dict[str, str]:
             raise RunError(listing, f"line {lineno}", "malformed checksum line (expected '<sha256>  <name>')")
         digest, rel = match.groups()
         if not _plain_name(rel):
-            raise RunError(listing, f"line {lineno}", f"{rel[:80]!r} is not a plain relative name inside the folder")
+            raise RunError(listing, f"line {lineno}", f"{rel[:80]!r} is not a plain relative name inside the run")
         if rel in expected or rel == CHECKSUMS:
             raise RunError(listing, f"line {lineno}", f"{rel!r} is listed twice")
         expected[rel] = digest
