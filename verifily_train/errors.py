@@ -6,6 +6,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Optional
 
@@ -63,13 +64,30 @@ class DiskFullError(EnvironmentProblem):
 SHORT_WRITE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left")
 
 
-def is_short_write(err: BaseException) -> bool:
-    """torch reports a full disk during ``torch.save`` as a RuntimeError, not an OSError."""
-    import errno
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # full disk, quota, file size limit (RLIMIT_FSIZE)
+NO_SPACE = "no space left on the device (or file size limit reached)"
 
+
+def is_short_write(err: BaseException) -> bool:
+    """A write failed for lack of space; torch reports a full disk during ``torch.save`` as a RuntimeError."""
     if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return err.errno in NO_SPACE_ERRNOS
     return isinstance(err, RuntimeError) and any(m in str(err) for m in SHORT_WRITE_MARKERS)
+
+
+def translate_os_error(err: BaseException, where: Optional[object] = None,
+                       while_doing: str = "") -> Optional["DiskFullError"]:
+    """The user error an OS-level failure stands for, or None (a bug: keep its traceback).
+
+    The one place that reads ENOSPC, EDQUOT and EFBIG: a full disk or a file size limit is the user's to fix,
+    and what finished is cached. ``where`` defaults to the file the error names.
+    """
+    if not is_short_write(err):
+        return None
+    where = where if where is not None else getattr(err, "filename", None)
+    where = None if where is None else str(os.fsdecode(where) if isinstance(where, bytes) else where)
+    during = f" {while_doing}" if while_doing else ""
+    return DiskFullError(where, None, f"{NO_SPACE}{during}: free space and re-run; finished stages are cached")
 
 
 class RunError(VerifilyError):
