@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
+from typing import List, Optional
 
 
 class VerifilyError(Exception):
@@ -21,6 +21,10 @@ class VerifilyError(Exception):
         self.key = key
         self.problem = problem
         super().__init__(self._render())
+
+    def lines(self) -> List[str]:
+        """What the CLI prints, one ``error:`` line each (one, unless several problems were found at once)."""
+        return [str(self)]
 
     def _render(self) -> str:
         parts = [p for p in (self.where, self.key) if p]
@@ -88,6 +92,18 @@ def translate_os_error(err: BaseException, where: Optional[object] = None,
     where = None if where is None else str(os.fsdecode(where) if isinstance(where, bytes) else where)
     during = f" {while_doing}" if while_doing else ""
     return DiskFullError(where, None, f"{NO_SPACE}{during}: free space and re-run; finished stages are cached")
+
+
+class PreflightError(VerifilyError):
+    """One or more problems found before any work; each is one line."""
+
+    def __init__(self, problems: List[VerifilyError]):
+        self.problems = problems
+        super().__init__(None, None, f"{len(problems)} problem(s) found before training: " +
+                         "; ".join(str(p) for p in problems))
+
+    def lines(self) -> List[str]:
+        return [str(p) for p in self.problems]
 
 
 class RunError(VerifilyError):

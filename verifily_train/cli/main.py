@@ -22,8 +22,7 @@ def handler(name: str) -> Callable:
 
 def report(err: VerifilyError) -> int:
     """Print a user error (every problem of a preflight) on stderr; its exit code."""
-    lines = err.lines() if hasattr(err, "lines") else [str(err)]
-    for line in lines:
+    for line in err.lines():
         print(f"error: {line}", file=sys.stderr)
     return err.exit_code
 

@@ -13,19 +13,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from verifily_train.config.schema import TrainConfig
-from verifily_train.errors import ConfigError, EnvironmentProblem, VerifilyError
-
-
-class PreflightError(VerifilyError):
-    """One or more problems found before any work; each is one line."""
-
-    def __init__(self, problems: List[VerifilyError]):
-        self.problems = problems
-        super().__init__(None, None, f"{len(problems)} problem(s) found before training: " +
-                         "; ".join(str(p) for p in problems))
-
-    def lines(self) -> List[str]:
-        return [str(p) for p in self.problems]
+from verifily_train.errors import ConfigError, EnvironmentProblem, PreflightError, VerifilyError
 
 
 def _attempt(problems: List[VerifilyError], check: Callable[[], None]) -> bool:
