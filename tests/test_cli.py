@@ -184,3 +184,14 @@ def test_stage_modules_are_imported_only_while_the_temporary_server_boots(tmp_pa
     assert preload_while_server_boots(died, ["this_module_is_never_imported"]) == 0
     with pytest.raises(VerifilyError, match="temporary server did not start \\(exit code 3"):
         died.wait()
+
+
+def test_demo_stores_the_shipped_example_splits_as_a_dataset_version(verifily_home):
+    """`verifily demo` trains on the examples shipped in the package (verifily_train/examples), stored once."""
+    from verifily_train.cli.demo import ensure_demo_dataset
+    from verifily_train.dataset import resolve
+
+    for task in ("sft", "classification"):
+        ref = ensure_demo_dataset(task, verifily_home)
+        assert ref == f"ds_demo_{task}@v1" and resolve(ref).num_rows > 0
+        assert ensure_demo_dataset(task, verifily_home) == ref  # the second call reuses it

@@ -15,7 +15,7 @@ from verifily_train.config import load_config
 from verifily_train.errors import DatasetNotFoundError
 from verifily_train.fsio import verifily_home
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # verifily_train/examples (package data)
 DEMO_MODELS = {"sft": "llama", "classification": "bert"}  # tiny models built offline (--tiny)
 EMBEDDED_DEMO = {"sft": "smollm2", "classification": "minilm"}  # real pretrained models from PyPI packages
 
