@@ -22,9 +22,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from verifily_train import attribution
+from verifily_train.attribution.options import check_options
 from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.errors import RunError, VerifilyError
+from verifily_train.quiet import QUIET_ENV
 
+ABLATION_WORKER = "verifily_train.flows.ablation_worker"  # python -m ABLATION_WORKER JOB_JSON: one ablation run
 
 
 @task(name="derive-dataset", cache_policy=NO_CACHE, persist_result=False)
@@ -54,9 +57,8 @@ def ablation_run(arm: str, seed: int, config: str, overrides: List[str], runs_di
     if deployment:
         return _via_deployment(deployment, config, overrides, runs_dir)
     job = json.dumps({"config": config, "overrides": overrides, "runs_dir": runs_dir})
-    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="CRITICAL",
-               TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    done = subprocess.run([sys.executable, "-m", "verifily_train.flows.attribute", job], env=env,
+    env = dict(os.environ, PREFECT_API_URL=api_url, **QUIET_ENV)  # its stderr's last line is the error we report
+    done = subprocess.run([sys.executable, "-m", ABLATION_WORKER, job], env=env,
                           capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -68,7 +70,7 @@ def ablation_run(arm: str, seed: int, config: str, overrides: List[str], runs_di
 def _via_deployment(deployment: str, config: str, overrides: List[str], runs_dir: str) -> str:
     from prefect.deployments import run_deployment
 
-    from verifily_train.config.loader import read_yaml
+    from verifily_train.config.parse import read_yaml
 
     run = run_deployment(deployment, parameters={"config": read_yaml(Path(config)), "overrides": overrides,
                                                  "runs_dir": runs_dir}, as_subflow=True)
@@ -105,7 +107,7 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     record = load_run_json(parent)
     if record.get("status") != "completed":
         raise RunError(parent, None, "only a completed run can be attributed")
-    check_test_options(seeds, alpha, correction)
+    check_options(seeds, alpha, correction, budget_steps, budget_fraction)  # a deployment run has no CLI to check them
     parent_config = str(parent / "config.yaml")
     cfg = load_config(parent_config)
     dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
@@ -169,17 +171,6 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     return dict(result, path=str(out))
 
 
-
-def check_test_options(seeds: int, alpha: float, correction: str) -> None:
-    """The verdict test's settings, checked before any retraining (one line each)."""
-    if seeds < 1:
-        raise VerifilyError(None, "--seeds", f"must be >= 1; got {seeds}")
-    if not 0 < alpha < 1:
-        raise VerifilyError(None, "--alpha", f"must be in (0, 1); got {alpha}")
-    if correction not in ("holm", "bh"):
-        raise VerifilyError(None, "--correction", f"must be holm or bh; got {correction!r}")
-
-
 def _values(record: dict, by: str, values: Optional[List[str]], counts: dict):
     """The tag values to remove, and notes: the given ones (checked against the dataset's tag schema and its
     train rows) or every value present in the train rows (declared but absent values named in one note)."""
@@ -208,36 +199,14 @@ def _values(record: dict, by: str, values: Optional[List[str]], counts: dict):
 
 
 def _budget(record: dict, steps: Optional[int], fraction: Optional[float]):
+    """The overrides and description of the retraining budget (settings checked by ``check_options``)."""
     parent_steps = int(record.get("metrics", {}).get("train_steps") or 0)
-    if steps is not None and fraction is not None:
-        raise VerifilyError(None, "--budget-steps", "give --budget-steps or --budget-fraction, not both")
     if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise VerifilyError(None, "--budget-fraction", f"must be in (0, 1]; got {fraction}")
         steps = max(1, round(parent_steps * fraction))
     if steps is not None:
-        if steps < 1:
-            raise VerifilyError(None, "--budget-steps", f"must be >= 1; got {steps}")
         return [f"training.max_steps={steps}"], {
             "max_steps": steps, "parent_steps": parent_steps,
             "description": f"short retrains: {steps} optimizer steps per arm from the same initialisation "
                            f"(the parent ran {parent_steps})"}
     return [], {"max_steps": None, "parent_steps": parent_steps,
                 "description": "full retrains with the parent's config (arms without rows take fewer steps per epoch)"}
-
-
-def _ablation_main(job: str) -> int:
-    """One ablation run in this process: ``python -m verifily_train.flows.attribute JOB_JSON``."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from verifily_train.flows.train import train
-
-    spec = json.loads(job)
-    summary = train(config=spec["config"], overrides=spec["overrides"], runs_dir=spec["runs_dir"])
-    print(json.dumps({"path": summary["path"], "run_id": summary["run_id"]}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_ablation_main(sys.argv[1]))

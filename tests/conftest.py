@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import pytest
@@ -128,12 +129,29 @@ def write_config(folder: Path, task: str, model: Path, splits: dict | None = Non
     return path
 
 
+RUN_LINE = re.compile(r"^  run: (\S.*)$", re.MULTILINE)  # the summary's line naming the Run it wrote
+
+
+def printed_run(result: subprocess.CompletedProcess, cwd: Path) -> Path | None:
+    """The Run a command wrote, from the ``run: <path>`` line of the summary it printed (None: it printed none)."""
+    found = RUN_LINE.findall(result.stdout)
+    if not found:
+        return None
+    path = Path(found[-1].strip())
+    return path if path.is_absolute() else cwd / path
+
+
 def train(folder: Path, prefect_api: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path | None]:
+    """``verifily train -c train.yaml EXTRA`` in ``folder``, and the Run it wrote: the one its summary names, else
+    (a failed run prints no summary) the one Run folder that appeared in ``folder/runs`` while it ran."""
+    runs = folder / "runs"
+    before = set(runs.glob("run_*")) if runs.exists() else set()
     result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder, env=cli_env({"PREFECT_API_URL": prefect_api}))
-    runs = [p for p in (folder / "runs").glob("run_*")] if (folder / "runs").exists() else []
-    return result, (max(runs, key=lambda p: p.stat().st_mtime) if runs else None)
-
-
+    run = printed_run(result, folder)
+    if run is None:
+        new = sorted(set(runs.glob("run_*")) - before) if runs.exists() else []
+        run = new[0] if len(new) == 1 else None
+    return result, run
 
 
 def edit_config(folder: Path, **changes) -> None:

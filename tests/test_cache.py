@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import cli_env, run_cli, train, write_config, write_sft_splits
+from conftest import cli_env, printed_run, run_cli, train, write_config, write_sft_splits
 
 pytestmark = pytest.mark.slow
 STAGES = ["validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples"]
@@ -74,7 +74,6 @@ def cold(cold_snapshot, monkeypatch):
 
 def test_identical_rerun_is_all_cache_hits_with_equal_content(cold, prefect_api):
     folder, first = cold
-    time.sleep(1.1)
     result = train(folder, prefect_api)
     second = ok(result)
     assert ran(second) == []
@@ -89,7 +88,6 @@ def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold,
     """A re-run with every input unchanged writes a new, verifiable Run from the cache and loads nothing heavy;
     ``--flow`` or another device environment goes through the flow."""
     folder, first = cold
-    time.sleep(1.1)
     probe = ("import sys; from verifily_train.cli.main import main; code = main(['train', '-c', 'train.yaml']); "
              "print('heavy:', sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules)); "
              "sys.exit(code)")
@@ -97,7 +95,7 @@ def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold,
                             env=cli_env({"PREFECT_API_URL": prefect_api}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replayed:" in result.stdout and "heavy: []" in result.stdout, result.stdout
-    second = max(folder.glob("runs/run_*"), key=lambda p: p.stat().st_mtime)
+    second = printed_run(result, folder)
     assert second != first and ran(second) == []
     a, b = (json.loads((run / "run.json").read_text()) for run in (first, second))
     for key in ("reproducibility_hash", "config_hash", "data_hash", "env_hash", "model_identity", "metrics",
@@ -111,12 +109,11 @@ def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold,
     # --flow always makes a flow run; a changed device environment is another replay key (the flow then
     # decides the device again), though every stage still hits the cache here (still the CPU)
     for extra, env in ((("--flow",), {}), ((), {"CUDA_VISIBLE_DEVICES": ""})):
-        time.sleep(1.1)
         result = run_cli("train", "-c", "train.yaml", *extra, cwd=folder,
                          env=cli_env({"PREFECT_API_URL": prefect_api, **env}))
         assert result.returncode == 0, result.stderr[-3000:]
         assert "replayed:" not in result.stdout, (extra, env)
-        assert ran(max(folder.glob("runs/run_*"), key=lambda p: p.stat().st_mtime)) == []
+        assert ran(printed_run(result, folder)) == []
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -133,7 +130,6 @@ def test_identical_rerun_is_replayed_without_torch_transformers_or_prefect(cold,
 ])
 def test_a_change_reruns_exactly_the_stages_that_read_it(cold, prefect_api, override, expected):
     folder, first = cold
-    time.sleep(1.1)
     run = ok(train(folder, prefect_api, override))
     if override.startswith("eval.batch_size"):
         # Another batch size pads the prompts differently. With attention in fp32 (CPU bf16) the predictions
@@ -147,7 +143,6 @@ def test_one_changed_data_byte_invalidates_every_stage(cold, prefect_api):
     folder, _ = cold
     path = cold.splits["test"]
     path.write_bytes(path.read_bytes().replace(b"human", b"synthetic", 1))
-    time.sleep(1.1)
     assert ran(ok(train(folder, prefect_api))) == STAGES
 
 
@@ -174,22 +169,18 @@ def test_tokenizer_change_retokenizes_and_weights_change_only_retrains(cold, pre
     name = next(k for k in weights if k.endswith("mlp.up_proj.weight"))
     weights[name] = weights[name] * 1.01
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    time.sleep(1.1)
     assert ran(ok(train(other, prefect_api))) == ["train", "evaluate", "baseline", "slice", "hard_examples"]
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["model_max_length"] = 256
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    time.sleep(1.1)
     assert "tokenize" in ran(ok(train(other, prefect_api)))
 
 
 def test_no_cache_and_refresh_force_recomputation(cold, prefect_api):
     folder, first = cold
     verifily_home = cold.home
-    time.sleep(1.1)
     assert ran(ok(train(folder, prefect_api, "--no-cache"))) == STAGES
     assert not list((verifily_home / "cache").glob("*/.private-*")), "private folders are cleaned up"
-    time.sleep(1.1)
     refreshed = ok(train(folder, prefect_api, "--refresh"))
     assert ran(refreshed) == STAGES
     assert (first / "adapter/adapter_model.safetensors").read_bytes() == \
@@ -203,7 +194,6 @@ def test_corrupted_or_missing_cache_files_are_a_miss_not_a_crash(cold, prefect_a
     adapter.write_bytes(adapter.read_bytes()[:-3] + b"xyz")
     predictions = next((verifily_home / "cache/evaluate").glob("*/predictions.parquet"))
     predictions.unlink()
-    time.sleep(1.1)
     result = train(folder, prefect_api)
     assert "replayed:" not in result[0].stdout  # a damaged entry is never replayed: the flow recomputes it
     assert ran(ok(result)) == ["train", "evaluate"]
@@ -244,7 +234,6 @@ def test_killed_training_resumes_from_checkpoint_and_matches_uninterrupted(tmp_p
     resumed = ok(train(tmp_path, prefect_api))
     resumed_from = json.loads((resumed / "metrics.json").read_text())["train"]["resumed_from_step"]
     assert resumed_from and resumed_from >= 10
-    time.sleep(1.1)
     uninterrupted = ok(train(tmp_path, prefect_api, "--no-cache"))
     assert json.loads((uninterrupted / "metrics.json").read_text())["train"]["resumed_from_step"] is None
     assert (resumed / "adapter/adapter_model.safetensors").read_bytes() == \
@@ -260,7 +249,6 @@ def test_failure_in_a_later_stage_reuses_completed_stages(tmp_path, models, sft_
     assert failed.returncode == 1 and "injected failure" in failed.stderr
     record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
     assert record["status"] == "failed" and record["stages"]["train"]["cache_hit"] is False
-    time.sleep(1.1)
     assert ran(ok(train(tmp_path, prefect_api))) == ["slice", "hard_examples"]
 
 
@@ -281,7 +269,6 @@ def test_two_identical_concurrent_runs_both_verify(tmp_path, models, sft_splits,
 
 def test_reproduce_reports_a_bitwise_match(cold, prefect_api):
     folder, run = cold
-    time.sleep(1.1)
     result = run_cli("reproduce", run.name, cwd=folder, env=cli_env({"PREFECT_API_URL": prefect_api}))
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "adapter weights bitwise equal:  yes" in result.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -314,7 +313,6 @@ def test_multi_turn_dataset_trains_and_evaluates_end_to_end_and_a_template_chang
 
     jinja = model / "chat_template.jinja"
     jinja.write_text(jinja.read_text().replace("You are a helpful assistant .", "Answer briefly ."))
-    time.sleep(1.1)
     again, rerun = train(tmp_path, prefect_api, "--dataset", "ds_chat@v1")
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((rerun / "run.json").read_text())["stages"]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import assert_user_error, run_cli
+from verifily_train.cli.runtime import TemporaryServer, preload_while_server_boots
+from verifily_train.errors import VerifilyError
 
 
 def test_import_library_does_not_import_prefect():
@@ -106,49 +110,88 @@ def test_runs_verify_unknown_run(tmp_path):
     assert_user_error(run_cli("runs", "verify", "run_nope", cwd=tmp_path), "run_nope", "no such run")
 
 
-@pytest.mark.parametrize("configured", [None, "45"])
-def test_in_process_flow_runs_skip_heartbeats_unless_configured(configured, tmp_path):
-    """The flow run `verifily train` makes and watches sends no heartbeats (Prefect joins their thread at the end,
-    up to a second); a heartbeat frequency the user set is kept."""
-    import os
+HEARTBEAT_PROBE = """
+import sys
+from prefect import flow, task
+from prefect.events.clients import AssertingEventsClient
+from prefect.events.worker import EventsWorker
+from verifily_train.cli.runtime import in_process_flow_settings
 
-    code = ("from verifily_train.cli.train import in_process_flow_settings\n"
-            "from prefect.flow_engine import FlowRunEngine\n"
-            "seconds = lambda: FlowRunEngine.heartbeat_seconds.fget(None)\n"
-            "before = seconds()\n"
-            "with in_process_flow_settings():\n    inside = seconds()\n"
-            "print('HEARTBEAT', before, inside, seconds())")
+EventsWorker.set_client_override(AssertingEventsClient)  # records the events this process emits
+
+@task
+def step():
+    return 1
+
+@flow(name="heartbeat-probe")
+def probe():
+    return step()
+
+with in_process_flow_settings():
+    probe()
+EventsWorker.drain_all()
+names = [e.event for client in AssertingEventsClient.all for e in client.events]
+print("EVENTS", len(names), "HEARTBEATS", names.count("prefect.flow-run.heartbeat"))
+"""
+
+
+@pytest.mark.parametrize("configured", [None, "45"])
+def test_in_process_flow_runs_send_no_heartbeats_unless_configured(configured, tmp_path, prefect_api):
+    """A flow run `verifily train` makes and watches emits no heartbeat events (Prefect joins their thread at the
+    end, up to a second); with a heartbeat frequency the user set, it emits them as Prefect does."""
     env = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile setting
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=prefect_api)  # no profile setting
     if configured:
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = configured
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
-    expected = "HEARTBEAT 45 45 45" if configured else "HEARTBEAT 180 None 180"
-    assert expected in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", HEARTBEAT_PROBE], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=120)
+    found = re.search(r"EVENTS (\d+) HEARTBEATS (\d+)", out.stdout)
+    assert found, out.stdout + out.stderr[-3000:]
+    events, heartbeats = map(int, found.groups())
+    assert events > heartbeats  # the probe sees the other events the run emits (its task run's states)
+    assert (heartbeats >= 1) if configured else (heartbeats == 0), out.stdout
 
 
-def test_stage_modules_are_imported_only_while_the_temporary_server_boots(monkeypatch):
-    """The CLI imports the train and evaluate stages' modules in the time it would idle waiting for the server,
-    and stops as soon as the server is up (or has died): a flow that needs none of them loses one import at most."""
-    import importlib
-    import types
+def _python_server(code: str):
+    """A ``TemporaryServer`` whose process is ``python -c CODE`` (CODE formatted with the port it is given)."""
+    return TemporaryServer(command=lambda port: [sys.executable, "-c", code.format(port=port)], health_timeout=20)
 
-    from verifily_train.cli import train as cli_train
 
-    def fake_server(healthy=False, exit_code=None):
-        return types.SimpleNamespace(healthy=healthy, proc=types.SimpleNamespace(poll=lambda: exit_code))
+def test_stage_modules_are_imported_only_while_the_temporary_server_boots(tmp_path):
+    """The CLI imports the train and evaluate stages' modules in the time it would idle waiting for the server:
+    all of them while it boots, none once it answers, none when it died (which is then one user error)."""
+    modules = [name for name in ("tabnanny", "pyclbr", "netrc") if name not in sys.modules]
+    booting = _python_server("import time; time.sleep(60)")
+    try:
+        assert preload_while_server_boots(booting, modules) == len(modules)
+        assert all(name in sys.modules for name in modules)
+    finally:
+        booting.stop()
 
-    imported = []
-    server = fake_server()
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "health").write_text("true")
+    up = _python_server("import http.server, functools; http.server.ThreadingHTTPServer(('127.0.0.1', {port}), "
+                        f"functools.partial(http.server.SimpleHTTPRequestHandler, directory={str(tmp_path)!r}))"
+                        ".serve_forever()")
+    try:
+        up.wait()  # answers GET /api/health
+        assert up.healthy and preload_while_server_boots(up, ["this_module_is_never_imported"]) == 0
+    finally:
+        up.stop()
 
-    def import_module(name):
-        imported.append(name)
-        server.healthy = len(imported) == 2  # the server answers during the second import
+    died = _python_server("raise SystemExit(3)")
+    died.proc.wait(timeout=20)
+    assert preload_while_server_boots(died, ["this_module_is_never_imported"]) == 0
+    with pytest.raises(VerifilyError, match="temporary server did not start \\(exit code 3"):
+        died.wait()
 
-    monkeypatch.setattr(importlib, "import_module", import_module)
-    assert cli_train._preload_while_server_boots(server) == 2
-    assert imported == list(cli_train.STAGE_MODULES[:2])
-    imported.clear()
-    assert cli_train._preload_while_server_boots(fake_server(healthy=True)) == 0
-    assert cli_train._preload_while_server_boots(fake_server(exit_code=1)) == 0
-    assert imported == []
+
+def test_demo_stores_the_shipped_example_splits_as_a_dataset_version(verifily_home):
+    """`verifily demo` trains on the examples shipped in the package (verifily_train/examples), stored once."""
+    from verifily_train.cli.demo import ensure_demo_dataset
+    from verifily_train.dataset import resolve
+
+    for task in ("sft", "classification"):
+        ref = ensure_demo_dataset(task, verifily_home)
+        assert ref == f"ds_demo_{task}@v1" and resolve(ref).num_rows > 0
+        assert ensure_demo_dataset(task, verifily_home) == ref  # the second call reuses it

@@ -175,7 +175,7 @@ def test_schema_module_does_not_import_torch():
 
 
 def test_every_spec_key_is_in_the_schema():
-    from verifily_train.config.loader import known_keys
+    from verifily_train.config.load import known_keys
 
     keys = set(known_keys(TrainConfig))
     spec = ["task", "base_model", "dataset_version", "data_paths.train", "data_paths.val", "data_paths.test",

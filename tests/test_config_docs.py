@@ -13,7 +13,7 @@ def test_config_doc_matches_schema():
 
 
 def test_config_doc_lists_every_key():
-    from verifily_train.config.loader import known_keys
+    from verifily_train.config.load import known_keys
 
     text = DOC.read_text(encoding="utf-8")
     for key in known_keys():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import cli_env, run_cli, train, write_config
+from conftest import cli_env, printed_run, run_cli, train, write_config
 from verifily_train.model.registry import EMBEDDED, INSTALL_HINT
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_minilm_classification_demo_completes(tmp_path, prefect_api):
     again = run_cli("demo", "--task", "classification", "training.num_epochs=1", cwd=tmp_path,
                     env=cli_env({"PREFECT_API_URL": prefect_api}))
     assert again.returncode == 0 and "replayed:" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
-    second = max((tmp_path / "runs").glob("run_*"), key=lambda p: p.stat().st_mtime)
+    second = printed_run(again, tmp_path)
     assert second != run and json.loads((second / "run.json").read_text())["metrics"] == record["metrics"]
 
 

@@ -6,8 +6,9 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Optional
+from typing import List, Optional
 
 
 class VerifilyError(Exception):
@@ -20,6 +21,10 @@ class VerifilyError(Exception):
         self.key = key
         self.problem = problem
         super().__init__(self._render())
+
+    def lines(self) -> List[str]:
+        """What the CLI prints, one ``error:`` line each (one, unless several problems were found at once)."""
+        return [str(self)]
 
     def _render(self) -> str:
         parts = [p for p in (self.where, self.key) if p]
@@ -63,13 +68,42 @@ class DiskFullError(EnvironmentProblem):
 SHORT_WRITE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left")
 
 
-def is_short_write(err: BaseException) -> bool:
-    """torch reports a full disk during ``torch.save`` as a RuntimeError, not an OSError."""
-    import errno
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # full disk, quota, file size limit (RLIMIT_FSIZE)
+NO_SPACE = "no space left on the device (or file size limit reached)"
 
+
+def is_short_write(err: BaseException) -> bool:
+    """A write failed for lack of space; torch reports a full disk during ``torch.save`` as a RuntimeError."""
     if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return err.errno in NO_SPACE_ERRNOS
     return isinstance(err, RuntimeError) and any(m in str(err) for m in SHORT_WRITE_MARKERS)
+
+
+def translate_os_error(err: BaseException, where: Optional[object] = None,
+                       while_doing: str = "") -> Optional["DiskFullError"]:
+    """The user error an OS-level failure stands for, or None (a bug: keep its traceback).
+
+    The one place that reads ENOSPC, EDQUOT and EFBIG: a full disk or a file size limit is the user's to fix,
+    and what finished is cached. ``where`` defaults to the file the error names.
+    """
+    if not is_short_write(err):
+        return None
+    where = where if where is not None else getattr(err, "filename", None)
+    where = None if where is None else str(os.fsdecode(where) if isinstance(where, bytes) else where)
+    during = f" {while_doing}" if while_doing else ""
+    return DiskFullError(where, None, f"{NO_SPACE}{during}: free space and re-run; finished stages are cached")
+
+
+class PreflightError(VerifilyError):
+    """One or more problems found before any work; each is one line."""
+
+    def __init__(self, problems: List[VerifilyError]):
+        self.problems = problems
+        super().__init__(None, None, f"{len(problems)} problem(s) found before training: " +
+                         "; ".join(str(p) for p in problems))
+
+    def lines(self) -> List[str]:
+        return [str(p) for p in self.problems]
 
 
 class RunError(VerifilyError):

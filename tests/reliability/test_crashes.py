@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import cli_env, write_config
+from conftest import cli_env, printed_run, write_config
 
 pytestmark = pytest.mark.slow
 STAGES = ["validate", "tokenize", "train", "evaluate", "baseline", "slice", "hard_examples", "write_artifact"]
@@ -35,7 +35,7 @@ def _rerun(folder: Path, env: dict) -> Path:
     result = subprocess.run([sys.executable, "-m", "verifily_train.cli.main", "train", "-c", "train.yaml"],
                             cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return max((folder / "runs").glob("run_*"), key=lambda p: p.stat().st_mtime)
+    return printed_run(result, folder)
 
 
 @pytest.fixture(scope="module")

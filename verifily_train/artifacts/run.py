@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.config.loader import hashed_view
+from verifily_train.config.hashing import hashed_view
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import RunError
 from verifily_train.fsio import (atomic_write_json, claim_staging, fsync_dir, make_read_only,

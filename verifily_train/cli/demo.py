@@ -10,10 +10,12 @@ from typing import Optional
 
 import yaml
 
+from verifily_train.cli.train import replay_identical_run, run_train
+from verifily_train.config import load_config
 from verifily_train.errors import DatasetNotFoundError
 from verifily_train.fsio import verifily_home
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # verifily_train/examples (package data)
 DEMO_MODELS = {"sft": "llama", "classification": "bert"}  # tiny models built offline (--tiny)
 EMBEDDED_DEMO = {"sft": "smollm2", "classification": "minilm"}  # real pretrained models from PyPI packages
 
@@ -94,3 +96,13 @@ def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = Fa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Written by `verifily demo`: the embedded default job.\n" + yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def cmd_demo(args) -> int:
+    """``verifily demo``: prepare the demo's train.yaml, then replay or train it as ``verifily train`` would."""
+    path = prepare_demo(args.task, tiny=args.tiny)
+    print(f"demo config: {path}")
+    cfg = load_config(path, args.overrides)
+    if replay_identical_run(cfg):  # the demo ran before with these exact inputs
+        return 0
+    return run_train(cfg)

@@ -227,3 +227,15 @@ def stack_status(home: Optional[Path] = None, out=sys.stdout) -> int:
         out.write(f"{name:16s} pid {proc['pid']:<8d} {'running' if _alive(proc) else 'stopped'}  {proc['log']}\n")
     out.write(f"Prefect UI: {state['ui_url']}   API: {state['api_url']}\n")
     return 0
+
+
+def cmd_stack(args) -> int:
+    """``verifily stack up|down|status``."""
+    if args.stack_command == "up":
+        workers = [w for w in args.workers.split(",") if w] if args.workers is not None else list(WORKERS)
+        stack_up(Path(args.project), host=args.host, port=args.port, workers=workers)
+        return 0
+    if args.stack_command == "down":
+        stack_down()
+        return 0
+    return stack_status()

@@ -13,7 +13,7 @@ from typing import Dict, List
 from omegaconf import MISSING
 
 from verifily_train.config import schema
-from verifily_train.config.loader import _section_type
+from verifily_train.config.load import section_type
 
 _FIELD_LINE = re.compile(r"^\s+(\w+):")
 
@@ -62,7 +62,7 @@ def _rows(cls: type, prefix: str, sections: List[tuple]) -> List[str]:
     rows = []
     notes = _comments(cls)
     for f in dataclasses.fields(cls):
-        sub = _section_type(cls, f.name)
+        sub = section_type(cls, f.name)
         if sub is not None:
             sections.append((prefix + f.name, sub, notes.get(f.name, "")))
             continue

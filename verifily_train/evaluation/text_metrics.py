@@ -13,6 +13,8 @@ import unicodedata
 from collections import Counter
 from typing import List, Optional, Sequence
 
+from verifily_train.config.validate import check_format_setting  # noqa: F401  (eval.format is a config value)
+
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 JSON_AUTO_THRESHOLD = 0.9  # eval.format: auto checks JSON when at least 90% of references parse
@@ -67,19 +69,6 @@ def format_ok(prediction: str, fmt: str) -> float:
         return float(_parses_as_json(prediction.strip()))
     pattern = fmt[len("regex:"):]
     return float(re.fullmatch(pattern, prediction.strip(), flags=re.DOTALL) is not None)
-
-
-def check_format_setting(setting: str) -> Optional[str]:
-    """A problem with an ``eval.format`` value, or None."""
-    if setting in ("auto", "json", "none"):
-        return None
-    if setting.startswith("regex:"):
-        try:
-            re.compile(setting[len("regex:"):])
-        except re.error as err:
-            return f"invalid regular expression: {err}"
-        return None
-    return f"must be auto, json, none or regex:<pattern>; got {setting!r}"
 
 
 def score_texts(predictions: List[str], references: List[str], fmt: Optional[str]) -> dict:

@@ -12,19 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from verifily_train.errors import ConfigError, EnvironmentProblem, VerifilyError
-
-
-class PreflightError(VerifilyError):
-    """One or more problems found before any work; each is one line."""
-
-    def __init__(self, problems: List[VerifilyError]):
-        self.problems = problems
-        super().__init__(None, None, f"{len(problems)} problem(s) found before training: " +
-                         "; ".join(str(p) for p in problems))
-
-    def lines(self) -> List[str]:
-        return [str(p) for p in self.problems]
+from verifily_train.config.schema import TrainConfig
+from verifily_train.errors import ConfigError, EnvironmentProblem, PreflightError, VerifilyError
 
 
 def _attempt(problems: List[VerifilyError], check: Callable[[], None]) -> bool:
@@ -115,29 +104,26 @@ def _check_cache_dir(cfg) -> None:
     check_writable_folder(root, key)
 
 
-def preflight(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None,
-              on_cheap_checks_passed: Optional[Callable[[], None]] = None):
-    """Load the config collecting every value problem, then check everything else; raise them all at once.
+def preflight(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = (),
+              on_cheap_checks_passed: Optional[Callable[[], None]] = None) -> None:
+    """Check everything about a loaded config (and the value problems its loading found); raise them all at once.
 
     Cheap checks (config, dataset, slice tags, model reference, credentials, output folder) run first
     and, if any fails, are reported without importing torch or transformers; then the model's kind (its
     config) and the device. ``on_cheap_checks_passed`` runs between the two (the CLI starts work that
     overlaps the heavy imports there).
     """
-    cfg = cheap_checks(config, overrides, dataset)
+    cheap_checks(cfg, config_problems)
     if on_cheap_checks_passed is not None:
         on_cheap_checks_passed()
     model_and_device_checks(cfg)
-    return cfg
 
 
-def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: Optional[str] = None):
-    """Config values, dataset, slice tags, model reference, credentials and output folder, all at once,
-    without importing torch or transformers; returns the config."""
-    from verifily_train.config import load_config
-
-    problems: List[VerifilyError] = []
-    cfg = load_config(config, overrides, dataset=dataset, collect=problems)  # syntax/keys/types still raise
+def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()) -> None:
+    """Config values (``config_problems``: what ``config.load_with_problems`` returned with ``cfg``), dataset,
+    slice tags, model reference, credentials and output folder, all at once, without importing torch or
+    transformers."""
+    problems: List[VerifilyError] = list(config_problems)
     bad_keys = {p.key for p in problems if isinstance(p, ConfigError)}
 
     def dataset_check() -> None:
@@ -182,10 +168,9 @@ def cheap_checks(config: Optional[str], overrides: Sequence[str] = (), dataset: 
     _attempt(problems, lambda: _check_cache_dir(cfg))
     if problems:  # cheap checks failed: report them now, before torch and transformers are imported
         raise problems[0] if len(problems) == 1 else PreflightError(problems)
-    return cfg
 
 
-def model_and_device_checks(cfg) -> None:
+def model_and_device_checks(cfg: TrainConfig) -> None:
     """The model's kind (its config: imports transformers) and the device (imports torch), after the cheap checks."""
     problems: List[VerifilyError] = []
 

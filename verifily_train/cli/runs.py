@@ -1,0 +1,57 @@
+"""``verifily runs list|show|verify`` and ``verifily compare``: reading Run artifacts (never writing them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from verifily_train.artifacts.run import find_run, integrity_root, list_runs, load_run_json, runs_dirs, verify_run
+from verifily_train.cli.console import print_table
+from verifily_train.errors import RunError
+
+
+def cmd_runs_list(args) -> int:
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {' or '.join(str(d) for d in runs_dirs(args.runs_dir))}")
+        return 0
+    print_table([[r["run_id"], r["status"], r["task"], r["base_model"], r["dataset"], r["headline"]] for r in runs],
+                ["RUN", "STATUS", "TASK", "MODEL", "DATASET", "METRIC"])
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    print(json.dumps(load_run_json(find_run(args.run, args.runs_dir)), indent=2))
+    return 0
+
+
+def cmd_runs_verify(args) -> int:
+    path = find_run(args.run, args.runs_dir)
+    n = verify_run(path, expected_root=args.root)
+    where = "the root given" if args.root else "the ledger's root"
+    print(f"ok {path}: {n} files match checksums.sha256, which matches {where} "
+          f"({integrity_root(path / 'checksums.sha256')})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from verifily_train.artifacts.compare import compare_runs, render_comparison
+
+    run_a, run_b = find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir)
+    for run in (run_a, run_b):  # a failed run has no predictions: pairing it would claim "0 shared rows"
+        status = load_run_json(run).get("status")
+        if status != "completed":
+            raise RunError(run, None, f"status is {status!r}; only completed runs can be compared")
+    result = compare_runs(run_a, run_b,
+                          bootstrap_samples=args.bootstrap_samples, fdr_q=args.fdr_q, permutations=args.permutations)
+    if args.html:
+        from verifily_train.artifacts.report import write_compare_report
+
+        write_compare_report(result, args.html)
+    print(json.dumps(result, indent=2) if args.json else render_comparison(result, markdown=args.markdown))
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0

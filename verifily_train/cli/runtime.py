@@ -1,0 +1,225 @@
+"""The Prefect runtime around an in-process flow run: the configured server or a temporary one, heartbeats,
+the quiet environment, and Prefect API failures as user errors.
+
+Prefect itself is imported only inside the functions that need it: ``verifily --help`` and the commands
+that make no flow run stay fast.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+from verifily_train.cli.stack import configured_api_url
+from verifily_train.errors import EnvironmentProblem, VerifilyError
+from verifily_train.procs import die_with_parent, free_port, stop, wait_healthy
+from verifily_train.quiet import quiet_libraries
+
+__all__ = ["quiet_libraries", "use_prefect_server", "TemporaryServer", "start_temporary_server", "start_quiet_server",
+           "await_server", "preload_fingerprint_modules", "in_process_flow_settings", "preload_while_server_boots", "is_prefect_api_error",
+           "prefect_api_problem", "first_line", "STAGE_MODULES"]
+
+
+def use_prefect_server() -> Optional[str]:
+    """The configured Prefect API (PREFECT_API_URL, else a running `verifily stack`), exported for Prefect."""
+    url = configured_api_url()
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def preload_fingerprint_modules() -> None:
+    """Import what the fingerprint stage needs (torch, transformers' config classes) while the server boots."""
+    import torch  # noqa: F401
+    from transformers import AutoConfig  # noqa: F401
+    from transformers.models.auto import modeling_auto  # noqa: F401
+
+
+# what the train and evaluate stages import, one or both of which run in every flow that is not a replay:
+# 1.7 s, 1.3 s and 0.3 s here after the fingerprint modules
+STAGE_MODULES = ("transformers.modeling_utils", "peft", "transformers.trainer")
+
+
+def preload_while_server_boots(server: "TemporaryServer", modules: Sequence[str] = STAGE_MODULES) -> int:
+    """Import ``modules`` while the temporary server is still booting; returns how many were imported.
+
+    The server boots on the other core and this process would otherwise idle in ``server.wait()`` (about
+    1.2 s on the 17 s bench job). Each module is imported only while the server is not up yet, so a flow
+    that needs none of them (its train and evaluate stages cached) loses at most the one import that
+    outlasts the boot.
+    """
+    count = 0
+    for name in modules:
+        if server.healthy or server.proc.poll() is not None:
+            break
+        importlib.import_module(name)
+        count += 1
+    return count
+
+
+HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+@contextlib.contextmanager
+def in_process_flow_settings():
+    """Prefect settings for a flow run this process makes and watches: no flow-run heartbeats, unless configured.
+
+    Heartbeats let a server mark a flow run whose process vanished as crashed (Prefect's zombie-flow
+    automation); they matter for deployment runs, which a worker starts and nobody watches. Here the CLI
+    is in the user's terminal. Prefect 3.9's heartbeat thread sleeps in whole seconds and is joined when the
+    flow ends: measured on the 17 s bench job (configured server, three alternating pairs), a cold
+    ``verifily train`` took 14.7 / 14.7 / 15.8 s with heartbeats and 14.2 / 14.2 / 14.6 s without.
+    A heartbeat frequency set in the environment or in a Prefect profile/prefect.toml is kept.
+    """
+    if any(os.environ.get(name) for name in HEARTBEAT_SETTINGS) or any(
+            prefect_setting_elsewhere(name) for name in HEARTBEAT_SETTINGS):
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def prefect_setting_elsewhere(name: str) -> bool:
+    """True when ``name`` may be set outside the environment (the active Prefect profile, or a prefect.toml
+    or .env in this folder): then Prefect's own settings decide, and we do not start a server over them."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    if (Path("prefect.toml").is_file() or Path(".env").is_file()
+            or (Path("pyproject.toml").is_file() and "[tool.prefect" in Path("pyproject.toml").read_text(errors="ignore"))):
+        return True
+    if not profiles.is_file():
+        return False
+    try:
+        import tomllib
+
+        data = tomllib.loads(profiles.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return name in (data.get("profiles", {}).get(active) or {})
+
+
+def server_command(port: int) -> list:
+    """The command Prefect runs for its temporary server (prefect/server/api/server.py), on ``port``."""
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+class TemporaryServer:
+    """Prefect's temporary local server, started by us as early as possible instead of by Prefect on first use.
+
+    Prefect starts it (``SubprocessASGIServer``) when the first client call finds no ``PREFECT_API_URL``:
+    after its own import (~0.7 s) and the server module's (~2.4 s) in this process, then ~5 s of boot.
+    Started here right after the cheap preflight checks, without importing Prefect, it boots on the other
+    core while this process imports transformers and torch. It is the same command Prefect runs, on a free
+    loopback port, with the same settings (the child reads the same environment and profile), plus a death
+    signal: a ``kill -9`` of verifily leaves no server. ``command`` (a function of the port) replaces it.
+    """
+
+    def __init__(self, command=server_command, health_timeout: float = 90.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc = subprocess.Popen(
+            command(self.port),
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"},
+            # its own session: a terminal's Ctrl-C (SIGINT to the foreground group) must reach verifily alone,
+            # which then reports the interrupted run to the server and stops it (a dead server hangs the exit)
+            start_new_session=True, preexec_fn=die_with_parent)
+        atexit.register(self.stop)
+        self.healthy = False
+        self._thread = threading.Thread(target=self._wait_healthy, args=(health_timeout,),
+                                        name="prefect-server-health", daemon=True)
+        self._thread.start()
+
+    def _wait_healthy(self, timeout: float) -> None:
+        self.healthy = wait_healthy(self.url, lambda: self.proc.poll() is None, timeout)
+
+    def wait(self) -> None:
+        """Block until the server answers; a server that died or never answered is a one-line error."""
+        self._thread.join()
+        if not self.healthy:
+            code = self.proc.poll()
+            self.stop()
+            raise VerifilyError(None, "PREFECT_API_URL", "Prefect's temporary server did not start"
+                                + (f" (exit code {code}: is PREFECT_HOME's disk full, or a file size limit set?)"
+                                   if code is not None else " within 90 s")
+                                + ": set PREFECT_API_URL to a running server, or start one with verifily stack up")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop(self.proc, timeout=5)
+
+
+_SERVER: Optional[TemporaryServer] = None
+
+
+def start_quiet_server() -> Optional[TemporaryServer]:
+    """Before a flow run (or once the cheap preflight checks pass): quiet the libraries, then start the
+    temporary server unless a server is configured; the same server on every call."""
+    quiet_libraries()
+    return start_temporary_server()
+
+
+def start_temporary_server() -> Optional[TemporaryServer]:
+    """Start Prefect's temporary server now when a run would start one anyway; export its URL for Prefect.
+
+    Nothing is started when a server is configured (``PREFECT_API_URL``, a running stack, a profile), when
+    Prefect is already imported (its settings are read), when ephemeral mode is off, or off Linux.
+    """
+    global _SERVER
+    if _SERVER is not None:
+        return _SERVER
+    if (os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux") or "prefect" in sys.modules
+            or os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").lower() in ("0", "false")
+            or prefect_setting_elsewhere("PREFECT_API_URL")
+            or prefect_setting_elsewhere("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")):
+        return None
+    _SERVER = TemporaryServer()
+    os.environ["PREFECT_API_URL"] = _SERVER.url  # read when Prefect is imported; child processes inherit it
+    return _SERVER
+
+
+def await_server(server: Optional[TemporaryServer], preload_stages: bool = False) -> None:
+    """Wait for the temporary server (if one was started) before a flow runs: a half-started one is never
+    handed to the flow. With ``preload_stages``, the train and evaluate stages' modules are imported meanwhile."""
+    if server is None:
+        return
+    if preload_stages:
+        preload_while_server_boots(server)
+    server.wait()
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line.split(" for url ")[0][:200]  # "Server error '500 Internal Server Error'", not the URL and advice
+
+
+def is_prefect_api_error(err: BaseException) -> bool:
+    """A failure of the Prefect server's API (an HTTP error status, or no connection), not of our stages."""
+    try:
+        import httpx
+        from prefect.exceptions import PrefectHTTPStatusError
+    except ImportError:
+        return False
+    return isinstance(err, (PrefectHTTPStatusError, httpx.HTTPError))
+
+
+def prefect_api_problem(err: BaseException) -> EnvironmentProblem:
+    """One line for a Prefect API failure before the Run was written: the stages that finished stay cached."""
+    return EnvironmentProblem(None, "PREFECT_API_URL", f"Prefect's server failed ({first_line(err)}); its database "
+                                                       "may be out of space or past a file size limit. Finished "
+                                                       "stages are cached: fix it and re-run")
