@@ -22,7 +22,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("training", "evaluation", "artifacts", "attribution"),
     ("model", "dataset"),
     ("config",),
-    ("errors", "fsio", "hashing", "checksums", "jsonsafe", "procs", "__init__"),
+    ("errors", "fsio", "hashing", "checksums", "jsonsafe", "procs", "quiet", "__init__"),
 )
 PREFECT_ALLOWED = ("cli", "flows", "tasks")
 
