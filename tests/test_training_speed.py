@@ -195,6 +195,7 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     from verifily_train.pipeline.stages import _spec, fingerprint_stage, tokenize_stage
     from verifily_train.model.device import DevicePlan
     from verifily_train.model.loading import load_tokenizer
+    from verifily_train.training.fastpaths import FastPaths
     from verifily_train.training.trainer import train_adapter
 
     cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
@@ -206,7 +207,8 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     spec = _spec(fp)
     out = work / f"out-{frozen_in_compute_dtype}"
     manifest = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, work / "tok", DevicePlan("cpu", "bf16"),
-                             out, work / f"w-{frozen_in_compute_dtype}", frozen_in_compute_dtype=frozen_in_compute_dtype)
+                             out, work / f"w-{frozen_in_compute_dtype}",
+                             fast=FastPaths(frozen_in_compute_dtype=frozen_in_compute_dtype))
     return manifest, load_file(out / "adapter" / "adapter_model.safetensors"), out
 
 
