@@ -417,7 +417,11 @@ def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatc
 
     import verifily_train.training.loss as loss_module
 
-    assert loss_module.group_cost_for("cpu") == loss_module.GROUP_COST_TOKENS["cpu"] is not None
+    assert loss_module.group_cost_for("cpu") is not None  # fp32 on a CPU splits
+    monkeypatch.setitem(loss_module.GROUP_COST_TOKENS, "cpu", 11)
+    # no "cpu-fp32" entry: the device's own cost; a device with no entry at all: the default
+    assert loss_module.group_cost_for("cpu") == loss_module.group_cost_for("cpu", "fp32") == 11
+    assert loss_module.group_cost_for("xpu") == loss_module.DEFAULT_GROUP_COST
     assert loss_module.group_cost_for("cpu", "bf16") is None
     assert loss_module.group_cost_for("cuda", "bf16") is None and loss_module.group_cost_for("cuda") is None
     monkeypatch.setitem(loss_module.GROUP_COST_TOKENS, "cpu-bf16", 7)
