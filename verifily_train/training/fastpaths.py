@@ -34,7 +34,7 @@ class FastPaths:
     cpu_cheap_dropout: bool = True  # LoRA on the CPU: dropout masks from 16 random bits an element (lora.py)
     fused_lora_output: bool = True  # LoRA: the adapter's output added inside one addmm (lora.py)
     pack_rows: bool = True  # label-only head on a CPU: each batch's real tokens as one packed sequence (loss.py)
-    lean_steps: bool = True  # per-step Trainer bookkeeping over trainable parameters only (trainer.py)
+    lean_steps: bool = True  # Trainer bookkeeping over trainable parameters only, long-lived objects out of gc (trainer.py)
     compile_blocks: Optional[bool] = None  # torch.compile of the repeated decoder block; None: training.compile
 
     def resolve(self, cfg: TrainConfig, plan: DevicePlan, spec: ModelSpec, model, quantized: bool) -> "FastPaths":
