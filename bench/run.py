@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List
 
 from bench.common import RESULTS, TrainSettings, machine, markdown_table, quiet_libraries, set_threads, write_result
+from bench.data import REGIMES
 
 SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "attribution", "headline", "gpu")
 
@@ -37,6 +38,9 @@ def parse(argv=None):
                         help="run the gpu suite's plumbing on the CPU with a tiny model (a check, not figures)")
     parser.add_argument("--contenders", default=None,
                         help="comma-separated throughput contenders to run (default: all of them)")
+    parser.add_argument("--regimes", default=None,
+                        help="comma-separated row-length regimes of the throughput suite among skewed, short "
+                             "(bench/data.py; default: both, --quick: skewed)")
     parser.add_argument("--models", default=None,
                         help="comma-separated throughput models among bench-llama, smollm2 (default: both)")
     parser.add_argument("--pipeline-model", default="bench-llama", choices=("bench-llama", "smollm2"),
@@ -92,12 +96,18 @@ def main(argv=None) -> int:
             wanted = [m.strip() for m in args.models.split(",") if m.strip()]
             runs = [r for r in runs if any(r[0].startswith(m) for m in wanted)]
         contenders = [c.strip() for c in args.contenders.split(",")] if args.contenders else None
-        for name, model_dir, settings, words in runs:
-            result = run_throughput(name, model_dir, work / f"throughput-{name}", settings, reps, bf16, words,
-                                    isolate=isolate, contenders=contenders)
-            result["machine"] = info
-            write_result(f"throughput-{name}", result, out)
-            sections.append(throughput_table(result))
+        regimes = [r.strip() for r in (args.regimes or ("skewed" if args.quick else ",".join(REGIMES))).split(",")]
+        unknown = [r for r in regimes if r not in REGIMES]
+        if unknown:
+            raise SystemExit(f"--regimes: unknown regime(s) {', '.join(unknown)}; choose among {', '.join(REGIMES)}")
+        for regime in regimes:
+            for name, model_dir, settings, words in runs:
+                stem = throughput_stem(name, regime)
+                result = run_throughput(name, model_dir, work / stem, settings, reps, bf16, words,
+                                        isolate=isolate, contenders=contenders, regime=regime)
+                result["machine"] = info
+                write_result(stem, result, out)
+                sections.append(throughput_table(result))
     if "limit" in only:
         from bench.limit import run_limit
 
@@ -196,7 +206,8 @@ def render(out: Path) -> str:
     for path in sorted(out.glob("throughput-*.json")):
         result = json.loads(path.read_text())
         machine_info = result.get("machine")
-        result = summarize(result["model"], result["settings"], result["raw"], result["trl_installed"])
+        result = summarize(result["model"], result["settings"], result["raw"], result["trl_installed"],
+                           result.get("regime", "skewed"))
         result["machine"] = machine_info
         write_result(path.stem, result, out)
         sections.append(throughput_table(result))
@@ -253,25 +264,38 @@ def pipeline_table(result: dict) -> str:
                  for label, m in modes.items()]))
 
 
+def throughput_stem(model_name: str, regime: str) -> str:
+    """The results file of one model and regime (the skewed regime keeps its historical name)."""
+    return f"throughput-{model_name}" + ("" if regime == "skewed" else f"-{regime}")
+
+
 def throughput_table(result: dict) -> str:
     rows = []
     for name, row in result["contenders"].items():
-        rows.append([name, row["description"], row["tokens_per_second"], row.get("vs_fastest_fp32_peer"),
-                     row.get("vs_fastest_peer"), row["eval_loss"],
-                     f"{row.get('vs_fastest_fp32_peer_loss_delta', row.get('vs_fastest_peer_loss_delta', 0)):+.2%}", row["train_loss"], row["padding_fraction"],
+        reps = row.get("vs_same_precision_peer_reps") or []
+        rows.append([name, row["description"], row["tokens_per_second"], row.get("vs_same_precision_peer"),
+                     f"{min(reps):.3g}-{max(reps):.3g}" if reps else None, row.get("same_precision_peer"),
+                     row.get("vs_fastest_fp32_peer"), row.get("vs_fastest_peer"), row["eval_loss"],
+                     f"{row.get('vs_same_precision_peer_loss_delta', row.get('vs_fastest_peer_loss_delta', 0)):+.2%}",
+                     row["train_loss"], row["padding_fraction"],
                      row.get("steady_tokens_per_second"), row.get("steady_vs_fastest_peer")])
     s = result["settings"]
-    head = (f"### Training throughput: {result['model']} (LoRA r={s['lora_r']} all-linear, {s['rows']} rows, batch "
-            f"{s['batch_size']}, max {s['max_len']} tokens, {s['epochs']} epoch; medians of {result['reps']}, ratios "
-            "paired by repetition)\n\n")
-    verdicts = "; ".join(f"{k}: {v['speedup_vs_reference']:.2f}x the fastest "
-                         f"{'fp32 ' if v['reference_peer'] == result['fastest_fp32_peer'] else ''}peer "
-                         f"({v['reference_peer']}), loss within 1%: {v['loss_within_1pct_of_reference']}, "
+    head = (f"### Training throughput: {result['model']}, {result.get('regime', 'skewed')} rows (LoRA r={s['lora_r']} "
+            f"all-linear, {s['rows']} rows, batch {s['batch_size']}, max {s['max_len']} tokens, {s['epochs']} epoch; "
+            f"medians of {result['reps']}, ratios paired by repetition)\n\n")
+    verdicts = "; ".join(f"{k} ({v.get('precision', 'fp32')}): {v['speedup_vs_reference']:.2f}x the fastest "
+                         f"same-precision peer ({v['reference_peer']}; repetitions "
+                         f"{v.get('speedup_vs_reference_min', v['speedup_vs_reference']):.2f}-"
+                         f"{v.get('speedup_vs_reference_max', v['speedup_vs_reference']):.2f}), "
+                         f"{v['speedup_vs_fastest_peer']:.2f}x the fastest peer in any precision, "
+                         f"loss within 1%: {v['loss_within_1pct_of_reference']}, "
                          f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
                          for k, v in result["verdicts"].items())
-    return (head + markdown_table(["contender", "what", "real tok/s", "x fastest fp32 peer", "x fastest peer",
-                                  "held-out loss", "loss vs reference peer", "train loss", "padding",
-                                  "steady tok/s (after 1/4 of the steps)", "steady x fastest peer"], rows) + "\n\n" + verdicts
+    return (head + markdown_table(["contender", "what", "real tok/s", "x fastest same-precision peer",
+                                  "(repetitions)", "same-precision peer", "x fastest fp32 peer", "x fastest peer",
+                                  "held-out loss", "loss vs same-precision peer", "train loss", "padding",
+                                  "steady tok/s (after 1/4 of the steps)", "steady x fastest peer"], rows)
+            + "\n\n" + verdicts
             + "".join(f"\n\n{name} failed: {err}" for name, err in result.get("failed", {}).items()))
 
 

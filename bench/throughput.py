@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict
 
 from bench.common import TrainSettings, alternate, heldout_loss, median
-from bench.data import read_rows, write_skewed_splits
+from bench.data import read_rows, write_splits
 from bench.isolated import isolated_runs
 from bench.ours import OurTrainStage
 from bench.peers.hf_peft import train_hf_peft
@@ -136,17 +136,18 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
 
 def run_throughput(model_name: str, model_dir: Path, work: Path, settings: TrainSettings, reps: int,
                    bf16: bool, median_words: float = 8.0, log=print, contenders=None, device: str = "cpu",
-                   gpu_contenders: bool = None, isolate: bool = True) -> dict:
+                   gpu_contenders: bool = None, isolate: bool = True, regime: str = "skewed") -> dict:
     """Alternate every contender ``reps`` times on the same data; medians of tokens/s and held-out loss.
 
+    ``regime``: the rows' lengths (``bench.data``: ``skewed``, log-normal inputs; ``short``, one to four words).
     ``isolate``: each run in its own process (``bench.isolated``: what a run leaves in the allocator slows
     the next one), else all in this one (quicker to start; the CI smoke test).
     """
     import dataclasses
     import torch
 
-    splits = write_skewed_splits(work / "data", {"train": settings.rows, "test": settings.eval_rows},
-                                 median_words=median_words)
+    splits = write_splits(work / "data", {"train": settings.rows, "test": settings.eval_rows}, regime,
+                          median_words=median_words)
     kwargs = {"model_dir": str(model_dir), "work": str(work), "settings": dataclasses.asdict(settings),
               "splits": {k: str(v) for k, v in splits.items()}, "bf16": bf16, "device": device,
               "gpu_contenders": gpu_contenders}
@@ -161,7 +162,7 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
     log(f"throughput on {model_name}: {', '.join(runs)} x {reps}{' (each run in its own process)' if isolate else ''}")
     failed: Dict[str, str] = {}
     raw = alternate(runs, reps, log, failed)
-    result = summarize(model_name, settings, raw, trl_available())
+    result = summarize(model_name, settings, raw, trl_available(), regime)
     result.update(device=device, isolated=isolate, failed=failed)
     return result
 
@@ -171,52 +172,82 @@ def paired_ratio(raw: Dict[str, list], name: str, ref: str, key: str) -> float:
     return median([a[key] / b[key] for a, b in zip(raw[name], raw[ref])])
 
 
-def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bool) -> dict:
-    """Medians per contender; speed ratios paired by repetition against the fastest peers; the verdicts."""
+FP32_PEERS = ("peft_max_length", "peft_dynamic", "trl_sft")
+
+
+def precision_of(name: str) -> str:
+    """The precision a contender trains in, from its name (every bf16 contender says so)."""
+    return "bf16" if "bf16" in name else "fp32"
+
+
+def paired_ratios(raw: Dict[str, list], name: str, ref: str, key: str) -> list:
+    """``name``'s value over ``ref``'s, repetition by repetition."""
+    return [a[key] / b[key] for a, b in zip(raw[name], raw[ref])]
+
+
+def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bool, regime: str = "skewed") -> dict:
+    """Medians per contender; speed ratios paired by repetition against the fastest peers; the verdicts.
+
+    Every contender is compared with the fastest peer in its own precision (fp32 with fp32, bf16 with
+    bf16: the target), with the fastest fp32 peer, and with the fastest peer in any precision.
+    """
     import dataclasses
 
     table = {}
     for name, outcomes in raw.items():
-        table[name] = {"description": DESCRIPTIONS[name],
+        table[name] = {"description": DESCRIPTIONS[name], "precision": precision_of(name),
                        "tokens_per_second": median([o["tokens_per_second"] for o in outcomes]),
+                       "tokens_per_second_reps": [o["tokens_per_second"] for o in outcomes],
                        "eval_loss": median([o["eval_loss"] for o in outcomes]),
                        "train_loss": median([o["train_loss"] for o in outcomes]),
                        "seconds": median([o["seconds"] for o in outcomes]),
                        "steady_tokens_per_second": median([o.get("steady_tokens_per_second") for o in outcomes]),
                        "real_tokens": outcomes[0]["real_tokens"],
                        "padding_fraction": outcomes[0].get("padding_fraction")}
-    fp32_peers = [n for n in ("peft_max_length", "peft_dynamic", "trl_sft") if n in table]
-    all_peers = [n for n in PEERS if n in table]
-    fastest_fp32 = max(fp32_peers, key=lambda n: table[n]["tokens_per_second"]) if fp32_peers else None
-    fastest_any = max(all_peers, key=lambda n: table[n]["tokens_per_second"]) if all_peers else None
+
+    def fastest(names):
+        names = [n for n in names if n in table]
+        return max(names, key=lambda n: table[n]["tokens_per_second"]) if names else None
+
+    fastest_fp32 = fastest(FP32_PEERS)
+    fastest_any = fastest(PEERS)
+    fastest_by_precision = {p: fastest([n for n in PEERS if precision_of(n) == p]) for p in ("fp32", "bf16")}
     for name, row in table.items():
-        for ref_name, key in ((fastest_fp32, "vs_fastest_fp32_peer"), (fastest_any, "vs_fastest_peer")):
+        same = fastest_by_precision[row["precision"]]
+        row["same_precision_peer"] = same
+        for ref_name, key in ((fastest_fp32, "vs_fastest_fp32_peer"), (fastest_any, "vs_fastest_peer"),
+                              (same, "vs_same_precision_peer")):
             if ref_name:
-                row[key] = paired_ratio(raw, name, ref_name, "tokens_per_second")
-                row[key + "_loss_delta"] = paired_ratio(raw, name, ref_name, "eval_loss") - 1.0
+                ratios = paired_ratios(raw, name, ref_name, "tokens_per_second")
+                row[key] = median(ratios)
+                row[key + "_reps"] = ratios
+                row[key + "_loss_delta"] = median(paired_ratios(raw, name, ref_name, "eval_loss")) - 1.0
     # after the first quarter of the steps (compilation and warm-up left out): where runs compile, both rates count
-    steady_peers = [n for n in all_peers if table[n]["steady_tokens_per_second"]]
+    steady_peers = [n for n in PEERS if n in table and table[n]["steady_tokens_per_second"]]
     fastest_steady = max(steady_peers, key=lambda n: table[n]["steady_tokens_per_second"]) if steady_peers else None
     if fastest_steady:
         for name, row in table.items():
             if row["steady_tokens_per_second"]:
                 row["steady_vs_fastest_peer"] = paired_ratio(raw, name, fastest_steady, "steady_tokens_per_second")
     verdicts = {}
-    # the target is against the fastest fp32 peer where fp32 peers ran (CPU), else the fastest peer (GPU, bf16)
-    reference, prefix = (fastest_fp32, "vs_fastest_fp32_peer") if fastest_fp32 else (fastest_any, "vs_fastest_peer")
+    # the target: 1.5x the fastest peer in the same precision, at a held-out loss within 1% of that peer's
     for ours_name in ("verifily", "verifily_bf16", "verifily_bf16_compiled"):
-        if ours_name in table and reference:
-            row = table[ours_name]
-            equal = abs(row[prefix + "_loss_delta"]) <= 0.01
-            verdicts[ours_name] = {"reference_peer": reference, "speedup_vs_reference": row[prefix],
-                                   "speedup_vs_fastest_fp32_peer": row.get("vs_fastest_fp32_peer"),
-                                   "speedup_vs_fastest_peer": row.get("vs_fastest_peer"),
-                                   "loss_within_1pct_of_reference": equal,
-                                   "target_1_5x_met": row[prefix] >= 1.5 and equal}
+        row = table.get(ours_name)
+        if row is None or not row["same_precision_peer"]:
+            continue
+        equal = abs(row["vs_same_precision_peer_loss_delta"]) <= 0.01
+        ratios = row["vs_same_precision_peer_reps"]
+        verdicts[ours_name] = {"reference_peer": row["same_precision_peer"], "precision": row["precision"],
+                               "speedup_vs_reference": row["vs_same_precision_peer"],
+                               "speedup_vs_reference_min": min(ratios), "speedup_vs_reference_max": max(ratios),
+                               "speedup_vs_fastest_fp32_peer": row.get("vs_fastest_fp32_peer"),
+                               "speedup_vs_fastest_peer": row.get("vs_fastest_peer"),
+                               "loss_within_1pct_of_reference": equal,
+                               "target_1_5x_met": row["vs_same_precision_peer"] >= 1.5 and equal}
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)
-    return {"model": model_name, "settings": settings, "reps": len(next(iter(raw.values()))),
+    return {"model": model_name, "regime": regime, "settings": settings, "reps": len(next(iter(raw.values()))),
             "contenders": table, "fastest_fp32_peer": fastest_fp32, "fastest_peer": fastest_any,
-            "fastest_steady_peer": fastest_steady,
+            "fastest_peer_by_precision": fastest_by_precision, "fastest_steady_peer": fastest_steady,
             "ratios": "paired: median over repetitions of contender / reference in the same repetition",
             "trl_installed": trl_installed, "verdicts": verdicts, "raw": raw}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 import yaml
 
 from conftest import REPO, assert_user_error, cli_env, run_cli, train, write_config
+
+FAULTS = Path(__file__).resolve().parent / "helpers" / "faults"  # sitecustomize.py: fault injection by env
 
 POOLS = REPO / "deployments" / "pools"
 # dropout 0: LoRA dropout draws per-rank random masks, which would make the curves differ by design
@@ -71,7 +74,7 @@ def test_auto_processes_are_the_visible_gpus_and_cuda_cannot_ask_for_more():
     import torch
 
     from verifily_train.errors import EnvironmentProblem
-    from verifily_train.training.distributed import resolve_num_processes
+    from verifily_train.model.device import resolve_num_processes
 
     assert resolve_num_processes("auto", "cpu") == 1  # no GPU to count: one process
     assert resolve_num_processes(2, "cpu") == 2  # gloo ranks on CPU cores
@@ -96,7 +99,9 @@ def test_two_process_ddp_matches_one_process_and_resumes_after_a_rank_fails(tmp_
     ddp.mkdir()
     write_config(ddp, "sft", models["llama"], sft_splits, **DDP)
     failed = run_cli("train", "-c", "train.yaml", cwd=ddp,
-                     env=cli_env({"PREFECT_API_URL": prefect_api, "VERIFILY_FAIL_RANK": "1:3"}))
+                     env=cli_env({"PREFECT_API_URL": prefect_api, "VERIFILY_TEST_FAIL_RANK": "1:3",
+                                  "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS),
+                                                                              os.environ.get("PYTHONPATH")]))}))
     assert failed.returncode != 0
     assert re.search(r"RuntimeError: rank 1 of 2 failed, so torchrun stopped the others: RuntimeError: "
                      r"injected failure after step 3", failed.stderr), failed.stderr[-3000:]

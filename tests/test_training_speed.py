@@ -187,7 +187,7 @@ def test_length_groups_cover_the_batch_and_cut_padding():
     assert length_groups([50] * 8, group_cost=24) == [list(range(8))]
 
 
-def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_only=True):
+def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_only=True, **levers):
     """The real train stage (bf16 autocast on the CPU) on the fixture Llama; returns (manifest, adapter tensors)."""
     from safetensors.torch import load_file
 
@@ -197,10 +197,12 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     from verifily_train.pipeline.runner import run_uncached
     from verifily_train.model.device import DevicePlan
     from verifily_train.model.loading import load_tokenizer
+    from verifily_train.training.fastpaths import FastPaths
     from verifily_train.training.trainer import train_adapter
 
     cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
                              f"data_paths.test={sft_splits['test']}", "training.max_steps=4", "training.batch_size=4",
+                             "training.logging_steps=1",
                              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
                              f"output.save_adapter_only={str(save_adapter_only).lower()}", "runtime.progress=false"])
     fp = fingerprint_stage(cfg, work / "cache")
@@ -208,7 +210,8 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     spec = _spec(fp)
     out = work / f"out-{frozen_in_compute_dtype}"
     manifest = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, work / "tok", DevicePlan("cpu", "bf16"),
-                             out, work / f"w-{frozen_in_compute_dtype}", frozen_in_compute_dtype=frozen_in_compute_dtype)
+                             out, work / f"w-{frozen_in_compute_dtype}",
+                             fast=FastPaths(frozen_in_compute_dtype=frozen_in_compute_dtype, **levers))
     return manifest, load_file(out / "adapter" / "adapter_model.safetensors"), out
 
 
@@ -224,6 +227,27 @@ def test_frozen_weights_held_in_bf16_train_the_same_adapter_bit_for_bit(models, 
     assert cast_weights.keys() == held_weights.keys()
     for name in cast_weights:
         assert torch.equal(cast_weights[name], held_weights[name]), name
+
+
+def test_lean_steps_train_the_same_adapter_bit_for_bit(models, sft_splits, tmp_path):
+    """Counting flops once, clipping over the trainable parameters only and freezing long-lived objects out of
+    the garbage collector change the Trainer's bookkeeping, never a loss, a gradient norm or a weight."""
+    import json
+
+    import torch
+
+    plain, plain_weights, plain_out = _train_bf16(models, sft_splits, tmp_path / "plain", True, lean_steps=False)
+    lean, lean_weights, lean_out = _train_bf16(models, sft_splits, tmp_path / "lean", True)
+    assert plain["lean_steps"] is False and lean["lean_steps"] is True
+    assert lean["train_loss"] == plain["train_loss"]
+    for name in plain_weights:
+        assert torch.equal(plain_weights[name], lean_weights[name]), name
+
+    def logged(out):
+        lines = (out / "trainer_log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("train_runtime", "train_samples_per_second",
+                                                                        "train_steps_per_second")} for line in lines]
+    assert logged(lean_out) == logged(plain_out)  # losses, gradient norms and total_flos, step by step
 
 
 def test_merged_model_is_merged_into_the_fp32_base(models, sft_splits, tmp_path):
@@ -417,7 +441,11 @@ def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatc
 
     import verifily_train.training.loss as loss_module
 
-    assert loss_module.group_cost_for("cpu") == loss_module.GROUP_COST_TOKENS["cpu"] is not None
+    assert loss_module.group_cost_for("cpu") is not None  # fp32 on a CPU splits
+    monkeypatch.setitem(loss_module.GROUP_COST_TOKENS, "cpu", 11)
+    # no "cpu-fp32" entry: the device's own cost; a device with no entry at all: the default
+    assert loss_module.group_cost_for("cpu") == loss_module.group_cost_for("cpu", "fp32") == 11
+    assert loss_module.group_cost_for("xpu") == loss_module.DEFAULT_GROUP_COST
     assert loss_module.group_cost_for("cpu", "bf16") is None
     assert loss_module.group_cost_for("cuda", "bf16") is None and loss_module.group_cost_for("cuda") is None
     monkeypatch.setitem(loss_module.GROUP_COST_TOKENS, "cpu-bf16", 7)

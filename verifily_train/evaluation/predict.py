@@ -11,6 +11,7 @@ from verifily_train.errors import DataError
 from verifily_train.evaluation.generate import generate_texts
 from verifily_train.evaluation.metrics import classification_report, metrics_for_frame
 from verifily_train.evaluation.text_metrics import resolve_format, score_texts
+from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.model.tokenize import TokenizedSplit
@@ -99,7 +100,6 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     import numpy as np
     import pandas as pd
 
-    from verifily_train.training.trainer import make_collator
 
     split = tokenized["eval_split"]
     out_dir.mkdir(parents=True, exist_ok=True)

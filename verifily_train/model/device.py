@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List, Optional
 
 from verifily_train.config.schema import ComputeSection
 from verifily_train.errors import EnvironmentProblem
@@ -14,7 +15,7 @@ class DevicePlan:
     device: str  # cuda | mps | cpu
     precision: str  # bf16 | fp16 | fp32: what really runs
     warnings: List[str] = field(default_factory=list)
-    num_processes: int = 1  # data-parallel ranks (compute.num_processes resolved; see training/distributed.py)
+    num_processes: int = 1  # data-parallel ranks (compute.num_processes resolved by resolve_num_processes)
 
 
 def cpu_supports_bf16() -> bool:
@@ -54,7 +55,24 @@ def resolve_device(compute: ComputeSection) -> DevicePlan:
             precision = "fp16"
         else:
             warnings.append(f"compute.fp16: float16 mixed precision needs CUDA; training in fp32 on {device}")
-    from verifily_train.training.distributed import resolve_num_processes
-
     processes = resolve_num_processes(compute.num_processes, device, warnings)
     return DevicePlan(device=device, precision=precision, warnings=warnings, num_processes=processes)
+
+
+def resolve_num_processes(setting: Any, device: str, warnings: Optional[List[str]] = None) -> int:
+    """``compute.num_processes`` as a number of ranks: ``auto`` = visible CUDA GPUs (at least 1)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if setting == "auto":
+        return max(1, gpus)
+    processes = int(setting)
+    if processes > 1 and device == "mps":
+        raise EnvironmentProblem(None, "compute.num_processes", "data-parallel training runs on cuda or cpu, not mps")
+    if device == "cuda" and processes > gpus:
+        raise EnvironmentProblem(None, "compute.num_processes",
+                                 f"{processes} processes need {processes} CUDA GPUs but {gpus} are visible")
+    cores = os.cpu_count() or 1
+    if device == "cpu" and processes > cores and warnings is not None:
+        warnings.append(f"compute.num_processes: {processes} CPU processes on {cores} cores run slower than 1")
+    return processes

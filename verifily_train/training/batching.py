@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 # Rows are grouped inside windows of this many batches: wide enough that most batches hold rows of nearly
 # equal length, narrow enough that each epoch's batches still mix rows from the whole split.
@@ -59,13 +59,19 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int,
     return [i for b in shuffled for i in batches[b]]
 
 
-def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> float:
-    """Share of the padded positions that are padding when batches are cut from ``order``."""
+def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int,
+                     groups: Optional[Callable[[List[int]], List[List[int]]]] = None) -> float:
+    """Share of the computed positions that are padding when batches are cut from ``order``.
+
+    ``groups(batch lengths)``: how the loss splits each batch into sub-batches (lists of positions in the
+    batch), each padded to its own longest row; None: every batch runs whole.
+    """
     real = padded = 0
     for start in range(0, len(order), batch_size):
         batch = [lengths[i] for i in order[start:start + batch_size]]
+        parts = groups(batch) if groups is not None else [list(range(len(batch)))]
         real += sum(batch)
-        padded += max(batch) * len(batch)
+        padded += sum(max(batch[i] for i in part) * len(part) for part in parts)
     return 1.0 - real / padded if padded else 0.0
 
 

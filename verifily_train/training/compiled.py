@@ -29,6 +29,8 @@ import os
 import shutil
 from typing import List
 
+from verifily_train.errors import EnvironmentProblem
+
 BACKEND = "inductor"  # torch.compile's default; the tests trace with "aot_eager" (no code generation)
 
 
@@ -38,8 +40,6 @@ def check_compile_support(device: str) -> None:
     Inductor writes C++ for a CPU (it needs a C++ compiler) and Triton kernels for a CUDA GPU (it needs
     the ``triton`` package); without them the first training step would fail after the model is loaded.
     """
-    from verifily_train.errors import EnvironmentProblem
-
     if device == "cuda" and importlib.util.find_spec("triton") is None:
         raise EnvironmentProblem(None, "training.compile", "compiling for a CUDA GPU needs Triton: pip install "
                                                            "triton, or set training.compile: false")

@@ -9,6 +9,16 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from verifily_train.errors import VerifilyError
+from verifily_train.fsio import atomic_write_json
+from verifily_train.model.device import DevicePlan
+from verifily_train.model.loading import ModelSpec, load_tokenizer
+from verifily_train.training.distributed import config_from_dict
+from verifily_train.training.trainer import train_adapter
+
 
 def _redirect_output(log: Path) -> None:
     """Send this rank's stdout and stderr to its own log file (the parent shows rank 0's)."""
@@ -21,9 +31,6 @@ def _redirect_output(log: Path) -> None:
 
 
 def _report_error(folder: Path, rank: int, err: BaseException) -> None:
-    from verifily_train.errors import VerifilyError
-    from verifily_train.fsio import atomic_write_json
-
     report = {"rank": rank, "time": time.time(), "type": type(err).__name__, "message": str(err),
               "user_error": isinstance(err, VerifilyError), "traceback": traceback.format_exc()}
     if isinstance(err, VerifilyError):
@@ -37,15 +44,7 @@ def run_rank(job_path: Path) -> None:
     folder = job_path.parent
     _redirect_output(folder / f"rank-{rank}.log")
     try:
-        import torch
-
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        from verifily_train.fsio import atomic_write_json
-        from verifily_train.model.device import DevicePlan
-        from verifily_train.training.distributed import config_from_dict
-        from verifily_train.model.loading import ModelSpec, load_tokenizer
-        from verifily_train.training.trainer import train_adapter
-
         job = json.loads(job_path.read_text(encoding="utf-8"))
         cfg = config_from_dict(job["config"])
         spec = ModelSpec(**job["spec"])
@@ -54,8 +53,6 @@ def run_rank(job_path: Path) -> None:
                                  DevicePlan(**job["plan"]), Path(job["out_dir"]), Path(job["work_dir"]))
         if rank == 0:
             atomic_write_json(folder / "result.json", manifest)
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     except BaseException as err:

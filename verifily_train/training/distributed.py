@@ -18,89 +18,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Optional
 
-from verifily_train.errors import EnvironmentProblem
+from omegaconf import OmegaConf
+
+from verifily_train import errors
+from verifily_train.config import config_to_dict
+from verifily_train.config.schema import TrainConfig
+from verifily_train.fsio import atomic_write_json
 from verifily_train.procs import die_with_parent, stop
+from verifily_train.training.checkpoints import last_complete_checkpoint
+from verifily_train.training.ranks import JOB_ENV
 
-JOB_ENV = "VERIFILY_DDP_JOB"  # set in every rank: train_adapter trains there instead of relaunching
-FAIL_ENV = "VERIFILY_FAIL_RANK"  # "<rank>:<step>": that rank raises after that optimizer step (tests only)
 JOB_FOLDER = "ddp"  # inside the stage's work folder: job.json, result.json, error-rank<R>.json, logs
-
-
-def resolve_num_processes(setting: Any, device: str, warnings: Optional[List[str]] = None) -> int:
-    """``compute.num_processes`` as a number of ranks: ``auto`` = visible CUDA GPUs (at least 1)."""
-    import torch
-
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
-    if setting == "auto":
-        return max(1, gpus)
-    processes = int(setting)
-    if processes > 1 and device == "mps":
-        raise EnvironmentProblem(None, "compute.num_processes", "data-parallel training runs on cuda or cpu, not mps")
-    if device == "cuda" and processes > gpus:
-        raise EnvironmentProblem(None, "compute.num_processes",
-                                 f"{processes} processes need {processes} CUDA GPUs but {gpus} are visible")
-    cores = os.cpu_count() or 1
-    if device == "cpu" and processes > cores and warnings is not None:
-        warnings.append(f"compute.num_processes: {processes} CPU processes on {cores} cores run slower than 1")
-    return processes
-
-
-def in_launched_rank() -> bool:
-    """True inside a rank started by ``launch_ranks`` (which then trains instead of launching again)."""
-    return bool(os.environ.get(JOB_ENV))
-
-
-def is_main_rank() -> bool:
-    """Rank 0 (or a single-process run): the one that writes files and reports progress."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def local_device_index() -> int:
-    """The CUDA device of this rank (torchrun's LOCAL_RANK; 0 in a single process)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def ddp_backend(device: str) -> Optional[str]:
-    """nccl between GPUs, gloo between CPU processes; None for a single process."""
-    if not in_launched_rank():
-        return None
-    return "nccl" if device == "cuda" else "gloo"
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def rank_callbacks() -> list:
-    """Trainer callbacks every rank adds: the test-only fault injection of ``VERIFILY_FAIL_RANK``."""
-    spec = os.environ.get(FAIL_ENV, "")
-    if not spec or not in_launched_rank():
-        return []
-    rank, _, step = spec.partition(":")
-    if int(rank) != int(os.environ.get("RANK", "0")):
-        return []
-    from transformers import TrainerCallback
-
-    class FailAfterStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= int(step or 0):
-                raise RuntimeError(f"injected failure after step {state.global_step} ({FAIL_ENV})")
-
-    return [FailAfterStep()]
 
 
 def config_from_dict(data: dict):
     """A ``TrainConfig`` back from ``config_to_dict`` (already resolved and validated by the parent)."""
-    from omegaconf import OmegaConf
-
-    from verifily_train.config.schema import TrainConfig
-
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
 
 
@@ -114,10 +48,6 @@ def _rank_env(plan, job_path: Path) -> dict:
 
 def launch_ranks(cfg, spec, tokenized: dict, tokenized_dir: Path, plan, out_dir: Path, work_dir: Path) -> dict:
     """Train on ``plan.num_processes`` DDP ranks under torchrun; returns rank 0's stage manifest."""
-    from verifily_train.config import config_to_dict
-    from verifily_train.fsio import atomic_write_json
-    from verifily_train.training.trainer import last_complete_checkpoint
-
     folder = work_dir / JOB_FOLDER
     shutil.rmtree(folder, ignore_errors=True)  # a previous attempt's errors and logs
     folder.mkdir(parents=True)
@@ -172,8 +102,6 @@ def _follow_rank0(proc: subprocess.Popen, log: Path) -> None:
 
 def rank_failure(folder: Path, processes: int, returncode: Optional[int]) -> Exception:
     """One error for a failed launch: the first rank that reported one (a user error keeps its class)."""
-    from verifily_train import errors
-
     reports = []
     for path in folder.glob("error-rank*.json"):
         try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import weakref
 from typing import List, Optional
 
+from verifily_train.model.attention import NAME, PACKED_KWARG, PackedRows
+
 # families whose CausalLM forward is exactly ``logits = lm_head(decoder(...).last_hidden_state)``:
 # no logit soft-capping (gemma2/3), logit scaling (cohere, granite) or extra heads
 # the fixed per-call cost of one more sub-batch, in padded tokens of work, by device type; None: never split.
@@ -148,8 +150,6 @@ def can_pack(base, ids, mask) -> bool:
     It needs the stage's CPU attention function (``training.attention``, which handles packed rows), rows
     that each hold a token, and no sliding window shorter than the batch (its mask would need the window).
     """
-    from verifily_train.model.attention import NAME
-
     config = base.config
     if ids.device.type not in PACK_DEVICES or getattr(config, "_attn_implementation", None) != NAME:
         return False
@@ -168,8 +168,6 @@ def _packed_label_loss_sum(base, ids, mask, labels):
     the padded forward, without computing any padding outside attention.
     """
     import torch
-
-    from verifily_train.model.attention import PACKED_KWARG, PackedRows
 
     rows = ids.shape[0]
     lengths = mask.sum(dim=1)

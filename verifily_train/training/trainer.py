@@ -1,115 +1,48 @@
-"""The train stage: HF Trainer (or Seq2SeqTrainer) + PEFT on tokenized splits, writing a safetensors adapter."""
+"""The train stage: HF Trainer (or Seq2SeqTrainer) + PEFT on tokenized splits, writing a safetensors adapter.
+
+``train_adapter`` reads top-down: load the model, resolve the plan of fast paths once (``FastPaths``,
+training/fastpaths.py) and apply it, order the rows, build the Trainer from that plan, train (resuming
+from the last complete checkpoint), save, and return the stage manifest.
+"""
 
 from __future__ import annotations
 
-import json
+import gc
 import math
 import time
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+
 from verifily_train.config.schema import TrainConfig
+from verifily_train.errors import DiskFullError, is_short_write
+from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
-from verifily_train.training.distributed import (barrier, ddp_backend, in_launched_rank, is_main_rank, launch_ranks,
-                                                 local_device_index, rank_callbacks)
-from verifily_train.training.loss import PACK_DEVICES, supports_label_only_head, unwrap_causal_lm
-from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.model.loading import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.model.lora import build_adapter, count_parameters
+from verifily_train.model.quantization import prepare_quantized, quantization_config
 from verifily_train.model.tokenize import TokenizedSplit
-
-COMPLETE_MARKER = ".verifily-complete"
-
-
-def make_collator(spec: ModelSpec, tok):
-    """Dynamic padding to the longest row of each batch (never to max_seq_length); labels pad with -100."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
-
-    if spec.kind == KIND_SEQ_CLS:
-        return DataCollatorWithPadding(tok, padding=True)
-    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+from verifily_train.training.batching import KeyedOrderSampler, LengthGroupedSampler, padding_fraction, row_keys
+from verifily_train.training.callbacks import ReportProgress, StepProgress
+from verifily_train.training.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint
+from verifily_train.training.distributed import launch_ranks
+from verifily_train.training.fastpaths import AppliedPaths, FastPaths, apply_to_adapter, switch_attention
+from verifily_train.training.loss import group_cost_for, label_position_loss, length_groups
+from verifily_train.training.outputs import save_trained
+from verifily_train.training.ranks import ddp_backend, in_launched_rank, is_main_rank, local_device_index
 
 
-def _progress_callback_class():
-    from transformers.trainer_callback import ProgressCallback
-
-    class StepProgress(ProgressCallback):
-        """One bar for training steps with the latest loss on it, instead of a printed dict per log."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            super().on_train_begin(args, state, control, **kwargs)
-            if self.training_bar is not None:
-                self.training_bar.set_description("train")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.training_bar is not None and logs:
-                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and isinstance(v, float)}
-                if shown:
-                    self.training_bar.set_postfix(shown, refresh=False)
-
-    return ProgressCallback, StepProgress
-
-
-def _checkpoint_marker_class():
-    from transformers import TrainerCallback
-
-    class MarkCompleteCheckpoints(TrainerCallback):
-        """Mark a checkpoint complete once the Trainer has written all of it (a kill mid-save leaves no mark)."""
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            barrier()  # under DDP every rank writes its own RNG state into the folder: mark it after all have
-            if folder.is_dir() and is_main_rank():
-                (folder / COMPLETE_MARKER).write_text(str(state.global_step))
-
-    return MarkCompleteCheckpoints
-
-
-def _progress_hook_class():
-    from transformers import TrainerCallback
-
-    class ReportProgress(TrainerCallback):
-        """Tell the caller how many optimizer steps are done (at most once a second, and at the end)."""
-
-        def __init__(self, hook):
-            self.hook, self.last = hook, 0.0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.monotonic()
-            if now - self.last >= 1.0 or state.global_step >= state.max_steps:
-                self.last = now
-                self.hook(state.global_step, state.max_steps)
-
-    return ReportProgress
-
-
-def last_complete_checkpoint(root: Path) -> Optional[Path]:
-    """The highest-step checkpoint carrying the completion mark; partial ones are deleted."""
-    import shutil
-
-    if not root.is_dir():
-        return None
-    best = None
-    for folder in root.glob("checkpoint-*"):
-        try:
-            step = int(folder.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if not (folder / COMPLETE_MARKER).is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # written by a run killed mid-save
-            continue
-        if best is None or step > best[0]:
-            best = (step, folder)
-    return best[1] if best else None
-
-
-def _trainer_class(base_cls, sampler, label_only_head: bool, loss_denominator: Optional[float], pack_rows: bool = False):
-    """``base_cls`` with our training sampler and, for supported CausalLMs, the label-position loss.
+def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Optional[float]):
+    """``base_cls`` with our training sampler, the label-position loss where the plan has it, and lean steps.
 
     ``loss_denominator`` (with length-grouped batches): divide each batch's summed token loss by this
     constant, the epoch's mean label tokens per optimizer step, instead of by the batch's own count.
     A batch of short rows then weighs what its tokens weigh, as in a random batch: dividing by its own
     small count would up-weight short rows' tokens (measured: 2% worse held-out loss on the bench data).
     """
-    from verifily_train.training.loss import label_position_loss
 
     class VerifilyTrainer(base_cls):
         if loss_denominator is not None:
@@ -122,13 +55,32 @@ def _trainer_class(base_cls, sampler, label_only_head: bool, loss_denominator: O
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # evaluation needs the logits (and takes the plain path); training only needs the loss
-            if label_only_head and not return_outputs and model.training and "labels" in inputs:
+            if paths.label_only_head and not return_outputs and model.training and "labels" in inputs:
                 denominator = loss_denominator if loss_denominator is not None else num_items_in_batch
                 # accelerate autocasts by patching model.forward, which this path does not call
                 with self.accelerator.autocast():
-                    return label_position_loss(model, inputs, denominator, pack=pack_rows)
+                    return label_position_loss(model, inputs, denominator, pack=paths.pack_rows)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+
+        # lean steps: the Trainer's per-step bookkeeping walks every parameter of the model (SmolLM2: 482,
+        # 272 of them frozen) two more times a step than the step needs; the values are the same
+        def floating_point_ops(self, inputs):
+            if not paths.lean_steps:
+                return super().floating_point_ops(inputs)
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(self.model, "num_parameters"):
+                return 0
+            if getattr(self, "_flop_parameters", None) is None:  # fixed for the run: counted once
+                self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self._flop_parameters
+
+        def _clip_grad_norm(self, model):
+            if not paths.lean_steps:
+                return super()._clip_grad_norm(model)
+            if getattr(self, "_trainable", None) is None:  # frozen weights never hold a gradient
+                self._trainable = [p for p in model.parameters() if p.requires_grad]
+            return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     return VerifilyTrainer
 
@@ -147,8 +99,6 @@ def data_order_seed(cfg: TrainConfig) -> int:
 
 def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path, has_val: bool, seq2seq: bool):
     """TrainingArguments from the config's sections (spec §8 names mapped to HF names)."""
-    from transformers import Seq2SeqTrainingArguments, TrainingArguments
-
     t = cfg.training
     cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
     return cls(
@@ -184,170 +134,118 @@ def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path,
     )
 
 
-def _normalize_adapter_config(path: Path) -> None:
-    """PEFT writes target_modules from a set, in hash-seed order: sort it so identical runs give identical bytes."""
-    if not path.is_file():
-        return
-    config = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("target_modules", "modules_to_save"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def load_for_training(cfg: TrainConfig, spec: ModelSpec, tok, labels, plan: DevicePlan):
+    """(base model ready for the adapter, whether it is quantized); seeded first: a fresh head draws from it."""
+    set_seed(cfg.seed)  # before the model is built: LoRA init and a fresh classification head draw from it
+    quant = quantization_config(cfg.lora, plan.device)
+    device_map = None
+    if quant is not None:
+        device_map = {"": plan.device if plan.device != "cuda" else local_device_index()}
+    model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
+                       trust_remote_code=cfg.trust_remote_code, quantization_config=quant, device_map=device_map)
+    return (prepare_quantized(model) if quant is not None else model), quant is not None
 
 
-def _write_log(history: List[dict], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for entry in history:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+def training_order(cfg: TrainConfig, train_data: TokenizedSplit, spec: ModelSpec, label_only: bool):
+    """(sampler, loss denominator or None): a row-keyed shuffle, or length-grouped batches when asked for.
+
+    Grouping by length is exact in weight only where each token's share of the loss can be kept: CausalLMs
+    on the label-only path (constant denominator) and classification (one label per row).
+    """
+    keys = row_keys(train_data.columns["row_hash"])
+    if cfg.training.group_by_length and (label_only or spec.kind == KIND_SEQ_CLS):
+        sampler = LengthGroupedSampler([len(ids) for ids in train_data.columns["input_ids"]],
+                                       cfg.training.batch_size, data_order_seed(cfg), keys)
+        return sampler, label_tokens_per_step(train_data.columns["labels"], cfg) if label_only else None
+    # rows ordered by a keyed hash: an arm without some rows sees the others in the same order (attribution);
+    # under DDP accelerate deals its batches out to the ranks, so a step sees the one-process batch
+    return KeyedOrderSampler(keys, data_order_seed(cfg)), None
+
+
+def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, paths: FastPaths,
+                  train_data: TokenizedSplit, val_data: Optional[TokenizedSplit], checkpoints: Path, on_progress):
+    """The HF Trainer for this run, built from the resolved plan, with the stage's callbacks."""
+    seq2seq = spec.kind == KIND_SEQ2SEQ
+    sampler, denominator = training_order(cfg, train_data, spec, paths.label_only_head)
+    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, paths, denominator)
+    trainer = trainer_cls(model=model, args=training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq),
+                          train_dataset=train_data, eval_dataset=val_data, data_collator=make_collator(spec, tok),
+                          processing_class=tok)
+    trainer.add_callback(MarkCompleteCheckpoints())
+    if on_progress is not None:
+        trainer.add_callback(ReportProgress(on_progress))
+    if cfg.runtime.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(StepProgress)
+    return trainer
+
+
+def run_training(trainer, checkpoints: Path, paths: FastPaths):
+    """(train output, seconds, checkpoint resumed from or None); a full disk becomes one user error.
+
+    Lean steps: the objects alive before training (the model's modules and parameters, the tokenizer, the
+    rows) live through it, so they are frozen out of the garbage collector
+    (``gc.freeze``): the Trainer's own ``gc.collect`` at the start (0.4 s on SmolLM2) and the automatic
+    full collections during the steps walk only what training creates.
+    """
+    resume = last_complete_checkpoint(checkpoints)
+    if paths.lean_steps:
+        gc.freeze()
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (RuntimeError, OSError) as err:
+        if is_short_write(err):
+            raise DiskFullError(checkpoints, None, "no space left on the device (or file size limit reached) "
+                                                   "while writing a checkpoint: free space and re-run") from err
+        raise
+    finally:
+        if paths.lean_steps:
+            gc.unfreeze()
+    return result, time.perf_counter() - started, resume
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path, work_dir: Path, on_progress=None, label_only_head: bool = True,
-                  frozen_in_compute_dtype: bool = True, cpu_fp32_attention: bool = True,
-                  cpu_cheap_dropout: bool = True, fused_lora_output: bool = True,
-                  compile_blocks: Optional[bool] = None, pack_rows: bool = True) -> dict:
+                  out_dir: Path, work_dir: Path, on_progress=None, fast: FastPaths = FastPaths()) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
     killed or failed earlier attempt with the same key), training resumes from it, RNG state included.
     With ``plan.num_processes > 1`` this relaunches itself as that many DDP ranks (training/distributed.py).
-    ``label_only_head`` (CausalLMs of the families in ``training.loss``) applies the output head only at
-    positions that carry a label; False runs the model's plain forward (benchmarks compare the two).
-    DDP ranks always take the plain forward: it goes through the DistributedDataParallel wrapper.
-    ``frozen_in_compute_dtype`` (LoRA under bf16/fp16 autocast, no quantization): frozen linear weights are
-    stored in the autocast dtype instead of being cast on every forward (``lora.store_frozen_linears_in``).
-    ``cpu_fp32_attention`` (CPU under bf16/fp16 autocast, SDPA models): attention runs in fp32
-    (``training.attention``), where this CPU's kernel is several times faster than its bf16 one.
-    ``cpu_cheap_dropout`` (LoRA on the CPU): LoRA's dropout masks come from 16 random bits per element
-    (``lora.use_cheap_dropout``: same distribution, cheaper sampler, other masks than ``nn.Dropout``).
-    ``fused_lora_output`` (LoRA): each adapted layer adds its scaled adapter output inside one ``addmm``
-    (``lora.use_fused_lora_output``: the same sum, two fewer passes over the layer's output).
-    ``compile_blocks`` (default: ``training.compile``): ``torch.compile`` the repeated decoder block
-    (``training.compiled``).
-    ``pack_rows`` (the label-only path on a CPU, SDPA models, not compiled): each batch's real tokens run
-    as one packed sequence, attention re-padded by row (``loss._packed_label_loss_sum``): no padding
-    computed outside attention.
+    ``fast``: the speed levers wanted (all by default; benchmarks turn some off), resolved once for this run.
+    ``on_progress(step, max_steps)`` is called as optimizer steps complete.
     """
     if plan.num_processes > 1 and not in_launched_rank():
         return launch_ranks(cfg, spec, tokenized, tokenized_dir, plan, out_dir, work_dir)
-    import torch
-    from transformers import Seq2SeqTrainer, Trainer, set_seed
-
-    from verifily_train.model.lora import build_adapter, count_parameters
-
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = tokenized["labels"]
-    # seed before the model is built: LoRA init and a fresh classification head draw from it
-    set_seed(cfg.seed)
-    from verifily_train.model.quantization import prepare_quantized, quantization_config
-
-    quant = quantization_config(cfg.lora, plan.device)
-    model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
-                       trust_remote_code=cfg.trust_remote_code, quantization_config=quant,
-                       device_map={"": plan.device if plan.device != "cuda" else local_device_index()} if quant is not None else None)
-    if quant is not None:
-        model = prepare_quantized(model)
-    fp32_attention = False
-    if cpu_fp32_attention:
-        from verifily_train.model.attention import for_plan
-
-        fp32_attention = for_plan(model, plan.device, plan.precision)
+    model, quantized = load_for_training(cfg, spec, tok, labels, plan)
+    paths = switch_attention(model, fast.resolve(cfg, plan, spec, model, quantized))
     if cfg.lora.enabled:
         model = build_adapter(model, cfg.lora, spec)
-    converted = 0
-    if frozen_in_compute_dtype and cfg.lora.enabled and quant is None and plan.precision in ("bf16", "fp16"):
-        from verifily_train.model.lora import store_frozen_linears_in
-
-        converted = store_frozen_linears_in(model, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
-    compile_blocks = cfg.training.compile if compile_blocks is None else compile_blocks
-    cheap_dropout = 0
-    # compiled blocks fuse nn.Dropout's own sampling; the 16-bit sampler's in-place random_ breaks their graph
-    if cpu_cheap_dropout and cfg.lora.enabled and plan.device == "cpu" and not compile_blocks:
-        from verifily_train.model.lora import use_cheap_dropout
-
-        cheap_dropout = use_cheap_dropout(model)
-    fused = 0
-    if fused_lora_output and cfg.lora.enabled:
-        from verifily_train.model.lora import use_fused_lora_output
-
-        fused = use_fused_lora_output(model)
-    compiled = 0
-    if compile_blocks:
-        from verifily_train.training.compiled import compile_repeated_blocks
-
-        compiled = compile_repeated_blocks(model)
+    applied = apply_to_adapter(model, paths, plan.precision)
     trainable, total = count_parameters(model)
     tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
     val_info = tokenized["splits"].get("val")
     val_data = TokenizedSplit(tokenized_dir / val_info["file"], cfg.task) if val_info else None
-    seq2seq = spec.kind == KIND_SEQ2SEQ
     checkpoints = work_dir / "checkpoints"
-    args = training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq)
-    label_only = (label_only_head and spec.kind == KIND_CAUSAL and supports_label_only_head(model)
-                  and not in_launched_rank())
-    packed = False
-    if pack_rows and label_only and plan.device in PACK_DEVICES and not compile_blocks:
-        from verifily_train.model.attention import use_fp32_attention
-
-        # the stage's attention function handles packed rows; in fp32 it is SDPA for anything else
-        packed = fp32_attention or use_fp32_attention(unwrap_causal_lm(model))
-    # grouping by length is exact in weight only where each token's share of the loss can be kept: CausalLMs
-    # on the label-only path (constant denominator) and classification (one label per row)
-    from verifily_train.training.batching import KeyedOrderSampler, LengthGroupedSampler, row_keys
-
-    sampler, denominator = None, None
-    keys = row_keys(train_data.columns["row_hash"])
-    if cfg.training.group_by_length and (label_only or spec.kind == KIND_SEQ_CLS):
-        sampler = LengthGroupedSampler([len(ids) for ids in train_data.columns["input_ids"]], cfg.training.batch_size,
-                                       data_order_seed(cfg), keys)
-        if label_only:
-            denominator = label_tokens_per_step(train_data.columns["labels"], cfg)
-    else:
-        # rows ordered by a keyed hash: an arm without some rows sees the others in the same order (attribution);
-        # under DDP accelerate deals its batches out to the ranks, so a step sees the one-process batch
-        sampler = KeyedOrderSampler(keys, data_order_seed(cfg))
-    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, label_only, denominator, packed)
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
-                          data_collator=make_collator(spec, tok), processing_class=tok)
-    trainer.add_callback(_checkpoint_marker_class())
-    if on_progress is not None:
-        trainer.add_callback(_progress_hook_class()(on_progress))
-    for callback in rank_callbacks():
-        trainer.add_callback(callback)
-    if cfg.runtime.progress:
-        default_bar, step_bar = _progress_callback_class()
-        trainer.remove_callback(default_bar)
-        trainer.add_callback(step_bar)
-    resume = last_complete_checkpoint(checkpoints)
-    started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except (RuntimeError, OSError) as err:
-        from verifily_train.errors import DiskFullError, is_short_write
-
-        if is_short_write(err):
-            raise DiskFullError(checkpoints, None, "no space left on the device (or file size limit reached) "
-                                                   "while writing a checkpoint: free space and re-run") from err
-        raise
-    seconds = time.perf_counter() - started
-
-    adapter_dir = out_dir / ("adapter" if cfg.lora.enabled else "model")
-    merged_dir: Optional[Path] = None
-    if cfg.lora.enabled and not cfg.output.save_adapter_only:
-        merged_dir = out_dir / "model"
+    trainer = build_trainer(cfg, spec, tok, model, plan, paths, train_data, val_data, checkpoints, on_progress)
+    result, seconds, resume = run_training(trainer, checkpoints, paths)
+    adapter_name = "adapter" if cfg.lora.enabled else "model"
+    merged_name = "model" if cfg.lora.enabled and not cfg.output.save_adapter_only else None
     if is_main_rank():  # under DDP every rank holds the same weights: rank 0 writes them
-        model.save_pretrained(adapter_dir)
-        _normalize_adapter_config(adapter_dir / "adapter_config.json")
-        tok.save_pretrained(adapter_dir)
-        (adapter_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n", encoding="utf-8")
-        if merged_dir is not None:
-            # frozen weights held in bf16 for speed would merge into a bf16 model: merge into the fp32 base
-            merged = _merge_into_fresh_base(spec, adapter_dir, labels, tok, cfg) if converted else model.merge_and_unload()
-            merged.save_pretrained(merged_dir)
-            tok.save_pretrained(merged_dir)
-        _write_log(trainer.state.log_history, out_dir / "trainer_log.jsonl")
+        save_trained(model, tok, labels, cfg, spec, out_dir, bool(applied.frozen_linears_in_compute_dtype),
+                     trainer.state.log_history)
+    return stage_manifest(cfg, plan, trainer, result, seconds, resume, train_data, applied, trainable, total,
+                          adapter_name, merged_name)
 
+
+def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, seconds: float, resume: Optional[Path],
+                   train_data: TokenizedSplit, applied: AppliedPaths, trainable: int, total: int, adapter_name: str,
+                   merged_name: Optional[str]) -> dict:
+    """The train stage's manifest: what ran (the resolved levers included), how long, how many tokens."""
+    paths = applied.paths
     tokens_per_epoch = sum(len(ids) for ids in train_data.columns["input_ids"])
     epochs_done = float(trainer.state.epoch or 0.0)
     train_tokens = int(round(tokens_per_epoch * epochs_done))
@@ -355,8 +253,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     return {
         "stage": "train",
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
-        "adapter_dir": adapter_dir.name,
-        "merged_dir": merged_dir.name if merged_dir else None,
+        "adapter_dir": adapter_name,
+        "merged_dir": merged_name,
         "full_finetune": not cfg.lora.enabled,
         "log": "trainer_log.jsonl",
         "device": plan.device,
@@ -371,51 +269,24 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
         "total_params": int(total),
         "threads": torch.get_num_threads(),
         "num_processes": plan.num_processes,
-        "label_only_head": label_only,
-        "frozen_linears_in_compute_dtype": converted,
-        "fp32_attention": fp32_attention,
-        "cheap_dropout_layers": cheap_dropout,
-        "fused_lora_output_layers": fused,
-        "compiled_blocks": compiled,
-        "packed_rows": packed,
-        "padding_fraction": 0.0 if packed else _padding_fraction(train_data, sampler, cfg, label_only, plan.device,
-                                                                 plan.precision),
+        "label_only_head": paths.label_only_head,
+        "frozen_linears_in_compute_dtype": applied.frozen_linears_in_compute_dtype,
+        "fp32_attention": paths.cpu_fp32_attention,
+        "cheap_dropout_layers": applied.cheap_dropout_layers,
+        "fused_lora_output_layers": applied.fused_lora_output_layers,
+        "compiled_blocks": applied.compiled_blocks,
+        "packed_rows": paths.pack_rows,
+        "lean_steps": paths.lean_steps,
+        "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
     }
 
 
-def _merge_into_fresh_base(spec: ModelSpec, adapter_dir: Path, labels, tok, cfg: TrainConfig):
-    """The saved adapter merged into the base model loaded afresh (fp32), for ``output.save_adapter_only: false``."""
-    from peft import PeftModel
-
-    base = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
-                      trust_remote_code=cfg.trust_remote_code)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-
-
-def _padding_fraction(train_data: TokenizedSplit, sampler, cfg: TrainConfig, split_by_length: bool,
-                      device: str = "cpu", precision: str = "fp32") -> float:
+def computed_padding(train_data: TokenizedSplit, trainer, cfg: TrainConfig, paths: FastPaths, plan: DevicePlan) -> float:
     """Share of computed positions that are padding over the first epoch's batches (as the loss runs them)."""
-    import torch
-
-    from verifily_train.training.batching import LengthGroupedSampler, length_grouped_order
-    from verifily_train.training.loss import group_cost_for, length_groups
-
     lengths = [len(ids) for ids in train_data.columns["input_ids"]]
-    size = cfg.training.batch_size
-    if isinstance(sampler, LengthGroupedSampler):
-        order = length_grouped_order(lengths, size, sampler.seed, sampler.keys)
-    elif sampler is not None:
-        order = list(iter(sampler))
-    else:
-        generator = torch.Generator()
-        generator.manual_seed(cfg.seed)
-        order = torch.randperm(len(lengths), generator=generator).tolist()
-    real = padded = 0
-    for start in range(0, len(order), size):
-        batch = [lengths[i] for i in order[start:start + size]]
-        cost = group_cost_for(device, precision)
-        split = split_by_length and cost is not None and len(batch) > 1
-        groups = length_groups(batch, cost) if split else [list(range(len(batch)))]
-        real += sum(batch)
-        padded += sum(max(batch[i] for i in g) * len(g) for g in groups)
-    return round(1.0 - real / padded, 4) if padded else 0.0
+    sampler = trainer._get_train_sampler()  # the stage's own sampler (VerifilyTrainer)
+    order = sampler.order(sampler.seed)  # the first epoch's
+    cost = group_cost_for(plan.device, plan.precision)
+    split = paths.label_only_head and cost is not None
+    groups = (lambda batch: length_groups(batch, cost)) if split else None
+    return round(padding_fraction(lengths, order, cfg.training.batch_size, groups), 4)
