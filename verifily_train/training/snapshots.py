@@ -23,7 +23,7 @@ def snapshot_steps(max_steps: int, count: int) -> List[int]:
     """The optimizer steps at which snapshots are taken: ``count`` evenly spaced, the last one the final step."""
     if count <= 0 or max_steps <= 0:
         return []
-    return sorted({max(1, round(k * max_steps / count)) for k in range(1, count + 1)})
+    return sorted({max(1, (2 * k * max_steps + count) // (2 * count)) for k in range(1, count + 1)})  # halves round up
 
 
 def trainable_state(model) -> dict:
@@ -54,12 +54,16 @@ def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path) -> list:
             index = _read_index(self.work)
             # resumed: the learning rates of the steps since the last kept snapshot are lost; count them at
             # the resumed step's rate (the scheduler is deterministic, so this is close, not exact)
-            self.lr_sum = 0.0
+            self.lr_sum, self.lr = 0.0, float(args.learning_rate)
             self.resumed_from = int(state.global_step)
             self.last_saved = max((e["step"] for e in index), default=0)
 
-        def on_step_end(self, args, state, control, lr_scheduler=None, model=None, **kwargs):
-            lr = float(lr_scheduler.get_last_lr()[0]) if lr_scheduler is not None else float(args.learning_rate)
+        def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            # the rate this step uses: after the step the scheduler already holds the next one's
+            self.lr = float(lr_scheduler.get_last_lr()[0]) if lr_scheduler is not None else float(args.learning_rate)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            lr = self.lr
             if self.resumed_from and state.global_step == self.resumed_from + 1:
                 self.lr_sum += lr * (self.resumed_from - self.last_saved)
             self.lr_sum += lr

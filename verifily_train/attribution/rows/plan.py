@@ -121,7 +121,7 @@ def select_snapshots(saved: List[dict], count: int) -> List[dict]:
     learning rate) also covers the dropped ones before it, so the kept weights still sum over the whole run."""
     if count >= len(saved):
         return list(saved)
-    picks = sorted({round((k + 1) * len(saved) / count) - 1 for k in range(count)})
+    picks = sorted({(2 * (k + 1) * len(saved) + count) // (2 * count) - 1 for k in range(count)})
     out, previous = [], -1
     for i in picks:
         covered = saved[previous + 1:i + 1]

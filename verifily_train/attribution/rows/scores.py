@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.attribution.rows.plan import RowAttributionPlan, target_rows
+from verifily_train.attribution.rows.runtime import SCORE_BATCH
 
 TARGET_FILE = "target_gradients.safetensors"
 
@@ -54,13 +55,17 @@ def target_gradients(plan: RowAttributionPlan, out_dir: Path) -> dict:
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def shard_rows(train_rows: int, shard_index: int, shard_count: int) -> List[int]:
-    """The train rows of one shard: contiguous blocks in file order, sizes differing by at most one."""
+def shard_batches(lengths: List[int], shard_index: int, shard_count: int, size: int = SCORE_BATCH) -> List[List[int]]:
+    """The row batches of one shard: the split's length-sorted batches (fixed by the split alone), cut into
+    ``shard_count`` contiguous runs; a row meets the same batch-mates however the split is sharded, so
+    sharded scores equal unsharded ones bit for bit."""
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ValueError(f"shard {shard_index} of {shard_count}")
-    base, extra = divmod(train_rows, shard_count)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    base, extra = divmod(len(batches), shard_count)
     start = shard_index * base + min(shard_index, extra)
-    return list(range(start, start + base + (1 if shard_index < extra else 0)))
+    return batches[start:start + base + (1 if shard_index < extra else 0)]
 
 
 def shard_file(shard_index: int, shard_count: int) -> str:
@@ -69,8 +74,7 @@ def shard_file(shard_index: int, shard_count: int) -> str:
 
 def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: int, shard_count: int,
                 out_dir: Path, target_dir: Optional[Path] = None) -> dict:
-    """Score the train rows of shard ``shard_index`` of ``shard_count`` (contiguous blocks of the train split,
-    in file order) into ``out_dir/shard-<i>-of-<n>.parquet``; returns a small JSON manifest.
+    """Score the train rows of shard ``shard_index`` of ``shard_count`` (``shard_batches``) into ``out_dir/shard-<i>-of-<n>.parquet``; returns a small JSON manifest.
 
     ``target_dir``: where ``target_gradients`` wrote its file (default: ``target_manifest["dir"]``).
     """
@@ -89,7 +93,8 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
     targets = load_file(str(folder / target_manifest["file"]))
     scoring = load_scoring_model(plan)
     rows = SplitRows(Path(plan.tokenized_dir), "train", plan.task, scoring)
-    indices = shard_rows(len(rows), shard_index, shard_count)
+    batches = shard_batches([len(ids) for ids in rows.data.columns["input_ids"]], shard_index, shard_count)
+    indices = sorted(i for batch in batches for i in batch)
     # a row's gradient is of its summed token loss over the mean tokens per train row (a constant of the whole
     # split, not of the shard): training weighs each token alike, so a longer row moves the weights more
     normalizer = float(np.mean(supervised_tokens(rows, scoring.kind))) or 1.0
@@ -103,7 +108,8 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
         apply_snapshot(scoring, snapshot)
         weight = float(snapshot["weight"])
         target = targets[f"snapshot-{k}"].double()
-        for chunk, batch in rows.batches(indices):
+        for chunk in batches:
+            batch = rows.collate([rows.data[i] for i in chunk])
             flat, loss_sum, count, logits = gradients(batch, normalizer)
             at = [position[r] for r in chunk]
             # first-order change of the target loss from a step on this row: -lr <g_row, g_target>
