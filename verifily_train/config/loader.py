@@ -370,6 +370,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     for key in ("eval_steps", "save_steps", "logging_steps"):
         value = getattr(t, key)
         _check(where, f"training.{key}", value >= 1, f"must be >= 1; got {value}")
+    _check(where, "training.attribution_snapshots", 0 <= t.attribution_snapshots <= 64,
+           f"must be in [0, 64]; got {t.attribution_snapshots}")
     _one_of(where, "training.report_to", t.report_to, schema.REPORT_TO)
     _check(where, "training.retries", t.retries >= 0, f"must be >= 0; got {t.retries}")
 

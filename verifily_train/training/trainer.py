@@ -15,6 +15,7 @@ from verifily_train.training.distributed import (barrier, ddp_backend, in_launch
 from verifily_train.training.loss import PACK_DEVICES, supports_label_only_head, unwrap_causal_lm
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.model.tokenize import TokenizedSplit
+from verifily_train.training.snapshots import snapshot_callbacks
 
 COMPLETE_MARKER = ".verifily-complete"
 
@@ -311,6 +312,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                           data_collator=make_collator(spec, tok), processing_class=tok)
     trainer.add_callback(_checkpoint_marker_class())
+    for callback in snapshot_callbacks(cfg.training.attribution_snapshots, out_dir, work_dir):  # attribute --rows
+        trainer.add_callback(callback)
     if on_progress is not None:
         trainer.add_callback(_progress_hook_class()(on_progress))
     for callback in rank_callbacks():
