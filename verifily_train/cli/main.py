@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.cli import rows as rows_cli
 from verifily_train.errors import VerifilyError
 
 EPILOG = "Docs: docs/config.md (train.yaml), docs/run_artifacts.md (Run layout), docs/architecture.md."
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit each ablation run to this training deployment (its work pool spreads them)")
     p.add_argument("--out", default=None, help="output folder (default: <runs>/../attributions/<run>-by-<key>)")
     p.add_argument("--json", action="store_true", help="print attribution.json instead of the table")
+    rows_cli.add_rows_arguments(p)  # --rows: row-level attribution (cli/rows.py)
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("stack", help="a local Prefect stack: server, work pools, deployments, workers",
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("verify", help="re-check every hash and row of a version")
     q.add_argument("ref")
     q.set_defaults(func=cmd_dataset_verify)
+    rows_cli.add_derive_parser(dsub)  # dataset derive RUN --drop-top K | --drop-rows FILE (cli/rows.py)
 
     p = sub.add_parser("models", help="embedded models")
     msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
@@ -448,6 +451,8 @@ def _submit_self_host(args, overrides: List[str]) -> int:
 
 
 def cmd_attribute(args) -> int:
+    if args.rows:
+        return rows_cli.cmd_attribute_rows(args)
     from verifily_train.artifacts.run import find_run
 
     parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
