@@ -91,5 +91,7 @@ def derive_without_rows(dv, drop: Set[str], rule: dict, label: str, home: Option
     if keep.count(False) == 0:
         raise VerifilyError(None, "--drop-rows", f"none of the rows is a train row of {dv.ref}")
     rule = dict(rule, row_hashes=sorted(drop))
-    version = f"{str(dv.version or 'v')}-without-{_safe(label)}"[:128]
+    parent = str(dv.version or "v")
+    parent = "v" if parent.startswith("sha256:") else parent  # data_paths runs: the "version" is a content hash
+    version = f"{parent}-without-{_safe(label)}"[:128]
     return _store(dv, version, {"drop_train_rows": rule}, lines, keep, home, {"rows": len(drop)})

@@ -132,8 +132,9 @@ def _ci(ci) -> str:
     return f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
 
 
-def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=sys.stdout) -> None:
+def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=None) -> None:
     """The top rows each way, the per-tag-value sums, the cost ratio and the verification verdict."""
+    out = out or sys.stdout
     w = out.write
     method = result["default_method"]
     w(f"\nRow attribution of {Path(result['parent_run']).name} on the {result['target']} loss "
