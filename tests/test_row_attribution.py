@@ -21,9 +21,9 @@ def _train(tmp: Path, models: dict, kind: str, **training) -> tuple:
     from verifily_train.fixtures.runs import train_run
 
     task = "classification" if kind == "bert" else "sft"
-    splits = write_splits(tmp / "data", task, {"train": 24, "val": 6, "test": 10}, seed=3)
+    splits = write_splits(tmp / "data", task, {"train": 12, "val": 4, "test": 4}, seed=3)
     cfg = {"task": task, "base_model": str(models[kind]), "data_paths": {k: str(v) for k, v in splits.items()},
-           "training": {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+           "training": {"num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
                         "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, **training},
            "eval": {"bootstrap_samples": 0, "hard_examples": 2, "metrics": ["loss"] if task == "sft" else None},
            "runtime": {"progress": False}}
@@ -75,10 +75,10 @@ def _direct_scores(plan) -> tuple:
     return tracin, self_influence
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "t5"])
-def test_gradient_scores_equal_a_direct_per_row_computation(runs, kind, tmp_path):
+@pytest.mark.parametrize("kind,checkpoints", [("bert", 2), ("llama", 1), ("t5", 1)])
+def test_gradient_scores_equal_a_direct_per_row_computation(runs, kind, checkpoints, tmp_path):
     run, cache = runs[kind]
-    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=2)
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=checkpoints)
     table = _attribute(plan, tmp_path)
     tracin, self_influence = _direct_scores(plan)
     assert np.abs(tracin).max() > 0
@@ -195,6 +195,18 @@ def test_slice_target_and_tag_summary(runs, tmp_path):
         assert entry["sum"] == pytest.approx(entry["mean"] * entry["rows"])
         if "mean_ci95" in entry:
             assert entry["mean_ci95"][0] <= entry["mean"] <= entry["mean_ci95"][1]
+
+
+def test_loss_only_scores_skip_the_gradients_and_match(runs, tmp_path):
+    run, cache = runs["bert"]
+    every = _attribute(rows.plan_row_attribution(run, cache_root=cache, projection_dim=32, checkpoints=2), tmp_path / "all")
+    plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2, methods=["loss", "label_issue"])
+    target = rows.target_gradients(plan, tmp_path / "target")
+    assert target["parameters"] == 0  # no model was loaded for a target nobody reads
+    only = _attribute(plan, tmp_path / "only")
+    assert "score_tracin" not in only
+    np.testing.assert_allclose(only["score_loss"], every["score_loss"], rtol=1e-5)
+    np.testing.assert_allclose(only["score_label_issue"], every["score_label_issue"], rtol=1e-5)
 
 
 def test_snapshot_steps_are_evenly_spaced_and_end_at_the_last_step():
