@@ -121,6 +121,14 @@ def run_trial(kind: str, trial: int, model: str, root: str, checkpoints: int = 4
     shard = row_attribution.score_shard(plan, target, 0, 1, work / "shard", target_dir=work / "target")
     merged = row_attribution.merge_shards(plan, [shard], work / "merged", shard_dirs=[work / "shard"])
     attribution_seconds = time.perf_counter() - started
+    started = time.perf_counter()  # the default method alone (what a call with --methods <default> costs)
+    alone = row_attribution.plan_row_attribution(run, cache_root=work / "cache", checkpoints=checkpoints,
+                                                 methods=[row_attribution.DEFAULT_METHOD])
+    alone_target = row_attribution.target_gradients(alone, work / "alone-target")
+    alone_shard = row_attribution.score_shard(alone, alone_target, 0, 1, work / "alone-shard",
+                                              target_dir=work / "alone-target")
+    row_attribution.merge_shards(alone, [alone_shard], work / "alone-merged", shard_dirs=[work / "alone-shard"])
+    default_alone_seconds = time.perf_counter() - started
     table = pd.read_parquet(work / "merged" / merged["file"])
     planted = np.array([json.loads(t)["planted"] == "yes" for t in table["tags"]])
     top = max(1, round(0.1 * len(table)))
@@ -139,13 +147,14 @@ def run_trial(kind: str, trial: int, model: str, root: str, checkpoints: int = 4
     shutil.rmtree(work, ignore_errors=True)
     return {"kind": kind, "trial": trial, "rows": int(len(table)), "planted": int(planted.sum()), "methods": methods,
             "tag_sums": tags, "train_stage_seconds": train_seconds, "attribution_seconds": attribution_seconds,
-            "cost_ratio": attribution_seconds / train_seconds, "target_loss_final": target["target_loss"][-1],
+            "cost_ratio": attribution_seconds / train_seconds, "default_alone_seconds": default_alone_seconds,
+            "default_alone_cost_ratio": default_alone_seconds / train_seconds, "target_loss_final": target["target_loss"][-1],
             "steps": [s["step"] for s in plan.snapshots],
             "test_metrics": {k: v for k, v in record["metrics"].items() if k in ("accuracy", "loss", "train_loss")}, "gradients": shard["per_row_gradients"]}
 
 
-def _interval(values: List[float]) -> dict:
-    """Mean with a Student t 95% interval over trials."""
+def _interval(values: List[float], bounds=(None, None)) -> dict:
+    """Mean with a Student t 95% interval over trials (clipped to ``bounds``: an AUROC stays in [0, 1])."""
     import numpy as np
     from scipy import stats
 
@@ -153,7 +162,9 @@ def _interval(values: List[float]) -> dict:
     if len(x) < 2:
         return {"mean": float(x.mean()), "ci95": [None, None], "n": int(len(x))}
     half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return {"mean": float(x.mean()), "ci95": [float(x.mean() - half), float(x.mean() + half)], "n": int(len(x))}
+    low, high = float(x.mean() - half), float(x.mean() + half)
+    low, high = max(low, bounds[0]) if bounds[0] is not None else low, min(high, bounds[1]) if bounds[1] is not None else high
+    return {"mean": float(x.mean()), "ci95": [low, high], "n": int(len(x))}
 
 
 def summarize(trials: List[dict]) -> dict:
@@ -161,10 +172,11 @@ def summarize(trials: List[dict]) -> dict:
     out: Dict[str, dict] = {}
     for kind in sorted({t["kind"] for t in trials}):
         mine = [t for t in trials if t["kind"] == kind]
-        methods = {m: {"auroc": _interval([t["methods"][m]["auroc"] for t in mine]),
-                       "top10_recall": _interval([t["methods"][m]["top10_recall"] for t in mine])}
+        methods = {m: {"auroc": _interval([t["methods"][m]["auroc"] for t in mine], (0.0, 1.0)),
+                       "top10_recall": _interval([t["methods"][m]["top10_recall"] for t in mine], (0.0, 1.0))}
                    for m in mine[0]["methods"]}
         entry = {"methods": methods, "cost_ratio": _interval([t["cost_ratio"] for t in mine]),
+                 "default_alone_cost_ratio": _interval([t["default_alone_cost_ratio"] for t in mine]),
                  "train_stage_seconds": _interval([t["train_stage_seconds"] for t in mine]),
                  "attribution_seconds": _interval([t["attribution_seconds"] for t in mine])}
         if mine[0]["tag_sums"]:
@@ -211,8 +223,8 @@ def render(summary: dict) -> str:
             continue
         for method, r in entry["methods"].items():
             lines.append(f"| {kind} | {method} | {cell(r['auroc'])} | {cell(r['top10_recall'], True)} |")
-    lines += ["", "| experiment | train stage (s) | whole row attribution (s) | cost ratio (95% CI) | TracIn tag sums |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| experiment | train stage (s) | whole row attribution (s) | cost ratio, every method (95% CI) | "
+                  "cost ratio, the default alone | TracIn tag sums |", "|---|---|---|---|---|---|"]
     for kind, entry in summary.items():
         if kind.startswith("_"):
             continue
@@ -221,7 +233,7 @@ def render(summary: dict) -> str:
                  f"{sign['clean_sums_negative']}/{sign['trials']}, scraped mean highest in "
                  f"{sign['scraped_mean_highest']}/{sign['trials']}") if sign else "-"
         lines.append(f"| {kind} | {entry['train_stage_seconds']['mean']:.2f} | {entry['attribution_seconds']['mean']:.2f}"
-                     f" | {cell(entry['cost_ratio'])} | {signs} |")
+                     f" | {cell(entry['cost_ratio'])} | {cell(entry['default_alone_cost_ratio'])} | {signs} |")
     choice = summary.get("_choice", {})
     lines += ["", "mean AUROC over experiments: " + ", ".join(f"{m} {v:.3f}" for m, v in
                                                              choice.get("mean_auroc_over_experiments", {}).items())

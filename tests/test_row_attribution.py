@@ -41,11 +41,8 @@ def runs(models, tmp_path_factory):
 
 
 def _attribute(plan, out: Path, shards: int = 1) -> pd.DataFrame:
-    target = rows.target_gradients(plan, out / "target")
-    manifests = [rows.score_shard(plan, target, i, shards, out / f"shard-{i}", target_dir=out / "target")
-                 for i in range(shards)]
-    merged = rows.merge_shards(plan, manifests, out / "merged", shard_dirs=[out / f"shard-{i}" for i in range(shards)])
-    return pd.read_parquet(out / "merged" / merged["file"])
+    merged = rows.attribute_rows(plan, out, shards)
+    return pd.read_parquet(Path(merged["dir"]) / merged["file"])
 
 
 def _direct_scores(plan) -> tuple:
