@@ -16,7 +16,7 @@ from verifily_train.attribution import rows
 from verifily_train.errors import ConfigError, RunError
 
 
-def _train(tmp: Path, models: dict, kind: str, **training) -> tuple:
+def _train(tmp: Path, models: dict, kind: str, lora: dict | None = None, **training) -> tuple:
     from verifily_train.fixtures.data import write_splits
     from verifily_train.fixtures.runs import train_run
 
@@ -26,7 +26,7 @@ def _train(tmp: Path, models: dict, kind: str, **training) -> tuple:
            "training": {"num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
                         "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, **training},
            "eval": {"bootstrap_samples": 0, "hard_examples": 2, "metrics": ["loss"] if task == "sft" else None},
-           "runtime": {"progress": False}}
+           "lora": lora or {}, "runtime": {"progress": False}}
     (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
     return train_run(tmp / "train.yaml", tmp / "cache", tmp / "runs"), tmp / "cache"
 
@@ -83,6 +83,20 @@ def test_gradient_scores_equal_a_direct_per_row_computation(runs, kind, checkpoi
     np.testing.assert_allclose(table["score_self_influence"], self_influence, rtol=1e-4)
 
 
+def test_qlora_gradient_scores_equal_a_direct_computation(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from verifily_train.fixtures.models import build_model
+
+    # hidden 64: the smallest fixture where 4-bit layers train on this CPU (tests/test_qlora.py)
+    models = {"llama": build_model("llama", tmp_path / "llama64", hidden=64)}
+    run, cache = _train(tmp_path / "run", models, "llama", lora={"quantization": "4bit",
+                                                                 "bnb_4bit_compute_dtype": "float32"})
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=1)
+    table = _attribute(plan, tmp_path / "out")
+    tracin, _ = _direct_scores(plan)
+    np.testing.assert_allclose(table["score_tracin"], tracin, rtol=1e-4, atol=1e-6 * np.abs(tracin).max())
+
+
 def test_looped_gradients_equal_batched_hooks(runs):
     from verifily_train.attribution.rows.gradients import PerRowGradients
     from verifily_train.attribution.rows.runtime import SplitRows, load_scoring_model
@@ -105,7 +119,7 @@ def test_projection_is_seeded_and_keeps_the_ranking(runs, tmp_path):
     run, cache = runs["bert"]
     scores = {}
     for name, seed, dim in (("a", 0, 256), ("again", 0, 256), ("other", 1, 256), ("exact", 0, 0)):
-        plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=dim, seed=seed, checkpoints=2)
+        plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=dim, seed=seed, checkpoints=1)
         scores[name] = _attribute(plan, tmp_path / name)["score_tracin"].to_numpy()
     assert np.array_equal(scores["a"], scores["again"])
     assert not np.allclose(scores["a"], scores["other"])
@@ -127,6 +141,7 @@ def test_key_inputs_follow_content_not_paths(runs, tmp_path):
     run, cache = runs["bert"]
     plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2)
     moved_run, moved_cache = tmp_path / "elsewhere" / run.name, tmp_path / "cache-copy"
+    (tmp_path / "elsewhere").mkdir()
     shutil.copytree(run, moved_run)
     shutil.copytree(cache, moved_cache)
     moved = rows.plan_row_attribution(moved_run, cache_root=moved_cache, checkpoints=2)
