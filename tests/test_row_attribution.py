@@ -16,17 +16,17 @@ from verifily_train.attribution import rows
 from verifily_train.errors import ConfigError, RunError
 
 
-def _train(tmp: Path, models: dict, kind: str, **training) -> tuple:
+def _train(tmp: Path, models: dict, kind: str, lora: dict | None = None, **training) -> tuple:
     from verifily_train.fixtures.data import write_splits
     from verifily_train.fixtures.runs import train_run
 
     task = "classification" if kind == "bert" else "sft"
-    splits = write_splits(tmp / "data", task, {"train": 24, "val": 6, "test": 10}, seed=3)
+    splits = write_splits(tmp / "data", task, {"train": 12, "val": 4, "test": 4}, seed=3)
     cfg = {"task": task, "base_model": str(models[kind]), "data_paths": {k: str(v) for k, v in splits.items()},
-           "training": {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+           "training": {"num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
                         "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, **training},
            "eval": {"bootstrap_samples": 0, "hard_examples": 2, "metrics": ["loss"] if task == "sft" else None},
-           "runtime": {"progress": False}}
+           "lora": lora or {}, "runtime": {"progress": False}}
     (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
     return train_run(tmp / "train.yaml", tmp / "cache", tmp / "runs"), tmp / "cache"
 
@@ -41,11 +41,8 @@ def runs(models, tmp_path_factory):
 
 
 def _attribute(plan, out: Path, shards: int = 1) -> pd.DataFrame:
-    target = rows.target_gradients(plan, out / "target")
-    manifests = [rows.score_shard(plan, target, i, shards, out / f"shard-{i}", target_dir=out / "target")
-                 for i in range(shards)]
-    merged = rows.merge_shards(plan, manifests, out / "merged", shard_dirs=[out / f"shard-{i}" for i in range(shards)])
-    return pd.read_parquet(out / "merged" / merged["file"])
+    merged = rows.attribute_rows(plan, out, shards)
+    return pd.read_parquet(Path(merged["dir"]) / merged["file"])
 
 
 def _direct_scores(plan) -> tuple:
@@ -75,15 +72,29 @@ def _direct_scores(plan) -> tuple:
     return tracin, self_influence
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "t5"])
-def test_gradient_scores_equal_a_direct_per_row_computation(runs, kind, tmp_path):
+@pytest.mark.parametrize("kind,checkpoints", [("bert", 2), ("llama", 1), ("t5", 1)])
+def test_gradient_scores_equal_a_direct_per_row_computation(runs, kind, checkpoints, tmp_path):
     run, cache = runs[kind]
-    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=2)
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=checkpoints)
     table = _attribute(plan, tmp_path)
     tracin, self_influence = _direct_scores(plan)
     assert np.abs(tracin).max() > 0
     np.testing.assert_allclose(table["score_tracin"], tracin, rtol=1e-4, atol=1e-6 * np.abs(tracin).max())
     np.testing.assert_allclose(table["score_self_influence"], self_influence, rtol=1e-4)
+
+
+def test_qlora_gradient_scores_equal_a_direct_computation(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from verifily_train.fixtures.models import build_model
+
+    # hidden 64: the smallest fixture where 4-bit layers train on this CPU (tests/test_qlora.py)
+    models = {"llama": build_model("llama", tmp_path / "llama64", hidden=64)}
+    run, cache = _train(tmp_path / "run", models, "llama", lora={"quantization": "4bit",
+                                                                 "bnb_4bit_compute_dtype": "float32"})
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=1)
+    table = _attribute(plan, tmp_path / "out")
+    tracin, _ = _direct_scores(plan)
+    np.testing.assert_allclose(table["score_tracin"], tracin, rtol=1e-4, atol=1e-6 * np.abs(tracin).max())
 
 
 def test_looped_gradients_equal_batched_hooks(runs):
@@ -108,7 +119,7 @@ def test_projection_is_seeded_and_keeps_the_ranking(runs, tmp_path):
     run, cache = runs["bert"]
     scores = {}
     for name, seed, dim in (("a", 0, 256), ("again", 0, 256), ("other", 1, 256), ("exact", 0, 0)):
-        plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=dim, seed=seed, checkpoints=2)
+        plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=dim, seed=seed, checkpoints=1)
         scores[name] = _attribute(plan, tmp_path / name)["score_tracin"].to_numpy()
     assert np.array_equal(scores["a"], scores["again"])
     assert not np.allclose(scores["a"], scores["other"])
@@ -130,6 +141,7 @@ def test_key_inputs_follow_content_not_paths(runs, tmp_path):
     run, cache = runs["bert"]
     plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2)
     moved_run, moved_cache = tmp_path / "elsewhere" / run.name, tmp_path / "cache-copy"
+    (tmp_path / "elsewhere").mkdir()
     shutil.copytree(run, moved_run)
     shutil.copytree(cache, moved_cache)
     moved = rows.plan_row_attribution(moved_run, cache_root=moved_cache, checkpoints=2)
@@ -195,6 +207,18 @@ def test_slice_target_and_tag_summary(runs, tmp_path):
         assert entry["sum"] == pytest.approx(entry["mean"] * entry["rows"])
         if "mean_ci95" in entry:
             assert entry["mean_ci95"][0] <= entry["mean"] <= entry["mean_ci95"][1]
+
+
+def test_loss_only_scores_skip_the_gradients_and_match(runs, tmp_path):
+    run, cache = runs["bert"]
+    every = _attribute(rows.plan_row_attribution(run, cache_root=cache, projection_dim=32, checkpoints=2), tmp_path / "all")
+    plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2, methods=["loss", "label_issue"])
+    target = rows.target_gradients(plan, tmp_path / "target")
+    assert target["parameters"] == 0  # no model was loaded for a target nobody reads
+    only = _attribute(plan, tmp_path / "only")
+    assert "score_tracin" not in only
+    np.testing.assert_allclose(only["score_loss"], every["score_loss"], rtol=1e-5)
+    np.testing.assert_allclose(only["score_label_issue"], every["score_label_issue"], rtol=1e-5)
 
 
 def test_snapshot_steps_are_evenly_spaced_and_end_at_the_last_step():

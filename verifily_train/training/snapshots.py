@@ -29,7 +29,8 @@ def snapshot_steps(max_steps: int, count: int) -> List[int]:
 def trainable_state(model) -> dict:
     """Name -> detached CPU copy of every parameter that requires grad (the names the scoring model reloads)."""
     inner = getattr(model, "module", model)  # a DDP wrapper's names carry "module."
-    return {name: p.detach().to("cpu").float().contiguous().clone()
+    # torch.compile'd blocks (training.compile) name their weights through "_orig_mod.": save the model's own names
+    return {name.replace("_orig_mod.", ""): p.detach().to("cpu").float().contiguous().clone()
             for name, p in inner.named_parameters() if p.requires_grad}
 
 
@@ -93,7 +94,8 @@ def _save(folder: Path, tensors: dict, step: int, lr_sum: float, interval: int) 
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}.safetensors"
-    save_file(tensors, str(folder / name), metadata={"step": str(step), "lr_sum": repr(lr_sum)})
+    # no safetensors metadata: its header map is written in hash order, so identical runs would differ in bytes
+    save_file(tensors, str(folder / name))
     index = [e for e in _read_index(folder) if e["step"] != step] + [
         {"file": name, "step": step, "lr": lr_sum / max(interval, 1), "weight": lr_sum, "interval_steps": interval}]
     tmp = folder / (INDEX + ".tmp")

@@ -103,3 +103,14 @@ def summarize_by_tag(table, method: str, tag: str, bootstrap: int = 1000, seed: 
             entry.update(mean_ci95=[float(low), float(high)], sum_ci95=[float(low * len(mine)), float(high * len(mine))])
         out.append(entry)
     return out
+
+
+def attribute_rows(plan: RowAttributionPlan, out_dir: Path, shard_count: int = 1) -> dict:
+    """Every step in this process, into ``out_dir/{target,shard-<i>,merged}``; returns the merge manifest."""
+    from verifily_train.attribution.rows.scores import score_shard, target_gradients
+
+    out_dir = Path(out_dir)
+    target = target_gradients(plan, out_dir / "target")
+    shard_dirs = [out_dir / f"shard-{i}" for i in range(shard_count)]
+    shards = [score_shard(plan, target, i, shard_count, d, target_dir=out_dir / "target") for i, d in enumerate(shard_dirs)]
+    return dict(merge_shards(plan, shards, out_dir / "merged", shard_dirs=shard_dirs), dir=str(out_dir / "merged"))

@@ -31,9 +31,15 @@ def target_gradients(plan: RowAttributionPlan, out_dir: Path) -> dict:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    indices = target_rows(plan)
+    if "tracin" not in plan.methods:  # only TracIn reads a target: no model, an empty file
+        save_file({}, str(out_dir / TARGET_FILE))
+        return {"step": "target", "file": TARGET_FILE, "snapshots": [], "target": plan.target,
+                "target_split": plan.target_split, "target_rows": len(indices), "target_loss": [],
+                "projection_dim": plan.projection_dim, "parameters": 0,
+                "seconds": round(time.perf_counter() - started, 3)}
     scoring = load_scoring_model(plan)
     rows = SplitRows(Path(plan.tokenized_dir), plan.target_split, plan.task, scoring)
-    indices = target_rows(plan)
     project = _projection(plan, scoring)
     tensors, losses = {}, []
     for k, snapshot in enumerate(plan.snapshots):
@@ -84,7 +90,8 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
     from safetensors.torch import load_file
 
     from verifily_train.attribution.rows.gradients import PerRowGradients
-    from verifily_train.attribution.rows.runtime import SplitRows, apply_snapshot, load_scoring_model, supervised_tokens
+    from verifily_train.attribution.rows.runtime import (SplitRows, apply_snapshot, load_scoring_model, row_losses,
+                                                         supervised_tokens)
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -104,22 +111,33 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
     tracin, self_influence = np.zeros(n), np.zeros(n)
     losses = np.zeros((n, len(plan.snapshots)))
     probs = None
+    need_gradients = bool({"tracin", "self_influence"} & set(plan.methods))  # losses alone need no backward
+    # the final loss alone reads the last snapshot only
+    every = need_gradients or bool({"loss_mean", "label_issue"} & set(plan.methods))
     for k, snapshot in enumerate(plan.snapshots):
+        if not every and k < len(plan.snapshots) - 1:
+            continue
         apply_snapshot(scoring, snapshot)
         weight = float(snapshot["weight"])
-        target = targets[f"snapshot-{k}"].double()
+        target = targets.get(f"snapshot-{k}")
         for chunk in batches:
             batch = rows.collate([rows.data[i] for i in chunk])
-            flat, loss_sum, count, logits = gradients(batch, normalizer)
             at = [position[r] for r in chunk]
-            # first-order change of the target loss from a step on this row: -lr <g_row, g_target>
-            tracin[at] += (-weight * (project(flat) @ target)).numpy()
-            self_influence[at] += weight * (flat.double() ** 2).sum(dim=1).numpy()
+            if need_gradients:
+                flat, loss_sum, count, logits = gradients(batch, normalizer)
+                if target is not None:  # first-order change of the target loss from a step on this row
+                    tracin[at] += (-weight * (project(flat) @ target.double())).numpy()
+                self_influence[at] += weight * (flat.double() ** 2).sum(dim=1).numpy()
+            else:
+                with torch.no_grad():
+                    loss_sum, count, logits = row_losses(scoring, batch)
             losses[at, k] = (loss_sum / count.clamp(min=1)).numpy()
             if logits is not None:
                 p = torch.softmax(logits.double(), dim=-1).numpy()
                 probs = np.zeros((n, p.shape[1])) if probs is None else probs
                 probs[at] += p / len(plan.snapshots)
+    if not every:  # the earlier snapshots' losses were not computed: NaN, not zeros that look measured
+        losses[:, :-1] = np.nan
     frame = pd.DataFrame({"index": indices, "tracin": tracin, "self_influence": self_influence,
                           "losses": list(losses)})
     if probs is not None:
