@@ -112,7 +112,8 @@ def _verify(cfg, parent: Path, merged: dict, k: int, seeds: int, budget_override
 
 @flow(name="attribute", log_prints=False, validate_parameters=False)
 def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = None, shards: int = 1,
-                   projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0, verify: int = 0,
+                   projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
+                   methods: Optional[List[str]] = None, verify: int = 0,
                    seeds: int = DEFAULT_SEEDS, budget_steps: Optional[int] = None,
                    budget_fraction: Optional[float] = None, concurrency: int = 2, out_dir: Optional[str] = None,
                    deployment: Optional[str] = None, alpha: float = 0.05, correction: str = "holm",
@@ -130,7 +131,7 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     logger = get_run_logger()
     parent = find_run(run).resolve()
     record = load_run_json(parent)
-    plan = plan_rows(parent, target, checkpoints, projection_dim, seed)
+    plan = plan_rows(parent, target, checkpoints, projection_dim, seed, methods)
     count, notes = shard_count(plan, shards)
     notes = list(plan.notes) + notes
     budget_overrides, budget = _budget(record, budget_steps, budget_fraction)

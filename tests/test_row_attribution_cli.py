@@ -79,14 +79,15 @@ def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_r
     first = _json(cli(*args))
     folder = Path(first["path"])
     table = pd.read_parquet(folder / "row_attribution.parquet")
-    assert len(table) == first["train_rows"] == 40 and first["default_method"] == "tracin"
+    method = first["default_method"]
+    assert len(table) == first["train_rows"] == 40 and method == "loss" and "could not fit" in first["meaning"]
     for column in ("example_id", "split", "file", "line", "tags", "score_tracin", "rank_tracin", "score_loss",
                    "rank_label_issue"):
         assert column in table.columns, column
-    assert sorted(table["rank_tracin"]) == list(range(1, 41)) and set(table["file"]) == {"train.jsonl"}
+    assert sorted(table[f"rank_{method}"]) == list(range(1, 41)) and set(table["file"]) == {"train.jsonl"}
     assert first["most_harmful"][0]["rank"] == 1 and first["most_helpful"][0]["rank"] == 40
     assert {v["value"] for v in first["by_tag"]["source"]} == {"human", "synthetic", "ai_contaminated"}
-    assert sum(v["sum"] for v in first["by_tag"]["source"]) == pytest.approx(table["score_tracin"].sum())
+    assert sum(v["sum"] for v in first["by_tag"]["source"]) == pytest.approx(table[f"score_{method}"].sum())
     assert all(len(v["mean_ci95"]) == 2 for v in first["by_tag"]["source"] if v["rows"] > 1)
     assert not any(s["cache_hit"] for s in first["stages"].values()) and first["checkpoints"] == 4
     assert first["cost"]["ratio"] == pytest.approx(first["cost"]["seconds"] / first["cost"]["train_stage_seconds"],
@@ -116,9 +117,9 @@ def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_r
 
     child = resolve(ref)
     manifest = json.loads(Path(child.manifest_path).read_text())
-    top5 = set(table.sort_values("rank_tracin")["row_hash"].head(5))
+    top5 = set(table.sort_values(f"rank_{method}")["row_hash"].head(5))
     rule = manifest["derived_from"]["rule"]["drop_train_rows"]
-    assert set(rule["row_hashes"]) == top5 and rule["method"] == "tracin" and rule["top"] == 5
+    assert set(rule["row_hashes"]) == top5 and rule["method"] == method and rule["top"] == 5
     from verifily_train.model.tokenize import row_hash
 
     kept = [row_hash(json.loads(line)) for f in child.split_files("train")
@@ -135,6 +136,7 @@ def test_rows_user_errors_are_one_line_and_write_nothing(cls_run, cli, tmp_path)
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--target", "slice:source=martian", "--out", str(out)),
                       "--target", "source=martian")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--shards", "0"), "--shards")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--methods", "loss,vibes"), "--methods", "vibes")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "40", "--seeds", "2"), "--verify", "40")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "3", "--seeds", "1"), "--verify", "--seeds")
     assert_user_error(cli("dataset", "derive", str(cls_run), "--drop-top", "3", "--attribution", str(tmp_path)),

@@ -37,16 +37,16 @@ def render_rows_section(result: dict) -> str:
              f"<p>Run <code>{html.escape(result['parent_run'])}</code>; {result['train_rows']} train rows scored by "
              f"<b>{html.escape(method)}</b> (default; also {html.escape(', '.join(others) or 'none')}) over "
              f"{result['checkpoints']} adapter snapshot(s), projection {result['projection_dim'] or 'none'}, "
-             f"{result['shards']} shard(s). {html.escape(result['orientation'])}.</p>"]
+             f"{result['shards']} shard(s). {html.escape(result['orientation'])}: "
+             f"<code>score_{html.escape(method)}</code> is the {html.escape(result.get('meaning', ''))}.</p>"]
     if cost.get("ratio") is not None:
         parts.append(f"<p>Cost: {cost['seconds']:.1f} s, {cost['ratio']:.2f} x the run's own train stage "
                      f"({cost['train_stage_seconds']:.1f} s, {html.escape(cost['train_stage_source'])}).</p>")
     for note in result.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
-    parts.append("<h3>Most harmful rows</h3><p class='note'>Training on them raised the target's loss the most.</p>"
-                 + _rows_table(result["most_harmful"], others))
-    parts.append("<h3>Most helpful rows</h3><p class='note'>Training on them lowered the target's loss the most.</p>"
-                 + _rows_table(result["most_helpful"], others))
+    parts.append("<h3>Most harmful rows</h3><p class='note'>Highest score; their rank by every other method "
+                 "beside it.</p>" + _rows_table(result["most_harmful"], others))
+    parts.append("<h3>Most helpful rows</h3><p class='note'>Lowest score.</p>" + _rows_table(result["most_helpful"], others))
     for tag, values in result["by_tag"].items():
         body = [[html.escape(str(v["value"])), v["rows"], f"{_num(v['sum'])} {_ci(v.get('sum_ci95'))}",
                  f"{_num(v['mean'])} {_ci(v.get('mean_ci95'))}"] for v in values]

@@ -31,6 +31,9 @@ def add_rows_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shards", type=int, default=1, help="gradient passes over the train rows as task runs (default: 1)")
     g.add_argument("--projection-dim", type=int, default=None,
                    help="seeded random projection of each gradient (default: 1024; 0 = exact)")
+    g.add_argument("--methods", default=None,
+                   help="comma-separated scores to compute: tracin, self_influence, loss, loss_mean, label_issue "
+                        "(default: all; --methods loss runs forwards of the final snapshot only)")
     g.add_argument("--verify", type=int, default=0, metavar="K",
                    help="retrain without the top-K rows and without K random rows over --seeds, and test the difference")
     g.add_argument("--top", type=int, default=10, help="rows printed per direction (default: 10)")
@@ -83,7 +86,8 @@ def cmd_attribute_rows(args) -> int:
     run = find_run(args.run).resolve()
     projection = DEFAULT_PROJECTION_DIM if args.projection_dim is None else args.projection_dim
     _quiet_libraries()
-    plan = plan_rows(run, args.target, args.checkpoints, projection)  # every user error before Prefect starts
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    plan = plan_rows(run, args.target, args.checkpoints, projection, methods=methods)  # user errors before Prefect
     shard_count(plan, args.shards)
     if args.verify:
         if not 0 < args.alpha < 1:
@@ -91,10 +95,10 @@ def cmd_attribute_rows(args) -> int:
         problem = check_verify(args.verify, plan.train_rows, args.seeds)
         if problem:
             raise VerifilyError(None, "--verify", problem)
-    return _run_flow(args, run, projection, started)
+    return _run_flow(args, run, projection, methods, started)
 
 
-def _run_flow(args, run: Path, projection: int, started: float) -> int:
+def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], started: float) -> int:
     from verifily_train.cli.main import _use_prefect_server
     from verifily_train.cli.train import in_process_flow_settings, start_temporary_server
 
@@ -106,7 +110,7 @@ def _run_flow(args, run: Path, projection: int, started: float) -> int:
         server.wait()
     with in_process_flow_settings():
         result = attribute_rows(run=str(run), target=args.target, checkpoints=args.checkpoints, shards=args.shards,
-                                projection_dim=projection, verify=args.verify, seeds=args.seeds,
+                                projection_dim=projection, methods=methods, verify=args.verify, seeds=args.seeds,
                                 budget_steps=args.budget_steps, budget_fraction=args.budget_fraction,
                                 concurrency=args.concurrency, out_dir=args.out, deployment=args.deployment,
                                 alpha=args.alpha, correction=args.correction)
@@ -142,8 +146,9 @@ def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=N
       f" over {result['checkpoints']} checkpoint(s), {result['shards']} shard(s)\n")
     for note in result.get("notes", []):
         w(f"  note: {note}\n")
-    for title, key in (("most harmful rows (training on them raised the target loss)", "most_harmful"),
-                       ("most helpful rows (training on them lowered the target loss)", "most_helpful")):
+    w(f"  score_{method}: {result.get('meaning', '')}\n")
+    for title, key in (("most harmful rows (highest score)", "most_harmful"),
+                       ("most helpful rows (lowest score)", "most_helpful")):
         w(f"\n  {title}:\n")
         _table([[r["rank"], f"{r['score']:+.4g}", r["example_id"], f"{r['file']}:{r['line']}", _tags(r["tags"]),
                  r["text"][:60].replace("\n", " ")] for r in result[key][:top]],

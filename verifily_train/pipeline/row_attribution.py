@@ -78,7 +78,8 @@ STAGES = (TARGET, SHARD, MERGE)
 
 
 def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None,
-              projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0) -> rows.RowAttributionPlan:
+              projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
+              methods: Optional[List[str]] = None) -> rows.RowAttributionPlan:
     """The row-attribution plan of a completed Run; a user error (one line) when it cannot be made.
 
     ``checkpoints`` None: up to the default, falling back to the final adapter alone (with a note) when the
@@ -89,7 +90,8 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
     record = load_run_json(run)
     if record.get("status") != "completed":
         raise RunError(run, None, f"status is {record.get('status')!r}; only a completed run can be attributed")
-    plan = rows.plan_row_attribution(run, target, checkpoints or DEFAULT_CHECKPOINTS, projection_dim, seed)
+    plan = rows.plan_row_attribution(run, target, checkpoints or DEFAULT_CHECKPOINTS, projection_dim, seed,
+                                     methods=methods)
     kept = [s for s in plan.snapshots if s.get("file")]
     if checkpoints is not None and checkpoints > 1 and not kept:
         raise ConfigError(None, "--checkpoints", f"{checkpoints} checkpoints asked, but the train stage of "

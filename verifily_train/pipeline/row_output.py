@@ -17,6 +17,15 @@ from typing import Dict, List, Optional
 from verifily_train.attribution.rows import RESULT_FILE, summarize_by_tag
 from verifily_train.hashing import content_hash
 
+# what a high score means, per method (attribution/rows/plan.py METHODS; docs/attribution.md)
+MEANING = {
+    "tracin": "estimated rise of the target's loss caused by training on the row (negative: it lowered it)",
+    "self_influence": "squared gradient norm over the snapshots: rows the model had to move most for (suspect)",
+    "loss": "the row's own training loss under the final adapter: rows the model could not fit (suspect: "
+            "mislabelled, swapped or off-distribution)",
+    "loss_mean": "the row's training loss averaged over the snapshots (suspect when high)",
+    "label_issue": "1 - cleanlab's label quality: likely mislabelled when high",
+}
 TOP_ROWS = 10  # rows shown per direction in the report, the CLI and the Prefect table
 TEXT_CHARS = 300
 
@@ -52,7 +61,7 @@ def summarize(merged: dict, top: int = TOP_ROWS, bootstrap: int = 1000) -> dict:
     method, methods = merged["default_method"], list(merged["methods"])
     ranked = table.sort_values(f"rank_{method}", kind="stable")
     keys = sorted({k for tags in table["tags"] for k in json.loads(tags or "{}")})
-    return {"default_method": method, "methods": methods, "train_rows": int(len(table)),
+    return {"default_method": method, "methods": methods, "train_rows": int(len(table)), "meaning": MEANING.get(method, ""),
             "orientation": merged["orientation"],
             "most_harmful": [_row(r, method, methods) for _, r in ranked.head(top).iterrows()],
             "most_helpful": [_row(r, method, methods) for _, r in ranked.tail(top).iloc[::-1].iterrows()],
