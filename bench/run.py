@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,attribution,headline,gpu]``: run, print a table, write JSON.
+"""``python -m bench [--quick] [--only throughput,pipeline,eval,cli,limit,aa,attribution,rows,headline,gpu]``: run, print a table, write JSON.
 
 Every suite runs its contenders alternately, ``--reps`` times (training runs each in a fresh process,
 ``bench/isolated.py``), and reports medians and ratios (machines are noisy: the ratios are the result).
@@ -17,7 +17,7 @@ from typing import List
 from bench.common import RESULTS, TrainSettings, machine, markdown_table, quiet_libraries, set_threads, write_result
 from bench.data import REGIMES
 
-SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "attribution", "headline", "gpu")
+SUITES = ("throughput", "pipeline", "eval", "cli", "limit", "aa", "attribution", "rows", "headline", "gpu")
 
 
 def parse(argv=None):
@@ -146,6 +146,14 @@ def main(argv=None) -> int:
         result = run_headline(200 if args.quick else 2000, 1.0)
         write_result("hard_headline", result, out)
         sections.append("### Hard-example headline\n\n" + headline_table(result))
+    if "rows" in only:
+        from bench.row_attribution import main as run_rows, render as rows_table
+
+        # planted-error detection by every row-attribution method; --quick: 1 trial of two experiments
+        name = "rows-quick" if args.quick else "rows"
+        run_rows((["--trials", "1", "--kinds", "cls-0.1,sft-0.1"] if args.quick else []) + ["--out", str(out / f"{name}.json")])
+        record = json.loads((out / f"{name}.json").read_text())
+        sections.append("### Row-level attribution on planted errors\n\n" + rows_table(record["summary"]))
     if "attribution" in only:
         from bench.attribution import main as run_attribution_calibration, render as attribution_table
 

@@ -6,10 +6,13 @@ import json
 from typing import List, Optional
 
 from verifily_train.attribution.options import check_options
+from verifily_train.cli import rows
 from verifily_train.cli.runtime import await_server, in_process_flow_settings, start_quiet_server, use_prefect_server
 
 
 def cmd_attribute(args) -> int:
+    if args.rows:
+        return rows.cmd_attribute_rows(args)
     from verifily_train.artifacts.run import find_run
 
     parent = find_run(args.run)  # a wrong id fails here, before Prefect starts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.cli import rows
 
 EPILOG = "Docs: docs/config.md (train.yaml), docs/run_artifacts.md (Run layout), docs/architecture.md."
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit each ablation run to this training deployment (its work pool spreads them)")
     p.add_argument("--out", default=None, help="output folder (default: <runs>/../attributions/<run>-by-<key>)")
     p.add_argument("--json", action="store_true", help="print attribution.json instead of the table")
+    rows.add_rows_arguments(p)  # --rows: row-level attribution (cli/rows.py)
     p.set_defaults(handler="attribute:cmd_attribute")
 
     p = sub.add_parser("stack", help="a local Prefect stack: server, work pools, deployments, workers",
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("verify", help="re-check every hash and row of a version")
     q.add_argument("ref")
     q.set_defaults(handler="dataset:cmd_dataset_verify")
+    rows.add_derive_parser(dsub)  # dataset derive RUN --drop-top K | --drop-rows FILE
+    dsub.choices["derive"].set_defaults(handler="rows:cmd_dataset_derive")
 
     p = sub.add_parser("models", help="embedded models")
     msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")

@@ -61,6 +61,7 @@ class TrainingSection:
     data_order_seed: int = -1  # -1: the run's seed orders the rows; >= 0 reorders them alone (same init): order-sensitivity checks
     eval_steps: int = 500  # evaluate on val every N steps (when a val split exists)
     save_steps: int = 500  # checkpoint every N steps
+    attribution_snapshots: int = 4  # trainable-weight snapshots (LoRA/head only) kept in the train stage's cache entry, evenly spaced over the run, for `verifily attribute --rows`; 0 = none
     logging_steps: int = 10  # log the loss every N steps; not hashed (cannot change the result)
     report_to: str = "none"  # tracker passed to the HF Trainer: none, tensorboard, mlflow, wandb; not hashed
     retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed

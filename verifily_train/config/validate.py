@@ -117,6 +117,8 @@ def _validate(cfg: TrainConfig, c: _Checker) -> None:
     for key in ("eval_steps", "save_steps", "logging_steps"):
         value = getattr(t, key)
         c.check(f"training.{key}", value >= 1, f"must be >= 1; got {value}")
+    c.check("training.attribution_snapshots", 0 <= t.attribution_snapshots <= 64,
+            f"must be in [0, 64]; got {t.attribution_snapshots}")
     c.one_of("training.report_to", t.report_to, schema.REPORT_TO)
     c.check("training.retries", t.retries >= 0, f"must be >= 0; got {t.retries}")
 

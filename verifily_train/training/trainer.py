@@ -33,6 +33,7 @@ from verifily_train.training.fastpaths import AppliedPaths, FastPaths, apply_to_
 from verifily_train.training.loss import group_cost_for, label_position_loss, length_groups
 from verifily_train.training.outputs import save_trained
 from verifily_train.training.ranks import ddp_backend, in_launched_rank, is_main_rank, local_device_index
+from verifily_train.training.snapshots import snapshot_callbacks
 
 
 def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Optional[float]):
@@ -163,7 +164,8 @@ def training_order(cfg: TrainConfig, train_data: TokenizedSplit, spec: ModelSpec
 
 
 def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, paths: FastPaths,
-                  train_data: TokenizedSplit, val_data: Optional[TokenizedSplit], checkpoints: Path, on_progress):
+                  train_data: TokenizedSplit, val_data: Optional[TokenizedSplit], checkpoints: Path, on_progress,
+                  out_dir: Path, work_dir: Path):
     """The HF Trainer for this run, built from the resolved plan, with the stage's callbacks."""
     seq2seq = spec.kind == KIND_SEQ2SEQ
     sampler, denominator = training_order(cfg, train_data, spec, paths.label_only_head)
@@ -172,6 +174,8 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePla
                           train_dataset=train_data, eval_dataset=val_data, data_collator=make_collator(spec, tok),
                           processing_class=tok)
     trainer.add_callback(MarkCompleteCheckpoints())
+    for callback in snapshot_callbacks(cfg.training.attribution_snapshots, out_dir, work_dir):  # attribute --rows
+        trainer.add_callback(callback)
     if on_progress is not None:
         trainer.add_callback(ReportProgress(on_progress))
     if cfg.runtime.progress:
@@ -230,7 +234,8 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     val_info = tokenized["splits"].get("val")
     val_data = TokenizedSplit(tokenized_dir / val_info["file"], cfg.task) if val_info else None
     checkpoints = work_dir / "checkpoints"
-    trainer = build_trainer(cfg, spec, tok, model, plan, paths, train_data, val_data, checkpoints, on_progress)
+    trainer = build_trainer(cfg, spec, tok, model, plan, paths, train_data, val_data, checkpoints, on_progress,
+                            out_dir, work_dir)
     result, seconds, resume = run_training(trainer, checkpoints, paths)
     adapter_name = "adapter" if cfg.lora.enabled else "model"
     merged_name = "model" if cfg.lora.enabled and not cfg.output.save_adapter_only else None

@@ -1,0 +1,187 @@
+"""The ``attribute`` flow of deployment ``attribute/rows``: which train rows raised the target's loss.
+
+Target gradients, then one gradient pass per shard of the train rows, fanned out as Prefect task runs
+(``concurrency`` at once; on a work pool, the worker running this flow runs them), then the merge: each a
+cached pipeline stage (``pipeline/row_attribution.py``), so a second call is all cache hits. ``verify`` K
+retrains without the top-K rows and without K random rows (the tag-level flow's ablation runs, over
+``seeds``) and tests the difference at the seed level. Output: an immutable attribution folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from verifily_train import attribution
+from verifily_train.attribution.row_verify import ARM, analyze_verification, check_verify, top_row_hashes
+from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.errors import VerifilyError
+from verifily_train.flows.attribute import _budget, ablation_run, check_test_options, derive_control
+from verifily_train.pipeline import row_output
+from verifily_train.pipeline.cache import cache_root, release_held
+from verifily_train.pipeline.row_attribution import (DEFAULT_PROJECTION_DIM, MERGE, SHARD, TARGET, RowContext,
+                                                     plan_rows, shard_count, train_stage_seconds)
+from verifily_train.pipeline.runner import CacheSettings
+from verifily_train.tasks.common import stage_task, value
+
+
+@task(name="derive-without-top-rows", cache_policy=NO_CACHE, persist_result=False)
+def derive_top(parent_cfg, merged: dict, method: str, k: int, target: str) -> dict:
+    """The parent's dataset without its ``k`` most harmful train rows by ``method`` (a store version)."""
+    import pandas as pd
+
+    from verifily_train.attribution.derive_rows import derive_without_rows, rows_digest
+    from verifily_train.dataset.store import load_for_config
+
+    dv = load_for_config(parent_cfg.dataset_version, parent_cfg.data_paths, parent_cfg.task)
+    table = pd.read_parquet(Path(merged["dir"]) / merged["file"])
+    drop = set(top_row_hashes(table, method, k))
+    rule = {"by": "row_attribution", "method": method, "top": k, "target": target, "scores": merged["output_hash"]}
+    return derive_without_rows(dv, drop, rule, f"top-{k}-{method}-{rows_digest(drop)}")
+
+
+def _row_stages(plan, count: int, cache: CacheSettings, concurrency: int) -> dict:
+    """Target gradients, the shards (``concurrency`` task runs at once), the merge; their manifests."""
+    target = value(stage_task(TARGET)(RowContext(plan), cache))
+    done = {"row_target": target}
+    shard_task = stage_task(SHARD)
+    shards: List[Optional[dict]] = [None] * count
+    pending, active = list(range(count)), {}
+    while pending or active:
+        while pending and len(active) < max(1, concurrency):
+            i = pending.pop(0)
+            named = shard_task.with_options(task_run_name=f"row-gradient-shard-{i + 1}-of-{count}")
+            active[named.submit(RowContext(plan, (i, count), done), cache)] = i
+        finished = next(as_completed(list(active)))
+        shards[active.pop(finished)] = value(finished.result())
+    merged = value(stage_task(MERGE)(RowContext(plan, (0, count), dict(done, row_shard=shards)), cache))
+    return {"row_target": target, "row_shard": shards, "row_merge": merged}
+
+
+def _stage_report(done: dict) -> dict:
+    entries = [("row_target", done["row_target"])] + [
+        (f"row_shard[{i}]", m) for i, m in enumerate(done["row_shard"])] + [("row_merge", done["row_merge"])]
+    return {name: {"key": m["key"], "cache_hit": bool(m.get("cache_hit")), "seconds": m.get("seconds")}
+            for name, m in entries}
+
+
+def _verify(cfg, parent: Path, merged: dict, k: int, seeds: int, budget_overrides: List[str],
+            target: str, runs_dir: Path, concurrency: int, deployment, alpha: float, correction: str,
+            bootstrap_samples: int, logger) -> dict:
+    """Retrain full / without top-K / without K random rows at each seed; the seed-level verdict."""
+    from prefect.client.orchestration import get_client
+
+    top = derive_top(cfg, merged, merged["default_method"], k, target)
+    removed = top["removed_rows"]
+    controls = [f.result() for f in [derive_control.submit(cfg, removed, cfg.seed + i) for i in range(seeds)]]
+    api_url = str(get_client().api_url).rstrip("/")
+    config = str(parent / "config.yaml")
+
+    def data(ref: str) -> List[str]:
+        return [f"dataset_version={ref}", "data_paths.train=null", "data_paths.val=null", "data_paths.test=null"]
+
+    control = attribution.control_arm(removed)
+    jobs = []
+    for s in range(seeds):
+        extra = budget_overrides + [f"seed={cfg.seed + s}"]
+        jobs += [(attribution.FULL, s, extra), (ARM, s, extra + data(top["ref"])),
+                 (control, s, extra + data(controls[s]["ref"]))]
+    logger.info(f"--verify {k}: {len(jobs)} retraining runs (full, without the top {removed} rows, without "
+                f"{removed} random rows; x {seeds} seeds), at most {concurrency} at once")
+    arms = {arm: [None] * seeds for arm in (attribution.FULL, ARM, control)}
+    pending, active = list(jobs), {}
+    while pending or active:
+        while pending and len(active) < max(1, concurrency):
+            arm, index, extra = pending.pop(0)
+            future = ablation_run.submit(arm, cfg.seed + index, config, extra, str(runs_dir), api_url, deployment)
+            active[future] = (arm, index)
+        finished = next(as_completed(list(active)))
+        arm, index = active.pop(finished)
+        arms[arm][index] = finished.result()
+    tables = {arm: [attribution.per_example(Path(p), cfg.task) for p in paths] for arm, paths in arms.items()}
+    result = analyze_verification(cfg.task, tables, removed, top["kept_rows"], top["ref"], target, alpha, correction,
+                                  bootstrap_samples)
+    result.update(derived=top, controls=controls, arms={a: [str(p) for p in v] for a, v in arms.items()})
+    return result
+
+
+@flow(name="attribute", log_prints=False, validate_parameters=False)
+def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = None, shards: int = 1,
+                   projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
+                   methods: Optional[List[str]] = None, verify: int = 0,
+                   seeds: int = DEFAULT_SEEDS, budget_steps: Optional[int] = None,
+                   budget_fraction: Optional[float] = None, concurrency: int = 2, out_dir: Optional[str] = None,
+                   deployment: Optional[str] = None, alpha: float = 0.05, correction: str = "holm",
+                   bootstrap_samples: int = 1000) -> dict:
+    """Score every train row of a completed run by its estimated effect on the target's loss; optionally
+    check the top ``verify`` rows by retraining. Returns attribution.json's content with ``path``."""
+    from prefect.artifacts import create_table_artifact
+
+    import yaml
+
+    from verifily_train.artifacts.run import find_run, load_run_json, utc_now
+    from verifily_train.config import load_config
+
+    started = time.perf_counter()
+    logger = get_run_logger()
+    parent = find_run(run).resolve()
+    record = load_run_json(parent)
+    plan = plan_rows(parent, target, checkpoints, projection_dim, seed, methods)
+    count, notes = shard_count(plan, shards)
+    notes = list(plan.notes) + notes
+    budget_overrides, budget = _budget(record, budget_steps, budget_fraction)
+    if verify:
+        check_test_options(seeds, alpha, correction)
+        problem = check_verify(verify, plan.train_rows, seeds)
+        if problem:
+            raise VerifilyError(None, "--verify", problem)
+    configured = (yaml.safe_load((parent / "config.yaml").read_text(encoding="utf-8")) or {}).get("cache") or {}
+    cache = CacheSettings(str(cache_root(configured.get("dir"))))
+    try:
+        done = _row_stages(plan, count, cache, concurrency)
+    finally:
+        release_held()
+    merged = done["row_merge"]
+    rows_seconds = time.perf_counter() - started
+    train_seconds, source = train_stage_seconds(parent, record)
+    settings = {"verify": verify, "seeds": seeds if verify else None, "budget": budget["max_steps"] if verify else None,
+                "alpha": alpha if verify else None, "correction": correction if verify else None}
+    key = row_output.attribution_key(merged["output_hash"], settings)
+    name = row_output.folder_name(parent, plan.target, key)
+    folder = (Path(out_dir) if out_dir else row_output.default_parent(parent) / name).resolve()  # --out: the folder
+    stages = _stage_report(done)
+    found = row_output.existing(folder)
+    if found is not None:
+        if found.get("key") != key:
+            raise VerifilyError(folder, None, "already exists with other content; attribution folders are immutable")
+        logger.info(f"{folder} already holds this attribution: nothing written")
+        return dict(found, path=str(folder), reused=True, stages_now=stages, seconds_now=round(rows_seconds, 3))
+    result = dict(row_output.summarize(merged, bootstrap=bootstrap_samples), kind="rows", key=key,
+                  parent_run=str(parent), parent_dataset=record["job"]["dataset_version"].get("ref"),
+                  target=plan.target, target_split=plan.target_split,
+                  target_rows=done["row_target"].get("target_rows"), checkpoints=len(plan.snapshots),
+                  snapshot_steps=[s["step"] for s in plan.snapshots], projection_dim=plan.projection_dim,
+                  seed=plan.seed, shards=count, notes=notes, stages=stages, created_at=utc_now(),
+                  method_note="default method: " + merged["default_method"] + " (attribution/rows/plan.py "
+                              "DEFAULT_METHOD; docs/attribution.md says how it was chosen)",
+                  cost={"seconds": round(rows_seconds, 3), "train_stage_seconds": train_seconds,
+                        "train_stage_source": source,
+                        "ratio": round(rows_seconds / train_seconds, 3) if train_seconds else None,
+                        "cache_hits": sum(1 for s in stages.values() if s["cache_hit"]), "stages": len(stages)})
+    if verify:
+        cfg = load_config(str(parent / "config.yaml"))
+        runs_dir = folder.parent / f"{folder.name}-verify-runs"
+        result["verify"] = dict(_verify(cfg, parent, merged, verify, seeds, budget_overrides, plan.target,
+                                        runs_dir, concurrency, deployment, alpha, correction, bootstrap_samples,
+                                        logger), budget=budget)
+        logger.info(result["verify"]["summary"])
+    row_output.publish(folder, merged, result)
+    create_table_artifact(row_output.table_artifact_rows(result), key="row-attribution",
+                          description=f"Row attribution of {parent.name} on the {plan.target} loss "
+                                      f"({merged['default_method']}; higher = more harmful)")
+    return dict(result, path=str(folder))

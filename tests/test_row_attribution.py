@@ -1,0 +1,229 @@
+"""Row-level attribution (``verifily_train.attribution.rows``): exact gradient scores, seeded projection,
+sharding, cache-key inputs, and the train stage's snapshots. Tiny fixture models, a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from verifily_train.attribution import rows
+from verifily_train.errors import ConfigError, RunError
+
+
+def _train(tmp: Path, models: dict, kind: str, lora: dict | None = None, **training) -> tuple:
+    from verifily_train.fixtures.data import write_splits
+    from verifily_train.fixtures.runs import train_run
+
+    task = "classification" if kind == "bert" else "sft"
+    splits = write_splits(tmp / "data", task, {"train": 12, "val": 4, "test": 4}, seed=3)
+    cfg = {"task": task, "base_model": str(models[kind]), "data_paths": {k: str(v) for k, v in splits.items()},
+           "training": {"num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+                        "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, **training},
+           "eval": {"bootstrap_samples": 0, "hard_examples": 2, "metrics": ["loss"] if task == "sft" else None},
+           "lora": lora or {}, "runtime": {"progress": False}}
+    (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
+    return train_run(tmp / "train.yaml", tmp / "cache", tmp / "runs"), tmp / "cache"
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    """One trained Run per model kind (classification on BERT, SFT on Llama and T5), built once."""
+    out = {}
+    for kind in ("bert", "llama", "t5"):
+        out[kind] = _train(tmp_path_factory.mktemp(f"rows-{kind}"), models, kind)
+    return out
+
+
+def _attribute(plan, out: Path, shards: int = 1) -> pd.DataFrame:
+    merged = rows.attribute_rows(plan, out, shards)
+    return pd.read_parquet(Path(merged["dir"]) / merged["file"])
+
+
+def _direct_scores(plan) -> tuple:
+    """TracIn and self-influence by plain autograd, one row at a time (no batching, hooks or projection)."""
+    import torch
+
+    from verifily_train.attribution.rows.gradients import summed_gradient
+    from verifily_train.attribution.rows.runtime import (SplitRows, apply_snapshot, load_scoring_model, row_losses,
+                                                         supervised_tokens)
+
+    scoring = load_scoring_model(plan)
+    train = SplitRows(Path(plan.tokenized_dir), "train", plan.task, scoring)
+    test = SplitRows(Path(plan.tokenized_dir), plan.target_split, plan.task, scoring)
+    normalizer = float(np.mean(supervised_tokens(train, scoring.kind)))
+    tracin, self_influence = np.zeros(len(train)), np.zeros(len(train))
+    for snapshot in plan.snapshots:
+        apply_snapshot(scoring, snapshot)
+        target = torch.zeros(sum(p.numel() for p in scoring.params), dtype=torch.float64)
+        for i in range(len(test)):
+            loss_sum, count, _ = row_losses(scoring, test.collate([test.data[i]]))
+            target += summed_gradient(scoring, (loss_sum / count).sum()).double() / len(test)
+        for j in range(len(train)):
+            loss_sum, _, _ = row_losses(scoring, train.collate([train.data[j]]))
+            g = summed_gradient(scoring, loss_sum.sum() / normalizer).double()
+            tracin[j] -= snapshot["weight"] * float(g @ target)
+            self_influence[j] += snapshot["weight"] * float(g @ g)
+    return tracin, self_influence
+
+
+@pytest.mark.parametrize("kind,checkpoints", [("bert", 2), ("llama", 1), ("t5", 1)])
+def test_gradient_scores_equal_a_direct_per_row_computation(runs, kind, checkpoints, tmp_path):
+    run, cache = runs[kind]
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=checkpoints)
+    table = _attribute(plan, tmp_path)
+    tracin, self_influence = _direct_scores(plan)
+    assert np.abs(tracin).max() > 0
+    np.testing.assert_allclose(table["score_tracin"], tracin, rtol=1e-4, atol=1e-6 * np.abs(tracin).max())
+    np.testing.assert_allclose(table["score_self_influence"], self_influence, rtol=1e-4)
+
+
+def test_qlora_gradient_scores_equal_a_direct_computation(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from verifily_train.fixtures.models import build_model
+
+    # hidden 64: the smallest fixture where 4-bit layers train on this CPU (tests/test_qlora.py)
+    models = {"llama": build_model("llama", tmp_path / "llama64", hidden=64)}
+    run, cache = _train(tmp_path / "run", models, "llama", lora={"quantization": "4bit",
+                                                                 "bnb_4bit_compute_dtype": "float32"})
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=1)
+    table = _attribute(plan, tmp_path / "out")
+    tracin, _ = _direct_scores(plan)
+    np.testing.assert_allclose(table["score_tracin"], tracin, rtol=1e-4, atol=1e-6 * np.abs(tracin).max())
+
+
+def test_looped_gradients_equal_batched_hooks(runs):
+    from verifily_train.attribution.rows.gradients import PerRowGradients
+    from verifily_train.attribution.rows.runtime import SplitRows, load_scoring_model
+
+    run, cache = runs["llama"]
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=1)
+    scoring = load_scoring_model(plan)
+    train = SplitRows(Path(plan.tokenized_dir), "train", plan.task, scoring)
+    _, batch = next(train.batches(range(len(train)), size=6))
+    hooks = PerRowGradients(scoring)
+    assert hooks.uses_hooks
+    fast = hooks(batch, 3.0)
+    hooks.uses_hooks = False
+    slow = hooks(batch, 3.0)
+    np.testing.assert_allclose(fast[0].numpy(), slow[0].numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fast[1].numpy(), slow[1].numpy(), rtol=1e-5)
+
+
+def test_projection_is_seeded_and_keeps_the_ranking(runs, tmp_path):
+    run, cache = runs["bert"]
+    scores = {}
+    for name, seed, dim in (("a", 0, 256), ("again", 0, 256), ("other", 1, 256), ("exact", 0, 0)):
+        plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=dim, seed=seed, checkpoints=1)
+        scores[name] = _attribute(plan, tmp_path / name)["score_tracin"].to_numpy()
+    assert np.array_equal(scores["a"], scores["again"])
+    assert not np.allclose(scores["a"], scores["other"])
+    # a 256-dimensional projection of a few thousand LoRA + head weights keeps the scores' order
+    assert np.corrcoef(scores["a"], scores["exact"])[0, 1] > 0.9
+
+
+def test_sharded_scores_equal_unsharded(runs, tmp_path):
+    run, cache = runs["llama"]
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=128, checkpoints=2)
+    whole, sharded = _attribute(plan, tmp_path / "one", 1), _attribute(plan, tmp_path / "three", 3)
+    for column in ("score_tracin", "score_self_influence", "score_loss", "score_loss_mean"):
+        assert np.array_equal(sharded[column].to_numpy(), whole[column].to_numpy()), column
+    assert list(sharded["example_id"]) == list(whole["example_id"])
+    assert sorted(whole["rank_tracin"]) == list(range(1, len(whole) + 1))
+
+
+def test_key_inputs_follow_content_not_paths(runs, tmp_path):
+    run, cache = runs["bert"]
+    plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2)
+    moved_run, moved_cache = tmp_path / "elsewhere" / run.name, tmp_path / "cache-copy"
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copytree(run, moved_run)
+    shutil.copytree(cache, moved_cache)
+    moved = rows.plan_row_attribution(moved_run, cache_root=moved_cache, checkpoints=2)
+    assert moved.run_path != plan.run_path and rows.key_inputs(moved) == rows.key_inputs(plan)
+    assert rows.key_inputs(rows.plan_row_attribution(run, cache_root=cache, checkpoints=2, seed=1)) != rows.key_inputs(plan)
+    assert rows.key_inputs(rows.plan_row_attribution(run, cache_root=cache, checkpoints=2, target="val")) != rows.key_inputs(plan)
+    assert rows.key_inputs(rows.plan_row_attribution(run, cache_root=cache, checkpoints=2, projection_dim=64)) != rows.key_inputs(plan)
+    snapshot = Path(moved.snapshots[-1]["file"])
+    snapshot.chmod(0o644)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(snapshot))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1.0
+    save_file(tensors, str(snapshot))
+    assert rows.key_inputs(rows.plan_row_attribution(moved_run, cache_root=moved_cache, checkpoints=2)) != rows.key_inputs(plan)
+
+
+def test_train_stage_keeps_snapshots_in_its_cache_entry_not_in_the_run(runs):
+    run, cache = runs["bert"]
+    record = json.loads((run / "run.json").read_text())
+    entry = cache / "train" / record["stages"]["train"]["key"] / "attribution_snapshots"
+    index = json.loads((entry / "index.json").read_text())["snapshots"]
+    assert [s["step"] for s in index] == [2, 3, 5, 6]  # 6 steps, 4 snapshots evenly spaced, the last the final step
+    assert sum(s["interval_steps"] for s in index) == 6 and all(s["weight"] > 0 for s in index)
+    assert not any(p.name == "attribution_snapshots" for p in run.rglob("*"))
+    plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2)
+    # two of four kept: each covers the steps (and summed learning rates) of those dropped before it
+    assert [s["step"] for s in plan.snapshots] == [3, 6]
+    assert sum(s["weight"] for s in plan.snapshots) == pytest.approx(sum(s["weight"] for s in index))
+
+
+def test_without_snapshots_the_final_adapter_is_used_with_a_note(runs, tmp_path):
+    run, cache = runs["bert"]
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("attribution_snapshots"))
+    plan = rows.plan_row_attribution(run, cache_root=copy)
+    assert len(plan.snapshots) == 1 and plan.snapshots[0]["file"] == "" and "final adapter alone" in plan.notes[0]
+    table = _attribute(plan, tmp_path / "out")
+    assert table["score_tracin"].abs().max() > 0 and "score_label_issue" in table
+
+
+def test_user_errors_name_the_option(runs, tmp_path):
+    run, cache = runs["llama"]
+    with pytest.raises(ConfigError, match="--target"):
+        rows.plan_row_attribution(run, cache_root=cache, target="slice:source=nobody")
+    with pytest.raises(ConfigError, match="--target"):
+        rows.plan_row_attribution(run, cache_root=cache, target="train")
+    with pytest.raises(ConfigError, match="label_issue"):
+        rows.plan_row_attribution(run, cache_root=cache, methods=["label_issue"])
+    with pytest.raises(RunError, match="verifily train"):
+        rows.plan_row_attribution(run, cache_root=tmp_path / "empty-cache")
+
+
+def test_slice_target_and_tag_summary(runs, tmp_path):
+    run, cache = runs["llama"]
+    plan = rows.plan_row_attribution(run, cache_root=cache, target="slice:source=human", projection_dim=64,
+                                     checkpoints=1)
+    table = _attribute(plan, tmp_path)
+    summary = rows.summarize_by_tag(table, "tracin", "source", bootstrap=200)
+    assert sum(s["rows"] for s in summary) == len(table)
+    for entry in summary:
+        assert entry["sum"] == pytest.approx(entry["mean"] * entry["rows"])
+        if "mean_ci95" in entry:
+            assert entry["mean_ci95"][0] <= entry["mean"] <= entry["mean_ci95"][1]
+
+
+def test_loss_only_scores_skip_the_gradients_and_match(runs, tmp_path):
+    run, cache = runs["bert"]
+    every = _attribute(rows.plan_row_attribution(run, cache_root=cache, projection_dim=32, checkpoints=2), tmp_path / "all")
+    plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2, methods=["loss", "label_issue"])
+    target = rows.target_gradients(plan, tmp_path / "target")
+    assert target["parameters"] == 0  # no model was loaded for a target nobody reads
+    only = _attribute(plan, tmp_path / "only")
+    assert "score_tracin" not in only
+    np.testing.assert_allclose(only["score_loss"], every["score_loss"], rtol=1e-5)
+    np.testing.assert_allclose(only["score_label_issue"], every["score_label_issue"], rtol=1e-5)
+
+
+def test_snapshot_steps_are_evenly_spaced_and_end_at_the_last_step():
+    from verifily_train.training.snapshots import snapshot_steps
+
+    assert snapshot_steps(100, 4) == [25, 50, 75, 100]
+    assert snapshot_steps(3, 8) == [1, 2, 3]
+    assert snapshot_steps(10, 0) == []

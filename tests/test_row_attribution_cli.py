@@ -1,0 +1,206 @@
+"""`verifily attribute RUN --rows` and `verifily dataset derive` end to end on tiny runs, through the CLI:
+the parquet and the report section, a second call all cache hits, sharded = unsharded, derived versions
+without exactly the flagged rows, user errors in one line; --verify's verdict on synthetic seeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import assert_user_error, cli_env, run_cli
+
+TRAINING = {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+            "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, "logging_steps": 5}
+
+
+def _train_in_process(folder: Path, task: str, model: Path, sizes: dict) -> Path:
+    """A real Run from the pipeline runner without Prefect (the CLI calls below are what is tested)."""
+    from verifily_train.config import load_config
+    from verifily_train.fixtures.data import write_splits
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
+    from verifily_train.pipeline.runner import CacheSettings, compute_stage, run_pipeline
+
+    splits = write_splits(folder / "data", task, sizes, seed=4)
+    (folder / "train.yaml").write_text(yaml.safe_dump({
+        "task": task, "base_model": str(model), "data_paths": {k: str(v) for k, v in splits.items()},
+        "training": TRAINING, "eval": {"bootstrap_samples": 0, "hard_examples": 2},
+        "cache": {"dir": str(folder / "cache")}, "output": {"dir": str(folder / "runs")}}))
+    cfg = load_config(str(folder / "train.yaml"))
+    cache = CacheSettings.for_config(cfg)
+    fp = fingerprint_stage(cfg, Path(cache.root))
+    summary = run_pipeline(cfg, fp, folder / "runs", cache, lambda stage, ctx: compute_stage(stage, ctx, cache))
+    return Path(summary["path"])
+
+
+@pytest.fixture(scope="module")
+def cls_run(models, tmp_path_factory):
+    return _train_in_process(tmp_path_factory.mktemp("rows-cls"), "classification", models["bert"],
+                             {"train": 40, "val": 8, "test": 16})
+
+
+@pytest.fixture(scope="module")
+def sft_run(models, tmp_path_factory):
+    return _train_in_process(tmp_path_factory.mktemp("rows-sft"), "sft", models["llama"],
+                             {"train": 24, "val": 6, "test": 12})
+
+
+@pytest.fixture
+def cli(prefect_api, monkeypatch, capsys):
+    """``verifily ARGS`` in this process (the flow reports to the session's Prefect server); exit code and output."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from verifily_train.cli.main import main
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return call
+
+
+def _json(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_run, cli, verifily_home):
+    args = ["attribute", str(cls_run), "--rows", "--projection-dim", "64", "--json"]
+    first = _json(cli(*args))
+    folder = Path(first["path"])
+    table = pd.read_parquet(folder / "row_attribution.parquet")
+    method = first["default_method"]
+    assert len(table) == first["train_rows"] == 40 and method == "loss" and "could not fit" in first["meaning"]
+    for column in ("example_id", "split", "file", "line", "tags", "score_tracin", "rank_tracin", "score_loss",
+                   "rank_label_issue"):
+        assert column in table.columns, column
+    assert sorted(table[f"rank_{method}"]) == list(range(1, 41)) and set(table["file"]) == {"train.jsonl"}
+    assert first["most_harmful"][0]["rank"] == 1 and first["most_helpful"][0]["rank"] == 40
+    assert {v["value"] for v in first["by_tag"]["source"]} == {"human", "synthetic", "ai_contaminated"}
+    assert sum(v["sum"] for v in first["by_tag"]["source"]) == pytest.approx(table[f"score_{method}"].sum())
+    assert all(len(v["mean_ci95"]) == 2 for v in first["by_tag"]["source"] if v["rows"] > 1)
+    assert not any(s["cache_hit"] for s in first["stages"].values()) and first["checkpoints"] == 4
+    assert first["cost"]["ratio"] == pytest.approx(first["cost"]["seconds"] / first["cost"]["train_stage_seconds"],
+                                                   rel=1e-2)
+    html = (folder / "report.html").read_text()
+    assert "id='row-attribution'" in html and "Most harmful rows" in html and first["most_harmful"][0]["text"] in html
+    # immutable: checksummed, read-only, its integrity root in the ledger as a Run's is
+    from verifily_train.artifacts.run import verify_run
+
+    assert not (folder / "attribution.json").stat().st_mode & 0o222 and verify_run(folder) == 3
+
+    again = cli(*args[:-1])  # the table printer this time
+    assert again.returncode == 0, again.stderr
+    assert "stages: 3 of 3 cache hits" in again.stdout and "most harmful rows" in again.stdout
+    assert "x the run's own train stage" in again.stdout and "by source" in again.stdout
+
+    sharded = _json(cli(*args, "--shards", "2"))
+    assert [k for k in sharded["stages_now"] if k.startswith("row_shard")] == ["row_shard[0]", "row_shard[1]"]
+    assert sharded["stages_now"]["row_target"]["cache_hit"]  # the target is shared: only the shards re-ran
+    # the scores are bitwise those of one pass, so the merged table and the folder are the same
+    assert sharded["path"] == first["path"] and sharded["reused"]
+
+    derived = cli("dataset", "derive", str(cls_run), "--drop-top", "5")
+    assert derived.returncode == 0, derived.stderr
+    ref = derived.stdout.split()[1]
+    from verifily_train.dataset.store import resolve
+
+    child = resolve(ref)
+    manifest = json.loads(Path(child.manifest_path).read_text())
+    top5 = set(table.sort_values(f"rank_{method}")["row_hash"].head(5))
+    rule = manifest["derived_from"]["rule"]["drop_train_rows"]
+    assert set(rule["row_hashes"]) == top5 and rule["method"] == method and rule["top"] == 5
+    from verifily_train.model.tokenize import row_hash
+
+    kept = [row_hash(json.loads(line)) for f in child.split_files("train")
+            for line in Path(f.abs_path).read_text().splitlines() if line.strip()]
+    assert len(kept) == 35 and not top5 & set(kept) and set(kept) | top5 == set(table["row_hash"])
+    assert cli("dataset", "derive", str(cls_run), "--drop-top", "5").stdout.split()[1] == ref  # reused
+
+
+def test_rows_user_errors_are_one_line_and_write_nothing(cls_run, cli, tmp_path):
+    out = tmp_path / "attr"
+    # the first through a real subprocess, as a user sees it
+    assert_user_error(run_cli("attribute", str(cls_run), "--rows", "--target", "train", "--out", str(out),
+                              cwd=tmp_path, env=cli_env()), "--target", "test, val or slice")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--target", "slice:source=martian", "--out", str(out)),
+                      "--target", "source=martian")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--shards", "0"), "--shards")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--methods", "loss,vibes"), "--methods", "vibes")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "40", "--seeds", "2"), "--verify", "40")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "3", "--seeds", "1"), "--verify", "--seeds")
+    assert_user_error(cli("dataset", "derive", str(cls_run), "--drop-top", "3", "--attribution", str(tmp_path)),
+                      "--attribution")
+    (tmp_path / "rows.txt").write_text("train:1\nnot-a-row\n")
+    assert_user_error(cli("dataset", "derive", str(cls_run), "--drop-rows", str(tmp_path / "rows.txt")),
+                      "rows.txt:2", "not-a-row")
+    assert not out.exists()
+
+
+def test_rows_without_snapshots_refuses_more_checkpoints(models, tmp_path, cli):
+    run = _train_in_process(tmp_path, "classification", models["bert"], {"train": 16, "test": 8})
+    record = json.loads((run / "run.json").read_text())
+    snapshots = tmp_path / "cache" / "train" / record["stages"]["train"]["key"] / "attribution_snapshots"
+    from verifily_train.fsio import make_writable
+
+    make_writable(snapshots.parent)
+    import shutil
+
+    shutil.rmtree(snapshots)  # as if pruned (or trained with training.attribution_snapshots: 0)
+    assert_user_error(cli("attribute", str(run), "--rows", "--checkpoints", "3"), "--checkpoints", "no adapter snapshots")
+
+
+def test_rows_on_sft_targets_a_slice_and_derives_named_rows(sft_run, cli):
+    result = _json(cli("attribute", str(sft_run), "--rows", "--target", "slice:source=human", "--projection-dim", "32",
+                       "--json"))
+    folder = Path(result["path"])
+    table = pd.read_parquet(folder / "row_attribution.parquet")
+    assert len(table) == 24 and result["target"] == "slice:source=human" and "label_issue" not in result["methods"]
+    assert 0 < result["target_rows"] < 12 and "slice-source=human" in folder.name
+    assert np.isfinite(table["score_tracin"]).all() and "Most helpful rows" in (folder / "report.html").read_text()
+    chosen = [table["example_id"][0], table["row_hash"][3]]
+    rows_file = folder.parent / "drop.txt"
+    rows_file.write_text("# two rows\n" + "\n".join(chosen) + "\n")
+    derived = cli("dataset", "derive", str(sft_run), "--drop-rows", str(rows_file))
+    assert derived.returncode == 0, derived.stderr
+    assert "22 train rows kept, 2 removed" in derived.stdout
+
+
+def test_verify_verdict_from_seed_level_test_on_synthetic_seeds():
+    """Removing the flagged rows lowers the loss at every seed -> confirmed; no difference -> not shown."""
+    from verifily_train.attribution import FULL, control_arm
+    from verifily_train.attribution.row_verify import ARM, analyze_verification, target_frame
+
+    rng = np.random.default_rng(0)
+    n_rows, seeds = 30, 4
+    hashes = [f"h{i}" for i in range(n_rows)]
+    tags = ["human" if i % 2 else "scraped" for i in range(n_rows)]
+
+    def frame(loss):
+        return pd.DataFrame({"loss": loss, "accuracy": (loss < 1).astype(float), "tag.source": tags},
+                            index=pd.Index(hashes, name="row_hash"))
+
+    def tables(shift):
+        base = [rng.normal(1.0, 0.2, n_rows) + rng.normal(0, 0.02) for _ in range(seeds)]
+        return {FULL: [frame(b) for b in base],
+                ARM: [frame(b - shift + rng.normal(0, 0.01, n_rows)) for b in base],
+                control_arm(5): [frame(b + rng.normal(0, 0.01, n_rows)) for b in base]}
+
+    confirmed = analyze_verification("sft", tables(0.1), 5, 25, "ds@v1-without-top", bootstrap_samples=0)
+    assert confirmed["verdict"] == "hurts" and confirmed["confirmed"] and confirmed["effect"] < -0.05
+    assert len(confirmed["per_seed"]) == seeds and confirmed["p_adjusted"] <= 0.05
+    assert confirmed["summary"].startswith("confirmed") and "top 5 rows removed" in confirmed["method"]
+    null = analyze_verification("sft", tables(0.0), 5, 25, "ds@v1-without-top", bootstrap_samples=0)
+    assert not null["confirmed"] and null["summary"].startswith("not shown") and null["mde"] > 0
+    sliced = analyze_verification("sft", tables(0.1), 5, 25, "x", target="slice:source=human", bootstrap_samples=0)
+    assert sliced["test_rows"] == 15 and len(target_frame(frame(np.ones(n_rows)), "slice:source=human")) == 15

@@ -1,0 +1,116 @@
+"""Merge the shards into ``row_attribution.parquet``: every train row with each method's score and rank."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from verifily_train.attribution.rows.plan import DEFAULT_METHOD, RowAttributionPlan
+
+RESULT_FILE = "row_attribution.parquet"
+
+
+def merge_shards(plan: RowAttributionPlan, shard_manifests: List[dict], out_dir: Path,
+                 shard_dirs: Optional[List[Path]] = None) -> dict:
+    """Write ``out_dir/row_attribution.parquet`` (example_id, split, file, line, row_hash, tags, text, and per
+    method ``score_<m>``, ``rank_<m>``; rank 1 = most harmful); returns a manifest naming the default method.
+
+    ``shard_dirs``: where each shard's file is (default: each manifest's ``dir``).
+    """
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dirs = shard_dirs if shard_dirs is not None else [m["dir"] for m in shard_manifests]
+    shards = pd.concat([pd.read_parquet(Path(d) / m["file"]) for m, d in zip(shard_manifests, dirs)],
+                       ignore_index=True).sort_values("index", kind="stable").reset_index(drop=True)
+    if list(shards["index"]) != list(range(plan.train_rows)):
+        raise ValueError(f"the shards cover {len(shards)} rows, not the {plan.train_rows} train rows, once each")
+    columns = ["example_id", "split", "line", "row_hash", "tags", "text", "reference", "label"]
+    rows = pq.read_table(Path(plan.tokenized_dir) / "train.parquet", columns=columns).to_pandas()
+    frame = rows[["example_id", "split"]].copy()
+    frame["file"] = _files(Path(plan.run_path), rows)
+    for name in ("line", "row_hash", "tags", "text", "reference"):
+        frame[name] = rows[name]
+    losses = np.stack(shards["losses"].to_numpy())
+    scores = {"tracin": shards["tracin"].to_numpy(), "self_influence": shards["self_influence"].to_numpy(),
+              "loss": losses[:, -1], "loss_mean": losses.mean(axis=1)}
+    if "label_issue" in plan.methods:
+        scores["label_issue"] = label_issue_scores(rows["label"].to_numpy(), np.stack(shards["probs"].to_numpy()))
+    for method in plan.methods:
+        frame[f"score_{method}"] = scores[method]
+        # rank 1 = the most harmful; ties by file order, so ranks are a permutation
+        frame[f"rank_{method}"] = pd.Series(-scores[method]).rank(method="first").astype(int).to_numpy()
+    for k, snapshot in enumerate(plan.snapshots):
+        frame[f"loss_step_{snapshot['step']}"] = losses[:, k]  # the loss dynamics over the snapshots
+    frame.to_parquet(out_dir / RESULT_FILE, index=False)
+    default = DEFAULT_METHOD if DEFAULT_METHOD in plan.methods else plan.methods[0]
+    return {"step": "merge", "file": RESULT_FILE, "rows": len(frame), "methods": list(plan.methods),
+            "default_method": default, "target": plan.target, "checkpoints": len(plan.snapshots),
+            "projection_dim": plan.projection_dim, "seed": plan.seed, "notes": list(plan.notes),
+            "orientation": "higher score = more harmful; rank 1 = the most harmful row",
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def label_issue_scores(labels, pred_probs):
+    """1 - cleanlab's self-confidence label quality of each row (higher = more likely mislabelled)."""
+    import numpy as np
+    from cleanlab.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(np.asarray(labels, dtype=int), np.asarray(pred_probs, dtype=float),
+                                       method="self_confidence")
+    return 1.0 - quality
+
+
+def _files(run: Path, rows) -> List[Optional[str]]:
+    """Each train row's source file (relative to its dataset version), from run.json's dataset record."""
+    try:
+        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        files = [f for f in record["job"]["dataset_version"].get("files", []) if f.get("split") == "train"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        files = []
+    if not files:
+        return [None] * len(rows)
+    out, current, seen, last_line = [], 0, 0, 0
+    for line in rows["line"]:
+        # lines restart in each file: a line number that does not grow, or a file's rows used up, starts the next
+        if seen and (line <= last_line or seen >= files[current].get("num_rows", seen + 1)) and current + 1 < len(files):
+            current, seen = current + 1, 0
+        out.append(files[current]["path"])
+        seen, last_line = seen + 1, line
+    return out
+
+
+def summarize_by_tag(table, method: str, tag: str, bootstrap: int = 1000, seed: int = 0) -> List[dict]:
+    """Per value of tag ``tag``: rows, sum and mean of ``score_<method>`` with percentile-bootstrap 95% intervals."""
+    import numpy as np
+
+    values = [json.loads(t).get(tag) for t in table["tags"]]
+    scores = table[f"score_{method}"].to_numpy(dtype=float)
+    rng = np.random.default_rng(seed)
+    out = []
+    for value in sorted({v for v in values if v is not None}):
+        mine = scores[[v == value for v in values]]
+        entry = {"value": value, "rows": int(len(mine)), "sum": float(mine.sum()), "mean": float(mine.mean())}
+        if bootstrap and len(mine) > 1:
+            means = mine[rng.integers(0, len(mine), size=(bootstrap, len(mine)))].mean(axis=1)
+            low, high = np.percentile(means, [2.5, 97.5])
+            entry.update(mean_ci95=[float(low), float(high)], sum_ci95=[float(low * len(mine)), float(high * len(mine))])
+        out.append(entry)
+    return out
+
+
+def attribute_rows(plan: RowAttributionPlan, out_dir: Path, shard_count: int = 1) -> dict:
+    """Every step in this process, into ``out_dir/{target,shard-<i>,merged}``; returns the merge manifest."""
+    from verifily_train.attribution.rows.scores import score_shard, target_gradients
+
+    out_dir = Path(out_dir)
+    target = target_gradients(plan, out_dir / "target")
+    shard_dirs = [out_dir / f"shard-{i}" for i in range(shard_count)]
+    shards = [score_shard(plan, target, i, shard_count, d, target_dir=out_dir / "target") for i, d in enumerate(shard_dirs)]
+    return dict(merge_shards(plan, shards, out_dir / "merged", shard_dirs=shard_dirs), dir=str(out_dir / "merged"))

@@ -1,0 +1,243 @@
+"""``verifily attribute RUN --rows`` and ``verifily dataset derive RUN --drop-top K | --drop-rows FILE``.
+
+Argument checks that need no model come first; the plan (which reads the Run and its cached rows) is made
+before Prefect starts, so a bad target, an unknown slice or a run without snapshots is one line, exit 2,
+with nothing written. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from verifily_train.errors import VerifilyError
+
+
+def add_rows_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--rows`` options of ``verifily attribute`` (``--seeds``, ``--alpha``, ``--correction``, ``--budget-*``,
+    ``--concurrency``, ``--deployment``, ``--out`` and ``--json`` are shared with the tag-level attribution)."""
+    g = p.add_argument_group("row-level attribution (--rows)", "which train rows raised the target's loss, from "
+                             "gradients at the train stage's adapter snapshots (docs/attribution.md)")
+    g.add_argument("--rows", action="store_true", help="score every train row instead of retraining per tag value")
+    g.add_argument("--target", default="test",
+                   help="whose loss: test, val or slice:<tag>=<value> (test rows of that value) (default: test)")
+    g.add_argument("--checkpoints", type=int, default=None,
+                   help="adapter snapshots to sum over (default: 4, or the final adapter alone with a note when "
+                        "the train stage kept none)")
+    g.add_argument("--shards", type=int, default=1, help="gradient passes over the train rows as task runs (default: 1)")
+    g.add_argument("--projection-dim", type=int, default=None,
+                   help="seeded random projection of each gradient (default: 1024; 0 = exact)")
+    g.add_argument("--methods", default=None,
+                   help="comma-separated scores to compute: tracin, self_influence, loss, loss_mean, label_issue "
+                        "(default: all; --methods loss runs forwards of the final snapshot only)")
+    g.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="retrain without the top-K rows and without K random rows over --seeds, and test the difference")
+    g.add_argument("--top", type=int, default=10, help="rows printed per direction (default: 10)")
+
+
+def add_derive_parser(dsub) -> None:
+    """``verifily dataset derive``."""
+    q = dsub.add_parser("derive", help="store a version of a run's dataset without chosen train rows",
+                        description="Stores a derived DatasetVersion of RUN's dataset without its K most harmful "
+                                    "train rows by a row attribution's default score (--drop-top K; run `verifily "
+                                    "attribute RUN --rows` first), or without the rows a file names (--drop-rows "
+                                    "FILE: one row hash or example id per line). Val and test are unchanged; the "
+                                    "manifest records derived_from (parent, content hash, rule, row hashes).")
+    q.add_argument("run", help="run id or path")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("--drop-top", type=int, metavar="K", help="drop the K rows ranked most harmful")
+    which.add_argument("--drop-rows", metavar="FILE", help="drop the rows named in FILE (row hashes or example ids)")
+    q.add_argument("--attribution", metavar="DIR",
+                   help="the row attribution folder to rank by (default: the newest of RUN's)")
+    q.add_argument("--method", default=None, help="rank by this method's score (default: the attribution's default)")
+    q.add_argument("--runs-dir", default=None, help="where run ids are looked up")
+    q.set_defaults(func=cmd_dataset_derive)
+
+
+def _check_numbers(args) -> None:
+    for name in ("checkpoints", "projection_dim"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "checkpoints" else 0):
+            flag = "--" + name.replace("_", "-")
+            raise VerifilyError(None, flag, f"must be >= {1 if name == 'checkpoints' else 0}; got {value}")
+    if args.shards < 1:
+        raise VerifilyError(None, "--shards", f"must be >= 1; got {args.shards}")
+    if args.verify < 0:
+        raise VerifilyError(None, "--verify", f"must be >= 1 rows; got {args.verify}")
+    if args.top < 1:
+        raise VerifilyError(None, "--top", f"must be >= 1; got {args.top}")
+    if args.concurrency < 1:
+        raise VerifilyError(None, "--concurrency", f"must be >= 1; got {args.concurrency}")
+
+
+def cmd_attribute_rows(args) -> int:
+    """``verifily attribute RUN --rows``: run the flow in this process and print the top rows and tag sums."""
+    started = time.perf_counter()
+    from verifily_train.artifacts.run import find_run
+    from verifily_train.attribution.row_verify import check_verify
+    from verifily_train.cli.train import _quiet_libraries
+    from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_rows, shard_count
+
+    _check_numbers(args)
+    run = find_run(args.run).resolve()
+    projection = DEFAULT_PROJECTION_DIM if args.projection_dim is None else args.projection_dim
+    _quiet_libraries()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    plan = plan_rows(run, args.target, args.checkpoints, projection, methods=methods)  # user errors before Prefect
+    shard_count(plan, args.shards)
+    if args.verify:
+        if not 0 < args.alpha < 1:
+            raise VerifilyError(None, "--alpha", f"must be in (0, 1); got {args.alpha}")
+        problem = check_verify(args.verify, plan.train_rows, args.seeds)
+        if problem:
+            raise VerifilyError(None, "--verify", problem)
+    return _run_flow(args, run, projection, methods, started)
+
+
+def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], started: float) -> int:
+    from verifily_train.cli.main import _use_prefect_server
+    from verifily_train.cli.train import in_process_flow_settings, start_temporary_server
+
+    _use_prefect_server()
+    server = start_temporary_server()
+    from verifily_train.flows.attribute_rows import attribute_rows
+
+    if server is not None:
+        server.wait()
+    with in_process_flow_settings():
+        result = attribute_rows(run=str(run), target=args.target, checkpoints=args.checkpoints, shards=args.shards,
+                                projection_dim=projection, methods=methods, verify=args.verify, seeds=args.seeds,
+                                budget_steps=args.budget_steps, budget_fraction=args.budget_fraction,
+                                concurrency=args.concurrency, out_dir=args.out, deployment=args.deployment,
+                                alpha=args.alpha, correction=args.correction)
+    whole = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(dict(result, command_seconds=round(whole, 3)), indent=2))
+    else:
+        print_rows_result(result, whole, args.top)
+    return 0
+
+
+def _tags(tags: dict) -> str:
+    return ",".join(f"{k}:{v}" for k, v in sorted(tags.items()))
+
+
+def _table(rows: List[List[str]], header: List[str], out) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header] + rows:
+        out.write("    " + "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() + "\n")
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
+
+
+def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=None) -> None:
+    """The top rows each way, the per-tag-value sums, the cost ratio and the verification verdict."""
+    out = out or sys.stdout
+    w = out.write
+    method = result["default_method"]
+    w(f"\nRow attribution of {Path(result['parent_run']).name} on the {result['target']} loss "
+      f"({result['target_rows']} {result['target_split']} rows): {result['train_rows']} train rows scored by {method}"
+      f" over {result['checkpoints']} checkpoint(s), {result['shards']} shard(s)\n")
+    for note in result.get("notes", []):
+        w(f"  note: {note}\n")
+    w(f"  score_{method}: {result.get('meaning', '')}\n")
+    for title, key in (("most harmful rows (highest score)", "most_harmful"),
+                       ("most helpful rows (lowest score)", "most_helpful")):
+        w(f"\n  {title}:\n")
+        _table([[r["rank"], f"{r['score']:+.4g}", r["example_id"], f"{r['file']}:{r['line']}", _tags(r["tags"]),
+                 r["text"][:60].replace("\n", " ")] for r in result[key][:top]],
+               ["rank", f"score_{method}", "row", "where", "tags", "text"], out)
+    for tag, values in result["by_tag"].items():
+        w(f"\n  by {tag}: sum and mean of score_{method} (95% bootstrap intervals):\n")
+        _table([[v["value"], v["rows"], f"{v['sum']:+.4g}{_ci(v.get('sum_ci95'))}",
+                 f"{v['mean']:+.4g}{_ci(v.get('mean_ci95'))}"] for v in values], ["value", "rows", "sum", "mean"], out)
+    cost = result["cost"]
+    now = result.get("stages_now") or result["stages"]
+    hits = sum(1 for s in now.values() if s["cache_hit"])
+    w(f"\n  stages: {hits} of {len(now)} cache hits\n")
+    if cost.get("train_stage_seconds"):
+        w(f"  cost: this call {command_seconds:.1f} s = {command_seconds / cost['train_stage_seconds']:.2f} x the "
+          f"run's own train stage ({cost['train_stage_seconds']:.1f} s, {cost['train_stage_source']}); the scoring "
+          f"flow when it ran: {cost['seconds']:.1f} s = {cost['ratio']:.2f} x\n")
+    verification = result.get("verify")
+    if verification:
+        w(f"\n  verify --verify {verification['k']} over {verification['seeds']} seeds: {verification['summary']}\n"
+          f"    per seed (top-K removed minus random removed, {verification['metric']}): "
+          + ", ".join(f"{d:+.4f}" for d in verification["per_seed"]) + "\n")
+    if result.get("reused"):
+        w("  unchanged: this attribution folder already held these results; nothing was written\n")
+    w(f"\n  attribution: {result['path']}  (row_attribution.parquet, attribution.json, report.html)\n")
+
+
+def find_attribution(run: Path, given: Optional[str]) -> Path:
+    """The row attribution folder to rank by: ``given``, else the newest ``--rows`` folder of ``run``."""
+    from verifily_train.pipeline.row_output import default_parent, existing
+
+    if given:
+        folder = Path(given)
+        if existing(folder) is None or existing(folder).get("kind") != "rows":
+            raise VerifilyError(folder, "--attribution", "is not a row attribution folder (attribute RUN --rows)")
+        return folder
+    parent = default_parent(run)
+    candidates = []
+    for folder in sorted(parent.glob(f"{run.name}-rows-*")) if parent.is_dir() else []:
+        record = existing(folder)
+        if record is not None and record.get("kind") == "rows":
+            candidates.append((record.get("created_at", ""), folder))
+    if not candidates:
+        raise VerifilyError(None, "--drop-top", f"no row attribution of {run.name} in {parent}: run `verifily "
+                                                f"attribute {run.name} --rows` first, or give --attribution DIR")
+    return max(candidates)[1]
+
+
+def cmd_dataset_derive(args) -> int:
+    """``verifily dataset derive RUN --drop-top K | --drop-rows FILE``."""
+    from verifily_train.artifacts.run import find_run, load_run_json
+    from verifily_train.attribution.derive_rows import derive_without_rows, read_row_list, resolve_rows, rows_digest
+    from verifily_train.config import load_config
+    from verifily_train.dataset.store import load_for_config
+
+    run = find_run(args.run, args.runs_dir).resolve()
+    if load_run_json(run).get("status") != "completed":
+        raise VerifilyError(run, None, "only a completed run's dataset can be derived from")
+    cfg = load_config(str(run / "config.yaml"))
+    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+    if args.drop_rows:
+        drop = resolve_rows(dv, read_row_list(Path(args.drop_rows)), args.drop_rows)
+        rule = {"by": "file", "file": Path(args.drop_rows).name, "run": run.name}
+        label = f"rows-{rows_digest(drop)}"
+        source = args.drop_rows
+    else:
+        import pandas as pd
+
+        from verifily_train.attribution.row_verify import top_row_hashes
+        from verifily_train.attribution.rows import RESULT_FILE
+
+        folder = find_attribution(run, args.attribution)
+        record = json.loads((folder / "attribution.json").read_text(encoding="utf-8"))
+        method = args.method or record["default_method"]
+        if method not in record["methods"]:
+            raise VerifilyError(None, "--method", f"{method!r} is not in {folder.name} (methods: "
+                                                  f"{', '.join(record['methods'])})")
+        if not 1 <= args.drop_top < record["train_rows"]:
+            raise VerifilyError(None, "--drop-top", f"must be in [1, {record['train_rows'] - 1}] (the run has "
+                                                    f"{record['train_rows']} train rows); got {args.drop_top}")
+        table = pd.read_parquet(folder / RESULT_FILE)
+        drop = set(top_row_hashes(table, method, args.drop_top))
+        rule = {"by": "row_attribution", "method": method, "top": args.drop_top, "target": record["target"],
+                "attribution": folder.name, "attribution_key": record["key"]}
+        label = f"top-{args.drop_top}-{method}-{rows_digest(drop)}"
+        source = f"{folder} ({method})"
+    child = derive_without_rows(dv, drop, rule, label)
+    print(f"derived {child['ref']}  {child['kept_rows']} train rows kept, {child['removed_rows']} removed "
+          f"({len(drop)} row hash(es) from {source})  {child['content_hash']}")
+    print(f"  derived_from: {child['parent']} (rule drop_train_rows: {rule['by']})")
+    nulls = "" if not cfg.data_paths.train else " data_paths.train=null data_paths.val=null data_paths.test=null"
+    print(f"  train on it: verifily train -c {run / 'config.yaml'} --dataset {child['ref']}{nulls}")
+    return 0

@@ -1,0 +1,104 @@
+"""The attribution folder of ``attribute --rows``: summary (top rows, per-tag sums), attribution.json, report.html.
+
+Written like a Run (``artifacts/run.py``): assembled in ``.staging-<name>``, checksummed, recorded in the
+ledger, made read-only and renamed into place, so a reader sees all of it or none. Its name carries a key
+of its content (the merged scores and the verification settings): the same call again finds it and
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from verifily_train.attribution.rows import RESULT_FILE, summarize_by_tag
+from verifily_train.hashing import content_hash
+
+# what a high score means, per method (attribution/rows/plan.py METHODS; docs/attribution.md)
+MEANING = {
+    "tracin": "estimated rise of the target's loss caused by training on the row (negative: it lowered it)",
+    "self_influence": "squared gradient norm over the snapshots: rows the model had to move most for (suspect)",
+    "loss": "the row's own training loss under the final adapter: rows the model could not fit (suspect: "
+            "mislabelled, swapped or off-distribution)",
+    "loss_mean": "the row's training loss averaged over the snapshots (suspect when high)",
+    "label_issue": "1 - cleanlab's label quality: likely mislabelled when high",
+}
+TOP_ROWS = 10  # rows shown per direction in the report, the CLI and the Prefect table
+TEXT_CHARS = 300
+
+
+def attribution_key(merge_output_hash: str, settings: dict) -> str:
+    """The folder's content key: the merged scores and whatever else decides its content (verification)."""
+    return content_hash("rows-attribution/1", merge_output_hash, settings)
+
+
+def folder_name(run: Path, target: str, key: str) -> str:
+    return f"{run.name}-rows-{re.sub(r'[^A-Za-z0-9._=-]+', '-', target).strip('-')}-{key[:10]}"
+
+
+def default_parent(run: Path) -> Path:
+    """``<project>/attributions`` beside the tag-level attributions (the run's runs folder's parent)."""
+    return run.parent.parent / "attributions"
+
+
+def _row(entry, method: str, methods: List[str]) -> dict:
+    return {"rank": int(entry[f"rank_{method}"]), "score": float(entry[f"score_{method}"]),
+            "example_id": str(entry["example_id"]), "file": entry["file"], "line": int(entry["line"]),
+            "row_hash": str(entry["row_hash"]), "tags": json.loads(entry["tags"] or "{}"),
+            "text": str(entry["text"] or "")[:TEXT_CHARS], "reference": str(entry["reference"] or "")[:TEXT_CHARS],
+            "ranks": {m: int(entry[f"rank_{m}"]) for m in methods if m != method},
+            "scores": {m: float(entry[f"score_{m}"]) for m in methods if m != method}}
+
+
+def summarize(merged: dict, top: int = TOP_ROWS, bootstrap: int = 1000) -> dict:
+    """The most harmful and most helpful rows by the default method, and per tag key the per-value sums."""
+    import pandas as pd
+
+    table = pd.read_parquet(Path(merged["dir"]) / merged["file"])
+    method, methods = merged["default_method"], list(merged["methods"])
+    ranked = table.sort_values(f"rank_{method}", kind="stable")
+    keys = sorted({k for tags in table["tags"] for k in json.loads(tags or "{}")})
+    return {"default_method": method, "methods": methods, "train_rows": int(len(table)), "meaning": MEANING.get(method, ""),
+            "orientation": merged["orientation"],
+            "most_harmful": [_row(r, method, methods) for _, r in ranked.head(top).iterrows()],
+            "most_helpful": [_row(r, method, methods) for _, r in ranked.tail(top).iloc[::-1].iterrows()],
+            "by_tag": {k: summarize_by_tag(table, method, k, bootstrap) for k in keys}}
+
+
+def existing(folder: Path) -> Optional[dict]:
+    """The attribution.json of a complete folder (checksums written last), else None."""
+    if (folder / "checksums.sha256").is_file() and (folder / "attribution.json").is_file():
+        return json.loads((folder / "attribution.json").read_text(encoding="utf-8"))
+    return None
+
+
+def publish(folder: Path, merged: dict, result: dict) -> Path:
+    """Stage, checksum, ledger, read-only, rename: the immutable attribution folder."""
+    from verifily_train.artifacts.row_report import render_rows_report
+    from verifily_train.artifacts.run import discard, publish_run, staging_dir
+    from verifily_train.fsio import atomic_write_json, atomic_write_text
+
+    staging = staging_dir(folder.parent, folder.name)
+    try:
+        shutil.copyfile(Path(merged["dir"]) / merged["file"], staging / RESULT_FILE)
+        atomic_write_json(staging / "attribution.json", result)
+        atomic_write_text(staging / "report.html", render_rows_report(result))
+        return publish_run(staging, folder)
+    except BaseException:
+        discard(staging)
+        raise
+
+
+def table_artifact_rows(result: dict) -> List[Dict[str, object]]:
+    """The Prefect table: the most harmful rows, then the most helpful, with their score and text."""
+    out = []
+    for direction, rows in (("harmful", result["most_harmful"]), ("helpful", result["most_helpful"])):
+        for r in rows:
+            out.append({"direction": direction, "rank": r["rank"], f"score_{result['default_method']}": round(r["score"], 6),
+                        "row": r["example_id"], "where": f"{r['file']}:{r['line']}",
+                        "tags": ", ".join(f"{k}:{v}" for k, v in sorted(r["tags"].items())),
+                        "text": r["text"][:120]})
+    return out

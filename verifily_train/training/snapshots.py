@@ -1,0 +1,109 @@
+"""Snapshots of the trainable weights during training, kept for TracIn-style row attribution (``attribute --rows``).
+
+Only the parameters that train (LoRA matrices, a classification head; every weight in a full fine-tune)
+are saved, as safetensors, at ``count`` evenly spaced optimizer steps, each with the learning rate summed
+over the steps since the previous snapshot (TracIn's weight for that checkpoint). They are written to the
+stage's work folder while training (a resumed run keeps the ones saved before the kill) and moved into the
+stage's output folder, its cache entry, when training ends: never into the Run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import List
+
+SNAPSHOT_DIR = "attribution_snapshots"
+INDEX = "index.json"
+
+
+def snapshot_steps(max_steps: int, count: int) -> List[int]:
+    """The optimizer steps at which snapshots are taken: ``count`` evenly spaced, the last one the final step."""
+    if count <= 0 or max_steps <= 0:
+        return []
+    return sorted({max(1, (2 * k * max_steps + count) // (2 * count)) for k in range(1, count + 1)})  # halves round up
+
+
+def trainable_state(model) -> dict:
+    """Name -> detached CPU copy of every parameter that requires grad (the names the scoring model reloads)."""
+    inner = getattr(model, "module", model)  # a DDP wrapper's names carry "module."
+    # torch.compile'd blocks (training.compile) name their weights through "_orig_mod.": save the model's own names
+    return {name.replace("_orig_mod.", ""): p.detach().to("cpu").float().contiguous().clone()
+            for name, p in inner.named_parameters() if p.requires_grad}
+
+
+def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path) -> list:
+    """The TrainerCallback saving ``count`` trainable-weight snapshots, in a list (empty when ``count`` is 0)."""
+    if count <= 0:
+        return []
+    from transformers import TrainerCallback
+
+    from verifily_train.training.distributed import is_main_rank
+
+    class SaveAttributionSnapshots(TrainerCallback):
+        """Save the trainable weights at evenly spaced steps; move them into the stage output at the end."""
+
+        def __init__(self):
+            self.work = Path(work_dir) / SNAPSHOT_DIR
+            self.steps: List[int] = []
+            self.lr_sum = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.steps = snapshot_steps(int(state.max_steps), count)
+            index = _read_index(self.work)
+            # resumed: the learning rates of the steps since the last kept snapshot are lost; count them at
+            # the resumed step's rate (the scheduler is deterministic, so this is close, not exact)
+            self.lr_sum, self.lr = 0.0, float(args.learning_rate)
+            self.resumed_from = int(state.global_step)
+            self.last_saved = max((e["step"] for e in index), default=0)
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            # the rate this step uses: after the step the scheduler already holds the next one's
+            self.lr = float(lr_scheduler.get_last_lr()[0]) if lr_scheduler is not None else float(args.learning_rate)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            lr = self.lr
+            if self.resumed_from and state.global_step == self.resumed_from + 1:
+                self.lr_sum += lr * (self.resumed_from - self.last_saved)
+            self.lr_sum += lr
+            if state.global_step in self.steps and is_main_rank() and model is not None:
+                _save(self.work, trainable_state(model), int(state.global_step), self.lr_sum,
+                      int(state.global_step) - self.last_saved)
+                self.last_saved, self.lr_sum = int(state.global_step), 0.0
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if is_main_rank() and self.work.is_dir():
+                target = Path(out_dir) / SNAPSHOT_DIR
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(self.work, target)
+
+    return [SaveAttributionSnapshots()]
+
+
+def _read_index(folder: Path) -> list:
+    path = folder / INDEX
+    return json.loads(path.read_text(encoding="utf-8"))["snapshots"] if path.is_file() else []
+
+
+def _save(folder: Path, tensors: dict, step: int, lr_sum: float, interval: int) -> None:
+    """One snapshot file, then the index naming it (written atomically: a kill leaves the old index)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}.safetensors"
+    # no safetensors metadata: its header map is written in hash order, so identical runs would differ in bytes
+    save_file(tensors, str(folder / name))
+    index = [e for e in _read_index(folder) if e["step"] != step] + [
+        {"file": name, "step": step, "lr": lr_sum / max(interval, 1), "weight": lr_sum, "interval_steps": interval}]
+    tmp = folder / (INDEX + ".tmp")
+    tmp.write_text(json.dumps({"snapshots": sorted(index, key=lambda e: e["step"])}, indent=1), encoding="utf-8")
+    os.replace(tmp, folder / INDEX)
+
+
+def read_snapshots(train_dir: Path) -> list:
+    """The snapshots a train stage entry holds, oldest first (empty when it kept none)."""
+    folder = Path(train_dir) / SNAPSHOT_DIR
+    return [dict(e, file=str(folder / e["file"])) for e in _read_index(folder) if (folder / e["file"]).is_file()]
