@@ -1,10 +1,26 @@
 """Causal attribution by retraining: remove a tag value's train rows (and as many random rows), retrain
-over seeds, and test whether that value's rows are worse or better than average rows (docs/attribution.md)."""
+over seeds, and test whether that value's rows are worse or better than average rows (docs/attribution.md).
 
-from verifily_train.attribution.analysis import FULL, VERDICTS, analyze, control_arm, per_example, per_example_frame
-from verifily_train.attribution.derive import (derive_random, derive_without, derived_version_name,
-                                               train_tag_counts)
-from verifily_train.attribution.render import render, render_html
+The names below are re-exported lazily (PEP 562): ``verifily --help`` reads ``attribution.stats.DEFAULT_SEEDS``
+without loading the dataset store and the analysis.
+"""
 
-__all__ = ["FULL", "VERDICTS", "analyze", "control_arm", "derive_random", "derive_without", "derived_version_name",
-           "per_example", "per_example_frame", "render", "render_html", "train_tag_counts"]
+import importlib
+
+_EXPORTS = {
+    "FULL": "analysis", "VERDICTS": "analysis", "analyze": "analysis", "control_arm": "analysis",
+    "per_example": "analysis", "per_example_frame": "analysis",
+    "derive_random": "derive", "derive_without": "derive", "derived_version_name": "derive",
+    "train_tag_counts": "derive", "render": "render", "render_html": "render",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    for export, where in _EXPORTS.items():  # bound once: a submodule's import binds its own name over ours
+        if where == _EXPORTS[name]:
+            globals()[export] = getattr(module, export)
+    return globals()[name]
