@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import List
 
+from verifily_train.training.ranks import is_main_rank
+
 SNAPSHOT_DIR = "attribution_snapshots"
 INDEX = "index.json"
 
@@ -40,7 +42,6 @@ def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path) -> list:
         return []
     from transformers import TrainerCallback
 
-    from verifily_train.training.distributed import is_main_rank
 
     class SaveAttributionSnapshots(TrainerCallback):
         """Save the trainable weights at evenly spaced steps; move them into the stage output at the end."""
