@@ -79,13 +79,13 @@ def cmd_attribute_rows(args) -> int:
     started = time.perf_counter()
     from verifily_train.artifacts.run import find_run
     from verifily_train.attribution.row_verify import check_verify
-    from verifily_train.cli.train import _quiet_libraries
+    from verifily_train.quiet import quiet_libraries
     from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_rows, shard_count
 
     _check_numbers(args)
     run = find_run(args.run).resolve()
     projection = DEFAULT_PROJECTION_DIM if args.projection_dim is None else args.projection_dim
-    _quiet_libraries()
+    quiet_libraries()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     plan = plan_rows(run, args.target, args.checkpoints, projection, methods=methods)  # user errors before Prefect
     shard_count(plan, args.shards)
@@ -99,15 +99,14 @@ def cmd_attribute_rows(args) -> int:
 
 
 def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], started: float) -> int:
-    from verifily_train.cli.main import _use_prefect_server
-    from verifily_train.cli.train import in_process_flow_settings, start_temporary_server
+    from verifily_train.cli.runtime import (await_server, in_process_flow_settings, start_quiet_server,
+                                            use_prefect_server)
 
-    _use_prefect_server()
-    server = start_temporary_server()
+    use_prefect_server()
+    server = start_quiet_server()
     from verifily_train.flows.attribute_rows import attribute_rows
 
-    if server is not None:
-        server.wait()
+    await_server(server)
     with in_process_flow_settings():
         result = attribute_rows(run=str(run), target=args.target, checkpoints=args.checkpoints, shards=args.shards,
                                 projection_dim=projection, methods=methods, verify=args.verify, seeds=args.seeds,
