@@ -114,7 +114,7 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     chosen, notes = _values(record, by, values, attribution.train_tag_counts(dv, by))
     for note in notes:
         logger.warning(note)
-    overrides, budget = _budget(record, budget_steps, budget_fraction)
+    overrides, budget = retrain_budget(record, budget_steps, budget_fraction)
     out = Path(out_dir) if out_dir else parent.parent.parent / "attributions" / f"{parent.name}-by-{by}"
     runs_dir = str((out / "runs").resolve())
     derived = {v: f.result() for v, f in zip(chosen, [derive.submit(cfg, by, v) for v in chosen])}
@@ -198,7 +198,7 @@ def _values(record: dict, by: str, values: Optional[List[str]], counts: dict):
     return sorted(counts), notes
 
 
-def _budget(record: dict, steps: Optional[int], fraction: Optional[float]):
+def retrain_budget(record: dict, steps: Optional[int], fraction: Optional[float]):
     """The overrides and description of the retraining budget (settings checked by ``check_options``)."""
     parent_steps = int(record.get("metrics", {}).get("train_steps") or 0)
     if fraction is not None:

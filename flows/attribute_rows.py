@@ -21,7 +21,8 @@ from verifily_train import attribution
 from verifily_train.attribution.row_verify import ARM, analyze_verification, check_verify, top_row_hashes
 from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.errors import VerifilyError
-from verifily_train.flows.attribute import _budget, ablation_run, check_test_options, derive_control
+from verifily_train.attribution.options import check_options
+from verifily_train.flows.attribute import ablation_run, derive_control, retrain_budget
 from verifily_train.pipeline import row_output
 from verifily_train.pipeline.cache import cache_root, release_held
 from verifily_train.pipeline.row_attribution import (DEFAULT_PROJECTION_DIM, MERGE, SHARD, TARGET, RowContext,
@@ -134,9 +135,9 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     plan = plan_rows(parent, target, checkpoints, projection_dim, seed, methods)
     count, notes = shard_count(plan, shards)
     notes = list(plan.notes) + notes
-    budget_overrides, budget = _budget(record, budget_steps, budget_fraction)
+    budget_overrides, budget = retrain_budget(record, budget_steps, budget_fraction)
     if verify:
-        check_test_options(seeds, alpha, correction)
+        check_options(seeds, alpha, correction)
         problem = check_verify(verify, plan.train_rows, seeds)
         if problem:
             raise VerifilyError(None, "--verify", problem)
