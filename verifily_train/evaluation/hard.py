@@ -6,7 +6,6 @@ import json
 from typing import Dict, List, Optional
 
 import numpy as np
-from scipy import stats
 
 FDR_Q = 0.10  # Benjamini–Hochberg level over every value of every key tested (conventions: q = 0.10)
 MIN_HARD_SUPPORT = 5  # hard rows a value needs before it can headline: a one-row value is never a finding
@@ -51,6 +50,8 @@ def _value_counts(column) -> Dict[object, int]:
 def tag_lift(frame, hard, tag_keys: List[str], q: float = FDR_Q) -> Dict[str, list]:
     """Per tag key and value: hard and test counts and shares (over all rows), lift, and a one-sided
     hypergeometric p with its Benjamini–Hochberg q-value over all values of all keys."""
+    from scipy import stats  # scipy.stats takes a second to import: only when the test runs (replay never does)
+
     out: Dict[str, list] = {}
     n_test, n_hard = len(frame), len(hard)
     if n_hard == 0:

@@ -8,7 +8,6 @@ from verifily_train.config.loader import hashed_section
 from verifily_train.model.loading import load_tokenizer
 from verifily_train.pipeline.manifests import device_plan, model_spec
 from verifily_train.pipeline.stage import Stage, StageContext
-from verifily_train.training.trainer import train_adapter
 
 
 def key_inputs(ctx: StageContext) -> tuple:
@@ -21,6 +20,10 @@ def key_inputs(ctx: StageContext) -> tuple:
 
 
 def run(ctx: StageContext, out_dir: Path, work_dir: Path) -> dict:
+    # here, not at the top: the trainer imports torch and transformers, and replay and the CLI read this
+    # stage's declaration (its key) without them
+    from verifily_train.training.trainer import train_adapter
+
     cfg, tokenized = ctx.cfg, ctx["tokenize"]
     spec = model_spec(ctx.fp)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
