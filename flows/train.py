@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from verifily_train.config import load_config
-from verifily_train.config.loader import config_hash
+from verifily_train.config.hashing import config_hash
 from verifily_train.config.schema import MANAGED_MESSAGE, OutputSection
 from verifily_train.dataset.store import resolve_manifest_path
 from verifily_train.flows.report import PrefectPublisher

@@ -81,7 +81,7 @@ def test_a_claim_left_by_a_killed_process_is_taken_over(tmp_path):
     import sys
 
     key = retrain.claim_key("sha256:data", "cfg")
-    code = ("import sys, time; from pathlib import Path; from verifily_train import retrain; "
+    code = ("import sys, time; from pathlib import Path; from verifily_train.pipeline import claims as retrain; "
             f"retrain.claim({key!r}, {{'owner': 'doomed'}}, Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

@@ -16,13 +16,13 @@ import socket
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.config.loader import hashed_view
+from verifily_train.config.hashing import hashed_view
 from verifily_train.config.schema import TrainConfig
 from verifily_train.fsio import atomic_write_json, verifily_home
 from verifily_train.hashing import canonical_json
 from verifily_train.procs import start_time
 from verifily_train.artifacts.run import utc_now
-from verifily_train.config.loader import load_config
+from verifily_train.config.load import load_config
 from verifily_train.dataset.store import list_versions
 
 CLAIMED, COMPLETED = "claimed", "completed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from verifily_train.config.loader import hashed_section
+from verifily_train.config.hashing import hashed_section
 from verifily_train.evaluation.baseline import baseline_key_parts, baseline_load_plan, write_untrained_adapter
 from verifily_train.evaluation.predict import predict_split
 from verifily_train.fsio import atomic_write_json

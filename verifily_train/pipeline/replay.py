@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from verifily_train.artifacts.env import numeric_env
-from verifily_train.config.loader import config_hash, config_to_dict
+from verifily_train.config.hashing import config_hash, config_to_dict
 from verifily_train.config.schema import TrainConfig
 from verifily_train.dataset.store import dataset_fingerprint
 from verifily_train.fsio import atomic_write_json

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from verifily_train.config.loader import hashed_section
+from verifily_train.config.hashing import hashed_section
 from verifily_train.model.loading import load_tokenizer
 from verifily_train.pipeline.manifests import device_plan, model_spec
 from verifily_train.pipeline.stage import Stage, StageContext
