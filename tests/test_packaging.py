@@ -20,6 +20,10 @@ def test_wheel_maps_flows_and_tasks_under_the_verifily_namespace(tmp_path):
     assert "verifily_train/flows/train.py" in names
     assert "verifily_train/tasks/common.py" in names
     assert "verifily_train/cli/main.py" in names
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "verifily_train").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    missing = sorted(s for s in sources if s not in names)
+    assert not missing, f"modules the wheel leaves out (pyproject's packages list): {missing[:5]}"
 
 
 def test_installed_flows_resolve_to_the_repository_folders():
