@@ -224,3 +224,17 @@ def test_verify_verdict_from_seed_level_test_on_synthetic_seeds():
     assert not null["confirmed"] and null["summary"].startswith("not shown") and null["mde"] > 0
     sliced = analyze_verification("sft", tables(0.1), 5, 25, "x", target="slice:source=human", bootstrap_samples=0)
     assert sliced["test_rows"] == 15 and len(target_frame(frame(np.ones(n_rows)), "slice:source=human")) == 15
+
+
+def test_random_control_of_a_data_paths_run_is_a_store_version(cls_run):
+    """--verify's size-matched control (derive_random) on a run trained from data_paths, whose "version" is
+    its content hash: the derived name starts with "v", not with "sha256:" (which no version name may)."""
+    from verifily_train.attribution import derive_random
+    from verifily_train.config import load_config
+    from verifily_train.dataset.store import load_for_config
+
+    cfg = load_config(str(cls_run / "config.yaml"))
+    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+    control = derive_random(dv, 3, 7)
+    assert control["ref"].split("@")[1] == "v-without-random-3-seed7" and control["removed_rows"] == 3
+    assert derive_random(dv, 3, 7)["content_hash"] == control["content_hash"]  # the same draw, reused
