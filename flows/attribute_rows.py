@@ -161,6 +161,7 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
         if found.get("key") != key:
             raise VerifilyError(folder, None, "already exists with other content; attribution folders are immutable")
         logger.info(f"{folder} already holds this attribution: nothing written")
+        _table_artifact(found, parent, create_table_artifact)
         return dict(found, path=str(folder), reused=True, stages_now=stages, seconds_now=round(rows_seconds, 3))
     result = dict(row_output.summarize(merged, bootstrap=bootstrap_samples), kind="rows", key=key,
                   parent_run=str(parent), parent_dataset=record["job"]["dataset_version"].get("ref"),
@@ -182,7 +183,12 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
                                         logger), budget=budget)
         logger.info(result["verify"]["summary"])
     row_output.publish(folder, merged, result)
-    create_table_artifact(row_output.table_artifact_rows(result), key="row-attribution",
-                          description=f"Row attribution of {parent.name} on the {plan.target} loss "
-                                      f"({merged['default_method']}; higher = more harmful)")
+    _table_artifact(result, parent, create_table_artifact)
     return dict(result, path=str(folder))
+
+
+def _table_artifact(result: dict, parent: Path, create_table_artifact) -> None:
+    create_table_artifact(row_output.table_artifact_rows(result), key="row-attribution",
+                          description=f"Row attribution of {parent.name} for the {result['target']} loss: the most "
+                                      f"harmful and most helpful rows by {result['default_method']} "
+                                      f"(higher = more harmful)")

@@ -74,7 +74,20 @@ def _json(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout)
 
 
-def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_run, cli, verifily_home):
+def _prefect_records(api_url: str):
+    """Names of the flow runs' task runs, and the rows of every ``row-attribution`` table artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            names = {r.name for r in client.read_task_runs()}
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["row-attribution"])))
+    return names, [json.loads(a.data) if isinstance(a.data, str) else a.data for a in artifacts]
+
+
+def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_run, cli, prefect_api):
     args = ["attribute", str(cls_run), "--rows", "--projection-dim", "64", "--json"]
     first = _json(cli(*args))
     folder = Path(first["path"])
@@ -109,6 +122,10 @@ def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_r
     assert sharded["stages_now"]["row_target"]["cache_hit"]  # the target is shared: only the shards re-ran
     # the scores are bitwise those of one pass, so the merged table and the folder are the same
     assert sharded["path"] == first["path"] and sharded["reused"]
+    shard_runs, tables = _prefect_records(prefect_api)
+    assert {"row-gradient-shard-1-of-2", "row-gradient-shard-2-of-2"} <= shard_runs
+    assert any(row["row"] == first["most_harmful"][0]["example_id"] and row["direction"] == "harmful"
+               for table_rows in tables for row in table_rows)
 
     derived = cli("dataset", "derive", str(cls_run), "--drop-top", "5")
     assert derived.returncode == 0, derived.stderr
@@ -147,17 +164,20 @@ def test_rows_user_errors_are_one_line_and_write_nothing(cls_run, cli, tmp_path)
     assert not out.exists()
 
 
-def test_rows_without_snapshots_refuses_more_checkpoints(models, tmp_path, cli):
-    run = _train_in_process(tmp_path, "classification", models["bert"], {"train": 16, "test": 8})
-    record = json.loads((run / "run.json").read_text())
-    snapshots = tmp_path / "cache" / "train" / record["stages"]["train"]["key"] / "attribution_snapshots"
-    from verifily_train.fsio import make_writable
-
-    make_writable(snapshots.parent)
+def test_rows_without_snapshots_refuses_more_checkpoints(cls_run, tmp_path, cli):
     import shutil
 
-    shutil.rmtree(snapshots)  # as if pruned (or trained with training.attribution_snapshots: 0)
+    # a copy of the Run whose cache lost the train entry's snapshots (pruned, or attribution_snapshots: 0)
+    run, cache = tmp_path / "runs" / cls_run.name, tmp_path / "cache"
+    shutil.copytree(cls_run, run)
+    shutil.copytree(cls_run.parent.parent / "cache", cache, ignore=shutil.ignore_patterns("attribution_snapshots"))
+    from verifily_train.fsio import make_writable
+
+    make_writable(run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(cfg, cache={**cfg["cache"], "dir": str(cache)})))
     assert_user_error(cli("attribute", str(run), "--rows", "--checkpoints", "3"), "--checkpoints", "no adapter snapshots")
+    assert not (tmp_path / "attributions").exists()
 
 
 def test_rows_on_sft_targets_a_slice_and_derives_named_rows(sft_run, cli):
@@ -204,3 +224,17 @@ def test_verify_verdict_from_seed_level_test_on_synthetic_seeds():
     assert not null["confirmed"] and null["summary"].startswith("not shown") and null["mde"] > 0
     sliced = analyze_verification("sft", tables(0.1), 5, 25, "x", target="slice:source=human", bootstrap_samples=0)
     assert sliced["test_rows"] == 15 and len(target_frame(frame(np.ones(n_rows)), "slice:source=human")) == 15
+
+
+def test_random_control_of_a_data_paths_run_is_a_store_version(cls_run):
+    """--verify's size-matched control (derive_random) on a run trained from data_paths, whose "version" is
+    its content hash: the derived name starts with "v", not with "sha256:" (which no version name may)."""
+    from verifily_train.attribution import derive_random
+    from verifily_train.config import load_config
+    from verifily_train.dataset.store import load_for_config
+
+    cfg = load_config(str(cls_run / "config.yaml"))
+    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+    control = derive_random(dv, 3, 7)
+    assert control["ref"].split("@")[1] == "v-without-random-3-seed7" and control["removed_rows"] == 3
+    assert derive_random(dv, 3, 7)["content_hash"] == control["content_hash"]  # the same draw, reused

@@ -27,6 +27,13 @@ def derived_version_name(parent_version: str, key: str, value: str) -> str:
     return f"{parent_version}-without-{_safe(key)}-{_safe(value)}"[:128]
 
 
+def version_stem(dv) -> str:
+    """The parent's version name that derived names start with (``v`` for a ``data_paths`` dataset, whose
+    "version" is its content hash, which a version name may not start with)."""
+    version = str(dv.version or "v")
+    return "v" if version.startswith("sha256:") else version
+
+
 def _train_lines(dv) -> List[str]:
     if not dv.split_files("train"):
         raise DataError(dv.manifest_path or dv.data_path, "files", "has no train split to remove rows from")
@@ -58,7 +65,7 @@ def derive_without(dv, key: str, value: str, home: Optional[Path] = None) -> dic
     removed = keep.count(False)
     if removed == 0:
         raise VerifilyError(None, "--values", f"no train rows of {dv.ref} have {key}={value}")
-    return _store(dv, derived_version_name(str(dv.version or "v"), key, value),
+    return _store(dv, derived_version_name(version_stem(dv), key, value),
                   {"drop_train_rows_where_tag": {key: value}}, lines, keep, home, {"value": value})
 
 
@@ -71,7 +78,7 @@ def derive_random(dv, rows: int, seed: int, home: Optional[Path] = None) -> dict
         raise VerifilyError(None, "--values", f"cannot remove {rows} of the {len(lines)} train rows of {dv.ref}")
     drawn = set(random.Random(f"{dv.content_hash}/{rows}/{seed}").sample(range(len(lines)), rows))
     keep = [i not in drawn for i in range(len(lines))]
-    name = f"{str(dv.version or 'v')}-without-random-{rows}-seed{seed}"[:128]
+    name = f"{version_stem(dv)}-without-random-{rows}-seed{seed}"[:128]
     return _store(dv, name, {"drop_random_train_rows": {"count": rows, "seed": seed}}, lines, keep, home,
                   {"random_rows": rows, "seed": seed})
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
-from verifily_train.attribution.derive import _safe, _store, _train_lines
+from verifily_train.attribution.derive import _safe, _store, _train_lines, version_stem
 from verifily_train.errors import DataError, VerifilyError
 
 HASH = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -91,7 +91,5 @@ def derive_without_rows(dv, drop: Set[str], rule: dict, label: str, home: Option
     if keep.count(False) == 0:
         raise VerifilyError(None, "--drop-rows", f"none of the rows is a train row of {dv.ref}")
     rule = dict(rule, row_hashes=sorted(drop))
-    parent = str(dv.version or "v")
-    parent = "v" if parent.startswith("sha256:") else parent  # data_paths runs: the "version" is a content hash
-    version = f"{parent}-without-{_safe(label)}"[:128]
+    version = f"{version_stem(dv)}-without-{_safe(label)}"[:128]
     return _store(dv, version, {"drop_train_rows": rule}, lines, keep, home, {"rows": len(drop)})

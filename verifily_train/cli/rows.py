@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.cli.runtime import (await_server, in_process_flow_settings, start_quiet_server,
+                                        start_temporary_server, use_prefect_server)
 from verifily_train.errors import VerifilyError
 
 
@@ -79,13 +81,13 @@ def cmd_attribute_rows(args) -> int:
     started = time.perf_counter()
     from verifily_train.artifacts.run import find_run
     from verifily_train.attribution.row_verify import check_verify
-    from verifily_train.quiet import quiet_libraries
     from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_rows, shard_count
 
     _check_numbers(args)
     run = find_run(args.run).resolve()
     projection = DEFAULT_PROJECTION_DIM if args.projection_dim is None else args.projection_dim
-    quiet_libraries()
+    use_prefect_server()
+    start_quiet_server()  # it boots on the other core while the plan reads the Run, the model and the snapshots
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     plan = plan_rows(run, args.target, args.checkpoints, projection, methods=methods)  # user errors before Prefect
     shard_count(plan, args.shards)
@@ -99,11 +101,7 @@ def cmd_attribute_rows(args) -> int:
 
 
 def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], started: float) -> int:
-    from verifily_train.cli.runtime import (await_server, in_process_flow_settings, start_quiet_server,
-                                            use_prefect_server)
-
-    use_prefect_server()
-    server = start_quiet_server()
+    server = start_temporary_server()  # the one started before the plan (None when a server is configured)
     from verifily_train.flows.attribute_rows import attribute_rows
 
     await_server(server)
@@ -160,11 +158,15 @@ def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=N
     now = result.get("stages_now") or result["stages"]
     hits = sum(1 for s in now.values() if s["cache_hit"])
     w(f"\n  stages: {hits} of {len(now)} cache hits\n")
-    if cost.get("train_stage_seconds"):
+    verification = result.get("verify")
+    if cost.get("train_stage_seconds") and verification:
+        w(f"  cost: the scoring flow {cost['seconds']:.1f} s = {cost['ratio']:.2f} x the run's own train stage "
+          f"({cost['train_stage_seconds']:.1f} s, {cost['train_stage_source']}); this call with --verify's "
+          f"retraining {command_seconds:.1f} s\n")
+    elif cost.get("train_stage_seconds"):
         w(f"  cost: this call {command_seconds:.1f} s = {command_seconds / cost['train_stage_seconds']:.2f} x the "
           f"run's own train stage ({cost['train_stage_seconds']:.1f} s, {cost['train_stage_source']}); the scoring "
           f"flow when it ran: {cost['seconds']:.1f} s = {cost['ratio']:.2f} x\n")
-    verification = result.get("verify")
     if verification:
         w(f"\n  verify --verify {verification['k']} over {verification['seeds']} seeds: {verification['summary']}\n"
           f"    per seed (top-K removed minus random removed, {verification['metric']}): "
