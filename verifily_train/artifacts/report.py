@@ -38,7 +38,7 @@ def _pyplot():
     return plt
 
 
-def _table(header: List[str], rows: List[List[str]], raw: bool = False) -> str:
+def html_table(header: List[str], rows: List[List[str]], raw: bool = False) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c if raw else html.escape(str(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
@@ -155,7 +155,7 @@ def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
     rows += [[f"base model {k}", _fmt(v), ""] for k, v in metrics.get("baseline", {}).items()
              if k in ("loss", "perplexity")]
     rows += [[f"train {k}", _fmt(v), ""] for k, v in metrics.get("train", {}).items() if v is not None]
-    parts.append("<h2>Metrics</h2>" + _table(["metric", "value", "95% CI"], rows))
+    parts.append("<h2>Metrics</h2>" + html_table(["metric", "value", "95% CI"], rows))
     parts.append("<h2>Training loss</h2>" + _img(chart(loss_curve, log), "loss curve"))
     lead = next((m for m in ("loss", "accuracy") if m in metrics.get("eval", {})), None)
     for key, block in slices.get("slices", {}).items():
@@ -170,25 +170,25 @@ def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
                 cells.append(_fmt(e["metrics"].get(m)) + (f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if bounds else ""))
             table_rows.append(cells)
         parts.append(f"<h2>Slices by {html.escape(key)}</h2>" + _img(chart(slice_chart, key, block, lead), f"{key} slices")
-                     + _table(header, table_rows, raw=True))
+                     + html_table(header, table_rows, raw=True))
     if metrics.get("classification_report"):
         report = metrics["classification_report"]
         parts.append("<h2>Confusion matrix</h2>" + _img(chart(confusion_heatmap, report), "confusion matrix"))
-        parts.append(_table(["class", "precision", "recall", "f1", "support"],
+        parts.append(html_table(["class", "precision", "recall", "f1", "support"],
                             [[c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), v["support"]]
                              for c, v in report["per_class"].items()]))
     headline = record.get("hard_examples_headline")
     parts.append("<h2>Hard examples</h2>" + (f"<p>{html.escape(headline)}</p>" if headline else ""))
-    parts.append(_table(["#", "tags", "input", "reference", "prediction", "score"],
+    parts.append(html_table(["#", "tags", "input", "reference", "prediction", "score"],
                         [[h["rank"], ", ".join(f"{k}:{v}" for k, v in h["tags"].items()), h["input"][:300],
                           h["reference"][:200], str(h.get("prediction") or "")[:200],
                           _fmt(h.get("token_f1", h.get("loss", h.get("prob_true"))))] for h in hard]))
     parts.append('<p class="note">Correlation, not causation: slices describe the model on those test rows. '
                  "For causal attribution: <code>verifily attribute RUN --by &lt;tag&gt;</code>.</p>")
-    return _page(f"Verifily run {record['run_id']}", "".join(parts))
+    return html_page(f"Verifily run {record['run_id']}", "".join(parts))
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
@@ -212,7 +212,7 @@ def write_compare_report(result: dict, out: str) -> Path:
         cell = _fmt(entry["delta"]) + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
         rows.append([name, _fmt(entry["a"]), _fmt(entry["b"]),
                      f'<span class="sig">{cell} *</span>' if d.get("significant") else html.escape(cell)])
-    parts.append("<h2>Overall (B - A)</h2>" + _table(["metric", "A", "B", "B - A [95% CI]"], rows, raw=True))
+    parts.append("<h2>Overall (B - A)</h2>" + html_table(["metric", "A", "B", "B - A [95% CI]"], rows, raw=True))
     plt = _pyplot()
     for key, values in result["slices"].items():
         metric = next((m for m in ("loss", "accuracy", "exact_match") if any(m in v["deltas"] for v in values.values())), None)
@@ -231,18 +231,18 @@ def write_compare_report(result: dict, out: str) -> Path:
                        html.escape(f"{e['flips']['wrong_to_right']} up / {e['flips']['right_to_wrong']} down") if e.get("flips") else "-"]
                       for v, e in values.items()]
         parts.append(f"<h2>By {html.escape(key)}</h2>" + _img(_png(fig), key) +
-                     _table(["value", "n", "deltas", "flips"], table_rows, raw=True))
+                     html_table(["value", "n", "deltas", "flips"], table_rows, raw=True))
     diff = result.get("dataset_diff", {})
     if diff.get("available"):
-        parts.append("<h2>Dataset diff (A → B)</h2>" + _table(
+        parts.append("<h2>Dataset diff (A → B)</h2>" + html_table(
             ["split", "rows A", "rows B", "added", "removed", "changed"],
             [[s, d["rows_a"], d["rows_b"], d["added"], d["removed"], d["changed"]] for s, d in diff["splits"].items()]))
     if result.get("config_diff"):
-        parts.append("<h2>Config diff</h2>" + _table(["key", "A", "B"],
+        parts.append("<h2>Config diff</h2>" + html_table(["key", "A", "B"],
                                                      [[d["key"], d["a"], d["b"]] for d in result["config_diff"]]))
     notes = [c["line"] for c in result.get("comparability", [])] + spread_notes(result) + [legend(result.get("fdr", {})),
                                                                                    result["caveat"]]
     parts.append("".join(f'<p class="note">{html.escape(line)}</p>' for line in notes))
     target = Path(out)
-    atomic_write_text(target, _page("Verifily comparison", "".join(parts)))
+    atomic_write_text(target, html_page("Verifily comparison", "".join(parts)))
     return target

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from typing import List
 
-from verifily_train.artifacts.report import _page, _table
+from verifily_train.artifacts.report import html_page, html_table
 
 
 def _num(x) -> str:
@@ -25,7 +25,7 @@ def _rows_table(rows: List[dict], methods: List[str]) -> str:
     header = ["rank", "score", "row", "tags", "text", "reference"] + [f"rank {m}" for m in methods]
     body = [[r["rank"], _num(r["score"]), f"{r['example_id']} ({r['file'] or '?'}:{r['line']})", _tags(r["tags"]),
              r["text"], r["reference"]] + [r["ranks"].get(m, "") for m in methods] for r in rows]
-    return _table(header, body)
+    return html_table(header, body)
 
 
 def render_rows_section(result: dict) -> str:
@@ -51,12 +51,12 @@ def render_rows_section(result: dict) -> str:
         body = [[html.escape(str(v["value"])), v["rows"], f"{_num(v['sum'])} {_ci(v.get('sum_ci95'))}",
                  f"{_num(v['mean'])} {_ci(v.get('mean_ci95'))}"] for v in values]
         parts.append(f"<h3>By {html.escape(tag)}</h3>"
-                     + _table(["value", "rows", f"sum of {method} [95% bootstrap]", f"mean [95% bootstrap]"], body))
+                     + html_table(["value", "rows", f"sum of {method} [95% bootstrap]", f"mean [95% bootstrap]"], body))
     verification = result.get("verify")
     if verification:
         parts.append("<h3>Check by retraining</h3>"
                      f"<p><b>{html.escape(verification['summary'])}</b></p>"
-                     + _table(["arm minus control", "effect", "seed 95% CI", "per seed", f"p ({verification['correction']})"],
+                     + html_table(["arm minus control", "effect", "seed 95% CI", "per seed", f"p ({verification['correction']})"],
                               [[f"without top {verification['k']} - without {verification['k']} random",
                                 _num(verification["effect"]), _ci(verification["seed_ci95"]),
                                 ", ".join(f"{d:+.4f}" for d in verification["per_seed"]),
@@ -69,4 +69,4 @@ def render_rows_section(result: dict) -> str:
 
 
 def render_rows_report(result: dict) -> str:
-    return _page(f"Row attribution of {result['parent_run']}", render_rows_section(result))
+    return html_page(f"Row attribution of {result['parent_run']}", render_rows_section(result))

@@ -19,12 +19,12 @@ from verifily_train.errors import DatasetExistsError, DataError, VerifilyError
 from verifily_train.dataset.store import create_version, resolve
 
 
-def _safe(value: str) -> str:
+def safe_part(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(value)).strip("-.") or "x"
 
 
 def derived_version_name(parent_version: str, key: str, value: str) -> str:
-    return f"{parent_version}-without-{_safe(key)}-{_safe(value)}"[:128]
+    return f"{parent_version}-without-{safe_part(key)}-{safe_part(value)}"[:128]
 
 
 def version_stem(dv) -> str:
@@ -34,7 +34,7 @@ def version_stem(dv) -> str:
     return "v" if version.startswith("sha256:") else version
 
 
-def _train_lines(dv) -> List[str]:
+def train_lines(dv) -> List[str]:
     if not dv.split_files("train"):
         raise DataError(dv.manifest_path or dv.data_path, "files", "has no train split to remove rows from")
     lines = []
@@ -53,19 +53,19 @@ def _tag(line: str, key: str) -> Optional[str]:
 
 def train_tag_counts(dv, key: str) -> Dict[str, int]:
     """How many train rows carry each value of tag ``key`` (values present in the rows, not the schema)."""
-    counts = Counter(_tag(line, key) for line in _train_lines(dv))
+    counts = Counter(_tag(line, key) for line in train_lines(dv))
     counts.pop(None, None)
     return dict(sorted(counts.items()))
 
 
 def derive_without(dv, key: str, value: str, home: Optional[Path] = None) -> dict:
     """The derived version of ``dv`` without the train rows tagged ``key: value`` (created once, then reused)."""
-    lines = _train_lines(dv)
+    lines = train_lines(dv)
     keep = [_tag(line, key) != str(value) for line in lines]
     removed = keep.count(False)
     if removed == 0:
         raise VerifilyError(None, "--values", f"no train rows of {dv.ref} have {key}={value}")
-    return _store(dv, derived_version_name(version_stem(dv), key, value),
+    return store_derived(dv, derived_version_name(version_stem(dv), key, value),
                   {"drop_train_rows_where_tag": {key: value}}, lines, keep, home, {"value": value})
 
 
@@ -73,17 +73,17 @@ def derive_random(dv, rows: int, seed: int, home: Optional[Path] = None) -> dict
     """The derived version of ``dv`` without ``rows`` train rows drawn at random with ``seed`` (a size-matched control).
 
     The draw depends only on the parent's content hash, ``rows`` and ``seed``, so it is the same on every call."""
-    lines = _train_lines(dv)
+    lines = train_lines(dv)
     if not 0 <= rows < len(lines):
         raise VerifilyError(None, "--values", f"cannot remove {rows} of the {len(lines)} train rows of {dv.ref}")
     drawn = set(random.Random(f"{dv.content_hash}/{rows}/{seed}").sample(range(len(lines)), rows))
     keep = [i not in drawn for i in range(len(lines))]
     name = f"{version_stem(dv)}-without-random-{rows}-seed{seed}"[:128]
-    return _store(dv, name, {"drop_random_train_rows": {"count": rows, "seed": seed}}, lines, keep, home,
+    return store_derived(dv, name, {"drop_random_train_rows": {"count": rows, "seed": seed}}, lines, keep, home,
                   {"random_rows": rows, "seed": seed})
 
 
-def _store(dv, version: str, rule: dict, lines: List[str], keep: List[bool], home: Optional[Path],
+def store_derived(dv, version: str, rule: dict, lines: List[str], keep: List[bool], home: Optional[Path],
            extra: dict) -> dict:
     kept = [line for line, k in zip(lines, keep) if k]
     if not kept:

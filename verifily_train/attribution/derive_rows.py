@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
-from verifily_train.attribution.derive import _safe, _store, _train_lines, version_stem
+from verifily_train.attribution.derive import safe_part, store_derived, train_lines, version_stem
 from verifily_train.errors import DataError, VerifilyError
 
 HASH = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -86,10 +86,10 @@ def derive_without_rows(dv, drop: Set[str], rule: dict, label: str, home: Option
 
     if not drop:
         raise VerifilyError(None, "--drop-rows", "no rows to drop")
-    lines = _train_lines(dv)
+    lines = train_lines(dv)
     keep = [row_hash(json.loads(line)) not in drop for line in lines]
     if keep.count(False) == 0:
         raise VerifilyError(None, "--drop-rows", f"none of the rows is a train row of {dv.ref}")
     rule = dict(rule, row_hashes=sorted(drop))
-    version = f"{version_stem(dv)}-without-{_safe(label)}"[:128]
-    return _store(dv, version, {"drop_train_rows": rule}, lines, keep, home, {"rows": len(drop)})
+    version = f"{version_stem(dv)}-without-{safe_part(label)}"[:128]
+    return store_derived(dv, version, {"drop_train_rows": rule}, lines, keep, home, {"rows": len(drop)})
