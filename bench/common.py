@@ -105,7 +105,8 @@ def alternate(contenders: Dict[str, Callable[[], dict]], reps: int, log=print,
             results[name].append(outcome)
             log(f"  rep {rep + 1}/{reps} {name}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.items()
-                if k in ("tokens_per_second", "steady_tokens_per_second", "eval_loss", "seconds", "speedup")) + f" ({time.perf_counter() - started:.0f} s)")
+                if k in ("tokens_per_second", "cpu_tokens_per_second", "steady_tokens_per_second", "eval_loss", "seconds",
+                         "speedup")) + f" ({time.perf_counter() - started:.0f} s)")
     return results
 
 

@@ -296,6 +296,8 @@ def throughput_table(result: dict) -> str:
                          f"{v.get('speedup_vs_reference_min', v['speedup_vs_reference']):.2f}-"
                          f"{v.get('speedup_vs_reference_max', v['speedup_vs_reference']):.2f}), "
                          f"{v['speedup_vs_fastest_peer']:.2f}x the fastest peer in any precision, "
+                         + (f"{v['cpu_speedup_vs_reference']:.2f}x that peer per CPU second, "
+                            if v.get("cpu_speedup_vs_reference") else "") +
                          f"loss within 1%: {v['loss_within_1pct_of_reference']}, "
                          f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
                          for k, v in result["verdicts"].items())

@@ -75,7 +75,9 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
     def measured(outcome: dict) -> dict:
         model = outcome.pop("model")
         loss = heldout_loss(model, heldout())
+        cpu = outcome.get("cpu_seconds")
         return {"tokens_per_second": outcome["real_tokens"] / outcome["seconds"], "eval_loss": loss,
+                "cpu_tokens_per_second": outcome["real_tokens"] / cpu if cpu else None,
                 "train_loss": outcome["train_loss"], "seconds": outcome["seconds"], "real_tokens": outcome["real_tokens"],
                 **{k: outcome[k] for k in ("padding_fraction", "label_only_head", "steady_tokens_per_second")
                    if k in outcome}}
@@ -84,6 +86,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
         def run():
             m = ours().train(device=device, **kwargs)
             return measured({"model": m["model"], "real_tokens": m["train_tokens"], "seconds": m["train_seconds"],
+                             "cpu_seconds": m.get("train_cpu_seconds"),
                              "train_loss": m["train_loss"], "padding_fraction": m["padding_fraction"],
                              "label_only_head": m["label_only_head"],
                              "steady_tokens_per_second": m.get("steady_tokens_per_second")})
@@ -198,6 +201,7 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
         table[name] = {"description": DESCRIPTIONS[name], "precision": precision_of(name),
                        "tokens_per_second": median([o["tokens_per_second"] for o in outcomes]),
                        "tokens_per_second_reps": [o["tokens_per_second"] for o in outcomes],
+                       "cpu_tokens_per_second": median([o.get("cpu_tokens_per_second") for o in outcomes]),
                        "eval_loss": median([o["eval_loss"] for o in outcomes]),
                        "train_loss": median([o["train_loss"] for o in outcomes]),
                        "seconds": median([o["seconds"] for o in outcomes]),
@@ -222,6 +226,10 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
                 row[key] = median(ratios)
                 row[key + "_reps"] = ratios
                 row[key + "_loss_delta"] = median(paired_ratios(raw, name, ref_name, "eval_loss")) - 1.0
+        # per CPU second of the training process: on a machine shared with other jobs, each run's own work
+        if same and all(o.get("cpu_tokens_per_second") for o in raw[name] + raw[same]):
+            row["cpu_vs_same_precision_peer_reps"] = paired_ratios(raw, name, same, "cpu_tokens_per_second")
+            row["cpu_vs_same_precision_peer"] = median(row["cpu_vs_same_precision_peer_reps"])
     # after the first quarter of the steps (compilation and warm-up left out): where runs compile, both rates count
     steady_peers = [n for n in PEERS if n in table and table[n]["steady_tokens_per_second"]]
     fastest_steady = max(steady_peers, key=lambda n: table[n]["steady_tokens_per_second"]) if steady_peers else None
@@ -240,6 +248,8 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
         verdicts[ours_name] = {"reference_peer": row["same_precision_peer"], "precision": row["precision"],
                                "speedup_vs_reference": row["vs_same_precision_peer"],
                                "speedup_vs_reference_min": min(ratios), "speedup_vs_reference_max": max(ratios),
+                               "cpu_speedup_vs_reference": row.get("cpu_vs_same_precision_peer"),
+                               "cpu_speedup_vs_reference_reps": row.get("cpu_vs_same_precision_peer_reps"),
                                "speedup_vs_fastest_fp32_peer": row.get("vs_fastest_fp32_peer"),
                                "speedup_vs_fastest_peer": row.get("vs_fastest_peer"),
                                "loss_within_1pct_of_reference": equal,

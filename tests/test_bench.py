@@ -39,7 +39,10 @@ def test_bench_quick_writes_every_suite_result(tmp_path):
         assert math.isfinite(row["eval_loss"]) and row["eval_loss"] > 0
         # a ratio is this contender's tokens/s over the fastest peer's in the same repetition
         assert row["vs_fastest_fp32_peer"] == run["tokens_per_second"] / raw[fastest][0]["tokens_per_second"]
-        assert row["same_precision_peer"] == fastest  # no bf16 contender without native bf16 kernels here
+        # fp32 contenders against the fastest fp32 peer, bf16 ones (where the CPU has bf16 kernels) the bf16 peer
+        same = throughput["fastest_peer_by_precision"][row["precision"]]
+        assert row["same_precision_peer"] == same and row["precision"] == ("bf16" if "bf16" in name else "fp32")
+        assert row["vs_same_precision_peer"] == run["tokens_per_second"] / raw[same][0]["tokens_per_second"]
     assert contenders[fastest]["vs_fastest_fp32_peer"] == 1.0
     # every contender trains on the same rows: equal real-token counts
     assert len({row["real_tokens"] for row in contenders.values()}) == 1

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, assert_user_error, cli_env, run_cli, train, write_config
 
-FAULTS = Path(__file__).resolve().parent / "helpers" / "faults"  # sitecustomize.py: fault injection by env
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: fault injection by env
 
 POOLS = REPO / "deployments" / "pools"
 # dropout 0: LoRA dropout draws per-rank random masks, which would make the curves differ by design

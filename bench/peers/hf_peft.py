@@ -75,9 +75,9 @@ def train_hf_peft(model_dir: str, rows: List[dict], settings, padding: str = "lo
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
         clock = StepClock()
         trainer.add_callback(clock.callback())
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = trainer.train()
-        seconds = time.perf_counter() - started
-    return {"model": model, "real_tokens": real_tokens, "seconds": seconds, "train_loss": float(result.training_loss),
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"model": model, "real_tokens": real_tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "train_loss": float(result.training_loss),
             "steady_tokens_per_second": clock.steady_tokens_per_second(real_tokens),
             "steps": int(trainer.state.global_step)}

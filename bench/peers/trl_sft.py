@@ -54,9 +54,9 @@ def train_trl_sft(model_dir: str, rows: List[dict], settings, bf16: bool = False
         clock = StepClock()
         trainer.add_callback(clock.callback())
         real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * settings.epochs
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = trainer.train()
-        seconds = time.perf_counter() - started
-    return {"model": trainer.model, "real_tokens": real_tokens, "seconds": seconds,
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"model": trainer.model, "real_tokens": real_tokens, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "train_loss": float(result.training_loss), "steps": int(trainer.state.global_step),
             "steady_tokens_per_second": clock.steady_tokens_per_second(real_tokens)}

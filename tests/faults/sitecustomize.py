@@ -2,7 +2,10 @@
 
 ``VERIFILY_FAIL_STAGE=<stage>`` makes that stage raise; ``VERIFILY_PAUSE_STAGE=<stage>:<seconds>`` holds the
 stage open after it computed, inside its temporary folder (a window for a kill). Either one also turns
-replay off, so the run goes through the stages. Production code reads neither.
+replay off, so the run goes through the stages. ``VERIFILY_TEST_FAIL_RANK=<rank>:<step>``: in that
+data-parallel rank of a train stage (torchrun's ``RANK``, inside a rank ``launch_ranks`` started), every HF
+Trainer gets a callback that raises after optimizer step ``<step>``; every other process is left alone.
+Production code reads none of them.
 """
 
 import os
@@ -39,4 +42,29 @@ def _install() -> None:
     runner.replay_run = lambda *args, **kwargs: None
 
 
+FAIL_RANK = "VERIFILY_TEST_FAIL_RANK"
+
+
+def _install_rank_failure() -> None:
+    spec = os.environ.get(FAIL_RANK, "")
+    rank, _, step = spec.partition(":")
+    if not spec or not os.environ.get("VERIFILY_DDP_JOB") or int(rank) != int(os.environ.get("RANK", "0")):
+        return
+    from transformers import Trainer, TrainerCallback
+
+    class FailAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= int(step or 0):
+                raise RuntimeError(f"injected failure after step {state.global_step} ({FAIL_RANK})")
+
+    init = Trainer.__init__
+
+    def init_with_failure(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(FailAfterStep())
+
+    Trainer.__init__ = init_with_failure
+
+
 _install()
+_install_rank_failure()

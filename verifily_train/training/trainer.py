@@ -64,7 +64,7 @@ def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Option
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-        # lean steps: the Trainer's per-step bookkeeping walks every parameter of the model (SmolLM2: 482,
+        # lean steps: the Trainer's per-step bookkeeping walks every parameter of the model (SmolLM2: 692,
         # 272 of them frozen) two more times a step than the step needs; the values are the same
         def floating_point_ops(self, inputs):
             if not paths.lean_steps:
@@ -185,7 +185,7 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePla
 
 
 def run_training(trainer, checkpoints: Path, paths: FastPaths):
-    """(train output, seconds, checkpoint resumed from or None); a full disk becomes one user error.
+    """(train output, seconds, CPU seconds, checkpoint resumed from or None); a full disk becomes one user error.
 
     Lean steps: the objects alive before training (the model's modules and parameters, the tokenizer, the
     rows) live through it, so they are frozen out of the garbage collector
@@ -195,7 +195,7 @@ def run_training(trainer, checkpoints: Path, paths: FastPaths):
     resume = last_complete_checkpoint(checkpoints)
     if paths.lean_steps:
         gc.freeze()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (RuntimeError, OSError) as err:
@@ -206,7 +206,7 @@ def run_training(trainer, checkpoints: Path, paths: FastPaths):
     finally:
         if paths.lean_steps:
             gc.unfreeze()
-    return result, time.perf_counter() - started, resume
+    return result, time.perf_counter() - started, time.process_time() - cpu_started, resume
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
@@ -236,21 +236,22 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     checkpoints = work_dir / "checkpoints"
     trainer = build_trainer(cfg, spec, tok, model, plan, paths, train_data, val_data, checkpoints, on_progress,
                             out_dir, work_dir)
-    result, seconds, resume = run_training(trainer, checkpoints, paths)
+    result, seconds, cpu_seconds, resume = run_training(trainer, checkpoints, paths)
     adapter_name = "adapter" if cfg.lora.enabled else "model"
     merged_name = "model" if cfg.lora.enabled and not cfg.output.save_adapter_only else None
     if is_main_rank():  # under DDP every rank holds the same weights: rank 0 writes them
         save_trained(model, tok, labels, cfg, spec, out_dir, bool(applied.frozen_linears_in_compute_dtype),
                      trainer.state.log_history)
-    return stage_manifest(cfg, plan, trainer, result, seconds, resume, train_data, applied, trainable, total,
-                          adapter_name, merged_name)
+    return stage_manifest(cfg, plan, trainer, result, (seconds, cpu_seconds), resume, train_data, applied, trainable,
+                          total, adapter_name, merged_name)
 
 
-def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, seconds: float, resume: Optional[Path],
+def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: tuple, resume: Optional[Path],
                    train_data: TokenizedSplit, applied: AppliedPaths, trainable: int, total: int, adapter_name: str,
                    merged_name: Optional[str]) -> dict:
     """The train stage's manifest: what ran (the resolved levers included), how long, how many tokens."""
     paths = applied.paths
+    seconds, cpu_seconds = timing
     tokens_per_epoch = sum(len(ids) for ids in train_data.columns["input_ids"])
     epochs_done = float(trainer.state.epoch or 0.0)
     train_tokens = int(round(tokens_per_epoch * epochs_done))
@@ -269,6 +270,7 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, seconds:
         "epochs": epochs_done,
         "train_tokens": train_tokens,
         "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,  # this process's CPU time (all threads): on a shared machine, its own work
         "tokens_per_second": train_tokens / seconds if seconds > 0 else None,
         "trainable_params": int(trainable),
         "total_params": int(total),
