@@ -25,7 +25,7 @@ def _train(tmp: Path, models: dict, kind: str, lora: dict | None = None, **train
     cfg = {"task": task, "base_model": str(models[kind]), "data_paths": {k: str(v) for k, v in splits.items()},
            "training": {"num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
                         "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, **training},
-           "eval": {"bootstrap_samples": 0, "hard_examples": 2, "metrics": ["loss"] if task == "sft" else None},
+           "eval": {"enabled": False},  # attribution reads the train stage's entry, not the evaluation
            "lora": lora or {}, "runtime": {"progress": False}}
     (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
     return train_run(tmp / "train.yaml", tmp / "cache", tmp / "runs"), tmp / "cache"
