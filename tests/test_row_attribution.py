@@ -127,6 +127,25 @@ def test_projection_is_seeded_and_keeps_the_ranking(runs, tmp_path):
     assert np.corrcoef(scores["a"], scores["exact"])[0, 1] > 0.9
 
 
+@pytest.mark.parametrize("cache_bytes,kind", [(1 << 30, "rademacher"), (0, "sparse-sign")])
+def test_both_projections_are_seeded_and_keep_inner_products(cache_bytes, kind):
+    import torch
+
+    from verifily_train.attribution.rows.gradients import Projection
+
+    torch.manual_seed(0)
+    common = torch.randn(1, 3000)
+    grads = common * torch.randn(40, 1) + 0.5 * torch.randn(40, 3000)  # gradients sharing a direction, as rows' do
+    exact = (grads.double() @ grads[0].double())
+    make = lambda seed: Projection(["a", "b"], [1000, 2000], 512, seed, cache_bytes=cache_bytes)  # noqa: E731
+    first, again, other = make(0), make(0), make(1)
+    assert first.kind == kind
+    projected = first(grads) @ first(grads[:1])[0]
+    assert torch.equal(projected, again(grads) @ again(grads[:1])[0])
+    assert not torch.allclose(projected, other(grads) @ other(grads[:1])[0])
+    assert torch.corrcoef(torch.stack([projected[1:], exact[1:]]))[0, 1] > 0.95
+
+
 def test_sharded_scores_equal_unsharded(runs, tmp_path):
     run, cache = runs["llama"]
     plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=128, checkpoints=2)
