@@ -45,13 +45,29 @@ def _attribute(plan, out: Path, shards: int = 1) -> pd.DataFrame:
     return pd.read_parquet(Path(merged["dir"]) / merged["file"])
 
 
+def _reference_loss(scoring, batch):
+    """(summed token loss, token count) of one row from the model's plain forward (full logits)."""
+    import torch.nn.functional as F
+
+    from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS
+
+    if scoring.kind == KIND_SEQ_CLS:
+        logits = scoring.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), 1
+    logits = scoring.model(**batch).logits.float()
+    labels = batch["labels"]
+    if scoring.kind == KIND_CAUSAL:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != -100
+    return F.cross_entropy(logits[keep], labels[keep], reduction="sum"), int(keep.sum())
+
+
 def _direct_scores(plan) -> tuple:
     """TracIn and self-influence by plain autograd, one row at a time (no batching, hooks or projection)."""
     import torch
 
     from verifily_train.attribution.rows.gradients import summed_gradient
-    from verifily_train.attribution.rows.runtime import (SplitRows, apply_snapshot, load_scoring_model, row_losses,
-                                                         supervised_tokens)
+    from verifily_train.attribution.rows.runtime import SplitRows, apply_snapshot, load_scoring_model, supervised_tokens
 
     scoring = load_scoring_model(plan)
     train = SplitRows(Path(plan.tokenized_dir), "train", plan.task, scoring)
@@ -62,11 +78,11 @@ def _direct_scores(plan) -> tuple:
         apply_snapshot(scoring, snapshot)
         target = torch.zeros(sum(p.numel() for p in scoring.params), dtype=torch.float64)
         for i in range(len(test)):
-            loss_sum, count, _ = row_losses(scoring, test.collate([test.data[i]]))
-            target += summed_gradient(scoring, (loss_sum / count).sum()).double() / len(test)
+            loss_sum, count = _reference_loss(scoring, test.collate([test.data[i]]))
+            target += summed_gradient(scoring, loss_sum / count).double() / len(test)
         for j in range(len(train)):
-            loss_sum, _, _ = row_losses(scoring, train.collate([train.data[j]]))
-            g = summed_gradient(scoring, loss_sum.sum() / normalizer).double()
+            loss_sum, _ = _reference_loss(scoring, train.collate([train.data[j]]))
+            g = summed_gradient(scoring, loss_sum / normalizer).double()
             tracin[j] -= snapshot["weight"] * float(g @ target)
             self_influence[j] += snapshot["weight"] * float(g @ g)
     return tracin, self_influence
