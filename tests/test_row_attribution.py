@@ -175,6 +175,7 @@ def test_sharded_scores_equal_unsharded(runs, tmp_path):
 def test_key_inputs_follow_content_not_paths(runs, tmp_path):
     run, cache = runs["bert"]
     plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2)
+    assert rows.RowAttributionPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # a task parameter
     moved_run, moved_cache = tmp_path / "elsewhere" / run.name, tmp_path / "cache-copy"
     (tmp_path / "elsewhere").mkdir()
     shutil.copytree(run, moved_run)
