@@ -25,7 +25,7 @@ def _train(tmp: Path, models: dict, kind: str, lora: dict | None = None, **train
     cfg = {"task": task, "base_model": str(models[kind]), "data_paths": {k: str(v) for k, v in splits.items()},
            "training": {"num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
                         "max_seq_length": 48, "save_steps": 1000, "eval_steps": 1000, **training},
-           "eval": {"bootstrap_samples": 0, "hard_examples": 2, "metrics": ["loss"] if task == "sft" else None},
+           "eval": {"enabled": False},  # attribution reads the train stage's entry, not the evaluation
            "lora": lora or {}, "runtime": {"progress": False}}
     (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
     return train_run(tmp / "train.yaml", tmp / "cache", tmp / "runs"), tmp / "cache"
@@ -45,13 +45,29 @@ def _attribute(plan, out: Path, shards: int = 1) -> pd.DataFrame:
     return pd.read_parquet(Path(merged["dir"]) / merged["file"])
 
 
+def _reference_loss(scoring, batch):
+    """(summed token loss, token count) of one row from the model's plain forward (full logits)."""
+    import torch.nn.functional as F
+
+    from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS
+
+    if scoring.kind == KIND_SEQ_CLS:
+        logits = scoring.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), 1
+    logits = scoring.model(**batch).logits.float()
+    labels = batch["labels"]
+    if scoring.kind == KIND_CAUSAL:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != -100
+    return F.cross_entropy(logits[keep], labels[keep], reduction="sum"), int(keep.sum())
+
+
 def _direct_scores(plan) -> tuple:
     """TracIn and self-influence by plain autograd, one row at a time (no batching, hooks or projection)."""
     import torch
 
     from verifily_train.attribution.rows.gradients import summed_gradient
-    from verifily_train.attribution.rows.runtime import (SplitRows, apply_snapshot, load_scoring_model, row_losses,
-                                                         supervised_tokens)
+    from verifily_train.attribution.rows.runtime import SplitRows, apply_snapshot, load_scoring_model, supervised_tokens
 
     scoring = load_scoring_model(plan)
     train = SplitRows(Path(plan.tokenized_dir), "train", plan.task, scoring)
@@ -62,11 +78,11 @@ def _direct_scores(plan) -> tuple:
         apply_snapshot(scoring, snapshot)
         target = torch.zeros(sum(p.numel() for p in scoring.params), dtype=torch.float64)
         for i in range(len(test)):
-            loss_sum, count, _ = row_losses(scoring, test.collate([test.data[i]]))
-            target += summed_gradient(scoring, (loss_sum / count).sum()).double() / len(test)
+            loss_sum, count = _reference_loss(scoring, test.collate([test.data[i]]))
+            target += summed_gradient(scoring, loss_sum / count).double() / len(test)
         for j in range(len(train)):
-            loss_sum, _, _ = row_losses(scoring, train.collate([train.data[j]]))
-            g = summed_gradient(scoring, loss_sum.sum() / normalizer).double()
+            loss_sum, _ = _reference_loss(scoring, train.collate([train.data[j]]))
+            g = summed_gradient(scoring, loss_sum / normalizer).double()
             tracin[j] -= snapshot["weight"] * float(g @ target)
             self_influence[j] += snapshot["weight"] * float(g @ g)
     return tracin, self_influence
@@ -127,6 +143,25 @@ def test_projection_is_seeded_and_keeps_the_ranking(runs, tmp_path):
     assert np.corrcoef(scores["a"], scores["exact"])[0, 1] > 0.9
 
 
+@pytest.mark.parametrize("cache_bytes,kind", [(1 << 30, "rademacher"), (0, "sparse-sign")])
+def test_both_projections_are_seeded_and_keep_inner_products(cache_bytes, kind):
+    import torch
+
+    from verifily_train.attribution.rows.gradients import Projection
+
+    torch.manual_seed(0)
+    common = torch.randn(1, 3000)
+    grads = common * torch.randn(40, 1) + 0.5 * torch.randn(40, 3000)  # gradients sharing a direction, as rows' do
+    exact = (grads.double() @ grads[0].double())
+    make = lambda seed: Projection(["a", "b"], [1000, 2000], 512, seed, cache_bytes=cache_bytes)  # noqa: E731
+    first, again, other = make(0), make(0), make(1)
+    assert first.kind == kind
+    projected = first(grads) @ first(grads[:1])[0]
+    assert torch.equal(projected, again(grads) @ again(grads[:1])[0])
+    assert not torch.allclose(projected, other(grads) @ other(grads[:1])[0])
+    assert torch.corrcoef(torch.stack([projected[1:], exact[1:]]))[0, 1] > 0.95
+
+
 def test_sharded_scores_equal_unsharded(runs, tmp_path):
     run, cache = runs["llama"]
     plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=128, checkpoints=2)
@@ -140,6 +175,7 @@ def test_sharded_scores_equal_unsharded(runs, tmp_path):
 def test_key_inputs_follow_content_not_paths(runs, tmp_path):
     run, cache = runs["bert"]
     plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=2)
+    assert rows.RowAttributionPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # a task parameter
     moved_run, moved_cache = tmp_path / "elsewhere" / run.name, tmp_path / "cache-copy"
     (tmp_path / "elsewhere").mkdir()
     shutil.copytree(run, moved_run)

@@ -53,11 +53,13 @@ def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path) -> list:
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.steps = snapshot_steps(int(state.max_steps), count)
-            index = _read_index(self.work)
+            self.resumed_from = int(state.global_step)
+            if not self.resumed_from and self.work.is_dir() and is_main_rank():  # a fresh start: older ones are stale
+                shutil.rmtree(self.work)
+            index = [e for e in _read_index(self.work) if e["step"] <= self.resumed_from]
             # resumed: the learning rates of the steps since the last kept snapshot are lost; count them at
             # the resumed step's rate (the scheduler is deterministic, so this is close, not exact)
             self.lr_sum, self.lr = 0.0, float(args.learning_rate)
-            self.resumed_from = int(state.global_step)
             self.last_saved = max((e["step"] for e in index), default=0)
 
         def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):

@@ -27,7 +27,8 @@ def merge_shards(plan: RowAttributionPlan, shard_manifests: List[dict], out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dirs = shard_dirs if shard_dirs is not None else [m["dir"] for m in shard_manifests]
-    shards = pd.concat([pd.read_parquet(Path(d) / m["file"]) for m, d in zip(shard_manifests, dirs)],
+    parts = [pd.read_parquet(Path(d) / m["file"]) for m, d in zip(shard_manifests, dirs)]
+    shards = pd.concat([p for p in parts if len(p)] or parts[:1],  # a shard past the last batch holds no rows
                        ignore_index=True).sort_values("index", kind="stable").reset_index(drop=True)
     if list(shards["index"]) != list(range(plan.train_rows)):
         raise ValueError(f"the shards cover {len(shards)} rows, not the {plan.train_rows} train rows, once each")

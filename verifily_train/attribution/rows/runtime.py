@@ -107,6 +107,8 @@ def row_losses(scoring: ScoringModel, batch: dict):
         loss = F.cross_entropy(logits, batch["labels"], reduction="none")
         return loss, torch.ones_like(loss), logits
     labels = batch["labels"]
+    if kind == KIND_CAUSAL and _head_is_frozen(model):
+        return _label_position_losses(model, batch)
     if kind == KIND_CAUSAL:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = labels[:, 1:]  # position t predicts token t+1, as training.loss computes it
@@ -118,6 +120,34 @@ def row_losses(scoring: ScoringModel, batch: dict):
                             reduction="none").view(labels.shape)
     mask = labels != -100
     return (token * mask).sum(dim=1), mask.sum(dim=1).float(), None
+
+
+def _head_is_frozen(model) -> bool:
+    """True when the output head can run on label positions only (``training.loss``'s families, head frozen)."""
+    from verifily_train.training.loss import supports_label_only_head, unwrap_causal_lm
+
+    return supports_label_only_head(model) and not any(p.requires_grad for p in unwrap_causal_lm(model).lm_head.parameters())
+
+
+def _label_position_losses(model, batch: dict):
+    """Per-row causal losses with the head applied at supervised positions only, as training computes them.
+
+    The head is most of a small model's forward at a large vocabulary (SmolLM2: 49k x 576) and all but the
+    answer's positions are masked: the same losses and gradients without their logits.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from verifily_train.training.loss import unwrap_causal_lm
+
+    base = unwrap_causal_lm(model)
+    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    token = F.cross_entropy(base.lm_head(hidden[keep]).float(), targets[keep], reduction="none")
+    sums = torch.zeros(targets.shape[0], dtype=token.dtype).index_add(0, keep.nonzero()[:, 0], token)
+    return sums, keep.sum(dim=1).float(), None
 
 
 class SplitRows:

@@ -57,7 +57,8 @@ def target_gradients(plan: RowAttributionPlan, out_dir: Path) -> dict:
     save_file(tensors, str(out_dir / TARGET_FILE))
     return {"step": "target", "file": TARGET_FILE, "snapshots": [s["step"] for s in plan.snapshots],
             "target": plan.target, "target_split": plan.target_split, "target_rows": len(indices),
-            "target_loss": losses, "projection_dim": plan.projection_dim, "parameters": project.size,
+            "target_loss": losses, "projection_dim": plan.projection_dim, "projection": project.kind,
+            "parameters": project.size,
             "seconds": round(time.perf_counter() - started, 3)}
 
 
