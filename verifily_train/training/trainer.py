@@ -18,7 +18,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 from transformers.trainer_callback import ProgressCallback
 
 from verifily_train.config.schema import TrainConfig
-from verifily_train.errors import DiskFullError, is_short_write
+from verifily_train.errors import translate_os_error
 from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
@@ -199,9 +199,9 @@ def run_training(trainer, checkpoints: Path, paths: FastPaths):
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (RuntimeError, OSError) as err:
-        if is_short_write(err):
-            raise DiskFullError(checkpoints, None, "no space left on the device (or file size limit reached) "
-                                                   "while writing a checkpoint: free space and re-run") from err
+        problem = translate_os_error(err, checkpoints, "while writing a checkpoint")
+        if problem is not None:
+            raise problem from err
         raise
     finally:
         if paths.lean_steps:
