@@ -88,7 +88,7 @@ def _prefect_records(api_url: str):
 
 
 def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_run, cli, prefect_api):
-    args = ["attribute", str(cls_run), "--rows", "--projection-dim", "64", "--json"]
+    args = ["attribute", str(cls_run), "--rows", "--projection-dim", "64", "--methods", "all", "--json"]
     first = _json(cli(*args))
     folder = Path(first["path"])
     table = pd.read_parquet(folder / "row_attribution.parquet")
@@ -182,7 +182,7 @@ def test_rows_without_snapshots_refuses_more_checkpoints(cls_run, tmp_path, cli)
 
 def test_rows_on_sft_targets_a_slice_and_derives_named_rows(sft_run, cli):
     result = _json(cli("attribute", str(sft_run), "--rows", "--target", "slice:source=human", "--projection-dim", "32",
-                       "--json"))
+                       "--methods", "all", "--json"))
     folder = Path(result["path"])
     table = pd.read_parquet(folder / "row_attribution.parquet")
     assert len(table) == 24 and result["target"] == "slice:source=human" and "label_issue" not in result["methods"]

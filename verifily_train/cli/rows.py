@@ -34,8 +34,10 @@ def add_rows_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projection-dim", type=int, default=None,
                    help="seeded random projection of each gradient (default: 1024; 0 = exact)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated scores to compute: tracin, self_influence, loss, loss_mean, label_issue "
-                        "(default: all; --methods loss runs forwards of the final snapshot only)")
+                   help="comma-separated scores to compute (tracin, self_influence, loss, loss_mean, label_issue) "
+                        "or all (default: the default method alone, loss: forwards of the final snapshot only, a "
+                        "fraction of the train stage's cost; all: every method side by side, TracIn's gradient "
+                        "passes cost more than training)")
     g.add_argument("--verify", type=int, default=0, metavar="K",
                    help="retrain without the top-K rows and without K random rows over --seeds, and test the difference")
     g.add_argument("--top", type=int, default=10, help="rows printed per direction (default: 10)")

@@ -84,8 +84,12 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
 
     ``checkpoints`` None: up to the default, falling back to the final adapter alone (with a note) when the
     train stage kept no snapshots; a number above 1 given explicitly then is an error, not a silent fallback.
+    ``methods`` None: the default method alone (the best measured, and forwards of the final snapshot only:
+    the call costs a fraction of the train stage); ``["all"]``: every method side by side.
     """
     from verifily_train.artifacts.run import load_run_json
+
+    methods = [rows.DEFAULT_METHOD] if methods is None else (None if list(methods) == ["all"] else methods)
 
     record = load_run_json(run)
     if record.get("status") != "completed":
