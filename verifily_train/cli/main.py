@@ -29,6 +29,8 @@ def report(err: VerifilyError) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(sys.unraisablehook, "redelivers_interrupts", False):
+        sys.unraisablehook = redeliver_lost_interrupts(sys.unraisablehook)
     try:
         return handler(args.handler)(args)
     except VerifilyError as err:
@@ -39,8 +41,46 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         return report(user_error)
     except KeyboardInterrupt:
+        forget_unhandled_keyboard_interrupt()
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def redeliver_lost_interrupts(previous: Callable) -> Callable:
+    """An unraisable hook that turns a Ctrl-C Python had to drop back into a Ctrl-C.
+
+    A SIGINT that lands inside a callback Python cannot raise from (a weakref callback of importlib's
+    module locks during an import, a ``__del__``) is printed as "Exception ignored in ..." and lost, and the
+    run would go on. The hook sends SIGINT to the main thread again, from a helper thread once the hook has
+    returned (raised inside the hook, it would be lost the same way); any other unraisable goes on to
+    ``previous``."""
+    import signal
+    import threading
+    import time
+
+    def resend(main_thread: int) -> None:
+        time.sleep(0.05)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not KeyboardInterrupt:
+            previous(unraisable)
+            return
+        threading.Thread(target=resend, args=(threading.main_thread().ident,), daemon=True).start()
+
+    hook.redelivers_interrupts = True
+    return hook
+
+
+def forget_unhandled_keyboard_interrupt() -> None:
+    """Let ``sys.exit(130)`` stand after a caught Ctrl-C.
+
+    CPython marks a KeyboardInterrupt that leaves a *string* ``exec``/``eval`` (``dataclasses`` builds its
+    methods that way, so an import under way when Ctrl-C lands is enough) as unhandled, even once a caller
+    caught it; under ``python -m`` the interpreter then ends itself with SIGINT (exit -2) instead of the
+    code we return. Every string ``exec`` clears that mark when it starts, so an empty one forgets it.
+    """
+    exec("pass", {})
 
 
 if __name__ == "__main__":
