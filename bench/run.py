@@ -298,7 +298,11 @@ def throughput_table(result: dict) -> str:
                          f"{v['speedup_vs_fastest_peer']:.2f}x the fastest peer in any precision, "
                          + (f"{v['cpu_speedup_vs_reference']:.2f}x that peer per CPU second, "
                             if v.get("cpu_speedup_vs_reference") else "") +
-                         f"loss within 1%: {v['loss_within_1pct_of_reference']}, "
+                         f"loss within 1%: {v['loss_within_1pct_of_reference']}"
+                         + (f" (mean over seeds {v['loss_delta_mean']:+.2%}, 95% CI [{v['loss_delta_ci95'][0]:+.2%}, "
+                            f"{v['loss_delta_ci95'][1]:+.2%}]; the peer's own loss varies by "
+                            f"{v['reference_loss_seed_cv']:.2%} from seed to seed)" if v.get("loss_delta_ci95") else "")
+                         + ", "
                          f"target 1.5x {'met' if v['target_1_5x_met'] else 'missed'}"
                          for k, v in result["verdicts"].items())
     return (head + markdown_table(["contender", "what", "real tok/s", "x fastest same-precision peer",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 from bench.common import TrainSettings, alternate, heldout_loss, median
 from bench.data import read_rows, write_splits
@@ -76,7 +76,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
         model = outcome.pop("model")
         loss = heldout_loss(model, heldout())
         cpu = outcome.get("cpu_seconds")
-        return {"tokens_per_second": outcome["real_tokens"] / outcome["seconds"], "eval_loss": loss,
+        return {"tokens_per_second": outcome["real_tokens"] / outcome["seconds"], "eval_loss": loss, "seed": settings.seed,
                 "cpu_tokens_per_second": outcome["real_tokens"] / cpu if cpu else None,
                 "train_loss": outcome["train_loss"], "seconds": outcome["seconds"], "real_tokens": outcome["real_tokens"],
                 **{k: outcome[k] for k in ("padding_fraction", "label_only_head", "steady_tokens_per_second")
@@ -154,20 +154,53 @@ def run_throughput(model_name: str, model_dir: Path, work: Path, settings: Train
     kwargs = {"model_dir": str(model_dir), "work": str(work), "settings": dataclasses.asdict(settings),
               "splits": {k: str(v) for k, v in splits.items()}, "bf16": bf16, "device": device,
               "gpu_contenders": gpu_contenders}
-    runs = contender_runs(**kwargs)
-    if contenders:
-        runs = {k: v for k, v in runs.items() if k in contenders}
-    elif device != "cuda":  # compiling takes minutes on a CPU and does not pay there (docs/models.md): on request
-        runs = {k: v for k, v in runs.items() if not k.endswith("_compiled")}
-    if isolate:
-        runs = isolated_runs("bench.throughput:contender_runs", kwargs, list(runs), torch.get_num_threads(),
-                             work / "isolated")
-    log(f"throughput on {model_name}: {', '.join(runs)} x {reps}{' (each run in its own process)' if isolate else ''}")
+    def runs_at(seed: int) -> Dict[str, Callable[[], dict]]:
+        at = dict(kwargs, settings=dict(kwargs["settings"], seed=seed))
+        runs = contender_runs(**at)
+        if contenders:
+            runs = {k: v for k, v in runs.items() if k in contenders}
+        elif device != "cuda":  # compiling takes minutes on a CPU and does not pay there (docs/models.md): on request
+            runs = {k: v for k, v in runs.items() if not k.endswith("_compiled")}
+        if isolate:
+            runs = isolated_runs("bench.throughput:contender_runs", at, list(runs), torch.get_num_threads(),
+                                 work / "isolated")
+        return runs
+
+    names = list(runs_at(settings.seed))
+    log(f"throughput on {model_name}: {', '.join(names)} x {reps}{' (each run in its own process)' if isolate else ''}"
+        f"; repetition i trains every contender at seed {settings.seed} + i")
     failed: Dict[str, str] = {}
-    raw = alternate(runs, reps, log, failed)
+    # Repetition i runs every contender at the same seed (settings.seed + i), another one each repetition:
+    # the speed ratios pair within a repetition as before, and the held-out loss comparison averages over
+    # training seeds (initialisation, dropout, row order) instead of resting on one draw of them.
+    raw: Dict[str, List[dict]] = {name: [] for name in names}
+    for rep in range(reps):
+        one = alternate(runs_at(settings.seed + rep), 1,
+                        lambda line, rep=rep: log(line.replace("rep 1/1", f"rep {rep + 1}/{reps}", 1)), failed)
+        for name, outcomes in one.items():
+            raw[name] += outcomes
+    raw = {name: outcomes for name, outcomes in raw.items() if name not in failed}
     result = summarize(model_name, settings, raw, trl_available(), regime)
     result.update(device=device, isolated=isolate, failed=failed)
     return result
+
+
+def loss_delta_by_seed(raw: Dict[str, list], name: str, ref: str) -> dict:
+    """The held-out loss of ``name`` over ``ref``'s minus 1, seed by seed (repetition i is seed i for both):
+    the per-seed values, their mean with a 95% t interval over seeds, and the seed-to-seed spread of
+    ``ref``'s own loss (how far one draw of training noise moves it), so a 1% band can be read against it."""
+    import statistics
+
+    deltas = [r - 1.0 for r in paired_ratios(raw, name, ref, "eval_loss")]
+    ref_losses = [o["eval_loss"] for o in raw[ref]]
+    out = {"loss_delta_reps": deltas, "loss_delta_mean": statistics.fmean(deltas)}
+    if len(deltas) > 1:
+        from scipy import stats
+
+        half = stats.t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
+        out["loss_delta_ci95"] = [out["loss_delta_mean"] - half, out["loss_delta_mean"] + half]
+        out["reference_loss_seed_cv"] = statistics.stdev(ref_losses) / statistics.fmean(ref_losses)
+    return out
 
 
 def paired_ratio(raw: Dict[str, list], name: str, ref: str, key: str) -> float:
@@ -226,6 +259,8 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
                 row[key] = median(ratios)
                 row[key + "_reps"] = ratios
                 row[key + "_loss_delta"] = median(paired_ratios(raw, name, ref_name, "eval_loss")) - 1.0
+                if key == "vs_same_precision_peer":
+                    row.update(loss_delta_by_seed(raw, name, ref_name))
         # per CPU second of the training process: on a machine shared with other jobs, each run's own work
         if same and all(o.get("cpu_tokens_per_second") for o in raw[name] + raw[same]):
             row["cpu_vs_same_precision_peer_reps"] = paired_ratios(raw, name, same, "cpu_tokens_per_second")
@@ -253,6 +288,9 @@ def summarize(model_name: str, settings, raw: Dict[str, list], trl_installed: bo
                                "speedup_vs_fastest_fp32_peer": row.get("vs_fastest_fp32_peer"),
                                "speedup_vs_fastest_peer": row.get("vs_fastest_peer"),
                                "loss_within_1pct_of_reference": equal,
+                               "loss_delta_mean": row.get("loss_delta_mean"),
+                               "loss_delta_ci95": row.get("loss_delta_ci95"),
+                               "reference_loss_seed_cv": row.get("reference_loss_seed_cv"),
                                "target_1_5x_met": row["vs_same_precision_peer"] >= 1.5 and equal}
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)

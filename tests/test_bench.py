@@ -118,6 +118,31 @@ def test_each_contender_trains_in_a_fresh_process(tmp_path):
     assert result["contenders"]["verifily"]["real_tokens"] == result["contenders"]["peft_dynamic"]["real_tokens"]
 
 
+def test_each_repetition_trains_every_contender_at_its_own_seed(tmp_path):
+    """Repetition i trains every contender at seed + i: speed pairs within a repetition, and the held-out loss
+    comparison is over seeds (its per-seed deltas, their mean and t interval), not one draw of training noise."""
+    sys.path.insert(0, str(REPO))
+    import statistics
+
+    from bench.common import TrainSettings
+    from bench.models import bench_llama
+    from bench.throughput import run_throughput
+
+    model = bench_llama(tmp_path / "models", 32, 2)
+    result = run_throughput("tiny", model, tmp_path / "work", TrainSettings(rows=16, max_len=64, eval_rows=8, seed=7), 2,
+                            False, contenders=["peft_dynamic", "verifily"], isolate=False, log=lambda _: None)
+    raw = result["raw"]
+    assert {name: [o["seed"] for o in outcomes] for name, outcomes in raw.items()} == {"peft_dynamic": [7, 8],
+                                                                                      "verifily": [7, 8]}
+    assert raw["verifily"][0]["eval_loss"] != raw["verifily"][1]["eval_loss"]  # another seed, another model
+    row = result["contenders"]["verifily"]
+    deltas = [a["eval_loss"] / b["eval_loss"] - 1 for a, b in zip(raw["verifily"], raw["peft_dynamic"])]
+    assert row["loss_delta_reps"] == deltas and row["loss_delta_mean"] == statistics.fmean(deltas)
+    low, high = row["loss_delta_ci95"]
+    assert low < row["loss_delta_mean"] < high
+    assert result["verdicts"]["verifily"]["loss_delta_ci95"] == row["loss_delta_ci95"]
+
+
 def test_steady_rate_leaves_out_the_first_quarter_and_a_failing_contender_spares_the_others():
     """``StepClock``: the rate after the warm-up (a compiled run compiles in its first steps); ``alternate`` with
     ``failed`` records a contender that raises, leaves it out whole, and runs the rest."""

@@ -243,6 +243,13 @@ def test_slice_target_and_tag_summary(runs, tmp_path):
         assert entry["sum"] == pytest.approx(entry["mean"] * entry["rows"])
         if "mean_ci95" in entry:
             assert entry["mean_ci95"][0] <= entry["mean"] <= entry["mean_ci95"][1]
+    # the excess over average rows: sums to zero over the values, and is n (1 - n/N) (mean - mean of the rest)
+    assert sum(s["excess"] for s in summary) == pytest.approx(0, abs=1e-9 * sum(abs(s["sum"]) for s in summary))
+    scores = table["score_tracin"].to_numpy()
+    for entry in summary:
+        n, total = entry["rows"], len(table)
+        rest = (scores.sum() - entry["sum"]) / (total - n)
+        assert entry["excess"] == pytest.approx(n * (1 - n / total) * (entry["mean"] - rest))
 
 
 def test_loss_only_scores_skip_the_gradients_and_match(runs, tmp_path):

@@ -49,9 +49,13 @@ def render_rows_section(result: dict) -> str:
     parts.append("<h3>Most helpful rows</h3><p class='note'>Lowest score.</p>" + _rows_table(result["most_helpful"], others))
     for tag, values in result["by_tag"].items():
         body = [[html.escape(str(v["value"])), v["rows"], f"{_num(v['sum'])} {_ci(v.get('sum_ci95'))}",
-                 f"{_num(v['mean'])} {_ci(v.get('mean_ci95'))}"] for v in values]
-        parts.append(f"<h3>By {html.escape(tag)}</h3>"
-                     + html_table(["value", "rows", f"sum of {method} [95% bootstrap]", f"mean [95% bootstrap]"], body))
+                 f"{_num(v['mean'])} {_ci(v.get('mean_ci95'))}", f"{_num(v['excess'])} {_ci(v.get('excess_ci95'))}"]
+                for v in values]
+        parts.append(f"<h3>By {html.escape(tag)}</h3><p class='note'>Excess: the sum of (score - the mean score of "
+                     "all train rows) over the value's rows; above zero, the value's rows are worse than average "
+                     "rows (the direction of a tag-level 'hurts').</p>"
+                     + html_table(["value", "rows", f"sum of {method} [95% bootstrap]", "mean [95% bootstrap]",
+                                   "excess [95% bootstrap]"], body))
     verification = result.get("verify")
     if verification:
         parts.append("<h3>Check by retraining</h3>"

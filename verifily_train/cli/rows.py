@@ -153,9 +153,11 @@ def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=N
                  r["text"][:60].replace("\n", " ")] for r in result[key][:top]],
                ["rank", f"score_{method}", "row", "where", "tags", "text"], out)
     for tag, values in result["by_tag"].items():
-        w(f"\n  by {tag}: sum and mean of score_{method} (95% bootstrap intervals):\n")
+        w(f"\n  by {tag}: sum and mean of score_{method}, and the excess over average rows (sum of score - mean "
+          f"score; > 0: worse than average rows, the direction of a 'hurts' verdict), 95% bootstrap intervals:\n")
         _table([[v["value"], v["rows"], f"{v['sum']:+.4g}{_ci(v.get('sum_ci95'))}",
-                 f"{v['mean']:+.4g}{_ci(v.get('mean_ci95'))}"] for v in values], ["value", "rows", "sum", "mean"], out)
+                 f"{v['mean']:+.4g}{_ci(v.get('mean_ci95'))}", f"{v['excess']:+.4g}{_ci(v.get('excess_ci95'))}"]
+                for v in values], ["value", "rows", "sum", "mean", "excess"], out)
     cost = result["cost"]
     now = result.get("stages_now") or result["stages"]
     hits = sum(1 for s in now.values() if s["cache_hit"])

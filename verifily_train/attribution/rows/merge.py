@@ -88,20 +88,37 @@ def _files(run: Path, rows) -> List[Optional[str]]:
 
 
 def summarize_by_tag(table, method: str, tag: str, bootstrap: int = 1000, seed: int = 0) -> List[dict]:
-    """Per value of tag ``tag``: rows, sum and mean of ``score_<method>`` with percentile-bootstrap 95% intervals."""
+    """Per value of tag ``tag``: rows, sum and mean of ``score_<method>``, and its **excess**, each with a
+    percentile-bootstrap 95% interval.
+
+    The excess is the sum over the value's rows of (score - the mean score of every train row): to first
+    order, what removing those rows does against removing as many average rows, which is the comparison the
+    tag-level verdict makes (``verifily attribute --by``: against as many random rows). Its sign is the
+    one to read beside a verdict, for every method: positive = worse than average rows (hurts). A raw sum
+    of a loss-type score is positive by construction. ``excess = n (1 - n/N) (mean of the value - mean of
+    the other rows)``; its interval resamples the value's rows and the other rows separately."""
     import numpy as np
 
     values = [json.loads(t).get(tag) for t in table["tags"]]
     scores = table[f"score_{method}"].to_numpy(dtype=float)
+    total = len(scores)
     rng = np.random.default_rng(seed)
     out = []
     for value in sorted({v for v in values if v is not None}):
-        mine = scores[[v == value for v in values]]
-        entry = {"value": value, "rows": int(len(mine)), "sum": float(mine.sum()), "mean": float(mine.mean())}
-        if bootstrap and len(mine) > 1:
-            means = mine[rng.integers(0, len(mine), size=(bootstrap, len(mine)))].mean(axis=1)
+        chosen = np.array([v == value for v in values])
+        mine, rest = scores[chosen], scores[~chosen]
+        n = len(mine)
+        weight = n * (1 - n / total)
+        entry = {"value": value, "rows": int(n), "sum": float(mine.sum()), "mean": float(mine.mean()),
+                 "excess": float(mine.sum() - n * scores.mean())}
+        if bootstrap and n > 1:
+            means = mine[rng.integers(0, n, size=(bootstrap, n))].mean(axis=1)
             low, high = np.percentile(means, [2.5, 97.5])
-            entry.update(mean_ci95=[float(low), float(high)], sum_ci95=[float(low * len(mine)), float(high * len(mine))])
+            entry.update(mean_ci95=[float(low), float(high)], sum_ci95=[float(low * n), float(high * n)])
+            if len(rest) > 1:
+                rest_means = rest[rng.integers(0, len(rest), size=(bootstrap, len(rest)))].mean(axis=1)
+                low, high = np.percentile(weight * (means - rest_means), [2.5, 97.5])
+                entry["excess_ci95"] = [float(low), float(high)]
         out.append(entry)
     return out
 
