@@ -81,6 +81,15 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     full = [json.loads((Path(p) / "run.json").read_text()) for p in result["arms"]["__full__"]]
     assert all(s["cache_hit"] for s in full[0]["stages"].values())
 
+    # the row scores agree with the verdict (issue 24): summed per value against average rows, the default
+    # score puts the source retraining called "hurts" above average (bench.row_agreement measures every
+    # method on the fixtures and the shipped examples)
+    scored = run_cli("attribute", run.name, "--rows", "--json", cwd=tmp_path, env=env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = json.loads(scored.stdout[scored.stdout.index("{"):])
+    [row_sum] = [v for v in rows["by_tag"]["source"] if v["value"] == "scraped"]
+    assert row_sum["excess"] > 0 and row_sum["excess_ci95"][0] > 0, row_sum
+
     # an identical second call: every stage of every ablation run is a cache hit, same verdicts
     second = run_cli(*args, cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
