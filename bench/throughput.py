@@ -124,6 +124,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
         }
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)
+            runs["trl_sft_bf16"] = trl(bf16=True)
             runs["verifily_bf16"] = our_run(precision="bf16")
             runs["verifily_bf16_split"] = _with_group_cost(our_run(precision="bf16", pack_rows=False), 24)
             runs["verifily_bf16_whole"] = our_run(precision="bf16", pack_rows=False)
