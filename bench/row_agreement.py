@@ -142,12 +142,39 @@ def summarize(results: List[dict]) -> dict:
     return out
 
 
+def render(record: dict) -> str:
+    """The markdown table of docs/attribution.md: every value, its verdict, each method's excess sign."""
+    methods = sorted({m for r in record["settings"] for m in r["methods"]})
+    head = ["setting", "value (rows removed)", "verdict (Holm, 8 seeds)", "effect vs random removal [seed 95% CI]"]
+    lines = ["| " + " | ".join(head + [f"`{m}` excess [95% CI]" for m in methods]) + " |",
+             "|" + "---|" * (len(head) + len(methods))]
+    for r in record["settings"]:
+        for value, e in r["values"].items():
+            verdict = e["verdict"] if e["verdict"] in ("hurts", "helps") else "none"
+            cells = [r["setting"], f"{value} ({e['removed_rows']})", f"**{verdict}** (p_adj {e['p_adjusted']:.2g})",
+                     f"{e['effect_vs_random']:+.4f} [{e['seed_ci95'][0]:+.4f}, {e['seed_ci95'][1]:+.4f}]"]
+            for m in methods:
+                if m not in e["excess"]:
+                    cells.append("-")
+                    continue
+                ci = e["excess_ci95"].get(m)
+                mark = "" if e["agrees"] is None else (" ✓" if e["agrees"][m] else " ✗")
+                cells.append(f"{e['excess'][m]:+.3g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "") + mark)
+            lines.append("| " + " | ".join(cells) + " |")
+    summary = "; ".join(f"`{m}` {v['agree']}/{v['significant_verdicts']}" for m, v in record["summary"].items())
+    return "\n".join(lines) + f"\n\nSign agreement with the significant verdicts: {summary}.\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--seeds", type=int, default=8, help="seeds per arm of the tag-level verdicts (default 8)")
     parser.add_argument("--sft-steps", type=int, default=40, help="training.max_steps of example-sft (default 40)")
+    parser.add_argument("--render", action="store_true", help="only print the markdown table of the saved results")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(RESULTS.read_text())))
+        return 0
     chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SETTINGS))
     if unknown:
