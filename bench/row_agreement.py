@@ -99,7 +99,7 @@ def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
     from verifily_train.attribution.rows import summarize_by_tag
 
     work = root / setting
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)  # --root of an earlier call: its cache entries are hits
     env = dict(os.environ, VERIFILY_HOME=str(work / "home"), HF_HUB_OFFLINE="1")
     os.environ.update(VERIFILY_HOME=str(work / "home"), HF_HUB_OFFLINE="1")
     cfg = _fixture_config(setting, work) if setting.startswith("fixture") else _example_config(setting, work, sft_steps)
@@ -145,13 +145,13 @@ def summarize(results: List[dict]) -> dict:
 def render(record: dict) -> str:
     """The markdown table of docs/attribution.md: every value, its verdict, each method's excess sign."""
     methods = sorted({m for r in record["settings"] for m in r["methods"]})
-    head = ["setting", "value (rows removed)", "verdict (Holm, 8 seeds)", "effect vs random removal [seed 95% CI]"]
+    head = ["setting", "value (rows removed)", "verdict (Holm; seeds)", "effect vs random removal [seed 95% CI]"]
     lines = ["| " + " | ".join(head + [f"`{m}` excess [95% CI]" for m in methods]) + " |",
              "|" + "---|" * (len(head) + len(methods))]
     for r in record["settings"]:
         for value, e in r["values"].items():
             verdict = e["verdict"] if e["verdict"] in ("hurts", "helps") else "none"
-            cells = [r["setting"], f"{value} ({e['removed_rows']})", f"**{verdict}** (p_adj {e['p_adjusted']:.2g})",
+            cells = [r["setting"], f"{value} ({e['removed_rows']})", f"**{verdict}** (p_adj {e['p_adjusted']:.2g}; {r['seeds']})",
                      f"{e['effect_vs_random']:+.4f} [{e['seed_ci95'][0]:+.4f}, {e['seed_ci95'][1]:+.4f}]"]
             for m in methods:
                 if m not in e["excess"]:
@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--seeds", type=int, default=8, help="seeds per arm of the tag-level verdicts (default 8)")
     parser.add_argument("--sft-steps", type=int, default=40, help="training.max_steps of example-sft (default 40)")
+    parser.add_argument("--root", default=None,
+                        help="work folder (default: a new temporary one); an earlier call's folder reuses its cache")
     parser.add_argument("--render", action="store_true", help="only print the markdown table of the saved results")
     args = parser.parse_args(argv)
     if args.render:
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
-    root = Path(tempfile.mkdtemp(prefix="row-agreement-"))
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="row-agreement-"))
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     done: Dict[str, dict] = {r["setting"]: r for r in previous.get("settings", [])}
     for setting in chosen:
