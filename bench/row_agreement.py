@@ -36,17 +36,10 @@ from pathlib import Path
 from typing import Dict, List
 
 from bench.row_attribution import SIZES, _cls_rows, _config, _sft_rows
+from bench.row_verify import _cli
 
 RESULTS = Path(__file__).resolve().parent / "results" / "row-agreement.json"
 SETTINGS = ("fixture-cls", "fixture-sft", "example-cls", "example-sft")
-
-
-def _cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "verifily_train.cli.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"verifily {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done
 
 
 def _json(done: subprocess.CompletedProcess) -> dict:
