@@ -8,6 +8,7 @@ string ``exec`` through the real ``main``.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,11 @@ import textwrap
 import pytest
 
 from conftest import cli_env
+
+
+def default_sigint() -> None:
+    """SIGINT's default action in the child, as a terminal gives it (a background test run inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("how", ["exec", "eval"])
@@ -30,7 +36,7 @@ def test_ctrl_c_inside_a_string_exec_still_exits_130(tmp_path, how):
         sys.exit(cli.main(["runs", "list"]))
     """))
     done = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert (done.returncode, done.stderr) == (130, "interrupted\n")
 
 
@@ -58,5 +64,5 @@ def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(tmp_path):
         sys.exit(cli.main(["runs", "list"]))
     """))
     done = subprocess.run([sys.executable, "-m", "lost_cli"], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")

@@ -25,11 +25,17 @@ pytestmark = pytest.mark.slow
 CHECKPOINT = "cache/train/.work-*/checkpoints/checkpoint-*/.verifily-complete"
 
 
+def default_sigint() -> None:
+    """A terminal's foreground command gets SIGINT's default action; a test run launched in the background of
+    a non-interactive shell inherits SIGINT *ignored* (POSIX), which every exec keeps: reset it in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(folder: Path, env: dict, *extra: str) -> subprocess.Popen:
-    """`verifily train` as a terminal starts it: the leader of its own process group."""
+    """`verifily train` as a terminal starts it: the leader of its own process group, SIGINT not ignored."""
     return subprocess.Popen([sys.executable, "-m", "verifily_train.cli.main", "train", "-c", "train.yaml", *extra],
                             cwd=folder, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def _descendants(pid: int) -> list:
