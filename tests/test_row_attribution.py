@@ -226,6 +226,9 @@ def test_user_errors_name_the_option(runs, tmp_path):
         rows.plan_row_attribution(run, cache_root=cache, target="slice:source=nobody")
     with pytest.raises(ConfigError, match="--target"):
         rows.plan_row_attribution(run, cache_root=cache, target="train")
+    for malformed in ("slice:source", "slice:=human", "slice:source!="):
+        with pytest.raises(ConfigError, match="slice:<tag>!=<value>"):
+            rows.plan_row_attribution(run, cache_root=cache, target=malformed)
     with pytest.raises(ConfigError, match="label_issue"):
         rows.plan_row_attribution(run, cache_root=cache, methods=["label_issue"])
     with pytest.raises(RunError, match="verifily train"):
@@ -250,6 +253,22 @@ def test_slice_target_and_tag_summary(runs, tmp_path):
         n, total = entry["rows"], len(table)
         rest = (scores.sum() - entry["sum"]) / (total - n)
         assert entry["excess"] == pytest.approx(n * (1 - n / total) * (entry["mean"] - rest))
+
+
+def test_a_not_equal_slice_targets_the_other_rows(runs, tmp_path):
+    """``slice:<tag>!=<value>``, a tag-level verdict's own slice: exactly the target rows ``=`` leaves out, and
+    (the target being the mean loss of its rows) its TracIn scores are the size-weighted rest of the whole split's."""
+    run, cache = runs["llama"]
+    settings = dict(cache_root=cache, projection_dim=0, checkpoints=1, methods=["tracin"])
+    whole, human, others = (rows.plan_row_attribution(run, target=t, **settings)
+                            for t in ("test", "slice:source=human", "slice:source!=human"))
+    every, tagged, rest = (rows.plan.target_rows(p) for p in (whole, human, others))
+    assert sorted(tagged + rest) == every and not set(tagged) & set(rest) and tagged and rest
+    scores = {name: _attribute(p, tmp_path / name)["score_tracin"].to_numpy()
+              for name, p in (("test", whole), ("human", human), ("others", others))}
+    n, k = len(every), len(tagged)
+    np.testing.assert_allclose(scores["test"] * n, scores["human"] * k + scores["others"] * (n - k),
+                               rtol=1e-4, atol=1e-6 * np.abs(scores["test"] * n).max())
 
 
 def test_loss_only_scores_skip_the_gradients_and_match(runs, tmp_path):

@@ -149,7 +149,7 @@ def test_rows_user_errors_are_one_line_and_write_nothing(cls_run, cli, tmp_path)
     out = tmp_path / "attr"
     # the first through a real subprocess, as a user sees it
     assert_user_error(run_cli("attribute", str(cls_run), "--rows", "--target", "train", "--out", str(out),
-                              cwd=tmp_path, env=cli_env()), "--target", "test, val or slice")
+                              cwd=tmp_path, env=cli_env()), "--target", "test, val, slice")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--target", "slice:source=martian", "--out", str(out)),
                       "--target", "source=martian")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--shards", "0"), "--shards")
@@ -224,6 +224,9 @@ def test_verify_verdict_from_seed_level_test_on_synthetic_seeds():
     assert not null["confirmed"] and null["summary"].startswith("not shown") and null["mde"] > 0
     sliced = analyze_verification("sft", tables(0.1), 5, 25, "x", target="slice:source=human", bootstrap_samples=0)
     assert sliced["test_rows"] == 15 and len(target_frame(frame(np.ones(n_rows)), "slice:source=human")) == 15
+    others = target_frame(frame(np.ones(n_rows)), "slice:source!=human")
+    assert len(others) == 15 and set(others["tag.source"]) == {"scraped"}
+    assert len(target_frame(frame(np.ones(n_rows)), "slice:lang!=en")) == n_rows  # untagged rows are not "en"
 
 
 def test_random_control_of_a_data_paths_run_is_a_store_version(cls_run):

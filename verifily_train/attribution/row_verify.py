@@ -11,20 +11,23 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from verifily_train.attribution.analysis import FULL, analyze, control_arm
+from verifily_train.attribution.rows.plan import parse_slice_target
 from verifily_train.attribution.stats import ALPHA
 
 ARM = "top_rows"  # the arm trained without the top-K rows
 
 
 def target_frame(frame, target: str):
-    """The per-example rows of the verification's target: a ``slice:<tag>=<value>`` keeps that slice's rows."""
+    """The per-example rows of the verification's target: a ``slice:<tag>=<value>`` keeps that slice's rows,
+    a ``slice:<tag>!=<value>`` the rest."""
     if not target.startswith("slice:"):
         return frame
-    key, _, value = target[len("slice:"):].partition("=")
+    key, negate, value = parse_slice_target(target)
     column = f"tag.{key}"
     if column not in frame.columns:
-        return frame.iloc[0:0]
-    return frame[frame[column].astype(str) == value]
+        return frame if negate else frame.iloc[0:0]
+    tagged = frame[column].astype(str) == value
+    return frame[~tagged] if negate else frame[tagged]
 
 
 def analyze_verification(task: str, tables: Dict[str, list], removed_rows: int, kept_rows: int, derived_ref: str,

@@ -26,7 +26,8 @@ def add_rows_arguments(p: argparse.ArgumentParser) -> None:
                              "gradients at the train stage's adapter snapshots (docs/attribution.md)")
     g.add_argument("--rows", action="store_true", help="score every train row instead of retraining per tag value")
     g.add_argument("--target", default="test",
-                   help="whose loss: test, val or slice:<tag>=<value> (test rows of that value) (default: test)")
+                   help="whose loss: test, val, slice:<tag>=<value> (test rows of that value) or slice:<tag>!=<value> (the "
+                        "other test rows, a tag-level verdict's own slice) (default: test)")
     g.add_argument("--checkpoints", type=int, default=None,
                    help="adapter snapshots to sum over (default: 4, or the final adapter alone with a note when "
                         "the train stage kept none)")

@@ -36,7 +36,7 @@ def attribution_key(merge_output_hash: str, settings: dict) -> str:
 
 
 def folder_name(run: Path, target: str, key: str) -> str:
-    return f"{run.name}-rows-{re.sub(r'[^A-Za-z0-9._=-]+', '-', target).strip('-')}-{key[:10]}"
+    return f"{run.name}-rows-{re.sub(r'[^A-Za-z0-9._=-]+', '-', target.replace('!=', '-not-')).strip('-')}-{key[:10]}"
 
 
 def default_parent(run: Path) -> Path:

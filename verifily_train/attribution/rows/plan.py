@@ -32,7 +32,7 @@ class RowAttributionPlan:
     run_path: str  # the Run folder (run.json, config.yaml, adapter/, data_rows.parquet)
     tokenized_dir: str  # the tokenize stage's cache entry (train/val/test parquet of token ids, tags)
     snapshots: list  # [{"file": str, "step": int, "lr": float, "weight": float, "sha256": str}], oldest first
-    target: str  # "test" | "val" | "slice:<tag>=<value>" (test rows, else val rows, of that tag value)
+    target: str  # "test" | "val" | "slice:<tag>=<value>" | "slice:<tag>!=<value>" (test rows, else val rows)
     projection_dim: int  # random projection size (seeded); 0 = none
     seed: int
     methods: list  # subset of METHODS (label_issue only for classification)
@@ -144,16 +144,33 @@ def _target_split(tokenized: Path, target: str) -> str:
         if not (tokenized / f"{target}.parquet").is_file():
             raise ConfigError(None, "--target", f"the Run has no {target} split")
         return target
-    if not target.startswith("slice:") or "=" not in target:
-        raise ConfigError(None, "--target", f"must be test, val or slice:<tag>=<value>; got {target!r}")
-    key, _, value = target[len("slice:"):].partition("=")
+    key, negate, value = parse_slice_target(target)
     split = "test" if (tokenized / "test.parquet").is_file() else "val"
     if not (tokenized / f"{split}.parquet").is_file():
         raise ConfigError(None, "--target", "the Run has neither a test nor a val split to take the slice from")
     tags = pq.read_table(tokenized / f"{split}.parquet", columns=["tags"]).column("tags").to_pylist()
-    if not any(json.loads(t).get(key) == value for t in tags):
-        raise ConfigError(None, "--target", f"no {split} rows have tag {key}={value}")
+    if not any(in_slice(json.loads(t), key, negate, value) for t in tags):
+        raise ConfigError(None, "--target", f"no {split} rows have tag {key}{'!=' if negate else '='}{value}")
     return split
+
+
+TARGET_FORMS = "test, val, slice:<tag>=<value> or slice:<tag>!=<value>"
+
+
+def parse_slice_target(target: str) -> tuple:
+    """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value), the rows
+    not tagged that value (a leave-one-value-out verdict's own slice); ``ConfigError`` for anything else."""
+    body = target[len("slice:"):] if target.startswith("slice:") else ""
+    negate = "!=" in body
+    key, _, value = body.partition("!=" if negate else "=")
+    if not key or not value:
+        raise ConfigError(None, "--target", f"must be {TARGET_FORMS}; got {target!r}")
+    return key, negate, value
+
+
+def in_slice(tags: dict, key: str, negate: bool, value: str) -> bool:
+    """Whether a row with these tags is in the slice (a row without the tag is not ``=`` any value)."""
+    return (str(tags.get(key)) != value) if negate else (key in tags and str(tags[key]) == value)
 
 
 def _methods(methods: Optional[List[str]], task: str) -> List[str]:
@@ -176,8 +193,8 @@ def target_rows(plan: RowAttributionPlan) -> List[int]:
     tags = pq.read_table(Path(plan.tokenized_dir) / f"{plan.target_split}.parquet", columns=["tags"]).column("tags")
     if not plan.target.startswith("slice:"):
         return list(range(len(tags)))
-    key, _, value = plan.target[len("slice:"):].partition("=")
-    return [i for i, t in enumerate(tags.to_pylist()) if json.loads(t).get(key) == value]
+    key, negate, value = parse_slice_target(plan.target)
+    return [i for i, t in enumerate(tags.to_pylist()) if in_slice(json.loads(t), key, negate, value)]
 
 
 def key_inputs(plan: RowAttributionPlan) -> tuple:
