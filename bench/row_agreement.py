@@ -85,6 +85,12 @@ def _example_config(setting: str, work: Path, sft_steps: int) -> dict:
     return cfg
 
 
+def _run_hashes(run: Path) -> dict:
+    """What identifies the trained Run across calls (no timestamps): its config, data and reproducibility hashes."""
+    record = json.loads((run / "run.json").read_text())
+    return {k: record.get(k) for k in ("config_hash", "data_hash", "model_identity", "reproducibility_hash")}
+
+
 def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
     import pandas as pd
     import yaml
@@ -102,7 +108,9 @@ def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
     run = next(line.split("run:", 1)[1].strip() for line in trained.stdout.splitlines() if line.strip().startswith("run:"))
     tagged = _json(_cli("attribute", run, "--by", "source", "--seeds", str(seeds), "--json", cwd=work, env=env))
     tag_seconds = time.perf_counter() - started
+    rows_started = time.perf_counter()
     rows = _json(_cli("attribute", run, "--rows", "--methods", "all", "--json", cwd=work, env=env))
+    rows_seconds = time.perf_counter() - rows_started
     table = pd.read_parquet(Path(rows["path"]) / "row_attribution.parquet")
     methods = sorted(c[len("score_"):] for c in table.columns if c.startswith("score_"))
     sums = {m: {e["value"]: e for e in summarize_by_tag(table, m, "source", bootstrap=1000)} for m in methods}
@@ -111,17 +119,31 @@ def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
         cell = entry["slices"][entry["verdict_slice"]]["loss"]
         verdict = entry["verdict"]
         significant = verdict in ("hurts", "helps")
+        on_slice = None
+        if significant and entry["verdict_slice"] != "overall":
+            # TracIn against the verdict's own slice (the test rows without the value): the one target-dependent
+            # score; the loss-type scores read no target, so their excess is the same on every target
+            target = f"slice:{entry['verdict_slice']}"
+            sliced = _json(_cli("attribute", run, "--rows", "--target", target, "--methods", "tracin", "--json",
+                                cwd=work, env=env))
+            frame = pd.read_parquet(Path(sliced["path"]) / "row_attribution.parquet")
+            e = {x["value"]: x for x in summarize_by_tag(frame, "tracin", "source", bootstrap=1000)}[value]
+            on_slice = {"target": target, "target_rows": sliced.get("target_rows"), "method": "tracin",
+                        "excess": e["excess"], "excess_ci95": e.get("excess_ci95"),
+                        "agrees": (e["excess"] > 0) == (verdict == "hurts")}
         values[value] = {
             "verdict": verdict, "p_adjusted": entry["p_adjusted"], "effect_vs_random": cell["effect"],
             "seed_ci95": cell.get("ci95") or cell.get("seed_ci95"), "mde": cell["mde"], "removed_rows": entry["removed_rows"],
             "excess": {m: sums[m][value]["excess"] for m in methods if value in sums[m]},
             "excess_ci95": {m: sums[m][value].get("excess_ci95") for m in methods if value in sums[m]},
             "agrees": ({m: (sums[m][value]["excess"] > 0) == (verdict == "hurts") for m in methods if value in sums[m]}
-                       if significant else None)}
+                       if significant else None),
+            "verdict_slice": entry["verdict_slice"], "tracin_on_verdict_slice": on_slice}
     return {"setting": setting, "seeds": seeds, "correction": tagged.get("correction"), "run": run,
             "default_method": rows["default_method"], "methods": methods, "values": values,
             "train_rows": len(table), "seconds": round(time.perf_counter() - started, 1),
-            "tag_level_seconds": round(tag_seconds, 1)}
+            "tag_level_seconds": round(tag_seconds, 1), "rows_all_seconds": round(rows_seconds, 1),
+            "run_hashes": _run_hashes(work / run)}
 
 
 def summarize(results: List[dict]) -> dict:
@@ -141,6 +163,8 @@ def render(record: dict) -> str:
     head = ["setting", "value (rows removed)", "verdict (Holm; seeds)", "effect vs random removal [seed 95% CI]"]
     lines = ["| " + " | ".join(head + [f"`{m}` excess [95% CI]" for m in methods]) + " |",
              "|" + "---|" * (len(head) + len(methods))]
+    lines[0] = lines[0][:-2] + " | `tracin` excess on the verdict's slice (`--target slice:source!=v`) |"
+    lines[1] += "---|"
     for r in record["settings"]:
         for value, e in r["values"].items():
             verdict = e["verdict"] if e["verdict"] in ("hurts", "helps") else "none"
@@ -153,6 +177,13 @@ def render(record: dict) -> str:
                 ci = e["excess_ci95"].get(m)
                 mark = "" if e["agrees"] is None else (" ✓" if e["agrees"][m] else " ✗")
                 cells.append(f"{e['excess'][m]:+.3g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "") + mark)
+            sliced = e.get("tracin_on_verdict_slice")
+            if sliced:
+                ci = sliced.get("excess_ci95")
+                cells.append(f"{sliced['excess']:+.3g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
+                             + (" ✓" if sliced["agrees"] else " ✗"))
+            else:
+                cells.append("-" if e["agrees"] is None or "tracin_on_verdict_slice" in e else "not measured")
             lines.append("| " + " | ".join(cells) + " |")
     summary = "; ".join(f"`{m}` {v['agree']}/{v['significant_verdicts']}" for m, v in record["summary"].items())
     return "\n".join(lines) + f"\n\nSign agreement with the significant verdicts: {summary}.\n"
