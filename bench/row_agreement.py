@@ -91,21 +91,26 @@ def _run_hashes(run: Path) -> dict:
     return {k: record.get(k) for k in ("config_hash", "data_hash", "model_identity", "reproducibility_hash")}
 
 
-def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
+def _tracin_on_slice(run: str, value: str, verdict: str, verdict_slice: str, work: Path, env: dict) -> dict:
+    """TracIn against the verdict's own slice (the test rows without the value): the one target-dependent score;
+    the loss-type scores read no target, so their excess is the same on every target."""
     import pandas as pd
-    import yaml
 
     from verifily_train.attribution.rows import summarize_by_tag
 
-    work = root / setting
-    work.mkdir(parents=True, exist_ok=True)  # --root of an earlier call: its cache entries are hits
-    env = dict(os.environ, VERIFILY_HOME=str(work / "home"), HF_HUB_OFFLINE="1")
-    os.environ.update(VERIFILY_HOME=str(work / "home"), HF_HUB_OFFLINE="1")
-    cfg = _fixture_config(setting, work) if setting.startswith("fixture") else _example_config(setting, work, sft_steps)
-    (work / "train.yaml").write_text(yaml.safe_dump(cfg))
+    target = f"slice:{verdict_slice}"
+    sliced = _json(_cli("attribute", run, "--rows", "--target", target, "--methods", "tracin", "--json",
+                        cwd=work, env=env))
+    frame = pd.read_parquet(Path(sliced["path"]) / "row_attribution.parquet")
+    e = {x["value"]: x for x in summarize_by_tag(frame, "tracin", "source", bootstrap=1000)}[value]
+    return {"target": target, "target_rows": sliced.get("target_rows"), "method": "tracin",
+            "excess": e["excess"], "excess_ci95": e.get("excess_ci95"),
+            "agrees": (e["excess"] > 0) == (verdict == "hurts")}
+
+
+def _setup(setting: str, sft_steps: int, root: Path):
     started = time.perf_counter()
-    trained = _cli("train", "-c", "train.yaml", cwd=work, env=env)
-    run = next(line.split("run:", 1)[1].strip() for line in trained.stdout.splitlines() if line.strip().startswith("run:"))
+    work, env, run = _setup(setting, sft_steps, root)
     tagged = _json(_cli("attribute", run, "--by", "source", "--seeds", str(seeds), "--json", cwd=work, env=env))
     tag_seconds = time.perf_counter() - started
     rows_started = time.perf_counter()
@@ -119,18 +124,8 @@ def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
         cell = entry["slices"][entry["verdict_slice"]]["loss"]
         verdict = entry["verdict"]
         significant = verdict in ("hurts", "helps")
-        on_slice = None
-        if significant and entry["verdict_slice"] != "overall":
-            # TracIn against the verdict's own slice (the test rows without the value): the one target-dependent
-            # score; the loss-type scores read no target, so their excess is the same on every target
-            target = f"slice:{entry['verdict_slice']}"
-            sliced = _json(_cli("attribute", run, "--rows", "--target", target, "--methods", "tracin", "--json",
-                                cwd=work, env=env))
-            frame = pd.read_parquet(Path(sliced["path"]) / "row_attribution.parquet")
-            e = {x["value"]: x for x in summarize_by_tag(frame, "tracin", "source", bootstrap=1000)}[value]
-            on_slice = {"target": target, "target_rows": sliced.get("target_rows"), "method": "tracin",
-                        "excess": e["excess"], "excess_ci95": e.get("excess_ci95"),
-                        "agrees": (e["excess"] > 0) == (verdict == "hurts")}
+        on_slice = (_tracin_on_slice(run, value, verdict, entry["verdict_slice"], work, env)
+                    if significant and entry["verdict_slice"] != "overall" else None)
         values[value] = {
             "verdict": verdict, "p_adjusted": entry["p_adjusted"], "effect_vs_random": cell["effect"],
             "seed_ci95": cell.get("ci95") or cell.get("seed_ci95"), "mde": cell["mde"], "removed_rows": entry["removed_rows"],
@@ -154,6 +149,12 @@ def summarize(results: List[dict]) -> dict:
                  if e["agrees"] is not None and method in e["agrees"]]
         out[method] = {"significant_verdicts": len(calls), "agree": sum(a for *_, a in calls),
                        "disagreements": [f"{s}:{v} ({verdict})" for s, v, verdict, a in calls if not a]}
+    sliced = [(r["setting"], v, e["verdict"], e["tracin_on_verdict_slice"]["agrees"]) for r in results
+              for v, e in r["values"].items() if e.get("tracin_on_verdict_slice")]
+    if sliced:
+        out["tracin_on_verdict_slice"] = {
+            "significant_verdicts": len(sliced), "agree": sum(a for *_, a in sliced),
+            "disagreements": [f"{s}:{v} ({verdict})" for s, v, verdict, a in sliced if not a]}
     return out
 
 
@@ -196,6 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=40, help="training.max_steps of example-sft (default 40)")
     parser.add_argument("--root", default=None,
                         help="work folder (default: a new temporary one); an earlier call's folder reuses its cache")
+    parser.add_argument("--slice-check", action="store_true",
+                        help="keep the saved verdicts and excesses; retrain each setting's Run and add only TracIn "
+                             "on each significant verdict's slice (the table's last column)")
     parser.add_argument("--render", action="store_true", help="only print the markdown table of the saved results")
     args = parser.parse_args(argv)
     if args.render:
@@ -209,7 +213,12 @@ def main(argv=None) -> int:
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     done: Dict[str, dict] = {r["setting"]: r for r in previous.get("settings", [])}
     for setting in chosen:
-        result = run_setting(setting, args.seeds, args.sft_steps, root)
+        if args.slice_check:
+            if setting not in done:
+                parser.error(f"--slice-check: no saved verdicts for {setting} in {RESULTS}")
+            result = slice_check(done[setting], args.sft_steps, root)
+        else:
+            result = run_setting(setting, args.seeds, args.sft_steps, root)
         done[setting] = result
         for value, e in result["values"].items():
             excess = ", ".join(f"{m} {x:+.3g}" for m, x in e["excess"].items())

@@ -205,8 +205,9 @@ def loss_delta_by_seed(raw: Dict[str, list], name: str, ref: str) -> dict:
 
 
 def paired_ratio(raw: Dict[str, list], name: str, ref: str, key: str) -> float:
-    """Median over repetitions of ``name``'s value over ``ref``'s in the same repetition (noise hits both)."""
-    return median([a[key] / b[key] for a, b in zip(raw[name], raw[ref])])
+    """Median over repetitions of ``name``'s value over ``ref``'s in the same repetition (noise hits both);
+    repetitions where either has no value (a steady rate needs progress marks past the first quarter) are left out."""
+    return median([a[key] / b[key] for a, b in zip(raw[name], raw[ref]) if a.get(key) and b.get(key)])
 
 
 FP32_PEERS = ("peft_max_length", "peft_dynamic", "trl_sft")

@@ -154,6 +154,12 @@ def test_steady_rate_leaves_out_the_first_quarter_and_a_failing_contender_spares
     # first mark at or past 8/4 = 2 steps: 6 of the 8 steps' share of 800 tokens in 6 s
     assert clock.steady_tokens_per_second(800.0) == 600 / 6.0
     assert StepClock().steady_tokens_per_second(800.0) is None
+    # a repetition without a steady rate (too few progress marks) is left out of the paired steady ratio
+    from bench.throughput import paired_ratio
+
+    steady = {"ours": [{"s": None}, {"s": 30.0}, {"s": None}], "peer": [{"s": 10.0}, {"s": 20.0}, {"s": 10.0}]}
+    assert paired_ratio(steady, "ours", "peer", "s") == 1.5
+    assert paired_ratio({"ours": [{"s": None}], "peer": [{"s": 1.0}]}, "ours", "peer", "s") is None
 
     def boom():
         raise RuntimeError("no GPU")
