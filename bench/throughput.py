@@ -195,7 +195,10 @@ def loss_delta_by_seed(raw: Dict[str, list], name: str, ref: str) -> dict:
     deltas = [r - 1.0 for r in paired_ratios(raw, name, ref, "eval_loss")]
     ref_losses = [o["eval_loss"] for o in raw[ref]]
     out = {"loss_delta_reps": deltas, "loss_delta_mean": statistics.fmean(deltas)}
-    if len(deltas) > 1:
+    seeds = [o.get("seed") for o in raw[ref]]
+    # an interval over seeds only where the repetitions trained at distinct seeds (results from before
+    # per-repetition seeds repeat one seed: their spread is zero and says nothing about training noise)
+    if len(deltas) > 1 and None not in seeds and len(set(seeds)) == len(seeds):
         from scipy import stats
 
         half = stats.t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5

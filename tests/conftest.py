@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,17 @@ import yaml
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DO_NOT_TRACK", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (pyproject's addopts: two workers) each worker and every process it starts computes on one
+    # torch thread: two workers at two threads each on two cores would spin in each other's way. A thread count a
+    # test sets itself (the DDP launcher's OMP_NUM_THREADS) still wins.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Prefect's temporary server and in-process flows keep their database under PREFECT_HOME: one per test process
+# (an xdist worker), never the user's ~/.prefect, so two workers never share one SQLite file.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="verifily-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 
 from verifily_train.procs import die_with_parent, free_port, stop, wait_healthy  # noqa: E402
 
