@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, cli_env, train, write_config
+from conftest import assert_user_error, cli_env, run_cli, train, write_config
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes not installed (pip install -e '.[qlora]')")
@@ -120,6 +120,18 @@ def test_quantized_run_end_to_end_records_quantization(tmp_path, models, sft_spl
     assert record["metrics"]["loss"] > 0
     assert record["baseline_quantization"] == bits  # the gain is measured against the base quantized the same way
     assert record["metrics"]["baseline_loss"] > 0
+    # row attribution on the quantized Run (issue 24): the scoring model loads the base quantized the same way,
+    # and the gradient and loss methods score every train row
+    scored = run_cli("attribute", str(run), "--rows", "--methods", "tracin,self_influence,loss", "--projection-dim",
+                     "64", "--json", cwd=tmp_path, env=cli_env({"PREFECT_API_URL": prefect_api}))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = json.loads(scored.stdout[scored.stdout.index("{"):])
+    import pandas as pd
+
+    table = pd.read_parquet(Path(rows["path"]) / "row_attribution.parquet")
+    assert len(table) == rows["train_rows"] == 48
+    for method in ("tracin", "self_influence", "loss"):
+        assert table[f"score_{method}"].notna().all() and table[f"score_{method}"].abs().sum() > 0, method
 
 
 BLOCK_BNB = """
