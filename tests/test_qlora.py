@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import assert_user_error, cli_env, run_cli, train, write_config
@@ -126,8 +127,6 @@ def test_quantized_run_end_to_end_records_quantization(tmp_path, models, sft_spl
                      "64", "--json", cwd=tmp_path, env=cli_env({"PREFECT_API_URL": prefect_api}))
     assert scored.returncode == 0, scored.stderr[-3000:]
     rows = json.loads(scored.stdout[scored.stdout.index("{"):])
-    import pandas as pd
-
     table = pd.read_parquet(Path(rows["path"]) / "row_attribution.parquet")
     assert len(table) == rows["train_rows"] == 48
     for method in ("tracin", "self_influence", "loss"):
