@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-torch-profiler", action="store_true", help="cProfile only (lighter)")
+    parser.add_argument("--off", default="", help="comma-separated FastPaths levers to turn off (e.g. last_layer_at_labels)")
     args = parser.parse_args(argv)
 
     from bench.common import TrainSettings, quiet_libraries, set_threads
@@ -43,19 +44,20 @@ def main(argv=None) -> int:
     splits = write_splits(work / f"data-{args.regime}", {"train": settings.rows, "test": settings.eval_rows},
                           args.regime, median_words=8.0 if args.model == "smollm2" else 24.0)
     stage = OurTrainStage(model_dir, splits["train"], splits["test"], settings, work / f"run-{args.regime}")
-    stage.train(precision=args.precision, keep_model=False)  # warm the caches the first run fills (untimed)
+    levers = {name: False for name in args.off.split(",") if name}
+    stage.train(precision=args.precision, keep_model=False, **levers)  # warm the caches the first run fills (untimed)
 
     profiler = cProfile.Profile()
     if args.no_torch_profiler:
         profiler.enable()
-        manifest = stage.train(precision=args.precision, keep_model=False)
+        manifest = stage.train(precision=args.precision, keep_model=False, **levers)
         profiler.disable()
     else:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             profiler.enable()
-            manifest = stage.train(precision=args.precision, keep_model=False)
+            manifest = stage.train(precision=args.precision, keep_model=False, **levers)
             profiler.disable()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     print(f"train stage: {manifest['train_tokens']} tokens in {manifest['train_seconds']:.2f} s "

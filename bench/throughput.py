@@ -33,6 +33,7 @@ DESCRIPTIONS = {
     "verifily_bf16_recast": "verifily_bf16 with frozen weights kept fp32 (autocast re-casts them every forward)",
     "verifily_bf16_compiled": "verifily_bf16 plus training.compile (torch.compile of the repeated decoder block)",
     "verifily_compiled": "verifily (fp32) plus training.compile",
+    "verifily_whole_last_layer": "verifily with the last decoder layer at every position (before it ran at label positions only)",
     "trl_sft_bf16_compiled": "(c) with bf16 autocast and torch_compile=True (the whole model compiled)",
 }
 PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16", "trl_sft_bf16_compiled")
@@ -121,6 +122,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "verifily_grouped": our_run(precision="fp32", group_by_length=True),
             "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
             "verifily_unfused": our_run(precision="fp32", fused_lora_output=False),
+            "verifily_whole_last_layer": our_run(precision="fp32", last_layer_at_labels=False),
         }
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)

@@ -433,6 +433,7 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     assert first["cheap_dropout_layers"] == 2 * 7 and again["train_loss"] == first["train_loss"]
     # the train stage packed each batch's rows (the CPU, the label-only path): no padding computed
     assert first["packed_rows"] is True and first["padding_fraction"] == 0.0
+    assert first["label_rows_last_layers"] == 0  # bf16: the whole last layer (measured no faster at label rows)
 
 
 def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatch):
@@ -611,3 +612,81 @@ def test_training_compile_without_its_code_generator_is_refused_before_any_work(
         model_and_device_checks(cfg)
     model_and_device_checks(load_config(None, ["task=sft", f"base_model={models['llama']}",
                                                f"data_paths.train={sft_splits['train']}", "compute.device=cpu"]))
+
+
+def _lora_family(family: str, dropout: float):
+    """``_tiny_family`` with LoRA on every projection, its B weights random (not PEFT's zeros), the CPU levers on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from verifily_train.model import lora
+    from verifily_train.model.attention import use_fp32_attention
+
+    model = get_peft_model(_tiny_family(family), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                            target_modules="all-linear"))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)  # at PEFT's zero init the adapter's output, and dropout's effect, is nil
+    assert use_fp32_attention(model.get_base_model())
+    lora.use_cheap_dropout(model)
+    lora.use_fused_lora_output(model)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_last_layer_at_label_positions_gives_the_whole_layers_loss_and_gradients(family, dropout, monkeypatch):
+    """The last decoder layer computed at label positions only: the same loss bit for bit, the same
+    gradients to rounding, and the same dropout masks (the skipped rows' bits are still drawn)."""
+    import torch
+
+    from verifily_train.model import last_layer
+    from verifily_train.training.loss import label_position_loss
+
+    batch = _random_batch()
+    results, calls = [], []
+    real = last_layer._label_rows_forward
+    monkeypatch.setattr(last_layer, "_label_rows_forward", lambda *a: calls.append(a[1].shape) or real(*a))
+    for selected in (False, True):
+        model = _lora_family(family, dropout)
+        if selected:
+            assert last_layer.use_label_rows_last_layer(model) == 1
+        assert last_layer.selects_label_rows(model.get_base_model()) == selected
+        calls.clear()
+        model.train()
+        torch.manual_seed(5)
+        loss = label_position_loss(model, batch, pack=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, trainable), torch.rand(3)))
+        assert len(calls) == int(selected)  # the label-rows forward ran, once, where it was installed
+    (whole, whole_grads, whole_after), (rows, rows_grads, rows_after) = results
+    assert torch.equal(whole, rows)
+    assert torch.equal(whole_after, rows_after)  # the random stream moved by as much: every mask drawn the same
+    for a, b in zip(whole_grads, rows_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert max(float(g.abs().max()) for g in rows_grads) > 0
+
+
+def test_last_layer_at_labels_stays_off_where_it_is_not_exact_or_not_faster():
+    """Off under bf16 autocast (measured slower), for families outside its list, under gradient
+    checkpointing, and where a LoRA dropout would not draw the skipped rows' masks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from verifily_train.model import last_layer
+
+    assert not last_layer.supports(_tiny_family("phi3")) and not last_layer.supports(_tiny_family("olmo2"))
+    plain_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    assert last_layer.use_label_rows_last_layer(plain_dropout) == 0  # torch's nn.Dropout: masks of the computed rows only
+    checkpointed = _tiny_family("llama")
+    checkpointed.gradient_checkpointing_enable()
+    assert last_layer.use_label_rows_last_layer(checkpointed) == 0
+    no_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+    assert last_layer.use_label_rows_last_layer(no_dropout) == 1
+    # without a packed selection (evaluation, generation, the plain forward) the layer computes every position
+    no_dropout.eval()
+    with torch.no_grad():
+        batch = _random_batch()
+        out = no_dropout(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert out.shape[:2] == batch["input_ids"].shape

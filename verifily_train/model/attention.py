@@ -71,23 +71,64 @@ class PackedRows:
     and hides the padding slots as keys, so no token attends across rows.
     """
 
-    __slots__ = ("gather", "scatter", "rows", "width")
+    __slots__ = ("gather", "scatter", "rows", "width", "select")
 
-    def __init__(self, gather, scatter, rows: int, width: int):
+    def __init__(self, gather, scatter, rows: int, width: int, select=None):
         self.gather, self.scatter, self.rows, self.width = gather, scatter, rows, width
+        # packed positions whose last-layer output is read (model/last_layer.py); None: every position
+        self.select = select
+
+
+def _repad(states, gather, rows: int, width: int):
+    """(1, heads, tokens, dim) -> (rows, heads, width, dim): slot j of row r holds token ``gather[r * width + j]``."""
+    heads, dim = states.shape[1], states.shape[3]
+    picked = states[0].transpose(0, 1).index_select(0, gather)
+    return picked.view(rows, width, heads, dim).transpose(1, 2)
 
 
 def _attend_packed(module, query, key, value, attention_mask, packed: PackedRows, **kwargs):
     """Attention over packed rows: re-pad query, key and value to (rows, heads, width, dim), attend, unpad."""
 
-    def repad(states):  # (1, heads, tokens, dim) -> (rows, heads, width, dim)
-        heads, dim = states.shape[1], states.shape[3]
-        picked = states[0].transpose(0, 1).index_select(0, packed.gather)
-        return picked.view(packed.rows, packed.width, heads, dim).transpose(1, 2)
+    def repad(states):
+        return _repad(states, packed.gather, packed.rows, packed.width)
 
     out, _ = _attend_rows(module, repad(query), repad(key), repad(value), attention_mask, **kwargs)
     # (rows, width, heads, dim) -> (1, tokens, heads, dim), the layout attention functions return
     return out.reshape(packed.rows * packed.width, *out.shape[2:]).index_select(0, packed.scatter)[None], None
+
+
+def attend_packed_queries(module, query, key, value, packed: PackedRows, select, **kwargs):
+    """Attention of the packed positions ``select`` alone (sorted), over every packed row's keys and values.
+
+    ``query``: (1, heads, selected, dim), the selected positions in packed order; ``key``/``value``:
+    (1, kv heads, tokens, dim). The selected queries are re-padded by row to (rows, heads, width_q, dim)
+    and the keys and values to (rows, kv heads, width, dim), as :func:`_attend_packed` does; a query at
+    slot s of its row attends that row's slots up to s, the keys the whole layer gives it. Returns
+    (1, selected, heads, dim).
+    """
+    import torch
+
+    width, rows = packed.width, packed.rows
+    slot = packed.scatter.index_select(0, select)  # (selected,) slot in the (rows x width) layout
+    row, position = torch.div(slot, width, rounding_mode="floor"), slot % width
+    counts = torch.bincount(row, minlength=rows)
+    width_q = max(int(counts.max()), 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(select.shape[0], device=select.device) - starts.index_select(0, row)
+    slots_q = torch.arange(width_q, device=select.device)
+    in_row = slots_q[None, :] < counts[:, None]
+    last = max(select.shape[0] - 1, 0)
+    gather_q = torch.where(in_row, starts[:, None] + slots_q[None, :], 0).clamp(max=last).reshape(-1)
+    scatter_q = row * width_q + rank
+    # each query slot's position in its row; a padding slot takes position 0 (it attends slot 0, and is dropped)
+    query_pos = torch.where(in_row, position.index_select(0, gather_q).view(rows, width_q), 0)
+    keys = torch.arange(width, device=select.device)
+    attend = (keys[None, None, :] <= query_pos[:, :, None])[:, None]  # (rows, 1, width_q, width)
+    q = _repad(query, gather_q, rows, width_q)
+    k = _repad(key, packed.gather, rows, width)
+    v = _repad(value, packed.gather, rows, width)
+    out, _ = _attend_rows(module, q, k, v, attend, **kwargs)  # (rows, width_q, heads, dim)
+    return out.reshape(rows * width_q, *out.shape[2:]).index_select(0, scatter_q)[None]
 
 
 def _low_precision(query, key, value):

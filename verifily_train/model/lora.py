@@ -77,12 +77,27 @@ def _dropout_class():
             self.p = self.threshold / 65536
             self.scale = 1.0 / (1.0 - self.p) if self.p < 1 else 0.0
 
+        # inside a sub-forward over some rows of a packed sequence (model/last_layer.py), the mask is drawn
+        # for every row and the computed rows' part kept: the random stream is the whole layer's
+        follows_selected_rows = True
+
         def forward(self, x):
             if not self.training or self.threshold == 0:
                 return x
-            n = x.numel()
+            from verifily_train.model.last_layer import selected_rows
+
+            rows = selected_rows()
+            if rows is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == rows[1].shape[0]:
+                whole, select = rows
+                n = whole * x.shape[-1]
+            else:
+                select, n = None, x.numel()
             words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-            uniform16 = words.view(torch.int16)[:n].view(x.shape)  # signed: -32768..32767
+            uniform16 = words.view(torch.int16)[:n]  # signed: -32768..32767
+            if select is None:
+                uniform16 = uniform16.view(x.shape)
+            else:
+                uniform16 = uniform16.view(whole, x.shape[-1]).index_select(0, select).view(x.shape)
             keep = uniform16 >= self.threshold - 32768
             return x * keep.to(x.dtype).mul_(self.scale)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from verifily_train.config.schema import TrainConfig
-from verifily_train.model import attention, lora
+from verifily_train.model import attention, last_layer, lora
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_CAUSAL, ModelSpec
 from verifily_train.training import compiled
@@ -34,6 +34,7 @@ class FastPaths:
     cpu_cheap_dropout: bool = True  # LoRA on the CPU: dropout masks from 16 random bits an element (lora.py)
     fused_lora_output: bool = True  # LoRA: the adapter's output added inside one addmm (lora.py)
     pack_rows: bool = True  # label-only head on a CPU: each batch's real tokens as one packed sequence (loss.py)
+    last_layer_at_labels: bool = True  # packed fp32 rows: the last decoder layer only where a label is (model/last_layer.py)
     lean_steps: bool = True  # Trainer bookkeeping over trainable parameters only, long-lived objects out of gc (trainer.py)
     compile_blocks: Optional[bool] = None  # torch.compile of the repeated decoder block; None: training.compile
 
@@ -45,6 +46,8 @@ class FastPaths:
         sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
         label_only = (self.label_only_head and spec.kind == KIND_CAUSAL and supports_label_only_head(model)
                       and not in_launched_rank())  # DDP ranks take the plain forward: it goes through DDP's wrapper
+        # the stage's attention function handles packed rows; in fp32 it is SDPA for anything else
+        pack = self.pack_rows and label_only and plan.device in PACK_DEVICES and not compile_blocks and sdpa
         return FastPaths(
             label_only_head=label_only,
             frozen_in_compute_dtype=self.frozen_in_compute_dtype and use_lora and not quantized and low,
@@ -52,8 +55,9 @@ class FastPaths:
             # compiled blocks fuse nn.Dropout's own sampling; the 16-bit sampler's in-place random_ breaks their graph
             cpu_cheap_dropout=self.cpu_cheap_dropout and use_lora and plan.device == "cpu" and not compile_blocks,
             fused_lora_output=self.fused_lora_output and use_lora,
-            # the stage's attention function handles packed rows; in fp32 it is SDPA for anything else
-            pack_rows=self.pack_rows and label_only and plan.device in PACK_DEVICES and not compile_blocks and sdpa,
+            pack_rows=pack,
+            # fp32 only: under bf16 autocast it measured 0.98x (model/last_layer.py)
+            last_layer_at_labels=self.last_layer_at_labels and pack and not low and last_layer.supports(model),
             lean_steps=self.lean_steps,
             compile_blocks=bool(compile_blocks),
         )
@@ -68,6 +72,7 @@ class AppliedPaths:
     cheap_dropout_layers: int = 0
     fused_lora_output_layers: int = 0
     compiled_blocks: int = 0
+    label_rows_last_layers: int = 0
 
 
 def switch_attention(model, paths: FastPaths) -> FastPaths:
@@ -76,14 +81,14 @@ def switch_attention(model, paths: FastPaths) -> FastPaths:
         return paths
     if attention.use_fp32_attention(model):
         return paths
-    return dataclasses.replace(paths, cpu_fp32_attention=False, pack_rows=False)
+    return dataclasses.replace(paths, cpu_fp32_attention=False, pack_rows=False, last_layer_at_labels=False)
 
 
 def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
     """The levers that change the LoRA-wrapped model's layers, in the order they must run."""
     import torch  # heavy: the stage has it loaded by now
 
-    converted = cheap = fused = blocks = 0
+    converted = cheap = fused = blocks = label_rows = 0
     if paths.frozen_in_compute_dtype:
         converted = lora.store_frozen_linears_in(model, torch.bfloat16 if precision == "bf16" else torch.float16)
     if paths.cpu_cheap_dropout:
@@ -92,4 +97,7 @@ def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
         fused = lora.use_fused_lora_output(model)
     if paths.compile_blocks:
         blocks = compiled.compile_repeated_blocks(model)
-    return AppliedPaths(paths, converted, cheap, fused, blocks)
+    if paths.last_layer_at_labels:  # after the dropout swap: it checks that the layer's dropouts follow rows
+        label_rows = last_layer.use_label_rows_last_layer(model)
+    return AppliedPaths(dataclasses.replace(paths, last_layer_at_labels=bool(label_rows)), converted, cheap, fused,
+                        blocks, label_rows)

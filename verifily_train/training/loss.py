@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 from typing import List, Optional
 
+from verifily_train.model import last_layer
 from verifily_train.model.attention import NAME, PACKED_KWARG, PackedRows
 
 # families whose CausalLM forward is exactly ``logits = lm_head(decoder(...).last_hidden_state)``:
@@ -183,10 +184,12 @@ def _packed_label_loss_sum(base, ids, mask, labels):
     ids, labels = ids[:, :width], labels[:, :width]
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), -100)], dim=1)[real]
     position_ids = (torch.cumsum(mask[:, :width], dim=1) - 1)[real][None]
+    # the last decoder layer may compute the label positions alone (model/last_layer.py): it returns those rows
+    select = (targets != -100).nonzero()[:, 0] if last_layer.selects_label_rows(base) else None
     # a 4D mask is used as given (transformers builds none); only the packed attention reads it
     hidden = base.model(input_ids=ids[real][None], position_ids=position_ids, attention_mask=attend, use_cache=False,
-                        **{PACKED_KWARG: PackedRows(gather, scatter, rows, width)}).last_hidden_state
-    return _head_loss_sum(base, hidden[0], targets)
+                        **{PACKED_KWARG: PackedRows(gather, scatter, rows, width, select)}).last_hidden_state
+    return _head_loss_sum(base, hidden[0], targets if select is None else targets.index_select(0, select))
 
 
 def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True,

@@ -282,6 +282,7 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: 
         "cheap_dropout_layers": applied.cheap_dropout_layers,
         "fused_lora_output_layers": applied.fused_lora_output_layers,
         "compiled_blocks": applied.compiled_blocks,
+        "label_rows_last_layers": applied.label_rows_last_layers,
         "packed_rows": paths.pack_rows,
         "lean_steps": paths.lean_steps,
         "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
