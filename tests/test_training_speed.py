@@ -675,6 +675,7 @@ def test_last_layer_at_labels_stays_off_where_it_is_not_exact_or_not_faster():
     from peft import LoraConfig, get_peft_model
 
     from verifily_train.model import last_layer
+    from verifily_train.training.loss import label_position_loss
 
     assert not last_layer.supports(_tiny_family("phi3")) and not last_layer.supports(_tiny_family("olmo2"))
     plain_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
@@ -684,6 +685,12 @@ def test_last_layer_at_labels_stays_off_where_it_is_not_exact_or_not_faster():
     assert last_layer.use_label_rows_last_layer(checkpointed) == 0
     no_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
     assert last_layer.use_label_rows_last_layer(no_dropout) == 1
+    unlabelled = dict(_random_batch(), labels=torch.full_like(_random_batch()["labels"], -100))
+    from verifily_train.model.attention import use_fp32_attention
+
+    assert use_fp32_attention(no_dropout.get_base_model())
+    no_dropout.train()
+    assert float(label_position_loss(no_dropout, unlabelled, pack=True)) == 0.0  # no label: nothing selected
     # without a packed selection (evaluation, generation, the plain forward) the layer computes every position
     no_dropout.eval()
     with torch.no_grad():

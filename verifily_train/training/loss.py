@@ -186,6 +186,8 @@ def _packed_label_loss_sum(base, ids, mask, labels):
     position_ids = (torch.cumsum(mask[:, :width], dim=1) - 1)[real][None]
     # the last decoder layer may compute the label positions alone (model/last_layer.py): it returns those rows
     select = (targets != -100).nonzero()[:, 0] if last_layer.selects_label_rows(base) else None
+    if select is not None and select.numel() == 0:  # no label in the batch: the whole layer (its loss is 0)
+        select = None
     # a 4D mask is used as given (transformers builds none); only the packed attention reads it
     hidden = base.model(input_ids=ids[real][None], position_ids=position_ids, attention_mask=attend, use_cache=False,
                         **{PACKED_KWARG: PackedRows(gather, scatter, rows, width, select)}).last_hidden_state
