@@ -58,6 +58,8 @@ def store_frozen_linears_in(model, dtype) -> int:
 def _dropout_class():
     import torch
 
+    from verifily_train.model.last_layer import selected_rows
+
     class BernoulliDropout(torch.nn.Module):
         """``nn.Dropout`` whose keep-mask is drawn from 16 random bits per element instead of one Bernoulli draw.
 
@@ -84,8 +86,6 @@ def _dropout_class():
         def forward(self, x):
             if not self.training or self.threshold == 0:
                 return x
-            from verifily_train.model.last_layer import selected_rows
-
             rows = selected_rows()
             if rows is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == rows[1].shape[0]:
                 whole, select = rows
