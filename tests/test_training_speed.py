@@ -434,6 +434,7 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     # the train stage packed each batch's rows (the CPU, the label-only path): no padding computed
     assert first["packed_rows"] is True and first["padding_fraction"] == 0.0
     assert first["label_rows_last_layers"] == 0  # bf16: the whole last layer (measured no faster at label rows)
+    assert first["packed_tokens_bucket"] == 64  # bf16: packed lengths padded to a bucket (oneDNN's per-shape kernels)
 
 
 def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatch):
@@ -697,3 +698,61 @@ def test_last_layer_at_labels_stays_off_where_it_is_not_exact_or_not_faster():
         batch = _random_batch()
         out = no_dropout(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert out.shape[:2] == batch["input_ids"].shape
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"])
+def test_bucket_padding_rows_leave_loss_gradients_and_dropout_stream_unchanged(family, dropout, precision):
+    """Packed rows padded to a multiple of a bucket (rows of their own, labels -100): the same loss and
+    gradients bit for bit, and the 16-bit dropout draws no bits for the padding (the stream is unmoved)."""
+    import torch
+
+    from verifily_train.model import lora
+    from verifily_train.training.loss import bucket_rows, label_position_loss
+
+    batch = _random_batch()
+    real = int(batch["attention_mask"].sum())
+    for bucket in (64, 7):
+        padded = bucket_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], bucket)
+        assert padded[3] == real and int(padded[1].sum()) % bucket == 0 and int(padded[1].sum()) > real
+        assert int(padded[1].sum(dim=1).max()) == int(batch["attention_mask"].sum(dim=1).max())  # no wider rows
+        results = []
+        for b in (None, bucket):
+            model = _lora_family(family, dropout)
+            if precision == "bf16":
+                lora.store_frozen_linears_in(model, torch.bfloat16)
+            model.train()
+            torch.manual_seed(5)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = label_position_loss(model, batch, pack=True, bucket=b)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            results.append((loss, torch.autograd.grad(loss, trainable), torch.rand(3)))
+        (plain, plain_grads, plain_after), (padded_loss, padded_grads, padded_after) = results
+        assert torch.equal(plain, padded_loss)
+        assert torch.equal(plain_after, padded_after)  # no bits drawn for the padding rows
+        for a, b in zip(plain_grads, padded_grads):
+            assert torch.equal(a, b)
+        assert max(float(g.abs().max()) for g in padded_grads) > 0
+
+
+def test_bucketed_packed_rows_train_the_same_bf16_adapter_bit_for_bit(models, sft_splits, tmp_path):
+    """The real train stage under bf16 with and without the bucket: the same losses and adapter tensors; the
+    bucket stays off where torch's own dropout would draw bits for the padding rows."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from verifily_train.training.fastpaths import FastPaths, apply_to_adapter
+
+    on, on_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "on", True)
+    off, off_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "off", True, bucket_packed_tokens=False)
+    assert on["packed_tokens_bucket"] == 64 and off["packed_tokens_bucket"] is None
+    assert on["train_loss"] == off["train_loss"]
+    assert on_tensors.keys() == off_tensors.keys()
+    assert all(torch.equal(on_tensors[k], off_tensors[k]) for k in on_tensors)
+    plain_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    wish = FastPaths(cpu_cheap_dropout=False, fused_lora_output=False, frozen_in_compute_dtype=False,
+                     last_layer_at_labels=False, compile_blocks=False)
+    assert apply_to_adapter(plain_dropout, wish, "bf16").paths.bucket_packed_tokens is False
+    no_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+    assert apply_to_adapter(no_dropout, wish, "bf16").paths.bucket_packed_tokens is True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 from verifily_train.config.schema import LoraSection
@@ -54,6 +56,24 @@ def store_frozen_linears_in(model, dtype) -> int:
     return count
 
 
+# the number of real tokens at the head of a packed sequence whose tail is bucket padding (training.loss)
+_REAL_ROWS: contextvars.ContextVar = contextvars.ContextVar("verifily_real_rows", default=None)
+
+
+@contextlib.contextmanager
+def real_rows(count):
+    """While a packed forward runs: its first ``count`` tokens are real, the rest padding (None: all real).
+
+    :class:`BernoulliDropout` draws bits for the real tokens only, so padding a batch leaves every mask and
+    the random stream as they are without it.
+    """
+    token = _REAL_ROWS.set(count)
+    try:
+        yield
+    finally:
+        _REAL_ROWS.reset(token)
+
+
 @functools.lru_cache(maxsize=None)
 def _dropout_class():
     import torch
@@ -86,18 +106,24 @@ def _dropout_class():
         def forward(self, x):
             if not self.training or self.threshold == 0:
                 return x
-            rows = selected_rows()
-            if rows is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == rows[1].shape[0]:
+            rows, real = selected_rows(), _REAL_ROWS.get()
+            packed = x.dim() == 3 and x.shape[0] == 1
+            if rows is not None and packed and x.shape[1] == rows[1].shape[0]:
                 whole, select = rows
                 n = whole * x.shape[-1]
+            elif real is not None and packed and x.shape[1] > real:  # bucket padding at the tail: no bits for it
+                select, n = None, real * x.shape[-1]
             else:
-                select, n = None, x.numel()
+                select, real, n = None, None, x.numel()
             words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
             uniform16 = words.view(torch.int16)[:n]  # signed: -32768..32767
-            if select is None:
-                uniform16 = uniform16.view(x.shape)
-            else:
+            if select is not None:
                 uniform16 = uniform16.view(whole, x.shape[-1]).index_select(0, select).view(x.shape)
+            elif real is not None:  # the padding rows' mask: drop (their output is never read)
+                uniform16 = torch.cat([uniform16.view(1, real, x.shape[-1]),
+                                       uniform16.new_full((1, x.shape[1] - real, x.shape[-1]), -32768)], dim=1)
+            else:
+                uniform16 = uniform16.view(x.shape)
             keep = uniform16 >= self.threshold - 32768
             return x * keep.to(x.dtype).mul_(self.scale)
 

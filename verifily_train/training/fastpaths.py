@@ -35,6 +35,7 @@ class FastPaths:
     fused_lora_output: bool = True  # LoRA: the adapter's output added inside one addmm (lora.py)
     pack_rows: bool = True  # label-only head on a CPU: each batch's real tokens as one packed sequence (loss.py)
     last_layer_at_labels: bool = True  # packed fp32 rows: the last decoder layer only where a label is (model/last_layer.py)
+    bucket_packed_tokens: bool = True  # packed rows under CPU bf16/fp16 autocast: token count padded to a bucket (loss.py)
     lean_steps: bool = True  # Trainer bookkeeping over trainable parameters only, long-lived objects out of gc (trainer.py)
     compile_blocks: Optional[bool] = None  # torch.compile of the repeated decoder block; None: training.compile
 
@@ -58,6 +59,9 @@ class FastPaths:
             pack_rows=pack,
             # fp32 only: under bf16 autocast it measured 0.98x (model/last_layer.py)
             last_layer_at_labels=self.last_layer_at_labels and pack and not low and last_layer.supports(model),
+            # low precision only: oneDNN builds its bf16 kernels per row count, fp32 (MKL) has no such cost;
+            # never with the label-rows last layer (fp32 only), whose dropout rows count every packed token
+            bucket_packed_tokens=self.bucket_packed_tokens and pack and low,
             lean_steps=self.lean_steps,
             compile_blocks=bool(compile_blocks),
         )
@@ -81,7 +85,8 @@ def switch_attention(model, paths: FastPaths) -> FastPaths:
         return paths
     if attention.use_fp32_attention(model):
         return paths
-    return dataclasses.replace(paths, cpu_fp32_attention=False, pack_rows=False, last_layer_at_labels=False)
+    return dataclasses.replace(paths, cpu_fp32_attention=False, pack_rows=False, last_layer_at_labels=False,
+                               bucket_packed_tokens=False)
 
 
 def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
@@ -99,5 +104,10 @@ def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
         blocks = compiled.compile_repeated_blocks(model)
     if paths.last_layer_at_labels:  # after the dropout swap: it checks that the layer's dropouts follow rows
         label_rows = last_layer.use_label_rows_last_layer(model)
-    return AppliedPaths(dataclasses.replace(paths, last_layer_at_labels=bool(label_rows)), converted, cheap, fused,
-                        blocks, label_rows)
+    # the padding tokens must not draw dropout bits (the stream stays the unpadded one's): the 16-bit
+    # sampler knows the real rows; torch's nn.Dropout would draw for the padding too. Nor under gradient
+    # checkpointing, whose recomputed forward runs outside the loss's real-rows context.
+    bucket = (paths.bucket_packed_tokens and last_layer.dropouts_follow_rows(model)
+              and not getattr(model, "is_gradient_checkpointing", False))
+    return AppliedPaths(dataclasses.replace(paths, last_layer_at_labels=bool(label_rows), bucket_packed_tokens=bucket),
+                        converted, cheap, fused, blocks, label_rows)

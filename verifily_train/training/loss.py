@@ -35,6 +35,12 @@ DEFAULT_GROUP_COST = 24
 # model takes the stage's attention function. Not on GPUs: unmeasured there, and a GPU step is bound by
 # kernel launches, which packing adds (index copies per layer) rather than removes.
 PACK_DEVICES = frozenset({"cpu"})
+# under CPU bf16 autocast a packed batch's token count is padded up to a multiple of this (padding rows whose
+# output nothing reads). oneDNN builds its bf16 matmul kernels for each new row count (about 0.4 ms a shape
+# here, some 30 shapes a step), and packed rows give nearly every step a new count; padding to a bucket makes
+# the counts repeat. Measured cold, each run its own process, bench model, short rows, 80 steps: 2,744-3,086
+# tok/s unpadded, 3,670-3,820 at 64 (docs/benchmarks.md). fp32 matmuls (MKL) build nothing per shape.
+PACK_BUCKET_TOKENS = 64
 
 
 def group_cost_for(device_type: str, precision: str = "fp32") -> Optional[int]:
@@ -160,16 +166,48 @@ def can_pack(base, ids, mask) -> bool:
     return window is None or int(window) >= ids.shape[1]
 
 
-def _packed_label_loss_sum(base, ids, mask, labels):
+def bucket_rows(ids, mask, labels, bucket: int):
+    """The batch with rows of unlabelled padding tokens appended, so its real tokens number a multiple of ``bucket``.
+
+    Each padding row is at most as long as the batch's longest row (attention's re-padded width stays) and is
+    a row of its own to attention, so no real token sees it; its labels are -100, so nothing reads its output
+    and its gradient is zero. Returns (ids, mask, labels, real tokens before the padding).
+    """
+    import torch
+
+    lengths = mask.sum(dim=1)
+    real = int(lengths.sum())
+    need, width = (-real) % bucket, max(int(lengths.max()), 1)
+    if need == 0:
+        return ids, mask, labels, real
+    sizes = [width] * (need // width) + ([need % width] if need % width else [])
+    pad_mask = (torch.arange(ids.shape[1], device=ids.device)[None, :]
+                < torch.tensor(sizes, device=ids.device)[:, None]).to(mask.dtype)
+    pad_ids = ids.new_zeros((len(sizes), ids.shape[1]))
+    pad_labels = labels.new_full((len(sizes), labels.shape[1]), -100)
+    return torch.cat([ids, pad_ids]), torch.cat([mask, pad_mask]), torch.cat([labels, pad_labels]), real
+
+
+def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None):
     """:func:`_label_loss_sum` with the batch's real tokens packed into one sequence (no padding computed).
 
     Every per-token layer (projections, MLP, norms, LoRA, dropout) runs on the concatenated real tokens
     of the right-padded batch, with each row's own position ids; attention re-pads them by row
     (``attention.PackedRows``), so no token attends to another row's. The same loss and gradients as
     the padded forward, without computing any padding outside attention.
+
+    ``bucket`` (CPU bf16 autocast, ``PACK_BUCKET_TOKENS``): the packed length is padded up to a multiple of it
+    with rows of their own (:func:`bucket_rows`); LoRA's dropout draws bits for the real tokens only
+    (``lora.real_rows``), so the masks, the loss and the random stream are the unpadded ones'.
     """
     import torch
 
+    from verifily_train.model import lora
+
+    select_last = last_layer.selects_label_rows(base)
+    real_tokens = None
+    if bucket and not select_last:  # the label-rows last layer (fp32 only) counts every packed row as real
+        ids, mask, labels, real_tokens = bucket_rows(ids, mask, labels, bucket)
     rows = ids.shape[0]
     lengths = mask.sum(dim=1)
     width = int(lengths.max())
@@ -185,24 +223,27 @@ def _packed_label_loss_sum(base, ids, mask, labels):
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), -100)], dim=1)[real]
     position_ids = (torch.cumsum(mask[:, :width], dim=1) - 1)[real][None]
     # the last decoder layer may compute the label positions alone (model/last_layer.py): it returns those rows
-    select = (targets != -100).nonzero()[:, 0] if last_layer.selects_label_rows(base) else None
+    select = (targets != -100).nonzero()[:, 0] if select_last else None
     if select is not None and select.numel() == 0:  # no label in the batch: the whole layer (its loss is 0)
         select = None
     # a 4D mask is used as given (transformers builds none); only the packed attention reads it
-    hidden = base.model(input_ids=ids[real][None], position_ids=position_ids, attention_mask=attend, use_cache=False,
-                        **{PACKED_KWARG: PackedRows(gather, scatter, rows, width, select)}).last_hidden_state
+    with lora.real_rows(real_tokens):
+        hidden = base.model(input_ids=ids[real][None], position_ids=position_ids, attention_mask=attend,
+                            use_cache=False,
+                            **{PACKED_KWARG: PackedRows(gather, scatter, rows, width, select)}).last_hidden_state
     return _head_loss_sum(base, hidden[0], targets if select is None else targets.index_select(0, select))
 
 
 def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True,
-                        pack: bool = True):
+                        pack: bool = True, bucket: Optional[int] = None):
     """Next-token cross-entropy over positions whose label is not -100, with the head applied only there.
 
     ``pack`` (CPU, the stage's attention function): the batch's real tokens run packed into one sequence,
     attention kept within each row (:func:`_packed_label_loss_sum`). Otherwise ``split_by_length``: the
     (right-padded) batch runs as a few sub-batches of similar length, each cut to its own longest row, in
     one autograd graph. Either way the same batch, the same loss and gradient (padding never changed a
-    real position's value), without computing most of the padding.
+    real position's value), without computing most of the padding. ``bucket``: a packed batch's length
+    padded to a multiple of it (``PACK_BUCKET_TOKENS``, CPU bf16; :func:`_packed_label_loss_sum`).
     """
     import torch
 
@@ -211,7 +252,7 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     cost = group_cost_for(ids.device.type, autocast_precision(ids.device.type))
     split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
     if pack and can_pack(base, ids, mask):
-        total, count = _packed_label_loss_sum(base, ids, mask, labels)
+        total, count = _packed_label_loss_sum(base, ids, mask, labels, bucket)
     elif split and _right_padded(mask):
         lengths = mask.sum(dim=1).tolist()
         total, count = 0.0, 0

@@ -30,7 +30,7 @@ from verifily_train.training.callbacks import ReportProgress, StepProgress
 from verifily_train.training.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint
 from verifily_train.training.distributed import launch_ranks
 from verifily_train.training.fastpaths import AppliedPaths, FastPaths, apply_to_adapter, switch_attention
-from verifily_train.training.loss import group_cost_for, label_position_loss, length_groups
+from verifily_train.training.loss import PACK_BUCKET_TOKENS, group_cost_for, label_position_loss, length_groups
 from verifily_train.training.outputs import save_trained
 from verifily_train.training.ranks import ddp_backend, in_launched_rank, is_main_rank, local_device_index
 from verifily_train.training.snapshots import snapshot_callbacks
@@ -60,7 +60,8 @@ def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Option
                 denominator = loss_denominator if loss_denominator is not None else num_items_in_batch
                 # accelerate autocasts by patching model.forward, which this path does not call
                 with self.accelerator.autocast():
-                    return label_position_loss(model, inputs, denominator, pack=paths.pack_rows)
+                    return label_position_loss(model, inputs, denominator, pack=paths.pack_rows,
+                                               bucket=PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
@@ -228,6 +229,7 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     if cfg.lora.enabled:
         model = build_adapter(model, cfg.lora, spec)
     applied = apply_to_adapter(model, paths, plan.precision)
+    paths = applied.paths  # what the model can take (a lever may stay off for the adapter's dropout, say)
     trainable, total = count_parameters(model)
     tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
@@ -284,6 +286,7 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: 
         "compiled_blocks": applied.compiled_blocks,
         "label_rows_last_layers": applied.label_rows_last_layers,
         "packed_rows": paths.pack_rows,
+        "packed_tokens_bucket": PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None,
         "lean_steps": paths.lean_steps,
         "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
     }
