@@ -34,6 +34,8 @@ DESCRIPTIONS = {
     "verifily_bf16_compiled": "verifily_bf16 plus training.compile (torch.compile of the repeated decoder block)",
     "verifily_compiled": "verifily (fp32) plus training.compile",
     "verifily_whole_last_layer": "verifily with the last decoder layer at every position (before it ran at label positions only)",
+    "verifily_uncut": "verifily computing each row's last token too (it predicts no label; before, every packed row ran whole)",
+    "verifily_bf16_unbucketed": "verifily_bf16 with packed lengths not padded to a bucket (before: a new row count, and new oneDNN kernels, nearly every step)",
     "trl_sft_bf16_compiled": "(c) with bf16 autocast and torch_compile=True (the whole model compiled)",
 }
 PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16", "trl_sft_bf16_compiled")
@@ -123,6 +125,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "verifily_torch_dropout": our_run(precision="fp32", cpu_cheap_dropout=False),
             "verifily_unfused": our_run(precision="fp32", fused_lora_output=False),
             "verifily_whole_last_layer": our_run(precision="fp32", last_layer_at_labels=False),
+            "verifily_uncut": our_run(precision="fp32", trim_dead_tails=False),
         }
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)
@@ -131,6 +134,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             runs["verifily_bf16_split"] = _with_group_cost(our_run(precision="bf16", pack_rows=False), 24)
             runs["verifily_bf16_whole"] = our_run(precision="bf16", pack_rows=False)
             runs["verifily_bf16_recast"] = our_run(precision="bf16", frozen_in_compute_dtype=False)
+            runs["verifily_bf16_unbucketed"] = our_run(precision="bf16", bucket_packed_tokens=False)
             runs["verifily_bf16_compiled"] = our_run(precision="bf16", compile_blocks=True)
         runs["verifily_compiled"] = our_run(precision="fp32", compile_blocks=True)
     if not trl_available():

@@ -435,6 +435,7 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     assert first["packed_rows"] is True and first["padding_fraction"] == 0.0
     assert first["label_rows_last_layers"] == 0  # bf16: the whole last layer (measured no faster at label rows)
     assert first["packed_tokens_bucket"] == 64  # bf16: packed lengths padded to a bucket (oneDNN's per-shape kernels)
+    assert first["dead_tails_cut"] is True  # each row's last token (it predicts nothing) not computed
 
 
 def test_sub_batch_cost_is_looked_up_by_device_and_autocast_precision(monkeypatch):
@@ -756,3 +757,46 @@ def test_bucketed_packed_rows_train_the_same_bf16_adapter_bit_for_bit(models, sf
     assert apply_to_adapter(plain_dropout, wish, "bf16").paths.bucket_packed_tokens is False
     no_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
     assert apply_to_adapter(no_dropout, wish, "bf16").paths.bucket_packed_tokens is True
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"])
+def test_cutting_dead_tails_leaves_loss_gradients_and_dropout_stream_unchanged(family, dropout):
+    """Packed rows without the positions after each row's last label-reading one (SFT: the final token), alone,
+    with the label-rows last layer, and with bucket padding under bf16: the same loss bit for bit, gradients
+    to rounding, and every dropout bit still drawn (the stream moves by as much)."""
+    import torch
+
+    from verifily_train.model import last_layer, lora
+    from verifily_train.training.loss import dead_tails, label_position_loss
+
+    batch = _random_batch()
+    mask, cut_rows = dead_tails(batch["attention_mask"], batch["labels"])
+    lengths = batch["attention_mask"].sum(dim=1)
+    # every row ends on a label: one token less each, but the one-token row (a row keeps a token)
+    assert mask.sum(dim=1).tolist() == [max(int(n) - 1, 1) for n in lengths]
+    assert cut_rows.shape[0] == int(mask.sum()) and int(cut_rows.max()) < int(lengths.sum())
+    # a row's last token never predicts a label: only one-token rows have nothing to cut
+    one_token = batch["attention_mask"][-1:]
+    assert dead_tails(one_token, batch["labels"][-1:]) is None
+    arms = [("fp32", {}), ("fp32", {"trim": True}), ("fp32-last", {"trim": True}), ("bf16", {}),
+            ("bf16", {"trim": True, "bucket": 64})]
+    results = {}
+    for arm, (precision, kwargs) in enumerate(arms):
+        model = _lora_family(family, dropout)
+        if precision == "fp32-last" and not last_layer.use_label_rows_last_layer(model):
+            continue  # phi3, olmo2: no label-rows last layer
+        if precision == "bf16":
+            lora.store_frozen_linears_in(model, torch.bfloat16)
+        model.train()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = label_position_loss(model, batch, pack=True, **kwargs)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        results[arm] = (precision[:4], loss, torch.autograd.grad(loss, trainable), torch.rand(3))
+    for arm, (precision, loss, grads, after) in results.items():
+        _, plain, plain_grads, plain_after = results[0 if precision == "fp32" else 3]
+        assert torch.equal(loss, plain), (arms[arm], float(loss), float(plain))
+        assert torch.equal(after, plain_after)
+        for a, b in zip(grads, plain_grads):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) if precision == "fp32" else torch.allclose(a, b, rtol=1e-2, atol=1e-4)

@@ -27,6 +27,7 @@ would run outside the dropout's row context).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 import types
@@ -41,6 +42,23 @@ _ROWS: contextvars.ContextVar = contextvars.ContextVar("verifily_label_rows", de
 def selected_rows():
     """(whole row count, selected row indices) inside a label-rows sub-forward, else None (for LoRA dropout)."""
     return _ROWS.get()
+
+
+@contextlib.contextmanager
+def rows_of(whole: int, select):
+    """While it runs, a packed sequence holds rows ``select`` of ``whole``: LoRA dropout draws for all of them.
+
+    Nested (the label rows of the last layer inside a forward whose dead tails were cut, ``training.loss``),
+    the selections compose: the rows are always counted against the outermost whole sequence.
+    """
+    outer = _ROWS.get()
+    if outer is not None and outer[1].shape[0] == whole:
+        whole, select = outer[0], outer[1].index_select(0, select)
+    token = _ROWS.set((whole, select))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def _decoder_layers(base):
@@ -133,12 +151,9 @@ def _label_rows_forward(layer, hidden, attention_mask, position_embeddings, pack
     select, whole = packed.select, hidden.shape[1]
     attn = layer.self_attn
     dim = attn.head_dim
-    token = _ROWS.set((whole, select))
-    try:
+    with rows_of(whole, select):
         normed = layer.input_layernorm(hidden)
         query = attn.q_proj(normed[:, select]).view(1, select.shape[0], -1, dim)
-    finally:
-        _ROWS.reset(token)
     key = attn.k_proj(normed).view(1, whole, -1, dim)
     value = attn.v_proj(normed).view(1, whole, -1, dim).transpose(1, 2)
     if getattr(attn, "q_norm", None) is not None:  # qwen3: per-head norms before the rotary embedding
@@ -150,10 +165,7 @@ def _label_rows_forward(layer, hidden, attention_mask, position_embeddings, pack
     query = (query * cos_q) + (rotate(query) * sin_q)
     key = (key * cos.unsqueeze(1)) + (rotate(key) * sin.unsqueeze(1))
     out = attend_packed_queries(attn, query, key, value, packed, select, scaling=attn.scaling)  # (1, selected, heads, dim)
-    token = _ROWS.set((whole, select))
-    try:
+    with rows_of(whole, select):
         out = attn.o_proj(out.reshape(1, select.shape[0], -1).contiguous())
         residual = hidden[:, select] + out
         return residual + layer.mlp(layer.post_attention_layernorm(residual))
-    finally:
-        _ROWS.reset(token)

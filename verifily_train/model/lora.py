@@ -107,24 +107,23 @@ def _dropout_class():
             if not self.training or self.threshold == 0:
                 return x
             rows, real = selected_rows(), _REAL_ROWS.get()
-            packed = x.dim() == 3 and x.shape[0] == 1
-            if rows is not None and packed and x.shape[1] == rows[1].shape[0]:
-                whole, select = rows
-                n = whole * x.shape[-1]
-            elif real is not None and packed and x.shape[1] > real:  # bucket padding at the tail: no bits for it
-                select, n = None, real * x.shape[-1]
+            select = padding = None
+            if x.dim() == 3 and x.shape[0] == 1:  # a packed sequence (training.loss)
+                live = real if real is not None and x.shape[1] > real else x.shape[1]
+                padding = x.shape[1] - live or None  # bucket padding at the tail: no bits drawn for it
+                if rows is not None and rows[1].shape[0] == live:  # the computed rows of a longer sequence
+                    whole, select = rows
+                n = (whole if select is not None else live) * x.shape[-1]
             else:
-                select, real, n = None, None, x.numel()
+                n = x.numel()
             words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
             uniform16 = words.view(torch.int16)[:n]  # signed: -32768..32767
             if select is not None:
-                uniform16 = uniform16.view(whole, x.shape[-1]).index_select(0, select).view(x.shape)
-            elif real is not None:  # the padding rows' mask: drop (their output is never read)
-                uniform16 = torch.cat([uniform16.view(1, real, x.shape[-1]),
-                                       uniform16.new_full((1, x.shape[1] - real, x.shape[-1]), -32768)], dim=1)
-            else:
-                uniform16 = uniform16.view(x.shape)
-            keep = uniform16 >= self.threshold - 32768
+                uniform16 = uniform16.view(whole, x.shape[-1]).index_select(0, select)
+            if padding is not None:  # the padding rows' mask: drop (their output is never read)
+                uniform16 = torch.cat([uniform16.view(-1, x.shape[-1]),
+                                       uniform16.new_full((padding, x.shape[-1]), -32768)])
+            keep = uniform16.view(x.shape) >= self.threshold - 32768
             return x * keep.to(x.dtype).mul_(self.scale)
 
         def extra_repr(self) -> str:

@@ -36,6 +36,7 @@ class FastPaths:
     pack_rows: bool = True  # label-only head on a CPU: each batch's real tokens as one packed sequence (loss.py)
     last_layer_at_labels: bool = True  # packed fp32 rows: the last decoder layer only where a label is (model/last_layer.py)
     bucket_packed_tokens: bool = True  # packed rows under CPU bf16/fp16 autocast: token count padded to a bucket (loss.py)
+    trim_dead_tails: bool = True  # packed rows: positions after a row's last label-reading one not computed (loss.py)
     lean_steps: bool = True  # Trainer bookkeeping over trainable parameters only, long-lived objects out of gc (trainer.py)
     compile_blocks: Optional[bool] = None  # torch.compile of the repeated decoder block; None: training.compile
 
@@ -62,6 +63,7 @@ class FastPaths:
             # low precision only: oneDNN builds its bf16 kernels per row count, fp32 (MKL) has no such cost;
             # never with the label-rows last layer (fp32 only), whose dropout rows count every packed token
             bucket_packed_tokens=self.bucket_packed_tokens and pack and low,
+            trim_dead_tails=self.trim_dead_tails and pack,
             lean_steps=self.lean_steps,
             compile_blocks=bool(compile_blocks),
         )
@@ -86,7 +88,7 @@ def switch_attention(model, paths: FastPaths) -> FastPaths:
     if attention.use_fp32_attention(model):
         return paths
     return dataclasses.replace(paths, cpu_fp32_attention=False, pack_rows=False, last_layer_at_labels=False,
-                               bucket_packed_tokens=False)
+                               bucket_packed_tokens=False, trim_dead_tails=False)
 
 
 def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
@@ -107,7 +109,9 @@ def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
     # the padding tokens must not draw dropout bits (the stream stays the unpadded one's): the 16-bit
     # sampler knows the real rows; torch's nn.Dropout would draw for the padding too. Nor under gradient
     # checkpointing, whose recomputed forward runs outside the loss's real-rows context.
-    bucket = (paths.bucket_packed_tokens and last_layer.dropouts_follow_rows(model)
-              and not getattr(model, "is_gradient_checkpointing", False))
-    return AppliedPaths(dataclasses.replace(paths, last_layer_at_labels=bool(label_rows), bucket_packed_tokens=bucket),
+    # so must the dead tails: the cut rows' bits are drawn and dropped
+    rows_follow = last_layer.dropouts_follow_rows(model) and not getattr(model, "is_gradient_checkpointing", False)
+    return AppliedPaths(dataclasses.replace(paths, last_layer_at_labels=bool(label_rows),
+                                            bucket_packed_tokens=paths.bucket_packed_tokens and rows_follow,
+                                            trim_dead_tails=paths.trim_dead_tails and rows_follow),
                         converted, cheap, fused, blocks, label_rows)

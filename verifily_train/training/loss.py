@@ -188,7 +188,28 @@ def bucket_rows(ids, mask, labels, bucket: int):
     return torch.cat([ids, pad_ids]), torch.cat([mask, pad_mask]), torch.cat([labels, pad_labels]), real
 
 
-def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None):
+def dead_tails(mask, labels):
+    """Each right-padded row's mask cut after its last target-reading position (None: nothing to cut).
+
+    Position j of a row is read by the loss only if some position k >= j of that row predicts a kept label
+    (k's query attends to j's key in every layer). Past the row's last labelled position nothing does: in
+    SFT that is the final token (the end-of-turn token is a label, predicted from the position before it,
+    and predicts nothing itself), 1 of 29 tokens on the bench's short rows. A row with no label keeps one
+    token. Returns (cut mask, the kept positions' indices among the uncut packed tokens) or None.
+    """
+    import torch
+
+    width = mask.shape[1]
+    slots = torch.arange(width, device=mask.device)
+    labelled = (labels[:, :width] != -100) & mask.bool()
+    live = torch.minimum(mask.sum(dim=1), (labelled * slots).amax(dim=1).clamp(min=1))
+    cut = (slots[None, :] < live[:, None]).to(mask.dtype)
+    if bool((cut == mask).all()):
+        return None
+    return cut, cut[mask.bool()].nonzero()[:, 0]
+
+
+def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None, trim: bool = False):
     """:func:`_label_loss_sum` with the batch's real tokens packed into one sequence (no padding computed).
 
     Every per-token layer (projections, MLP, norms, LoRA, dropout) runs on the concatenated real tokens
@@ -199,13 +220,23 @@ def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None
     ``bucket`` (CPU bf16 autocast, ``PACK_BUCKET_TOKENS``): the packed length is padded up to a multiple of it
     with rows of their own (:func:`bucket_rows`); LoRA's dropout draws bits for the real tokens only
     (``lora.real_rows``), so the masks, the loss and the random stream are the unpadded ones'.
+
+    ``trim``: each row's dead tail (:func:`dead_tails`) is not computed at all; LoRA's dropout still draws its
+    bits and drops them (``last_layer.rows_of``), so the masks and the stream are the uncut ones'.
     """
+    import contextlib
+
     import torch
 
     from verifily_train.model import lora
 
     select_last = last_layer.selects_label_rows(base)
     real_tokens = None
+    kept = contextlib.nullcontext()
+    cut = dead_tails(mask, labels) if trim else None
+    if cut is not None:
+        kept = last_layer.rows_of(int(mask.sum()), cut[1])
+        mask = cut[0]
     if bucket and not select_last:  # the label-rows last layer (fp32 only) counts every packed row as real
         ids, mask, labels, real_tokens = bucket_rows(ids, mask, labels, bucket)
     rows = ids.shape[0]
@@ -219,15 +250,17 @@ def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None
     scatter = (torch.arange(rows, device=ids.device)[:, None] * width + slots[None, :])[in_row]
     causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
     attend = causal[None, None] & in_row[:, None, None, :]  # (rows, 1, width, width)
-    ids, labels = ids[:, :width], labels[:, :width]
-    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), -100)], dim=1)[real]
+    # each position's next-token label, read before the cut to ``width`` (a cut row's last kept position
+    # predicts a label past its new end)
+    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), -100)], dim=1)[:, :width][real]
+    ids = ids[:, :width]
     position_ids = (torch.cumsum(mask[:, :width], dim=1) - 1)[real][None]
     # the last decoder layer may compute the label positions alone (model/last_layer.py): it returns those rows
     select = (targets != -100).nonzero()[:, 0] if select_last else None
     if select is not None and select.numel() == 0:  # no label in the batch: the whole layer (its loss is 0)
         select = None
     # a 4D mask is used as given (transformers builds none); only the packed attention reads it
-    with lora.real_rows(real_tokens):
+    with kept, lora.real_rows(real_tokens):
         hidden = base.model(input_ids=ids[real][None], position_ids=position_ids, attention_mask=attend,
                             use_cache=False,
                             **{PACKED_KWARG: PackedRows(gather, scatter, rows, width, select)}).last_hidden_state
@@ -235,7 +268,7 @@ def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None
 
 
 def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True,
-                        pack: bool = True, bucket: Optional[int] = None):
+                        pack: bool = True, bucket: Optional[int] = None, trim: bool = False):
     """Next-token cross-entropy over positions whose label is not -100, with the head applied only there.
 
     ``pack`` (CPU, the stage's attention function): the batch's real tokens run packed into one sequence,
@@ -243,7 +276,8 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     (right-padded) batch runs as a few sub-batches of similar length, each cut to its own longest row, in
     one autograd graph. Either way the same batch, the same loss and gradient (padding never changed a
     real position's value), without computing most of the padding. ``bucket``: a packed batch's length
-    padded to a multiple of it (``PACK_BUCKET_TOKENS``, CPU bf16; :func:`_packed_label_loss_sum`).
+    padded to a multiple of it (``PACK_BUCKET_TOKENS``, CPU bf16; :func:`_packed_label_loss_sum`). ``trim``:
+    packed rows leave out each row's dead tail, the positions no label is read from (:func:`dead_tails`).
     """
     import torch
 
@@ -252,7 +286,7 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     cost = group_cost_for(ids.device.type, autocast_precision(ids.device.type))
     split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
     if pack and can_pack(base, ids, mask):
-        total, count = _packed_label_loss_sum(base, ids, mask, labels, bucket)
+        total, count = _packed_label_loss_sum(base, ids, mask, labels, bucket, trim)
     elif split and _right_padded(mask):
         lengths = mask.sum(dim=1).tolist()
         total, count = 0.0, 0

@@ -61,7 +61,8 @@ def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Option
                 # accelerate autocasts by patching model.forward, which this path does not call
                 with self.accelerator.autocast():
                     return label_position_loss(model, inputs, denominator, pack=paths.pack_rows,
-                                               bucket=PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None)
+                                               bucket=PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None,
+                                               trim=paths.trim_dead_tails)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
@@ -287,6 +288,7 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: 
         "label_rows_last_layers": applied.label_rows_last_layers,
         "packed_rows": paths.pack_rows,
         "packed_tokens_bucket": PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None,
+        "dead_tails_cut": paths.trim_dead_tails,
         "lean_steps": paths.lean_steps,
         "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
     }
