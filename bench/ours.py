@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,11 +49,18 @@ class OurTrainStage:
         return [data[i] for i in range(len(data))]
 
     def train(self, precision: str = "fp32", group_by_length: bool = False, keep_model: bool = True,
-              device: str = "cpu", **levers) -> dict:
+              device: str = "cpu", hf_order: bool = False, **levers) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model.
 
         ``levers``: ``FastPaths`` fields to override (``label_only_head=False``, ``pack_rows=False``, ...).
+        ``hf_order``: the rows in the HF Trainer's own random order (its ``RandomSampler`` at the run's seed, the
+        peers' order) instead of the stage's keyed order: a diagnostic arm that separates what the levers do to
+        the loss from what a different draw of the row order does.
         """
+        with _hf_sampler_order() if hf_order else contextlib.nullcontext():
+            return self._train(precision, group_by_length, keep_model, device, **levers)
+
+    def _train(self, precision: str, group_by_length: bool, keep_model: bool, device: str, **levers) -> dict:
         import dataclasses
 
         from verifily_train.pipeline.manifests import model_spec as _spec
@@ -89,3 +97,16 @@ class OurTrainStage:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
         base = AutoModelForCausalLM.from_pretrained(spec.source, dtype=torch.float32)
         return PeftModel.from_pretrained(base, folder).to(device)
+
+
+@contextlib.contextmanager
+def _hf_sampler_order():
+    """While it runs, the train stage leaves the row order to the HF Trainer (no sampler of its own)."""
+    from verifily_train.training import trainer
+
+    saved = trainer.training_order
+    trainer.training_order = lambda *args, **kwargs: (None, None)
+    try:
+        yield
+    finally:
+        trainer.training_order = saved

@@ -30,6 +30,10 @@ def parse(argv=None):
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--smollm2-rows", type=int, default=160, help="training rows for the SmolLM2 throughput run")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="epochs of every throughput run (default 1: 20 steps of 160 rows; more steps let the "
+                             "held-out loss settle, so 'equal loss' can be read at 1%%; results go to "
+                             "throughput-<model>[-<regime>]-e<N>.json)")
     parser.add_argument("--gpu-archs", default="smollm2-135m,smollm2-1.7b",
                         help="architectures of the gpu suite (the first one runs throughput and eval)")
     parser.add_argument("--gpu-parts", default="throughput,quantization,eval", help="parts of the gpu suite")
@@ -88,10 +92,12 @@ def main(argv=None) -> int:
         from bench.throughput import run_throughput
 
         runs = [(f"bench-llama-h{hidden}-l{layers}", bench_model,
-                 TrainSettings(rows=16 if args.quick else 160, max_len=64 if args.quick else 256, eval_rows=8 if args.quick else 40),
+                 TrainSettings(rows=16 if args.quick else 160, max_len=64 if args.quick else 256, eval_rows=8 if args.quick else 40,
+                               epochs=args.epochs),
                  8.0 if args.quick else 24.0)]
         if smollm2 is not None:
-            runs.append(("smollm2-135m", smollm2, TrainSettings(rows=args.smollm2_rows, max_len=96), 8.0))
+            runs.append(("smollm2-135m", smollm2, TrainSettings(rows=args.smollm2_rows, max_len=96, epochs=args.epochs),
+                         8.0))
         if args.models:
             wanted = [m.strip() for m in args.models.split(",") if m.strip()]
             runs = [r for r in runs if any(r[0].startswith(m) for m in wanted)]
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--regimes: unknown regime(s) {', '.join(unknown)}; choose among {', '.join(REGIMES)}")
         for regime in regimes:
             for name, model_dir, settings, words in runs:
-                stem = throughput_stem(name, regime)
+                stem = throughput_stem(name, regime, args.epochs)
                 result = run_throughput(name, model_dir, work / stem, settings, reps, bf16, words,
                                         isolate=isolate, contenders=contenders, regime=regime)
                 result["machine"] = info
@@ -272,9 +278,9 @@ def pipeline_table(result: dict) -> str:
                  for label, m in modes.items()]))
 
 
-def throughput_stem(model_name: str, regime: str) -> str:
-    """The results file of one model and regime (the skewed regime keeps its historical name)."""
-    return f"throughput-{model_name}" + ("" if regime == "skewed" else f"-{regime}")
+def throughput_stem(model_name: str, regime: str, epochs: int = 1) -> str:
+    """The results file of one model, regime and epoch count (the skewed regime keeps its historical name)."""
+    return f"throughput-{model_name}" + ("" if regime == "skewed" else f"-{regime}") + ("" if epochs == 1 else f"-e{epochs}")
 
 
 def throughput_table(result: dict) -> str:

@@ -34,6 +34,7 @@ DESCRIPTIONS = {
     "verifily_bf16_compiled": "verifily_bf16 plus training.compile (torch.compile of the repeated decoder block)",
     "verifily_compiled": "verifily (fp32) plus training.compile",
     "verifily_whole_last_layer": "verifily with the last decoder layer at every position (before it ran at label positions only)",
+    "verifily_hf_order": "verifily with the rows in the HF Trainer's random order (the peers' order at the same seed) instead of its keyed order: a loss diagnostic",
     "verifily_uncut": "verifily computing each row's last token too (it predicts no label; before, every packed row ran whole)",
     "verifily_bf16_unbucketed": "verifily_bf16 with packed lengths not padded to a bucket (before: a new row count, and new oneDNN kernels, nearly every step)",
     "trl_sft_bf16_compiled": "(c) with bf16 autocast and torch_compile=True (the whole model compiled)",
@@ -126,6 +127,7 @@ def contender_runs(model_dir, work, settings, splits: Dict[str, str], bf16: bool
             "verifily_unfused": our_run(precision="fp32", fused_lora_output=False),
             "verifily_whole_last_layer": our_run(precision="fp32", last_layer_at_labels=False),
             "verifily_uncut": our_run(precision="fp32", trim_dead_tails=False),
+            "verifily_hf_order": our_run(precision="fp32", hf_order=True),
         }
         if bf16:
             runs["peft_dynamic_bf16"] = peft("longest", bf16=True)
