@@ -106,10 +106,10 @@ def apply_to_adapter(model, paths: FastPaths, precision: str) -> AppliedPaths:
         blocks = compiled.compile_repeated_blocks(model)
     if paths.last_layer_at_labels:  # after the dropout swap: it checks that the layer's dropouts follow rows
         label_rows = last_layer.use_label_rows_last_layer(model)
-    # the padding tokens must not draw dropout bits (the stream stays the unpadded one's): the 16-bit
-    # sampler knows the real rows; torch's nn.Dropout would draw for the padding too. Nor under gradient
-    # checkpointing, whose recomputed forward runs outside the loss's real-rows context.
-    # so must the dead tails: the cut rows' bits are drawn and dropped
+    # the bucket's padding tokens must draw no dropout bits, and the cut dead tails must still draw theirs, so
+    # that the masks and the random stream stay the plain packed path's: the 16-bit sampler follows the loss's
+    # row context; torch's nn.Dropout would not. Nor under gradient checkpointing, whose recomputed forward
+    # runs outside that context.
     rows_follow = last_layer.dropouts_follow_rows(model) and not getattr(model, "is_gradient_checkpointing", False)
     return AppliedPaths(dataclasses.replace(paths, last_layer_at_labels=bool(label_rows),
                                             bucket_packed_tokens=paths.bucket_packed_tokens and rows_follow,
