@@ -36,7 +36,7 @@ DESCRIPTIONS = {
     "verifily_whole_last_layer": "verifily with the last decoder layer at every position (before it ran at label positions only)",
     "verifily_hf_order": "verifily with the rows in the HF Trainer's random order (the peers' order at the same seed) instead of its keyed order: a loss diagnostic",
     "verifily_uncut": "verifily computing each row's last token too (it predicts no label; before, every packed row ran whole)",
-    "verifily_bf16_unbucketed": "verifily_bf16 with packed lengths not padded to a bucket (before: a new row count, and new oneDNN kernels, nearly every step)",
+    "verifily_bf16_unbucketed": "verifily_bf16 with packed lengths not padded to a row count already run (before: a new row count, and new oneDNN kernels, nearly every step)",
     "trl_sft_bf16_compiled": "(c) with bf16 autocast and torch_compile=True (the whole model compiled)",
 }
 PEERS = ("peft_max_length", "peft_dynamic", "trl_sft", "peft_dynamic_bf16", "trl_sft_bf16", "trl_sft_bf16_compiled")

@@ -434,7 +434,7 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     # the train stage packed each batch's rows (the CPU, the label-only path): no padding computed
     assert first["packed_rows"] is True and first["padding_fraction"] == 0.0
     assert first["label_rows_last_layers"] == 0  # bf16: the whole last layer (measured no faster at label rows)
-    assert first["packed_tokens_bucket"] == 64  # bf16: packed lengths padded to a bucket (oneDNN's per-shape kernels)
+    assert first["packed_row_count_reuse"] == 1 / 16  # bf16: padded to a row count already run (oneDNN's kernels)
     assert first["dead_tails_cut"] is True  # each row's last token (it predicts nothing) not computed
 
 
@@ -705,28 +705,28 @@ def test_last_layer_at_labels_stays_off_where_it_is_not_exact_or_not_faster():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"])
 def test_bucket_padding_rows_leave_loss_gradients_and_dropout_stream_unchanged(family, dropout, precision):
-    """Packed rows padded to a multiple of a bucket (rows of their own, labels -100): the same loss and
-    gradients bit for bit, and the 16-bit dropout draws no bits for the padding (the stream is unmoved)."""
+    """Packed rows padded to a longer row count (rows of their own, labels -100): the same loss and gradients
+    bit for bit, and the 16-bit dropout draws no bits for the padding (the stream is unmoved)."""
     import torch
 
     from verifily_train.model import lora
-    from verifily_train.training.loss import bucket_rows, label_position_loss
+    from verifily_train.training.loss import label_position_loss, pad_rows
 
     batch = _random_batch()
     real = int(batch["attention_mask"].sum())
-    for bucket in (64, 7):
-        padded = bucket_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], bucket)
-        assert padded[3] == real and int(padded[1].sum()) % bucket == 0 and int(padded[1].sum()) > real
+    for extra in (50, 2):
+        padded = pad_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], real + extra)
+        assert padded[3] == real and int(padded[1].sum()) == real + extra
         assert int(padded[1].sum(dim=1).max()) == int(batch["attention_mask"].sum(dim=1).max())  # no wider rows
         results = []
-        for b in (None, bucket):
+        for b in (None, lambda n, extra=extra: n + extra):
             model = _lora_family(family, dropout)
             if precision == "bf16":
                 lora.store_frozen_linears_in(model, torch.bfloat16)
             model.train()
             torch.manual_seed(5)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = label_position_loss(model, batch, pack=True, bucket=b)
+                loss = label_position_loss(model, batch, pack=True, pad_to=b)
             trainable = [p for p in model.parameters() if p.requires_grad]
             results.append((loss, torch.autograd.grad(loss, trainable), torch.rand(3)))
         (plain, plain_grads, plain_after), (padded_loss, padded_grads, padded_after) = results
@@ -747,7 +747,7 @@ def test_bucketed_packed_rows_train_the_same_bf16_adapter_bit_for_bit(models, sf
 
     on, on_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "on", True)
     off, off_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "off", True, bucket_packed_tokens=False)
-    assert on["packed_tokens_bucket"] == 64 and off["packed_tokens_bucket"] is None
+    assert on["packed_row_count_reuse"] == 1 / 16 and off["packed_row_count_reuse"] is None
     assert on["train_loss"] == off["train_loss"]
     assert on_tensors.keys() == off_tensors.keys()
     assert all(torch.equal(on_tensors[k], off_tensors[k]) for k in on_tensors)
@@ -780,7 +780,7 @@ def test_cutting_dead_tails_leaves_loss_gradients_and_dropout_stream_unchanged(f
     one_token = batch["attention_mask"][-1:]
     assert dead_tails(one_token, batch["labels"][-1:]) is None
     arms = [("fp32", {}), ("fp32", {"trim": True}), ("fp32-last", {"trim": True}), ("bf16", {}),
-            ("bf16", {"trim": True, "bucket": 64})]
+            ("bf16", {"trim": True, "pad_to": lambda n: n + 9})]
     results = {}
     for arm, (precision, kwargs) in enumerate(arms):
         model = _lora_family(family, dropout)
@@ -800,3 +800,14 @@ def test_cutting_dead_tails_leaves_loss_gradients_and_dropout_stream_unchanged(f
         assert torch.equal(after, plain_after)
         for a, b in zip(grads, plain_grads):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) if precision == "fp32" else torch.allclose(a, b, rtol=1e-2, atol=1e-4)
+
+
+def test_row_counts_pad_to_a_count_already_run_within_the_tolerance():
+    """A new count runs as is and is remembered; a later batch pads up to the smallest remembered count within
+    the tolerance above it, never below its own count and never beyond the tolerance."""
+    from verifily_train.training.loss import RowCounts
+
+    counts = RowCounts(tolerance=1 / 16)
+    assert [counts(n) for n in (200, 190, 188, 230, 212, 217, 240)] == [200, 200, 188, 230, 212, 230, 240]
+    assert counts.seen == [188, 200, 212, 230, 240]
+    assert all(n <= counts(n) <= n * (1 + 1 / 16) for n in range(150, 260))

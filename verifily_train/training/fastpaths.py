@@ -35,7 +35,7 @@ class FastPaths:
     fused_lora_output: bool = True  # LoRA: the adapter's output added inside one addmm (lora.py)
     pack_rows: bool = True  # label-only head on a CPU: each batch's real tokens as one packed sequence (loss.py)
     last_layer_at_labels: bool = True  # packed fp32 rows: the last decoder layer only where a label is (model/last_layer.py)
-    bucket_packed_tokens: bool = True  # packed rows under CPU bf16/fp16 autocast: token count padded to a bucket (loss.py)
+    bucket_packed_tokens: bool = True  # packed rows under CPU bf16/fp16 autocast: padded to a row count already run (loss.py)
     trim_dead_tails: bool = True  # packed rows: positions after a row's last label-reading one not computed (loss.py)
     lean_steps: bool = True  # Trainer bookkeeping over trainable parameters only, long-lived objects out of gc (trainer.py)
     compile_blocks: Optional[bool] = None  # torch.compile of the repeated decoder block; None: training.compile

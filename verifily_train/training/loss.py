@@ -35,12 +35,13 @@ DEFAULT_GROUP_COST = 24
 # model takes the stage's attention function. Not on GPUs: unmeasured there, and a GPU step is bound by
 # kernel launches, which packing adds (index copies per layer) rather than removes.
 PACK_DEVICES = frozenset({"cpu"})
-# under CPU bf16 autocast a packed batch's token count is padded up to a multiple of this (padding rows whose
-# output nothing reads). oneDNN builds its bf16 matmul kernels for each new row count (about 0.4 ms a shape
-# here, some 30 shapes a step), and packed rows give nearly every step a new count; padding to a bucket makes
-# the counts repeat. Measured cold, each run its own process, bench model, short rows, 80 steps: 2,744-3,086
-# tok/s unpadded, 3,670-3,820 at 64 (docs/benchmarks.md). fp32 matmuls (MKL) build nothing per shape.
-PACK_BUCKET_TOKENS = 64
+# under CPU bf16 autocast a packed batch is padded up to a row count this run has already computed, if one is
+# within this fraction above its own (``RowCounts``). oneDNN builds its bf16 matmul kernels for each new row count
+# (0.3-0.65 ms a product shape here, some 30 shapes a step: bench/micro_row_counts.py), and packed rows give
+# nearly every step a new count. Padding to a fixed multiple of 64 instead won 1.27-1.28x on the bench model's
+# short rows but lost 0.80-0.87x on SmolLM2's, whose steps are long enough that the padded compute (up to 63
+# tokens of some 230) costs more than the kernels (docs/benchmarks.md). fp32 matmuls (MKL) build nothing per shape.
+PACK_REUSE_TOLERANCE = 1 / 16
 
 
 def group_cost_for(device_type: str, precision: str = "fp32") -> Optional[int]:
@@ -166,8 +167,30 @@ def can_pack(base, ids, mask) -> bool:
     return window is None or int(window) >= ids.shape[1]
 
 
-def bucket_rows(ids, mask, labels, bucket: int):
-    """The batch with rows of unlabelled padding tokens appended, so its real tokens number a multiple of ``bucket``.
+class RowCounts:
+    """The packed row counts one training has run; :meth:`__call__` picks the count to pad a batch up to.
+
+    A batch of ``n`` real tokens is padded up to the smallest count already run in ``[n, n * (1 + tolerance)]``
+    (its kernels are built); if there is none, it runs at ``n``, which is remembered. Over a run the counts
+    seen cover the range of batch sizes, so new kernels get rare while the padding stays under the tolerance.
+    """
+
+    def __init__(self, tolerance: float = PACK_REUSE_TOLERANCE):
+        self.tolerance = tolerance
+        self.seen: List[int] = []  # sorted
+
+    def __call__(self, real: int) -> int:
+        import bisect
+
+        at = bisect.bisect_left(self.seen, real)
+        if at < len(self.seen) and self.seen[at] <= real * (1 + self.tolerance):
+            return self.seen[at]
+        self.seen.insert(at, real)
+        return real
+
+
+def pad_rows(ids, mask, labels, total: int):
+    """The batch with rows of unlabelled padding tokens appended, so that its real tokens number ``total``.
 
     Each padding row is at most as long as the batch's longest row (attention's re-padded width stays) and is
     a row of its own to attention, so no real token sees it; its labels are -100, so nothing reads its output
@@ -177,7 +200,7 @@ def bucket_rows(ids, mask, labels, bucket: int):
 
     lengths = mask.sum(dim=1)
     real = int(lengths.sum())
-    need, width = (-real) % bucket, max(int(lengths.max()), 1)
+    need, width = max(total - real, 0), max(int(lengths.max()), 1)
     if need == 0:
         return ids, mask, labels, real
     sizes = [width] * (need // width) + ([need % width] if need % width else [])
@@ -209,7 +232,7 @@ def dead_tails(mask, labels):
     return cut, cut[mask.bool()].nonzero()[:, 0]
 
 
-def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None, trim: bool = False):
+def _packed_label_loss_sum(base, ids, mask, labels, pad_to=None, trim: bool = False):
     """:func:`_label_loss_sum` with the batch's real tokens packed into one sequence (no padding computed).
 
     Every per-token layer (projections, MLP, norms, LoRA, dropout) runs on the concatenated real tokens
@@ -217,9 +240,9 @@ def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None
     (``attention.PackedRows``), so no token attends to another row's. The same loss and gradients as
     the padded forward, without computing any padding outside attention.
 
-    ``bucket`` (CPU bf16 autocast, ``PACK_BUCKET_TOKENS``): the packed length is padded up to a multiple of it
-    with rows of their own (:func:`bucket_rows`); LoRA's dropout draws bits for the real tokens only
-    (``lora.real_rows``), so the masks, the loss and the random stream are the unpadded ones'.
+    ``pad_to`` (CPU bf16 autocast: a :class:`RowCounts`): maps the batch's real token count to the packed length
+    to run, padded with rows of their own (:func:`pad_rows`); LoRA's dropout draws bits for the real tokens
+    only (``lora.real_rows``), so the masks, the loss and the random stream are the unpadded ones'.
 
     ``trim``: each row's dead tail (:func:`dead_tails`) is not computed at all; LoRA's dropout still draws its
     bits and drops them (``last_layer.rows_of``), so the masks and the stream are the uncut ones'.
@@ -237,8 +260,8 @@ def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None
     if cut is not None:
         kept = last_layer.rows_of(int(mask.sum()), cut[1])
         mask = cut[0]
-    if bucket and not select_last:  # the label-rows last layer (fp32 only) counts every packed row as real
-        ids, mask, labels, real_tokens = bucket_rows(ids, mask, labels, bucket)
+    if pad_to is not None and not select_last:  # the label-rows last layer (fp32 only) counts every packed row
+        ids, mask, labels, real_tokens = pad_rows(ids, mask, labels, pad_to(int(mask.sum())))
     rows = ids.shape[0]
     lengths = mask.sum(dim=1)
     width = int(lengths.max())
@@ -268,15 +291,15 @@ def _packed_label_loss_sum(base, ids, mask, labels, bucket: Optional[int] = None
 
 
 def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_length: bool = True,
-                        pack: bool = True, bucket: Optional[int] = None, trim: bool = False):
+                        pack: bool = True, pad_to=None, trim: bool = False):
     """Next-token cross-entropy over positions whose label is not -100, with the head applied only there.
 
     ``pack`` (CPU, the stage's attention function): the batch's real tokens run packed into one sequence,
     attention kept within each row (:func:`_packed_label_loss_sum`). Otherwise ``split_by_length``: the
     (right-padded) batch runs as a few sub-batches of similar length, each cut to its own longest row, in
     one autograd graph. Either way the same batch, the same loss and gradient (padding never changed a
-    real position's value), without computing most of the padding. ``bucket``: a packed batch's length
-    padded to a multiple of it (``PACK_BUCKET_TOKENS``, CPU bf16; :func:`_packed_label_loss_sum`). ``trim``:
+    real position's value), without computing most of the padding. ``pad_to``: a packed batch's length
+    padded to a row count already run (:class:`RowCounts`, CPU bf16; :func:`_packed_label_loss_sum`). ``trim``:
     packed rows leave out each row's dead tail, the positions no label is read from (:func:`dead_tails`).
     """
     import torch
@@ -286,7 +309,7 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     cost = group_cost_for(ids.device.type, autocast_precision(ids.device.type))
     split = split_by_length and cost is not None and mask is not None and ids.shape[0] > 1
     if pack and can_pack(base, ids, mask):
-        total, count = _packed_label_loss_sum(base, ids, mask, labels, bucket, trim)
+        total, count = _packed_label_loss_sum(base, ids, mask, labels, pad_to, trim)
     elif split and _right_padded(mask):
         lengths = mask.sum(dim=1).tolist()
         total, count = 0.0, 0

@@ -30,7 +30,8 @@ from verifily_train.training.callbacks import ReportProgress, StepProgress
 from verifily_train.training.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint
 from verifily_train.training.distributed import launch_ranks
 from verifily_train.training.fastpaths import AppliedPaths, FastPaths, apply_to_adapter, switch_attention
-from verifily_train.training.loss import PACK_BUCKET_TOKENS, group_cost_for, label_position_loss, length_groups
+from verifily_train.training.loss import (PACK_REUSE_TOLERANCE, RowCounts, group_cost_for, label_position_loss,
+                                          length_groups)
 from verifily_train.training.outputs import save_trained
 from verifily_train.training.ranks import ddp_backend, in_launched_rank, is_main_rank, local_device_index
 from verifily_train.training.snapshots import snapshot_callbacks
@@ -44,6 +45,8 @@ def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Option
     A batch of short rows then weighs what its tokens weigh, as in a random batch: dividing by its own
     small count would up-weight short rows' tokens (measured: 2% worse held-out loss on the bench data).
     """
+
+    row_counts = RowCounts() if paths.bucket_packed_tokens else None  # this run's packed row counts (bf16)
 
     class VerifilyTrainer(base_cls):
         if loss_denominator is not None:
@@ -61,7 +64,7 @@ def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Option
                 # accelerate autocasts by patching model.forward, which this path does not call
                 with self.accelerator.autocast():
                     return label_position_loss(model, inputs, denominator, pack=paths.pack_rows,
-                                               bucket=PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None,
+                                               pad_to=row_counts,
                                                trim=paths.trim_dead_tails)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -287,7 +290,7 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: 
         "compiled_blocks": applied.compiled_blocks,
         "label_rows_last_layers": applied.label_rows_last_layers,
         "packed_rows": paths.pack_rows,
-        "packed_tokens_bucket": PACK_BUCKET_TOKENS if paths.bucket_packed_tokens else None,
+        "packed_row_count_reuse": PACK_REUSE_TOLERANCE if paths.bucket_packed_tokens else None,
         "dead_tails_cut": paths.trim_dead_tails,
         "lean_steps": paths.lean_steps,
         "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
