@@ -434,7 +434,7 @@ def test_cheap_dropout_replaces_every_lora_dropout_and_trains_reproducibly(model
     # the train stage packed each batch's rows (the CPU, the label-only path): no padding computed
     assert first["packed_rows"] is True and first["padding_fraction"] == 0.0
     assert first["label_rows_last_layers"] == 0  # bf16: the whole last layer (measured no faster at label rows)
-    assert first["packed_row_count_reuse"] == 1 / 16  # bf16: padded to a row count already run (oneDNN's kernels)
+    assert first["packed_row_counts"] == "multiple of 64"  # bf16, a small model: padded to a bucket (oneDNN's kernels)
     assert first["dead_tails_cut"] is True  # each row's last token (it predicts nothing) not computed
 
 
@@ -747,7 +747,7 @@ def test_bucketed_packed_rows_train_the_same_bf16_adapter_bit_for_bit(models, sf
 
     on, on_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "on", True)
     off, off_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "off", True, bucket_packed_tokens=False)
-    assert on["packed_row_count_reuse"] == 1 / 16 and off["packed_row_count_reuse"] is None
+    assert on["packed_row_counts"] == "multiple of 64" and off["packed_row_counts"] is None
     assert on["train_loss"] == off["train_loss"]
     assert on_tensors.keys() == off_tensors.keys()
     assert all(torch.equal(on_tensors[k], off_tensors[k]) for k in on_tensors)
@@ -802,12 +802,20 @@ def test_cutting_dead_tails_leaves_loss_gradients_and_dropout_stream_unchanged(f
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) if precision == "fp32" else torch.allclose(a, b, rtol=1e-2, atol=1e-4)
 
 
-def test_row_counts_pad_to_a_count_already_run_within_the_tolerance():
-    """A new count runs as is and is remembered; a later batch pads up to the smallest remembered count within
-    the tolerance above it, never below its own count and never beyond the tolerance."""
+def test_row_counts_pad_small_models_to_a_bucket_and_leave_larger_ones_unpadded():
+    """The next multiple of 64 for a model up to the size limit (outside its embeddings), no padding above it."""
+    from verifily_train.training import loss as loss_module
     from verifily_train.training.loss import RowCounts
 
-    counts = RowCounts(tolerance=1 / 16)
-    assert [counts(n) for n in (200, 190, 188, 230, 212, 217, 240)] == [200, 200, 188, 230, 212, 230, 240]
-    assert counts.seen == [188, 200, 212, 230, 240]
-    assert all(n <= counts(n) <= n * (1 + 1 / 16) for n in range(150, 260))
+    bucket = RowCounts(64)
+    assert [bucket(n) for n in (1, 64, 65, 183)] == [64, 64, 128, 192]
+    small = _tiny_family("llama")
+    body = sum(p.numel() for n, p in small.named_parameters() if "embed" not in n and "lm_head" not in n)
+    saved = loss_module.PACK_BUCKET_MAX_BODY_PARAMETERS
+    try:
+        loss_module.PACK_BUCKET_MAX_BODY_PARAMETERS = body
+        assert RowCounts.for_model(small).bucket == 64
+        loss_module.PACK_BUCKET_MAX_BODY_PARAMETERS = body - 1
+        assert RowCounts.for_model(small) is None
+    finally:
+        loss_module.PACK_BUCKET_MAX_BODY_PARAMETERS = saved

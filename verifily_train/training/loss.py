@@ -35,13 +35,16 @@ DEFAULT_GROUP_COST = 24
 # model takes the stage's attention function. Not on GPUs: unmeasured there, and a GPU step is bound by
 # kernel launches, which packing adds (index copies per layer) rather than removes.
 PACK_DEVICES = frozenset({"cpu"})
-# under CPU bf16 autocast a packed batch is padded up to a row count this run has already computed, if one is
-# within this fraction above its own (``RowCounts``). oneDNN builds its bf16 matmul kernels for each new row count
-# (0.3-0.65 ms a product shape here, some 30 shapes a step: bench/micro_row_counts.py), and packed rows give
-# nearly every step a new count. Padding to a fixed multiple of 64 instead won 1.27-1.28x on the bench model's
-# short rows but lost 0.80-0.87x on SmolLM2's, whose steps are long enough that the padded compute (up to 63
-# tokens of some 230) costs more than the kernels (docs/benchmarks.md). fp32 matmuls (MKL) build nothing per shape.
-PACK_REUSE_TOLERANCE = 1 / 16
+# under CPU bf16 autocast a small model's packed batch is padded to a multiple of PACK_BUCKET_TOKENS, so that row
+# counts repeat (``RowCounts``). oneDNN builds its bf16 matmul kernels for each new row count (0.3-0.65 ms a
+# product shape here, some 30 shapes a step: bench/micro_row_counts.py), and packed rows give nearly every step
+# a new count. That cost is about the same for any model, while a padded token costs what a real one does: on
+# the bench model (9.4 M parameters outside the embeddings) the bucket won 1.28x on short rows, on SmolLM2
+# (106 M) it lost 0.80-0.87x, and so did padding only up to a count already run (within 1/16: 0.83-1.11x). So
+# only models up to PACK_BUCKET_MAX_BODY_PARAMETERS (between the two measured sizes, not tuned) pad. fp32
+# matmuls (MKL) build nothing per shape: no padding (docs/benchmarks.md).
+PACK_BUCKET_TOKENS = 64
+PACK_BUCKET_MAX_BODY_PARAMETERS = 40_000_000
 
 
 def group_cost_for(device_type: str, precision: str = "fp32") -> Optional[int]:
@@ -168,25 +171,24 @@ def can_pack(base, ids, mask) -> bool:
 
 
 class RowCounts:
-    """The packed row counts one training has run; :meth:`__call__` picks the count to pad a batch up to.
+    """How one training pads its packed batches: up to the next multiple of ``bucket`` tokens."""
 
-    A batch of ``n`` real tokens is padded up to the smallest count already run in ``[n, n * (1 + tolerance)]``
-    (its kernels are built); if there is none, it runs at ``n``, which is remembered. Over a run the counts
-    seen cover the range of batch sizes, so new kernels get rare while the padding stays under the tolerance.
-    """
+    def __init__(self, bucket: int = PACK_BUCKET_TOKENS):
+        self.bucket = bucket
 
-    def __init__(self, tolerance: float = PACK_REUSE_TOLERANCE):
-        self.tolerance = tolerance
-        self.seen: List[int] = []  # sorted
+    @classmethod
+    def for_model(cls, model) -> Optional["RowCounts"]:
+        """A bucket for a model up to PACK_BUCKET_MAX_BODY_PARAMETERS outside its embeddings; None (no padding) above."""
+        embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                      for p in m.parameters()}
+        body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+        return cls() if body <= PACK_BUCKET_MAX_BODY_PARAMETERS else None
+
+    def describe(self) -> str:
+        return f"multiple of {self.bucket}"
 
     def __call__(self, real: int) -> int:
-        import bisect
-
-        at = bisect.bisect_left(self.seen, real)
-        if at < len(self.seen) and self.seen[at] <= real * (1 + self.tolerance):
-            return self.seen[at]
-        self.seen.insert(at, real)
-        return real
+        return -(-real // self.bucket) * self.bucket
 
 
 def pad_rows(ids, mask, labels, total: int):
@@ -299,8 +301,8 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, split_by_l
     (right-padded) batch runs as a few sub-batches of similar length, each cut to its own longest row, in
     one autograd graph. Either way the same batch, the same loss and gradient (padding never changed a
     real position's value), without computing most of the padding. ``pad_to``: a packed batch's length
-    padded to a row count already run (:class:`RowCounts`, CPU bf16; :func:`_packed_label_loss_sum`). ``trim``:
-    packed rows leave out each row's dead tail, the positions no label is read from (:func:`dead_tails`).
+    padded to a multiple of a bucket (:class:`RowCounts`, CPU bf16, small models). ``trim``: packed rows
+    leave out each row's dead tail, the positions no label is read from (:func:`dead_tails`).
     """
     import torch
 

@@ -30,14 +30,14 @@ from verifily_train.training.callbacks import ReportProgress, StepProgress
 from verifily_train.training.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint
 from verifily_train.training.distributed import launch_ranks
 from verifily_train.training.fastpaths import AppliedPaths, FastPaths, apply_to_adapter, switch_attention
-from verifily_train.training.loss import (PACK_REUSE_TOLERANCE, RowCounts, group_cost_for, label_position_loss,
-                                          length_groups)
+from verifily_train.training.loss import RowCounts, group_cost_for, label_position_loss, length_groups
 from verifily_train.training.outputs import save_trained
 from verifily_train.training.ranks import ddp_backend, in_launched_rank, is_main_rank, local_device_index
 from verifily_train.training.snapshots import snapshot_callbacks
 
 
-def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Optional[float]):
+def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Optional[float],
+                   row_counts: Optional[RowCounts] = None):
     """``base_cls`` with our training sampler, the label-position loss where the plan has it, and lean steps.
 
     ``loss_denominator`` (with length-grouped batches): divide each batch's summed token loss by this
@@ -46,9 +46,9 @@ def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Option
     small count would up-weight short rows' tokens (measured: 2% worse held-out loss on the bench data).
     """
 
-    row_counts = RowCounts() if paths.bucket_packed_tokens else None  # this run's packed row counts (bf16)
-
     class VerifilyTrainer(base_cls):
+        packed_row_counts = row_counts  # CPU bf16: how packed lengths are padded (training.loss.RowCounts)
+
         if loss_denominator is not None:
             loss_is_scaled_for_ga = True  # the constant already covers gradient accumulation
 
@@ -174,7 +174,8 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePla
     """The HF Trainer for this run, built from the resolved plan, with the stage's callbacks."""
     seq2seq = spec.kind == KIND_SEQ2SEQ
     sampler, denominator = training_order(cfg, train_data, spec, paths.label_only_head)
-    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, paths, denominator)
+    row_counts = RowCounts.for_model(model) if paths.bucket_packed_tokens else None  # small models only
+    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, paths, denominator, row_counts)
     trainer = trainer_cls(model=model, args=training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq),
                           train_dataset=train_data, eval_dataset=val_data, data_collator=make_collator(spec, tok),
                           processing_class=tok)
@@ -290,7 +291,7 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: 
         "compiled_blocks": applied.compiled_blocks,
         "label_rows_last_layers": applied.label_rows_last_layers,
         "packed_rows": paths.pack_rows,
-        "packed_row_count_reuse": PACK_REUSE_TOLERANCE if paths.bucket_packed_tokens else None,
+        "packed_row_counts": trainer.packed_row_counts.describe() if getattr(trainer, "packed_row_counts", None) else None,
         "dead_tails_cut": paths.trim_dead_tails,
         "lean_steps": paths.lean_steps,
         "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
