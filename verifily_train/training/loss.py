@@ -13,10 +13,11 @@ batch itself, and so the optimisation, stays exactly what the random sampler dre
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import List, Optional
 
-from verifily_train.model import last_layer
+from verifily_train.model import last_layer, lora
 from verifily_train.model.attention import NAME, PACKED_KWARG, PackedRows
 
 # families whose CausalLM forward is exactly ``logits = lm_head(decoder(...).last_hidden_state)``:
@@ -171,7 +172,7 @@ def can_pack(base, ids, mask) -> bool:
 
 
 class RowCounts:
-    """How one training pads its packed batches: up to the next multiple of ``bucket`` tokens."""
+    """Which row counts one training's packed batches run at: the next multiple of ``bucket`` tokens."""
 
     def __init__(self, bucket: int = PACK_BUCKET_TOKENS):
         self.bucket = bucket
@@ -249,11 +250,7 @@ def _packed_label_loss_sum(base, ids, mask, labels, pad_to=None, trim: bool = Fa
     ``trim``: each row's dead tail (:func:`dead_tails`) is not computed at all; LoRA's dropout still draws its
     bits and drops them (``last_layer.rows_of``), so the masks and the stream are the uncut ones'.
     """
-    import contextlib
-
     import torch
-
-    from verifily_train.model import lora
 
     select_last = last_layer.selects_label_rows(base)
     real_tokens = None
