@@ -1,20 +1,29 @@
-"""Calibration of `verifily attribute`'s verdicts: placebo false-positive rate and power, with intervals.
+"""Calibration of `verifily attribute`'s tag verdicts at the defaults: placebo, clean-but-shifted sources, power.
 
-``python -m bench.attribution [--trials 20] [--seeds 5] [--workers 2]`` (also ``python -m bench --only attribution``).
-Each trial is a real attribution experiment on the tiny BERT fixture (classification, 30 optimizer steps,
-the settings of tests/test_causal_attribution.py): datasets stored and derived with the library's own
-functions, every arm trained and evaluated by the pipeline's stage functions in-process (no Prefect:
-the statistics are the subject here, not the orchestration), and judged by ``attribution.analyze``.
+``python -m bench.attribution [--trials 40] [--regimes noisy,low-noise] [--kinds ...] [--workers 2]`` (also
+``python -m bench --only attribution``). Each trial is a real attribution experiment: datasets stored and
+derived with the library's own functions, every arm trained and evaluated by the pipeline's stage
+functions in-process (no Prefect: the statistics are the subject here, not the orchestration), and judged
+by ``attribution.analyze`` at the CLI's defaults: ``DEFAULT_SEEDS`` seeds, the whole test split as the
+target, Holm over the values at alpha 0.05. Every trial draws a new dataset.
 
-- ``placebo-coin``: clean rows, each carrying a coin-flip tag ``coin: heads|tails``; both values are
-  attributed (Holm over 2). No value's rows differ in kind: every hurts/helps is a false positive.
-- ``placebo-shuffle``: zero rows removed, the order reshuffled (``training.data_order_seed``), against
-  the full arm as its size-matched control: any verdict is a false positive.
-- ``power-<share>``: the ``scraped`` source (``share`` of train rows) carries random labels; ``scraped``
-  and ``synthetic`` are attributed (Holm over 2); the trial counts whether ``scraped`` is called hurts
-  (power) and whether ``synthetic`` is called hurts (wrong). ``synthetic`` called helps is right: beside
-  a noisy source, clean rows are better than average rows, which is the question the verdict answers.
-Rates come with exact Clopper-Pearson 95% intervals. Results: bench/results/attribution.json.
+Regimes (the two noise levels the tool ships for):
+- ``noisy``: the tiny BERT fixture, classification, full fine-tune, 30 optimizer steps at a constant
+  3e-3, batch 16: large seed-to-seed spread.
+- ``low-noise``: a tiny Llama (pre-trained on the fixture corpus), LoRA SFT at the default LoRA settings,
+  3 epochs, batch 8 x 4, cosine schedule to zero: the seed spread is small against the spread of random
+  subsets, the regime where a test that ignores that rows are one draw calls placebos.
+
+Experiments (``kind``):
+- ``placebo-coin``: clean rows, each with a coin-flip tag ``coin: heads|tails``; both values attributed.
+  Every hurts/helps is false; the figure is P(any false verdict in a call).
+- ``shifted``: three clean sources with different inputs (classification: own templates and word subsets;
+  SFT: one task each) and one shared labelling rule; all three attributed. "hurts" is wrong; "helps" is a
+  right answer on the whole test split (each source covers test rows the others do not).
+- ``power``: a ``scraped`` source of 120 train rows (a third of 360) with random labels (classification)
+  or swapped outputs (SFT: each row answered with another scraped row's output), beside a clean ``human``
+  source; both attributed. Power: scraped called hurts; wrong: human called hurts.
+Rates come with exact Clopper-Pearson 95% intervals. Results: bench/results/attribution-<regime>.json.
 """
 
 from __future__ import annotations
@@ -29,38 +38,47 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = 30
 TEST_ROWS = int(os.environ.get("VERIFILY_BENCH_TEST_ROWS", "90"))
-KINDS = ("placebo-coin", "placebo-shuffle", "power-0.35", "power-0.15")
+KINDS = ("placebo-coin", "shifted", "power")
+REGIMES = ("noisy", "low-noise")
+EPOCHS = int(os.environ.get("VERIFILY_BENCH_EPOCHS", "10"))  # low-noise: near convergence
+TRAIN_ROWS = {"placebo-coin": 120, "shifted": 180, "power": 360}
 
 
-def _config(model: Path, ref: str, seed: int, extra: dict) -> dict:
-    training = {"num_epochs": 50, "max_steps": STEPS, "batch_size": 16, "gradient_accumulation_steps": 1,
-                "learning_rate": 3e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_seq_length": 32,
-                "save_steps": 1000, "eval_steps": 1000}
-    training.update(extra)
-    return {"task": "classification", "base_model": str(model), "dataset_version": ref, "seed": seed,
-            "training": training, "lora": {"enabled": False},
-            "eval": {"bootstrap_samples": 0, "hard_examples": 5, "slice_by_tags": []}}
+def _config(regime: str, model: Path, ref: str, seed: int) -> dict:
+    if regime == "noisy":
+        training = {"num_epochs": 50, "max_steps": 30, "batch_size": 16, "gradient_accumulation_steps": 1,
+                    "learning_rate": 3e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_seq_length": 32,
+                    "save_steps": 1000, "eval_steps": 1000, "attribution_snapshots": 0}
+        return {"task": "classification", "base_model": str(model), "dataset_version": ref, "seed": seed,
+                "training": training, "lora": {"enabled": False},
+                "eval": {"bootstrap_samples": 0, "hard_examples": 5, "slice_by_tags": []}}
+    training = {"num_epochs": EPOCHS, "batch_size": 8, "gradient_accumulation_steps": 4, "learning_rate": 3e-3,
+                "lr_scheduler": "cosine", "max_seq_length": 64, "save_steps": 1000, "eval_steps": 1000,
+                "attribution_snapshots": 0}
+    return {"task": "sft", "base_model": str(model), "dataset_version": ref, "seed": seed, "training": training,
+            "prompt": {"format": "template"},
+            "eval": {"bootstrap_samples": 0, "hard_examples": 5, "slice_by_tags": [], "metrics": ["loss"],
+                     "baseline": False}}
 
 
-def train_and_score(model: Path, ref: str, seed: int, work: Path, extra: dict | None = None):
+def train_and_score(regime: str, model: Path, ref: str, seed: int, work: Path):
     """One arm at one seed through the pipeline's stages; the per-example table attribution reads."""
     import pandas as pd
     import yaml
 
-    from verifily_train.pipeline import runner as stages
-
-    from verifily_train.pipeline.fingerprint import fingerprint_stage
     from verifily_train.attribution import per_example_frame
     from verifily_train.config import load_config
+    from verifily_train.pipeline import runner as stages
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
 
     folder = Path(tempfile.mkdtemp(dir=work))
     try:
-        (folder / "train.yaml").write_text(yaml.safe_dump(_config(model, ref, seed, extra or {})))
+        config = _config(regime, model, ref, seed)
+        (folder / "train.yaml").write_text(yaml.safe_dump(config))
         cfg = load_config(str(folder / "train.yaml"))
         fp = fingerprint_stage(cfg, work / "cache")
         outs = {name: folder / name for name in ("tokenize", "train", "evaluate")}
@@ -69,122 +87,214 @@ def train_and_score(model: Path, ref: str, seed: int, work: Path, extra: dict | 
         tokenized = dict(stages.run_uncached("tokenize", cfg, fp, outs["tokenize"], folder), dir=str(outs["tokenize"]))
         trained = dict(stages.run_uncached("train", cfg, fp, outs["train"], folder, tokenize=tokenized), dir=str(outs["train"]))
         evaluated = stages.run_uncached("evaluate", cfg, fp, outs["evaluate"], folder, tokenize=tokenized, train=trained)
-        return per_example_frame(pd.read_parquet(outs["evaluate"] / evaluated["predictions"]), "classification")
+        return per_example_frame(pd.read_parquet(outs["evaluate"] / evaluated["predictions"]), config["task"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _rows(n: int, rng: random.Random, noisy_share: float, noisy_labels: bool) -> List[dict]:
-    from verifily_train.fixtures.data import NEGATIVE, NEUTRAL, POSITIVE
+# --- data ---------------------------------------------------------------------------------------------------
 
+def _cls_text(rng: random.Random, label: str, style: int) -> str:
+    from verifily_train.fixtures.data import NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS
+
+    words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[label]
+    if style < 0:  # any template, any word
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 6)))
+    own = words[style::3]  # each shifted source its own third of every word list (one labelling rule)
+    subject = rng.choice(SUBJECTS)
+    return [f"the {subject} was {rng.choice(own)} and {rng.choice(own)}", f"this {subject} is {rng.choice(own)}",
+            " ".join(rng.choice(own) for _ in range(rng.randint(2, 4)))][style]
+
+
+def _cls_rows(kind: str, n: int, rng: random.Random, train: bool) -> List[dict]:
+    labels = ["positive", "negative", "neutral"]
     rows = []
-    for _ in range(n):
-        source = "scraped" if rng.random() < noisy_share else rng.choice(["human", "synthetic"])
-        label = rng.choice(["positive", "negative", "neutral"])
-        words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[label]
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 6)))
-        if noisy_labels and source == "scraped":
-            label = rng.choice(["positive", "negative", "neutral"])
-        rows.append({"text": text, "label": label,
-                     "tags": {"source": source, "coin": rng.choice(["heads", "tails"])}})
+    for i in range(n):
+        label = rng.choice(labels)
+        if kind == "shifted":
+            style = i % 3
+            source = ("human", "synthetic", "web")[style]
+        else:
+            style = -1
+            source = "scraped" if kind == "power" and i % 3 == 0 else "human"
+        text = _cls_text(rng, label, style)
+        if train and kind == "power" and source == "scraped":
+            label = rng.choice(labels)  # random labels: the harmful source
+        rows.append({"text": text, "label": label, "tags": {"source": source, "coin": rng.choice(["heads", "tails"])}})
     return rows
 
 
-def _store(home: Path, name: str, rng: random.Random, share: float):
+def _sft_rows(kind: str, n: int, rng: random.Random, train: bool) -> List[dict]:
+    from verifily_train.fixtures.data import ANIMALS, COLORS, OPPOSITES
+
+    def task_row(which: int) -> dict:
+        if which == 0:
+            a, b = rng.choice(OPPOSITES)
+            return {"instruction": "Give the opposite of the word.", "input": a, "output": b}
+        if which == 1:
+            words = " ".join(rng.choice(COLORS) for _ in range(rng.randint(1, 4)))
+            return {"instruction": "Repeat the colors exactly.", "input": words, "output": words}
+        animal = rng.choice(ANIMALS)
+        return {"instruction": "Write the animal twice.", "input": animal, "output": f"{animal} {animal}"}
+
+    rows = []
+    for i in range(n):
+        if kind == "shifted":
+            row, source = task_row(i % 3), ("human", "synthetic", "web")[i % 3]
+        else:
+            row = task_row(rng.randrange(3))
+            source = "scraped" if kind == "power" and i % 3 == 0 else "human"
+        rows.append(dict(row, tags={"source": source, "coin": rng.choice(["heads", "tails"])}))
+    if train and kind == "power":  # swapped outputs: each scraped row answered with another scraped row's output
+        scraped = [r for r in rows if r["tags"]["source"] == "scraped"]
+        outputs = [r["output"] for r in scraped]
+        for r, out in zip(scraped, outputs[1:] + outputs[:1]):
+            r["output"] = out
+    return rows
+
+
+def _store(regime: str, kind: str, home: Path, name: str, rng: random.Random):
     from verifily_train.dataset.store import create_version
     from verifily_train.fixtures.data import write_jsonl
 
+    make = _cls_rows if regime == "noisy" else _sft_rows
+    task = "classification" if regime == "noisy" else "sft"
     folder = home.parent / f"data-{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {split: write_jsonl(folder / f"{split}.jsonl", _rows(n, rng, share, split == "train"))
-             for split, n in (("train", 120), ("val", 12), ("test", TEST_ROWS))}
-    return create_version(f"ds_{name}", "v1", "classification", str(paths["train"]), str(paths["val"]),
-                          str(paths["test"]), home=home)
+    paths = {split: write_jsonl(folder / f"{split}.jsonl", make(kind, n, rng, split == "train"))
+             for split, n in (("train", TRAIN_ROWS[kind]), ("val", 12), ("test", TEST_ROWS))}
+    return create_version(f"ds_{name}", "v1", task, str(paths["train"]), str(paths["val"]), str(paths["test"]),
+                          home=home)
 
 
-def run_trial(kind: str, trial: int, seeds: int, model: str, root: str) -> dict:
-    """One calibration trial; returns the verdicts and the per-value seed statistics."""
+# --- one trial ----------------------------------------------------------------------------------------------
+
+def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: str) -> dict:
+    """One calibration trial at the defaults; returns the verdicts and each value's statistics."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
     torch.set_num_threads(1)
     from verifily_train import attribution
 
-    work = Path(root) / f"{kind}-{trial}"
+    work = Path(root) / f"{regime}-{kind}-{trial}"
     home = work / "home"
     os.environ["VERIFILY_HOME"] = str(home)
     work.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{kind}/{trial}")
-    share = float(kind.split("-")[1]) if kind.startswith("power") else 0.0
-    dv = _store(home, f"t{trial}", rng, share)
+    rng = random.Random(f"{regime}/{kind}/{trial}")
+    dv = _store(regime, kind, home, f"t{trial}", rng)
     base_seed = 1000 * (trial + 1)
     model_path = Path(model)
 
-    def arm(ref: str, extra_for_seed=None) -> list:
-        return [train_and_score(model_path, ref, base_seed + s, work,
-                                extra_for_seed(base_seed + s) if extra_for_seed else None) for s in range(seeds)]
+    def arm(refs: List[str]) -> list:
+        return [train_and_score(regime, model_path, refs[s], base_seed + s, work) for s in range(seeds)]
 
-    tables = {attribution.FULL: arm(dv.ref)}
+    by = "coin" if kind == "placebo-coin" else "source"
+    tables = {attribution.FULL: arm([dv.ref] * seeds)}
     plan: Dict[str, dict] = {}
-    if kind == "placebo-shuffle":
-        tables["reshuffled"] = arm(dv.ref, lambda s: {"data_order_seed": s + 7919})
-        tables[attribution.control_arm(0)] = tables[attribution.FULL]  # zero rows removed: the full arm itself
-        plan["reshuffled"] = {"removed_rows": 0, "kept_rows": 120, "derived_dataset": dv.ref,
-                              "control": attribution.control_arm(0)}
-        by = "coin"
-    else:
-        by = "coin" if kind == "placebo-coin" else "source"
-        values = ["heads", "tails"] if kind == "placebo-coin" else ["scraped", "synthetic"]
-        for value in values:
-            derived = attribution.derive_without(dv, by, value, home=home)
-            control = attribution.control_arm(derived["removed_rows"])
-            tables[value] = arm(derived["ref"])
-            if control not in tables:
-                refs = [attribution.derive_random(dv, derived["removed_rows"], base_seed + s, home=home)["ref"]
-                        for s in range(seeds)]
-                tables[control] = [train_and_score(model_path, refs[s], base_seed + s, work) for s in range(seeds)]
-            plan[value] = {"removed_rows": derived["removed_rows"], "kept_rows": derived["kept_rows"],
-                           "derived_dataset": derived["ref"], "control": control}
-    result = attribution.analyze("classification", by, tables, plan, bootstrap_samples=0)
+    for value in sorted(attribution.train_tag_counts(dv, by)):
+        derived = attribution.derive_without(dv, by, value, home=home)
+        control = attribution.control_arm(derived["removed_rows"])
+        tables[value] = arm([derived["ref"]] * seeds)
+        if control not in tables:
+            tables[control] = arm([attribution.derive_random(dv, derived["removed_rows"], base_seed + s, home=home)["ref"]
+                                   for s in range(seeds)])
+        plan[value] = {"removed_rows": derived["removed_rows"], "kept_rows": derived["kept_rows"],
+                       "derived_dataset": derived["ref"], "control": control}
+    task = "classification" if regime == "noisy" else "sft"
+    result = attribution.analyze(task, by, tables, plan, target="test", bootstrap_samples=0)
     shutil.rmtree(work, ignore_errors=True)
-    out = {"kind": kind, "trial": trial, "values": {}}
+    out = {"regime": regime, "kind": kind, "trial": trial, "values": {}}
     for value, entry in result["values"].items():
         cell = entry["slices"][entry["verdict_slice"]]["loss"]
+        own = entry["slices"].get(f"{by}={value}", {}).get("loss", {})
+        rest = entry["slices"].get(f"{by}!={value}", {}).get("loss", {})
         out["values"][value] = {"verdict": entry["verdict"], "p_adjusted": entry["p_adjusted"], "p": cell["p"],
-                                "effect": cell["effect"], "mde": cell["mde"], "seed_sd": cell["seed_sd"],
-                                "removal_effect": cell["removal_effect"],
+                                "effect": cell["effect"], "mde": cell["mde"], "se": cell["se"],
+                                "seed_sd": cell["seed_sd"], "subset_sd": cell["subset_sd"],
+                                "noise_sd": cell["noise_sd"], "random_spread": cell["random_spread"],
+                                "in_spreads": cell["in_spreads"], "removal_effect": cell["removal_effect"],
                                 "random_removal_effect": cell["random_removal_effect"],
+                                "per_seed": cell["per_seed"], "removal_per_seed": cell["removal_per_seed"],
+                                "random_per_seed": cell["random_per_seed"], "train_rows": cell["total"],
+                                "effect_on_own_rows": own.get("effect"), "effect_on_other_rows": rest.get("effect"),
                                 "removed_rows": entry["removed_rows"]}
     return out
 
 
+# --- summaries ----------------------------------------------------------------------------------------------
+
+def rejudge(trial: dict, alpha: float = 0.05) -> dict:
+    """The trial's verdicts by the library's current test, from its stored per-seed differences (a change
+    of the test re-judges every stored trial without retraining)."""
+    from verifily_train.attribution.stats import adjust, one_draw_tests
+
+    values = list(trial["values"])
+    cells = []
+    for v in values:
+        e = trial["values"][v]
+        random_ = e.get("random_per_seed") or [x - d for x, d in zip(e["removal_per_seed"], e["per_seed"])]
+        cells.append({"diffs": e["per_seed"], "within": e["removal_per_seed"], "random": random_,
+                      "removed": e["removed_rows"], "total": e.get("train_rows") or TRAIN_ROWS[trial["kind"]]})
+    tests = one_draw_tests(cells, alpha, len(values))
+    adjusted = adjust([t["p"] for t in tests], "holm")
+    out = dict(trial, values={})
+    for v, t, p in zip(values, tests, adjusted):
+        verdict = ("hurts" if t["mean"] < 0 else "helps") if p is not None and p <= alpha else \
+            "no measurable effect at this budget"
+        out["values"][v] = dict(trial["values"][v], verdict=verdict, p_adjusted=p, p=t["p"], mde=t["mde"], se=t["se"],
+                                subset_sd=t["subset_sd"], noise_sd=t["noise_sd"])
+    return out
+
+
 def summarize(trials: List[dict]) -> dict:
-    """False-positive rates and power with exact intervals, per kind."""
+    """Per regime and kind: P(any false verdict in a call), power, wrong calls, with exact intervals."""
     from verifily_train.attribution.stats import binomial_interval
 
-    out = {}
-    for kind in sorted({t["kind"] for t in trials}):
-        mine = [t for t in trials if t["kind"] == kind]
+    trials = [rejudge(t) for t in trials]
+    out: Dict[str, dict] = {}
+    for regime, kind in sorted({(t["regime"], t["kind"]) for t in trials}):
+        mine = [t for t in trials if t["regime"] == regime and t["kind"] == kind]
         called = lambda t, v: t["values"][v]["verdict"] in ("hurts", "helps")  # noqa: E731
-        if kind.startswith("power"):
-            hits = sum(t["values"]["scraped"]["verdict"] == "hurts" for t in mine)
-            # beside a noisy source a clean one IS better than average rows: "helps" is a right answer, "hurts" wrong
-            wrong = sum(t["values"]["synthetic"]["verdict"] == "hurts" for t in mine)
-            better = sum(t["values"]["synthetic"]["verdict"] == "helps" for t in mine)
-            out[kind] = {"power": binomial_interval(hits, len(mine)),
-                         "clean_value_called_hurts": binomial_interval(wrong, len(mine)),
-                         "clean_value_called_helps": binomial_interval(better, len(mine)),
-                         "median_effect": _median([t["values"]["scraped"]["effect"] for t in mine]),
-                         "median_mde": _median([t["values"]["scraped"]["mde"] for t in mine])}
+        if kind == "power":
+            s = {"power": binomial_interval(sum(t["values"]["scraped"]["verdict"] == "hurts" for t in mine), len(mine)),
+                 "clean_called_hurts": binomial_interval(sum(t["values"]["human"]["verdict"] == "hurts" for t in mine),
+                                                         len(mine)),
+                 "median_effect": _median([t["values"]["scraped"]["effect"] for t in mine]),
+                 "median_mde": _median([t["values"]["scraped"]["mde"] for t in mine]),
+                 "median_in_spreads": _median([t["values"]["scraped"]["in_spreads"] for t in mine])}
+        elif kind == "shifted":
+            s = {"any_clean_called_hurts": binomial_interval(
+                     sum(any(t["values"][v]["verdict"] == "hurts" for v in t["values"]) for t in mine), len(mine)),
+                 "called_helps_per_value": binomial_interval(
+                     sum(t["values"][v]["verdict"] == "helps" for t in mine for v in t["values"]),
+                     sum(len(t["values"]) for t in mine)),
+                 "median_effect": _median([e["effect"] for t in mine for e in t["values"].values()]),
+                 "median_effect_on_other_rows": _median([e["effect_on_other_rows"] for t in mine
+                                                         for e in t["values"].values()])}
         else:
-            tests = [(t, v) for t in mine for v in t["values"]]
-            out[kind] = {"false_positive_per_value": binomial_interval(sum(called(t, v) for t, v in tests), len(tests)),
-                         "false_positive_any_value": binomial_interval(
-                             sum(any(called(t, v) for v in t["values"]) for t in mine), len(mine)),
-                         "median_mde": _median([t["values"][v]["mde"] for t, v in tests]),
-                         "mean_removal_effect": sum(t["values"][v]["removal_effect"] for t, v in tests) / len(tests),
-                         "mean_effect_vs_random": sum(t["values"][v]["effect"] for t, v in tests) / len(tests)}
+            s = {"any_false_call": binomial_interval(sum(any(called(t, v) for v in t["values"]) for t in mine), len(mine)),
+                 "median_mde": _median([e["mde"] for t in mine for e in t["values"].values()])}
+        cells = [e for t in mine for e in t["values"].values() if e["subset_sd"] is not None]
+        s["median_noise_sd"] = _median([e["noise_sd"] for e in cells])
+        s["median_subset_sd"] = _median([e["subset_sd"] for e in cells])
+        s["median_old_t_p"] = _median([_old_p(e["per_seed"]) for e in cells])
+        s["old_t_any_call"] = binomial_interval(
+            sum(any(_old_call(e, len(t["values"])) for e in t["values"].values()) for t in mine), len(mine))
+        out[f"{regime}/{kind}"] = s
     return out
+
+
+def _old_p(diffs) -> Optional[float]:
+    """The retired one-sample t over seeds (ignores that a value's rows are one draw), for the record."""
+    from scipy import stats
+
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue) if len(diffs) > 1 else None
+
+
+def _old_call(entry: dict, family: int) -> bool:
+    p = _old_p(entry["per_seed"])
+    return p is not None and p * family <= 0.05  # Bonferroni: at most as liberal as Holm's first step
 
 
 def _median(xs):
@@ -196,60 +306,75 @@ def render(summary: dict) -> str:
     def rate(r):
         return f"{r['k']}/{r['n']} = {r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
 
-    lines = ["| experiment | measured (exact 95% CI) |", "|---|---|"]
-    for kind, s in summary.items():
-        if kind.startswith("power"):
-            lines.append(f"| {kind}: noisy source called hurts (power) | {rate(s['power'])} |")
-            lines.append(f"| {kind}: clean source called hurts (wrong) | {rate(s['clean_value_called_hurts'])} |")
-            lines.append(f"| {kind}: clean source called helps (better than average rows) | "
-                         f"{rate(s['clean_value_called_helps'])} |")
+    lines = ["| regime / experiment | what is counted | limit | measured (exact 95% CI) |", "|---|---|---|---|"]
+    for name, s in summary.items():
+        if name.endswith("/power"):
+            lines.append(f"| {name} | harmful source called hurts | >= 80% | {rate(s['power'])} |")
+            lines.append(f"| {name} | clean source called hurts | - | {rate(s['clean_called_hurts'])} |")
+        elif name.endswith("/shifted"):
+            lines.append(f"| {name} | trials with any clean source called hurts | <= 5% | {rate(s['any_clean_called_hurts'])} |")
+            lines.append(f"| {name} | values called helps (right on the whole test split) | - | "
+                         f"{rate(s['called_helps_per_value'])} |")
         else:
-            lines.append(f"| {kind}: false hurts/helps per value | {rate(s['false_positive_per_value'])} |")
-            lines.append(f"| {kind}: trials with any false call | {rate(s['false_positive_any_value'])} |")
+            lines.append(f"| {name} | trials with any false hurts/helps | <= 5% | {rate(s['any_false_call'])} |")
+        lines.append(f"| {name} | the same trials under the retired seed-only t | - | {rate(s['old_t_any_call'])} |")
     return "\n".join(lines)
 
 
+def build_model(regime: str, root: Path) -> Path:
+    from verifily_train.fixtures.models import build_model as build, pretrain_causal_lm
+
+    if regime == "noisy":
+        return build("bert", root / "tiny-bert")
+    return pretrain_causal_lm(build("llama", root / "tiny-llama"))
+
+
 def main(argv=None) -> int:
+    from verifily_train.attribution.stats import DEFAULT_SEEDS
+
     parser = argparse.ArgumentParser(prog="python -m bench.attribution", description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20, help="trials per experiment (default 20)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (default 5, the CLI's default)")
+    parser.add_argument("--trials", type=int, default=40, help="trials per regime and experiment (default 40)")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per arm (default {DEFAULT_SEEDS}, the CLI's)")
     parser.add_argument("--workers", type=int, default=2, help="trials in parallel, one torch thread each")
+    parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated among {', '.join(REGIMES)}")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)}")
-    parser.add_argument("--out", default=str(RESULTS / "attribution.json"))
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where attribution-<regime>.json go")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from verifily_train.fixtures.models import build_all
-
     root = Path(tempfile.mkdtemp(prefix="verifily-bench-attr-"))
-    model = build_all(root / "models")["bert"]
-    out = Path(args.out)
+    try:
+        for regime in args.regimes.split(","):
+            _run_regime(regime, args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _run_regime(regime: str, args, root: Path) -> None:
+    model = build_model(regime, root / "models")
+    out = Path(args.out_dir) / f"attribution-{regime}.json"
+    settings = {"seeds": args.seeds, "regime": regime, "test_rows": TEST_ROWS, "alpha": 0.05, "correction": "holm",
+                "target": "test", "train_rows": TRAIN_ROWS, "test": "one-draw t"}
     done: List[dict] = []
     if out.is_file():  # resume: keep finished trials of the same settings
         previous = json.loads(out.read_text())
-        if previous.get("settings", {}).get("seeds") == args.seeds and previous.get("settings", {}).get("steps") == STEPS:
+        if previous.get("settings") == settings:
             done = previous.get("trials", [])
     have = {(t["kind"], t["trial"]) for t in done}
     todo = [(k, i) for i in range(args.trials) for k in args.kinds.split(",") if (k, i) not in have]
     started = time.time()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_trial, k, i, args.seeds, str(model), str(root)) for k, i in todo]
+        futures = [pool.submit(run_trial, regime, k, i, args.seeds, str(model), str(root)) for k, i in todo]
         for future in futures:
             done.append(future.result())
-            summary = summarize(done)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"settings": {"seeds": args.seeds, "steps": STEPS, "model": "tiny bert fixture",
-                                                    "train_rows": 120, "test_rows": 90, "alpha": 0.05,
-                                                    "correction": "holm"},
-                                       "summary": summary, "trials": done}, indent=1))
-            print(f"[{time.time() - started:.0f}s] {done[-1]['kind']} #{done[-1]['trial']}: "
+            out.write_text(json.dumps({"settings": settings, "summary": summarize(done), "trials": done}, indent=1))
+            print(f"[{time.time() - started:.0f}s] {regime} {done[-1]['kind']} #{done[-1]['trial']}: "
                   + ", ".join(f"{v}={e['verdict']} (p={e['p_adjusted']})" for v, e in done[-1]["values"].items()),
                   flush=True)
-    shutil.rmtree(root, ignore_errors=True)
-    record = json.loads(out.read_text()) if out.is_file() else {"trials": done}
-    record["summary"] = summarize(done)  # re-summarized by this code, also when every trial was already done
+    record = {"settings": settings, "summary": summarize(done), "trials": done}
     out.write_text(json.dumps(record, indent=1))
     print(render(record["summary"]))
-    return 0
 
 
 if __name__ == "__main__":

@@ -171,7 +171,10 @@ def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
             "excess_ci95": {m: sums[m][value].get("excess_ci95") for m in methods if value in sums[m]},
             "agrees": ({m: (sums[m][value]["excess"] > 0) == (verdict == "hurts") for m in methods if value in sums[m]}
                        if significant else None),
-            "verdict_slice": entry["verdict_slice"], "tracin_on_verdict_slice": on_slice}
+            "verdict_slice": entry["verdict_slice"], "tracin_on_verdict_slice": on_slice,
+            "target": tagged.get("target", {}).get("name"), "why": entry.get("why"),
+            "per_seed": cell.get("per_seed"), "removal_per_seed": cell.get("removal_per_seed"),
+            "random_per_seed": cell.get("random_per_seed")}
     return {"setting": setting, "seeds": seeds, "correction": tagged.get("correction"), "run": run,
             "default_method": rows["default_method"], "methods": methods, "values": values,
             "train_rows": len(table), "seconds": round(time.perf_counter() - started, 1),

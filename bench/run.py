@@ -163,17 +163,21 @@ def main(argv=None) -> int:
     if "attribution" in only:
         from bench.attribution import main as run_attribution_calibration, render as attribution_table
 
-        # trials resume from bench/results/attribution*.json of the same settings; --quick: 1 trial, 3 seeds
-        quick = ["--trials", "1", "--seeds", "3", "--kinds", "placebo-shuffle,power-0.35",
-                 "--out", str(out / "attribution-quick.json")] if args.quick else []
-        run_attribution_calibration(quick or ["--out", str(out / "attribution.json")])
-        if not args.quick:
-            run_attribution_calibration(["--seeds", "8", "--kinds", "power-0.35,placebo-shuffle",
-                                         "--out", str(out / "attribution-8-seeds.json")])
-        for name in (["attribution-quick"] if args.quick else ["attribution", "attribution-8-seeds"]):
-            record = json.loads((out / f"{name}.json").read_text())
-            sections.append(f"### Attribution calibration ({record['settings']['seeds']} seeds)\n\n"
-                            + attribution_table(record["summary"]))
+        # trials resume from bench/results/attribution-<regime>.json of the same settings; --quick: 1 trial, 3 seeds
+        if args.quick:
+            run_attribution_calibration(["--trials", "1", "--seeds", "3", "--regimes", "noisy",
+                                         "--kinds", "placebo-coin,power", "--out-dir", str(out / "attribution-quick")])
+            names = [out / "attribution-quick" / "attribution-noisy.json"]
+        else:
+            where = ["--out-dir", str(out)]
+            run_attribution_calibration(["--regimes", "noisy", "--trials", "40"] + where)
+            run_attribution_calibration(["--regimes", "low-noise", "--kinds", "placebo-coin", "--trials", "40"] + where)
+            run_attribution_calibration(["--regimes", "low-noise", "--kinds", "shifted,power", "--trials", "20"] + where)
+            names = [out / f"attribution-{regime}.json" for regime in ("noisy", "low-noise")]
+        for path in names:
+            record = json.loads(path.read_text())
+            sections.append(f"### Attribution calibration ({record['settings']['regime']}, "
+                            f"{record['settings']['seeds']} seeds)\n\n" + attribution_table(record["summary"]))
     if "pipeline" in only:
         from bench.pipeline import run_pipeline
 

@@ -23,8 +23,8 @@ from prefect.futures import as_completed
 
 from verifily_train import attribution
 from verifily_train.attribution.options import check_options
+from verifily_train.attribution.plan import describe_plan, make_plan
 from verifily_train.attribution.stats import DEFAULT_SEEDS
-from verifily_train.errors import RunError, VerifilyError
 from verifily_train.quiet import QUIET_ENV
 
 ABLATION_WORKER = "verifily_train.flows.ablation_worker"  # python -m ABLATION_WORKER JOB_JSON: one ablation run
@@ -80,41 +80,42 @@ def _via_deployment(deployment: str, config: str, overrides: List[str], runs_dir
 
 
 @task(name="attribution-analysis", cache_policy=NO_CACHE, persist_result=False)
-def analyze(task_name: str, by: str, arms: dict, plan: dict, alpha: float, correction: str,
-            bootstrap_samples: int) -> dict:
+def analyze(task_name: str, by: str, arms: dict, plan: dict, target: str, split: str, alpha: float,
+            correction: str, bootstrap_samples: int, at_steps: Optional[int]) -> dict:
     tables = {arm: [attribution.per_example(Path(p), task_name) for p in paths] for arm, paths in arms.items()}
-    return attribution.analyze(task_name, by, tables, plan, alpha=alpha, correction=correction,
-                               bootstrap_samples=bootstrap_samples)
+    scores = ({arm: [attribution.target_score(Path(p), target) for p in paths] for arm, paths in arms.items()}
+              if target == "gold" else None)
+    return attribution.analyze(task_name, by, tables, plan, target=target, alpha=alpha, correction=correction,
+                               bootstrap_samples=bootstrap_samples, split=split, target_scores=scores,
+                               at_steps=at_steps)
 
 
 @flow(name="attribute", log_prints=False, validate_parameters=False)
 def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, seeds: int = DEFAULT_SEEDS,
               budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None, concurrency: int = 2,
               out_dir: Optional[str] = None, deployment: Optional[str] = None, bootstrap_samples: int = 1000,
-              alpha: float = 0.05, correction: str = "holm") -> dict:
+              alpha: float = 0.05, correction: str = "holm", target: Optional[str] = None) -> dict:
     """Retrain the parent run without each value of tag ``by``, without as many random rows, and with all
-    data, ``seeds`` times each; verdicts from the seed-level test, corrected over the values."""
+    data, ``seeds`` times each; verdicts on ``target`` (default: the gold set, else the evaluated split) from
+    the one-draw test, corrected over the values."""
     from prefect.artifacts import create_table_artifact
     from prefect.client.orchestration import get_client
 
     from verifily_train.artifacts.run import find_run, load_run_json, utc_now
     from verifily_train.config import load_config
-    from verifily_train.dataset.store import load_for_config
     from verifily_train.fsio import atomic_write_json
 
     logger = get_run_logger()
     parent = find_run(run)
-    record = load_run_json(parent)
-    if record.get("status") != "completed":
-        raise RunError(parent, None, "only a completed run can be attributed")
     check_options(seeds, alpha, correction, budget_steps, budget_fraction)  # a deployment run has no CLI to check them
+    planned = make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction)
+    record = load_run_json(parent)
     parent_config = str(parent / "config.yaml")
     cfg = load_config(parent_config)
-    dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
-    chosen, notes = _values(record, by, values, attribution.train_tag_counts(dv, by))
+    chosen, notes, overrides, budget = list(planned["values"]), planned["notes"], planned["overrides"], planned["budget"]
     for note in notes:
         logger.warning(note)
-    overrides, budget = retrain_budget(record, budget_steps, budget_fraction)
+    logger.info(describe_plan(planned))
     out = Path(out_dir) if out_dir else parent.parent.parent / "attributions" / f"{parent.name}-by-{by}"
     runs_dir = str((out / "runs").resolve())
     derived = {v: f.result() for v, f in zip(chosen, [derive.submit(cfg, by, v) for v in chosen])}
@@ -148,9 +149,12 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     plan = {v: {"removed_rows": derived[v]["removed_rows"], "kept_rows": derived[v]["kept_rows"],
                 "derived_dataset": derived[v]["ref"], "control": attribution.control_arm(derived[v]["removed_rows"])}
             for v in chosen}
-    result = analyze(cfg.task, by, arms, plan, alpha, correction, bootstrap_samples)
+    result = analyze(cfg.task, by, arms, plan, planned["target"], record["evaluation"]["split"], alpha, correction,
+                     bootstrap_samples, budget["max_steps"])
     result.update(parent_run=str(parent), parent_dataset=record["job"]["dataset_version"].get("ref"),
                   budget=budget, concurrency=concurrency, created_at=utc_now(), notes=notes,
+                  cost={"training_runs": planned["training_runs"], "reused_runs": planned["reused_runs"],
+                        "arms": planned["arms"]},
                   arms={k: [str(p) for p in v] for k, v in arms.items()}, derived=derived,
                   controls={f"{n}/seed{cfg.seed + i}": c for (n, i), c in controls.items()})
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,9 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     for v, e in result["values"].items():
         cell = e["slices"][e["verdict_slice"]][metric]
         rows.append({"removed": f"{by}={v}", "rows_removed": e["removed_rows"], "verdict": e["verdict"],
-                     f"delta_{metric}_vs_random_removal": round(cell["effect"], 4), "seed_ci95": cell["seed_ci95"],
+                     "target": result["target"]["words"],
+                     f"delta_{metric}_vs_random_removal": round(cell["effect"], 4), "ci95": cell["ci95"],
+                     "in_random_subset_spreads": cell["in_spreads"],
                      f"p_{correction}": e["p_adjusted"], "detectable_effect": cell["mde"],
                      "removal_vs_full": round(cell["removal_effect"], 4),
                      "random_removal_vs_full": round(cell["random_removal_effect"], 4)})
@@ -169,44 +175,3 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
                           description=f"Causal attribution by retraining, by {by} ({budget['description']}); "
                                       f"{result['method']}")
     return dict(result, path=str(out))
-
-
-def _values(record: dict, by: str, values: Optional[List[str]], counts: dict):
-    """The tag values to remove, and notes: the given ones (checked against the dataset's tag schema and its
-    train rows) or every value present in the train rows (declared but absent values named in one note)."""
-    tag_schema = record["job"]["dataset_version"].get("tag_schema") or {}
-    if by not in tag_schema:
-        raise VerifilyError(None, "--by", f"the run's dataset has no tag {by!r} (tags: {', '.join(tag_schema) or 'none'})")
-    known = sorted(str(v) for v in (tag_schema.get(by) or {}).get("values", []))
-    if values:
-        unknown = [v for v in values if known and v not in known]
-        if unknown:
-            raise VerifilyError(None, "--values", f"{unknown[0]!r} is not a value of tag {by!r} "
-                                                  f"(values: {', '.join(known)})")
-        absent = [v for v in values if v not in counts]
-        if absent:
-            raise VerifilyError(None, "--values", f"no train rows have {by}={absent[0]} "
-                                                  f"(present: {', '.join(counts) or 'none'})")
-        return list(values), []
-    if not known:
-        raise VerifilyError(None, "--by", f"tag {by!r} is not categorical: give the values with --values")
-    if not counts:
-        raise VerifilyError(None, "--by", f"no train rows carry tag {by!r}")
-    absent = [v for v in known if v not in counts]
-    notes = [f"declared in the tag schema but absent from the train rows, not attributed: "
-             f"{', '.join(f'{by}={v}' for v in absent)}"] if absent else []
-    return sorted(counts), notes
-
-
-def retrain_budget(record: dict, steps: Optional[int], fraction: Optional[float]):
-    """The overrides and description of the retraining budget (settings checked by ``check_options``)."""
-    parent_steps = int(record.get("metrics", {}).get("train_steps") or 0)
-    if fraction is not None:
-        steps = max(1, round(parent_steps * fraction))
-    if steps is not None:
-        return [f"training.max_steps={steps}"], {
-            "max_steps": steps, "parent_steps": parent_steps,
-            "description": f"short retrains: {steps} optimizer steps per arm from the same initialisation "
-                           f"(the parent ran {parent_steps})"}
-    return [], {"max_steps": None, "parent_steps": parent_steps,
-                "description": "full retrains with the parent's config (arms without rows take fewer steps per epoch)"}

@@ -22,7 +22,8 @@ from verifily_train.attribution.row_verify import ARM, analyze_verification, che
 from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.errors import VerifilyError
 from verifily_train.attribution.options import check_options
-from verifily_train.flows.attribute import ablation_run, derive_control, retrain_budget
+from verifily_train.attribution.plan import retrain_budget
+from verifily_train.flows.attribute import ablation_run, derive_control
 from verifily_train.pipeline import row_output
 from verifily_train.pipeline.cache import cache_root, release_held
 from verifily_train.pipeline.row_attribution import (DEFAULT_PROJECTION_DIM, MERGE, SHARD, TARGET, RowContext,

@@ -43,6 +43,18 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
 
     assert_user_error(run_cli("attribute", run.name, "--by", "nope", cwd=tmp_path, env=env), "--by", "nope")
     assert_user_error(run_cli("attribute", run.name, "--values", "martian", cwd=tmp_path, env=env), "martian")
+    assert_user_error(run_cli("attribute", run.name, "--target", "slice:source=martian", cwd=tmp_path, env=env),
+                      "--target", "martian")
+    assert_user_error(run_cli("attribute", run.name, "--target", "gold", cwd=tmp_path, env=env), "--target", "gold")
+    assert_user_error(run_cli("attribute", run.name, "--target", "val", cwd=tmp_path, env=env), "--target", "test")
+
+    # --dry-run: the question, the target and the cost in training runs, and nothing trained or written
+    plan = run_cli("attribute", run.name, "--values", "scraped", "--seeds", "5", "--budget-steps", "40", "--dry-run",
+                   cwd=tmp_path, env=env)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "on the test split, are a value's rows worse" in plan.stdout
+    assert "x 5 seeds = 15 runs; 15 to train" in plan.stdout, plan.stdout
+    assert not (tmp_path / "attributions").exists()
 
     args = ["attribute", run.name, "--values", "scraped", "--seeds", "5", "--budget-steps", "40", "--json"]
     first = run_cli(*args, cwd=tmp_path, env=env)
@@ -50,10 +62,13 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     result = json.loads(first.stdout)
     scraped = result["values"]["scraped"]
     assert scraped["verdict"] == "hurts", scraped["why"]
-    bad = scraped["slices"]["source!=scraped"]["loss"]
-    # judged against removing as many random rows, at the seed level (the clean-source and coin-flip
-    # directions are guarded in-process by tests/test_attribution_calibration.py, at less cost)
-    assert bad["seed_ci95"][1] < 0 and scraped["p_adjusted"] <= 0.05 and result["correction"] == "holm"
+    # judged on the declared target (the whole test split) against removing as many random rows, the value's
+    # rows one draw (the clean-source and coin-flip directions are guarded in-process by
+    # tests/test_attribution_calibration.py, at less cost)
+    assert result["target"]["name"] == "test" and scraped["verdict_slice"] == "overall"
+    assert scraped["why"].startswith("hurts the test split (90 rows): removing its"), scraped["why"]
+    bad = scraped["slices"]["overall"]["loss"]
+    assert bad["ci95"][1] < 0 and scraped["p_adjusted"] <= 0.05 and result["correction"] == "holm"
     assert bad["effect"] == pytest.approx(sum(bad["per_seed"]) / 5) and len(bad["random_per_seed"]) == 5
     assert scraped["control"] == f"__random_{scraped['removed_rows']}__" and bad["mde"] > 0
     assert scraped["removed_rows"] > 0 and result["seeds"] == 5 and result["budget"]["max_steps"] == 40

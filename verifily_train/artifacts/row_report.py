@@ -60,9 +60,9 @@ def render_rows_section(result: dict) -> str:
     if verification:
         parts.append("<h3>Check by retraining</h3>"
                      f"<p><b>{html.escape(verification['summary'])}</b></p>"
-                     + html_table(["arm minus control", "effect", "seed 95% CI", "per seed", f"p ({verification['correction']})"],
+                     + html_table(["arm minus control", "effect", "one-draw 95% CI", "per seed", f"p ({verification['correction']})"],
                               [[f"without top {verification['k']} - without {verification['k']} random",
-                                _num(verification["effect"]), _ci(verification["seed_ci95"]),
+                                _num(verification["effect"]), _ci(verification["ci95"]),
                                 ", ".join(f"{d:+.4f}" for d in verification["per_seed"]),
                                 _num(verification["p_adjusted"])]])
                      + f"<p class='note'>{html.escape(verification['method'])}</p>")

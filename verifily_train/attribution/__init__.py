@@ -1,5 +1,6 @@
 """Causal attribution by retraining: remove a tag value's train rows (and as many random rows), retrain
-over seeds, and test whether that value's rows are worse or better than average rows (docs/attribution.md).
+over seeds, and test on a declared target whether that value's rows, one draw, are worse or better than
+random rows (docs/attribution.md).
 
 The names below are re-exported lazily (PEP 562): ``verifily --help`` reads ``attribution.stats.DEFAULT_SEEDS``
 without loading the dataset store and the analysis.
@@ -9,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "FULL": "analysis", "VERDICTS": "analysis", "analyze": "analysis", "control_arm": "analysis",
-    "per_example": "analysis", "per_example_frame": "analysis",
+    "per_example": "analysis", "per_example_frame": "analysis", "target_score": "analysis",
     "derive_random": "derive", "derive_without": "derive", "derived_version_name": "derive",
     "train_tag_counts": "derive", "render": "render", "render_html": "render",
 }

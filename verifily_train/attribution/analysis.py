@@ -1,10 +1,13 @@
-"""Effects of removing each tag value, judged against removing as many random rows, over seeds.
+"""Effects of removing each tag value, judged on a declared target against removing as many random rows.
 
 For every removed value ``v`` three arms are trained at each seed: ``full`` (every row), ``v`` (its rows
-removed) and a size-matched control (as many train rows removed at random, a fresh draw per seed). On
-the unchanged test rows, per metric and slice, the output reports the removal effect (``v`` minus full),
-the random-removal effect (control minus full) and their difference (``v`` minus control), which is what
-the verdict tests: "is this data worse (or better) than average data?", not "does less data matter?".
+removed) and a size-matched control (as many train rows removed at random, a fresh draw per seed). The
+verdict answers one question on one target named before training (the gold set, else the evaluated split,
+or a slice the user names): "on this target, are ``v``'s rows worse (or better) than as many random
+rows?", judged by :func:`stats.one_draw_test`, which counts ``v``'s rows as one draw against the spread of
+random subsets. Every other slice (the value's own test rows, the rest, each value) is a descriptive
+effect beside it: the rows *without* ``v`` are a slice whose make-up the arms change unequally, so a clean
+source that merely differs from the others would win a verdict read there.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from verifily_train.attribution.stats import ALPHA, SLICE_Q, adjust, row_bootstrap, seed_test
+from verifily_train.attribution import target as targets
+from verifily_train.attribution.stats import ALPHA, adjust, one_draw_test, one_draw_tests, row_bootstrap
 from verifily_train.errors import VerifilyError
 
 FULL = "__full__"  # the arm that keeps every train row
 VERDICTS = ("hurts", "helps", "no measurable effect at this budget")
-LOWER_IS_BETTER = {"loss"}
+LOWER_IS_BETTER = {"loss"}  # every other metric (accuracy, exact match, token F1, gold token F1) is higher-better
 PRIMARY = "loss"
 
 
@@ -31,6 +35,17 @@ def per_example(run: Path, task: str):
     import pandas as pd
 
     return per_example_frame(pd.read_parquet(run / "predictions.parquet"), task)
+
+
+def target_score(run: Path, target: str) -> float:
+    """A Run's score on a target read from its metrics (``gold``: token F1 on the gold set)."""
+    from verifily_train.artifacts.run import load_run_json
+
+    metrics = load_run_json(run).get("metrics") or {}
+    name = targets.GOLD_METRIC if target == "gold" else target
+    if name not in metrics:
+        raise VerifilyError(run, "metrics", f"has no {name} to judge the target {target} on")
+    return float(metrics[name])
 
 
 def per_example_frame(frame, task: str):
@@ -61,15 +76,17 @@ def _shared_rows(tables: Dict[str, list]) -> List[str]:
     return sorted(shared or [])
 
 
-def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], alpha: float = ALPHA,
-            correction: str = "holm", slice_q: float = SLICE_Q, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], target: str = "test",
+            alpha: float = ALPHA, correction: str = "holm", bootstrap_samples: int = 1000, seed: int = 0,
+            split: str = "test", target_scores: Optional[Dict[str, List[float]]] = None,
+            at_steps: Optional[int] = None) -> dict:
     """Verdicts for every value in ``plan`` from per-example tables ``{arm: [frame per seed]}``.
 
     ``plan[value]`` holds ``removed_rows``, ``kept_rows``, ``derived_dataset`` and ``control`` (the name of
-    its size-matched control arm in ``tables``). Verdicts: a seed-level paired t test of value arm minus
-    control arm on the primary metric over the test rows without the value, corrected over the values
-    (``correction``: holm or bh, at ``alpha``). Every other slice x metric cell gets the same test, with
-    Benjamini-Hochberg at ``slice_q`` over all of them (descriptive stars).
+    its size-matched control arm in ``tables``). The verdict of each value is the one-draw test of (value
+    arm minus control arm) on the primary metric over ``target``'s rows (``test``/``val``: every row;
+    ``slice:<tag>=<value>`` or ``!=``: those rows; ``gold``: the per-seed ``target_scores``), corrected over
+    the values (``correction``: holm or bh, at ``alpha``). The other slices are descriptive effects.
     """
     import numpy as np
 
@@ -85,61 +102,94 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
     tag = f"tag.{by}"
     metrics = [m for m in ("loss", "accuracy", "exact_match", "token_f1") if m in base.columns]
     family = len(plan)
-    result = {"task": task, "by": by, "seeds": seeds, "test_rows": len(rows), "primary_metric": PRIMARY,
-              "alpha": alpha, "correction": correction, "slice_q": slice_q, "values": {},
-              "method": _method_line(seeds, family, alpha, correction)}
-    cells = []  # (value, slice, metric) for the slice-level BH
+    target_key = targets.slice_name(target)
+    if target == "gold":
+        if not target_scores:
+            raise VerifilyError(None, "--target", "gold: the arms' gold-set scores are missing")
+        primary, target_rows = targets.GOLD_METRIC, None
+    else:
+        primary = PRIMARY
+        target_rows = int(targets.target_mask(base, target).sum())
+        if target_rows == 0:
+            raise VerifilyError(None, "--target", f"{target} selects none of the {len(rows)} evaluated rows")
+    words = targets.describe(target, split, target_rows)
+    result = {"task": task, "by": by, "seeds": seeds, "test_rows": len(rows), "primary_metric": primary,
+              "target": {"name": target, "split": split, "rows": target_rows, "words": words, "slice": target_key},
+              "alpha": alpha, "correction": correction, "at_steps": at_steps, "values": {},
+              "method": _method_line(seeds, family, alpha, correction, words),
+              "conditional": (f"verdicts are conditional on these {target_rows or 'gold'} target rows: they generalise "
+                              f"over training seeds and over which rows a random subset holds, not over a new draw "
+                              f"of target rows (the row bootstrap beside each effect shows that precision)")}
     for value, info in plan.items():
         control = info["control"]
-        slices = {"overall": np.ones(len(rows), dtype=bool)}
+        size = (info["removed_rows"], info["removed_rows"] + info["kept_rows"])
+        slices = {}
+        if target != "gold":
+            slices[target_key] = targets.target_mask(base, target)
+        slices.setdefault("overall", np.ones(len(rows), dtype=bool))
         if tag in base.columns:
             tags = base[tag].astype(str).to_numpy()
-            slices[f"{by}!={value}"] = tags != str(value)
             for other in sorted(set(tags)):
-                slices[f"{by}={other}"] = tags == other
+                slices.setdefault(f"{by}={other}", tags == other)
+            slices.setdefault(f"{by}!={value}", tags != str(value))
         effects = {}
+        if target == "gold":
+            effects["gold"] = {"n": None, primary: _cell([target_scores[FULL], target_scores[value],
+                                                          target_scores[control]], None, size, alpha, family,
+                                                         bootstrap_samples, seed)}
         for name, mask in slices.items():
             if not mask.any():
                 continue
             entry = {"n": int(mask.sum())}
             for metric in metrics:
-                def means(arm):
-                    return [float(f[metric].to_numpy()[mask].mean()) for f in data[arm]]
-
-                full, removed, random_ = means(FULL), means(value), means(control)
-                diffs = [r - c for r, c in zip(removed, random_)]
-                test = seed_test(diffs, alpha, family)
+                means = [[float(f[metric].to_numpy()[mask].mean()) for f in data[arm]] for arm in (FULL, value, control)]
                 per_row = (np.mean([f[metric].to_numpy()[mask] for f in data[value]], axis=0)
                            - np.mean([f[metric].to_numpy()[mask] for f in data[control]], axis=0))
-                entry[metric] = {
-                    "effect": test["mean"], "per_seed": diffs, "seed_ci95": test["ci95"], "p": test["p"],
-                    "mde": test["mde"], "seed_sd": test["sd"],
-                    "removal_effect": float(np.mean([r - f for r, f in zip(removed, full)])),
-                    "removal_per_seed": [r - f for r, f in zip(removed, full)],
-                    "random_removal_effect": float(np.mean([c - f for c, f in zip(random_, full)])),
-                    "random_per_seed": [c - f for c, f in zip(random_, full)],
-                    "bootstrap_ci95": row_bootstrap(per_row, bootstrap_samples, seed),
-                    "removed_mean": float(np.mean(removed)), "control_mean": float(np.mean(random_)),
-                    "full_mean": float(np.mean(full))}
-                cells.append((value, name, metric))
+                entry[metric] = _cell(means, per_row, size, alpha, family, bootstrap_samples, seed)
             effects[name] = entry
-        target = f"{by}!={value}" if f"{by}!={value}" in effects else "overall"
         result["values"][value] = {"removed_rows": info["removed_rows"], "kept_rows": info["kept_rows"],
                                    "derived_dataset": info["derived_dataset"], "control": control,
-                                   "verdict_slice": target, "slices": effects}
+                                   "verdict_slice": target_key, "slices": effects}
     _apply_verdicts(result, alpha, correction)
-    adjusted = adjust([result["values"][v]["slices"][s][m]["p"] for v, s, m in cells], "bh")
-    for (v, s, m), q in zip(cells, adjusted):
-        cell = result["values"][v]["slices"][s][m]
-        cell["q_bh"] = q
-        cell["significant_bh"] = q is not None and q <= slice_q
     return result
+
+
+def _cell(means: List[List[float]], per_row, size: tuple, alpha: float, family: int, bootstrap_samples: int,
+          seed: int) -> dict:
+    """One slice x metric: (value - control) per seed with its one-draw interval, the removal effects beside it."""
+    import numpy as np
+
+    full, removed, random_ = means
+    diffs = [r - c for r, c in zip(removed, random_)]
+    within = [r - f for r, f in zip(removed, full)]
+    random_effects = [c - f for c, f in zip(random_, full)]
+    test = one_draw_test(diffs, within, random_effects, size[0], size[1], alpha, family)
+    spread = float(np.std(random_effects, ddof=1)) if len(random_effects) > 1 else None
+    return {"effect": test["mean"], "per_seed": diffs, **_test_fields(test), "removed": size[0], "total": size[1],
+            "random_spread": spread,
+            "in_spreads": (test["mean"] / spread) if spread else None,
+            "removal_effect": float(np.mean(within)), "removal_per_seed": within,
+            "random_removal_effect": float(np.mean(random_effects)), "random_per_seed": random_effects,
+            "bootstrap_ci95": None if per_row is None else row_bootstrap(per_row, bootstrap_samples, seed),
+            "removed_mean": float(np.mean(removed)), "control_mean": float(np.mean(random_)),
+            "full_mean": float(np.mean(full))}
+
+
+def _test_fields(test: dict) -> dict:
+    return {"ci95": test["ci95"], "p": test["p"], "mde": test["mde"], "se": test["se"], "seed_sd": test["sd"],
+            "subset_sd": test["subset_sd"], "noise_sd": test["noise_sd"], "test": test["test"],
+            "pooled_cells": test["pooled_cells"]}
 
 
 def _apply_verdicts(result: dict, alpha: float, correction: str) -> None:
     metric = result["primary_metric"]
     values = list(result["values"])
     cells = [result["values"][v]["slices"][result["values"][v]["verdict_slice"]][metric] for v in values]
+    # the verdicts of one call share the subset-spread and seed-noise estimates (more degrees of freedom)
+    pooled = one_draw_tests([{"diffs": c["per_seed"], "within": c["removal_per_seed"], "random": c["random_per_seed"],
+                              "removed": c["removed"], "total": c["total"]} for c in cells], alpha, len(values))
+    for cell, test in zip(cells, pooled):
+        cell.update(_test_fields(test))
     adjusted = adjust([c["p"] for c in cells], correction)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     for value, cell, p_adj in zip(values, cells, adjusted):
@@ -149,23 +199,37 @@ def _apply_verdicts(result: dict, alpha: float, correction: str) -> None:
             entry["verdict"] = "hurts" if sign * cell["effect"] > 0 else "helps"
         else:
             entry["verdict"] = VERDICTS[2]
-        entry["why"] = _why(cell, p_adj, metric, result["seeds"], correction)
+        entry["why"] = headline(result, value, cell, p_adj)
 
 
-def _why(cell: dict, p_adj: Optional[float], metric: str, seeds: int, correction: str) -> str:
-    seeds_text = ", ".join(f"{e:+.4f}" for e in cell["per_seed"])
+def headline(result: dict, value: str, cell: dict, p_adj: Optional[float]) -> str:
+    """The verdict in words: what was removed, on which target, by how much against random rows, how sure."""
+    entry = result["values"][value]
+    n, metric, target = entry["removed_rows"], result["primary_metric"], result["target"]
+    where = target["words"]
+    steps = f" at {result['at_steps']} steps" if result.get("at_steps") else ""
+    spreads = f"{abs(cell['in_spreads']):.1f}x the spread of random subsets; " if cell.get("in_spreads") else ""
+    label = {"holm": "Holm", "bh": "BH"}[result["correction"]]
     if p_adj is None:
-        return (f"removing it changes {metric} by {cell['effect']:+.4f} against as many random rows removed "
-                f"(seeds {seeds_text}); {seeds} seed(s) give no estimate of training variance: use --seeds >= 3")
-    return (f"removing it changes {metric} by {cell['effect']:+.4f} against as many random rows removed "
-            f"(seed 95% CI {fmt_ci(cell['seed_ci95'])}, t test p={cell['p']:.3g}, {correction} p={p_adj:.3g}; "
-            f"seeds {seeds_text}); smallest effect detectable at 80% power: {cell['mde']:.4f}")
+        return (f"{entry['verdict']} on {where}: removing its {n} rows changed {metric} by {cell['effect']:+.4f} "
+                f"against removing {n} random rows{steps}; {result['seeds']} seed(s) cannot tell one draw of rows "
+                f"from the spread of random ones: use --seeds >= 3")
+    lower = cell["effect"] < 0
+    if entry["verdict"] in ("hurts", "helps"):
+        return (f"{entry['verdict']} {where}: removing its {n} rows {'lowered' if lower else 'raised'} {metric} by "
+                f"{abs(cell['effect']):.4f} more than removing {n} random rows{steps} ({spreads}{label} p "
+                f"{p_adj:.3g})")
+    return (f"no measurable effect on {where}: removing its {n} rows changed {metric} by {cell['effect']:+.4f} "
+            f"against removing {n} random rows{steps} ({spreads}{label} p {p_adj:.3g}); smallest effect "
+            f"detectable at 80% power: {cell['mde']:.4f}")
 
 
-def _method_line(seeds: int, family: int, alpha: float, correction: str) -> str:
+def _method_line(seeds: int, family: int, alpha: float, correction: str, words: str) -> str:
     name = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}[correction]
-    return (f"verdict: paired t test over {seeds} seeds of (value removed) minus (as many random rows removed), "
-            f"{name} over {family} value(s) at {alpha:g}; the test-row bootstrap is test-set precision only")
+    return (f"verdict on {words}: (value removed) minus (as many random rows removed, a fresh draw per seed) over "
+            f"{seeds} seeds, the value's rows counted as one draw against the spread of random subsets (generalized "
+            f"one-draw test, subset spread and seed noise pooled over the values), "
+            f"{name} over {family} value(s) at {alpha:g}")
 
 
 def fmt_ci(ci) -> str:

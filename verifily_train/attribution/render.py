@@ -8,41 +8,50 @@ from verifily_train.attribution.analysis import LOWER_IS_BETTER, fmt_ci
 
 
 def render(result: dict, markdown: bool = False) -> str:
-    """The verdict table (one row per removed value) and the per-slice effects on the primary metric."""
+    """The verdict lines and table (one row per removed value, on the named target) and descriptive slice effects."""
     metric = result["primary_metric"]
+    target = result["target"]
     lines = [f"Attribution by retraining: {result['by']} ({result['seeds']} seed(s) per arm, "
-             f"{result['test_rows']} test rows, budget: {result.get('budget', {}).get('description', 'parent config')})"]
+             f"budget: {result.get('budget', {}).get('description', 'parent config')})",
+             f"Question: on {target['words']}, are a value's rows worse (or better) than as many random rows?"]
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     lines.append("")
-    header = ["removed", "rows", "verdict", f"Δ{metric} vs random removal [seed 95% CI]", f"p ({result['correction']})",
-              "detectable", "Δ vs full", "Δ random vs full", "row bootstrap 95%"]
+    for value, entry in result["values"].items():
+        lines.append(f"  {result['by']}={value}: {entry['why']}")
+    lines.append("")
+    header = ["removed", "rows", "verdict", f"Δ{metric} vs random removal [95% CI]", "x spread",
+              f"p ({result['correction']})", "detectable", "Δ vs full", "Δ random vs full", "row bootstrap 95%"]
     table = []
     for value, entry in result["values"].items():
         e = entry["slices"][entry["verdict_slice"]][metric]
         table.append([f"{result['by']}={value}", str(entry["removed_rows"]), entry["verdict"],
-                      f"{e['effect']:+.4f} {fmt_ci(e['seed_ci95'])}",
+                      f"{e['effect']:+.4f} {fmt_ci(e['ci95'])}",
+                      "n/a" if e.get("in_spreads") is None else f"{e['in_spreads']:+.1f}",
                       "n/a" if entry["p_adjusted"] is None else f"{entry['p_adjusted']:.3g}",
                       "n/a" if e["mde"] is None else f"±{e['mde']:.4f}",
                       f"{e['removal_effect']:+.4f}", f"{e['random_removal_effect']:+.4f}", fmt_ci(e["bootstrap_ci95"])])
     lines += _table(header, table, markdown)
     lines.append("")
     lines.append(result["method"] + ".")
-    lines.append("Effects on the test rows without the removed value; 'detectable': the smallest true effect "
-                 "these seeds detect with 80% power.")
-    lines.append("")
-    lines.append(f"Δ{metric} vs random removal by test slice ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is "
-                 f"better; * Benjamini-Hochberg q <= {result['slice_q']:g} over every slice x metric):")
+    lines.append("'x spread': the effect in standard deviations of removing a random subset of the same size; "
+                 "'detectable': the smallest true effect these seeds detect with 80% power.")
+    lines.append(result["conditional"][0].upper() + result["conditional"][1:] + ".")
     slice_names = sorted({s for entry in result["values"].values() for s in entry["slices"]
-                          if not s.startswith(f"{result['by']}!=")})
-    rows = []
-    for value, entry in result["values"].items():
-        cells = []
-        for s in slice_names:
-            cell = entry["slices"].get(s, {}).get(metric)
-            cells.append("-" if cell is None else f"{cell['effect']:+.4f}" + (" *" if cell.get("significant_bh") else ""))
-        rows.append([f"{result['by']}={value}"] + cells)
-    lines += _table(["removed"] + slice_names, rows, markdown)
+                          if s != entry["verdict_slice"] and metric in entry["slices"][s]})
+    if slice_names:
+        lines.append("")
+        lines.append(f"Descriptive, not verdicts: Δ{metric} vs random removal on other test slices "
+                     f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better). A slice that excludes the "
+                     f"removed value's own rows favours any value that differs from the rest, clean or not:")
+        rows = []
+        for value, entry in result["values"].items():
+            cells = []
+            for s in slice_names:
+                cell = entry["slices"].get(s, {}).get(metric)
+                cells.append("-" if cell is None else f"{cell['effect']:+.4f}")
+            rows.append([f"{result['by']}={value}"] + cells)
+        lines += _table(["removed"] + slice_names, rows, markdown)
     lines.append("")
     lines.append("Each arm retrains from the parent's config; see docs/attribution.md for the method and its limits.")
     return "\n".join(lines)
@@ -75,13 +84,13 @@ def render_html(result: dict) -> str:
         e = entry["slices"][entry["verdict_slice"]][metric]
         color = {"hurts": "#c0392b", "helps": "#27ae60"}.get(entry["verdict"], "#7f8c8d")
         ax.plot([e["effect"]], [i], "o", color=color)
-        if e["seed_ci95"]:
-            ax.plot(e["seed_ci95"], [i, i], "-", color=color, lw=3)
+        if e["ci95"]:
+            ax.plot(e["ci95"], [i, i], "-", color=color, lw=3)
         ax.plot([e["random_removal_effect"]], [i - 0.2], "x", color="#34495e")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(values)), [f"without {result['by']}={v}" for v in values])
-    ax.set_xlabel(f"Δ{metric} on the other test rows vs as many random rows removed; bar: seed 95% CI, "
-                  f"x: random removal vs full")
+    ax.set_xlabel(f"Δ{metric} on {result['target']['words']} vs as many random rows removed; bar: one-draw "
+                  f"95% CI, x: random removal vs full")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

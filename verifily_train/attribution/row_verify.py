@@ -2,8 +2,9 @@
 
 Three arms at every seed, as in the tag-level attribution (``attribution/analysis.py``): the full data, the
 data without the top-K rows, and a size-matched control without as many random rows (a fresh draw per
-seed). The verdict is the same seed-level paired t test on the target's loss, top-K arm minus control arm,
-with the same correction (one test here, so Holm and BH leave its p unchanged).
+seed). The verdict is the same one-draw test on the target's loss (the K rows are one draw, judged against
+the spread of random K-row subsets), top-K arm minus control arm, with the same correction (one test here,
+so Holm and BH leave its p unchanged).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def analyze_verification(task: str, tables: Dict[str, list], removed_rows: int, 
     tables = {arm: [target_frame(f, target) for f in frames] for arm, frames in tables.items()}
     plan = {ARM: {"removed_rows": removed_rows, "kept_rows": kept_rows, "derived_dataset": derived_ref,
                   "control": control}}
-    result = analyze(task, "__rows__", tables, plan, alpha=alpha, correction=correction,
-                     bootstrap_samples=bootstrap_samples)
+    result = analyze(task, "__rows__", tables, plan, target="test", alpha=alpha, correction=correction,
+                     bootstrap_samples=bootstrap_samples)  # the tables already hold the target's rows alone
     entry = result["values"][ARM]
     cell = entry["slices"][entry["verdict_slice"]][result["primary_metric"]]
     verdict = entry["verdict"]
@@ -57,7 +58,7 @@ def analyze_verification(task: str, tables: Dict[str, list], removed_rows: int, 
                    f"against removing {k} random rows, not significant at {alpha:g}{detectable}")
     return {"k": k, "kept_rows": kept_rows, "derived_dataset": derived_ref, "control": control, "target": target,
             "seeds": result["seeds"], "test_rows": result["test_rows"], "metric": result["primary_metric"],
-            "effect": cell["effect"], "per_seed": cell["per_seed"], "seed_ci95": cell["seed_ci95"], "p": cell["p"],
+            "effect": cell["effect"], "per_seed": cell["per_seed"], "ci95": cell["ci95"], "p": cell["p"],
             "p_adjusted": entry["p_adjusted"], "mde": cell["mde"], "correction": correction, "alpha": alpha,
             "removal_effect": cell["removal_effect"], "random_removal_effect": cell["random_removal_effect"],
             "verdict": verdict, "confirmed": verdict == "hurts", "summary": summary, "why": entry["why"],
@@ -76,7 +77,7 @@ def check_verify(k: int, train_rows: int, seeds: int) -> Optional[str]:
         return f"must be >= 1 rows; got {k}"
     if k >= train_rows:
         return f"cannot remove {k} of the run's {train_rows} train rows"
-    if seeds < 2:
-        return f"needs --seeds >= 2 for a seed-level test; got {seeds}"
+    if seeds < 3:
+        return f"needs --seeds >= 3 for the one-draw test (two variance parts); got {seeds}"
     return None
 

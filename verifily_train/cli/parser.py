@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="causal attribution: retrain without each tag value and measure the effect",
                        description="For each value of the tag key (--by), derive a dataset version without that "
                                    "value's train rows, retrain the run's config on it with several seeds (and on the "
-                                   "full data, and without as many random rows), and report the effect of removing "
-                                   "it against removing random rows on every metric and test slice, tested over "
-                                   "seeds and corrected over the values, with a verdict: "
+                                   "full data, and without as many random rows), and judge on one target (--target) "
+                                   "whether its rows, one draw, are worse or better than random subsets of the same "
+                                   "size, corrected over the values, with a verdict: "
                                    "helps / hurts / no measurable effect. Ablation runs fan out as Prefect task runs. "
                                    "See docs/attribution.md.")
     p.add_argument("run", help="run id or path of a completed run (the parent)")
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit each ablation run to this training deployment (its work pool spreads them)")
     p.add_argument("--out", default=None, help="output folder (default: <runs>/../attributions/<run>-by-<key>)")
     p.add_argument("--json", action="store_true", help="print attribution.json instead of the table")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (question, target, values, arms, training runs) and stop")
     rows.add_rows_arguments(p)  # --rows: row-level attribution (cli/rows.py)
     p.set_defaults(handler="attribute:cmd_attribute")
 

@@ -25,9 +25,11 @@ def add_rows_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("row-level attribution (--rows)", "which train rows raised the target's loss, from "
                              "gradients at the train stage's adapter snapshots (docs/attribution.md)")
     g.add_argument("--rows", action="store_true", help="score every train row instead of retraining per tag value")
-    g.add_argument("--target", default="test",
-                   help="whose loss: test, val, slice:<tag>=<value> (test rows of that value) or slice:<tag>!=<value> (the "
-                        "other test rows, a tag-level verdict's own slice) (default: test)")
+    g.add_argument("--target", default=None,
+                   help="what the verdict (or, with --rows, the score) is about: test, val, gold (tag verdicts: token "
+                        "F1 on the run's gold set), slice:<tag>=<value> (test rows of that value) or "
+                        "slice:<tag>!=<value> (the other test rows) (default: tag verdicts: the gold set if the run "
+                        "scored one, else the evaluated split; --rows: test)")
     g.add_argument("--checkpoints", type=int, default=None,
                    help="adapter snapshots to sum over (default: 4, or the final adapter alone with a note when "
                         "the train stage kept none)")
@@ -92,7 +94,7 @@ def cmd_attribute_rows(args) -> int:
     use_prefect_server()
     start_quiet_server()  # it boots on the other core while the plan reads the Run, the model and the snapshots
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    plan = plan_rows(run, args.target, args.checkpoints, projection, methods=methods)  # user errors before Prefect
+    plan = plan_rows(run, args.target or "test", args.checkpoints, projection, methods=methods)  # user errors before Prefect
     shard_count(plan, args.shards)
     if args.verify:
         if not 0 < args.alpha < 1:
@@ -109,7 +111,7 @@ def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], st
 
     await_server(server)
     with in_process_flow_settings():
-        result = attribute_rows(run=str(run), target=args.target, checkpoints=args.checkpoints, shards=args.shards,
+        result = attribute_rows(run=str(run), target=args.target or "test", checkpoints=args.checkpoints, shards=args.shards,
                                 projection_dim=projection, methods=methods, verify=args.verify, seeds=args.seeds,
                                 budget_steps=args.budget_steps, budget_fraction=args.budget_fraction,
                                 concurrency=args.concurrency, out_dir=args.out, deployment=args.deployment,
