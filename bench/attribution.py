@@ -248,41 +248,62 @@ def rejudge(trial: dict, alpha: float = 0.05) -> dict:
 
 
 def summarize(trials: List[dict]) -> dict:
-    """Per regime and kind: P(any false verdict in a call), power, wrong calls, with exact intervals."""
+    """Per regime and kind: P(any false verdict in a call), power, wrong calls, with exact intervals; the same
+    figure under the retired one-sample t over seeds (same trials, same target) beside it."""
     from verifily_train.attribution.stats import binomial_interval
 
-    trials = [rejudge(t) for t in trials]
+    judged = [rejudge(t) for t in trials]
+    retired = [_old_verdicts(t) for t in trials]
     out: Dict[str, dict] = {}
     for regime, kind in sorted({(t["regime"], t["kind"]) for t in trials}):
-        mine = [t for t in trials if t["regime"] == regime and t["kind"] == kind]
-        called = lambda t, v: t["values"][v]["verdict"] in ("hurts", "helps")  # noqa: E731
+        pick = [i for i, t in enumerate(trials) if t["regime"] == regime and t["kind"] == kind]
+        mine = [judged[i] for i in pick]
+        s = {"headline": _headline_metric(kind), "measured": binomial_interval(sum(_counted(kind, t) for t in mine), len(mine)),
+             "retired_t": binomial_interval(sum(_counted(kind, retired[i]) for i in pick), len(pick))}
         if kind == "power":
-            s = {"power": binomial_interval(sum(t["values"]["scraped"]["verdict"] == "hurts" for t in mine), len(mine)),
-                 "clean_called_hurts": binomial_interval(sum(t["values"]["human"]["verdict"] == "hurts" for t in mine),
-                                                         len(mine)),
-                 "median_effect": _median([t["values"]["scraped"]["effect"] for t in mine]),
-                 "median_mde": _median([t["values"]["scraped"]["mde"] for t in mine]),
-                 "median_in_spreads": _median([t["values"]["scraped"]["in_spreads"] for t in mine])}
+            s["clean_called_hurts"] = binomial_interval(sum(t["values"]["human"]["verdict"] == "hurts" for t in mine),
+                                                        len(mine))
+            s.update(median_effect=_median([t["values"]["scraped"]["effect"] for t in mine]),
+                     median_mde=_median([t["values"]["scraped"]["mde"] for t in mine]),
+                     median_in_spreads=_median([t["values"]["scraped"]["in_spreads"] for t in mine]))
         elif kind == "shifted":
-            s = {"any_clean_called_hurts": binomial_interval(
-                     sum(any(t["values"][v]["verdict"] == "hurts" for v in t["values"]) for t in mine), len(mine)),
-                 "called_helps_per_value": binomial_interval(
-                     sum(t["values"][v]["verdict"] == "helps" for t in mine for v in t["values"]),
-                     sum(len(t["values"]) for t in mine)),
-                 "median_effect": _median([e["effect"] for t in mine for e in t["values"].values()]),
-                 "median_effect_on_other_rows": _median([e["effect_on_other_rows"] for t in mine
-                                                         for e in t["values"].values()])}
+            s["called_helps_per_value"] = binomial_interval(
+                sum(t["values"][v]["verdict"] == "helps" for t in mine for v in t["values"]),
+                sum(len(t["values"]) for t in mine))
+            s.update(median_effect=_median([e["effect"] for t in mine for e in t["values"].values()]),
+                     median_effect_on_other_rows=_median([e["effect_on_other_rows"] for t in mine
+                                                          for e in t["values"].values()]))
         else:
-            s = {"any_false_call": binomial_interval(sum(any(called(t, v) for v in t["values"]) for t in mine), len(mine)),
-                 "median_mde": _median([e["mde"] for t in mine for e in t["values"].values()])}
+            s["median_mde"] = _median([e["mde"] for t in mine for e in t["values"].values()])
         cells = [e for t in mine for e in t["values"].values() if e["subset_sd"] is not None]
         s["median_noise_sd"] = _median([e["noise_sd"] for e in cells])
         s["median_subset_sd"] = _median([e["subset_sd"] for e in cells])
-        s["median_old_t_p"] = _median([_old_p(e["per_seed"]) for e in cells])
-        s["old_t_any_call"] = binomial_interval(
-            sum(any(_old_call(e, len(t["values"])) for e in t["values"].values()) for t in mine), len(mine))
         out[f"{regime}/{kind}"] = s
     return out
+
+
+def _headline_metric(kind: str) -> str:
+    return {"power": "harmful source called hurts", "shifted": "trials with any clean source called hurts"}.get(
+        kind, "trials with any false hurts/helps")
+
+
+def _counted(kind: str, trial: dict) -> bool:
+    verdicts = {v: e["verdict"] for v, e in trial["values"].items()}
+    if kind == "power":
+        return verdicts["scraped"] == "hurts"
+    if kind == "shifted":
+        return "hurts" in verdicts.values()
+    return any(v in ("hurts", "helps") for v in verdicts.values())
+
+
+def _old_verdicts(trial: dict) -> dict:
+    """The trial judged by the retired test: a one-sample t over seeds of (value - control), Holm."""
+    from verifily_train.attribution.stats import adjust
+
+    values = list(trial["values"])
+    adjusted = adjust([_old_p(trial["values"][v]["per_seed"]) for v in values], "holm")
+    return {"values": {v: {"verdict": ("hurts" if sum(trial["values"][v]["per_seed"]) < 0 else "helps")
+                           if p is not None and p <= 0.05 else "none"} for v, p in zip(values, adjusted)}}
 
 
 def _old_p(diffs) -> Optional[float]:
@@ -290,11 +311,6 @@ def _old_p(diffs) -> Optional[float]:
     from scipy import stats
 
     return float(stats.ttest_1samp(diffs, 0.0).pvalue) if len(diffs) > 1 else None
-
-
-def _old_call(entry: dict, family: int) -> bool:
-    p = _old_p(entry["per_seed"])
-    return p is not None and p * family <= 0.05  # Bonferroni: at most as liberal as Holm's first step
 
 
 def _median(xs):
@@ -306,18 +322,17 @@ def render(summary: dict) -> str:
     def rate(r):
         return f"{r['k']}/{r['n']} = {r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
 
-    lines = ["| regime / experiment | what is counted | limit | measured (exact 95% CI) |", "|---|---|---|---|"]
+    limits = {"power": ">= 80%", "shifted": "<= 5%", "placebo-coin": "<= 5%"}
+    lines = ["| regime / experiment | what is counted | limit | measured (exact 95% CI) | retired seed-only t |",
+             "|---|---|---|---|---|"]
     for name, s in summary.items():
-        if name.endswith("/power"):
-            lines.append(f"| {name} | harmful source called hurts | >= 80% | {rate(s['power'])} |")
-            lines.append(f"| {name} | clean source called hurts | - | {rate(s['clean_called_hurts'])} |")
-        elif name.endswith("/shifted"):
-            lines.append(f"| {name} | trials with any clean source called hurts | <= 5% | {rate(s['any_clean_called_hurts'])} |")
+        kind = name.split("/", 1)[1]
+        lines.append(f"| {name} | {s['headline']} | {limits[kind]} | {rate(s['measured'])} | {rate(s['retired_t'])} |")
+        if kind == "power":
+            lines.append(f"| {name} | clean source called hurts | - | {rate(s['clean_called_hurts'])} | - |")
+        elif kind == "shifted":
             lines.append(f"| {name} | values called helps (right on the whole test split) | - | "
-                         f"{rate(s['called_helps_per_value'])} |")
-        else:
-            lines.append(f"| {name} | trials with any false hurts/helps | <= 5% | {rate(s['any_false_call'])} |")
-        lines.append(f"| {name} | the same trials under the retired seed-only t | - | {rate(s['old_t_any_call'])} |")
+                         f"{rate(s['called_helps_per_value'])} | - |")
     return "\n".join(lines)
 
 
@@ -339,6 +354,7 @@ def main(argv=None) -> int:
     parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated among {', '.join(REGIMES)}")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)}")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where attribution-<regime>.json go")
+    parser.add_argument("--kind-trials", default="", help="per-experiment trial counts overriding --trials, e.g. power=12")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = Path(tempfile.mkdtemp(prefix="verifily-bench-attr-"))
@@ -361,7 +377,9 @@ def _run_regime(regime: str, args, root: Path) -> None:
         if previous.get("settings") == settings:
             done = previous.get("trials", [])
     have = {(t["kind"], t["trial"]) for t in done}
-    todo = [(k, i) for i in range(args.trials) for k in args.kinds.split(",") if (k, i) not in have]
+    counts = {k: args.trials for k in args.kinds.split(",")}
+    counts.update({k: int(n) for k, _, n in (item.partition("=") for item in args.kind_trials.split(",") if item)})
+    todo = [(k, i) for i in range(max(counts.values())) for k in counts if i < counts[k] and (k, i) not in have]
     started = time.time()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_trial, regime, k, i, args.seeds, str(model), str(root)) for k, i in todo]

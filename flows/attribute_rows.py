@@ -4,7 +4,7 @@ Target gradients, then one gradient pass per shard of the train rows, fanned out
 (``concurrency`` at once; on a work pool, the worker running this flow runs them), then the merge: each a
 cached pipeline stage (``pipeline/row_attribution.py``), so a second call is all cache hits. ``verify`` K
 retrains without the top-K rows and without K random rows (the tag-level flow's ablation runs, over
-``seeds``) and tests the difference at the seed level. Output: an immutable attribution folder.
+``seeds``) and tests the difference with the one-draw test (the K rows are one draw). Output: an immutable attribution folder.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _stage_report(done: dict) -> dict:
 def _verify(cfg, parent: Path, merged: dict, k: int, seeds: int, budget_overrides: List[str],
             target: str, runs_dir: Path, concurrency: int, deployment, alpha: float, correction: str,
             bootstrap_samples: int, logger) -> dict:
-    """Retrain full / without top-K / without K random rows at each seed; the seed-level verdict."""
+    """Retrain full / without top-K / without K random rows at each seed; the one-draw verdict."""
     from prefect.client.orchestration import get_client
 
     top = derive_top(cfg, merged, merged["default_method"], k, target)

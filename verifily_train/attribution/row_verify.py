@@ -61,6 +61,8 @@ def analyze_verification(task: str, tables: Dict[str, list], removed_rows: int, 
             "effect": cell["effect"], "per_seed": cell["per_seed"], "ci95": cell["ci95"], "p": cell["p"],
             "p_adjusted": entry["p_adjusted"], "mde": cell["mde"], "correction": correction, "alpha": alpha,
             "removal_effect": cell["removal_effect"], "random_removal_effect": cell["random_removal_effect"],
+            "removal_per_seed": cell["removal_per_seed"], "random_per_seed": cell["random_per_seed"],
+            "subset_sd": cell["subset_sd"], "in_spreads": cell["in_spreads"],
             "verdict": verdict, "confirmed": verdict == "hurts", "summary": summary, "why": entry["why"],
             "method": result["method"].replace("(value removed)", f"(top {k} rows removed)")}
 

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="source", help="tag key (default: source)")
     p.add_argument("--values", default=None, help="comma-separated values to remove (default: every value of the tag)")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
-                   help=f"seeds per arm (default: {DEFAULT_SEEDS}; the seed is the unit of evidence, docs/attribution.md)")
+                   help=f"seeds per arm (default: {DEFAULT_SEEDS}; at least 3 for a verdict: a value's rows are one "
+                        "draw, judged against random subsets over seeds, docs/attribution.md)")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="error rate of the verdicts over the values tested (default: 0.05)")
     p.add_argument("--correction", choices=["holm", "bh"], default="holm",
