@@ -216,7 +216,7 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
                                 "in_spreads": cell["in_spreads"], "removal_effect": cell["removal_effect"],
                                 "random_removal_effect": cell["random_removal_effect"],
                                 "per_seed": cell["per_seed"], "removal_per_seed": cell["removal_per_seed"],
-                                "random_per_seed": cell["random_per_seed"], "train_rows": cell["total"],
+                                "random_per_seed": cell["random_per_seed"],
                                 "effect_on_own_rows": own.get("effect"), "effect_on_other_rows": rest.get("effect"),
                                 "removed_rows": entry["removed_rows"]}
     return out
@@ -227,16 +227,14 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
 def rejudge(trial: dict, alpha: float = 0.05) -> dict:
     """The trial's verdicts by the library's current test, from its stored per-seed differences (a change
     of the test re-judges every stored trial without retraining)."""
-    from verifily_train.attribution.stats import adjust, one_draw_tests
+    from verifily_train.attribution.stats import adjust, one_draw_test
 
     values = list(trial["values"])
-    cells = []
+    tests = []
     for v in values:
         e = trial["values"][v]
         random_ = e.get("random_per_seed") or [x - d for x, d in zip(e["removal_per_seed"], e["per_seed"])]
-        cells.append({"diffs": e["per_seed"], "within": e["removal_per_seed"], "random": random_,
-                      "removed": e["removed_rows"], "total": e.get("train_rows") or TRAIN_ROWS[trial["kind"]]})
-    tests = one_draw_tests(cells, alpha, len(values))
+        tests.append(one_draw_test(e["per_seed"], e["removal_per_seed"], random_, alpha, len(values)))
     adjusted = adjust([t["p"] for t in tests], "holm")
     out = dict(trial, values={})
     for v, t, p in zip(values, tests, adjusted):

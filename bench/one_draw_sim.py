@@ -6,7 +6,7 @@ the real pipeline's figures from bench/attribution.py): a Gaussian model of the 
 subset's own effect (spread ``sigma_a`` over random subsets of the size), ``u_s`` the seed's shared part,
 ``e`` each arm's training noise (``sigma_e``). Under the null the value's rows are one random subset, so
 ``a_v`` is one draw. The ratio ``sigma_e / sigma_a`` sweeps from converged training (0) to seed noise
-far above the subset spread. The same trials are judged by :func:`one_draw_tests` (what the CLI uses) and by
+far above the subset spread. The same trials are judged by :func:`one_draw_test` (what the CLI uses) and by
 the retired one-sample t over seeds. Results: bench/results/one_draw_sim.json.
 """
 
@@ -35,8 +35,7 @@ def trial(rng, ratio: float, seeds: int, sizes: List[int], total: int, shift: fl
         a_v = rng.normal(0, scale) + (shift if i == 0 else 0.0)
         value = a_v + u + rng.normal(0, ratio, seeds)
         control = rng.normal(0, scale, seeds) + u + rng.normal(0, ratio, seeds)
-        cells.append({"diffs": list(value - control), "within": list(value - full), "random": list(control - full),
-                      "removed": n, "total": total})
+        cells.append({"diffs": list(value - control), "within": list(value - full), "random": list(control - full)})
     return cells
 
 
@@ -44,9 +43,9 @@ def judge(cells, alpha: float = 0.05):
     """(any call by the one-draw test with Holm, any call by the retired t with Holm, first value called)."""
     from scipy import stats
 
-    from verifily_train.attribution.stats import adjust, one_draw_tests
+    from verifily_train.attribution.stats import adjust, one_draw_test
 
-    new = adjust([t["p"] for t in one_draw_tests(cells, alpha, len(cells))], "holm")
+    new = adjust([one_draw_test(c["diffs"], c["within"], c["random"], alpha, len(cells))["p"] for c in cells], "holm")
     old = adjust([float(stats.ttest_1samp(c["diffs"], 0.0).pvalue) for c in cells], "holm")
     return any(p <= alpha for p in new), any(p <= alpha for p in old), new[0] <= alpha, old[0] <= alpha
 

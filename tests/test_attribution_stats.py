@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from verifily_train.attribution import FULL, analyze, control_arm
-from verifily_train.attribution.stats import adjust, one_draw_test, one_draw_tests
+from verifily_train.attribution.stats import adjust, one_draw_test
 from verifily_train.training.batching import keyed_order, length_grouped_order, row_keys
 
 
@@ -42,18 +42,16 @@ def test_one_draw_test_counts_the_subset_spread_and_states_its_resolution():
     # subset spread is what any random subset could do, so it is no evidence against "one random draw"
     spread = list(rng.normal(0, 0.1, 8))
     within = [-0.1 + e for e in noise]
-    cell = one_draw_test([w - r for w, r in zip(within, spread)], within, spread, 60, 120, family=2)
+    cell = one_draw_test([w - r for w, r in zip(within, spread)], within, spread, family=2)
     assert cell["p"] > 0.05 and cell["subset_sd"] > 0.05
     assert cell["mde"] > 0.1 and cell["ci95"][0] < cell["mean"] < cell["ci95"][1]
     # the same shift against random subsets that barely move the target: far outside their spread
     tight = list(rng.normal(0, 0.01, 8))
-    sharp = one_draw_test([w - r for w, r in zip(within, tight)], within, tight, 60, 120, family=2)
+    sharp = one_draw_test([w - r for w, r in zip(within, tight)], within, tight, family=2)
     assert sharp["p"] < 0.001 and sharp["subset_sd"] < 0.02 and sharp["mde"] < 0.1
-    # deterministic (seeded pivots), pooled over the cells of a call, and no test below three seeds
-    assert one_draw_test(within, within, tight, 60, 120) == one_draw_test(within, within, tight, 60, 120)
-    pooled = one_draw_tests([{"diffs": within, "within": within, "random": tight, "removed": 60, "total": 120}] * 2)
-    assert len(pooled) == 2 and pooled[0]["pooled_cells"] == 2
-    assert one_draw_test([0.1, 0.2], [0.1, 0.2], [0.0, 0.1], 60, 120)["p"] is None
+    # deterministic (seeded pivots), and no test below three seeds
+    assert one_draw_test(within, within, tight) == one_draw_test(within, within, tight)
+    assert one_draw_test([0.1, 0.2], [0.1, 0.2], [0.0, 0.1])["p"] is None
 
 
 def test_one_draw_test_holds_its_level_where_the_retired_seed_t_did_not():

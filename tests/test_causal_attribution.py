@@ -26,7 +26,7 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     from verifily_train.fixtures.data import label_noise_splits
 
     # half the train rows carry random labels: a source the one-draw test finds at the default 8 seeds in
-    # this noisy regime (a third of the rows: 41% of trials, docs/attribution.md)
+    # this noisy regime (a third of the rows: 44% of trials, docs/attribution.md)
     splits = label_noise_splits(tmp_path / "data", {"train": 120, "val": 12, "test": 90}, noisy_share=0.5, seed=11)
     env = cli_env({"PREFECT_API_URL": prefect_api})
     made = run_cli("dataset", "create", "--id", "ds_noise", "--version", "v1", "--task", "classification",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.attribution import target as targets
-from verifily_train.attribution.stats import ALPHA, adjust, one_draw_test, one_draw_tests, row_bootstrap
+from verifily_train.attribution.stats import ALPHA, adjust, one_draw_test, row_bootstrap
 from verifily_train.errors import VerifilyError
 
 FULL = "__full__"  # the arm that keeps every train row
@@ -122,7 +122,6 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
                               f"of target rows (the row bootstrap beside each effect shows that precision)")}
     for value, info in plan.items():
         control = info["control"]
-        size = (info["removed_rows"], info["removed_rows"] + info["kept_rows"])
         slices = {}
         if target != "gold":
             slices[target_key] = targets.target_mask(base, target)
@@ -135,7 +134,7 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
         effects = {}
         if target == "gold":
             effects["gold"] = {"n": None, primary: _cell([target_scores[FULL], target_scores[value],
-                                                          target_scores[control]], None, size, alpha, family,
+                                                          target_scores[control]], None, alpha, family,
                                                          bootstrap_samples, seed)}
         for name, mask in slices.items():
             if not mask.any():
@@ -145,7 +144,7 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
                 means = [[float(f[metric].to_numpy()[mask].mean()) for f in data[arm]] for arm in (FULL, value, control)]
                 per_row = (np.mean([f[metric].to_numpy()[mask] for f in data[value]], axis=0)
                            - np.mean([f[metric].to_numpy()[mask] for f in data[control]], axis=0))
-                entry[metric] = _cell(means, per_row, size, alpha, family, bootstrap_samples, seed)
+                entry[metric] = _cell(means, per_row, alpha, family, bootstrap_samples, seed)
             effects[name] = entry
         result["values"][value] = {"removed_rows": info["removed_rows"], "kept_rows": info["kept_rows"],
                                    "derived_dataset": info["derived_dataset"], "control": control,
@@ -154,8 +153,7 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
     return result
 
 
-def _cell(means: List[List[float]], per_row, size: tuple, alpha: float, family: int, bootstrap_samples: int,
-          seed: int) -> dict:
+def _cell(means: List[List[float]], per_row, alpha: float, family: int, bootstrap_samples: int, seed: int) -> dict:
     """One slice x metric: (value - control) per seed with its one-draw interval, the removal effects beside it."""
     import numpy as np
 
@@ -163,10 +161,9 @@ def _cell(means: List[List[float]], per_row, size: tuple, alpha: float, family: 
     diffs = [r - c for r, c in zip(removed, random_)]
     within = [r - f for r, f in zip(removed, full)]
     random_effects = [c - f for c, f in zip(random_, full)]
-    test = one_draw_test(diffs, within, random_effects, size[0], size[1], alpha, family)
+    test = one_draw_test(diffs, within, random_effects, alpha, family)
     spread = float(np.std(random_effects, ddof=1)) if len(random_effects) > 1 else None
-    return {"effect": test["mean"], "per_seed": diffs, **_test_fields(test), "removed": size[0], "total": size[1],
-            "random_spread": spread,
+    return {"effect": test["mean"], "per_seed": diffs, **_test_fields(test), "random_spread": spread,
             "in_spreads": (test["mean"] / spread) if spread else None,
             "removal_effect": float(np.mean(within)), "removal_per_seed": within,
             "random_removal_effect": float(np.mean(random_effects)), "random_per_seed": random_effects,
@@ -177,19 +174,13 @@ def _cell(means: List[List[float]], per_row, size: tuple, alpha: float, family: 
 
 def _test_fields(test: dict) -> dict:
     return {"ci95": test["ci95"], "p": test["p"], "mde": test["mde"], "se": test["se"], "seed_sd": test["sd"],
-            "subset_sd": test["subset_sd"], "noise_sd": test["noise_sd"], "test": test["test"],
-            "pooled_cells": test["pooled_cells"]}
+            "subset_sd": test["subset_sd"], "noise_sd": test["noise_sd"], "test": test["test"]}
 
 
 def _apply_verdicts(result: dict, alpha: float, correction: str) -> None:
     metric = result["primary_metric"]
     values = list(result["values"])
     cells = [result["values"][v]["slices"][result["values"][v]["verdict_slice"]][metric] for v in values]
-    # the verdicts of one call share the subset-spread and seed-noise estimates (more degrees of freedom)
-    pooled = one_draw_tests([{"diffs": c["per_seed"], "within": c["removal_per_seed"], "random": c["random_per_seed"],
-                              "removed": c["removed"], "total": c["total"]} for c in cells], alpha, len(values))
-    for cell, test in zip(cells, pooled):
-        cell.update(_test_fields(test))
     adjusted = adjust([c["p"] for c in cells], correction)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     for value, cell, p_adj in zip(values, cells, adjusted):
@@ -228,7 +219,7 @@ def _method_line(seeds: int, family: int, alpha: float, correction: str, words: 
     name = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}[correction]
     return (f"verdict on {words}: (value removed) minus (as many random rows removed, a fresh draw per seed) over "
             f"{seeds} seeds, the value's rows counted as one draw against the spread of random subsets (generalized "
-            f"one-draw test, subset spread and seed noise pooled over the values), "
+            f"one-draw test), "
             f"{name} over {family} value(s) at {alpha:g}")
 
 

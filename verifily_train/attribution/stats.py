@@ -13,73 +13,54 @@ false for almost any fixed subset). :func:`one_draw_test` estimates both parts (
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 DEFAULT_SEEDS = 8  # docs/attribution.md "Seeds and power" and its calibration matrix
 ALPHA = 0.05  # family-wise error rate of the verdicts (Holm) or their false-discovery rate (BH)
 POWER = 0.80  # the power at which the smallest detectable effect is stated
 DRAWS = 20000  # pivot draws of the one-draw test's generalized p-value (seeded: the same inputs give the same p)
+SUBSET_MARGIN = 2.0  # the subset variance counted twice: every simulated placebo cell at or below 5% (docs/attribution.md)
 CORRECTIONS = ("holm", "bh")
 
 
-def one_draw_tests(cells: Sequence[dict], alpha: float = ALPHA, family: int = 1, draws: int = DRAWS,
-                   seed: int = 0) -> List[dict]:
-    """Whether each fixed row subset differs from random subsets of its size, counting each as one draw.
+def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Sequence[float], alpha: float = ALPHA,
+                  family: int = 1, draws: int = DRAWS, seed: int = 0) -> dict:
+    """Whether a fixed row subset differs from random subsets of its size, counting it as one draw.
 
-    ``cells[i]``: per seed, ``diffs`` (value arm minus control arm, the control a fresh random subset per
-    seed), ``within`` (value arm minus full arm: the value's rows are fixed, so their spread is training
-    noise alone) and ``random`` (control arm minus full arm: a random subset's effect plus the same kind of
-    noise), and ``removed``/``total`` (rows removed of the train rows). The subset variance is what
-    ``random`` spreads beyond ``within``; for ``n`` of ``N`` rows it is ``kappa * n (N - n) / (N - 1)``
-    (finite-population scaling of a sum of row effects), so the cells of one call share ``kappa`` and the
-    noise. Under the null (the value's rows are one random subset) the mean of ``diffs`` varies by
-    ``sigma_a^2 + var(diffs) / seeds``; the subset part is counted with ``1 + 1/seeds`` (a margin that keeps
-    the placebo rate at or below alpha where seed noise and subset spread are alike). The p-value is a
-    generalized (fiducial) one: the variances are drawn from their chi-square pivots (seeded, ``draws``
-    times) and the normal tail averaged over them (docs/attribution.md).
+    Per seed: ``diffs`` (value arm minus control arm, the control a fresh random subset per seed),
+    ``within`` (value arm minus full arm: the value's rows are fixed, so their spread is training noise
+    alone) and ``random`` (control arm minus full arm: a random subset's effect plus the same kind of
+    noise). The subset variance ``sigma_a^2`` is what ``random`` spreads beyond ``within``. Under the null
+    (the value's rows are one random subset) the mean of ``diffs`` varies by ``sigma_a^2 + var(diffs) /
+    seeds``; the subset part is counted twice (``SUBSET_MARGIN``). The p-value is a generalized (fiducial)
+    one: the three variances are drawn from their chi-square pivots (seeded, ``draws`` times: the same
+    inputs give the same p) and the normal tail is averaged over them (docs/attribution.md).
     """
     import numpy as np
     from scipy import stats
 
-    out = [{"n_seeds": len(c["diffs"]), "mean": float(np.mean(c["diffs"])) if len(c["diffs"]) else float("nan"),
-            "sd": None, "se": None, "subset_sd": None, "noise_sd": None, "ci95": None, "p": None, "mde": None,
-            "test": "one-draw generalized t", "pooled_cells": len(cells)} for c in cells]
-    m = min((len(c["diffs"]) for c in cells), default=0)
-    if m < 3 or any(len(c["diffs"]) != m or len(c["within"]) != m or len(c["random"]) != m for c in cells):
+    m = len(diffs)
+    mean = float(np.mean(diffs)) if m else float("nan")
+    out = {"n_seeds": m, "mean": mean, "sd": None, "se": None, "subset_sd": None, "noise_sd": None, "ci95": None,
+           "p": None, "mde": None, "test": "one-draw generalized test"}
+    if m < 3 or len(within) != m or len(random) != m:
         return out  # two seeds leave one degree of freedom for two variance parts
-    var_d = np.array([np.var(c["diffs"], ddof=1) for c in cells])
-    var_x = np.array([np.var(c["within"], ddof=1) for c in cells])
-    var_y = np.array([np.var(c["random"], ddof=1) for c in cells])
-    h = np.array([max(1e-12, c["removed"] * (c["total"] - c["removed"]) / max(1, c["total"] - 1)) for c in cells])
-    means = np.array([o["mean"] for o in out])
-    k = len(cells)
+    var_d, var_x, var_y = (float(np.var(v, ddof=1)) for v in (diffs, within, random))
     rng = np.random.default_rng(seed)
-    tau2 = (m - 1) * var_d[:, None] / rng.chisquare(m - 1, (k, draws))
-    spread2 = (m - 1) * var_y[:, None] / rng.chisquare(m - 1, (k, draws))
-    noise2 = (m - 1) * var_x.sum() / rng.chisquare(k * (m - 1), draws)
-    kappa = np.maximum(0.0, (spread2 - noise2).sum(axis=0)) / h.sum()
-    null_var = kappa * h[:, None] * (1.0 + 1.0 / m) + tau2 / m
-    z = np.abs(rng.standard_normal((k, draws))) * np.sqrt(null_var)
+    tau2, spread2, noise2 = ((m - 1) * v / rng.chisquare(m - 1, draws) for v in (var_d, var_y, var_x))
+    null_var = SUBSET_MARGIN * np.maximum(0.0, spread2 - noise2) + tau2 / m
+    z = np.abs(rng.standard_normal(draws)) * np.sqrt(null_var)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.mean(2.0 * stats.norm.sf(np.abs(means)[:, None] / np.sqrt(null_var)), axis=1)
-    noise_hat = var_x.mean()
-    kappa_hat = max(0.0, float((var_y - noise_hat).sum())) / h.sum()
+        p = float(np.mean(2.0 * stats.norm.sf(abs(mean) / np.sqrt(null_var))))
+    subset = max(0.0, var_y - var_x)
+    se = math.sqrt(SUBSET_MARGIN * subset + var_d / m)
+    half = float(np.quantile(z, 0.95))
     level = alpha / max(family, 1)
-    for i, o in enumerate(out):
-        subset = kappa_hat * h[i]
-        se = float(np.sqrt(subset * (1.0 + 1.0 / m) + var_d[i] / m))
-        half = float(np.quantile(z[i], 0.95))
-        o.update(sd=float(np.sqrt(var_d[i])), se=se, subset_sd=float(np.sqrt(subset)), noise_sd=float(np.sqrt(noise_hat)),
-                 ci95=[o["mean"] - half, o["mean"] + half], p=float(min(1.0, p[i])) if np.isfinite(p[i]) else 1.0,
-                 mde=float(np.quantile(z[i], 1.0 - level)) + float(stats.norm.ppf(POWER)) * se)
+    out.update(sd=math.sqrt(var_d), se=se, subset_sd=math.sqrt(subset), noise_sd=math.sqrt(var_x),
+               ci95=[mean - half, mean + half], p=min(1.0, p) if math.isfinite(p) else 1.0,
+               mde=float(np.quantile(z, 1.0 - level)) + float(stats.norm.ppf(POWER)) * se)
     return out
-
-
-def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Sequence[float], removed: int, total: int,
-                  alpha: float = ALPHA, family: int = 1) -> dict:
-    """:func:`one_draw_tests` of one subset alone (its own seeds estimate both variance parts)."""
-    return one_draw_tests([{"diffs": list(diffs), "within": list(within), "random": list(random),
-                            "removed": removed, "total": total}], alpha, family)[0]
 
 
 def adjust(pvalues: Sequence[Optional[float]], method: str) -> List[Optional[float]]:
