@@ -68,7 +68,8 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     # rows one draw (the clean-source and coin-flip directions are guarded in-process by
     # tests/test_attribution_calibration.py, at less cost)
     assert result["target"]["name"] == "test" and scraped["verdict_slice"] == "overall"
-    assert scraped["why"].startswith("hurts the test split (90 rows): removing its"), scraped["why"]
+    assert scraped["why"].startswith(f"hurts the test split ({result['test_rows']} rows): removing its "
+                                     f"{scraped['removed_rows']} rows lowered loss by"), scraped["why"]
     bad = scraped["slices"]["overall"]["loss"]
     assert bad["ci95"][1] < 0 and scraped["p_adjusted"] <= 0.05 and result["correction"] == "holm"
     assert bad["effect"] == pytest.approx(sum(bad["per_seed"]) / 8) and len(bad["random_per_seed"]) == 8
