@@ -171,8 +171,8 @@ def main(argv=None) -> int:
         else:
             where = ["--out-dir", str(out)]
             run_attribution_calibration(["--regimes", "noisy", "--trials", "40"] + where)
-            run_attribution_calibration(["--regimes", "low-noise", "--kinds", "placebo-coin,power", "--trials", "40",
-                                         "--kind-trials", "power=12"] + where)
+            run_attribution_calibration(["--regimes", "low-noise", "--kinds", "placebo-coin,shifted,power", "--trials",
+                                         "40", "--kind-trials", "shifted=20,power=12"] + where)
             names = [out / f"attribution-{regime}.json" for regime in ("noisy", "low-noise")]
         for path in names:
             record = json.loads(path.read_text())
