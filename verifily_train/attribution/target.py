@@ -56,13 +56,14 @@ def check_target(target: str, record: dict, tag_values: Optional[dict] = None) -
     return target
 
 
-def parse_slice(target: str) -> tuple:
-    """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value)."""
+def parse_slice(target: str, forms: str = TARGET_FORMS) -> tuple:
+    """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value); else one
+    ``--target`` line listing ``forms``."""
     body = target[len("slice:"):] if target.startswith("slice:") else ""
     negate = "!=" in body
     key, _, value = body.partition("!=" if negate else "=")
     if not key or not value:
-        raise ConfigError(None, "--target", f"must be {TARGET_FORMS}; got {target!r}")
+        raise ConfigError(None, "--target", f"must be {forms}; got {target!r}")
     return key, negate, value
 
 

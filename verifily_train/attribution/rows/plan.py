@@ -160,12 +160,9 @@ TARGET_FORMS = "test, val, slice:<tag>=<value> or slice:<tag>!=<value>"
 def parse_slice_target(target: str) -> tuple:
     """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value), the rows
     not tagged that value (a leave-one-value-out verdict's own slice); ``ConfigError`` for anything else."""
-    body = target[len("slice:"):] if target.startswith("slice:") else ""
-    negate = "!=" in body
-    key, _, value = body.partition("!=" if negate else "=")
-    if not key or not value:
-        raise ConfigError(None, "--target", f"must be {TARGET_FORMS}; got {target!r}")
-    return key, negate, value
+    from verifily_train.attribution.target import parse_slice
+
+    return parse_slice(target, TARGET_FORMS)
 
 
 def in_slice(tags: dict, key: str, negate: bool, value: str) -> bool:
