@@ -17,6 +17,7 @@ import pytest
 from conftest import assert_user_error, run_cli
 from verifily_train.artifacts.comparability import comparability_caveats, run_facts
 from verifily_train.artifacts.compare import compare_runs, render_comparison
+from verifily_train.fixtures.runs import seal_run
 from verifily_train.errors import ConfigError
 from verifily_train.evaluation.significance import benjamini_hochberg, mcnemar_exact_p, paired_permutation_pvalues
 
@@ -56,6 +57,7 @@ def _write_run(folder: Path, run_id: str, task: str, predictions: pd.DataFrame, 
             "precision": "fp32", "quantization": "none", "model_identity": "sha256:" + "ab" * 32}
     base.update(record)
     (folder / "run.json").write_text(json.dumps(base))
+    seal_run(folder)  # compare verifies a Run before reading it
     return folder
 
 

@@ -176,6 +176,9 @@ def test_rows_without_snapshots_refuses_more_checkpoints(cls_run, tmp_path, cli)
     make_writable(run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump(dict(cfg, cache={**cfg["cache"], "dir": str(cache)})))
+    from verifily_train.checksums import write_checksums
+
+    write_checksums(run)  # the copy is re-checksummed (a Run that fails its checksums is refused first)
     assert_user_error(cli("attribute", str(run), "--rows", "--checkpoints", "3"), "--checkpoints", "no adapter snapshots")
     assert not (tmp_path / "attributions").exists()
 

@@ -49,6 +49,47 @@ def atomic_write_json(path: PathLike, value: object) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def check_output_file(path: PathLike, key: str) -> Path:
+    """A file the user named for a command to write (``compare --html OUT``): absent, or a regular file to
+    replace. A link, FIFO, device (``/dev/null``, which root may replace) or folder is refused, as is a place
+    whose folder is not one; one line naming ``key``, before any work."""
+    text = os.fspath(path)
+    if not text or "\x00" in text:
+        raise VerifilyError(None, key, "not a usable file name (empty, or a NUL byte)")
+    path = Path(text)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:  # ENAMETOOLONG, ENOTDIR (a parent is a file), ELOOP, EACCES
+        raise VerifilyError(path, key, f"cannot write here: {err.strerror or err}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else
+                "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise VerifilyError(path, key, f"is {kind}; only a regular file (or a new name) is written over")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise VerifilyError(path, key, f"cannot write here: {parent} is not a folder")
+    return path
+
+
+def write_output_file(path: PathLike, data: bytes, key: str) -> Path:
+    """Write a file the user named, atomically (temp file and rename, so an old file is whole until the new one
+    is), after :func:`check_output_file`; an OS refusal (read-only, no permission, full disk) is one line."""
+    path = check_output_file(path, key)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        from verifily_train.errors import translate_os_error
+
+        full = translate_os_error(err, path)
+        if full is not None:
+            raise full from None
+        raise VerifilyError(path, key, f"cannot write: {err.strerror or err}") from None
+    return path
+
+
 def fsync_dir(path: PathLike) -> None:
     """Make a rename inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

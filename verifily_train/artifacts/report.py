@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.artifacts.compare import legend, spread_notes
-from verifily_train.fsio import atomic_write_text
+from verifily_train.fsio import atomic_write_text, write_output_file
 from verifily_train.hashing import content_hash
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#1b1b1b;background:#fff}
@@ -243,6 +243,5 @@ def write_compare_report(result: dict, out: str) -> Path:
     notes = [c["line"] for c in result.get("comparability", [])] + spread_notes(result) + [legend(result.get("fdr", {})),
                                                                                    result["caveat"]]
     parts.append("".join(f'<p class="note">{html.escape(line)}</p>' for line in notes))
-    target = Path(out)
-    atomic_write_text(target, html_page("Verifily comparison", "".join(parts)))
-    return target
+    # the user's file name: a link, FIFO, device or folder there is refused, never replaced
+    return write_output_file(out, html_page("Verifily comparison", "".join(parts)).encode("utf-8"), "--html")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from datetime import datetime, timezone
@@ -124,27 +125,51 @@ def ledger_root(run_id: str) -> Optional[str]:
     """The integrity root recorded for ``run_id``, or None when this machine's ledger has no entry."""
     entry = ledger_dir() / f"{run_id}.json"
     try:
-        value = json.loads(entry.read_text(encoding="utf-8"))
+        value = jsonsafe.loads(entry.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
+    except jsonsafe.BadJson as err:
+        raise RunError(entry, err.key, f"ledger entry unreadable: {err.problem}") from None
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8
         raise RunError(entry, None, f"ledger entry unreadable: {err}") from None
     root = value.get("root") if isinstance(value, dict) else None
-    if not isinstance(root, str):
-        raise RunError(entry, "root", "ledger entry holds no root")
+    if not isinstance(root, str) or not _HEX64.fullmatch(root.removeprefix("sha256:")):
+        raise RunError(entry, "root", "ledger entry holds no integrity root")
     return root
 
 
-def verify_run(root: Path, expected_root: Optional[str] = None) -> int:
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def normalise_root(text: str, key: Optional[str] = "--root") -> str:
+    """An integrity root as a person pastes it: the ``sha256:`` prefix optional, either case, surrounding blanks
+    ignored; the 64 lower-case hex digits. Anything else is refused as what it is (not a tamper alarm)."""
+    value = text.strip()
+    if value[:7].lower() == "sha256:":
+        value = value[7:].strip()
+    value = value.lower()
+    if not _HEX64.fullmatch(value):
+        shown = text.strip()[:80]
+        raise RunError(None, key, f"not an integrity root (sha256: and 64 hex digits, as printed when the run was "
+                                  f"written); got {shown!r}")
+    return value
+
+
+def verify_run(root: Path, expected_root: Optional[str] = None, ledger_optional: bool = False) -> int:
     """Check the Run against its integrity root (the ledger's, or ``expected_root`` given out of band), then
-    re-hash every file; a changed, missing, extra or linked file is a ``RunError`` naming it."""
+    re-hash every file; a changed, missing, extra or linked file is a ``RunError`` naming it. With
+    ``ledger_optional`` (a consumer reading a Run written elsewhere) a Run this machine's ledger does not know is
+    checked against its own checksums.sha256 alone."""
     root = Path(root)
     listing = root / CHECKSUMS
     if not listing.is_file():
         raise RunError(root, None, f"no {CHECKSUMS}: not a completed run")
+    wanted = normalise_root(expected_root) if expected_root is not None else None
     expected = parse_checksums(listing)
     actual_root = integrity_root(listing)
-    recorded = expected_root if expected_root is not None else ledger_root(root.name)
+    recorded = wanted if wanted is not None else ledger_root(root.name)
+    if recorded is None and ledger_optional:
+        recorded = actual_root
     if recorded is None:
         raise RunError(root, None, f"no ledger entry for {root.name} in {ledger_dir()} (a run written on another "
                                    "machine or under another VERIFILY_HOME): give the integrity root printed when "
@@ -167,6 +192,22 @@ def verify_run(root: Path, expected_root: Optional[str] = None) -> int:
     if extra:
         raise RunError(root / extra[0], None, "not part of the run (absent from checksums.sha256)")
     return len(expected)
+
+
+def verify_before_use(root: Path, command: str) -> dict:
+    """What every consumer of a Run (``reproduce``, ``compare``, ``attribute``, ``dataset derive``) does before it
+    reads one: the Run is completed and passes ``verifily runs verify`` (its ledger entry when this machine has
+    one, else its own checksums.sha256); its run.json. A tampered Run is one line naming the file."""
+    root = Path(root)
+    record = load_run_json(root)
+    if record.get("status") != "completed":
+        raise RunError(root, None, f"status is {record.get('status')!r}; {command} reads only completed runs")
+    try:
+        verify_run(root, ledger_optional=True)
+    except RunError as err:
+        raise RunError(err.where, err.key, f"{err.problem}; {command} refuses a Run that fails "
+                                           "`verifily runs verify`") from None
+    return record
 
 
 def publish_run(staging: Path, final: Path) -> Path:

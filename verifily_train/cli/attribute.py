@@ -13,11 +13,12 @@ from verifily_train.cli.runtime import await_server, in_process_flow_settings, s
 def cmd_attribute(args) -> int:
     if args.rows:
         return rows.cmd_attribute_rows(args)
-    from verifily_train.artifacts.run import find_run
+    from verifily_train.artifacts.run import find_run, verify_before_use
 
     from verifily_train.attribution.plan import describe_plan, make_plan
 
     parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
+    verify_before_use(parent, "attribute")
     check_options(args.seeds, args.alpha, args.correction, args.budget_steps, args.budget_fraction, args.concurrency)
     values = split_values(args.values)
     plan = make_plan(parent.resolve(), args.by, values, args.seeds, args.target, args.budget_steps,

@@ -84,12 +84,13 @@ def _check_numbers(args) -> None:
 def cmd_attribute_rows(args) -> int:
     """``verifily attribute RUN --rows``: run the flow in this process and print the top rows and tag sums."""
     started = time.perf_counter()
-    from verifily_train.artifacts.run import find_run
+    from verifily_train.artifacts.run import find_run, verify_before_use
     from verifily_train.attribution.row_verify import check_verify
     from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_rows, shard_count
 
     _check_numbers(args)
     run = find_run(args.run).resolve()
+    verify_before_use(run, "attribute --rows")
     projection = DEFAULT_PROJECTION_DIM if args.projection_dim is None else args.projection_dim
     use_prefect_server()
     start_quiet_server()  # it boots on the other core while the plan reads the Run, the model and the snapshots
@@ -206,7 +207,7 @@ def find_attribution(run: Path, given: Optional[str]) -> Path:
 
 def cmd_dataset_derive(args) -> int:
     """``verifily dataset derive RUN --drop-top K | --drop-rows FILE``."""
-    from verifily_train.artifacts.run import find_run, load_run_json
+    from verifily_train.artifacts.run import find_run, load_run_json, verify_before_use
     from verifily_train.attribution.derive_rows import derive_without_rows, read_row_list, resolve_rows, rows_digest
     from verifily_train.config import load_config
     from verifily_train.dataset.store import load_for_config
@@ -214,6 +215,7 @@ def cmd_dataset_derive(args) -> int:
     run = find_run(args.run, args.runs_dir).resolve()
     if load_run_json(run).get("status") != "completed":
         raise VerifilyError(run, None, "only a completed run's dataset can be derived from")
+    verify_before_use(run, "dataset derive")
     cfg = load_config(str(run / "config.yaml"))
     dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
     if args.drop_rows:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from verifily_train.artifacts.run import find_run, integrity_root, list_runs, load_run_json, runs_dirs, verify_run
+from verifily_train.artifacts.run import (find_run, integrity_root, list_runs, load_run_json, runs_dirs,
+                                          verify_before_use, verify_run)
 from verifily_train.cli.console import print_table
 from verifily_train.errors import RunError
 
@@ -40,11 +41,16 @@ def cmd_runs_verify(args) -> int:
 def cmd_compare(args) -> int:
     from verifily_train.artifacts.compare import compare_runs, render_comparison
 
+    if args.html:
+        from verifily_train.fsio import check_output_file
+
+        check_output_file(args.html, "--html")  # before any work: a link, FIFO or folder there is refused
     run_a, run_b = find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir)
     for run in (run_a, run_b):  # a failed run has no predictions: pairing it would claim "0 shared rows"
         status = load_run_json(run).get("status")
         if status != "completed":
             raise RunError(run, None, f"status is {status!r}; only completed runs can be compared")
+        verify_before_use(run, "compare")  # a tampered Run is refused, not compared
     result = compare_runs(run_a, run_b,
                           bootstrap_samples=args.bootstrap_samples, fdr_q=args.fdr_q, permutations=args.permutations)
     if args.html:

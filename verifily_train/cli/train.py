@@ -17,7 +17,7 @@ from verifily_train.cli.summary import print_summary, summary_from_run
 from verifily_train.config import config_to_dict, load_with_problems
 from verifily_train.config.parse import read_yaml
 from verifily_train.config.schema import MANAGED_MESSAGE, TrainConfig
-from verifily_train.errors import RunError, VerifilyError
+from verifily_train.errors import VerifilyError
 from verifily_train.pipeline.preflight import cheap_checks, model_and_device_checks
 
 
@@ -125,11 +125,9 @@ def cmd_reproduce(args) -> int:
 def run_reproduce(original: Path) -> int:
     """Re-run a completed Run from its recorded config with the cache off; print the comparison."""
     from verifily_train.artifacts.reproduce import compare_reproduction, render_reproduction
-    from verifily_train.artifacts.run import load_run_json
+    from verifily_train.artifacts.run import verify_before_use
 
-    record = load_run_json(original)
-    if record.get("status") != "completed":
-        raise RunError(original, None, f"status is {record.get('status')!r}; only completed runs can be reproduced")
+    verify_before_use(original, "reproduce")  # a tampered Run would be "reproduced" against what it now claims
     server = start_quiet_server()
     from verifily_train.flows.train import train
 
