@@ -1,10 +1,15 @@
 """The import contract, checked from the sources (every import statement, at top level or inside a function).
 
 Layers, top to bottom; a module may import its own layer and those below it, never one above:
-``cli -> flows -> tasks -> pipeline -> {training, evaluation, artifacts, attribution} -> {model, dataset}
+``{cli, api} -> flows -> tasks -> pipeline -> {training, evaluation, artifacts, attribution} -> {model, dataset}
 -> config -> base (errors, fsio, hashing, checksums, jsonsafe, procs)``. Only ``cli``, ``flows`` and
 ``tasks`` may import Prefect. ``flows/`` and ``tasks/`` sit beside the package in a checkout and install
 as ``verifily_train.flows`` / ``verifily_train.tasks``.
+
+``api`` (the Python API) is the CLI's peer: it runs the same flows through ``cli``'s Prefect runtime and never
+imports Prefect itself. The package top (``__init__``) re-exports it: ``LAZY_FACADE`` is the one upward import
+allowed, and only inside a function (its module ``__getattr__``), so ``import verifily_train`` imports neither
+``api`` nor Prefect.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("cli",),
+    ("cli", "api"),
     ("flows",),
     ("tasks",),
     ("pipeline", "fixtures"),
@@ -25,6 +30,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("errors", "fsio", "hashing", "checksums", "jsonsafe", "procs", "quiet", "__init__"),
 )
 PREFECT_ALLOWED = ("cli", "flows", "tasks")
+LAZY_FACADE = {("__init__", "api")}  # (importer, imported): allowed upward, inside a function only
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,13 @@ def _imports(path: Path) -> Iterator[Tuple[int, str]]:
                     yield node.lineno, f"verifily_train.{alias.name}"
 
 
+def _lines_inside_functions(path: Path) -> set:
+    """The line numbers of import statements inside a function body (run on call, not on import)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return {node.lineno for func in ast.walk(tree) if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(func) if isinstance(node, (ast.Import, ast.ImportFrom))}
+
+
 def check(repo: Path) -> List[Violation]:
     """Every import that runs up the layers, or that reaches Prefect from outside cli/flows/tasks."""
     found: List[Violation] = []
@@ -85,6 +98,8 @@ def check(repo: Path) -> List[Violation]:
                 continue
             target = name.split(".")[1]
             theirs = layer_of(target)
+            if (part, target) in LAZY_FACADE and line in _lines_inside_functions(path):
+                continue
             if theirs is not None and theirs < own:
                 found.append(Violation(rel, line, name, f"{part} (layer {own}) may not import {target} (layer {theirs}),"
                                                         " which sits above it"))

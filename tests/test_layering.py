@@ -55,3 +55,18 @@ def test_every_package_of_the_library_is_in_a_layer():
     placed = {name for names in LAYERS for name in names}
     packages = {p.name for p in (REPO / "verifily_train").iterdir() if (p / "__init__.py").is_file()}
     assert packages <= placed, packages - placed
+
+
+def test_the_package_top_may_reach_the_python_api_only_lazily(tmp_path):
+    repo = _copy(tmp_path)
+    init = repo / "verifily_train" / "__init__.py"
+    assert not [p for p in check(repo) if p.file == "verifily_train/__init__.py"]  # the lazy re-export is allowed
+    problems = _new_problems(repo, lambda: init.write_text(init.read_text() + "\nfrom verifily_train import api  # noqa\n"))
+    assert [(p.file, p.imported) for p in problems] == [("verifily_train/__init__.py", "verifily_train.api")]
+
+
+def test_the_python_api_may_run_flows_but_the_library_may_not_reach_it(tmp_path):
+    repo = _copy(tmp_path)
+    target = repo / "verifily_train" / "artifacts" / "run.py"
+    problems = _new_problems(repo, lambda: target.write_text(target.read_text() + "\nfrom verifily_train.api import Run  # noqa\n"))
+    assert [p.imported for p in problems] == ["verifily_train.api"] and "artifacts (layer" in problems[0].why

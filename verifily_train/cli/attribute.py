@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.attribution.options import check_options
@@ -13,16 +14,13 @@ from verifily_train.cli.runtime import await_server, in_process_flow_settings, s
 def cmd_attribute(args) -> int:
     if args.rows:
         return rows.cmd_attribute_rows(args)
-    from verifily_train.artifacts.run import find_run, verify_before_use
-
-    from verifily_train.attribution.plan import describe_plan, make_plan
+    from verifily_train.artifacts.run import find_run
+    from verifily_train.attribution.plan import describe_plan
 
     parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
-    verify_before_use(parent, "attribute")
-    check_options(args.seeds, args.alpha, args.correction, args.budget_steps, args.budget_fraction, args.concurrency)
     values = split_values(args.values)
-    plan = make_plan(parent.resolve(), args.by, values, args.seeds, args.target, args.budget_steps,
-                     args.budget_fraction)  # a bad value, target or budget: one line, before any run
+    plan = checked_plan(parent.resolve(), args.by, values, args.seeds, args.target, args.alpha, args.correction,
+                        args.budget_steps, args.budget_fraction, args.concurrency)
     if args.dry_run:
         print(json.dumps(plan, indent=2) if args.json else describe_plan(plan))
         return 0
@@ -34,6 +32,18 @@ def cmd_attribute(args) -> int:
                          args.correction, plan["target"])
 
 
+def checked_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int, target: Optional[str], alpha: float,
+                 correction: str, budget_steps, budget_fraction, concurrency: int) -> dict:
+    """The Run verified, the options checked and the plan made: each problem is one line, before any run
+    (``verifily attribute`` and ``verifily_train.attribute`` alike)."""
+    from verifily_train.artifacts.run import verify_before_use
+    from verifily_train.attribution.plan import make_plan
+
+    verify_before_use(parent, "attribute")
+    check_options(seeds, alpha, correction, budget_steps, budget_fraction, concurrency)
+    return make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction)
+
+
 def split_values(values: Optional[str]) -> Optional[List[str]]:
     """``--values a,b`` as a list; None (every value of the tag) when not given."""
     return [v for v in values.split(",") if v] if values else None
@@ -43,18 +53,28 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
                   out_dir, deployment, as_json: bool, alpha: float = 0.05, correction: str = "holm",
                   target: Optional[str] = None) -> int:
     """Run the ``attribute`` flow in this process (its ablation runs in child processes) and print the verdicts."""
-    server = start_quiet_server()
     from verifily_train.attribution import render
-    from verifily_train.flows.attribute import attribute
 
-    await_server(server)
-    with in_process_flow_settings():
-        result = attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
-                           budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
-                           deployment=deployment, alpha=alpha, correction=correction, target=target)
+    result = attribution_result(run, by, values, seeds, budget_steps, budget_fraction, concurrency, out_dir,
+                                deployment, alpha, correction, target)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         print(render(result))
         print(f"\n  attribution: {result['path']}/attribution.json  (report: attribution.html)")
     return 0
+
+
+def attribution_result(run: str, by: str, values, seeds: int, budget_steps, budget_fraction, concurrency: int,
+                       out_dir, deployment, alpha: float = 0.05, correction: str = "holm",
+                       target: Optional[str] = None) -> dict:
+    """The ``attribute`` flow run in this process (its ablation runs in child processes): attribution.json's dict."""
+    use_prefect_server()
+    server = start_quiet_server()
+    from verifily_train.flows.attribute import attribute
+
+    await_server(server)
+    with in_process_flow_settings():
+        return attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
+                         budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
+                         deployment=deployment, alpha=alpha, correction=correction, target=target)

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from verifily_train.cli.runtime import (await_server, first_line, in_process_flow_settings, is_prefect_api_error,
                                         preload_fingerprint_modules, prefect_api_problem, quiet_libraries,
@@ -34,14 +34,38 @@ def cmd_train(args) -> int:
         return submit_self_host(args, overrides)
     if cfg.compute.mode != mode:  # --mode local over a train.yaml's compute.mode: the flow must not see managed
         cfg = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, mode=mode))
+    print_train_summary(train_summary(cfg, problems, refresh=args.refresh, flow=args.flow))
+    return 0
+
+
+def train_summary(cfg: TrainConfig, problems: List[VerifilyError], refresh: bool = False, flow: bool = False) -> dict:
+    """Check, then replay these exact inputs from the cache or run the ``train`` flow: the Run's summary, unprinted
+    (``verifily train`` and ``verifily_train.train`` alike)."""
     use_prefect_server()  # runs show in the stack's UI while one is up
     cheap_checks(cfg, problems)  # every problem at once, before Prefect or a model
-    if not (args.refresh or args.flow) and replay_identical_run(cfg):
-        return 0  # these exact inputs ran before: a new Run from the verified cache entries, no flow run
+    if not (refresh or flow):
+        summary = replay_summary(cfg)
+        if summary is not None:
+            return summary  # these exact inputs ran before: a new Run from the verified cache entries, no flow run
     # the temporary Prefect server (when no server is configured) boots while the model's config is read
     start_quiet_server()
     model_and_device_checks(cfg)
-    return run_train(cfg, refresh=args.refresh)
+    return flow_summary(cfg, refresh=refresh)
+
+
+def print_train_summary(summary: dict) -> None:
+    """The summary, with what a replay or a failed Prefect record adds."""
+    print_summary(summary)
+    if summary.get("replayed"):
+        api = os.environ.get("PREFECT_API_URL")
+        print("  replayed: every stage was cached for these exact inputs, so no Prefect flow run was made "
+              "(--flow makes one)" + ("; its artifacts are on the Prefect server" if api else ""))
+        if summary.get("publish_failed"):
+            print(f"  warning: the Prefect server did not take the Run's artifacts ({summary['publish_failed']})",
+                  file=sys.stderr)
+    if summary.get("prefect_failed"):
+        print(f"  warning: the Run is complete, but Prefect's server could not record it ({summary['prefect_failed']})",
+              file=sys.stderr)
 
 
 def submit_self_host(args, overrides: List[str]) -> int:
@@ -61,13 +85,22 @@ def submit_self_host(args, overrides: List[str]) -> int:
 
 
 def replay_identical_run(cfg) -> bool:
-    """Write and print a new Run from the cache when these exact inputs completed before (pipeline/replay.py).
+    """Write and print a new Run from the cache when these exact inputs completed before (pipeline/replay.py)."""
+    summary = replay_summary(cfg)
+    if summary is None:
+        return False
+    print_train_summary(summary)
+    return True
+
+
+def replay_summary(cfg) -> Optional[dict]:
+    """A new Run from the cache when these exact inputs completed before (pipeline/replay.py): its summary, or None.
 
     It finishes as a flow run does (pipeline/runner.py): the claim, the comparison with the previous dataset
     version's run, and the Prefect artifacts when a Prefect server is configured (none is started for it).
     """
     if not cfg.cache.enabled or cfg.output.push_to_hub:
-        return False
+        return None
     # imported here, not at the top: the pipeline's modules take over a second, which a bad config never waits for
     from verifily_train.cli.prefect_rest import RestPublisher
     from verifily_train.pipeline.runner import Publisher, replay_run
@@ -75,18 +108,20 @@ def replay_identical_run(cfg) -> bool:
     api = os.environ.get("PREFECT_API_URL")
     publisher = RestPublisher(api) if api else Publisher()  # no server configured: none is started for a replay
     summary = replay_run(cfg, Path(cfg.output.dir), publisher)
-    if summary is None:
-        return False
-    print_summary(summary)
-    print("  replayed: every stage was cached for these exact inputs, so no Prefect flow run was made "
-          "(--flow makes one)" + ("; its artifacts are on the Prefect server" if api else ""))
-    if getattr(publisher, "failed", None):
-        print(f"  warning: the Prefect server did not take the Run's artifacts ({publisher.failed})", file=sys.stderr)
-    return True
+    if summary is not None and getattr(publisher, "failed", None):
+        summary["publish_failed"] = publisher.failed
+    return summary
 
 
 def run_train(cfg: TrainConfig, refresh: bool = False) -> int:
     """Run the ``train`` flow in this process on the resolved config and print the summary."""
+    print_train_summary(flow_summary(cfg, refresh=refresh))
+    return 0
+
+
+def flow_summary(cfg: TrainConfig, refresh: bool = False) -> dict:
+    """Run the ``train`` flow in this process on the resolved config: its summary (with ``prefect_failed`` when
+    the Run is complete but Prefect's server could not record it)."""
     server = start_quiet_server()  # already started after the cheap checks unless a server is configured
     from verifily_train.flows.train import train  # imports Prefect while the server boots
 
@@ -107,13 +142,8 @@ def run_train(cfg: TrainConfig, refresh: bool = False) -> int:
         if runner.LAST_SUMMARY is None and record.LAST_PUBLISHED is None:
             raise prefect_api_problem(err) from err
         # the Run is complete and verifiable; only Prefect's record of it failed
-        summary = runner.LAST_SUMMARY or summary_from_run(record.LAST_PUBLISHED)
-        print_summary(summary)
-        print(f"  warning: the Run is complete, but Prefect's server could not record it ({first_line(err)})",
-              file=sys.stderr)
-        return 0
-    print_summary(summary)
-    return 0
+        summary = dict(runner.LAST_SUMMARY or summary_from_run(record.LAST_PUBLISHED), prefect_failed=first_line(err))
+    return summary
 
 
 def cmd_reproduce(args) -> int:

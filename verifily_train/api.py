@@ -1,0 +1,342 @@
+"""The Python API: ``train``, ``load_run``, ``compare`` and ``attribute`` for notebooks and scripts.
+
+The same code paths as the CLI (``verifily train``, ``runs show``, ``compare``, ``attribute``): the same flow,
+cache and Run artifact, results as objects with pandas DataFrames, user errors raised as ``VerifilyError``
+(never ``sys.exit``, nothing printed but progress bars). It sits beside ``cli/`` in the import layers
+(tests/layering.py): ``train`` and ``attribute`` run Prefect flows through the CLI's runtime, imported when
+called, so ``import verifily_train`` and ``load_run`` never import Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from verifily_train.config.schema import TrainConfig
+from verifily_train.errors import ConfigError, RunError, VerifilyError
+
+__all__ = ["Run", "Comparison", "Attribution", "train", "load_run", "compare", "attribute", "VerifilyError"]
+
+ConfigLike = Union[str, os.PathLike, Mapping[str, Any], TrainConfig]
+RunLike = Union[str, os.PathLike, "Run"]
+
+
+class Run:
+    """A Run folder (docs/run_artifacts.md), read when asked; nothing here writes to it."""
+
+    def __init__(self, path: Union[str, os.PathLike], summary: Optional[dict] = None):
+        self.path = Path(path)
+        self.summary = summary  # what ``train`` returned (replayed, compared_with, ...); None when loaded
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.status!r})"
+
+    @property
+    def run_id(self) -> str:
+        return str(self.record.get("run_id", self.path.name))
+
+    @property
+    def status(self) -> str:
+        return str(self.record.get("status", "?"))
+
+    @cached_property
+    def record(self) -> dict:
+        """run.json as a dict."""
+        from verifily_train.artifacts.run import load_run_json
+
+        return load_run_json(self.path)
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        """The resolved config the Run recorded (config.yaml), as a ``TrainConfig``: ``vt.train(run.config)``
+        trains it again."""
+        from verifily_train.config import load_with_problems
+
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            raise RunError(self.path, None, "has no config.yaml (a failed run records only run.json)")
+        return load_with_problems(path)[0]  # a data path that moved since is the next train's problem, not a read's
+
+    @property
+    def metrics(self) -> dict:
+        """The flat metrics of run.json: evaluation metrics, baseline_*, train_loss, train_steps, ..."""
+        return dict(self.record.get("metrics") or {})
+
+    @cached_property
+    def slices(self):
+        """One row per tag key and value (and ``overall``): n, each metric, its 95% interval, the delta to
+        overall, the untuned base model's figure and ``low_confidence``."""
+        import pandas as pd
+
+        data = self._json("slices.json")
+        overall = dict(data.get("overall") or {})
+        overall.setdefault("baseline", self._json("metrics.json").get("baseline") or {})  # the untuned base model
+        rows = [_slice_row("overall", None, overall)]
+        for key, block in (data.get("slices") or {}).items():
+            rows += [_slice_row(key, entry.get("value"), entry) for entry in block.get("values", [])]
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        metrics = [c for c in columns if c not in SLICE_COLUMNS and "_ci95_" not in c
+                   and not c.startswith(("delta_", "baseline_"))]
+        order = list(SLICE_COLUMNS) + [c for m in metrics for c in (m, f"{m}_ci95_low", f"{m}_ci95_high",
+                                                                      f"delta_{m}", f"baseline_{m}") if c in columns]
+        return pd.DataFrame(rows, columns=order)
+
+    @cached_property
+    def predictions(self):
+        """predictions.parquet: one row per evaluated example with its tags and per-example scores."""
+        import pandas as pd
+
+        return pd.read_parquet(self._file("predictions.parquet"))
+
+    @cached_property
+    def hard_examples(self):
+        """hard_examples.jsonl: the hardest evaluated examples, hardest first."""
+        import pandas as pd
+
+        path = self._file("hard_examples.jsonl")
+        with open(path, encoding="utf-8") as handle:
+            return pd.DataFrame([json.loads(line) for line in handle if line.strip()])
+
+    @property
+    def report_path(self) -> Path:
+        """The Run's self-contained HTML report."""
+        return self._file("report.html")
+
+    def verify(self, root: Optional[str] = None) -> int:
+        """Re-check every checksum against the ledger's integrity root (or ``root``); the number of files checked.
+        A changed, missing or extra file raises ``RunError`` naming it."""
+        from verifily_train.artifacts.run import verify_run
+
+        return verify_run(self.path, expected_root=root)
+
+    def _file(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise RunError(self.path, None, f"has no {name}" + ("" if self.status == "completed" else
+                                                                f" (status is {self.status!r})"))
+        return path
+
+    def _json(self, name: str) -> dict:
+        try:
+            return json.loads(self._file(name).read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise RunError(self.path / name, None, f"cannot read: {err}") from None
+
+
+SLICE_COLUMNS = ("key", "value", "n", "low_confidence")
+
+
+def _slice_row(key: str, value: Any, entry: dict) -> dict:
+    row: Dict[str, Any] = {"key": key, "value": value, "n": entry.get("n"),
+                           "low_confidence": bool(entry.get("low_confidence", False))}
+    for name, figure in (entry.get("metrics") or {}).items():
+        if name in ("examples", "tokens"):
+            continue
+        row[name] = figure
+        low, high = (entry.get("ci95") or {}).get(name) or (None, None)
+        row[f"{name}_ci95_low"], row[f"{name}_ci95_high"] = low, high
+        if name in (entry.get("delta") or {}):
+            row[f"delta_{name}"] = entry["delta"][name]
+    for name, figure in (entry.get("baseline") or {}).items():
+        if name in row:
+            row[f"baseline_{name}"] = figure
+    return row
+
+
+def load_run(path_or_id: RunLike, runs_dir: Optional[Union[str, os.PathLike]] = None) -> Run:
+    """A Run by folder or run id (looked up as ``verifily runs show`` does: ``runs/``, then ``$VERIFILY_HOME/runs``)."""
+    if isinstance(path_or_id, Run):
+        return path_or_id
+    from verifily_train.artifacts.run import find_run
+
+    return Run(find_run(os.fspath(path_or_id), runs_dir))
+
+
+def _overrides(overrides: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """``training={"num_epochs": 1}`` or ``training__num_epochs=1`` as ``training.num_epochs=1`` (values as YAML)."""
+    out: List[str] = []
+    for key, value in overrides.items():
+        dotted = prefix + key.replace("__", ".")
+        if isinstance(value, Mapping):
+            out += _overrides(value, dotted + ".")
+        else:
+            out.append(f"{dotted}={json.dumps(value)}")  # JSON is YAML: strings stay strings, lists stay lists
+    return out
+
+
+def _config_source(config: ConfigLike):
+    if isinstance(config, TrainConfig):
+        from verifily_train.config import config_to_dict
+
+        return config_to_dict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return os.fspath(config)
+    raise ConfigError(None, "config", f"must be a train.yaml path, a dict or a TrainConfig; got {type(config).__name__}")
+
+
+def train(config: ConfigLike, *, dataset: Optional[str] = None, refresh: bool = False, **overrides: Any) -> Run:
+    """Train as ``verifily train`` does (preflight, then a replay from the cache or the ``train`` flow) and return
+    the Run.
+
+    Args:
+        config: a train.yaml path, the config as a dict, or a ``TrainConfig`` (``run.config``).
+        dataset: a dataset reference (``ds_x@v3``), as ``--dataset``.
+        refresh: recompute every stage and replace its cache entries, as ``--refresh``.
+        overrides: config keys, as sections (``training={"num_epochs": 1}``) or with ``__`` for the dot
+            (``training__num_epochs=1``); ``cache={"enabled": False}`` is ``--no-cache``.
+    """
+    from verifily_train.cli.train import train_summary
+    from verifily_train.config import load_with_problems
+    from verifily_train.config.schema import MANAGED_MESSAGE
+    from verifily_train.errors import EnvironmentProblem
+
+    cfg, problems = load_with_problems(_config_source(config), _overrides(overrides), dataset=dataset)
+    if cfg.compute.mode == "managed":
+        raise EnvironmentProblem(None, "compute.mode", MANAGED_MESSAGE)
+    if cfg.compute.mode == "self_host":  # the run happens on a worker; its Run lands on the worker's storage
+        raise ConfigError(None, "compute.mode", "self_host submits the run to a work pool: use verifily train "
+                                                "--mode self_host, or compute={'mode': 'local'} to train here")
+    summary = train_summary(cfg, problems, refresh=refresh)
+    return Run(summary["path"], summary)
+
+
+class Comparison:
+    """``verifily compare A B`` as an object: ``.raw`` is its JSON (``--json``), ``str()`` its table."""
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Comparison({self.raw['run_a']!r} -> {self.raw['run_b']!r})"
+
+    def __str__(self) -> str:
+        from verifily_train.artifacts.compare import render_comparison
+
+        return render_comparison(self.raw)
+
+    def markdown(self) -> str:
+        from verifily_train.artifacts.compare import render_comparison
+
+        return render_comparison(self.raw, markdown=True)
+
+    @property
+    def overall(self):
+        """One row per metric: A, B, B - A, and (on shared test rows) its paired interval, p values and star."""
+        return self._cells([("overall", None, self.raw.get("overall") or {})])
+
+    @property
+    def slices(self):
+        """One row per tag key, value and metric: n, B - A with its paired interval, p values, star and flips."""
+        families = [(key, value, entry.get("deltas") or {}, entry)
+                    for key, values in (self.raw.get("slices") or {}).items() for value, entry in values.items()]
+        return self._cells([(k, v, d) for k, v, d, _ in families],
+                           extra={(k, v): {"n": e.get("n"), **_flip_columns(e)} for k, v, _, e in families})
+
+    @property
+    def config_diff(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.raw.get("config_diff") or [], columns=["key", "a", "b"])
+
+    def _cells(self, families, extra: Optional[dict] = None):
+        import pandas as pd
+
+        paired = (self.raw.get("paired") or {}).get("deltas") or {}
+        rows = []
+        for key, value, cells in families:
+            for metric, cell in cells.items():
+                tested = paired.get(metric, {}) if key == "overall" else cell
+                ci = tested.get("ci95") or (None, None)
+                row = {"key": key, "value": value, **(extra or {}).get((key, value), {}), "metric": metric}
+                if key == "overall":
+                    row.update(a=cell.get("a"), b=cell.get("b"))
+                row.update(delta=cell.get("delta"), ci95_low=ci[0], ci95_high=ci[1], p=tested.get("p"),
+                           p_adjusted=tested.get("p_adjusted"), significant=bool(tested.get("significant", False)))
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _flip_columns(entry: dict) -> dict:
+    flips = entry.get("flips")
+    return {"wrong_to_right": flips["wrong_to_right"], "right_to_wrong": flips["right_to_wrong"]} if flips else {}
+
+
+def compare(a: RunLike, b: RunLike, *, runs_dir: Optional[Union[str, os.PathLike]] = None,
+            bootstrap_samples: int = 1000, fdr_q: Optional[float] = None, permutations: Optional[int] = None
+            ) -> Comparison:
+    """B minus A as ``verifily compare A B`` computes it (the same statistics, nothing written)."""
+    from verifily_train.artifacts.compare import PERMUTATIONS, compare_runs
+    from verifily_train.artifacts.run import verify_before_use
+
+    run_a, run_b = load_run(a, runs_dir), load_run(b, runs_dir)
+    for run in (run_a, run_b):  # completed and untampered, as ``verifily compare`` checks
+        verify_before_use(run.path, "compare")
+    return Comparison(compare_runs(run_a.path, run_b.path, bootstrap_samples=bootstrap_samples, fdr_q=fdr_q,
+                                   permutations=PERMUTATIONS if permutations is None else permutations))
+
+
+class Attribution:
+    """``verifily attribute`` as an object: ``.raw`` is attribution.json (or, for a dry run, the plan)."""
+
+    def __init__(self, raw: dict, dry_run: bool = False):
+        self.raw = raw
+        self.dry_run = dry_run
+
+    def __repr__(self) -> str:
+        kind = "plan" if self.dry_run else "result"
+        return f"Attribution({kind}, by={self.raw.get('by')!r}, values={list(self.raw.get('values') or [])})"
+
+    def __str__(self) -> str:
+        from verifily_train.attribution.plan import describe_plan
+        from verifily_train.attribution.render import render
+
+        return describe_plan(self.raw) if self.dry_run else render(self.raw)
+
+    @property
+    def path(self) -> Optional[Path]:
+        return Path(self.raw["path"]) if self.raw.get("path") else None
+
+    @property
+    def verdicts(self):
+        """One row per removed value: rows removed, verdict, the effect against random removal on the target
+        with its interval, adjusted p, the smallest detectable effect (a dry run: the rows each would remove)."""
+        import pandas as pd
+
+        if self.dry_run:
+            return pd.DataFrame([{"value": v, "removed_rows": n} for v, n in (self.raw.get("values") or {}).items()])
+        metric = self.raw.get("primary_metric")
+        rows = []
+        for value, entry in (self.raw.get("values") or {}).items():
+            cell = (entry.get("slices") or {}).get(entry.get("verdict_slice"), {}).get(metric, {})
+            ci = cell.get("ci95") or (None, None)
+            rows.append({"value": value, "removed_rows": entry.get("removed_rows"), "verdict": entry.get("verdict"),
+                         "metric": metric, "effect": cell.get("effect"), "ci95_low": ci[0], "ci95_high": ci[1],
+                         "p_adjusted": entry.get("p_adjusted"), "mde": cell.get("mde"), "why": entry.get("why")})
+        return pd.DataFrame(rows)
+
+
+def attribute(run: RunLike, by: str = "source", *, values: Optional[List[str]] = None, seeds: Optional[int] = None,
+              target: Optional[str] = None, alpha: float = 0.05, correction: str = "holm",
+              budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None, concurrency: int = 2,
+              out: Optional[Union[str, os.PathLike]] = None, deployment: Optional[str] = None,
+              dry_run: bool = False) -> Attribution:
+    """Causal attribution as ``verifily attribute RUN --by KEY`` runs it (the ``attribute`` flow; docs/attribution.md);
+    ``dry_run`` returns the plan (values, arms, training runs) without training."""
+    from verifily_train.attribution.stats import DEFAULT_SEEDS
+    from verifily_train.cli.attribute import attribution_result, checked_plan
+
+    parent = load_run(run).path.resolve()
+    seeds = DEFAULT_SEEDS if seeds is None else seeds
+    plan = checked_plan(parent, by, values, seeds, target, alpha, correction, budget_steps, budget_fraction,
+                        concurrency)
+    if dry_run:
+        return Attribution(plan, dry_run=True)
+    return Attribution(attribution_result(str(parent), by, values, seeds, budget_steps, budget_fraction, concurrency,
+                                          None if out is None else os.fspath(out), deployment, alpha, correction,
+                                          plan["target"]))
+
