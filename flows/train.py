@@ -15,7 +15,7 @@ from verifily_train.config.schema import MANAGED_MESSAGE, OutputSection
 from verifily_train.dataset.store import resolve_manifest_path
 from verifily_train.flows.report import PrefectPublisher
 from verifily_train.fsio import verifily_home
-from verifily_train.pipeline.runner import CacheSettings, new_start, run_pipeline
+from verifily_train.pipeline.runner import CacheSettings, finish_group, new_start, replicate_configs, run_pipeline
 from verifily_train.tasks.common import fingerprint, stage_task, value, write_artifact
 
 
@@ -65,7 +65,28 @@ def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[st
         return {"status": "not_run", "message": MANAGED_MESSAGE}
     start = new_start()
     cache = CacheSettings.for_config(cfg, refresh)
+    if cfg.training.replicates > 1:
+        return _train_group(cfg, _runs_dir(cfg, runs_dir), cache, once, logger)
     fp = value(fingerprint(cfg, cache))  # bad config, data or model fail here, before any run folder exists
     return run_pipeline(cfg, fp, _runs_dir(cfg, runs_dir), cache,
                         execute=lambda stage, ctx: _as_task(stage, ctx, cache), publisher=PrefectPublisher(),
                         write=write_artifact, once=once, start=start, log=logger.info)
+
+
+def _train_group(cfg, runs_dir: Path, cache: CacheSettings, once: bool, logger) -> dict:
+    """``training.replicates`` runs of the config at consecutive seeds, one after another in this flow run
+    (each its own Run, sharing the seed-free stages' cache entries), then the group record and, when the
+    previous dataset version was trained as a group, the seed-level comparison with it."""
+    members = []
+    for member in replicate_configs(cfg):
+        logger.info(f"replicate {len(members) + 1}/{cfg.training.replicates}: seed {member.seed}")
+        fp = value(fingerprint(member, cache))
+        members.append((member, run_pipeline(member, fp, runs_dir, cache,
+                                             execute=lambda stage, ctx: _as_task(stage, ctx, cache),
+                                             publisher=PrefectPublisher(), write=write_artifact, once=once,
+                                             start=new_start(), log=logger.info, compare_previous=False)))
+    summary = finish_group(cfg, members, runs_dir, PrefectPublisher())
+    if summary.get("group_id"):
+        logger.info(f"run group {summary['group_id']}: {len(summary['members'])} runs, seeds "
+                    f"{', '.join(map(str, summary['seeds']))}")
+    return summary

@@ -224,21 +224,35 @@ def test_perplexity_shares_the_loss_test_and_counts_once(tmp_path):
     assert not result["slices"]["source"]["forum"]["deltas"]["loss"]["significant"]
 
 
-def test_a_shift_that_moves_every_slice_as_a_seed_does_widens_the_null(tmp_path):
-    """Two seeds' models differ on nearly every row, by an amount that varies by slice: a row-level test
-    stars all of it; the between-slice spread, added to each null, does not (and the output says why)."""
+def test_a_uniform_improvement_over_every_slice_is_starred(tmp_path):
+    """The review's case: B halves the loss of every row. The row-level test answers "do these two models
+    differ on these rows?", so the overall cell and every slice are starred (no between-slice spread hides it)."""
     rng = np.random.default_rng(21)
-    frame_a = _sft_frame(400, rng)
+    frame_a = _sft_frame(300, rng)
     frame_b = frame_a.copy()
-    shift = {value: rng.normal(0.0, 0.05) for value in SOURCES} | {"long": rng.normal(0.0, 0.05), "short": 0.0}
-    factor = 1.04 + frame_b["tag.source"].map(shift) + frame_b["tag.length"].map(shift)
-    frame_b["loss_sum"] = frame_b["loss_sum"] * factor * rng.normal(1.0, 0.01, len(frame_b))
+    frame_b["loss_sum"] = frame_b["loss_sum"] * 0.5 * rng.normal(1.0, 0.05, len(frame_b))
     a = _write_run(tmp_path / "a", "run_a", "sft", frame_a)
     b = _write_run(tmp_path / "b", "run_b", "sft", frame_b)
     result = compare_runs(a, b, bootstrap_samples=100, permutations=999)
     loss_cells = [result["paired"]["deltas"]["loss"]] + [e["deltas"]["loss"] for values in result["slices"].values()
                                                          for e in values.values()]
-    assert sum(c["p_row"] < 0.01 for c in loss_cells) >= 6  # against row noise alone, 6 of 7 loss cells "differ"
-    assert result["fdr"]["between_slice_sd"]["loss"]["overall"] > 0
-    assert not any(c["significant"] for c in loss_cells)
-    assert "note: slice deltas spread wider than row noise alone predicts (loss ±" in render_comparison(result)
+    assert all(c["significant"] for c in loss_cells)
+    text = render_comparison(result)
+    assert text.startswith("Question: do these two models (A and B) differ on these test rows?")
+    assert "two runs that differ only in their seed differ like this too" in text
+    assert "verifily train --seeds 3" in text
+
+
+def test_a_gain_on_two_of_three_sources_is_starred_there_only(tmp_path):
+    rng = np.random.default_rng(22)
+    frame_a = _sft_frame(300, rng)
+    frame_b = frame_a.copy()
+    gained = frame_b["tag.source"].isin(["human", "scraped"]).to_numpy()
+    frame_b.loc[gained, "loss_sum"] *= 0.7
+    a = _write_run(tmp_path / "a", "run_a", "sft", frame_a)
+    b = _write_run(tmp_path / "b", "run_b", "sft", frame_b)
+    result = compare_runs(a, b, bootstrap_samples=100, permutations=999)
+    source = result["slices"]["source"]
+    assert source["human"]["deltas"]["loss"]["significant"] and source["scraped"]["deltas"]["loss"]["significant"]
+    assert not source["synthetic"]["deltas"]["loss"]["significant"]
+    assert not source["forum"]["deltas"]["loss"]["significant"]

@@ -90,6 +90,23 @@ def write_output_file(path: PathLike, data: bytes, key: str) -> Path:
     return path
 
 
+def read_user_file(path: PathLike, key: str, limit: int, error: type = VerifilyError) -> bytes:
+    """The bounded reader of a file named on the command line: at most ``limit`` bytes are read (``/dev/zero``
+    or an endless FIFO is refused once past it, not read to the end); a folder or an unreadable file is one
+    line ``error(path, key, problem)``."""
+    text = os.fspath(path)
+    try:
+        with open(text, "rb") as handle:
+            data = handle.read(limit + 1)
+    except IsADirectoryError:
+        raise error(text, key, "is a folder, not a file") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise error(text, key, f"cannot read: {getattr(err, 'strerror', None) or err}") from None
+    if len(data) > limit:
+        raise error(text, key, f"longer than {limit // 2 ** 20} MiB, the most this file may hold")
+    return data
+
+
 def fsync_dir(path: PathLike) -> None:
     """Make a rename inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -26,11 +26,18 @@ class BadJson(ValueError):
         super().__init__(problem)
 
 
-def loads(text: str) -> Any:
+def _refuse_constant(token: str) -> Any:
+    raise BadJson(f"{token} is not JSON (a number must be finite; leave the field out, or null, when it has no value)")
+
+
+def loads(text: str, allow_nan: bool = True) -> Any:
     """``json.loads``, raising ``BadJson`` for malformed, too deeply nested or too long values and for strings
-    holding a lone surrogate."""
+    holding a lone surrogate; with ``allow_nan=False`` also for the non-JSON tokens ``NaN``, ``Infinity`` and
+    ``-Infinity`` that Python's ``json`` reads and writes (data rows: they would be stored as non-JSON)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
+    except BadJson:
+        raise
     except json.JSONDecodeError as err:
         raise BadJson(f"malformed JSON: {err.msg} at column {err.colno}", lineno=err.lineno) from None
     except RecursionError:
@@ -71,3 +78,40 @@ def _encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+# the most a JSON file named by a user (or found in a folder a user gave) may hold: far past any metadata file
+MAX_JSON_FILE_BYTES = 64 * 1024 * 1024
+
+
+def load_file(path, error: type, expect: Optional[type] = None, allow_nan: bool = True,
+              limit: int = MAX_JSON_FILE_BYTES) -> Any:
+    """The one guarded reader of a JSON file: bounded (a FIFO or ``/dev/zero`` is read no further than
+    ``limit``), UTF-8, :func:`loads`, and of type ``expect`` when given; every failure is ``error(path, key,
+    problem)`` (a ``VerifilyError`` subclass), one line naming the file and the key."""
+    import os
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as err:
+        raise error(path, None, f"cannot read: {err.strerror or err}") from None
+    if len(data) > limit:
+        raise error(path, None, f"longer than {limit // 2 ** 20} MiB, the most a JSON file here may hold")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise error(path, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        value = loads(text, allow_nan=allow_nan)
+    except BadJson as err:
+        raise error(path, err.key, err.problem if err.lineno is None else f"{err.problem} (line {err.lineno})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise error(path, None, f"must be a JSON {_JSON_NAMES.get(expect, expect.__name__)}, "
+                                f"got {_JSON_NAMES.get(type(value), type(value).__name__)}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "list", str: "string", int: "integer", float: "number", bool: "boolean",
+               type(None): "null"}

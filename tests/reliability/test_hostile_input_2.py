@@ -195,3 +195,206 @@ def test_compare_html_replaces_a_regular_file(tmp_path, capsys):  # designed her
                   "--permutations", "9")
     assert result.returncode == 0, result.stderr
     assert target.read_text().startswith("<!doctype html") or "<html" in target.read_text()
+
+
+# class 3: guarded parsers in the row formats ----------------------------------------------------------------
+
+def _create(capsys, train: Path, task: str = "sft", version: str = "v1") -> subprocess.CompletedProcess:
+    return _cli(capsys, "dataset", "create", "--id", "ds_h", "--version", version, "--task", task, "--train", str(train))
+
+
+def _store_unchanged() -> bool:
+    home = Path(os.environ["VERIFILY_HOME"])
+    return not (home / "datasets" / "ds_h").exists()
+
+
+def _csv(path: Path, header: str, *rows: str) -> Path:
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+CSV_CASES = {
+    "lone surrogate in a tags cell": (('instruction,output,tags', 'a,b,"{""source"": ""\\udc00""}"'),
+                                      ("t.csv:2", "tags.source", "lone surrogate")),
+    "messages cell nested 100,000 deep": (("messages", '"' + "[" * 100_000 + '"'), ("t.csv:2", "messages", "nested too deeply")),
+    # designed here
+    "NaN in a tags JSON cell": (('instruction,output,tags', 'a,b,"{""source"": NaN}"'), ("t.csv:2", "tags", "NaN is not JSON")),
+    "tags column and tags.source column": (('instruction,output,tags,tags.source', 'a,b,"{""source"": ""x""}",y'),
+                                           ("t.csv:2", "tags.source", "given twice")),
+    "tags.source and tag.source": (('instruction,output,tags.source,tag.source', 'a,b,x,y'),
+                                   ("t.csv:2", "tags.source", "given twice")),
+    "integer too long in a messages cell": (("messages", '"' + "7" * 5000 + '"'), ("t.csv:2", "messages", "integer")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CSV_CASES))
+def test_csv_cells_go_through_the_guarded_reader(tmp_path, capsys, case):
+    (header, row), fragments = CSV_CASES[case]
+    result = _create(capsys, _csv(tmp_path / "t.csv", header, row))
+    assert_user_error(result, *fragments)
+    assert _store_unchanged()
+
+
+def test_parquet_string_column_with_invalid_utf8_is_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = pa.array([b"fine", b"\xff\xfe bad"], type=pa.binary())
+    table = pa.table({"instruction": good.view(pa.string()), "output": pa.array(["x", "y"])})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert_user_error(_create(capsys, tmp_path / "t.parquet"), "t.parquet: row 2", "instruction", "not valid UTF-8")
+    assert _store_unchanged()
+
+
+@pytest.mark.parametrize("value, fragments", [
+    (float("inf"), ("tags.score", "infinite")),  # stored as the non-JSON token Infinity before
+    (float("-inf"), ("tags.score", "infinite")),  # designed here
+])
+def test_parquet_infinite_tag_is_refused(tmp_path, capsys, value, fragments):
+    pd.DataFrame({"instruction": ["a"], "output": ["b"], "tags.score": [value]}).to_parquet(tmp_path / "t.parquet")
+    assert_user_error(_create(capsys, tmp_path / "t.parquet"), "t.parquet: row 1", *fragments)
+
+
+def test_nan_in_a_tag_struct_is_an_absent_tag(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tags = pa.array([{"source": "human", "score": 1.0}, {"source": "web", "score": float("nan")}])
+    pq.write_table(pa.table({"instruction": ["a", "c"], "output": ["b", "d"], "tags": tags}), tmp_path / "t.parquet")
+    result = _create(capsys, tmp_path / "t.parquet")
+    assert result.returncode == 0, result.stderr
+    stored = Path(os.environ["VERIFILY_HOME"]) / "datasets" / "ds_h" / "v1" / "train.jsonl"
+    rows = [json.loads(line) for line in stored.read_text().splitlines()]
+    assert rows[1]["tags"] == {"source": "web"} and "NaN" not in stored.read_text()
+
+
+@pytest.mark.parametrize("token", ["Infinity", "NaN", "-Infinity"])
+def test_jsonl_rows_with_non_json_numbers_are_refused(tmp_path, capsys, token):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "tags": {"s": %s}}\n' % token)
+    assert_user_error(_create(capsys, path), "t.jsonl:2", f"{token} is not JSON")
+
+
+def _disk(folder: Path) -> Path:
+    from datasets import Dataset
+
+    Dataset.from_dict({"instruction": ["a"] * 20, "output": ["b"] * 20}).save_to_disk(str(folder))
+    return folder
+
+
+def _dict_folder(folder: Path) -> Path:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict({"instruction": ["a"] * 4, "output": ["b"] * 4})}).save_to_disk(str(folder))
+    return folder
+
+
+DISK_CASES = {
+    "dataset_dict.json a list": (_dict_folder, lambda f: (f / "dataset_dict.json").write_text("[1, 2]"),
+                                 ("dataset_dict.json", "must be a JSON object, got list")),
+    "dataset_dict.json 100,000 deep": (_dict_folder, lambda f: (f / "dataset_dict.json").write_text("[" * 100_000),
+                                       ("dataset_dict.json", "nested too deeply")),
+    "state.json a list": (_disk, lambda f: (f / "state.json").write_text("[1,2]"), ("state.json", "must be a JSON object")),
+    "an .arrow file cut in half": (_disk, lambda f: [p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])
+                                                     for p in f.glob("*.arrow")], ("not a folder written by datasets",)),
+    # designed here
+    "dataset_info.json not UTF-8": (_disk, lambda f: (f / "dataset_info.json").write_bytes(b"\xff{}"),
+                                    ("dataset_info.json", "not valid UTF-8")),
+    "state.json without its data files": (_disk, lambda f: (f / "state.json").write_text('{"_data_files": 3}'),
+                                          ("state.json", "_data_files")),
+    "dataset_dict.json splits not a list": (_dict_folder, lambda f: (f / "dataset_dict.json").write_text('{"splits": 5}'),
+                                            ("dataset_dict.json", "splits")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DISK_CASES))
+def test_save_to_disk_folders_are_read_through_the_guarded_reader(tmp_path, capsys, case):
+    make, damage, fragments = DISK_CASES[case]
+    folder = make(tmp_path / "ds")
+    damage(folder)
+    result = _create(capsys, folder)
+    assert_user_error(result, *fragments)
+    assert _store_unchanged()
+
+
+# class 4: bounded inputs -------------------------------------------------------------------------------------
+
+def test_dataset_create_from_dev_zero_is_refused_without_filling_the_disk(tmp_path, capsys):
+    assert_user_error(_create(capsys, Path("/dev/zero")), "/dev/zero:1", "longer than 4 MiB")
+    assert _store_unchanged()
+    home = Path(os.environ["VERIFILY_HOME"]) / "datasets"
+    assert not home.exists() or not any(home.rglob("*.jsonl"))
+
+
+def test_a_parquet_of_many_dictionary_encoded_rows_is_read_in_batches(tmp_path):  # designed here
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from verifily_train.dataset import convert
+
+    n = 20_000
+    table = pa.table({"instruction": pa.array(["same"] * n).dictionary_encode(),
+                      "output": pa.array(["o"] * n).dictionary_encode()})
+    pq.write_table(table, tmp_path / "t.parquet")
+    columns, records = convert._parquet_records(tmp_path / "t.parquet")
+    first = next(records)
+    assert columns == ["instruction", "output"] and first[1] == {"instruction": "same", "output": "o"}
+    assert sum(1 for _ in records) == n - 1  # a generator over batches, never the whole table as dicts
+
+
+def test_drop_rows_from_dev_zero_is_refused_after_a_bound(tmp_path):
+    from verifily_train.attribution import derive_rows
+    from verifily_train.errors import DataError
+
+    derive_rows.MAX_ROW_LIST_BYTES, saved = 1024 * 1024, derive_rows.MAX_ROW_LIST_BYTES
+    try:
+        with pytest.raises(DataError, match="/dev/zero: --drop-rows: longer than 1 MiB"):
+            derive_rows.read_row_list(Path("/dev/zero"))
+    finally:
+        derive_rows.MAX_ROW_LIST_BYTES = saved
+
+
+def test_drop_rows_reads_the_attribution_parquet_and_crlf_and_guarded_json(tmp_path):  # designed here
+    from verifily_train.attribution.derive_rows import read_row_list
+    from verifily_train.errors import DataError
+
+    pd.DataFrame({"example_id": ["train:1", "train:2"], "row_hash": ["a" * 64, "b" * 64]}).to_parquet(tmp_path / "r.parquet")
+    assert read_row_list(tmp_path / "r.parquet") == ["a" * 64, "b" * 64]
+    (tmp_path / "crlf.txt").write_bytes(b"# rows\r\ntrain:1\r\ntrain:2\r\n")
+    assert read_row_list(tmp_path / "crlf.txt") == ["train:1", "train:2"]
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(DataError, match="deep.json: not a JSON list of row ids: malformed JSON: nested too deeply"):
+        read_row_list(tmp_path / "deep.json")
+    (tmp_path / "bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="not valid UTF-8 text"):
+        read_row_list(tmp_path / "bin")
+    with pytest.raises(DataError, match="is a folder"):
+        read_row_list(tmp_path)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--bootstrap-samples", "1000000000"], ("--bootstrap-samples", "from 0 to 100,000")),
+    (["--bootstrap-samples", "-1"], ("--bootstrap-samples", "got -1")),
+    (["--permutations", "1000000000"], ("--permutations", "from 1 to 100,000")),  # designed here
+    (["--permutations", "0"], ("--permutations", "got 0")),  # designed here
+])
+def test_compare_resample_counts_are_bounded(tmp_path, capsys, args, fragments):
+    a, b = _run(tmp_path / "run_a"), _run(tmp_path / "run_b", seed=1)
+    assert_user_error(_cli(capsys, "compare", str(a), str(b), *args), *fragments)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--projection-dim", "2000000000"], ("--projection-dim", "at most 16,384")),
+    (["--projection-dim", "-3"], ("--projection-dim", ">= 0")),  # designed here
+    (["--methods", ",,,"], ("--methods", "names no method")),  # class 6
+    (["--methods", " , "], ("--methods", "names no method")),  # designed here
+])
+def test_rows_flags_are_bounded_before_any_work(tmp_path, capsys, args, fragments):
+    run = _run(tmp_path / "run_a")
+    assert_user_error(_cli(capsys, "attribute", str(run), "--rows", *args), *fragments)
+
+
+def test_a_conversation_of_too_many_turns_is_refused_at_create(tmp_path, capsys):
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"t{i}"} for i in range(10_000)]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+    assert_user_error(_create(capsys, tmp_path / "t.jsonl"), "t.jsonl:1", "messages", "10,000 turns", "at most 256")

@@ -1,6 +1,9 @@
 """``verifily compare A B`` (spec §9.3): overall and per-slice deltas on the shared test examples, with paired
 bootstrap intervals, paired tests under one Benjamini–Hochberg correction, flipped examples, the dataset
-diff from per-row hashes, the config diff, and what else makes the two runs less comparable."""
+diff from per-row hashes, the config diff, and what else makes the two runs less comparable.
+
+One run per side answers "do these two models differ on these test rows?" (model level, said as such);
+whether the data or config change caused it needs replicate runs per side: ``artifacts/groups.py``."""
 
 from __future__ import annotations
 
@@ -17,13 +20,16 @@ from verifily_train.artifacts.run import load_run_json
 from verifily_train.config.schema import EvalSection
 from verifily_train.errors import ConfigError, RunError
 from verifily_train.evaluation.bootstrap import paired_delta_intervals
-from verifily_train.evaluation.significance import (BETWEEN_MIN_CELLS, SAME_TEST_AS, between_cell_sd,
-                                                     mark_discoveries, paired_tests)
+from verifily_train.evaluation.significance import SAME_TEST_AS, mark_discoveries, paired_tests
 
 CAVEAT = "Correlation, not causation. For causal attribution: verifily attribute RUN --by <tag>."
 PAIRED_SEED = 20260208
 PERMUTATIONS = 9999  # random swaps per non-0/1 metric cell: p-values down to 1e-4 (exact when 2**n is fewer)
 TEST_NAME = "paired swap test (A/B swapped per row; exact McNemar for 0/1 metrics)"
+MODEL_QUESTION = "do these two models (A and B) differ on these test rows?"
+SEED_NOTE = ("These stars are about the two models, not about what changed between them: two runs that differ only "
+             "in their seed differ like this too. For the change (data or config), train replicates (verifily train "
+             "--seeds 3) and compare the groups (verifily compare GROUP_A GROUP_B).")
 
 
 def _read_parquet(path: Path):
@@ -126,30 +132,13 @@ def _flips(ca, cb) -> dict:
     return {"right_to_wrong": int((ca & ~cb).sum()), "wrong_to_right": int((~ca & cb).sum())}
 
 
-def _between_sds(tested: List[Tuple[str, dict, object, Optional[str]]]) -> Dict[str, Dict[str, float]]:
-    """Per metric and tag key, how far that key's slice deltas spread beyond row noise; the overall cell
-    (and a key with too few values) takes the median over keys. Per key: an effect confined to one slice
-    of a key moves every slice of the other keys a little, which must not widen this key's null."""
-    out: Dict[str, Dict[str, float]] = {}
-    for metric in sorted({m for m, _, _, _ in tested}):
-        by_key: Dict[str, float] = {}
-        for key in sorted({k for m, _, _, k in tested if m == metric and k is not None}):
-            cells = [t for m, _, t, k in tested if m == metric and k == key]
-            if len(cells) >= BETWEEN_MIN_CELLS:
-                by_key[key] = between_cell_sd([t.delta for t in cells], [t.null_sd for t in cells])
-        out[metric] = dict(by_key, overall=float(np.median(list(by_key.values()))) if by_key else 0.0)
-    return out
-
-
 def _test_cells(tested: List[Tuple[str, dict, object, Optional[str]]], q: float) -> dict:
-    """p-values against row noise plus the between-slice spread, then one BH over all cells."""
-    between = _between_sds(tested)
+    """Row-level p-values (the exact question "do these two models differ on these rows?"), one BH over all."""
     for metric, cell, test, key in tested:
-        spread = between[metric].get(key if key is not None else "overall", between[metric]["overall"])
-        cell.update(null_sd=test.null_sd, p_row=test.pvalue(), between_sd=spread, p=test.pvalue(spread))
+        cell.update(null_sd=test.null_sd, p=test.pvalue())
     discoveries = mark_discoveries([cell for _, cell, _, _ in tested], q)
     return {"method": "benjamini-hochberg", "q": q, "cells": len(tested), "discoveries": discoveries,
-            "test": TEST_NAME, "between_slice_sd": between, "between_min_cells": BETWEEN_MIN_CELLS}
+            "test": TEST_NAME, "question": MODEL_QUESTION}
 
 
 def _paired_comparison(task: str, pred_a, pred_b, labels: List[str], bootstrap_samples: int, permutations: int,
@@ -185,8 +174,8 @@ def _paired_comparison(task: str, pred_a, pred_b, labels: List[str], bootstrap_s
             cell.setdefault("significant", False)
         for name, tested_as in SAME_TEST_AS.items():
             if name in family and tested_as in family:
-                family[name].update({k: family[tested_as].get(k) for k in ("null_sd", "p_row", "between_sd", "p",
-                                                                           "p_adjusted", "significant")}, same_test_as=tested_as)
+                family[name].update({k: family[tested_as].get(k) for k in ("null_sd", "p", "p_adjusted",
+                                                                           "significant")}, same_test_as=tested_as)
     return paired, slices, fdr
 
 
@@ -287,28 +276,18 @@ def legend(fdr: dict) -> str:
     if not fdr.get("cells"):
         return "no slice x metric cell was tested (no shared test rows): no stars."
     return (f"* Benjamini–Hochberg at q={fdr['q']:.2f} over {fdr['cells']} slice × metric cells (overall included): "
-            f"adjusted p <= q; {fdr['test']} on the shared rows, its null widened by how far apart the metric's "
-            f"slices spread beyond row noise; {fdr['discoveries']} starred. [intervals]: paired 95% bootstrap "
-            "(rows only), unadjusted.")
+            f"the false-discovery rate of the stars is at most q; {fdr['test']} on the shared rows; "
+            f"{fdr['discoveries']} starred. [intervals]: paired 95% bootstrap over rows, unadjusted.")
 
 
-def spread_notes(result: dict) -> List[str]:
-    """One line naming the metrics whose slices spread wider than the overall cell's own row noise."""
-    overall = result.get("paired", {}).get("deltas", {})
-    between = (result.get("fdr") or {}).get("between_slice_sd") or {}
-    wide = {m: by_key for m, by_key in between.items()
-            if m in overall and by_key.get("overall", 0.0) > (overall[m].get("null_sd") or 0.0)}
-    if not wide:
-        return []
-    parts = ", ".join(f"{m} ±{by_key['overall']:.4f}" for m, by_key in wide.items())
-    return [f"note: slice deltas spread wider than row noise alone predicts ({parts}); that spread, which two seeds' "
-            "models show too, is added to each null. One run per side cannot tell seed noise from a data effect that "
-            "moves every slice: seed replicates can (verifily attribute)."]
+def model_level_title() -> str:
+    return f"Question: {MODEL_QUESTION} (A and B differ on these test rows where starred)"
 
 
 def render_comparison(result: dict, markdown: bool = False) -> str:
     """Plain text (or markdown) tables; ``*`` marks a cell whose Benjamini–Hochberg-adjusted p is <= q."""
-    lines = [f"A: {result['run_a']} ({result['dataset_a']})", f"B: {result['run_b']} ({result['dataset_b']})"]
+    lines = [model_level_title(), f"A: {result['run_a']} ({result['dataset_a']})",
+             f"B: {result['run_b']} ({result['dataset_b']})"]
     lines += [c["line"] for c in result.get("comparability", [])]
     lines.append("")
     deltas = result["paired"].get("deltas", {})
@@ -358,7 +337,7 @@ def render_comparison(result: dict, markdown: bool = False) -> str:
         for d in result["config_diff"]:
             lines.append(f"  {d['key']}: {d['a']!r} -> {d['b']!r}")
     lines.append("")
-    lines += spread_notes(result)
     lines.append(legend(result.get("fdr", {})))
+    lines.append(SEED_NOTE)
     lines.append(result["caveat"])
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.artifacts.compare import legend, spread_notes
+from verifily_train.artifacts.compare import SEED_NOTE, legend, model_level_title
 from verifily_train.fsio import atomic_write_text, write_output_file
 from verifily_train.hashing import content_hash
 
@@ -201,7 +201,10 @@ def write_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> Path:
 
 def write_compare_report(result: dict, out: str) -> Path:
     """The comparison as one self-contained HTML file, with a paired-delta chart per slice key."""
+    if result.get("kind") == "groups":
+        return write_output_file(out, render_group_report(result).encode("utf-8"), "--html")
     parts = [f"<h1>{html.escape(result['run_b'])} vs {html.escape(result['run_a'])}</h1>",
+             f"<p>{html.escape(model_level_title())}</p>",
              f"<p>A: {html.escape(str(result['dataset_a']))}; B: {html.escape(str(result['dataset_b']))}; "
              f"{result['paired']['shared_examples']} shared test rows.</p>"]
     deltas = result["paired"].get("deltas", {})
@@ -240,8 +243,68 @@ def write_compare_report(result: dict, out: str) -> Path:
     if result.get("config_diff"):
         parts.append("<h2>Config diff</h2>" + html_table(["key", "A", "B"],
                                                      [[d["key"], d["a"], d["b"]] for d in result["config_diff"]]))
-    notes = [c["line"] for c in result.get("comparability", [])] + spread_notes(result) + [legend(result.get("fdr", {})),
-                                                                                   result["caveat"]]
+    notes = [c["line"] for c in result.get("comparability", [])] + [legend(result.get("fdr", {})), SEED_NOTE,
+                                                                    result["caveat"]]
     parts.append("".join(f'<p class="note">{html.escape(line)}</p>' for line in notes))
     # the user's file name: a link, FIFO, device or folder there is refused, never replaced
     return write_output_file(out, html_page("Verifily comparison", "".join(parts)).encode("utf-8"), "--html")
+
+
+def group_delta_chart(result: dict, metric: Optional[str] = None) -> Optional[str]:
+    """One horizontal bar per cell (overall, then each slice) of B - A with its 95% interval over seeds (PNG data URL)."""
+    cells = [("overall", result["overall"])] + [(f"{k}={v}", e["deltas"]) for k, vs in result["slices"].items()
+                                                for v, e in vs.items()]
+    metric = metric or next((m for m in ("loss", "accuracy", "exact_match", "token_f1") if m in result["overall"]), None)
+    if metric is None:
+        return None
+    names, points, lows, highs, stars = [], [], [], [], []
+    for name, deltas in cells:
+        d = deltas.get(metric) or {}
+        if d.get("delta") is None:
+            continue
+        ci = d.get("ci95") or [d["delta"], d["delta"]]
+        names.append(name + (" *" if d.get("significant") else ""))
+        points.append(d["delta"])
+        lows.append(d["delta"] - ci[0])
+        highs.append(ci[1] - d["delta"])
+        stars.append(bool(d.get("significant")))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 0.7 + 0.42 * len(names)))
+    ax.barh(names, points, xerr=[lows, highs], color=["#0b6b2e" if s else "#8aa4c8" for s in stars], capsize=4)
+    ax.axvline(0, color="#333", lw=0.8)
+    ax.set_xlabel(f"Δ {metric} (B - A), mean over seeds, 95% interval over seeds")
+    ax.invert_yaxis()
+    return _png(fig)
+
+
+def render_group_report(result: dict) -> str:
+    """A group comparison (``artifacts/groups.py``) as a self-contained page: the question, both sides, the
+    per-slice deltas with their seed intervals as a picture and as tables."""
+    from verifily_train.artifacts.groups import group_legend, side_line
+
+    parts = [f"<h1>Run group comparison</h1><p><b>Question:</b> {html.escape(result['question'])}</p>",
+             "".join(f"<p>{html.escape(side_line(n, result[n.lower()]))}</p>" for n in ("A", "B")),
+             f"<p>design: {html.escape(result['design'])}, {result['shared_examples']} shared test rows</p>"]
+    if result.get("power_note"):
+        parts.append(f'<p class="note">{html.escape(result["power_note"])}</p>')
+    chart = group_delta_chart(result)
+    if chart:
+        parts.append("<h2>B - A by slice</h2>" + _img(chart, "group deltas"))
+    cells = [("overall", result["overall"])] + [(f"{k}={v} (n={e['n']})", e["deltas"]) for k, vs in result["slices"].items()
+                                                for v, e in vs.items()]
+    rows = []
+    for name, deltas in cells:
+        for metric, d in deltas.items():
+            ci = d.get("ci95")
+            text = _fmt(d.get("delta")) + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+            rows.append([html.escape(name), metric, _fmt(d.get("a")), _fmt(d.get("b")),
+                         f'<span class="sig">{text} *</span>' if d.get("significant") else html.escape(text),
+                         "-" if d.get("p_adjusted") is None else f"{d['p_adjusted']:.3f}",
+                         "-" if d.get("mde") is None else f"±{d['mde']:.4f}"])
+    parts.append("<h2>Cells</h2>" + html_table(["cell", "metric", "A mean", "B mean", "B - A [95% CI over seeds]",
+                                                "adj. p", "detectable"], rows, raw=True))
+    if result.get("config_diff"):
+        parts.append("<h2>Config diff (seed aside)</h2>" + html_table(
+            ["key", "A", "B"], [[d["key"], d["a"], d["b"]] for d in result["config_diff"]]))
+    parts.append(f'<p class="note">{html.escape(group_legend(result))}</p>')
+    return html_page("Verifily run group comparison", "".join(parts))

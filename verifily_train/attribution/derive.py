@@ -7,6 +7,7 @@ Each derived version is an ordinary, hash-addressed store version whose manifest
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -16,15 +17,37 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.errors import DatasetExistsError, DataError, VerifilyError
+from verifily_train.dataset.rows import tag_text
 from verifily_train.dataset.store import create_version, resolve
+
+MAX_VERSION_NAME = 128
+
+
+def _digest(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:n]
 
 
 def safe_part(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(value)).strip("-.") or "x"
+    """``value`` as a part of a version name: kept when it is plain ASCII (letters, digits, ``._-``); otherwise
+    its ASCII residue plus a digest of the whole value, so two values never share a name (``人工`` and
+    ``合成`` were both ``x``; ``a b`` and ``a/b`` both ``a-b``)."""
+    text = str(value)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    if safe == text and safe:
+        return safe
+    return f"{safe}-{_digest(text)}" if safe else _digest(text)
+
+
+def bounded_name(name: str) -> str:
+    """A version name cut to ``MAX_VERSION_NAME`` characters with a digest of the whole, so cutting never
+    makes two names one."""
+    if len(name) <= MAX_VERSION_NAME:
+        return name
+    return f"{name[:MAX_VERSION_NAME - 9]}-{_digest(name)}"
 
 
 def derived_version_name(parent_version: str, key: str, value: str) -> str:
-    return f"{parent_version}-without-{safe_part(key)}-{safe_part(value)}"[:128]
+    return bounded_name(f"{parent_version}-without-{safe_part(key)}-{safe_part(tag_text(value))}")
 
 
 def version_stem(dv) -> str:
@@ -48,7 +71,7 @@ def train_lines(dv) -> List[str]:
 
 def _tag(line: str, key: str) -> Optional[str]:
     value = (json.loads(line).get("tags") or {}).get(key)
-    return None if value is None else str(value)
+    return None if value is None else tag_text(value)  # NFC: one value however its text was composed
 
 
 def train_tag_counts(dv, key: str) -> Dict[str, int]:
@@ -61,7 +84,7 @@ def train_tag_counts(dv, key: str) -> Dict[str, int]:
 def derive_without(dv, key: str, value: str, home: Optional[Path] = None) -> dict:
     """The derived version of ``dv`` without the train rows tagged ``key: value`` (created once, then reused)."""
     lines = train_lines(dv)
-    keep = [_tag(line, key) != str(value) for line in lines]
+    keep = [_tag(line, key) != tag_text(value) for line in lines]
     removed = keep.count(False)
     if removed == 0:
         raise VerifilyError(None, "--values", f"no train rows of {dv.ref} have {key}={value}")
@@ -78,16 +101,17 @@ def derive_random(dv, rows: int, seed: int, home: Optional[Path] = None) -> dict
         raise VerifilyError(None, "--values", f"cannot remove {rows} of the {len(lines)} train rows of {dv.ref}")
     drawn = set(random.Random(f"{dv.content_hash}/{rows}/{seed}").sample(range(len(lines)), rows))
     keep = [i not in drawn for i in range(len(lines))]
-    name = f"{version_stem(dv)}-without-random-{rows}-seed{seed}"[:128]
+    name = bounded_name(f"{version_stem(dv)}-without-random-{rows}-seed{seed}")
     return store_derived(dv, name, {"drop_random_train_rows": {"count": rows, "seed": seed}}, lines, keep, home,
                   {"random_rows": rows, "seed": seed})
 
 
 def store_derived(dv, version: str, rule: dict, lines: List[str], keep: List[bool], home: Optional[Path],
-           extra: dict) -> dict:
+           extra: dict, flag: str = "--values") -> dict:
     kept = [line for line, k in zip(lines, keep) if k]
-    if not kept:
-        raise VerifilyError(None, "--values", f"{json.dumps(rule)} leaves {dv.ref} without train rows")
+    if not kept:  # named by the flag that chose the rows, without dumping them
+        raise VerifilyError(None, flag, f"removes every one of the {len(lines)} train rows of {dv.ref}; a derived "
+                                        "version needs at least one")
     dataset_id = dv.dataset_id if dv.dataset_id != "local" else f"local-{dv.content_hash.split(':')[-1][:12]}"
     derived_from = {"ref": dv.ref, "content_hash": dv.content_hash, "rule": rule}
     with tempfile.TemporaryDirectory(prefix="verifily-derive-") as tmp:

@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
-from verifily_train.attribution.derive import safe_part, store_derived, train_lines, version_stem
+from verifily_train.attribution.derive import bounded_name, safe_part, store_derived, train_lines, version_stem
 from verifily_train.errors import DataError, VerifilyError
+from verifily_train.hashing import content_hash
 
 HASH = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
@@ -53,22 +54,58 @@ def resolve_rows(dv, refs: Iterable[str], where: str) -> Set[str]:
     return chosen
 
 
+MAX_ROW_LIST_BYTES = 64 * 1024 * 1024  # ~1M row hashes: far past any train split a row list names
+
+
 def read_row_list(path: Path) -> List[str]:
-    """Row ids or hashes from a file: one per line (blank lines and ``#`` comments skipped), or a JSON list."""
+    """Row ids or hashes from a file: one per line (blank lines and ``#`` comments skipped), a JSON list, or a
+    Parquet table with a ``row_hash`` (else ``example_id``) column, such as ``row_attribution.parquet``. Read
+    through the bounded reader: ``/dev/zero`` is refused after 64 MiB, not read to the end."""
+    from verifily_train.fsio import read_user_file
+
+    data = read_user_file(path, "--drop-rows", MAX_ROW_LIST_BYTES, DataError)
+    if data.startswith(b"PAR1"):
+        return _parquet_row_list(path, data)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise DataError(str(path), None, f"cannot read: {err.strerror or err}") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(str(path), None, f"not valid UTF-8 text ({err.reason} at byte {err.start}): one row id "
+                                         "or row hash per line, a JSON list, or a Parquet table") from None
     if text.lstrip().startswith("["):
+        from verifily_train import jsonsafe
+
         try:
-            items = json.loads(text)
-        except ValueError as err:
-            raise DataError(str(path), None, f"not a JSON list of row ids: {err}") from None
+            items = jsonsafe.loads(text)
+        except jsonsafe.BadJson as err:
+            raise DataError(str(path), err.key, f"not a JSON list of row ids: {err.problem}") from None
+        if not isinstance(items, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in items):
+            raise DataError(str(path), None, "not a JSON list of row ids (strings)")
         refs = [str(x) for x in items]
     else:
         refs = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not refs:
         raise DataError(str(path), None, "names no rows (one row id or row hash per line)")
+    return refs
+
+
+def _parquet_row_list(path: Path, data: bytes) -> List[str]:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        source = pq.ParquetFile(io.BytesIO(data))
+        column = next((c for c in ("row_hash", "example_id") if c in source.schema_arrow.names), None)
+        if column is None:
+            raise DataError(str(path), None, "a Parquet table without a row_hash or example_id column")
+        refs = [str(x) for x in source.read(columns=[column]).column(column).to_pylist() if x is not None]
+    except (OSError, ValueError, pa.ArrowException) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(str(path), None, f"cannot read as Parquet: {str(err).splitlines()[0][:200]}") from None
+    if not refs:
+        raise DataError(str(path), None, "names no rows")
     return refs
 
 
@@ -91,5 +128,9 @@ def derive_without_rows(dv, drop: Set[str], rule: dict, label: str, home: Option
     if keep.count(False) == 0:
         raise VerifilyError(None, "--drop-rows", f"none of the rows is a train row of {dv.ref}")
     rule = dict(rule, row_hashes=sorted(drop))
-    version = f"{version_stem(dv)}-without-{safe_part(label)}"[:128]
-    return store_derived(dv, version, {"drop_train_rows": rule}, lines, keep, home, {"rows": len(drop)})
+    # a digest of the whole rule: the same rows chosen by another file or another target are another version,
+    # not a clash with the first ("exists but was not derived ... by this rule")
+    version = bounded_name(f"{version_stem(dv)}-without-{safe_part(label)}-"
+                           f"{content_hash(rule)[:8]}")
+    flag = "--drop-rows" if rule.get("by") == "file" else "--drop-top"
+    return store_derived(dv, version, {"drop_train_rows": rule}, lines, keep, home, {"rows": len(drop)}, flag=flag)

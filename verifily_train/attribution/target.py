@@ -43,11 +43,10 @@ def check_target(target: str, record: dict, tag_values: Optional[dict] = None) -
             raise ConfigError(None, "--target", f"the arms are evaluated on the {split} split (a run evaluates test, "
                                                 f"else val); {target} is not scored")
         return target
-    key, negate, value = parse_slice(target)
+    key, negate, value = parse_slice(target, keys=None if tag_values is None else
+                                     [k for k, present in tag_values.items() if present])
     if tag_values is not None:
         present = tag_values.get(key)
-        if not present:
-            raise ConfigError(None, "--target", f"no {split} rows carry tag {key!r}")
         if value not in present and not negate:
             raise ConfigError(None, "--target", f"no {split} rows have {key}={value} "
                                                 f"(present: {', '.join(sorted(present))})")
@@ -56,15 +55,26 @@ def check_target(target: str, record: dict, tag_values: Optional[dict] = None) -
     return target
 
 
-def parse_slice(target: str, forms: str = TARGET_FORMS) -> tuple:
+def parse_slice(target: str, forms: str = TARGET_FORMS, keys=None) -> tuple:
     """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value); else one
-    ``--target`` line listing ``forms``."""
+    ``--target`` line listing ``forms``. The one parser of slice targets (tag verdicts and ``--rows`` alike):
+    the operator is the first ``=`` (``!=`` when a ``!`` precedes it); a second operator is ambiguous and
+    refused; with ``keys`` (the tag keys the target split's rows carry) an unknown key is refused in both
+    forms (``sourc!=human`` would otherwise be every row). The value is compared in NFC."""
+    from verifily_train.dataset.rows import tag_text
+
     body = target[len("slice:"):] if target.startswith("slice:") else ""
-    negate = "!=" in body
-    key, _, value = body.partition("!=" if negate else "=")
+    at = body.find("=")
+    negate = at > 0 and body[at - 1] == "!"
+    key, value = (body[:at - 1] if negate else body[:at]) if at >= 0 else "", body[at + 1:] if at >= 0 else ""
     if not key or not value:
         raise ConfigError(None, "--target", f"must be {forms}; got {target!r}")
-    return key, negate, value
+    if "=" in value or "!" in key:
+        raise ConfigError(None, "--target", f"{target!r} is ambiguous: one = or != between the tag and the value")
+    if keys is not None and key not in keys:
+        known = ", ".join(sorted(keys)) or "none"
+        raise ConfigError(None, "--target", f"no rows of the target split carry tag {key!r} (tags: {known})")
+    return key, negate, tag_text(value)
 
 
 def slice_name(target: str) -> str:
@@ -84,7 +94,10 @@ def target_mask(frame, target: str):
     column = f"tag.{key}"
     if column not in frame.columns:
         return np.ones(len(frame), dtype=bool) if negate else np.zeros(len(frame), dtype=bool)
-    tagged = (frame[column].astype(str) == value).to_numpy() & frame[column].notna().to_numpy()
+    from verifily_train.dataset.rows import tag_text
+
+    values = frame[column].map(lambda v: None if v is None or v != v else tag_text(v))
+    tagged = (values == value).to_numpy() & frame[column].notna().to_numpy()
     return ~tagged if negate else tagged
 
 

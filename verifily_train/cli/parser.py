@@ -22,6 +22,16 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", metavar="REF", help="shortcut for dataset_version=REF (ds_x@v3, ds_x@latest, manifest path)")
 
 
+def _replicates(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be in [1, 64]; got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="verifily",
@@ -42,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="recompute every stage and replace its cache entries")
     p.add_argument("--flow", action="store_true",
                    help="run the Prefect flow even when an identical run can be replayed from the cache")
+    p.add_argument("--seeds", type=_replicates, default=None, metavar="N",
+                   help="train N replicate runs at seeds seed .. seed+N-1 and record them as a run group "
+                        "(training.replicates=N): what `verifily compare GROUP_A GROUP_B` needs to test a data or "
+                        "config change, not just two models (3 or more; docs/evaluation.md)")
     p.set_defaults(handler="train:cmd_train")
 
     p = sub.add_parser("demo", help="fine-tune the embedded default model on the shipped example dataset",
@@ -105,9 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         q = ssub.add_parser(name, help=help_text)
         q.set_defaults(handler="stack:cmd_stack")
 
-    p = sub.add_parser("compare", help="diff two runs' metrics, overall and slice by slice")
-    p.add_argument("run_a", help="run id or path")
-    p.add_argument("run_b", help="run id or path")
+    p = sub.add_parser("compare", help="diff two runs (or two run groups) overall and slice by slice",
+                       description="Two runs: do these two models differ on these test rows? (row-level paired "
+                                   "tests). Two run groups (verifily train --seeds N), or --a RUN,RUN,.. --b RUN,RUN,..: "
+                                   "did the change from A to B move each metric beyond seed-to-seed spread? "
+                                   "(seed-level tests; docs/evaluation.md)")
+    p.add_argument("run_a", nargs="?", help="run id or path, or run group id or path")
+    p.add_argument("run_b", nargs="?", help="run id or path, or run group id or path")
+    p.add_argument("--a", dest="group_a", metavar="RUN,RUN,..", help="side A as comma-separated replicate runs")
+    p.add_argument("--b", dest="group_b", metavar="RUN,RUN,..", help="side B as comma-separated replicate runs")
     p.add_argument("--runs-dir", default=None,
                    help="where run ids are looked up (default: runs/ and $VERIFILY_HOME/runs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

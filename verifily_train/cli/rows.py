@@ -65,12 +65,20 @@ def add_derive_parser(dsub) -> None:
     q.set_defaults(func=cmd_dataset_derive)
 
 
+MAX_PROJECTION_DIM = 16384  # rows x dims x 4 bytes per checkpoint: 2,000,000,000 tried to allocate 16 GB
+
+
 def _check_numbers(args) -> None:
     for name in ("checkpoints", "projection_dim"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "checkpoints" else 0):
             flag = "--" + name.replace("_", "-")
             raise VerifilyError(None, flag, f"must be >= {1 if name == 'checkpoints' else 0}; got {value}")
+    if args.projection_dim is not None and args.projection_dim > MAX_PROJECTION_DIM:
+        raise VerifilyError(None, "--projection-dim", f"must be at most {MAX_PROJECTION_DIM:,} (0 = exact gradients); "
+                                                      f"got {args.projection_dim:,}")
+    if args.methods is not None and not [m for m in args.methods.split(",") if m.strip()]:
+        raise VerifilyError(None, "--methods", f"names no method; got {args.methods!r} (comma-separated names, or all)")
     if args.shards < 1:
         raise VerifilyError(None, "--shards", f"must be >= 1; got {args.shards}")
     if args.verify < 0:

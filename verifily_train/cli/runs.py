@@ -8,7 +8,9 @@ import sys
 from verifily_train.artifacts.run import (find_run, integrity_root, list_runs, load_run_json, runs_dirs,
                                           verify_before_use, verify_run)
 from verifily_train.cli.console import print_table
-from verifily_train.errors import RunError
+from verifily_train.errors import ConfigError, RunError
+
+MAX_RESAMPLES = 100_000  # compare's --bootstrap-samples and --permutations (defaults 1,000 and 9,999)
 
 
 def cmd_runs_list(args) -> int:
@@ -38,13 +40,52 @@ def cmd_runs_verify(args) -> int:
     return 0
 
 
+def group_sides(args):
+    """The two sides of a seed-level comparison (``--a``/``--b`` run lists, or two group ids), or None for two
+    single runs."""
+    from verifily_train.artifacts.groups import find_group, resolve_side
+    from verifily_train.errors import ConfigError
+
+    if args.group_a or args.group_b:
+        if not (args.group_a and args.group_b) or args.run_a or args.run_b:
+            raise ConfigError("verifily compare", "--a/--b", "give both --a RUN,RUN,.. and --b RUN,RUN,.. (and no "
+                                                             "positional runs)")
+        return tuple(resolve_side([r.strip() for r in refs.split(",") if r.strip()], args.runs_dir, flag)
+                     for refs, flag in ((args.group_a, "--a"), (args.group_b, "--b")))
+    if not (args.run_a and args.run_b):
+        raise ConfigError("verifily compare", "A B", "give two runs or two run groups (or --a RUN,.. --b RUN,..)")
+    found = [find_group(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
+    if all(found):
+        return tuple(resolve_side([ref], args.runs_dir, flag) for ref, flag in ((args.run_a, "A"), (args.run_b, "B")))
+    if any(found):
+        raise ConfigError("verifily compare", "A B", "compares two runs or two run groups, not a group with a run")
+    return None
+
+
 def cmd_compare(args) -> int:
     from verifily_train.artifacts.compare import compare_runs, render_comparison
 
+    for flag, value, low in (("--bootstrap-samples", args.bootstrap_samples, 0), ("--permutations", args.permutations, 1)):
+        if not low <= value <= MAX_RESAMPLES:  # 1,000,000,000 grew 200 MB/s; -1 was taken
+            raise ConfigError(None, flag, f"must be an integer from {low} to {MAX_RESAMPLES:,}; got {value:,}")
     if args.html:
         from verifily_train.fsio import check_output_file
 
         check_output_file(args.html, "--html")  # before any work: a link, FIFO or folder there is refused
+    groups = group_sides(args)
+    if groups is not None:
+        from verifily_train.artifacts.groups import compare_groups, render_group_comparison, render_group_markdown
+
+        result = compare_groups(*groups, fdr_q=args.fdr_q)
+        if args.html:
+            from verifily_train.artifacts.report import write_compare_report
+
+            write_compare_report(result, args.html)
+        print(json.dumps(result, indent=2, default=str) if args.json else
+              render_group_markdown(result) if args.markdown else render_group_comparison(result))
+        if args.html:
+            print(f"wrote {args.html}", file=sys.stderr)
+        return 0
     run_a, run_b = find_run(args.run_a, args.runs_dir), find_run(args.run_b, args.runs_dir)
     for run in (run_a, run_b):  # a failed run has no predictions: pairing it would claim "0 shared rows"
         status = load_run_json(run).get("status")

@@ -65,6 +65,7 @@ class TrainingSection:
     logging_steps: int = 10  # log the loss every N steps; not hashed (cannot change the result)
     report_to: str = "none"  # tracker passed to the HF Trainer: none, tensorboard, mlflow, wandb; not hashed
     retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed
+    replicates: int = 1  # runs of this config at seeds seed, seed+1, ...: a run group that `verifily compare` tests at the seed level (docs/evaluation.md); not hashed (each run is one seed)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ UNHASHED_KEYS = (
     "training.logging_steps",
     "training.report_to",
     "training.retries",
+    "training.replicates",
     "eval.retries",
     "eval.fdr_q",
     "compute.mode",

@@ -18,6 +18,8 @@ from verifily_train.config.parse import OVERRIDES
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import ConfigError
 
+MAX_REPLICATES = 64  # runs in one replicate group
+
 
 def validate_config(cfg: TrainConfig, where: str = "config", from_command_line: Sequence[str] = ()) -> List[ConfigError]:
     """Every value problem of ``cfg``, one per key, in schema order (empty when it is valid).
@@ -121,6 +123,8 @@ def _validate(cfg: TrainConfig, c: _Checker) -> None:
             f"must be in [0, 64]; got {t.attribution_snapshots}")
     c.one_of("training.report_to", t.report_to, schema.REPORT_TO)
     c.check("training.retries", t.retries >= 0, f"must be >= 0; got {t.retries}")
+    c.check("training.replicates", 1 <= t.replicates <= MAX_REPLICATES,
+            f"must be in [1, {MAX_REPLICATES}]; got {t.replicates}")
 
     lo = cfg.lora
     c.check("lora.r", lo.r >= 1, f"must be >= 1; got {lo.r}")

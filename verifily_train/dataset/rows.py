@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -24,6 +25,11 @@ ROLES = ("system", "user", "assistant")
 # row this long is far past any max_seq_length (2,048 tokens is ~10 KB of text). Longer lines are refused
 # while being read, without reading the rest of them.
 MAX_ROW_BYTES = 4 * 1024 * 1024
+# The most turns a conversation may hold: each assistant turn's span is found by rendering and tokenizing the
+# conversation up to it, so the cost of a row grows with the square of its turns (10,000 turns ran for hours).
+MAX_TURNS = 256
+# What a turn may hold: anything else (tool_calls, images, a per-turn weight) would be dropped without a word.
+TURN_KEYS = ("role", "content")
 
 
 def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int, dict]]:
@@ -45,12 +51,29 @@ def iter_jsonl(path: Path, display: Optional[str] = None) -> Iterator[Tuple[int,
             if not text.strip():
                 continue
             try:
-                row = jsonsafe.loads(text)
+                row = jsonsafe.loads(text, allow_nan=False)  # NaN / Infinity: not JSON, never stored
             except jsonsafe.BadJson as err:
                 raise DataError(f"{display}:{lineno}", err.key, err.problem) from None
             if not isinstance(row, dict):
                 raise DataError(f"{display}:{lineno}", None, f"each line must be a JSON object, got {type(row).__name__}")
             yield lineno, row
+
+
+def copy_jsonl(source: Path, dest: Path, display: Optional[str] = None) -> None:
+    """Copy a JSONL split line by line, each line bounded by ``MAX_ROW_BYTES``: ``/dev/zero`` or a file of one
+    endless line is refused after 4 MiB, not copied into the store until the disk is full. The rows are
+    validated from ``dest`` afterwards."""
+    display = display or str(source)
+    try:
+        reader = open(source, "rb")
+    except OSError as err:
+        raise DataError(display, None, f"cannot read: {err.strerror or err}") from None
+    with reader, open(dest, "wb") as writer:
+        for lineno, raw in enumerate(iter(lambda: reader.readline(MAX_ROW_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{display}:{lineno}", None, f"row is longer than {MAX_ROW_BYTES // 2 ** 20} MiB, the "
+                                                             "most a row may hold (docs/reliability.md)")
+            writer.write(raw)
 
 
 def validate_row(
@@ -63,6 +86,9 @@ def validate_row(
     """Check one row's fields and tags; raises ``DataError`` naming file:line and field."""
     fields = list(row_schema.get(task) or DEFAULT_ROW_SCHEMA[task])
     if task == "sft" and is_conversation(row):
+        both = [name for name in ("instruction", "output") if row.get(name) is not None]
+        if both:  # one of the two would be trained on and the other silently ignored
+            raise DataError(where, both[0], "a row holds either messages or instruction/output, not both")
         validate_messages(row[MESSAGES_FIELD], where)
         fields = [name for name in fields if name not in INSTRUCTION_FIELDS and name != MESSAGES_FIELD]
     elif task == "sft" and MESSAGES_FIELD in fields:
@@ -111,10 +137,17 @@ def validate_messages(messages, where: str) -> None:
     """A conversation: role/content turns, an optional leading system turn, ending with an assistant reply."""
     if not isinstance(messages, list) or not messages:
         raise DataError(where, MESSAGES_FIELD, "must be a non-empty list of {\"role\", \"content\"} turns")
+    if len(messages) > MAX_TURNS:
+        raise DataError(where, MESSAGES_FIELD, f"has {len(messages):,} turns; at most {MAX_TURNS} are accepted "
+                                               "(split the conversation into several rows)")
     for i, turn in enumerate(messages):
         key = f"{MESSAGES_FIELD}[{i}]"
         if not isinstance(turn, dict):
             raise DataError(where, key, f"must be an object with role and content, got {type(turn).__name__}")
+        extra = [k for k in turn if k not in TURN_KEYS]
+        if extra:
+            raise DataError(where, f"{key}.{extra[0]}", "is not supported: a turn holds role and content only "
+                                                        "(tool calls, images and per-turn weights are not trained on)")
         role = turn.get("role")
         if role not in ROLES:
             raise DataError(where, f"{key}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
@@ -125,11 +158,21 @@ def validate_messages(messages, where: str) -> None:
     roles = [turn["role"] for turn in messages]
     if "user" not in roles:
         raise DataError(where, MESSAGES_FIELD, "has no user turn")
+    first = 1 if roles[0] == "system" else 0
+    if roles[first] != "user":
+        raise DataError(where, f"{MESSAGES_FIELD}[{first}].role", "a conversation opens with the user's turn (after an "
+                                                                  f"optional system turn); got {roles[first]!r}")
     last = len(messages) - 1
     if roles[-1] != "assistant":
         raise DataError(where, f"{MESSAGES_FIELD}[{last}].role", "the last turn must be the assistant's reply (what is trained and evaluated)")
     if not messages[-1]["content"].strip():
         raise DataError(where, f"{MESSAGES_FIELD}[{last}].content", "must not be empty")
+
+
+def tag_text(value) -> str:
+    """A tag value as slices, derivations and targets compare it: its text in Unicode NFC, so the composed and
+    decomposed spellings of one value (``é`` as one code point or as ``e`` and an accent) are one value."""
+    return unicodedata.normalize("NFC", str(value))
 
 
 def label_of(row: dict) -> str:

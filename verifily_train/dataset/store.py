@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 
 from verifily_train.config.schema import TASKS
 from verifily_train.dataset.manifest import build_manifest, load_manifest
+from verifily_train.dataset.rows import copy_jsonl
 from verifily_train.dataset.version import DatasetVersion
 from verifily_train import jsonsafe
 from verifily_train.errors import DatasetExistsError, DatasetNotFoundError, DataError, ManifestError, VerifilyError
@@ -74,7 +75,7 @@ def create_version(
         for split, p in sources:
             dest = staging / f"{split}.jsonl"
             if source_format(p) == JSONL:
-                shutil.copyfile(p, dest)
+                copy_jsonl(p, dest)  # bounded per line: /dev/zero is refused, not copied until the disk is full
             else:
                 converted.append(dict(convert_split(p, task, dest), split=split))
             placed.append((split, dest.name, dest))

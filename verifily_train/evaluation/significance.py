@@ -8,11 +8,10 @@ format compliance) its exact distribution is the exact McNemar test (Binomial(di
 from ``stats.binom``). Elsewhere the swaps are enumerated when there are at most ``resamples`` of them
 (2**n), else drawn at random.
 
-Rows are not the only thing that varies: two runs that differ only in their seed hold two different
-models, and a row-level test calls that difference real (measured: bench/aa.py). So each metric's null
-adds a between-slice variance component, the spread of true slice deltas that row noise does not explain
-(``between_cell_sd``, a median-based random-effects estimate): what moves every slice (a seed) widens the
-null; a few slices far outside that spread still stand out.
+This answers "do *these two models* differ on these rows?" (the question of which checkpoint to ship),
+exactly. It says nothing about whether the data or config change between them caused the difference: two
+runs that differ only in their seed are two different models too (bench/aa.py measures how often they
+"differ"). That question needs replicate runs per side: ``evaluation/replicates.py``.
 
 ``stats.permutation_test(permutation_type="samples")`` computes the same row-level test; it was measured
 at 1.5 s per metric for 2,000 rows and 9,999 swaps (it permutes through argsort), against ~0.05 s here:
@@ -30,7 +29,6 @@ from verifily_train.evaluation.bootstrap import statistics_for
 
 # perplexity = exp(loss) rises and falls with loss: one hypothesis, so one test (loss's) and one star for both
 SAME_TEST_AS = {"perplexity": "loss"}
-BETWEEN_MIN_CELLS = 2  # slice cells of one metric needed to measure how far apart they spread
 BATCH_ENTRIES = 4_000_000  # swap-matrix entries per batch: memory stays flat as the test set grows
 RELATIVE_TIE = 1e-9  # |delta*| within this of |delta| counts as reaching it (float sums in another order)
 
@@ -186,35 +184,6 @@ def paired_permutation_pvalues(task: str, frame_a, frame_b, labels: List[str], r
                                seed: int) -> Dict[str, float]:
     """Two-sided p-value of B - A per metric on aligned rows, against row-level noise alone."""
     return {name: test.pvalue() for name, test in paired_tests(task, frame_a, frame_b, labels, resamples, seed).items()}
-
-
-def between_cell_sd(deltas: Sequence[float], null_sds: Sequence[float]) -> float:
-    """The spread of true cell deltas beyond row noise, from the slice cells: tau with
-    median(delta_c^2 / (sd_c^2 + tau^2)) = median of chi2(1), or 0 when row noise explains the median.
-
-    A random-effects model of the cells: what moves every cell (which seed each run drew, in an A/A pair)
-    is a variance component the row-level test does not see; a median, not a mean, so a few slices with
-    a real effect do not set it. Fewer than ``BETWEEN_MIN_CELLS`` cells measure nothing: 0.
-    """
-    from scipy import stats
-
-    d2 = np.square(np.asarray(deltas, dtype=np.float64))
-    s2 = np.square(np.asarray(null_sds, dtype=np.float64))
-    if len(d2) < BETWEEN_MIN_CELLS:
-        return 0.0
-    target = stats.chi2.ppf(0.5, 1)
-
-    def median_ratio(tau2: float) -> float:
-        den = s2 + tau2
-        return float(np.median(np.where(den > 0, d2 / np.where(den > 0, den, 1.0), 0.0)))
-
-    if median_ratio(0.0) <= target:
-        return 0.0
-    low, high = 0.0, float(d2.max()) / target + 1e-300
-    for _ in range(200):  # bisection: the median ratio falls as tau^2 grows
-        mid = (low + high) / 2
-        low, high = (mid, high) if median_ratio(mid) > target else (low, mid)
-    return math.sqrt(high)
 
 
 def benjamini_hochberg(pvalues: Sequence[float]) -> List[float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from verifily_train.config.schema import PromptSection
-from verifily_train.dataset.rows import iter_jsonl, label_of
+from verifily_train.dataset.rows import iter_jsonl, label_of, tag_text
 from verifily_train.dataset.version import SPLITS, DatasetVersion
 from verifily_train.errors import DataError
 from verifily_train.model.loading import KIND_SEQ2SEQ, ModelSpec
@@ -49,7 +49,7 @@ def row_hash(row: dict) -> str:
 def tokenize_row(row: dict, split: str, lineno: int, spec: ModelSpec, tok, task: str, max_len: int,
                  label_ids: Dict[str, int], renderer: Optional[RowRenderer], where: str) -> Optional[TokenizedExample]:
     """One row to token ids (and loss labels) for the model kind; None when nothing in it can be supervised."""
-    tags = {str(k): str(v) for k, v in (row.get("tags") or {}).items()}
+    tags = {str(k): tag_text(v) for k, v in (row.get("tags") or {}).items()}  # NFC: one value, one slice
     eid = example_id(row, split, lineno)
     if task == "classification":
         enc = tok(row["text"], add_special_tokens=True)["input_ids"]

@@ -7,11 +7,12 @@ claim to the comparison with the previous dataset version's run, happens here on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from verifily_train.artifacts.compare import compare_runs, render_comparison
 from verifily_train.artifacts.hub import push_adapter
@@ -71,7 +72,8 @@ def new_start() -> RunStart:
 
 def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSettings, execute: Execute,
                  publisher: Publisher = Publisher(), write: Write = write_run, once: bool = False,
-                 start: Optional[RunStart] = None, log: Callable[[str], None] = lambda message: None) -> dict:
+                 start: Optional[RunStart] = None, log: Callable[[str], None] = lambda message: None,
+                 compare_previous: bool = True) -> dict:
     """Every stage in order, then the Run, the claim, the replay record, the artifacts and the comparison.
 
     ``once`` (retraining): skip when this dataset version was already trained (or is being trained) under the
@@ -102,7 +104,7 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
         if not cache.write:  # cache off: the stages computed into private folders nobody else reads
             discard_private(done.values())
         release_held()  # the entries this run read are in the Run now: cache clear may delete them
-    return _finish(cfg, fp, done, written, cache, publisher)
+    return _finish(cfg, fp, done, written, cache, publisher, compare_previous)
 
 
 def _record_failure(cfg: TrainConfig, start: RunStart, fp: dict, done: Dict[str, dict], runs_dir: Path,
@@ -116,7 +118,7 @@ def _record_failure(cfg: TrainConfig, start: RunStart, fp: dict, done: Dict[str,
 
 
 def _finish(cfg: TrainConfig, fp: dict, done: Dict[str, dict], written: dict, cache: CacheSettings,
-            publisher: Publisher) -> dict:
+            publisher: Publisher, compare_previous: bool = True) -> dict:
     global LAST_SUMMARY
     summary = run_summary(written, done["evaluate"], done["slice"], done["hard_examples"])
     LAST_SUMMARY = summary  # the Run is complete: a later failure of Prefect's API must not disown it
@@ -128,11 +130,46 @@ def _finish(cfg: TrainConfig, fp: dict, done: Dict[str, dict], written: dict, ca
     previous = claims.previous_run(claims.training_config_hash(cfg), ds["dataset_id"], ds.get("created_at") or "",
                                    ds["version"])
     if previous is not None:
+        summary["previous_run"] = previous["run_path"]
+    if previous is not None and compare_previous:  # one run per side: a model-level comparison, titled as such
         before, now = Path(previous["run_path"]), Path(written["path"])
         publisher.comparison(before, now, render_comparison(compare_runs(before, now), markdown=True))
         summary["compared_with"] = str(before)
     if cfg.output.push_to_hub:
         summary["pushed_to"] = push_adapter(cfg, Path(written["path"]))
+    return summary
+
+
+def replicate_configs(cfg: TrainConfig) -> List[TrainConfig]:
+    """The member configs of a replicate group: seeds seed .. seed + replicates - 1, each a single run (a member
+    is the very run ``verifily train`` makes at that seed, so they share cache entries)."""
+    single = dataclasses.replace(cfg.training, replicates=1)
+    return [dataclasses.replace(cfg, seed=cfg.seed + i, training=single) for i in range(cfg.training.replicates)]
+
+
+def finish_group(cfg: TrainConfig, members: List[Tuple[TrainConfig, dict]], runs_dir: Path,
+                 publisher: Publisher = Publisher()) -> dict:
+    """Publish the group record of completed member runs and, when the previous dataset version was trained
+    as a group under this config, compare the two groups at the seed level (the question about the change)."""
+    from verifily_train.artifacts.groups import (compare_groups, group_of_run, load_group, render_group_markdown,
+                                                 write_group)
+    from verifily_train.config import config_to_dict
+
+    done = [(m, s) for m, s in members if s.get("status") != "skipped"]
+    if not done:
+        return {"status": "skipped", "members": [s for _, s in members]}
+    written = write_group(runs_dir, config_to_dict(cfg), [dict(s, seed=m.seed) for m, s in done])
+    summary = {"group_id": written["group_id"], "path": written["path"], "seeds": [m.seed for m, _ in done],
+               "members": [s for _, s in done]}
+    previous = done[0][1].get("previous_run")
+    before = group_of_run(Path(previous)) if previous else None
+    if before is not None:
+        old = load_group(before)
+        new = load_group(Path(written["path"]))
+        result = compare_groups({"group_id": old["group_id"], "runs": old["member_paths"], "seeds": old["seeds"]},
+                                {"group_id": new["group_id"], "runs": new["member_paths"], "seeds": new["seeds"]})
+        publisher.comparison(before, Path(written["path"]), render_group_markdown(result))
+        summary["compared_with"] = str(before)
     return summary
 
 

@@ -148,8 +148,9 @@ def _target_split(tokenized: Path, target: str) -> str:
     split = "test" if (tokenized / "test.parquet").is_file() else "val"
     if not (tokenized / f"{split}.parquet").is_file():
         raise ConfigError(None, "--target", "the Run has neither a test nor a val split to take the slice from")
-    tags = pq.read_table(tokenized / f"{split}.parquet", columns=["tags"]).column("tags").to_pylist()
-    if not any(in_slice(json.loads(t), key, negate, value) for t in tags):
+    tags = [json.loads(t) for t in pq.read_table(tokenized / f"{split}.parquet", columns=["tags"]).column("tags").to_pylist()]
+    parse_slice_target(target, keys={k for t in tags for k in t})  # an unknown key is refused in both forms
+    if not any(in_slice(t, key, negate, value) for t in tags):
         raise ConfigError(None, "--target", f"no {split} rows have tag {key}{'!=' if negate else '='}{value}")
     return split
 
@@ -157,12 +158,12 @@ def _target_split(tokenized: Path, target: str) -> str:
 TARGET_FORMS = "test, val, slice:<tag>=<value> or slice:<tag>!=<value>"
 
 
-def parse_slice_target(target: str) -> tuple:
+def parse_slice_target(target: str, keys=None) -> tuple:
     """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value), the rows
     not tagged that value (a leave-one-value-out verdict's own slice); ``ConfigError`` for anything else."""
     from verifily_train.attribution.target import parse_slice
 
-    return parse_slice(target, TARGET_FORMS)
+    return parse_slice(target, TARGET_FORMS, keys=keys)
 
 
 def in_slice(tags: dict, key: str, negate: bool, value: str) -> bool:
