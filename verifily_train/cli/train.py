@@ -25,6 +25,8 @@ def cmd_train(args) -> int:
     # Validate before anything heavy is imported: a bad config fails in well under a second. The config is
     # read and validated here once; the flow gets the resolved config as a mapping.
     overrides = list(args.overrides) + (["cache.enabled=false"] if args.no_cache else [])
+    if getattr(args, "seeds", None) is not None:
+        overrides.append(f"training.replicates={args.seeds}")
     cfg, problems = load_with_problems(args.config, overrides, dataset=args.dataset)  # preflight reports problems
     mode = args.mode or cfg.compute.mode
     if mode == "managed":
@@ -43,7 +45,7 @@ def train_summary(cfg: TrainConfig, problems: List[VerifilyError], refresh: bool
     (``verifily train`` and ``verifily_train.train`` alike)."""
     use_prefect_server()  # runs show in the stack's UI while one is up
     cheap_checks(cfg, problems)  # every problem at once, before Prefect or a model
-    if not (refresh or flow):
+    if not (refresh or flow) and cfg.training.replicates == 1:  # a group's members replay inside its flow run
         summary = replay_summary(cfg)
         if summary is not None:
             return summary  # these exact inputs ran before: a new Run from the verified cache entries, no flow run
@@ -55,6 +57,9 @@ def train_summary(cfg: TrainConfig, problems: List[VerifilyError], refresh: bool
 
 def print_train_summary(summary: dict) -> None:
     """The summary, with what a replay or a failed Prefect record adds."""
+    if "members" in summary:  # a replicate group (training.replicates > 1)
+        print_group_summary(summary)
+        return
     print_summary(summary)
     if summary.get("replayed"):
         api = os.environ.get("PREFECT_API_URL")
@@ -66,6 +71,22 @@ def print_train_summary(summary: dict) -> None:
     if summary.get("prefect_failed"):
         print(f"  warning: the Run is complete, but Prefect's server could not record it ({summary['prefect_failed']})",
               file=sys.stderr)
+
+
+def print_group_summary(summary: dict) -> None:
+    """Each member run's summary, then the group: its id, seeds, and how to compare it."""
+    for member in summary["members"]:
+        print_summary(member)
+    if not summary.get("group_id"):
+        print("\nrun group: every replicate was skipped (already trained under this config)")
+        return
+    print(f"\nRun group {summary['group_id']}: {len(summary['members'])} runs at seeds "
+          f"{', '.join(map(str, summary['seeds']))}\n  path: {summary['path']}\n"
+          f"  compare it with another group (seed-level tests of the change): verifily compare "
+          f"{summary['group_id']} OTHER_GROUP")
+    if summary.get("compared_with"):
+        print(f"  compared with the previous dataset version's group: {Path(summary['compared_with']).name} "
+              "(Prefect artifact 'comparison')")
 
 
 def submit_self_host(args, overrides: List[str]) -> int:
