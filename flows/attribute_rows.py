@@ -3,7 +3,8 @@
 Target gradients, then one gradient pass per shard of the train rows, fanned out as Prefect task runs
 (``concurrency`` at once; on a work pool, the worker running this flow runs them), then the merge: each a
 cached pipeline stage (``pipeline/row_attribution.py``), so a second call is all cache hits. ``verify`` K
-retrains without the top-K rows and without K random rows (the tag-level flow's ablation runs, over
+ranks against ``select`` (default val; a target-aware score never ranks with the rows it is confirmed on
+unless ``same_rows``), retrains without the top-K rows and without K random rows (the tag-level flow's ablation runs, over
 ``seeds``) and tests the difference with the one-draw test (the K rows are one draw). Output: an immutable attribution folder.
 """
 
@@ -18,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from verifily_train import attribution
-from verifily_train.attribution.row_verify import ARM, analyze_verification, check_verify, top_row_hashes
+from verifily_train.attribution.row_verify import (ARM, analyze_verification, check_selection, check_verify,
+                                                   top_row_hashes, verify_method)
 from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.errors import VerifilyError
 from verifily_train.attribution.options import check_options
@@ -27,7 +29,7 @@ from verifily_train.flows.attribute import ablation_run, derive_control
 from verifily_train.pipeline import row_output
 from verifily_train.pipeline.cache import cache_root, release_held
 from verifily_train.pipeline.row_attribution import (DEFAULT_PROJECTION_DIM, MERGE, SHARD, TARGET, RowContext,
-                                                     plan_rows, shard_count, train_stage_seconds)
+                                                     plan_for_call, shard_count, train_stage_seconds)
 from verifily_train.pipeline.runner import CacheSettings
 from verifily_train.tasks.common import stage_task, value
 
@@ -74,11 +76,12 @@ def _stage_report(done: dict) -> dict:
 
 def _verify(cfg, parent: Path, merged: dict, k: int, seeds: int, budget_overrides: List[str],
             target: str, runs_dir: Path, concurrency: int, deployment, alpha: float, correction: str,
-            bootstrap_samples: int, logger) -> dict:
-    """Retrain full / without top-K / without K random rows at each seed; the one-draw verdict."""
+            bootstrap_samples: int, logger, method: str) -> dict:
+    """Retrain full / without top-K (by ``method``) / without K random rows at each seed; the one-draw verdict
+    on ``target``."""
     from prefect.client.orchestration import get_client
 
-    top = derive_top(cfg, merged, merged["default_method"], k, target)
+    top = derive_top(cfg, merged, method, k, target)
     removed = top["removed_rows"]
     controls = [f.result() for f in [derive_control.submit(cfg, removed, cfg.seed + i) for i in range(seeds)]]
     api_url = str(get_client().api_url).rstrip("/")
@@ -119,9 +122,11 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
                    seeds: int = DEFAULT_SEEDS, budget_steps: Optional[int] = None,
                    budget_fraction: Optional[float] = None, concurrency: int = 2, out_dir: Optional[str] = None,
                    deployment: Optional[str] = None, alpha: float = 0.05, correction: str = "holm",
-                   bootstrap_samples: int = 1000) -> dict:
-    """Score every train row of a completed run by its estimated effect on the target's loss; optionally
-    check the top ``verify`` rows by retraining. Returns attribution.json's content with ``path``."""
+                   bootstrap_samples: int = 1000, select: Optional[str] = None, same_rows: bool = False,
+                   verify_by: Optional[str] = None) -> dict:
+    """Score every train row of a completed run (suspect rows; attribution: the estimated effect on the
+    target's loss); optionally check the top ``verify`` rows by retraining, ranked against ``select``
+    (default val) and confirmed on ``target``. Returns attribution.json's content with ``path``."""
     from prefect.artifacts import create_table_artifact
 
     import yaml
@@ -133,7 +138,10 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     logger = get_run_logger()
     parent = find_run(run).resolve()
     record = load_run_json(parent)
-    plan = plan_rows(parent, target, checkpoints, projection_dim, seed, methods)
+    plan = plan_for_call(parent, target, checkpoints, projection_dim, seed, methods, verify, select, same_rows)
+    selection = None
+    if verify:
+        selection = check_selection(plan, target, verify_method(plan.methods, verify_by), same_rows)
     count, notes = shard_count(plan, shards)
     notes = list(plan.notes) + notes
     budget_overrides, budget = retrain_budget(record, budget_steps, budget_fraction)
@@ -152,7 +160,8 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     rows_seconds = time.perf_counter() - started
     train_seconds, source = train_stage_seconds(parent, record)
     settings = {"verify": verify, "seeds": seeds if verify else None, "budget": budget["max_steps"] if verify else None,
-                "alpha": alpha if verify else None, "correction": correction if verify else None}
+                "alpha": alpha if verify else None, "correction": correction if verify else None,
+                "selection": selection}
     key = row_output.attribution_key(merged["output_hash"], settings)
     name = row_output.folder_name(parent, plan.target, key)
     folder = (Path(out_dir) if out_dir else row_output.default_parent(parent) / name).resolve()  # --out: the folder
@@ -164,14 +173,15 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
         logger.info(f"{folder} already holds this attribution: nothing written")
         _table_artifact(found, parent, create_table_artifact)
         return dict(found, path=str(folder), reused=True, stages_now=stages, seconds_now=round(rows_seconds, 3))
-    result = dict(row_output.summarize(merged, bootstrap=bootstrap_samples), kind="rows", key=key,
+    result = dict(row_output.summarize(merged), kind="rows", key=key,
                   parent_run=str(parent), parent_dataset=record["job"]["dataset_version"].get("ref"),
                   target=plan.target, target_split=plan.target_split,
                   target_rows=done["row_target"].get("target_rows"), checkpoints=len(plan.snapshots),
                   snapshot_steps=[s["step"] for s in plan.snapshots], projection_dim=plan.projection_dim,
                   seed=plan.seed, shards=count, notes=notes, stages=stages, created_at=utc_now(),
-                  method_note="default method: " + merged["default_method"] + " (attribution/rows/plan.py "
-                              "DEFAULT_METHOD; docs/attribution.md says how it was chosen)",
+                  method_note="defaults: " + ", ".join(f"{f} {e['default']}" for f, e in merged["families"].items())
+                              + " (attribution/rows/plan.py DEFAULT_METHODS; docs/attribution.md says how each "
+                                "was chosen)",
                   cost={"seconds": round(rows_seconds, 3), "train_stage_seconds": train_seconds,
                         "train_stage_source": source,
                         "ratio": round(rows_seconds / train_seconds, 3) if train_seconds else None,
@@ -179,9 +189,10 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     if verify:
         cfg = load_config(str(parent / "config.yaml"))
         runs_dir = folder.parent / f"{folder.name}-verify-runs"
-        result["verify"] = dict(_verify(cfg, parent, merged, verify, seeds, budget_overrides, plan.target,
+        result["verify"] = dict(_verify(cfg, parent, merged, verify, seeds, budget_overrides, target,
                                         runs_dir, concurrency, deployment, alpha, correction, bootstrap_samples,
-                                        logger), budget=budget)
+                                        logger, selection["method"]), budget=budget, selection=selection)
+        logger.info(selection["note"])
         logger.info(result["verify"]["summary"])
     row_output.publish(folder, merged, result)
     _table_artifact(result, parent, create_table_artifact)

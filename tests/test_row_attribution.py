@@ -62,8 +62,22 @@ def _reference_loss(scoring, batch):
     return F.cross_entropy(logits[keep], labels[keep], reduction="sum"), int(keep.sum())
 
 
-def _direct_scores(plan) -> tuple:
-    """TracIn and self-influence by plain autograd, one row at a time (no batching, hooks or projection)."""
+def _adam_step_size(scoring, snapshot):
+    """1 / (sqrt(v / (1 - beta2^t)) + eps) per trainable weight, from the snapshot's saved AdamW moments."""
+    import torch
+    from safetensors.torch import load_file
+
+    opt = snapshot["optimizer"]
+    moments = load_file(opt["file"])
+    beta2 = opt["betas"][1]
+    steps = [1.0 / ((moments[f"exp_avg_sq.{n}"].double() / (1 - beta2 ** opt["step"])).sqrt() + opt["eps"])
+             for n in scoring.names]
+    return torch.cat([x.reshape(-1) for x in steps])
+
+
+def _direct_scores(plan, adam: bool = False) -> tuple:
+    """TracIn and self-influence by plain autograd, one row at a time (no batching, hooks or projection); with
+    ``adam``, TracIn with each row's gradient scaled by AdamW's step size as well (the third value)."""
     import torch
 
     from verifily_train.attribution.rows.gradients import summed_gradient
@@ -73,9 +87,10 @@ def _direct_scores(plan) -> tuple:
     train = SplitRows(Path(plan.tokenized_dir), "train", plan.task, scoring)
     test = SplitRows(Path(plan.tokenized_dir), plan.target_split, plan.task, scoring)
     normalizer = float(np.mean(supervised_tokens(train, scoring.kind)))
-    tracin, self_influence = np.zeros(len(train)), np.zeros(len(train))
+    tracin, self_influence, tracin_adam = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train))
     for snapshot in plan.snapshots:
         apply_snapshot(scoring, snapshot)
+        step_size = _adam_step_size(scoring, snapshot) if adam else None
         target = torch.zeros(sum(p.numel() for p in scoring.params), dtype=torch.float64)
         for i in range(len(test)):
             loss_sum, count = _reference_loss(scoring, test.collate([test.data[i]]))
@@ -85,7 +100,49 @@ def _direct_scores(plan) -> tuple:
             g = summed_gradient(scoring, loss_sum / normalizer).double()
             tracin[j] -= snapshot["weight"] * float(g @ target)
             self_influence[j] += snapshot["weight"] * float(g @ g)
-    return tracin, self_influence
+            if adam:
+                tracin_adam[j] -= snapshot["weight"] * float((g * step_size) @ target)
+    return (tracin, self_influence, tracin_adam) if adam else (tracin, self_influence)
+
+
+@pytest.mark.parametrize("kind,checkpoints", [("bert", 2), ("llama", 2)])
+def test_adam_preconditioned_scores_equal_a_direct_per_row_computation(runs, kind, checkpoints, tmp_path):
+    """tracin_adam: each row's plain autograd gradient, scaled by the saved AdamW step size of the snapshot,
+    against the target's gradient; and it is not plain TracIn rescaled (the preconditioner changes the order)."""
+    run, cache = runs[kind]
+    plan = rows.plan_row_attribution(run, cache_root=cache, projection_dim=0, checkpoints=checkpoints,
+                                     methods=["tracin", "tracin_adam"])
+    assert all(s["optimizer"]["betas"] == [0.9, 0.999] and s["optimizer"]["step"] == s["step"] for s in plan.snapshots)
+    table = _attribute(plan, tmp_path)
+    tracin, _, tracin_adam = _direct_scores(plan, adam=True)
+    assert np.abs(tracin_adam).max() > 0
+    np.testing.assert_allclose(table["score_tracin_adam"], tracin_adam, rtol=1e-4,
+                               atol=1e-6 * np.abs(tracin_adam).max())
+    np.testing.assert_allclose(table["score_tracin"], tracin, rtol=1e-4, atol=1e-6 * np.abs(tracin).max())
+    assert abs(np.corrcoef(tracin, tracin_adam)[0, 1]) < 0.999
+
+
+def test_saved_adam_moments_are_the_steps_training_took(models, tmp_path):
+    """A snapshot at every step: each step's weight change is exactly -lr x m^ / (sqrt(v^) + eps) from the moments
+    saved with it, so the preconditioner tracin_adam reads is the run's own AdamW state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from verifily_train.training.snapshots import read_snapshots
+
+    run, cache = _train(tmp_path, models, "llama", attribution_snapshots=6, weight_decay=0.0, num_epochs=2)
+    key = json.loads((run / "run.json").read_text())["stages"]["train"]["key"]
+    saved = read_snapshots(cache / "train" / key)
+    assert [s["step"] for s in saved] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(saved, saved[1:]):
+        opt = after["optimizer"]
+        (beta1, beta2), t = opt["betas"], opt["step"]
+        moments, old, new = load_file(opt["file"]), load_file(before["file"]), load_file(after["file"])
+        for name in new:
+            m = moments[f"exp_avg.{name}"].double() / (1 - beta1 ** t)
+            v = moments[f"exp_avg_sq.{name}"].double() / (1 - beta2 ** t)
+            step = -after["lr"] * m / (v.sqrt() + opt["eps"])
+            torch.testing.assert_close(new[name].double() - old[name].double(), step, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind,checkpoints", [("bert", 2), ("llama", 1), ("t5", 1)])
@@ -218,6 +275,47 @@ def test_without_snapshots_the_final_adapter_is_used_with_a_note(runs, tmp_path)
     assert len(plan.snapshots) == 1 and plan.snapshots[0]["file"] == "" and "final adapter alone" in plan.notes[0]
     table = _attribute(plan, tmp_path / "out")
     assert table["score_tracin"].abs().max() > 0 and "score_label_issue" in table
+    # no snapshots, no AdamW moments: every method leaves tracin_adam out with a note; asking for it is an error
+    assert "tracin_adam" not in plan.methods and any("tracin_adam" in n for n in plan.notes)
+    with pytest.raises(ConfigError, match="--methods: tracin_adam needs the AdamW moments"):
+        rows.plan_row_attribution(run, cache_root=copy, methods=["tracin_adam"])
+
+
+def test_parquet_and_manifest_name_each_scores_family(runs, tmp_path):
+    """Suspect rows (no target) and attribution (target-aware) are told apart in the file itself, and the
+    label-issue score says it is in-sample."""
+    run, cache = runs["bert"]
+    plan = rows.plan_row_attribution(run, cache_root=cache, checkpoints=1, projection_dim=16,
+                                     methods=["tracin", "loss", "label_issue"])
+    merged = rows.attribute_rows(plan, tmp_path)
+    meta = rows.read_families(Path(merged["dir"]) / merged["file"])
+    assert meta["families"] == merged["families"]
+    assert meta["method_family"] == {"tracin": "attribution", "loss": "suspect rows", "label_issue": "suspect rows"}
+    suspect, attribution = merged["families"]["suspect rows"], merged["families"]["attribution"]
+    assert suspect["default"] == "loss" and suspect["target"] is None and suspect["label_issue"] == "in-sample"
+    assert attribution == {"methods": ["tracin"], "default": "tracin", "target": "test", "target_split": "test"}
+
+
+def test_verify_never_selects_with_the_rows_it_confirms_on(runs):
+    """--verify: a target-aware ranking against the rows it is confirmed on is refused unless --same-rows;
+    val against test, or disjoint slices, pass; a suspect-row score reads no target and always passes."""
+    from verifily_train.attribution.row_verify import check_selection, verify_method
+
+    run, cache = runs["llama"]
+
+    def plan(target):
+        return rows.plan_row_attribution(run, cache_root=cache, target=target, methods=["loss", "tracin"])
+
+    assert verify_method(["loss", "tracin"], None) == "tracin" and verify_method(["loss"], None) == "loss"
+    on_val = check_selection(plan("val"), "test", "tracin", same_rows=False)
+    assert on_val["shared_rows"] == 0 and on_val["verified_split"] == "test" and "no row used to select" in on_val["note"]
+    with pytest.raises(ConfigError, match="--select: --verify would rank by tracin .* 4 rows are both"):
+        check_selection(plan("test"), "test", "tracin", same_rows=False)
+    same = check_selection(plan("test"), "test", "tracin", same_rows=True)
+    assert same["shared_rows"] == 4 and "optimistic" in same["note"]
+    assert check_selection(plan("test"), "test", "loss", same_rows=False)["reads_target"] is False
+    sliced = check_selection(plan("slice:source=human"), "slice:source!=human", "tracin", same_rows=False)
+    assert sliced["shared_rows"] == 0 and sliced["selection_split"] == "test"
 
 
 def test_user_errors_name_the_option(runs, tmp_path):
@@ -240,12 +338,12 @@ def test_slice_target_and_tag_summary(runs, tmp_path):
     plan = rows.plan_row_attribution(run, cache_root=cache, target="slice:source=human", projection_dim=64,
                                      checkpoints=1)
     table = _attribute(plan, tmp_path)
-    summary = rows.summarize_by_tag(table, "tracin", "source", bootstrap=200)
+    summary = rows.summarize_by_tag(table, "tracin", "source")
     assert sum(s["rows"] for s in summary) == len(table)
     for entry in summary:
         assert entry["sum"] == pytest.approx(entry["mean"] * entry["rows"])
-        if "mean_ci95" in entry:
-            assert entry["mean_ci95"][0] <= entry["mean"] <= entry["mean_ci95"][1]
+        # point values: a row bootstrap of one trained model carries no training variance, so no interval
+        assert not any(k.endswith("ci95") for k in entry)
     # the excess over average rows: sums to zero over the values, and is n (1 - n/N) (mean - mean of the rest)
     assert sum(s["excess"] for s in summary) == pytest.approx(0, abs=1e-9 * sum(abs(s["sum"]) for s in summary))
     scores = table["score_tracin"].to_numpy()

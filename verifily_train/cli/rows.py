@@ -37,12 +37,21 @@ def add_rows_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projection-dim", type=int, default=None,
                    help="seeded random projection of each gradient (default: 1024; 0 = exact)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated scores to compute (tracin, self_influence, loss, loss_mean, label_issue) "
-                        "or all (default: the default method alone, loss: forwards of the final snapshot only, a "
-                        "fraction of the train stage's cost; all: every method side by side, TracIn's gradient "
-                        "passes cost more than training)")
+                   help="comma-separated scores to compute: suspect rows (loss, loss_mean, self_influence, "
+                        "label_issue) and attribution (tracin, tracin_adam), or all (default: loss and tracin, one "
+                        "of each family; --methods loss alone is forwards of the final snapshot only, a fraction of "
+                        "the train stage's cost, while TracIn's gradient passes can cost more than training)")
     g.add_argument("--verify", type=int, default=0, metavar="K",
-                   help="retrain without the top-K rows and without K random rows over --seeds, and test the difference")
+                   help="retrain without the top-K rows and without K random rows over --seeds, and test the "
+                        "difference on --target; the ranking reads the --select rows, never the --target ones")
+    g.add_argument("--select", default=None, metavar="TARGET",
+                   help="with --verify: the rows a target-aware score ranks against (val, test or a slice; default: "
+                        "val); rows shared with --target are refused unless --same-rows")
+    g.add_argument("--same-rows", action="store_true",
+                   help="with --verify: allow ranking and confirming on the same rows (an optimistic check; the "
+                        "output says so)")
+    g.add_argument("--verify-by", default=None, metavar="METHOD",
+                   help="with --verify: the score that ranks the top K (default: tracin when computed, else loss)")
     g.add_argument("--top", type=int, default=10, help="rows printed per direction (default: 10)")
 
 
@@ -93,8 +102,8 @@ def cmd_attribute_rows(args) -> int:
     """``verifily attribute RUN --rows``: run the flow in this process and print the top rows and tag sums."""
     started = time.perf_counter()
     from verifily_train.artifacts.run import find_run, verify_before_use
-    from verifily_train.attribution.row_verify import check_verify
-    from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_rows, shard_count
+    from verifily_train.attribution.row_verify import check_selection, check_verify, verify_method
+    from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_for_call, shard_count
 
     _check_numbers(args)
     run = find_run(args.run).resolve()
@@ -103,7 +112,9 @@ def cmd_attribute_rows(args) -> int:
     use_prefect_server()
     start_quiet_server()  # it boots on the other core while the plan reads the Run, the model and the snapshots
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    plan = plan_rows(run, args.target or "test", args.checkpoints, projection, methods=methods)  # user errors before Prefect
+    target = args.target or "test"
+    plan = plan_for_call(run, target, args.checkpoints, projection, 0, methods, args.verify, args.select,
+                         args.same_rows)  # user errors before Prefect
     shard_count(plan, args.shards)
     if args.verify:
         if not 0 < args.alpha < 1:
@@ -111,6 +122,9 @@ def cmd_attribute_rows(args) -> int:
         problem = check_verify(args.verify, plan.train_rows, args.seeds)
         if problem:
             raise VerifilyError(None, "--verify", problem)
+        check_selection(plan, target, verify_method(plan.methods, args.verify_by), args.same_rows)
+    elif args.verify_by:
+        raise VerifilyError(None, "--verify-by", "names the score --verify ranks by: give it with --verify K")
     return _run_flow(args, run, projection, methods, started)
 
 
@@ -124,7 +138,8 @@ def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], st
                                 projection_dim=projection, methods=methods, verify=args.verify, seeds=args.seeds,
                                 budget_steps=args.budget_steps, budget_fraction=args.budget_fraction,
                                 concurrency=args.concurrency, out_dir=args.out, deployment=args.deployment,
-                                alpha=args.alpha, correction=args.correction)
+                                alpha=args.alpha, correction=args.correction, select=args.select,
+                                same_rows=args.same_rows, verify_by=args.verify_by)
     whole = time.perf_counter() - started
     if args.json:
         print(json.dumps(dict(result, command_seconds=round(whole, 3)), indent=2))
@@ -143,33 +158,50 @@ def _table(rows: List[List[str]], header: List[str], out) -> None:
         out.write("    " + "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() + "\n")
 
 
-def _ci(ci) -> str:
-    return f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
+def _print_family(w, out, family: str, entry: dict, result: dict, top: int) -> None:
+    """One family's section: what it answers, its default score's top rows, and per tag value its point sums."""
+    method = entry["default"]
+    target = (f" on the {entry['target']} loss ({result['target_rows']} {entry['target_split']} rows)"
+              if entry.get("target") else "")
+    w(f"\n== {family.upper()}{target}: ranked by {method}\n")
+    if entry.get("question"):
+        w(f"  answers: {entry['question']}\n")
+    w(f"  score_{method}: {entry.get('meaning', '')}\n")
+    if entry.get("label_issue"):
+        w(f"  label_issue is {entry['label_issue']} (cleanlab intends out-of-fold probabilities)\n")
+    attribution = family == "attribution"
+    sections = ((("most harmful to the target (highest score)", "most_harmful"),
+                 ("most helpful to the target (lowest score)", "most_helpful")) if attribution
+                else (("most suspect rows (highest score)", "most_harmful"),))
+    for title, key in sections:
+        w(f"\n  {title}:\n")
+        _table([[r["rank"], f"{r['score']:+.4g}", r["example_id"], f"{r['file']}:{r['line']}", _tags(r["tags"]),
+                 r["text"][:60].replace("\n", " ")] for r in entry[key][:top]],
+               ["rank", f"score_{method}", "row", "where", "tags", "text"], out)
+    reading = ("> 0: worse than average rows, to first order the direction of a 'hurts' verdict" if attribution else
+               "> 0: more suspect than average rows; says nothing about what removing them does")
+    for tag, values in entry["by_tag"].items():
+        w(f"\n  by {tag}: sum and mean of score_{method}, and the excess over average rows ({reading}); point "
+          f"values from one trained model, no interval (rows of one model carry no training variance):\n")
+        _table([[v["value"], v["rows"], f"{v['sum']:+.4g}", f"{v['mean']:+.4g}", f"{v['excess']:+.4g}"]
+                for v in values], ["value", "rows", "sum", "mean", "excess"], out)
 
 
 def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=None) -> None:
     """The top rows each way, the per-tag-value sums, the cost ratio and the verification verdict."""
     out = out or sys.stdout
     w = out.write
-    method = result["default_method"]
-    w(f"\nRow attribution of {Path(result['parent_run']).name} on the {result['target']} loss "
-      f"({result['target_rows']} {result['target_split']} rows): {result['train_rows']} train rows scored by {method}"
-      f" over {result['checkpoints']} checkpoint(s), {result['shards']} shard(s)\n")
+    families = result.get("families") or {}
+    w(f"\nRow scores of {Path(result['parent_run']).name}: {result['train_rows']} train rows, "
+      f"{', '.join(result['methods'])} over {result['checkpoints']} checkpoint(s), {result['shards']} shard(s)\n")
     for note in result.get("notes", []):
         w(f"  note: {note}\n")
-    w(f"  score_{method}: {result.get('meaning', '')}\n")
-    for title, key in (("most harmful rows (highest score)", "most_harmful"),
-                       ("most helpful rows (lowest score)", "most_helpful")):
-        w(f"\n  {title}:\n")
-        _table([[r["rank"], f"{r['score']:+.4g}", r["example_id"], f"{r['file']}:{r['line']}", _tags(r["tags"]),
-                 r["text"][:60].replace("\n", " ")] for r in result[key][:top]],
-               ["rank", f"score_{method}", "row", "where", "tags", "text"], out)
-    for tag, values in result["by_tag"].items():
-        w(f"\n  by {tag}: sum and mean of score_{method}, and the excess over average rows (sum of score - mean "
-          f"score; > 0: worse than average rows, the direction of a 'hurts' verdict), 95% bootstrap intervals:\n")
-        _table([[v["value"], v["rows"], f"{v['sum']:+.4g}{_ci(v.get('sum_ci95'))}",
-                 f"{v['mean']:+.4g}{_ci(v.get('mean_ci95'))}", f"{v['excess']:+.4g}{_ci(v.get('excess_ci95'))}"]
-                for v in values], ["value", "rows", "sum", "mean", "excess"], out)
+    for family, entry in families.items():
+        _print_family(w, out, family, entry, result, top)
+    if not families:  # an attribution folder written before the families were named
+        _print_family(w, out, "scores", {"default": result["default_method"], "meaning": result.get("meaning", ""),
+                                         "question": "", **{k: result[k] for k in ("most_harmful", "most_helpful",
+                                                                                    "by_tag")}}, result, top)
     cost = result["cost"]
     now = result.get("stages_now") or result["stages"]
     hits = sum(1 for s in now.values() if s["cache_hit"])
@@ -184,6 +216,8 @@ def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=N
           f"run's own train stage ({cost['train_stage_seconds']:.1f} s, {cost['train_stage_source']}); the scoring "
           f"flow when it ran: {cost['seconds']:.1f} s = {cost['ratio']:.2f} x\n")
     if verification:
+        if verification.get("selection"):
+            w(f"\n  verify selection: {verification['selection']['note']}")
         w(f"\n  verify --verify {verification['k']} over {verification['seeds']} seeds: {verification['summary']}\n"
           f"    per seed (top-K removed minus random removed, {verification['metric']}): "
           + ", ".join(f"{d:+.4f}" for d in verification["per_seed"]) + "\n")

@@ -69,8 +69,8 @@ TARGET = Stage("row_target", "row-target-gradients", "row_target/1", __name__, _
                description="Projected gradient of the target's mean loss at every adapter snapshot.")
 SHARD = Stage("row_shard", "row-gradient-shard", "row_shard/1", __name__, _shard_key, _run_shard,
               needs=("row_target",),
-              description="Per-row gradients of one shard of the train rows at every snapshot: TracIn, "
-                          "self-influence, loss dynamics (and classification probabilities).")
+              description="Per-row gradients of one shard of the train rows at every snapshot: TracIn (plain and "
+                          "AdamW-preconditioned), self-influence, loss dynamics (and classification probabilities).")
 MERGE = Stage("row_merge", "row-attribution-merge", "row_merge/1", __name__, _merge_key, _run_merge,
               needs=("row_shard",),
               description="Every train row with each method's score and rank: row_attribution.parquet.")
@@ -84,12 +84,12 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
 
     ``checkpoints`` None: up to the default, falling back to the final adapter alone (with a note) when the
     train stage kept no snapshots; a number above 1 given explicitly then is an error, not a silent fallback.
-    ``methods`` None: the default method alone (the best measured, and forwards of the final snapshot only:
-    the call costs a fraction of the train stage); ``["all"]``: every method side by side.
+    ``methods`` None: the default of each family (``rows.DEFAULT_METHODS``: loss for suspect rows, the best
+    measured on planted errors; TracIn for attribution); ``["all"]``: every method this run allows, side by side.
     """
     from verifily_train.artifacts.run import load_run_json
 
-    methods = [rows.DEFAULT_METHOD] if methods is None else (None if list(methods) == ["all"] else methods)
+    methods = list(rows.DEFAULT_METHODS) if methods is None else (None if list(methods) == ["all"] else methods)
 
     record = load_run_json(run)
     if record.get("status") != "completed":
@@ -103,6 +103,27 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
                                                  "trained with training.attribution_snapshots: 0): use "
                                                  "--checkpoints 1 (the final adapter) or retrain")
     return plan
+
+
+def plan_for_call(parent: Path, target: str, checkpoints: Optional[int], projection_dim: int, seed: int,
+                  methods: Optional[List[str]], verify: int, select: Optional[str],
+                  same_rows: bool) -> rows.RowAttributionPlan:
+    """The scoring plan: against ``target``, or with ``verify`` against the selection rows (``select``, else val)."""
+    if not verify:
+        if select is not None or same_rows:
+            raise ConfigError(None, "--select" if select is not None else "--same-rows",
+                              "names the rows --verify ranks with: give it with --verify K")
+        return plan_rows(parent, target, checkpoints, projection_dim, seed, methods)
+    from verifily_train.attribution.row_verify import selection_target
+
+    chosen = selection_target(select, target, same_rows)
+    try:
+        return plan_rows(parent, chosen, checkpoints, projection_dim, seed, methods)
+    except ConfigError as err:
+        if err.key != "--target" or chosen == target:
+            raise
+        raise ConfigError(None, "--select", f"{chosen}: {err.problem} (--verify ranks with the val split by default; "
+                                            "name a slice disjoint from --target, or pass --same-rows)") from None
 
 
 def shard_count(plan: rows.RowAttributionPlan, asked: int) -> Tuple[int, List[str]]:

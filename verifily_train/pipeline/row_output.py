@@ -19,12 +19,23 @@ from verifily_train.hashing import content_hash
 
 # what a high score means, per method (attribution/rows/plan.py METHODS; docs/attribution.md)
 MEANING = {
-    "tracin": "estimated rise of the target's loss caused by training on the row (negative: it lowered it)",
+    "tracin": "estimated rise of the target's loss caused by training on the row, as if training were SGD "
+              "(negative: it lowered it)",
+    "tracin_adam": "estimated rise of the target's loss caused by the AdamW steps on the row (its gradient scaled "
+                   "by the run's saved second moment; negative: it lowered it)",
     "self_influence": "squared gradient norm over the snapshots: rows the model had to move most for (suspect)",
     "loss": "the row's own training loss under the final adapter: rows the model could not fit (suspect: "
             "mislabelled, swapped or off-distribution)",
     "loss_mean": "the row's training loss averaged over the snapshots (suspect when high)",
-    "label_issue": "1 - cleanlab's label quality: likely mislabelled when high",
+    "label_issue": "1 - cleanlab's label quality: likely mislabelled when high (in-sample: from predictions of "
+                   "a model trained on these rows, not out of fold)",
+}
+# what each family answers (rows.SUSPECT, rows.ATTRIBUTION)
+FAMILY_QUESTION = {
+    "suspect rows": "which rows look wrong (hard to fit, likely mislabelled); no target is read, and a high score "
+                    "says nothing about what removing the row does",
+    "attribution": "which rows raised or lowered the target's loss (estimated from gradients; --verify checks "
+                   "the top rows by retraining)",
 }
 TOP_ROWS = 10  # rows shown per direction in the report, the CLI and the Prefect table
 TEXT_CHARS = 300
@@ -53,19 +64,31 @@ def _row(entry, method: str, methods: List[str]) -> dict:
             "scores": {m: float(entry[f"score_{m}"]) for m in methods if m != method}}
 
 
-def summarize(merged: dict, top: int = TOP_ROWS, bootstrap: int = 1000) -> dict:
-    """The most harmful and most helpful rows by the default method, and per tag key the per-value sums."""
+def summarize(merged: dict, top: int = TOP_ROWS) -> dict:
+    """Per family (suspect rows, attribution): its default method's top rows and per tag key the per-value sums.
+
+    The top-level ``default_method``, ``most_harmful``, ``most_helpful`` and ``by_tag`` are those of the call's
+    default method (what ``dataset derive --drop-top`` and ``--verify`` rank by)."""
     import pandas as pd
 
     table = pd.read_parquet(Path(merged["dir"]) / merged["file"])
     method, methods = merged["default_method"], list(merged["methods"])
-    ranked = table.sort_values(f"rank_{method}", kind="stable")
     keys = sorted({k for tags in table["tags"] for k in json.loads(tags or "{}")})
-    return {"default_method": method, "methods": methods, "train_rows": int(len(table)), "meaning": MEANING.get(method, ""),
-            "orientation": merged["orientation"],
-            "most_harmful": [_row(r, method, methods) for _, r in ranked.head(top).iterrows()],
+    families = {}
+    for family, entry in (merged.get("families") or {}).items():
+        families[family] = dict(entry, question=FAMILY_QUESTION.get(family, ""),
+                                meaning=MEANING.get(entry["default"], ""),
+                                **_ranked(table, entry["default"], methods, keys, top))
+    return dict({"default_method": method, "methods": methods, "train_rows": int(len(table)),
+                 "meaning": MEANING.get(method, ""), "orientation": merged["orientation"], "families": families},
+                **_ranked(table, method, methods, keys, top))
+
+
+def _ranked(table, method: str, methods: List[str], keys: List[str], top: int) -> dict:
+    ranked = table.sort_values(f"rank_{method}", kind="stable")
+    return {"most_harmful": [_row(r, method, methods) for _, r in ranked.head(top).iterrows()],
             "most_helpful": [_row(r, method, methods) for _, r in ranked.tail(top).iloc[::-1].iterrows()],
-            "by_tag": {k: summarize_by_tag(table, method, k, bootstrap) for k in keys}}
+            "by_tag": {k: summarize_by_tag(table, method, k) for k in keys}}
 
 
 def existing(folder: Path) -> Optional[dict]:

@@ -2,7 +2,9 @@
 
 Only the parameters that train (LoRA matrices, a classification head; every weight in a full fine-tune)
 are saved, as safetensors, at ``count`` evenly spaced optimizer steps, each with the learning rate summed
-over the steps since the previous snapshot (TracIn's weight for that checkpoint). They are written to the
+over the steps since the previous snapshot (TracIn's weight for that checkpoint), and beside it AdamW's moments
+of those parameters at that step (``exp_avg``, ``exp_avg_sq``, with its betas, eps and step count), which
+``tracin_adam`` preconditions row gradients with. They are written to the
 stage's work folder while training (a resumed run keeps the ones saved before the kill) and moved into the
 stage's output folder, its cache entry, when training ends: never into the Run.
 """
@@ -36,8 +38,38 @@ def trainable_state(model) -> dict:
             for name, p in inner.named_parameters() if p.requires_grad}
 
 
-def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path) -> list:
-    """The TrainerCallback saving ``count`` trainable-weight snapshots, in a list (empty when ``count`` is 0)."""
+def optimizer_moments(model, optimizer):
+    """(name -> tensor of ``exp_avg.<name>`` / ``exp_avg_sq.<name>``, settings) of an Adam-family optimizer, or None.
+
+    None when the optimizer keeps no ``exp_avg_sq`` for a trainable parameter (SGD, a quantized 8-bit state)."""
+    if optimizer is None:
+        return None
+    inner = getattr(model, "module", model)
+    state = optimizer.state  # an accelerate wrapper forwards its inner optimizer's state
+    tensors, steps = {}, set()
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        entry = state.get(p) or {}
+        if "exp_avg_sq" not in entry or "exp_avg" not in entry:
+            return None
+        name = name.replace("_orig_mod.", "")
+        tensors[f"exp_avg.{name}"] = entry["exp_avg"].detach().to("cpu").float().contiguous().clone()
+        tensors[f"exp_avg_sq.{name}"] = entry["exp_avg_sq"].detach().to("cpu").float().contiguous().clone()
+        steps.add(int(entry["step"]) if "step" in entry else -1)
+    group = optimizer.param_groups[0]
+    if not tensors or len(steps) != 1 or "betas" not in group:
+        return None
+    settings = {"kind": type(getattr(optimizer, "optimizer", optimizer)).__name__, "betas": [float(b) for b in group["betas"]],
+                "eps": float(group["eps"]), "step": steps.pop(), "weight_decay": float(group.get("weight_decay", 0.0))}
+    return tensors, settings
+
+
+def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path, optimizer=None) -> list:
+    """The TrainerCallback saving ``count`` trainable-weight snapshots, in a list (empty when ``count`` is 0).
+
+    ``optimizer``: a function returning the trainer's optimizer (the Trainer creates it after its callbacks,
+    and its callback handler keeps the one it was built with)."""
     if count <= 0:
         return []
     from transformers import TrainerCallback
@@ -72,8 +104,9 @@ def snapshot_callbacks(count: int, out_dir: Path, work_dir: Path) -> list:
                 self.lr_sum += lr * (self.resumed_from - self.last_saved)
             self.lr_sum += lr
             if state.global_step in self.steps and is_main_rank() and model is not None:
+                moments = optimizer_moments(model, optimizer() if optimizer else kwargs.get("optimizer"))
                 _save(self.work, trainable_state(model), int(state.global_step), self.lr_sum,
-                      int(state.global_step) - self.last_saved)
+                      int(state.global_step) - self.last_saved, moments)
                 self.last_saved, self.lr_sum = int(state.global_step), 0.0
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -91,16 +124,21 @@ def _read_index(folder: Path) -> list:
     return json.loads(path.read_text(encoding="utf-8"))["snapshots"] if path.is_file() else []
 
 
-def _save(folder: Path, tensors: dict, step: int, lr_sum: float, interval: int) -> None:
-    """One snapshot file, then the index naming it (written atomically: a kill leaves the old index)."""
+def _save(folder: Path, tensors: dict, step: int, lr_sum: float, interval: int, moments=None) -> None:
+    """One snapshot file (and its optimizer moments), then the index naming it (written atomically: a kill
+    leaves the old index)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}.safetensors"
     # no safetensors metadata: its header map is written in hash order, so identical runs would differ in bytes
     save_file(tensors, str(folder / name))
-    index = [e for e in _read_index(folder) if e["step"] != step] + [
-        {"file": name, "step": step, "lr": lr_sum / max(interval, 1), "weight": lr_sum, "interval_steps": interval}]
+    entry = {"file": name, "step": step, "lr": lr_sum / max(interval, 1), "weight": lr_sum, "interval_steps": interval}
+    if moments is not None:
+        optimizer_name = f"step-{step:07d}.optimizer.safetensors"
+        save_file(moments[0], str(folder / optimizer_name))
+        entry["optimizer"] = dict(moments[1], file=optimizer_name)
+    index = [e for e in _read_index(folder) if e["step"] != step] + [entry]
     tmp = folder / (INDEX + ".tmp")
     tmp.write_text(json.dumps({"snapshots": sorted(index, key=lambda e: e["step"])}, indent=1), encoding="utf-8")
     os.replace(tmp, folder / INDEX)
@@ -109,4 +147,15 @@ def _save(folder: Path, tensors: dict, step: int, lr_sum: float, interval: int) 
 def read_snapshots(train_dir: Path) -> list:
     """The snapshots a train stage entry holds, oldest first (empty when it kept none)."""
     folder = Path(train_dir) / SNAPSHOT_DIR
-    return [dict(e, file=str(folder / e["file"])) for e in _read_index(folder) if (folder / e["file"]).is_file()]
+    out = []
+    for e in _read_index(folder):
+        if not (folder / e["file"]).is_file():
+            continue
+        entry = dict(e, file=str(folder / e["file"]))
+        optimizer = e.get("optimizer")
+        if optimizer and (folder / optimizer["file"]).is_file():
+            entry["optimizer"] = dict(optimizer, file=str(folder / optimizer["file"]))
+        else:
+            entry.pop("optimizer", None)
+        out.append(entry)
+    return out

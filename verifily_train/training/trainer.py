@@ -180,7 +180,8 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePla
                           train_dataset=train_data, eval_dataset=val_data, data_collator=make_collator(spec, tok),
                           processing_class=tok)
     trainer.add_callback(MarkCompleteCheckpoints())
-    for callback in snapshot_callbacks(cfg.training.attribution_snapshots, out_dir, work_dir):  # attribute --rows
+    for callback in snapshot_callbacks(cfg.training.attribution_snapshots, out_dir, work_dir,  # attribute --rows
+                                       optimizer=lambda: trainer.optimizer):
         trainer.add_callback(callback)
     if on_progress is not None:
         trainer.add_callback(ReportProgress(on_progress))

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.attribution.rows.plan import DEFAULT_METHOD, RowAttributionPlan
+from verifily_train.attribution.rows.plan import (ATTRIBUTION, DEFAULT_ATTRIBUTION, DEFAULT_METHOD, FAMILIES,
+                                                  LABEL_ISSUE_FOLDS, SUSPECT, RowAttributionPlan)
 
 RESULT_FILE = "row_attribution.parquet"
 
@@ -15,7 +16,8 @@ RESULT_FILE = "row_attribution.parquet"
 def merge_shards(plan: RowAttributionPlan, shard_manifests: List[dict], out_dir: Path,
                  shard_dirs: Optional[List[Path]] = None) -> dict:
     """Write ``out_dir/row_attribution.parquet`` (example_id, split, file, line, row_hash, tags, text, and per
-    method ``score_<m>``, ``rank_<m>``; rank 1 = most harmful); returns a manifest naming the default method.
+    method ``score_<m>``, ``rank_<m>``; rank 1 = most harmful; the file's ``verifily`` metadata names each
+    method's family and the target); returns a manifest naming the default method of each family.
 
     ``shard_dirs``: where each shard's file is (default: each manifest's ``dir``).
     """
@@ -39,7 +41,8 @@ def merge_shards(plan: RowAttributionPlan, shard_manifests: List[dict], out_dir:
     for name in ("line", "row_hash", "tags", "text", "reference"):
         frame[name] = rows[name]
     losses = np.stack(shards["losses"].to_numpy())
-    scores = {"tracin": shards["tracin"].to_numpy(), "self_influence": shards["self_influence"].to_numpy(),
+    scores = {"tracin": shards["tracin"].to_numpy(), "tracin_adam": shards["tracin_adam"].to_numpy(),
+              "self_influence": shards["self_influence"].to_numpy(),
               "loss": losses[:, -1], "loss_mean": losses.mean(axis=1)}
     if "label_issue" in plan.methods:
         scores["label_issue"] = label_issue_scores(rows["label"].to_numpy(), np.stack(shards["probs"].to_numpy()))
@@ -49,10 +52,12 @@ def merge_shards(plan: RowAttributionPlan, shard_manifests: List[dict], out_dir:
         frame[f"rank_{method}"] = pd.Series(-scores[method]).rank(method="first").astype(int).to_numpy()
     for k, snapshot in enumerate(plan.snapshots):
         frame[f"loss_step_{snapshot['step']}"] = losses[:, k]  # the loss dynamics over the snapshots
-    frame.to_parquet(out_dir / RESULT_FILE, index=False)
+    families = family_record(plan)
+    _write_parquet(frame, out_dir / RESULT_FILE, families)
     default = DEFAULT_METHOD if DEFAULT_METHOD in plan.methods else plan.methods[0]
     return {"step": "merge", "file": RESULT_FILE, "rows": len(frame), "methods": list(plan.methods),
-            "default_method": default, "target": plan.target, "checkpoints": len(plan.snapshots),
+            "default_method": default, "families": families, "target": plan.target,
+            "target_split": plan.target_split, "checkpoints": len(plan.snapshots),
             "projection_dim": plan.projection_dim, "seed": plan.seed, "notes": list(plan.notes),
             "orientation": "higher score = more harmful; rank 1 = the most harmful row",
             "seconds": round(time.perf_counter() - started, 3)}
@@ -87,39 +92,68 @@ def _files(run: Path, rows) -> List[Optional[str]]:
     return out
 
 
-def summarize_by_tag(table, method: str, tag: str, bootstrap: int = 1000, seed: int = 0) -> List[dict]:
-    """Per value of tag ``tag``: rows, sum and mean of ``score_<method>``, and its **excess**, each with a
-    percentile-bootstrap 95% interval.
+def family_record(plan: RowAttributionPlan) -> dict:
+    """Per family, its methods in this call and its default: what ``verifily`` metadata and the manifest record."""
+    out = {}
+    for family, default in ((SUSPECT, DEFAULT_METHOD), (ATTRIBUTION, DEFAULT_ATTRIBUTION)):
+        methods = [m for m in plan.methods if FAMILIES[m] == family]
+        if not methods:
+            continue
+        entry = {"methods": methods, "default": default if default in methods else methods[0]}
+        if family == ATTRIBUTION:
+            entry.update(target=plan.target, target_split=plan.target_split)
+        else:
+            entry["target"] = None  # these scores read no target rows
+        if "label_issue" in methods:
+            entry["label_issue"] = LABEL_ISSUE_FOLDS
+        out[family] = entry
+    return out
 
-    The excess is the sum over the value's rows of (score - the mean score of every train row): to first
-    order, what removing those rows does against removing as many average rows, which is the comparison the
-    tag-level verdict makes (``verifily attribute --by``: against as many random rows). Its sign is the
-    one to read beside a verdict, for every method: positive = worse than average rows (hurts). A raw sum
-    of a loss-type score is positive by construction. ``excess = n (1 - n/N) (mean of the value - mean of
-    the other rows)``; its interval resamples the value's rows and the other rows separately."""
+
+def _write_parquet(frame, path: Path, families: dict) -> None:
+    """The table with its families in the schema metadata (``verifily``), so the file says what each score is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"verifily"] = json.dumps({"families": families, "method_family": {
+        m: f for f, e in families.items() for m in e["methods"]},
+        "orientation": "higher score = more harmful (or more suspect); rank 1 = the most harmful row"},
+        sort_keys=True).encode("utf-8")
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def read_families(path: Path) -> dict:
+    """The ``verifily`` metadata of a ``row_attribution.parquet`` (empty for a file written before it had any)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[b"verifily"]) if b"verifily" in meta else {}
+
+
+def summarize_by_tag(table, method: str, tag: str) -> List[dict]:
+    """Per value of tag ``tag``: rows, sum and mean of ``score_<method>``, and its **excess**; point values.
+
+    The excess is the sum over the value's rows of (score - the mean score of every train row), so values
+    compare against as many average rows; positive = the value's rows score above average. For an
+    attribution score (TracIn) that is, to first order, what removing those rows does against removing as
+    many average rows, the comparison a tag-level verdict makes; for a suspect-row score (loss-type) it says
+    how suspect the value's rows are and nothing about what removing them does. ``excess = n (1 - n/N)
+    (mean of the value - mean of the other rows)``. No interval: resampling rows of one trained model carries
+    no training variance, so it would not be evidence about the data; the variance across retrained seeds
+    is what ``--verify`` and the tag-level call (``--by``) measure."""
     import numpy as np
 
     values = [json.loads(t).get(tag) for t in table["tags"]]
     scores = table[f"score_{method}"].to_numpy(dtype=float)
-    total = len(scores)
-    rng = np.random.default_rng(seed)
     out = []
     for value in sorted({v for v in values if v is not None}):
         chosen = np.array([v == value for v in values])
-        mine, rest = scores[chosen], scores[~chosen]
+        mine = scores[chosen]
         n = len(mine)
-        weight = n * (1 - n / total)
-        entry = {"value": value, "rows": int(n), "sum": float(mine.sum()), "mean": float(mine.mean()),
-                 "excess": float(mine.sum() - n * scores.mean())}
-        if bootstrap and n > 1:
-            means = mine[rng.integers(0, n, size=(bootstrap, n))].mean(axis=1)
-            low, high = np.percentile(means, [2.5, 97.5])
-            entry.update(mean_ci95=[float(low), float(high)], sum_ci95=[float(low * n), float(high * n)])
-            if len(rest) > 1:
-                rest_means = rest[rng.integers(0, len(rest), size=(bootstrap, len(rest)))].mean(axis=1)
-                low, high = np.percentile(weight * (means - rest_means), [2.5, 97.5])
-                entry["excess_ci95"] = [float(low), float(high)]
-        out.append(entry)
+        out.append({"value": value, "rows": int(n), "sum": float(mine.sum()), "mean": float(mine.mean()),
+                    "excess": float(mine.sum() - n * scores.mean())})
     return out
 
 

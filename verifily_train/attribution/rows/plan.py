@@ -9,18 +9,33 @@ from typing import List, Optional
 
 from verifily_train.errors import ConfigError, RunError
 
-ROWS_VERSION = "rows/1"  # bump when the same inputs should now give other scores
+ROWS_VERSION = "rows/2"  # bump when the same inputs should now give other scores
 
 # Every score is oriented the same way: higher = more harmful (or more suspect); rank 1 = the most harmful row.
-# tracin: estimated change of the target's loss caused by training on the row, sum over snapshots of
-#   -lr x <grad loss(row), grad loss(target)> (projected); positive = the row raised the target's loss.
-# self_influence: sum over snapshots of lr x |grad loss(row)|^2 (TracIn's mislabel detector; no target).
-# loss: the row's training loss under the final snapshot; loss_mean: its mean over the snapshots.
-# label_issue: classification only, 1 - cleanlab's label quality from the snapshots' mean predicted probabilities.
-METHODS = ("tracin", "self_influence", "loss", "loss_mean", "label_issue")
+# Two families, named apart in every output (FAMILIES):
+# suspect rows (no target: what the row is like, not what it does to a target's loss)
+#   self_influence: sum over snapshots of lr x |grad loss(row)|^2 (TracIn's mislabel detector).
+#   loss: the row's training loss under the final snapshot; loss_mean: its mean over the snapshots.
+#   label_issue: classification only, 1 - cleanlab's label quality from the snapshots' mean predicted
+#     probabilities of rows the model trained on (in-sample, LABEL_ISSUE_FOLDS).
+# attribution (target-aware: the estimated change of the target's loss caused by training on the row)
+#   tracin: sum over snapshots of -lr x <grad loss(row), grad loss(target)> (projected), as if training were SGD.
+#   tracin_adam: the same with the row's gradient preconditioned as the run's AdamW stepped it, from the
+#     optimizer's second moment saved with each snapshot (LESS-style): -lr x <grad target, grad row / (sqrt(v^) + eps)>.
+METHODS = ("tracin", "tracin_adam", "self_influence", "loss", "loss_mean", "label_issue")
+SUSPECT, ATTRIBUTION = "suspect rows", "attribution"
+FAMILIES = {"tracin": ATTRIBUTION, "tracin_adam": ATTRIBUTION, "self_influence": SUSPECT, "loss": SUSPECT,
+            "loss_mean": SUSPECT, "label_issue": SUSPECT}
+TARGET_METHODS = tuple(m for m in METHODS if FAMILIES[m] == ATTRIBUTION)  # the methods that read the target rows
+GRADIENT_METHODS = ("tracin", "tracin_adam", "self_influence")  # the methods that need per-row backward passes
+LABEL_ISSUE_FOLDS = "in-sample"  # cleanlab intends out-of-fold probabilities; these rows trained the model
 # measured by bench/row_attribution.py on planted errors (docs/attribution.md, "Row-level attribution"): the
-# final loss found them best in every experiment (mean AUROC 0.97 against TracIn's 0.76), so it ranks by default
+# final loss found them best in every experiment (mean AUROC 0.97 against TracIn's 0.76): the suspect-row default
 DEFAULT_METHOD = "loss"
+# the attribution default: plain TracIn until the LDS benchmark (bench/row_lds.py) has measured tracin_adam
+# against it (docs/attribution.md, "Which score answers which question")
+DEFAULT_ATTRIBUTION = "tracin"
+DEFAULT_METHODS = (DEFAULT_METHOD, DEFAULT_ATTRIBUTION)  # the default call: one score of each family
 DEFAULT_PROJECTION_DIM = 1024  # random projection size of each snapshot's gradient; 0 = no projection (exact)
 DEFAULT_CHECKPOINTS = 4
 
@@ -87,7 +102,6 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
                                                "`verifily train` with this Run's config.yaml to rebuild them")
     task = record["job"]["task"]
     target_split = _target_split(tokenized, target)
-    chosen = _methods(methods, task)
     notes: List[str] = []
     train_entry = root / "train" / str((stages.get("train") or {}).get("key"))
     lora = bool((cfg.get("lora") or {}).get("enabled", True))
@@ -106,6 +120,10 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
                       "sha256": sha256_file(weights[0]) if weights else ""}]
         notes.append("the train stage's cache entry holds no adapter snapshots (pruned, or trained with "
                      "training.attribution_snapshots: 0): scores use the final adapter alone (1 checkpoint)")
+    chosen = _methods(methods, task, snapshots, notes)
+    for s in snapshots:
+        if s.get("optimizer") and "tracin_adam" in chosen:
+            s["optimizer"] = dict(s["optimizer"], sha256=sha256_file(s["optimizer"]["file"]))
     import pyarrow.parquet as pq
 
     spec = inspect_model(record["model_source"], task, bool(cfg.get("trust_remote_code", False)))
@@ -171,14 +189,26 @@ def in_slice(tags: dict, key: str, negate: bool, value: str) -> bool:
     return (str(tags.get(key)) != value) if negate else (key in tags and str(tags[key]) == value)
 
 
-def _methods(methods: Optional[List[str]], task: str) -> List[str]:
+def _methods(methods: Optional[List[str]], task: str, snapshots: List[dict], notes: List[str]) -> List[str]:
+    """The methods to compute: ``None`` = every one this run allows (a note for each left out)."""
+    adam = bool(snapshots) and all(s.get("optimizer") for s in snapshots)
     if methods is None:
-        return [m for m in METHODS if m != "label_issue" or task == "classification"]
+        chosen = [m for m in METHODS if m != "label_issue" or task == "classification"]
+        if not adam:
+            notes.append("tracin_adam left out: the snapshots hold no AdamW moments (trained before they were "
+                         "saved, or with another optimizer): retrain to score with it")
+            chosen.remove("tracin_adam")
+        return chosen
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(None, "--methods", f"unknown method {unknown[0]!r}; one of {', '.join(METHODS)}")
     if "label_issue" in methods and task != "classification":
         raise ConfigError(None, "--methods", "label_issue needs a classification run")
+    if "tracin_adam" in methods and not adam:
+        raise ConfigError(None, "--methods", "tracin_adam needs the AdamW moments saved with every adapter "
+                                             "snapshot, and these snapshots hold none (trained before they were "
+                                             "saved, the final adapter alone, or another optimizer): retrain, or "
+                                             "use tracin")
     return [m for m in METHODS if m in methods]
 
 
@@ -199,6 +229,7 @@ def key_inputs(plan: RowAttributionPlan) -> tuple:
     """What a cache key of this plan's steps must hash: snapshot hashes and weights, token data hash,
     model identity, target, projection size, seed, methods; never a path (add the code version yourself)."""
     return (ROWS_VERSION, plan.task, plan.model_kind, plan.model_identity, plan.lora,
-            [[s["sha256"], s["step"], repr(float(s["weight"]))] for s in plan.snapshots],
+            [[s["sha256"], s["step"], repr(float(s["weight"])), (s.get("optimizer") or {}).get("sha256", "")]
+             for s in plan.snapshots],
             plan.token_data_hash, plan.target, plan.target_split, int(plan.projection_dim), int(plan.seed),
             list(plan.methods))

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.attribution.rows.plan import RowAttributionPlan, target_rows
+from verifily_train.attribution.rows.plan import GRADIENT_METHODS, TARGET_METHODS, RowAttributionPlan, target_rows
 from verifily_train.attribution.rows.runtime import SCORE_BATCH
 
 TARGET_FILE = "target_gradients.safetensors"
@@ -32,7 +32,7 @@ def target_gradients(plan: RowAttributionPlan, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     indices = target_rows(plan)
-    if "tracin" not in plan.methods:  # only TracIn reads a target: no model, an empty file
+    if not set(TARGET_METHODS) & set(plan.methods):  # only the attribution family reads a target: an empty file
         save_file({}, str(out_dir / TARGET_FILE))
         return {"step": "target", "file": TARGET_FILE, "snapshots": [], "target": plan.target,
                 "target_split": plan.target_split, "target_rows": len(indices), "target_loss": [],
@@ -109,10 +109,10 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
     gradients = PerRowGradients(scoring)
     project = _projection(plan, scoring)
     n, position = len(indices), {row: i for i, row in enumerate(indices)}
-    tracin, self_influence = np.zeros(n), np.zeros(n)
+    tracin, tracin_adam, self_influence = np.zeros(n), np.zeros(n), np.zeros(n)
     losses = np.zeros((n, len(plan.snapshots)))
     probs = None
-    need_gradients = bool({"tracin", "self_influence"} & set(plan.methods))  # losses alone need no backward
+    need_gradients = bool(set(GRADIENT_METHODS) & set(plan.methods))  # losses alone need no backward
     # the final loss alone reads the last snapshot only
     every = need_gradients or bool({"loss_mean", "label_issue"} & set(plan.methods))
     for k, snapshot in enumerate(plan.snapshots):
@@ -121,13 +121,16 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
         apply_snapshot(scoring, snapshot)
         weight = float(snapshot["weight"])
         target = targets.get(f"snapshot-{k}")
+        precondition = adam_preconditioner(scoring, snapshot) if "tracin_adam" in plan.methods else None
         for chunk in batches:
             batch = rows.collate([rows.data[i] for i in chunk])
             at = [position[r] for r in chunk]
             if need_gradients:
                 flat, loss_sum, count, logits = gradients(batch, normalizer)
-                if target is not None:  # first-order change of the target loss from a step on this row
+                if target is not None and "tracin" in plan.methods:  # first-order change of the target loss
                     tracin[at] += (-weight * (project(flat) @ target.double())).numpy()
+                if target is not None and precondition is not None:  # ... from the step AdamW took on this row
+                    tracin_adam[at] += (-weight * (project(flat * precondition) @ target.double())).numpy()
                 self_influence[at] += weight * (flat.double() ** 2).sum(dim=1).numpy()
             else:
                 with torch.no_grad():
@@ -139,7 +142,7 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
                 probs[at] += p / len(plan.snapshots)
     if not every:  # the earlier snapshots' losses were not computed: NaN, not zeros that look measured
         losses[:, :-1] = np.nan
-    frame = pd.DataFrame({"index": indices, "tracin": tracin, "self_influence": self_influence,
+    frame = pd.DataFrame({"index": indices, "tracin": tracin, "tracin_adam": tracin_adam, "self_influence": self_influence,
                           "losses": list(losses)})
     if probs is not None:
         frame["probs"] = list(probs)
@@ -148,3 +151,24 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
     return {"step": "shard", "file": name, "shard_index": shard_index, "shard_count": shard_count, "rows": n,
             "per_row_gradients": "batched hooks" if gradients.uses_hooks else "one backward per row",
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def adam_preconditioner(scoring, snapshot: dict):
+    """AdamW's per-weight step size at a snapshot, flattened like the row gradients: 1 / (sqrt(v^) + eps).
+
+    ``v^ = exp_avg_sq / (1 - beta2^t)`` (bias-corrected, as ``torch.optim.AdamW`` divides). A row's gradient
+    enters the first moment with weight (1 - beta1) and stays in it with beta1^j for the j steps after:
+    those weights sum to 1 (the bias correction brings early steps to it too), so the first-order change a
+    row makes is ``-lr x g / (sqrt(v^) + eps)``, its momentum spread over later steps. LESS (Xia et al. 2024)
+    uses the same second moment; it also adds the whole batch's momentum, which is common to every row.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    settings = snapshot["optimizer"]
+    moments = load_file(settings["file"])
+    beta2, eps, step = float(settings["betas"][1]), float(settings["eps"]), max(int(settings["step"]), 1)
+    correction = 1.0 - beta2 ** step
+    parts = [(moments[f"exp_avg_sq.{name}"].double() / correction).sqrt().add(eps).reciprocal().reshape(-1)
+             for name in scoring.names]
+    return torch.cat(parts).float()
