@@ -28,7 +28,7 @@ class Run:
     """A Run folder (docs/run_artifacts.md), read when asked; nothing here writes to it."""
 
     def __init__(self, path: Union[str, os.PathLike], summary: Optional[dict] = None):
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a notebook may chdir later
         self.summary = summary  # what ``train`` returned (replayed, compared_with, ...); None when loaded
 
     def __repr__(self) -> str:

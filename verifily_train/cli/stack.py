@@ -168,8 +168,9 @@ def stack_up(project: Path, host: str = "127.0.0.1", port: int = 4200, workers: 
         stack_down(home, out=open(os.devnull, "w"))
         raise
     out.write(f"workers: {', '.join(workers) or 'none'}\n\nPrefect UI: {ui_url}\n"
-              f"  export PREFECT_API_URL={api_url}   # verifily finds it by itself while the stack runs\n"
-              f"  prefect deployment run train/sft -p dataset=ds_x@v2\n  verifily stack down\n")
+              f"  export PREFECT_API_URL={api_url}   # needed by `prefect ...`; verifily finds the stack by itself\n"
+              f"  prefect deployment run train/sft -p dataset=ds_x@v2 --watch   # after the export above\n"
+              f"  verifily stack down\n")
     return state
 
 
