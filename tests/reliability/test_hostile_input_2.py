@@ -398,3 +398,199 @@ def test_a_conversation_of_too_many_turns_is_refused_at_create(tmp_path, capsys)
     turns = [{"role": ("user", "assistant")[i % 2], "content": f"t{i}"} for i in range(10_000)]
     (tmp_path / "t.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
     assert_user_error(_create(capsys, tmp_path / "t.jsonl"), "t.jsonl:1", "messages", "10,000 turns", "at most 256")
+
+
+# class 5: silent wrong answers -------------------------------------------------------------------------------
+
+def test_slice_targets_refuse_an_unknown_key_in_both_forms():
+    from verifily_train.attribution.target import check_target, parse_slice
+    from verifily_train.errors import ConfigError
+
+    record = {"evaluation": {"split": "test"}, "metrics": {}}
+    present = {"source": {"human", "web"}}
+    for target in ("slice:sourc!=human", "slice:sourc=human"):
+        with pytest.raises(ConfigError, match="--target: no rows of the target split carry tag 'sourc'"):
+            check_target(target, record, present)
+    with pytest.raises(ConfigError, match="is ambiguous"):
+        parse_slice("slice:source=a!=b")
+    with pytest.raises(ConfigError, match="is ambiguous"):  # designed here: the other order
+        parse_slice("slice:source!=a=b")
+    assert parse_slice("slice:source!=human") == ("source", True, "human")
+    assert parse_slice("slice:a!b=c" if False else "slice:source=web") == ("source", False, "web")
+    with pytest.raises(ConfigError, match="must be"):  # designed here: no operator, no value
+        parse_slice("slice:source")
+    with pytest.raises(ConfigError, match="must be"):
+        parse_slice("slice:source!=")
+
+
+def test_rows_target_with_a_mistyped_key_is_refused_not_the_whole_split(tmp_path):
+    from verifily_train.attribution.rows.plan import _target_split
+    from verifily_train.errors import ConfigError
+
+    tags = [json.dumps({"source": s}) for s in ("human", "web", "human")]
+    pd.DataFrame({"tags": tags}).to_parquet(tmp_path / "test.parquet")
+    with pytest.raises(ConfigError, match="no rows of the target split carry tag 'sourc'"):
+        _target_split(tmp_path, "slice:sourc!=human")
+    assert _target_split(tmp_path, "slice:source!=human") == "test"
+
+
+def test_derived_version_names_never_collide_for_unicode_values():
+    from verifily_train.attribution.derive import derived_version_name, safe_part
+
+    names = {derived_version_name("v1", "source", v) for v in ("人工", "合成", "a b", "a/b", "a-b", "x" * 300, "x" * 301)}
+    assert len(names) == 7 and all(len(n) <= 128 for n in names)
+    assert derived_version_name("v1", "source", "human") == "v1-without-source-human"  # plain names unchanged
+    assert safe_part("人工") != safe_part("合成")
+
+
+def _store_rows(rows, version="v1") -> object:
+    import tempfile
+
+    from verifily_train.dataset.store import create_version
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return create_version("ds_u", version, "sft", str(path))
+
+
+def test_nfc_and_nfd_spellings_of_a_tag_value_are_one_value():
+    import unicodedata
+
+    from verifily_train.attribution.derive import derive_without, train_tag_counts
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    dv = _store_rows([{"instruction": f"q{i}", "output": "a", "tags": {"source": s}}
+                      for i, s in enumerate([nfc, nfd, "web", "web"])])
+    assert train_tag_counts(dv, "source") == {nfc: 2, "web": 2}
+    assert derive_without(dv, "source", nfd)["removed_rows"] == 2  # either spelling names both rows
+
+
+def test_cjk_tag_values_derive_distinct_versions():
+    from verifily_train.attribution.derive import derive_without
+
+    dv = _store_rows([{"instruction": f"q{i}", "output": "a", "tags": {"source": s}}
+                      for i, s in enumerate(["人工", "合成", "人工", "合成"])])
+    a, b = derive_without(dv, "source", "人工"), derive_without(dv, "source", "合成")
+    assert a["ref"] != b["ref"] and a["removed_rows"] == b["removed_rows"] == 2
+    assert derive_without(dv, "source", "人工")["ref"] == a["ref"]  # reused on a second call
+
+
+def test_the_same_rows_by_two_rules_are_two_versions_not_a_clash():
+    from verifily_train.attribution.derive_rows import derive_without_rows, rows_digest
+    from verifily_train.model.tokenize import row_hash
+
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(5)]
+    dv = _store_rows(rows)
+    drop = {row_hash(rows[0]), row_hash(rows[1])}
+    by_file = derive_without_rows(dv, drop, {"by": "file", "file": "rows.txt", "run": "r"}, f"rows-{rows_digest(drop)}")
+    by_crlf = derive_without_rows(dv, drop, {"by": "file", "file": "rows-crlf.txt", "run": "r"}, f"rows-{rows_digest(drop)}")
+    top_a = derive_without_rows(dv, drop, {"by": "row_attribution", "top": 2, "target": "test"}, "top-2-loss")
+    top_b = derive_without_rows(dv, drop, {"by": "row_attribution", "top": 2, "target": "slice:s=x"}, "top-2-loss")
+    assert len({by_file["ref"], by_crlf["ref"], top_a["ref"], top_b["ref"]}) == 4
+    again = derive_without_rows(dv, drop, {"by": "file", "file": "rows.txt", "run": "r"}, f"rows-{rows_digest(drop)}")
+    assert again["ref"] == by_file["ref"]
+
+
+def test_dropping_every_train_row_names_the_flag_derive_has():  # class 6
+    from verifily_train.attribution.derive_rows import derive_without_rows
+    from verifily_train.errors import VerifilyError
+    from verifily_train.model.tokenize import row_hash
+
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(3)]
+    dv = _store_rows(rows)
+    with pytest.raises(VerifilyError) as caught:
+        derive_without_rows(dv, {row_hash(r) for r in rows}, {"by": "file", "file": "all.txt"}, "rows-all")
+    assert "--drop-rows" in str(caught.value) and "--values" not in str(caught.value)
+    assert row_hash(rows[0]) not in str(caught.value) and "every one of the 3 train rows" in str(caught.value)
+
+
+ROW_CASES = {
+    "messages and instruction/output both": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                              "instruction": "q", "output": "a"}, ("t.jsonl:1", "instruction", "not both")),
+    "a turn with tool_calls": ({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a", "tool_calls": [{"name": "f"}]}]},
+                               ("t.jsonl:1", "messages[1].tool_calls", "not supported")),
+    "a turn with a weight": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+                             ("t.jsonl:1", "messages[1].weight", "not supported")),
+    "a turn with images": ({"messages": [{"role": "user", "content": "q", "images": ["x.png"]}, {"role": "assistant", "content": "a"}]},
+                           ("t.jsonl:1", "messages[0].images", "not supported")),
+    # class 6: a chat that opens with the assistant's greeting
+    "opens with the assistant": ({"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "a"}]},
+                                 ("t.jsonl:1", "messages[0].role", "opens with the user's turn")),
+    "system then assistant": ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hi!"},
+                                            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                              ("t.jsonl:1", "messages[1].role", "opens with the user's turn")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+def test_rows_that_would_lose_something_silently_are_refused_at_create(tmp_path, capsys, case):
+    row, fragments = ROW_CASES[case]
+    (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
+    assert_user_error(_create(capsys, tmp_path / "t.jsonl"), *fragments)
+    assert _store_unchanged()
+
+
+# class 6: errors that blamed the wrong thing --------------------------------------------------------------
+
+class _Tok:
+    """A tokenizer's chat template rendered the way transformers renders it (a sandboxed Jinja environment)."""
+
+    def __init__(self, template: str):
+        self.chat_template = template
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment()
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+TURNS = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_a_chat_template_syntax_error_is_blamed_on_the_template_not_the_row():
+    from verifily_train.errors import ModelError
+    from verifily_train.model.chat import render
+
+    with pytest.raises(ModelError) as caught:
+        render(_Tok("{% for m in messages %}{{ m.content }"), TURNS, False, "train.jsonl:7")
+    text = str(caught.value)
+    assert "chat_template" in text and "not valid Jinja" in text and "train.jsonl:7" not in text
+
+
+def test_a_chat_template_that_raises_type_error_is_one_line_naming_the_template():
+    from verifily_train.errors import ModelError
+    from verifily_train.model.chat import render
+
+    with pytest.raises(ModelError, match="chat_template: the tokenizer's chat template fails on this row with TypeError"):
+        render(_Tok("{{ messages[0].content + 1 }}"), TURNS, False, "train.jsonl:7")
+
+
+def test_a_template_that_refuses_the_conversation_still_names_the_row():  # designed here: raise_exception stays data
+    from verifily_train.errors import DataError
+    from verifily_train.model.chat import render
+
+    with pytest.raises(DataError, match="train.jsonl:7: messages: the chat template rejects"):
+        render(_Tok("{{ undefined_call() }}"), TURNS, False, "train.jsonl:7")
+
+
+@pytest.mark.parametrize("template, fragment", [
+    ("{instruction.text}", "{instruction.text} is not a field"),
+    ("{instruction[0]}", "{instruction[0]} is not a field"),  # designed here
+    ("{instruction:>999999999}", "no conversion or format spec"),  # designed here: a gigabyte of padding per row
+])
+def test_prompt_templates_are_checked_by_parsing_not_by_formatting(tmp_path, template, fragment):
+    from verifily_train.config import load_config
+    from verifily_train.errors import VerifilyError
+
+    (tmp_path / "t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"task": "sft", "base_model": "org/m",
+                                                         "data_paths": {"train": str(tmp_path / "t.jsonl")},
+                                                         "prompt": {"template": template}}))
+    with pytest.raises(VerifilyError, match="prompt.template") as caught:
+        load_config(str(tmp_path / "train.yaml"))
+    assert fragment in str(caught.value)

@@ -176,13 +176,30 @@ def _validate(cfg: TrainConfig, c: _Checker) -> None:
     c.check("prompt.system", p.system is None or isinstance(p.system, str), "must be a string or null")
     for key in ("template", "template_no_input"):
         tpl = getattr(p, key)
-        try:
-            tpl.format(instruction="", input="")
-        except (KeyError, IndexError, ValueError) as err:
-            c.fail(f"prompt.{key}", f"bad template: only {{instruction}} and {{input}} may be used ({err})")
+        problem = _template_problem(tpl)
+        if problem:
+            c.fail(f"prompt.{key}", f"bad template: only {{instruction}} and {{input}} may be used ({problem})")
     c.check("prompt.template", "{instruction}" in p.template, "must contain {instruction}")
     c.check("output.dir", bool(cfg.output.dir), "must not be empty")
     if cfg.output.push_to_hub:
         c.check("output.hub_model_id", bool(cfg.output.hub_model_id),
                "is required when output.push_to_hub is true (e.g. my-org/my-adapter)")
     c.check("runtime.num_workers", cfg.runtime.num_workers >= 0, "must be >= 0")
+
+
+def _template_problem(tpl: str) -> str:
+    """What is wrong with a prompt template, or "": every field must be exactly ``{instruction}`` or ``{input}``
+    (``{instruction.text}`` raised AttributeError at the first row; ``{input:>999999999}`` would pad a row
+    to a gigabyte), read by ``string.Formatter``, never by formatting."""
+    import string
+
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(tpl) if name is not None]
+    except ValueError as err:  # a lone { or }
+        return str(err)
+    for name, spec, conv in fields:
+        if name not in ("instruction", "input"):
+            return f"{{{name}}} is not a field" if name else "an empty {} field"
+        if spec or conv:
+            return f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}: no conversion or format spec"
+    return ""

@@ -53,12 +53,21 @@ def special_ids(tok) -> Set[int]:
 
 def render(tok, messages: Sequence[dict], generation_prompt: bool, where: str) -> str:
     """The template's text for ``messages``; a template that rejects the conversation names the row."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateError as err:
-        raise DataError(where, "messages", f"the chat template rejects this conversation: {err}") from err
+    except TemplateSyntaxError as err:  # the template's fault, whatever the row: never blamed on the data
+        raise ModelError(None, "chat_template", f"the tokenizer's chat template is not valid Jinja: {err.message} "
+                                                f"(template line {err.lineno}); fix it, or use prompt.format: "
+                                                "template") from None
+    except TemplateError as err:  # raise_exception() in the template: it refuses this conversation
+        raise DataError(where, "messages", f"the chat template rejects this conversation: {err}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as err:
+        # the template's own code failed on this row (an operation on the wrong type): name both
+        raise ModelError(where, "chat_template", f"the tokenizer's chat template fails on this row with "
+                                                 f"{type(err).__name__}: {str(err)[:200]}; fix the template, or use "
+                                                 "prompt.format: template") from None
 
 
 def _ids(tok, text: str) -> List[int]:
