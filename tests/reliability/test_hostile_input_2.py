@@ -594,3 +594,88 @@ def test_prompt_templates_are_checked_by_parsing_not_by_formatting(tmp_path, tem
     with pytest.raises(VerifilyError, match="prompt.template") as caught:
         load_config(str(tmp_path / "train.yaml"))
     assert fragment in str(caught.value)
+
+
+# class 7: the Prefect API down or silent ---------------------------------------------------------------------
+
+def _dead_url() -> str:
+    from verifily_train.procs import free_port
+
+    return f"http://127.0.0.1:{free_port()}/api"
+
+
+def test_a_stale_prefect_api_url_is_one_line_before_any_flow(tmp_path, capsys, monkeypatch):
+    run = _run(tmp_path / "run_ok")
+    monkeypatch.setenv("PREFECT_API_URL", _dead_url())
+    result = _cli(capsys, "reproduce", str(run))
+    assert_user_error(result, "PREFECT_API_URL", "no Prefect server answers", "verifily stack up")
+
+
+def test_a_listener_that_never_answers_times_out_in_one_line():
+    import socket
+
+    from verifily_train.cli.runtime import check_api_answers
+    from verifily_train.errors import EnvironmentProblem
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+        with pytest.raises(EnvironmentProblem, match="did not answer within 0.5 s"):
+            check_api_answers(url, timeout=0.5)
+
+
+def test_a_url_that_is_not_a_prefect_api_is_named(tmp_path):  # designed here: an HTTP server without /health
+    import http.server
+    import threading
+
+    from verifily_train.cli.runtime import check_api_answers
+    from verifily_train.errors import EnvironmentProblem
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(EnvironmentProblem, match="answered 404"):
+            check_api_answers(f"http://127.0.0.1:{server.server_port}/nope", timeout=5)
+        with pytest.raises(EnvironmentProblem, match="no Prefect server answers at not-a-url"):  # designed here
+            check_api_answers("not-a-url", timeout=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_missing_auth_string_is_not_reported_as_a_full_disk():
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from verifily_train.cli.runtime import prefect_api_problem
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/api/flow_runs/")
+    err = PrefectHTTPStatusError.from_httpx_error(httpx.HTTPStatusError(
+        "Client error '401 Unauthorized'", request=request, response=httpx.Response(401, request=request)))
+    text = str(prefect_api_problem(err))
+    assert "PREFECT_API_AUTH_STRING" in text and "out of space" not in text
+    refused = str(prefect_api_problem(httpx.ConnectError("All connection attempts failed", request=request)))
+    assert "stopped answering" in refused and "out of space" not in refused  # designed here
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_stack_up_with_a_port_out_of_range_is_one_line(tmp_path, capsys, port):
+    assert_user_error(_cli(capsys, "stack", "up", "--port", port, "--project", str(tmp_path)), "--port", "1 to 65535")
+
+
+@pytest.mark.parametrize("text", ['{"processes": {}}', "[1, 2]", "[" * 100_000,
+                                  '{"api_url": "x", "ui_url": "y", "processes": {"server": {"pid": "1"}}}'])
+def test_a_foreign_stack_state_breaks_no_command(monkeypatch, text):
+    import io
+
+    from verifily_train.cli.stack import configured_api_url, stack_down, stack_status, state_path
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    assert configured_api_url() is None  # train's lookup: a KeyError before
+    out = io.StringIO()
+    assert stack_status(out=out) == 1 and "no stack running" in out.getvalue()
+    assert stack_down(out=out) == 0

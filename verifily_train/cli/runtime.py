@@ -192,10 +192,46 @@ def start_temporary_server() -> Optional[TemporaryServer]:
     return _SERVER
 
 
+API_PROBE_SECONDS = 5.0
+
+
+def check_api_answers(url: Optional[str] = None, timeout: float = API_PROBE_SECONDS) -> None:
+    """A configured Prefect API (``PREFECT_API_URL``, a stack) answers ``/health`` within ``timeout`` seconds, or
+    one line says so: a stale URL after ``verifily stack down`` was three tracebacks, and a listener that never
+    answers hung ``train`` without a word. Checked before a flow run, never retried."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    url = url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    advice = "start it (verifily stack up), or unset PREFECT_API_URL to use a temporary server"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            response.read(1024)
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise EnvironmentProblem(None, "PREFECT_API_URL", f"{url} refused this client ({err.code} {err.reason}): "
+                                                              "set PREFECT_API_AUTH_STRING to the server's auth "
+                                                              "string") from None
+        raise EnvironmentProblem(None, "PREFECT_API_URL", f"{url}/health answered {err.code} {err.reason}: "
+                                                          "is it a Prefect server's API?") from None
+    except (socket.timeout, TimeoutError):
+        raise EnvironmentProblem(None, "PREFECT_API_URL", f"{url} did not answer within {timeout:g} s: a silent "
+                                                          f"listener, or a server that hangs; {advice}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:  # refused, no such host; ValueError: a bad URL
+        reason = getattr(err, "reason", err)
+        raise EnvironmentProblem(None, "PREFECT_API_URL", f"no Prefect server answers at {url} ({reason}); "
+                                                          f"{advice}") from None
+
+
 def await_server(server: Optional[TemporaryServer], preload_stages: bool = False) -> None:
     """Wait for the temporary server (if one was started) before a flow runs: a half-started one is never
-    handed to the flow. With ``preload_stages``, the train and evaluate stages' modules are imported meanwhile."""
+    handed to the flow; a configured server must answer (``check_api_answers``). With ``preload_stages``, the
+    train and evaluate stages' modules are imported meanwhile."""
     if server is None:
+        check_api_answers()
         return
     if preload_stages:
         preload_while_server_boots(server)
@@ -220,6 +256,14 @@ def is_prefect_api_error(err: BaseException) -> bool:
 
 def prefect_api_problem(err: BaseException) -> EnvironmentProblem:
     """One line for a Prefect API failure before the Run was written: the stages that finished stay cached."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):  # not a full disk: the server wants the client's auth string
+        return EnvironmentProblem(None, "PREFECT_API_URL", f"Prefect's server refused this client ({first_line(err)}): "
+                                                           "set PREFECT_API_AUTH_STRING to the server's auth string. "
+                                                           "Finished stages are cached")
+    if status is None and is_prefect_api_error(err):  # no HTTP answer at all: refused, timed out, reset
+        return EnvironmentProblem(None, "PREFECT_API_URL", f"Prefect's server stopped answering ({first_line(err)}). "
+                                                           "Finished stages are cached: start it and re-run")
     return EnvironmentProblem(None, "PREFECT_API_URL", f"Prefect's server failed ({first_line(err)}); its database "
                                                        "may be out of space or past a file size limit. Finished "
                                                        "stages are cached: fix it and re-run")

@@ -39,10 +39,24 @@ def _alive(proc: dict) -> bool:
 
 
 def read_state(home: Optional[Path] = None) -> Optional[dict]:
+    """The state ``stack up`` wrote, or None: none, or a file of another shape (another tool's, a hand edit,
+    ``{"processes": {}}``), which is not a stack verifily can find or stop and breaks no command."""
+    from verifily_train import jsonsafe
+
     try:
-        return json.loads(state_path(home).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        state = jsonsafe.loads(state_path(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # BadJson and UnicodeDecodeError are ValueErrors
         return None
+    return state if _state_shape_ok(state) else None
+
+
+def _state_shape_ok(state) -> bool:
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), str) for k in ("api_url", "ui_url")):
+        return False
+    procs = state.get("processes")
+    return (isinstance(procs, dict) and isinstance(procs.get("server"), dict) and all(
+        isinstance(p, dict) and isinstance(p.get("pid"), int) and not isinstance(p.get("pid"), bool) and p["pid"] > 0
+        and isinstance(p.get("log", ""), str) for p in procs.values()))
 
 
 def running_api_url(home: Optional[Path] = None) -> Optional[str]:
@@ -124,6 +138,8 @@ def stack_up(project: Path, host: str = "127.0.0.1", port: int = 4200, workers: 
              home: Optional[Path] = None, timeout: float = 120.0, out=sys.stdout) -> dict:
     """Start server, create pools, deploy ``project/prefect.yaml``, start workers; returns the state."""
     home = home or verifily_home()
+    if not 1 <= port <= 65535:  # 99999 was an OverflowError from bind()
+        raise VerifilyError(None, "--port", f"must be a TCP port from 1 to 65535; got {port}")
     if host not in LOOPBACK and not os.environ.get(AUTH_ENV):
         raise VerifilyError(None, "--host", f"listening on {host} exposes the API beyond this machine: set "
                                             f"{AUTH_ENV} (and give clients PREFECT_API_AUTH_STRING) first")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.cli.runtime import (await_server, first_line, in_process_flow_settings, is_prefect_api_error,
+from verifily_train.cli.runtime import (await_server, check_api_answers, first_line, in_process_flow_settings, is_prefect_api_error,
                                         preload_fingerprint_modules, prefect_api_problem, quiet_libraries,
                                         start_quiet_server, use_prefect_server)
 from verifily_train.cli.summary import print_summary, summary_from_run
@@ -98,6 +98,7 @@ def submit_self_host(args, overrides: List[str]) -> int:
     if not api_url:
         raise VerifilyError(None, "--mode", "self_host submits the run to a Prefect server's self-host pool: set "
                                             "PREFECT_API_URL to it (or start one with verifily stack up)")
+    check_api_answers(api_url)  # a stale URL: one line, not httpx.ConnectError
     config = read_yaml(Path(args.config)) if args.config else None
     quiet_libraries()
     from verifily_train.flows.submit import submit_and_follow

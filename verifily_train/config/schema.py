@@ -63,9 +63,16 @@ class TrainingSection:
     save_steps: int = 500  # checkpoint every N steps
     attribution_snapshots: int = 4  # trainable-weight snapshots (LoRA/head only) kept in the train stage's cache entry, evenly spaced over the run, for `verifily attribute --rows`; 0 = none
     logging_steps: int = 10  # log the loss every N steps; not hashed (cannot change the result)
-    report_to: str = "none"  # tracker passed to the HF Trainer: none, tensorboard, mlflow, wandb; not hashed
+    report_to: Any = "none"  # tracker(s) for the HF Trainer and the Run's results: none, tensorboard, mlflow, wandb, or a list (docs/trackers.md); not hashed
     retries: int = 0  # Prefect retries of the train stage on a transient failure; not hashed
     replicates: int = 1  # runs of this config at seeds seed, seed+1, ...: a run group that `verifily compare` tests at the seed level (docs/evaluation.md); not hashed (each run is one seed)
+
+
+def trackers(training: TrainingSection) -> tuple:
+    """``training.report_to`` as a tuple of tracker names; ``none`` (or an empty list) is ()."""
+    value = training.report_to
+    names = [value] if isinstance(value, str) else list(value or [])
+    return tuple(str(name) for name in names if name != "none")
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,13 @@ def _validate(cfg: TrainConfig, c: _Checker) -> None:
         c.check(f"training.{key}", value >= 1, f"must be >= 1; got {value}")
     c.check("training.attribution_snapshots", 0 <= t.attribution_snapshots <= 64,
             f"must be in [0, 64]; got {t.attribution_snapshots}")
-    c.one_of("training.report_to", t.report_to, schema.REPORT_TO)
+    if isinstance(t.report_to, str):
+        c.one_of("training.report_to", t.report_to, schema.REPORT_TO)
+    elif isinstance(t.report_to, (list, tuple)) and all(isinstance(name, str) for name in t.report_to):
+        for index, name in enumerate(t.report_to):
+            c.one_of(f"training.report_to[{index}]", name, schema.REPORT_TO)
+    else:
+        c.fail("training.report_to", f"must be a tracker name or a list of them; got {_short(t.report_to)}")
     c.check("training.retries", t.retries >= 0, f"must be >= 0; got {t.retries}")
     c.check("training.replicates", 1 <= t.replicates <= MAX_REPLICATES,
             f"must be in [1, {MAX_REPLICATES}]; got {t.replicates}")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from verifily_train.config.schema import TrainConfig
+from verifily_train.config.schema import TrainConfig, trackers
 from verifily_train.errors import ConfigError, EnvironmentProblem, PreflightError, VerifilyError
 
 
@@ -55,10 +55,11 @@ REPORT_TO_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tenso
 def _check_report_to(cfg) -> None:
     """The tracker ``training.report_to`` names is installed (the Trainer would fail at its first log, after
     the model loaded)."""
-    needs = REPORT_TO_PACKAGES.get(cfg.training.report_to, ())
-    if needs and not any(importlib.util.find_spec(name) for name in needs):
-        raise EnvironmentProblem(None, "training.report_to", f"{cfg.training.report_to} needs the {needs[0]} package: "
-                                                             f"pip install {needs[0]} (or set training.report_to: none)")
+    for tracker in trackers(cfg.training):
+        needs = REPORT_TO_PACKAGES.get(tracker, ())
+        if needs and not any(importlib.util.find_spec(name) for name in needs):
+            raise EnvironmentProblem(None, "training.report_to", f"{tracker} needs the {needs[0]} package: "
+                                                                 f"pip install {needs[0]} (or set training.report_to: none)")
 
 
 HUB_UNREACHABLE = "the Hub is unreachable: only the local Hub cache was tried"

@@ -17,7 +17,7 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from verifily_train.config.schema import TrainConfig
+from verifily_train.config.schema import TrainConfig, trackers
 from verifily_train.errors import translate_os_error
 from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
@@ -130,7 +130,7 @@ def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path,
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         use_cpu=plan.device == "cpu",
-        report_to=[] if t.report_to == "none" else [t.report_to],
+        report_to=list(trackers(t)),
         dataloader_num_workers=cfg.runtime.num_workers,
         disable_tqdm=not cfg.runtime.progress,
         remove_unused_columns=False,
