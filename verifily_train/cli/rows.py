@@ -272,7 +272,9 @@ def cmd_dataset_derive(args) -> int:
         from verifily_train.attribution.rows import RESULT_FILE
 
         folder = find_attribution(run, args.attribution)
-        record = json.loads((folder / "attribution.json").read_text(encoding="utf-8"))
+        from verifily_train import jsonsafe
+
+        record = jsonsafe.load_file(folder / "attribution.json", VerifilyError, expect=dict)  # --attribution DIR is the user's
         method = args.method or record["default_method"]
         if method not in record["methods"]:
             raise VerifilyError(None, "--method", f"{method!r} is not in {folder.name} (methods: "
