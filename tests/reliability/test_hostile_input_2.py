@@ -679,3 +679,16 @@ def test_a_foreign_stack_state_breaks_no_command(monkeypatch, text):
     out = io.StringIO()
     assert stack_status(out=out) == 1 and "no stack running" in out.getvalue()
     assert stack_down(out=out) == 0
+
+
+def test_managed_mode_reports_an_invalid_config(tmp_path, capsys, monkeypatch):  # class 7 (--mode managed)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"task": "sft", "base_model": "org/m",
+                                                         "data_paths": {"train": "t.jsonl"}, "lora": {"r": 0}}))
+    result = _cli(capsys, "train", "-c", "train.yaml", "--mode", "managed")
+    assert result.returncode == 2 and "lora.r" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"task": "sft", "base_model": "org/m",
+                                                         "data_paths": {"train": "t.jsonl"}}))
+    ok = _cli(capsys, "train", "-c", "train.yaml", "--mode", "managed")
+    assert ok.returncode == 0 and "coming soon" in ok.stdout

@@ -30,6 +30,10 @@ def cmd_train(args) -> int:
     cfg, problems = load_with_problems(args.config, overrides, dataset=args.dataset)  # preflight reports problems
     mode = args.mode or cfg.compute.mode
     if mode == "managed":
+        if problems:  # an invalid config is reported, not accepted with exit 0
+            from verifily_train.errors import PreflightError
+
+            raise PreflightError(problems)
         print(MANAGED_MESSAGE)
         return 0
     if mode == "self_host":
