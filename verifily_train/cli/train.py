@@ -75,6 +75,8 @@ def print_train_summary(summary: dict) -> None:
     if summary.get("prefect_failed"):
         print(f"  warning: the Run is complete, but Prefect's server could not record it ({summary['prefect_failed']})",
               file=sys.stderr)
+    for warning in summary.get("tracker_warnings", []):
+        print(f"  warning: {warning}", file=sys.stderr)
 
 
 def print_group_summary(summary: dict) -> None:

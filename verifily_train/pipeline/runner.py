@@ -18,6 +18,7 @@ from verifily_train.artifacts.compare import compare_runs, render_comparison
 from verifily_train.artifacts.hub import push_adapter
 from verifily_train.artifacts.record import RunStart, job_record, run_summary, stage_report, write_run
 from verifily_train.artifacts.run import new_run_id, utc_now, write_failed_run
+from verifily_train.artifacts.trackers import start_tracking
 from verifily_train.config.schema import TrainConfig
 from verifily_train.pipeline import claims, evaluate, hard_examples, replay, slice, tokenize, train, validate
 from verifily_train.pipeline.cache import CacheMode, cache_root, discard_private, release_held, run_cached
@@ -90,21 +91,29 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
             return {"status": "skipped", "dataset": fp["dataset"]["ref"], "claim": held}
     done: Dict[str, dict] = {}
     charts = Path(cache.root) / "charts" if cfg.cache.enabled else None
+    tracking = start_tracking(cfg, start.run_id)  # training.report_to: one tracker run for the Trainer and the Run
     try:
+        tracking.stages_begin()
         for stage in STAGES:
             done[stage.name] = execute(stage, StageContext(cfg, fp, dict(done)))
         written = write(cfg, start, fp, done, runs_dir, charts)
     except BaseException as err:
+        tracking.failed()
         if once:
             claims.release(key, owner)
         if isinstance(err, Exception) and "validate" in done:  # bad config, data or model fail before any record
             _record_failure(cfg, start, fp, done, runs_dir, err)
         raise
     finally:
+        tracking.stages_end()
         if not cache.write:  # cache off: the stages computed into private folders nobody else reads
             discard_private(done.values())
         release_held()  # the entries this run read are in the Run now: cache clear may delete them
-    return _finish(cfg, fp, done, written, cache, publisher, compare_previous)
+    summary = _finish(cfg, fp, done, written, cache, publisher, compare_previous)
+    tracker_warnings = tracking.completed(summary)
+    if tracker_warnings:
+        summary["tracker_warnings"] = tracker_warnings
+    return summary
 
 
 def _record_failure(cfg: TrainConfig, start: RunStart, fp: dict, done: Dict[str, dict], runs_dir: Path,
