@@ -101,12 +101,19 @@ def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_r
     assert first["most_harmful"][0]["rank"] == 1 and first["most_helpful"][0]["rank"] == 40
     assert {v["value"] for v in first["by_tag"]["source"]} == {"human", "synthetic", "ai_contaminated"}
     assert sum(v["sum"] for v in first["by_tag"]["source"]) == pytest.approx(table[f"score_{method}"].sum())
-    assert all(len(v["mean_ci95"]) == 2 for v in first["by_tag"]["source"] if v["rows"] > 1)
+    # point values: a bootstrap over rows of one trained model carries no training variance
+    assert not any(k.endswith("ci95") for v in first["by_tag"]["source"] for k in v)
+    # two labelled families: suspect rows (no target; label issues in-sample) and attribution (on the test loss)
+    suspect, attribution = first["families"]["suspect rows"], first["families"]["attribution"]
+    assert suspect["default"] == "loss" and suspect["target"] is None and suspect["label_issue"] == "in-sample"
+    assert attribution["default"] == "tracin" and attribution["target"] == "test"
+    assert set(attribution["methods"]) == {"tracin", "tracin_adam"}
+    assert attribution["most_harmful"][0]["rank"] == 1 and "score_tracin_adam" in table
     assert not any(s["cache_hit"] for s in first["stages"].values()) and first["checkpoints"] == 4
     assert first["cost"]["ratio"] == pytest.approx(first["cost"]["seconds"] / first["cost"]["train_stage_seconds"],
                                                    rel=1e-2)
     html = (folder / "report.html").read_text()
-    assert "id='row-attribution'" in html and "Most harmful rows" in html and first["most_harmful"][0]["text"] in html
+    assert "id='row-attribution'" in html and "Most suspect rows" in html and "Most harmful to the target" in html and first["most_harmful"][0]["text"] in html
     # immutable: checksummed, read-only, its integrity root in the ledger as a Run's is
     from verifily_train.artifacts.run import verify_run
 
@@ -114,8 +121,13 @@ def test_rows_on_classification_scores_every_row_caches_shards_and_derives(cls_r
 
     again = cli(*args[:-1])  # the table printer this time
     assert again.returncode == 0, again.stderr
-    assert "stages: 3 of 3 cache hits" in again.stdout and "most harmful rows" in again.stdout
+    assert "stages: 3 of 3 cache hits" in again.stdout and "most harmful to the target" in again.stdout
     assert "x the run's own train stage" in again.stdout and "by source" in again.stdout
+    assert "== SUSPECT ROWS: ranked by loss" in again.stdout and "most suspect rows" in again.stdout
+    assert "== ATTRIBUTION on the test loss (16 test rows): ranked by tracin" in again.stdout
+    assert "most helpful to the target" in again.stdout and "no interval" in again.stdout
+    html = (folder / "report.html").read_text()
+    assert "Suspect rows (no target)" in html and "Attribution on the test loss" in html
 
     sharded = _json(cli(*args, "--shards", "2"))
     assert [k for k in sharded["stages_now"] if k.startswith("row_shard")] == ["row_shard[0]", "row_shard[1]"]
@@ -156,6 +168,10 @@ def test_rows_user_errors_are_one_line_and_write_nothing(cls_run, cli, tmp_path)
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--methods", "loss,vibes"), "--methods", "vibes")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "40", "--seeds", "2"), "--verify", "40")
     assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "3", "--seeds", "1"), "--verify", "--seeds")
+    # --verify ranks with val by default; ranking TracIn on the test rows it is confirmed on is refused
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--verify", "3", "--seeds", "3", "--select", "test"),
+                      "--select", "16 rows are both", "--same-rows")
+    assert_user_error(cli("attribute", str(cls_run), "--rows", "--select", "val"), "--select", "with --verify")
     assert_user_error(cli("dataset", "derive", str(cls_run), "--drop-top", "3", "--attribution", str(tmp_path)),
                       "--attribution")
     (tmp_path / "rows.txt").write_text("train:1\nnot-a-row\n")
@@ -190,7 +206,7 @@ def test_rows_on_sft_targets_a_slice_and_derives_named_rows(sft_run, cli):
     table = pd.read_parquet(folder / "row_attribution.parquet")
     assert len(table) == 24 and result["target"] == "slice:source=human" and "label_issue" not in result["methods"]
     assert 0 < result["target_rows"] < 12 and "slice-source=human" in folder.name
-    assert np.isfinite(table["score_tracin"]).all() and "Most helpful rows" in (folder / "report.html").read_text()
+    assert np.isfinite(table["score_tracin"]).all() and "Most helpful to the target" in (folder / "report.html").read_text()
     chosen = [table["example_id"][0], table["row_hash"][3]]
     rows_file = folder.parent / "drop.txt"
     rows_file.write_text("# two rows\n" + "\n".join(chosen) + "\n")
