@@ -102,7 +102,7 @@ def _tracin_on_slice(run: str, value: str, verdict: str, verdict_slice: str, wor
     sliced = _json(_cli("attribute", run, "--rows", "--target", target, "--methods", "tracin", "--json",
                         cwd=work, env=env))
     frame = pd.read_parquet(Path(sliced["path"]) / "row_attribution.parquet")
-    e = {x["value"]: x for x in summarize_by_tag(frame, "tracin", "source", bootstrap=1000)}[value]
+    e = {x["value"]: x for x in summarize_by_tag(frame, "tracin", "source")}[value]
     return {"target": target, "target_rows": sliced.get("target_rows"), "method": "tracin",
             "excess": e["excess"], "excess_ci95": e.get("excess_ci95"),
             "agrees": (e["excess"] > 0) == (verdict == "hurts")}
@@ -156,7 +156,7 @@ def run_setting(setting: str, seeds: int, sft_steps: int, root: Path) -> dict:
     rows_seconds = time.perf_counter() - rows_started
     table = pd.read_parquet(Path(rows["path"]) / "row_attribution.parquet")
     methods = sorted(c[len("score_"):] for c in table.columns if c.startswith("score_"))
-    sums = {m: {e["value"]: e for e in summarize_by_tag(table, m, "source", bootstrap=1000)} for m in methods}
+    sums = {m: {e["value"]: e for e in summarize_by_tag(table, m, "source")} for m in methods}
     values = {}
     for value, entry in tagged["values"].items():
         cell = entry["slices"][entry["verdict_slice"]]["loss"]

@@ -143,7 +143,7 @@ def run_trial(kind: str, trial: int, model: str, root: str, checkpoints: int = 4
     if family == "cls":
         for method in plan.methods:
             tags[method] = {e["value"]: {"sum": e["sum"], "mean": e["mean"], "rows": e["rows"]}
-                            for e in row_attribution.summarize_by_tag(table, method, "source", bootstrap=0)}
+                            for e in row_attribution.summarize_by_tag(table, method, "source")}
     shutil.rmtree(work, ignore_errors=True)
     return {"kind": kind, "trial": trial, "rows": int(len(table)), "planted": int(planted.sum()), "methods": methods,
             "tag_sums": tags, "train_stage_seconds": train_seconds, "attribution_seconds": attribution_seconds,
