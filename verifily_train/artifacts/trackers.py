@@ -53,8 +53,13 @@ def run_tags(summary: dict) -> Dict[str, str]:
             "verifily.dataset_ref": dataset.get("ref"), "verifily.dataset_content_hash": dataset.get("content_hash"),
             "verifily.reproducibility_hash": record.get("reproducibility_hash"),
             "verifily.config_hash": record.get("config_hash"), "verifily.integrity_root": summary.get("integrity_root"),
-            "verifily.replayed": "true" if summary.get("replayed") else "false"}
+            "verifily.train_cached": _train_cached(record)}
     return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def _train_cached(record: dict) -> str:
+    """"true" when the train stage was read from the cache (a replay): no Trainer logged to the tracker."""
+    return "true" if ((record.get("stages") or {}).get("train") or {}).get("cache_hit") else "false"
 
 
 def _number(value) -> Optional[float]:
@@ -157,7 +162,7 @@ class MlflowTracking(Tracking):
             tags = [RunTag(k, v) for k, v in run_tags(summary).items()]
             params = [Param(k, v) for k, v in flat_config(self.cfg).items()]
             metrics = [Metric(k, v, now, 0) for k, v in run_metrics(summary).items()]
-            if not self.client.get_metric_history(run_id, "loss"):  # no Trainer ran here (a replay, a cached stage)
+            if not self.client.get_metric_history(run_id, "loss"):  # no Trainer ran (a replay, a cached train stage)
                 metrics += [Metric(k, v, now, step) for k, v, step in trainer_curve(Path(summary["path"]))]
             self.client.log_batch(run_id, tags=tags)
             for start in range(0, len(params), BATCH):

@@ -1,0 +1,67 @@
+"""training.report_to: [mlflow] against a real MLflow store (SQLite, in-process): what a run logs, read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import train, write_config
+
+mlflow = pytest.importorskip("mlflow")  # the dev extra installs it
+
+
+def test_a_run_logs_its_identity_loss_curve_and_slice_metrics_to_mlflow(tmp_path, models, sft_splits, prefect_api,
+                                                                       monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "verifily-tests")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working folder
+    write_config(tmp_path, "sft", models["llama"], sft_splits, eval={"slice_by_tags": ["source"]},
+                 training={"report_to": ["mlflow"]})
+    result, run = train(tmp_path, prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "did not take the Run's results" not in result.stderr
+    record = json.loads((run / "run.json").read_text())
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("verifily-tests")
+    [logged] = client.search_runs([experiment.experiment_id])
+    assert logged.info.run_name == record["run_id"] and logged.info.status == "FINISHED"
+    tags, params, metrics = logged.data.tags, logged.data.params, logged.data.metrics
+    assert tags["verifily.run_id"] == record["run_id"]
+    assert tags["verifily.dataset_content_hash"] == record["job"]["dataset_version"]["content_hash"]
+    assert tags["verifily.reproducibility_hash"] == record["reproducibility_hash"]
+    assert tags["verifily.train_cached"] == "false"
+    assert params["config.lora.r"] == "16" and params["config.training.num_epochs"] == "2"
+    assert "learning_rate" in params  # the Trainer's own params, in the same MLflow run
+    curve = client.get_metric_history(logged.info.run_id, "loss")  # logged by the Trainer, step by step
+    assert len(curve) >= 3 and [m.step for m in curve] == sorted(m.step for m in curve)
+    assert metrics["final/loss"] == pytest.approx(record["metrics"]["loss"])
+    slices = json.loads((run / "slices.json").read_text())["slices"]["source"]["values"]
+    human = next(e for e in slices if e["value"] == "human")
+    assert metrics["slice/source:human/loss"] == pytest.approx(human["metrics"]["loss"])
+    assert metrics["slice/source:human/n"] == human["n"]
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"run.json", "report.html", "config.yaml"} <= artifacts
+
+    # a Run whose Trainer did not run here (a replay: every stage cached) gets its loss curve from trainer_log.jsonl
+    from verifily_train.artifacts.trackers import MlflowTracking
+    from verifily_train.cli.summary import summary_from_run
+    from verifily_train.config import load_config
+
+    tracking = MlflowTracking(load_config(run / "config.yaml"), "run_replayed")
+    assert tracking.completed(summary_from_run(str(run))) == []
+    replayed = client.get_run(tracking.mlflow_run_id)
+    assert replayed.info.run_name == "run_replayed" and replayed.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(replayed.info.run_id, "loss")] == \
+        [(m.step, m.value) for m in curve]
+
+
+def test_a_tracker_name_not_known_is_refused_with_its_position(tmp_path, models, sft_splits):
+    from verifily_train.config import load_with_problems
+
+    _, problems = load_with_problems({"task": "sft", "base_model": str(models["llama"]),
+                                      "data_paths": {k: str(v) for k, v in sft_splits.items()}},
+                                     ["training.report_to=[mlflow, neptune]"])
+    assert [p.key for p in problems] == ["training.report_to[1]"] and "neptune" in str(problems[0])
