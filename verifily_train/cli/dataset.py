@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
 from verifily_train.cli.console import print_table
 from verifily_train.cli.runtime import quiet_libraries, use_prefect_server
@@ -45,8 +46,23 @@ def cmd_dataset_list(args) -> int:
 
 
 def cmd_dataset_show(args) -> int:
-    print(json.dumps(resolve(args.ref).summary(), indent=2))
+    dv = resolve(args.ref)
+    summary = dv.summary()
+    derived_from = derived_from_manifest(dv.manifest_path)
+    if derived_from is not None:  # a derived version names its parent and the rule (dataset derive, attribute)
+        summary["derived_from"] = derived_from
+    print(json.dumps(summary, indent=2))
     return 0
+
+
+def derived_from_manifest(manifest_path) -> Optional[dict]:
+    """The ``derived_from`` record of a (verified) manifest, or None for a version made from files."""
+    from verifily_train import jsonsafe
+
+    if not manifest_path:
+        return None
+    value = jsonsafe.loads(Path(manifest_path).read_text(encoding="utf-8")).get("derived_from")
+    return value if isinstance(value, dict) else None
 
 
 def cmd_dataset_verify(args) -> int:

@@ -28,11 +28,19 @@ def report(err: VerifilyError) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `verifily`: what it can do, not a usage error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     if not getattr(sys.unraisablehook, "redelivers_interrupts", False):
         sys.unraisablehook = redeliver_lost_interrupts(sys.unraisablehook)
     try:
-        return handler(args.handler)(args)
+        code = handler(args.handler)(args)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, inside the handler below, not at exit
+        return code
+    except BrokenPipeError:
+        return closed_stdout()
     except VerifilyError as err:
         return report(err)
     except OSError as err:
@@ -44,6 +52,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         forget_unhandled_keyboard_interrupt()
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def closed_stdout() -> int:
+    """The reader of stdout went away (``verifily runs list | head``): stop quietly, as a command killed by SIGPIPE.
+
+    stdout is pointed at /dev/null so that Python's final flush does not raise again at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what the shell reports for `cat big | head`
 
 
 def redeliver_lost_interrupts(previous: Callable) -> Callable:

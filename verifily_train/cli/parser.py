@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for the demo config")
     p.set_defaults(handler="demo:cmd_demo")
 
-    p = sub.add_parser("attribute", help="causal attribution: retrain without each tag value and measure the effect",
+    p = sub.add_parser("attribute", help="causal attribution: retrain without each tag value and measure the effect; "
+                                         "--rows: score single training rows (suspect rows, helpful/harmful rows)",
                        description="For each value of the tag key (--by), derive a dataset version without that "
                                    "value's train rows, retrain the run's config on it with several seeds (and on the "
                                    "full data, and without as many random rows), and judge on one target (--target) "
@@ -206,14 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="Run artifacts")
     rsub = p.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
     rsub.required = True
-    for name, help_text in (("list", "list runs"), ("show", "print a run's summary"),
+    for name, help_text in (("list", "list runs"), ("show", "print a run's summary (--json: run.json)"),
                             ("verify", "re-check every checksum of a run")):
         q = rsub.add_parser(name, help=help_text)
         if name != "list":
             q.add_argument("run", help="run id or path")
         q.add_argument("--runs-dir", default=None, help="folder of runs (default: runs/ and $VERIFILY_HOME/runs)")
-        if name == "list":
-            q.add_argument("--json", action="store_true")
+        if name in ("list", "show"):
+            q.add_argument("--json", action="store_true", help="print JSON (show: the whole run.json)")
         if name == "verify":
             q.add_argument("--root", default=None, metavar="SHA256",
                            help="the integrity root printed when the run was written (default: the one this "

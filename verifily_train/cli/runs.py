@@ -27,7 +27,20 @@ def cmd_runs_list(args) -> int:
 
 
 def cmd_runs_show(args) -> int:
-    print(json.dumps(load_run_json(find_run(args.run, args.runs_dir)), indent=2))
+    path = find_run(args.run, args.runs_dir)
+    record = load_run_json(path)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    elif record.get("status") == "completed":
+        from verifily_train.cli.summary import print_summary, summary_from_run
+
+        print_summary(summary_from_run(str(path)))
+    else:  # a failed run holds run.json only: what ran, and why it failed
+        error = record.get("error") or {}
+        dataset = ((record.get("job") or {}).get("dataset_version") or {}).get("ref", "?")
+        print(f"Run {record.get('run_id', path.name)}: {record.get('status')} ({dataset}, started "
+              f"{record.get('started_at', '?')})\n  error: {error.get('type', '?')}: {error.get('message', '')}\n"
+              f"  run: {path}\n  every field: verifily runs show {args.run} --json")
     return 0
 
 
