@@ -148,7 +148,7 @@ def test_hard_examples_rank_and_headline_the_over_represented_source():
     result = mine_hard_examples("classification", _cls_frame(), 7, ["source"])
     assert [e["tags"]["source"] for e in result["examples"]] == ["noisy"] * 7
     assert result["headline"] == ("100% of hard examples come from source:noisy, 25% of the test set "
-                                  "(4.0x, hypergeometric p=1.7e-05, BH q=0.10)")
+                                  "(4.0x, hypergeometric p=1.7e-05; Benjamini–Hochberg, FDR 0.10)")
     assert result["lift"]["source"][0]["value"] == "noisy"
 
 

@@ -61,7 +61,7 @@ def test_untagged_rows_never_headline_even_when_they_are_all_the_hard_examples()
     sources = ["a"] * 50 + [None] * 10
     result = mine_hard_examples("classification", _frame(sources, range(50, 60)), 10, ["source"])
     assert _row(result, UNTAGGED)["significant"]
-    assert result["headline"] == "no tag value is over-represented among the 10 hardest examples (BH q=0.10)"
+    assert result["headline"] == "no tag value is over-represented among the 10 hardest examples (Benjamini–Hochberg, FDR 0.10)"
 
 
 def test_hard_examples_in_proportion_to_the_test_set_give_no_headline():
@@ -70,7 +70,7 @@ def test_hard_examples_in_proportion_to_the_test_set_give_no_headline():
     hard = [base + i for base in (0, 50, 100, 150) for i in range(5)]
     result = mine_hard_examples("classification", _frame(sources, hard), 20, ["source"])
     assert all(r["lift"] == pytest.approx(1.0) and not r["significant"] for r in result["lift"]["source"])
-    assert result["headline"] == "no tag value is over-represented among the 20 hardest examples (BH q=0.10)"
+    assert result["headline"] == "no tag value is over-represented among the 20 hardest examples (Benjamini–Hochberg, FDR 0.10)"
 
 
 def test_a_planted_over_represented_source_headlines_with_its_test_and_correction():
@@ -83,7 +83,7 @@ def test_a_planted_over_represented_source_headlines_with_its_test_and_correctio
     assert row["p_value"] == pytest.approx(p) and row["significant"] and row["q_value"] <= 0.10
     assert result["lift"]["source"][0]["value"] == "contaminated"
     assert result["headline"] == (f"64% of hard examples come from source:contaminated, 16% of the test set "
-                                  f"(4.1x, hypergeometric p={p:.2g}, BH q=0.10)")
+                                  f"(4.1x, hypergeometric p={p:.2g}; Benjamini–Hochberg, FDR 0.10)")
 
 
 def test_the_correction_runs_over_every_value_of_every_key():
@@ -103,7 +103,7 @@ def test_a_stricter_q_can_silence_a_borderline_value():
     hard = list(range(8)) + list(range(25, 42))  # 8 of 25 hard vs 16% expected: modest
     result = mine_hard_examples("classification", _frame(sources, hard), 25, ["source"], q=1e-6)
     assert not _row(result, "contaminated")["significant"]
-    assert result["headline"].startswith("no tag value is over-represented") and result["headline"].endswith("(BH q=1.0e-06)")
+    assert result["headline"].startswith("no tag value is over-represented") and result["headline"].endswith("(Benjamini–Hochberg, FDR 1.0e-06)")
 
 
 def test_headline_calibration_guard_placebo_rarely_names_a_value_and_a_planted_one_is_found():

@@ -31,17 +31,37 @@ def cmd_runs_show(args) -> int:
     record = load_run_json(path)
     if args.json:
         print(json.dumps(record, indent=2))
-    elif record.get("status") == "completed":
+        return 0
+    if record.get("status") == "completed":
+        import io
+
         from verifily_train.cli.summary import print_summary, summary_from_run
 
-        print_summary(summary_from_run(str(path)))
-    else:  # a failed run holds run.json only: what ran, and why it failed
-        error = record.get("error") or {}
-        dataset = ((record.get("job") or {}).get("dataset_version") or {}).get("ref", "?")
-        print(f"Run {record.get('run_id', path.name)}: {record.get('status')} ({dataset}, started "
-              f"{record.get('started_at', '?')})\n  error: {error.get('type', '?')}: {error.get('message', '')}\n"
-              f"  run: {path}\n  every field: verifily runs show {args.run} --json")
+        text = io.StringIO()
+        try:
+            print_summary(summary_from_run(str(path)), out=text)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a hand-edited or damaged Run
+            print(f"warning: {path}: no summary ({type(err).__name__}: {err}); verifily runs verify {args.run} "
+                  "says what changed", file=sys.stderr)
+        else:
+            print(text.getvalue().lstrip("\n"), end="")
+            return 0
+    print_short_record(record, path, args.run)
     return 0
+
+
+def print_short_record(record: dict, path, ref: str) -> None:
+    """A run that is not a complete Run (failed, damaged): what ran, and why it failed."""
+    def field(value, key):
+        return value.get(key) if isinstance(value, dict) else None
+
+    error = field(record, "error")
+    dataset = field(field(field(record, "job"), "dataset_version"), "ref") or "?"
+    print(f"Run {record.get('run_id', path.name)}: {record.get('status')} ({dataset}, started "
+          f"{record.get('started_at', '?')})")
+    if error:
+        print(f"  error: {field(error, 'type') or '?'}: {field(error, 'message') or ''}")
+    print(f"  run: {path}\n  every field: verifily runs show {ref} --json")
 
 
 def cmd_runs_verify(args) -> int:

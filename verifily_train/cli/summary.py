@@ -85,7 +85,10 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"\n  hard examples: {headline} (hard_examples.jsonl)\n")
     if summary["slices"].get("slices"):
         w(f"  {CAVEAT}\n")
-    w(f"\n  run: {summary['path']}\n  reproducibility_hash: {record['reproducibility_hash']}\n")
+    w(f"\n  run: {summary['path']}\n")
+    if (Path(summary["path"]) / "report.html").is_file():
+        w(f"  report: {Path(summary['path']) / 'report.html'}  (open in a browser)\n")
+    w(f"  reproducibility_hash: {record['reproducibility_hash']}\n")
     if summary.get("integrity_root"):  # kept elsewhere, it verifies the Run anywhere: verifily runs verify RUN --root
         w(f"  integrity_root: {summary['integrity_root']}\n")
     if summary.get("pushed_to"):

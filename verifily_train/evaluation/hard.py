@@ -93,15 +93,15 @@ def _level(q: float) -> str:
 
 def lift_headline(lift: Dict[str, list], n: int, q: float = FDR_Q) -> Optional[str]:
     """E.g. "62% of hard examples come from source:ai_contaminated, 16% of the test set (3.9x,
-    hypergeometric p=3.1e-08, BH q=0.10)": the largest lift among significant values with support."""
+    hypergeometric p=3.1e-08; Benjamini–Hochberg, FDR 0.10)": the largest lift among significant values with support."""
     if n == 0:
         return None
     if not lift:
         return f"the {n} hardest examples carry no tags"
     candidates = [(key, row) for key, rows in lift.items() for row in rows if _can_headline(row)]
     if not candidates:
-        return f"no tag value is over-represented among the {n} hardest examples (BH q={_level(q)})"
+        return f"no tag value is over-represented among the {n} hardest examples (Benjamini–Hochberg, FDR {_level(q)})"
     key, row = min(candidates, key=lambda c: (-c[1]["lift"], c[1]["p_value"], c[0], str(c[1]["value"])))
     return (f"{row['hard_share']:.0%} of hard examples come from {key}:{row['value']}, "
             f"{row['test_share']:.0%} of the test set ({row['lift']:.1f}x, "
-            f"hypergeometric p={row['p_value']:.2g}, BH q={_level(q)})")
+            f"hypergeometric p={row['p_value']:.2g}; Benjamini–Hochberg, FDR {_level(q)})")
