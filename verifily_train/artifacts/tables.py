@@ -46,9 +46,14 @@ def slice_table(summary: dict) -> List[dict]:
     return rows
 
 
+def escape_markdown_html(text: str) -> str:
+    """``<tag>``, ``<|im_start|>`` as text: a markdown renderer (the Prefect UI's) drops what looks like HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _cell(value) -> str:
     text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
-    text = text.replace("|", "\\|").replace("\n", " ")
+    text = escape_markdown_html(text.replace("|", "\\|").replace("\n", " "))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -113,5 +118,6 @@ def run_artifacts(summary: dict) -> List[ArtifactSpec]:
 
 def comparison_artifact(previous: Path, current: Path, text: str) -> ArtifactSpec:
     """``verifily compare`` of the previous dataset version's run against this one."""
-    return ArtifactSpec("markdown", "comparison", f"## Compared with the previous version's run\n\n{text}",
+    return ArtifactSpec("markdown", "comparison",
+                        f"## Compared with the previous version's run\n\n{escape_markdown_html(text)}",
                         f"verifily compare {previous.name} {current.name}")

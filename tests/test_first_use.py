@@ -1,0 +1,66 @@
+"""What a new user tripped on (issue 39): help without arguments, a closed pipe, readable `runs show`,
+`dataset show` naming the parent of a derived version, the comparison artifact's placeholders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import cli_env, run_cli
+
+
+def test_bare_verifily_prints_help_not_an_error(tmp_path):
+    result = run_cli(cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: verifily") and "train" in result.stdout and "compare" in result.stdout
+
+
+def test_top_level_help_says_attribute_can_score_rows(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    attribute = [line for line in result.stdout.splitlines() if line.strip().startswith("attribute")]
+    assert result.returncode == 0 and "--rows" in result.stdout, result.stdout
+    assert attribute, result.stdout
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "verifily_train.cli.main", "models", "list"], cwd=tmp_path,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written: `verifily models list | head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_runs_show_prints_a_failed_runs_error_and_the_json_on_request(tmp_path):
+    from verifily_train.artifacts.run import write_failed_run
+
+    record = {"job": {"dataset_version": {"ref": "ds_x@v1"}}, "started_at": "2026-12-07T10:00:00Z"}
+    run = write_failed_run(tmp_path / "runs", "run_20261207_100000_fa11ed", record, RuntimeError("out of memory"))
+    shown = run_cli("runs", "show", str(run), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[:2] == [
+        "Run run_20261207_100000_fa11ed: failed (ds_x@v1, started 2026-12-07T10:00:00Z)",
+        "  error: RuntimeError: out of memory"]
+    raw = run_cli("runs", "show", str(run), "--json", cwd=tmp_path)
+    assert json.loads(raw.stdout)["status"] == "failed"
+
+
+def test_dataset_show_names_the_version_a_derived_one_came_from(tmp_path, sft_splits):
+    from verifily_train.dataset import create_version
+
+    parent = create_version("ds_x", "v1", "sft", str(sft_splits["train"]))
+    derived_from = {"ref": parent.ref, "content_hash": parent.content_hash, "rule": "without source=human"}
+    create_version("ds_x", "v1-without-human", "sft", str(sft_splits["val"]), derived_from=derived_from)
+    shown = json.loads(run_cli("dataset", "show", "ds_x@v1-without-human", cwd=tmp_path).stdout)
+    assert shown["derived_from"] == derived_from
+    assert "derived_from" not in json.loads(run_cli("dataset", "show", "ds_x@v1", cwd=tmp_path).stdout)
+
+
+def test_the_comparison_artifact_keeps_placeholders_a_markdown_renderer_would_drop():
+    from verifily_train.artifacts.tables import comparison_artifact, markdown_table
+
+    spec = comparison_artifact(Path("runs/a"), Path("runs/b"), "For causal attribution: verifily attribute RUN --by <tag>.")
+    assert "--by &lt;tag&gt;." in spec.content and "<tag>" not in spec.content
+    assert "| &lt;\\|im_start\\|&gt;assistant |" in markdown_table([{"prediction": "<|im_start|>assistant"}])
