@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, write_config
+from conftest import REPO, cli_env, run_cli, write_config
 
 WALKTHROUGH = REPO / "docs" / "python.md"
 
@@ -58,6 +58,10 @@ def test_the_docs_walkthrough_trains_reads_compares_and_plans_from_python(tmp_pa
     assert out["plan_values"] == ["ai_contaminated", "human", "synthetic"] and out["plan_dry"]
     assert Path(out["again"]).resolve() == Path(out["run_path"]).resolve()
     assert "Traceback" not in result.stderr
+
+    shown = run_cli("runs", "show", out["run_path"], cwd=tmp_path)  # the CLI's summary of the same Run
+    assert shown.returncode == 0 and shown.stdout.startswith("Run run_"), shown.stderr
+    assert f"  report: {Path(out['run_path']) / 'report.html'}" in shown.stdout and "metrics: loss=" in shown.stdout
 
 
 def test_importing_the_package_imports_neither_the_api_nor_prefect():
