@@ -210,6 +210,7 @@ class Comparison:
 
     def __init__(self, raw: dict):
         self.raw = raw
+        self.tracker_run_id: Optional[str] = None  # the MLflow run it was logged to (report_to)
 
     def __repr__(self) -> str:
         return f"Comparison({self.raw['run_a']!r} -> {self.raw['run_b']!r})"
@@ -227,15 +228,12 @@ class Comparison:
     @property
     def overall(self):
         """One row per metric: A, B, B - A, and (on shared test rows) its paired interval, p values and star."""
-        return self._cells([("overall", None, self.raw.get("overall") or {})])
+        return self._frame("overall")
 
     @property
     def slices(self):
         """One row per tag key, value and metric: n, B - A with its paired interval, p values, star and flips."""
-        families = [(key, value, entry.get("deltas") or {}, entry)
-                    for key, values in (self.raw.get("slices") or {}).items() for value, entry in values.items()]
-        return self._cells([(k, v, d) for k, v, d, _ in families],
-                           extra={(k, v): {"n": e.get("n"), **_flip_columns(e)} for k, v, _, e in families})
+        return self._frame("slices")
 
     @property
     def config_diff(self):
@@ -243,41 +241,35 @@ class Comparison:
 
         return pd.DataFrame(self.raw.get("config_diff") or [], columns=["key", "a", "b"])
 
-    def _cells(self, families, extra: Optional[dict] = None):
+    def _frame(self, part: str):
         import pandas as pd
 
-        paired = (self.raw.get("paired") or {}).get("deltas") or {}
-        rows = []
-        for key, value, cells in families:
-            for metric, cell in cells.items():
-                tested = paired.get(metric, {}) if key == "overall" else cell
-                ci = tested.get("ci95") or (None, None)
-                row = {"key": key, "value": value, **(extra or {}).get((key, value), {}), "metric": metric}
-                if key == "overall":
-                    row.update(a=cell.get("a"), b=cell.get("b"))
-                row.update(delta=cell.get("delta"), ci95_low=ci[0], ci95_high=ci[1], p=tested.get("p"),
-                           p_adjusted=tested.get("p_adjusted"), significant=bool(tested.get("significant", False)))
-                rows.append(row)
+        from verifily_train.artifacts.results import comparison_cells
+
+        rows = [r for r in comparison_cells(self.raw) if (r["key"] == "overall") == (part == "overall")]
+        if part == "overall":
+            rows = [{k: v for k, v in r.items() if k not in ("key", "value")} for r in rows]
         return pd.DataFrame(rows)
 
 
-def _flip_columns(entry: dict) -> dict:
-    flips = entry.get("flips")
-    return {"wrong_to_right": flips["wrong_to_right"], "right_to_wrong": flips["right_to_wrong"]} if flips else {}
-
-
 def compare(a: RunLike, b: RunLike, *, runs_dir: Optional[Union[str, os.PathLike]] = None,
-            bootstrap_samples: int = 1000, fdr_q: Optional[float] = None, permutations: Optional[int] = None
-            ) -> Comparison:
-    """B minus A as ``verifily compare A B`` computes it (the same statistics, nothing written)."""
+            bootstrap_samples: int = 1000, fdr_q: Optional[float] = None, permutations: Optional[int] = None,
+            report_to: Optional[str] = None) -> Comparison:
+    """B minus A as ``verifily compare A B`` computes it (the same statistics; no Run is written to).
+    ``report_to="mlflow"`` also logs it as an MLflow run nested under B's (docs/trackers.md)."""
     from verifily_train.artifacts.compare import PERMUTATIONS, compare_runs
     from verifily_train.artifacts.run import verify_before_use
+    from verifily_train.artifacts.trackers import check_result_tracker, log_comparison
 
+    check_result_tracker(report_to, "report_to")
     run_a, run_b = load_run(a, runs_dir), load_run(b, runs_dir)
     for run in (run_a, run_b):  # completed and untampered, as ``verifily compare`` checks
         verify_before_use(run.path, "compare")
-    return Comparison(compare_runs(run_a.path, run_b.path, bootstrap_samples=bootstrap_samples, fdr_q=fdr_q,
-                                   permutations=PERMUTATIONS if permutations is None else permutations))
+    comparison = Comparison(compare_runs(run_a.path, run_b.path, bootstrap_samples=bootstrap_samples, fdr_q=fdr_q,
+                                         permutations=PERMUTATIONS if permutations is None else permutations))
+    if report_to:
+        comparison.tracker_run_id = log_comparison(comparison.raw, str(comparison))
+    return comparison
 
 
 class Attribution:
@@ -286,6 +278,7 @@ class Attribution:
     def __init__(self, raw: dict, dry_run: bool = False):
         self.raw = raw
         self.dry_run = dry_run
+        self.tracker_run_id: Optional[str] = None  # the MLflow run it was logged to (report_to)
 
     def __repr__(self) -> str:
         kind = "plan" if self.dry_run else "result"
@@ -309,34 +302,35 @@ class Attribution:
 
         if self.dry_run:
             return pd.DataFrame([{"value": v, "removed_rows": n} for v, n in (self.raw.get("values") or {}).items()])
-        metric = self.raw.get("primary_metric")
-        rows = []
-        for value, entry in (self.raw.get("values") or {}).items():
-            cell = (entry.get("slices") or {}).get(entry.get("verdict_slice"), {}).get(metric, {})
-            ci = cell.get("ci95") or (None, None)
-            rows.append({"value": value, "removed_rows": entry.get("removed_rows"), "verdict": entry.get("verdict"),
-                         "metric": metric, "effect": cell.get("effect"), "ci95_low": ci[0], "ci95_high": ci[1],
-                         "p_adjusted": entry.get("p_adjusted"), "mde": cell.get("mde"), "why": entry.get("why")})
-        return pd.DataFrame(rows)
+        from verifily_train.artifacts.results import attribution_verdicts
+
+        return pd.DataFrame(attribution_verdicts(self.raw))
 
 
 def attribute(run: RunLike, by: str = "source", *, values: Optional[List[str]] = None, seeds: Optional[int] = None,
               target: Optional[str] = None, alpha: float = 0.05, correction: str = "holm",
               budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None, concurrency: int = 2,
               out: Optional[Union[str, os.PathLike]] = None, deployment: Optional[str] = None,
-              dry_run: bool = False) -> Attribution:
+              dry_run: bool = False, report_to: Optional[str] = None) -> Attribution:
     """Causal attribution as ``verifily attribute RUN --by KEY`` runs it (the ``attribute`` flow; docs/attribution.md);
-    ``dry_run`` returns the plan (values, arms, training runs) without training."""
+    ``dry_run`` returns the plan (values, arms, training runs) without training; ``report_to="mlflow"`` also logs
+    the verdicts as an MLflow run nested under RUN's (docs/trackers.md)."""
+    from verifily_train.artifacts.trackers import check_result_tracker, log_attribution
     from verifily_train.attribution.stats import DEFAULT_SEEDS
     from verifily_train.cli.attribute import attribution_result, checked_plan
 
-    parent = load_run(run).path.resolve()
+    check_result_tracker(report_to, "report_to")
+    parent_run = load_run(run)
+    parent = parent_run.path.resolve()
     seeds = DEFAULT_SEEDS if seeds is None else seeds
     plan = checked_plan(parent, by, values, seeds, target, alpha, correction, budget_steps, budget_fraction,
                         concurrency)
     if dry_run:
         return Attribution(plan, dry_run=True)
-    return Attribution(attribution_result(str(parent), by, values, seeds, budget_steps, budget_fraction, concurrency,
-                                          None if out is None else os.fspath(out), deployment, alpha, correction,
-                                          plan["target"]))
+    result = Attribution(attribution_result(str(parent), by, values, seeds, budget_steps, budget_fraction,
+                                            concurrency, None if out is None else os.fspath(out), deployment, alpha,
+                                            correction, plan["target"]))
+    if report_to:
+        result.tracker_run_id = log_attribution(result.raw, parent_run.run_id)
+    return result
 

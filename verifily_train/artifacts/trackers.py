@@ -116,6 +116,15 @@ class Tracking:
         return []
 
 
+def configured_experiment(client) -> str:
+    """The experiment id MLflow's environment names (``MLFLOW_EXPERIMENT_NAME``, created if new), else Default."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        found = client.get_experiment_by_name(name)
+        return found.experiment_id if found else client.create_experiment(name)
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"  # MLflow's Default experiment
+
+
 class MlflowTracking(Tracking):
     """One MLflow run per Verifily Run (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME`` as the Trainer reads them)."""
 
@@ -128,16 +137,10 @@ class MlflowTracking(Tracking):
         if self.given:
             self.mlflow_run_id = self.given
         else:
-            run = self.client.create_run(self._experiment_id(), run_name=run_id, tags={"verifily.run_id": run_id})
+            run = self.client.create_run(configured_experiment(self.client), run_name=run_id,
+                                         tags={"verifily.run_id": run_id})
             self.mlflow_run_id = run.info.run_id
         self._previous_env: Optional[str] = None
-
-    def _experiment_id(self) -> str:
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        if name:
-            found = self.client.get_experiment_by_name(name)
-            return found.experiment_id if found else self.client.create_experiment(name)
-        return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"  # MLflow's Default experiment
 
     def stages_begin(self) -> None:
         self._previous_env = os.environ.get("MLFLOW_RUN_ID")
@@ -189,3 +192,96 @@ def start_tracking(cfg: TrainConfig, run_id: str) -> Tracking:
     """The trackers ``training.report_to`` names that Verifily logs to itself (MLflow); the others the Trainer
     logs to alone."""
     return MlflowTracking(cfg, run_id) if "mlflow" in trackers(cfg.training) else Tracking()
+
+
+RESULT_TRACKERS = ("mlflow",)  # the trackers `compare` and `attribute` can log to (--report-to)
+
+
+def check_result_tracker(name: Optional[str], flag: str = "--report-to") -> None:
+    """A tracker ``compare`` / ``attribute`` can log to, and its package installed; one line otherwise."""
+    from verifily_train.errors import EnvironmentProblem, VerifilyError
+
+    if name is None:
+        return
+    if name not in RESULT_TRACKERS:
+        raise VerifilyError(None, flag, f"must be one of {', '.join(RESULT_TRACKERS)}; got {name!r}")
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise EnvironmentProblem(None, flag, f"{name} needs the {name} package: pip install {name}")
+
+
+def _results_run(name: str, verifily_run_id: str, tags: Dict[str, str]):
+    """A new MLflow run for a result about ``verifily_run_id``: in the experiment of that Run's MLflow run and
+    nested under it when one was logged, else in the configured experiment (as training picks it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, filter_string=f"tags.`verifily.run_id` = '{verifily_run_id}'",
+                               max_results=1) if experiments else []
+    tags = dict(tags)
+    if found:
+        experiment = found[0].info.experiment_id
+        tags["mlflow.parentRunId"] = found[0].info.run_id
+    else:
+        experiment = configured_experiment(client)
+    return client, client.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+
+def _log_result(client, run_id: str, metrics: Dict[str, float], artifact_name: str, payload: dict,
+                extra_text: Optional[Tuple[str, str]] = None) -> None:
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    now = _millis()
+    items = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start:start + 1000])
+    with tempfile.TemporaryDirectory(prefix="verifily-tracker-") as folder:
+        path = Path(folder) / artifact_name
+        path.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+        client.log_artifact(run_id, str(path))
+        if extra_text:
+            extra = Path(folder) / extra_text[0]
+            extra.write_text(extra_text[1], encoding="utf-8")
+            client.log_artifact(run_id, str(extra))
+    client.set_terminated(run_id, "FINISHED")
+
+
+def log_comparison(result: dict, text: str) -> str:
+    """``compare A B`` as an MLflow run nested under B's: ``delta/<metric>``, ``p_adjusted/<metric>``,
+    ``significant/<metric>`` overall and ``.../slice/<key>:<value>/<metric>`` per slice; comparison.json and the
+    table as artifacts. Returns the MLflow run id."""
+    from verifily_train.artifacts.results import comparison_cells
+
+    client, run_id = _results_run(f"compare {result['run_a']} {result['run_b']}", result["run_b"],
+                                  {"verifily.compare.a": str(result["run_a"]), "verifily.compare.b": str(result["run_b"]),
+                                   "verifily.kind": "compare"})
+    metrics: Dict[str, float] = {}
+    for row in comparison_cells(result):
+        where = [] if row["key"] == "overall" else ["slice", f"{row['key']}:{row['value']}"]
+        for field in ("delta", "p_adjusted"):
+            if _number(row[field]) is not None:
+                metrics[metric_name(field, *where, row["metric"])] = float(row[field])
+        metrics[metric_name("significant", *where, row["metric"])] = 1.0 if row["significant"] else 0.0
+    _log_result(client, run_id, metrics, "comparison.json", result, ("comparison.txt", text))
+    return run_id
+
+
+def log_attribution(result: dict, parent_run_id: str) -> str:
+    """``attribute RUN --by KEY`` as an MLflow run nested under RUN's: ``effect/<key>:<value>``,
+    ``p_adjusted/<key>:<value>`` and a ``verdict/<key>:<value>`` tag per value; attribution.json as an artifact.
+    Returns the MLflow run id."""
+    from verifily_train.artifacts.results import attribution_verdicts
+
+    by = result.get("by")
+    rows = attribution_verdicts(result)
+    tags = {"verifily.kind": "attribute", "verifily.attribute.by": str(by), "verifily.attribute.parent": parent_run_id}
+    tags.update({metric_name("verdict", f"{by}:{row['value']}"): str(row["verdict"]) for row in rows})
+    client, run_id = _results_run(f"attribute {parent_run_id} by {by}", parent_run_id, tags)
+    metrics = {metric_name(field, f"{by}:{row['value']}"): float(row[field]) for row in rows
+               for field in ("effect", "p_adjusted", "mde") if _number(row[field]) is not None}
+    _log_result(client, run_id, metrics, "attribution.json", result)
+    return run_id

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.attribution.options import check_options
 from verifily_train.cli import rows
+from verifily_train.errors import VerifilyError
 from verifily_train.cli.runtime import await_server, in_process_flow_settings, start_quiet_server, use_prefect_server
 
 
 def cmd_attribute(args) -> int:
+    report_to = getattr(args, "report_to", None)
     if args.rows:
+        if report_to:
+            raise VerifilyError(None, "--report-to", "logs tag verdicts; --rows scores are not logged yet")
         return rows.cmd_attribute_rows(args)
     from verifily_train.artifacts.run import find_run
+    from verifily_train.artifacts.trackers import check_result_tracker
     from verifily_train.attribution.plan import describe_plan
 
+    check_result_tracker(report_to)
     parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
     values = split_values(args.values)
     plan = checked_plan(parent.resolve(), args.by, values, args.seeds, args.target, args.alpha, args.correction,
@@ -29,7 +36,7 @@ def cmd_attribute(args) -> int:
     use_prefect_server()
     return run_attribute(str(parent.resolve()), args.by, values, args.seeds, args.budget_steps,
                          args.budget_fraction, args.concurrency, args.out, args.deployment, args.json, args.alpha,
-                         args.correction, plan["target"])
+                         args.correction, plan["target"], report_to)
 
 
 def checked_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int, target: Optional[str], alpha: float,
@@ -51,7 +58,7 @@ def split_values(values: Optional[str]) -> Optional[List[str]]:
 
 def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fraction, concurrency: int,
                   out_dir, deployment, as_json: bool, alpha: float = 0.05, correction: str = "holm",
-                  target: Optional[str] = None) -> int:
+                  target: Optional[str] = None, report_to: Optional[str] = None) -> int:
     """Run the ``attribute`` flow in this process (its ablation runs in child processes) and print the verdicts."""
     from verifily_train.attribution import render
 
@@ -62,6 +69,12 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
     else:
         print(render(result))
         print(f"\n  attribution: {result['path']}/attribution.json  (report: attribution.html)")
+    if report_to:
+        from verifily_train.artifacts.run import load_run_json
+        from verifily_train.artifacts.trackers import log_attribution
+
+        parent_id = str(load_run_json(Path(run)).get("run_id", Path(run).name))
+        print(f"  logged to MLflow run {log_attribution(result, parent_id)}", file=sys.stderr)
     return 0
 
 

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print attribution.json instead of the table")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (question, target, values, arms, training runs) and stop")
+    p.add_argument("--report-to", choices=["mlflow"], default=None,
+                   help="also log the verdicts as an MLflow run nested under RUN's (docs/trackers.md)")
     rows.add_rows_arguments(p)  # --rows: row-level attribution (cli/rows.py)
     p.set_defaults(handler="attribute:cmd_attribute")
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the runs' eval.fdr_q, 0.10)")
     p.add_argument("--permutations", type=int, default=9999,
                    help="random A/B swaps per paired test of a non-0/1 metric (0/1 metrics are tested exactly)")
+    p.add_argument("--report-to", choices=["mlflow"], default=None,
+                   help="also log the comparison of two runs as an MLflow run nested under B's (docs/trackers.md)")
     p.set_defaults(handler="runs:cmd_compare")
 
     p = sub.add_parser("config", help="inspect train.yaml")

@@ -105,7 +105,14 @@ def cmd_compare(args) -> int:
         from verifily_train.fsio import check_output_file
 
         check_output_file(args.html, "--html")  # before any work: a link, FIFO or folder there is refused
+    report_to = getattr(args, "report_to", None)
+    if report_to:
+        from verifily_train.artifacts.trackers import check_result_tracker
+
+        check_result_tracker(report_to)
     groups = group_sides(args)
+    if groups is not None and report_to:
+        raise ConfigError(None, "--report-to", "logs a comparison of two runs; run groups are not logged yet")
     if groups is not None:
         from verifily_train.artifacts.groups import compare_groups, render_group_comparison, render_group_markdown
 
@@ -134,4 +141,8 @@ def cmd_compare(args) -> int:
     print(json.dumps(result, indent=2) if args.json else render_comparison(result, markdown=args.markdown))
     if args.html:
         print(f"wrote {args.html}", file=sys.stderr)
+    if report_to:
+        from verifily_train.artifacts.trackers import log_comparison
+
+        print(f"logged to MLflow run {log_comparison(result, render_comparison(result))}", file=sys.stderr)
     return 0
