@@ -1,15 +1,29 @@
-"""Suite ``aa``, the placebo for ``verifily compare``: same data, same config, two seeds; how many cells get a star?
+"""Suite ``aa``: calibration of ``verifily compare``, by the yardstick P(any star in a call), for both questions.
 
-Nothing differs between the two runs of a pair but the seed, so every starred slice x metric cell is a
-false discovery as far as the data is concerned. For each task (classification on the tiny BERT, SFT on
-the tiny Llama from ``verifily_train/fixtures``) ``pairs`` seed pairs are trained with the pipeline's
-stages by hand (no Prefect: the tokenized data is shared, as the cache would share it) and compared.
+``python -m bench.aa [--pairs 100] [--replicates 3] [--power-trials 40]`` (also ``python -m bench --only aa``).
 
-Reported per task: the mean fraction of starred cells (what ``compare`` stars: Benjamini–Hochberg at q
-over swap tests whose null adds the between-slice spread) with a 95% bootstrap interval over pairs (the
-pair is the unit: cells of one pair are correlated), the share of pairs with any star (exact
-Clopper–Pearson interval), and, for contrast, two rules that ignore seed noise: BH over the row-level
-swap tests alone, and the rule ``compare`` used before (a paired 95% interval that excludes zero).
+Every run is real: the tiny BERT fixture, classification, full fine-tune, trained by the pipeline's stage
+functions in-process (no Prefect: the statistics are the subject; the tokenized data is shared as the
+cache shares it), on the tagged fixture data (sources human / synthetic / ai_contaminated, plus difficulty
+and length tags: 12 slice x 2 metric cells and the overall cells per call).
+
+Group level ("did the change move the metric?", ``compare GROUP_A GROUP_B``):
+- A/A: two groups of ``replicates`` runs of the same data and config at disjoint seeds, ``pairs`` pairs,
+  every pair on fresh seeds (independent calls). Every star is false: the figure is P(any star), which BH
+  at q bounds by q when every null is true.
+- power, uniform: A trains on a version where 30% of every source's train labels are random, B on the
+  clean version (a data fix that moves every slice); one-slice: A's version has random labels on the
+  synthetic-template train rows only, B is the clean version (a fix aimed at one slice). B is the A/A
+  pair's first group; A is trained at the same seeds (what ``verifily train --seeds N`` gives on both
+  sides). Power = share of trials whose target cell (overall accuracy; synthetic accuracy) is starred.
+
+Model level ("do these two models differ on these rows?", ``compare RUN_A RUN_B``):
+- two seeds: the first run of each A/A pair's two groups; how often two seeds' models "differ" on these
+  rows (a true statement about two models, and the reason a claim about a change needs replicates);
+- exchangeable: per row a coin decides which of those two runs' predictions is A's: A and B are
+  exchangeable by construction, the row-level test's exact null; P(any star) must be <= q.
+
+Rates carry exact Clopper-Pearson 95% intervals. Results: bench/results/aa.json.
 """
 
 from __future__ import annotations
@@ -23,139 +37,109 @@ import numpy as np
 
 from bench.common import markdown_table
 
-TASKS = {
-    # task: (fixture model kind, split sizes, config sections)
-    "classification": ("bert", {"train": 160, "test": 200},
-                       {"training": {"num_epochs": 4, "batch_size": 16, "gradient_accumulation_steps": 1,
-                                     "learning_rate": 3e-3, "max_seq_length": 32},
-                        "lora": {"enabled": False}}),
-    # the Llama gets the fixture's short LM pre-training first: LoRA on a random base learns nothing to compare
-    "sft": ("llama", {"train": 96, "test": 120},
-            {"training": {"num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1,
-                          "learning_rate": 5e-3, "max_seq_length": 64},
-             "eval": {"max_new_tokens": 6, "baseline": False}}),
-}
-COMMON = {"eval": {"slice_by_tags": ["source", "difficulty", "length_bucket"], "hard_examples": 5,
-                   "bootstrap_samples": 500},
-          "training": {"save_steps": 10000, "eval_steps": 10000, "logging_steps": 50},
-          "runtime": {"progress": False}}
+SIZES = {"train": 160, "test": 240}
+NOISY_SHARE = 0.30  # the uniform case: this share of every source's train labels drawn at random
+BASE = {"training": {"num_epochs": 20, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                     "warmup_ratio": 0.1, "max_seq_length": 32, "save_steps": 10000, "eval_steps": 10000,
+                     "logging_steps": 50, "attribution_snapshots": 0},
+        "lora": {"enabled": False},
+        "eval": {"slice_by_tags": ["source", "difficulty", "length_bucket"], "hard_examples": 3,
+                 "bootstrap_samples": 0},
+        "runtime": {"progress": False}}
+CHANGES = {"uniform": ("overall", None, "accuracy"), "one-slice": ("source", "synthetic", "accuracy")}
 
 
-def _config(work: Path, task: str, model: Path, splits: Dict[str, Path], seed: int) -> dict:
-    _, _, sections = TASKS[task]
-    cfg = {"task": task, "base_model": str(model), "seed": seed,
-           "data_paths": {k: str(v) for k, v in splits.items()}}
-    for source in (COMMON, sections):
-        for key, value in source.items():
-            cfg.setdefault(key, {}).update(value)
-    return cfg
-
-
-def _train_pairs(task: str, work: Path, pairs: int, log) -> List[tuple]:
-    """Two runs per seed pair (seeds 2i+1, 2i+2), stages by hand, tokenized data shared."""
-    from verifily_train.artifacts.record import RunStart, write_run
-    from verifily_train.artifacts.run import new_run_id, utc_now
-    from verifily_train.config import load_config
-    from verifily_train.fixtures.data import write_splits
-    from verifily_train.fixtures.models import build_model, pretrain_causal_lm
-    from verifily_train.pipeline.fingerprint import fingerprint_stage
-    from verifily_train.pipeline.runner import STAGES, run_uncached
-
-    kind, sizes, _ = TASKS[task]
-    model = build_model(kind, work / f"model-{kind}")
-    if kind == "llama":
-        pretrain_causal_lm(model, steps=150)
-    splits = write_splits(work / f"data-{task}", task, sizes, seed=5)
-    root, runs_dir = work / f"stages-{task}", work / f"runs-{task}"
-    root.mkdir(parents=True, exist_ok=True)
-
-    def run(name, folder, cfg, fp, done):
-        out = root / folder
-        out.mkdir(parents=True, exist_ok=True)
-        return dict(run_uncached(name, cfg, fp, out, root / f"work-{folder}", **done), dir=str(out))
-
-    first = load_config(_config(work, task, model, splits, 1))
-    fp = fingerprint_stage(first, root / "cache")
-    shared = {}
-    for name in ("validate", "tokenize"):  # the seed is not in their keys
-        shared[name] = run(name, name, first, fp, shared)
-    out = []
-    for i in range(pairs):
-        pair = []
-        for seed in (2 * i + 1, 2 * i + 2):
-            start = RunStart(new_run_id(), utc_now(), time.time())
-            cfg = load_config(_config(work, task, model, splits, seed))
-            done = dict(shared)
-            for stage in STAGES[2:]:  # baseline: skipped for this question (eval.baseline off)
-                done[stage.name] = run(stage.name, f"{stage.name}-seed{seed}", cfg, fp, done)
-            written = write_run(cfg, start, fp, done, runs_dir)
-            pair.append(Path(written["path"]))
-        log(f"  {task} pair {i + 1}/{pairs}: {pair[0].name} vs {pair[1].name}")
-        out.append(tuple(pair))
-    return out
-
-
-def _cells(result: dict) -> List[dict]:
-    """The tested cells (perplexity shares loss's test: counted once)."""
-    cells = list(result["paired"].get("deltas", {}).values())
-    cells += [d for values in result["slices"].values() for e in values.values() for d in e["deltas"].values()]
-    return [c for c in cells if "same_test_as" not in c]
-
-
-def _mean_interval(values: List[float], seed: int = 0, resamples: int = 10000) -> List[float]:
-    """95% percentile bootstrap interval of the mean over pairs."""
-    data = np.asarray(values, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))
-    means = data[idx].mean(axis=1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
-def _share_interval(k: int, n: int) -> List[float]:
+def _share(k: int, n: int) -> dict:
     from scipy import stats
 
+    if n == 0:
+        return {"k": 0, "n": 0, "rate": None, "ci95": None}
     ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return [float(ci.low), float(ci.high)]
+    return {"k": int(k), "n": int(n), "rate": k / n, "ci95": [float(ci.low), float(ci.high)]}
 
 
-def summarize(task: str, comparisons: List[dict], q: float) -> dict:
-    """Per-pair fractions of starred cells, BH and the unadjusted rule, with their intervals."""
-    from verifily_train.evaluation.significance import benjamini_hochberg
+class Trainer:
+    """Trains one run of a (data variant, epochs, seed) through the pipeline's stages, tokenization shared."""
 
-    bh, raw, row_bh, any_bh, any_raw, any_row, cells = [], [], [], 0, 0, 0, []
-    for result in comparisons:
-        tested = [c for c in _cells(result) if c.get("p") is not None]
-        starred = sum(1 for c in tested if c["significant"])
-        unadjusted = sum(1 for c in tested if c.get("excludes_zero"))
-        row_only = sum(1 for p in benjamini_hochberg([c["p_row"] for c in tested]) if p <= q)
-        bh.append(starred / len(tested))
-        raw.append(unadjusted / len(tested))
-        row_bh.append(row_only / len(tested))
-        any_bh += starred > 0
-        any_raw += unadjusted > 0
-        any_row += row_only > 0
-        cells.append(len(tested))
-    n = len(comparisons)
-    return {
-        "task": task, "pairs": n, "cells_per_pair": cells, "q": q,
-        "bh_flagged_fraction_mean": float(np.mean(bh)), "bh_flagged_fraction_ci95": _mean_interval(bh),
-        "bh_pairs_with_any_star": any_bh, "bh_any_star_share_ci95": _share_interval(any_bh, n),
-        "unadjusted_flagged_fraction_mean": float(np.mean(raw)),
-        "unadjusted_flagged_fraction_ci95": _mean_interval(raw),
-        "unadjusted_pairs_with_any_flag": any_raw, "unadjusted_any_flag_share_ci95": _share_interval(any_raw, n),
-        "row_noise_only_bh_flagged_fraction_mean": float(np.mean(row_bh)),
-        "row_noise_only_bh_flagged_fraction_ci95": _mean_interval(row_bh), "row_noise_only_bh_pairs_with_any_star": any_row,
-        "bh_flagged_fraction_per_pair": bh, "unadjusted_flagged_fraction_per_pair": raw,
-        "within_q": float(np.mean(bh)) <= q,
-    }
+    def __init__(self, work: Path, log=print):
+        import random
+
+        from verifily_train.fixtures.data import write_jsonl, write_splits
+        from verifily_train.fixtures.models import build_model
+
+        self.work, self.log = work, log
+        self.model = build_model("bert", work / "model-bert")
+        base = write_splits(work / "data-base", "classification", SIZES, seed=5)
+        rows = [json.loads(line) for line in base["train"].read_text().splitlines()]
+        rng = random.Random(9)
+        labels = ("positive", "negative", "neutral")
+        noisy_all = [dict(r, label=rng.choice(labels)) if rng.random() < NOISY_SHARE else r for r in rows]
+        noisy_synthetic = [dict(r, label=rng.choice(labels)) if r["tags"]["source"] == "synthetic" else r for r in rows]
+        self.data = {"base": base,
+                     "noisy-all": {"train": write_jsonl(work / "data-noisy-all/train.jsonl", noisy_all),
+                                   "test": base["test"]},
+                     "noisy-synthetic": {"train": write_jsonl(work / "data-noisy-synthetic/train.jsonl", noisy_synthetic),
+                                         "test": base["test"]}}
+        self.shared: Dict[str, dict] = {}
+        self.runs_dir = work / "runs"
+
+    def _config(self, variant: str, epochs: int, seed: int):
+        from verifily_train.config import load_config
+
+        cfg = json.loads(json.dumps(BASE))
+        cfg["training"]["num_epochs"] = epochs
+        cfg.update(task="classification", base_model=str(self.model), seed=seed,
+                   data_paths={k: str(v) for k, v in self.data[variant].items()})
+        return load_config(cfg)
+
+    def run(self, variant: str, seed: int, epochs: int = BASE["training"]["num_epochs"]) -> Path:
+        from verifily_train.artifacts.record import RunStart, write_run
+        from verifily_train.artifacts.run import new_run_id, utc_now
+        from verifily_train.pipeline.fingerprint import fingerprint_stage
+        from verifily_train.pipeline.runner import STAGES, run_uncached
+
+        cfg = self._config(variant, epochs, seed)
+        root = self.work / f"stages-{variant}"
+        root.mkdir(parents=True, exist_ok=True)
+        if variant not in self.shared:
+            fp = fingerprint_stage(cfg, root / "cache")
+            done = {}
+            for name in ("validate", "tokenize"):  # the seed and epochs are not in their keys
+                out = root / name
+                out.mkdir(parents=True, exist_ok=True)
+                done[name] = dict(run_uncached(name, cfg, fp, out, root / f"work-{name}", **done), dir=str(out))
+            self.shared[variant] = {"fp": fp, "done": done}
+        fp, done = self.shared[variant]["fp"], dict(self.shared[variant]["done"])
+        folder = f"e{epochs}-s{seed}"
+        for stage in STAGES[2:]:
+            out = root / f"{stage.name}-{folder}"
+            out.mkdir(parents=True, exist_ok=True)
+            done[stage.name] = dict(run_uncached(stage.name, cfg, fp, out, root / f"work-{stage.name}-{folder}", **done),
+                                    dir=str(out))
+        start = RunStart(new_run_id(), utc_now(), time.time())
+        return Path(write_run(cfg, start, fp, done, self.runs_dir)["path"])
 
 
-# the planted effect: on one slice B is made better than it was, on top of the seed noise of the pair
-PLANTED_SLICE = ("source", "ai_contaminated")  # about 20% of the test rows
+def _side(runs: List[Path], seeds: List[int]) -> dict:
+    return {"group_id": None, "runs": runs, "seeds": seeds}
 
 
-def plant_effect(task: str, run_b: Path, target: Path, seed: int) -> Path:
-    """A copy of run B whose predictions are better on ``PLANTED_SLICE`` only: classification, half of B's
-    wrong rows there predicted right; SFT, 15% less loss on each of those rows."""
+def _starred(result: dict) -> List[str]:
+    cells = [("overall", None, result["overall"])] if "overall" in result and "paired" not in result else []
+    if "paired" in result:
+        cells = [("overall", None, result["paired"].get("deltas", {}))]
+    cells += [(k, v, e["deltas"]) for k, vs in result["slices"].items() for v, e in vs.items()]
+    return [f"{k}{'' if v is None else '=' + str(v)}:{m}" for k, v, deltas in cells for m, d in deltas.items()
+            if d.get("significant")]
+
+
+def _cell(result: dict, key: str, value, metric: str) -> dict:
+    return result["overall"][metric] if key == "overall" else result["slices"][key][str(value)]["deltas"][metric]
+
+
+def _mixed(run_a: Path, run_b: Path, target: Path, seed: int) -> Path:
+    """A copy of ``run_b`` whose predictions take, per row, run_a's or run_b's by a coin: exchangeable with a
+    copy taking the other one (what ``_exchangeable_pair`` builds)."""
     import shutil
 
     import pandas as pd
@@ -164,97 +148,121 @@ def plant_effect(task: str, run_b: Path, target: Path, seed: int) -> Path:
 
     shutil.copytree(run_b, target)
     make_writable(target)
-    frame = pd.read_parquet(target / "predictions.parquet")
-    key, value = PLANTED_SLICE
-    rows = (frame[f"tag.{key}"] == value).to_numpy()
-    if task == "classification":
-        fixed = rows & ~frame["correct"].to_numpy() & (np.random.default_rng(seed).random(len(frame)) < 0.5)
-        frame.loc[fixed, "pred_id"] = frame.loc[fixed, "label_id"]
-        frame["correct"] = frame["pred_id"] == frame["label_id"]
-    else:
-        frame.loc[rows, "loss_sum"] = frame.loc[rows, "loss_sum"] * 0.85
-    frame.to_parquet(target / "predictions.parquet", index=False)
-    return target
+    pa, pb = pd.read_parquet(run_a / "predictions.parquet"), pd.read_parquet(run_b / "predictions.parquet")
+    coin = np.random.default_rng(seed).random(len(pa)) < 0.5
+    first, second = pa.copy(), pb.copy()
+    for column in ("pred_id", "correct"):
+        first.loc[coin, column], second.loc[coin, column] = pb.loc[coin, column].to_numpy(), pa.loc[coin, column].to_numpy()
+    first.to_parquet(target / "predictions.parquet", index=False)
+    other = target.with_name(target.name + "-other")
+    shutil.copytree(run_a, other)
+    make_writable(other)
+    second.to_parquet(other / "predictions.parquet", index=False)
+    return target, other
 
 
-def planted_power(task: str, planted: List[dict], q: float) -> dict:
-    """Share of pairs whose planted cell is starred, with and without the between-slice spread."""
-    from verifily_train.evaluation.significance import benjamini_hochberg
-
-    metric = "accuracy" if task == "classification" else "loss"
-    key, value = PLANTED_SLICE
-    found, found_row = 0, 0
-    for result in planted:
-        cell = result["slices"][key][value]["deltas"][metric]
-        found += bool(cell["significant"])
-        tested = [c for c in _cells(result) if c.get("p") is not None]
-        adjusted = dict(zip(map(id, tested), benjamini_hochberg([c["p_row"] for c in tested])))
-        found_row += adjusted[id(cell)] <= q
-    n = len(planted)
-    return {"slice": f"{key}={value}", "metric": metric, "pairs": n,
-            "effect": "half of B's wrong rows there made right" if task == "classification" else "15% less loss",
-            "starred": found, "power_ci95": _share_interval(found, n),
-            "row_noise_only_starred": found_row, "row_noise_only_power_ci95": _share_interval(found_row, n)}
-
-
-def run_aa(work: Path, pairs: int = 10, tasks=tuple(TASKS), log=print) -> dict:
-    """Train ``pairs`` seed pairs per task, compare each pair, and summarize the stars."""
+def run_aa(work: Path, pairs: int = 100, replicates: int = 3, power_trials: int = 40, log=print,
+           first_pair: int = 0) -> dict:
     from verifily_train.artifacts.compare import compare_runs
+    from verifily_train.artifacts.groups import compare_groups
     from verifily_train.config.schema import EvalSection
 
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    q = EvalSection.fdr_q
+    trainer = Trainer(work, log)
     started = time.time()
-    out = {"pairs": pairs, "q": EvalSection.fdr_q, "tasks": {}}
-    for task in tasks:
-        task_started = time.time()
-        comparisons, planted = [], []
-        for i, (run_a, run_b) in enumerate(_train_pairs(task, Path(work) / "aa", pairs, log)):
-            for runs, into in (((run_a, run_b), comparisons),
-                               ((run_a, plant_effect(task, run_b, Path(work) / "aa" / f"planted-{task}-{i}", i)), planted)):
-                result = compare_runs(*runs, bootstrap_samples=1000)
-                into.append({"paired": result["paired"], "slices": result["slices"], "fdr": result["fdr"]})
-        summary = summarize(task, comparisons, EvalSection.fdr_q)
-        summary["planted"] = planted_power(task, planted, EvalSection.fdr_q)
-        summary["seconds"] = round(time.time() - task_started, 1)
-        summary["starred"] = [[f"{key}={value}:{m}" for key, values in c["slices"].items()
-                               for value, e in values.items() for m, d in e["deltas"].items() if d["significant"]]
-                              + [f"overall:{m}" for m, d in c["paired"].get("deltas", {}).items() if d["significant"]]
-                              for c in comparisons]
-        out["tasks"][task] = summary
-        log(f"  {task}: {summary['bh_flagged_fraction_mean']:.1%} of cells starred (row noise only "
-            f"{summary['row_noise_only_bh_flagged_fraction_mean']:.1%}, unadjusted "
-            f"{summary['unadjusted_flagged_fraction_mean']:.1%}); planted effect starred in "
-            f"{summary['planted']['starred']}/{pairs} pairs ({summary['seconds']:.0f} s)")
-    out["seconds"] = round(time.time() - started, 1)
-    return out
+    calls = {"group_aa": [], "uniform": [], "one-slice": [], "model_two_seeds": [], "model_exchangeable": []}
+    per_run = []
+    for i in range(first_pair, first_pair + pairs):
+        seeds_a = [1000 + 2 * replicates * i + j for j in range(replicates)]
+        seeds_b = [s + replicates for s in seeds_a]
+        group_a = [trainer.run("base", s) for s in seeds_a]
+        group_b = [trainer.run("base", s) for s in seeds_b]
+        result = compare_groups(_side(group_a, seeds_a), _side(group_b, seeds_b), fdr_q=q)
+        calls["group_aa"].append({"starred": _starred(result), "cells": result["fdr"]["cells"],
+                                  "overall_accuracy_a": result["overall"]["accuracy"]["a_per_run"],
+                                  "overall_accuracy_b": result["overall"]["accuracy"]["b_per_run"]})
+        two = compare_runs(group_a[0], group_b[0], bootstrap_samples=0)
+        calls["model_two_seeds"].append({"starred": _starred(two), "cells": two["fdr"]["cells"]})
+        mixed_a, mixed_b = _mixed(group_a[0], group_b[0], work / "mixed" / f"pair{i}", i)
+        exch = compare_runs(mixed_a, mixed_b, bootstrap_samples=0)
+        calls["model_exchangeable"].append({"starred": _starred(exch), "cells": exch["fdr"]["cells"]})
+        if i - first_pair < power_trials:
+            for change, variant in (("uniform", "noisy-all"), ("one-slice", "noisy-synthetic")):
+                before = [trainer.run(variant, s) for s in seeds_a]  # A: the version with the flaw; B: fixed
+                found = compare_groups(_side(before, seeds_a), _side(group_a, seeds_a), fdr_q=q)
+                key, value, metric = CHANGES[change]
+                cell = _cell(found, key, value, metric)
+                calls[change].append({"starred": _starred(found), "target_starred": bool(cell["significant"]),
+                                      "delta": cell["delta"], "mde": cell.get("mde"), "ci95": cell.get("ci95")})
+        log(f"  pair {i + 1}/{first_pair + pairs}: group A/A stars {len(calls['group_aa'][-1]['starred'])}; "
+            f"two seeds {len(calls['model_two_seeds'][-1]['starred'])}, exchangeable "
+            f"{len(calls['model_exchangeable'][-1]['starred'])}"
+            + (f"; uniform {calls['uniform'][-1]['target_starred']}, one-slice {calls['one-slice'][-1]['target_starred']}"
+               if i - first_pair < power_trials else "") + f" ({time.time() - started:.0f} s)")
+    settings = {"pairs": pairs, "replicates": replicates, "power_trials": min(power_trials, pairs), "q": q,
+                "sizes": SIZES, "noisy_share": NOISY_SHARE, "training": BASE["training"],
+                "task": "classification (tiny BERT, full fine-tune)"}
+    return {"settings": settings, "summary": summarize(calls), "calls": calls,
+            "seconds": round(time.time() - started, 1)}
+
+
+def summarize(calls: dict) -> dict:
+    """The rates of every case, with exact intervals, from the per-call records."""
+    pairs = len(calls["group_aa"])
+    summary = {
+        "group_aa": dict(_share(sum(bool(c["starred"]) for c in calls["group_aa"]), pairs),
+                         question="did the change move the metric? (A/A: no change)", yardstick="P(any star)"),
+        "model_exchangeable": dict(_share(sum(bool(c["starred"]) for c in calls["model_exchangeable"]), pairs),
+                                   question="do these two models differ on these rows? (exchangeable by construction)",
+                                   yardstick="P(any star)"),
+        "model_two_seeds": dict(_share(sum(bool(c["starred"]) for c in calls["model_two_seeds"]), pairs),
+                                question="do two seeds' models differ on these rows? (not an error: why a change "
+                                         "needs replicates)", yardstick="share of pairs with any star"),
+    }
+    for change in ("uniform", "one-slice"):
+        trials = calls[change]
+        key, value, metric = CHANGES[change]
+        summary[change] = dict(_share(sum(c["target_starred"] for c in trials), len(trials)),
+                               target=f"{key}{'' if value is None else '=' + value}:{metric}",
+                               median_delta=float(np.median([c["delta"] for c in trials])) if trials else None,
+                               median_mde=float(np.median([c["mde"] for c in trials if c["mde"] is not None]))
+                               if trials else None)
+    return summary
+
+
+def merge(parts: List[dict]) -> dict:
+    """One result from runs over disjoint pair ranges (``--first-pair``): calls concatenated, rates recomputed."""
+    calls = {k: [c for p in parts for c in p["calls"][k]] for k in parts[0]["calls"]}
+    settings = dict(parts[0]["settings"], pairs=len(calls["group_aa"]), power_trials=len(calls["uniform"]))
+    return {"settings": settings, "summary": summarize(calls), "calls": calls,
+            "seconds": sum(p["seconds"] for p in parts), "parts": len(parts)}
 
 
 def aa_table(result: dict) -> str:
-    def pct(x):
-        return f"{x:.1%}"
+    def share(s):
+        if not s.get("n"):
+            return "-"
+        lo, hi = s["ci95"]
+        return f"{s['k']}/{s['n']} = {s['rate']:.1%} [{lo:.1%}, {hi:.1%}]"
 
-    rows = []
-    for task, s in result["tasks"].items():
-        lo, hi = s["bh_flagged_fraction_ci95"]
-        ulo, uhi = s["unadjusted_flagged_fraction_ci95"]
-        alo, ahi = s["bh_any_star_share_ci95"]
-        rlo, rhi = s["row_noise_only_bh_flagged_fraction_ci95"]
-        rows.append([task, s["pairs"], s["cells_per_pair"][0], f"{pct(s['bh_flagged_fraction_mean'])} [{pct(lo)}, {pct(hi)}]",
-                     f"{s['bh_pairs_with_any_star']}/{s['pairs']} [{pct(alo)}, {pct(ahi)}]",
-                     f"{pct(s['row_noise_only_bh_flagged_fraction_mean'])} [{pct(rlo)}, {pct(rhi)}]",
-                     f"{pct(s['unadjusted_flagged_fraction_mean'])} [{pct(ulo)}, {pct(uhi)}]",
-                     f"{s['unadjusted_pairs_with_any_flag']}/{s['pairs']}", "met" if s["within_q"] else "missed"])
-    power = [[task, s["planted"]["slice"], s["planted"]["metric"], s["planted"]["effect"],
-              f"{s['planted']['starred']}/{s['planted']['pairs']} [{pct(s['planted']['power_ci95'][0])}, "
-              f"{pct(s['planted']['power_ci95'][1])}]",
-              f"{s['planted']['row_noise_only_starred']}/{s['planted']['pairs']}"]
-             for task, s in result["tasks"].items() if "planted" in s]
-    planted = ("\n\nPlanted effect (the same pairs, B made better on one slice):\n\n" + markdown_table(
-        ["task", "slice", "metric", "effect", "starred [95% CI]", "starred, row noise only"], power)) if power else ""
-    return (f"### A/A placebo for `verifily compare` (same data and config, two seeds; {result['pairs']} pairs per "
-            f"task; BH at q={result['q']:.2f})\n\n" + markdown_table(
-                ["task", "pairs", "cells per pair", "cells starred [95% CI]", "pairs with any star [95% CI]",
-                 "BH on row noise alone [95% CI]", "unadjusted 95% interval excludes 0 [95% CI]",
-                 "pairs with any unadjusted flag", "target <= q"], rows) + planted)
+    st, s = result["settings"], result["summary"]
+    rows = [["group (seed level)", "A/A: same config, disjoint seeds", "P(any star) <= q", share(s["group_aa"])],
+            ["group (seed level)", f"uniform: {st['noisy_share']:.0%} random train labels in every source -> clean",
+             f"{s['uniform']['target']} starred >= 80%", share(s["uniform"])],
+            ["group (seed level)", "one slice: random labels on the synthetic-template train rows -> clean",
+             f"{s['one-slice']['target']} starred >= 80%", share(s["one-slice"])],
+            ["model (row level)", "exchangeable A/B by construction", "P(any star) <= q", share(s["model_exchangeable"])],
+            ["model (row level)", "two seeds of one config", "(no target: two models do differ)",
+             share(s["model_two_seeds"])]]
+    effects = [[c, f"{s[c]['median_delta']:+.4f}" if s[c]["median_delta"] is not None else "-",
+                f"±{s[c]['median_mde']:.4f}" if s[c]["median_mde"] is not None else "-"] for c in ("uniform", "one-slice")]
+    return (f"### `verifily compare` calibration ({st['task']}; {st['replicates']} runs a side; BH at "
+            f"q={st['q']:.2f}; exact 95% intervals)\n\n"
+            + markdown_table(["question", "case", "target", "measured"], rows)
+            + "\n\nEffect sizes of the power cases (median over trials):\n\n"
+            + markdown_table(["case", "median B - A", "median detectable"], effects))
 
 
 def main(argv=None) -> int:
@@ -262,22 +270,32 @@ def main(argv=None) -> int:
     import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m bench.aa", description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--pairs", type=int, default=100)
+    parser.add_argument("--replicates", type=int, default=3)
+    parser.add_argument("--power-trials", type=int, default=40)
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--first-pair", type=int, default=0, help="index of the first pair (disjoint seeds per "
+                                                                   "range: run ranges in parallel, then --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge results of pair ranges")
     args = parser.parse_args(argv)
+    if args.merge:
+        from bench.common import RESULTS, write_result
+
+        result = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        write_result("aa", result, Path(args.out) if args.out else RESULTS)
+        print(aa_table(result))
+        return 0
     from bench.common import RESULTS, machine, quiet_libraries, set_threads, write_result
 
     set_threads(args.threads)
     quiet_libraries()
     work = Path(args.work or tempfile.mkdtemp(prefix="verifily-aa-"))
-    result = run_aa(work, args.pairs, [t for t in args.tasks.split(",") if t])
+    result = run_aa(work, args.pairs, args.replicates, args.power_trials, first_pair=args.first_pair)
     result["machine"] = machine()
     write_result("aa", result, Path(args.out) if args.out else RESULTS)
     print(aa_table(result))
-    print(json.dumps({t: s["bh_flagged_fraction_mean"] for t, s in result["tasks"].items()}))
     return 0
 
 

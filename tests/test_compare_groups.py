@@ -55,15 +55,13 @@ def _group(folder: Path, name: str, seeds, gain: dict, rng, lr: float = 0.001, s
     return runs
 
 
-def test_seed_test_is_the_paired_or_welch_t():
+def test_seed_test_is_welchs_t():
     a, b = [1.0, 1.2, 0.9, 1.1], [0.8, 1.0, 0.85, 0.9]
-    paired = seed_test(a, b, paired=True, alpha_mde=0.05)
-    assert paired["p"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
-    welch = seed_test(a, b, paired=False, alpha_mde=0.05)
+    welch = seed_test(a, b, alpha_mde=0.05)
     assert welch["p"] == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
     assert welch["ci95"][0] < welch["delta"] < welch["ci95"][1] and welch["mde"] > abs(welch["ci95"][1] - welch["delta"])
     # no spread on either side: no t, the exact relabelling test (3 + 3 runs: 20 relabellings, p >= 0.1)
-    flat = seed_test([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], paired=False, alpha_mde=0.05)
+    flat = seed_test([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], alpha_mde=0.05)
     assert flat["p"] == pytest.approx(0.1) and "relabelling" in flat["test"]
 
 
@@ -77,7 +75,7 @@ def test_aa_groups_star_anything_at_most_q_of_the_time():
         for side in range(2):
             shift = rng.normal(0, 1.0, size=(3, 1))
             cells.append(shift + rng.normal(0, 0.5, size=(3, 8)))
-        tested = [group_cells({"m": list(cells[0][:, c])}, {"m": list(cells[1][:, c])}, False, 0.10, 8)["m"]
+        tested = [group_cells({"m": list(cells[0][:, c])}, {"m": list(cells[1][:, c])}, 0.10, 8)["m"]
                   for c in range(8)]
         any_star += mark_discoveries(tested, 0.10) > 0
     rate = any_star / calls
@@ -90,7 +88,7 @@ def test_a_uniform_improvement_is_starred_overall_and_on_every_slice(tmp_path):
     b = _group(tmp_path, "b", [1, 2, 3], {s: 0.8 for s in SOURCES}, rng)
     result = compare_groups({"group_id": None, "runs": a, "seeds": [1, 2, 3]},
                             {"group_id": None, "runs": b, "seeds": [1, 2, 3]})
-    assert result["design"] == "paired by seed"
+    assert result["design"].startswith("Welch t over runs; both sides trained the same seeds")
     assert result["overall"]["loss"]["significant"]
     assert all(e["deltas"]["loss"]["significant"] for e in result["slices"]["source"].values())
     text = render_group_comparison(result)
@@ -104,7 +102,7 @@ def test_a_one_slice_improvement_is_starred_there_and_nowhere_else(tmp_path):
     b = _group(tmp_path, "b", [4, 5, 6], {"scraped": 0.75}, rng)
     result = compare_groups({"group_id": None, "runs": a, "seeds": [1, 2, 3]},
                             {"group_id": None, "runs": b, "seeds": [4, 5, 6]})
-    assert result["design"] == "welch"
+    assert result["design"] == "Welch t over runs (disjoint seeds)"
     source = result["slices"]["source"]
     assert source["scraped"]["deltas"]["loss"]["significant"]
     assert not source["human"]["deltas"]["loss"]["significant"]
@@ -127,7 +125,7 @@ def test_a_group_record_is_verified_and_compared_by_id_from_the_cli(tmp_path):
     assert f"A: {ga['group_id']} (3 runs, seeds 1, 2, 3" in out.stdout
     assert "training.learning_rate: 0.001 -> 0.002" in out.stdout
     listed = run_cli("compare", "--a", ",".join(str(r) for r in a), "--b", ",".join(str(r) for r in b), cwd=tmp_path)
-    assert listed.returncode == 0 and "design: paired by seed" in listed.stdout
+    assert listed.returncode == 0 and "design: Welch t over runs; both sides" in listed.stdout
     html = tmp_path / "groups.html"
     run_cli("compare", ga["group_id"], gb["group_id"], "--runs-dir", str(runs_dir), "--html", str(html), cwd=tmp_path)
     assert "data:image/png;base64," in html.read_text()
@@ -163,5 +161,5 @@ def test_train_seeds_writes_a_group_and_compare_tests_a_change_end_to_end(tmp_pa
     assert record["seeds"] == [42, 43, 44] and len(record["members"]) == 3
     out = run_cli("compare", *groups, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
-    assert "design: paired by seed" in out.stdout and "training.num_epochs: 1 -> 3" in out.stdout
+    assert "design: Welch t over runs; both sides" in out.stdout and "training.num_epochs: 1 -> 3" in out.stdout
     assert "accuracy" in out.stdout and "95% CI over seeds" in out.stdout

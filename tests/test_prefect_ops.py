@@ -243,6 +243,22 @@ def test_deployments_trigger_watch_and_ui_end_to_end(models, tmp_path, verifily_
             assert again.returncode == 0
             assert len(list((verifily_home / "runs").glob("run_*"))) == 4  # nothing trained twice
 
+            # 7. replicates through the deployment: a run group per version; v2's is compared with v1's at the seed level
+            for ref in ("ds_ops@v1", "ds_ops@v2"):
+                group_run = _prefect("deployment", "run", "train/sft", "-p", f"dataset={ref}", "-p",
+                                     'overrides=["training.replicates=2"]', "--watch", "--watch-interval", "1",
+                                     env=api_env)
+                assert group_run.returncode == 0, group_run.stdout[-3000:] + group_run.stderr[-3000:]
+            groups = sorted((verifily_home / "runs").glob("group_*"))
+            assert len(groups) == 2 and all((g / "group.json").is_file() for g in groups)
+            [v2_group] = [r for r in api.flow_runs("train/sft") if r.parameters.get("dataset") == "ds_ops@v2"
+                          and r.parameters.get("overrides") == ["training.replicates=2"]]
+            group_comparison = api.artifacts(v2_group.id)["comparison"].data
+            assert "did the change from A to B move each metric" in group_comparison, group_comparison[:500]
+            assert "95% interval over seeds" in group_comparison
+            compared = run_cli("compare", groups[0].name, groups[1].name, cwd=tmp_path, env=env)
+            assert compared.returncode == 0 and "Welch t over runs" in compared.stdout, compared.stderr
+
         # 6. the flow run's page in the UI lists every stage
         if CHROMIUM:
             page = f"{url}/runs/flow-run/{first.id}"

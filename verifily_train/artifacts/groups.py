@@ -22,7 +22,7 @@ from verifily_train.artifacts.run import (find_run, integrity_root, load_run_jso
                                           staging_dir, utc_now, verify_before_use, verify_run, CHECKSUMS)
 from verifily_train.errors import ConfigError, RunError
 from verifily_train.evaluation.bootstrap import statistics_for
-from verifily_train.evaluation.replicates import MIN_REPLICATES, describe_power, group_cells, paired_by_seed
+from verifily_train.evaluation.replicates import MIN_REPLICATES, describe_power, group_cells
 from verifily_train.evaluation.significance import SAME_TEST_AS, mark_discoveries
 from verifily_train import jsonsafe
 from verifily_train.fsio import atomic_write_json
@@ -144,8 +144,8 @@ def _metrics(task: str, frame, labels: List[str], rows: np.ndarray) -> Dict[str,
 
 
 def compare_groups(side_a: dict, side_b: dict, fdr_q: Optional[float] = None) -> dict:
-    """B minus A per slice x metric cell, each run one observation: a seed-level test per cell (paired by
-    seed when both sides trained the same seeds, else Welch), one Benjamini-Hochberg correction over all."""
+    """B minus A per slice x metric cell, each run one observation: Welch's t per cell over the runs, one
+    Benjamini-Hochberg correction over all cells."""
     records_a = [load_run_json(r) for r in side_a["runs"]]
     records_b = [load_run_json(r) for r in side_b["runs"]]
     tasks = {r["job"]["task"] for r in records_a + records_b}
@@ -179,16 +179,13 @@ def compare_groups(side_a: dict, side_b: dict, fdr_q: Optional[float] = None) ->
         for value in sorted(reference[column].dropna().unique(), key=str):
             cells_rows[(column[len("tag."):], value)] = np.nonzero((reference[column] == value).to_numpy())[0]
     per_run = [{cell: _metrics(task, f, labels, rows) for cell, rows in cells_rows.items()} for f in frames]
-    n_a = len(side_a["runs"])
-    paired = paired_by_seed(side_a["seeds"], side_b["seeds"])
-    order_a = sorted(range(n_a), key=lambda i: side_a["seeds"][i]) if paired else range(n_a)
-    order_b = sorted(range(len(side_b["runs"])), key=lambda i: side_b["seeds"][i]) if paired else range(len(side_b["runs"]))
+    n_a, n_b = len(side_a["runs"]), len(side_b["runs"])
     n_cells = sum(len(per_run[0][cell]) for cell in cells_rows)
     overall, slices, tested = {}, {}, []
     for cell, rows in cells_rows.items():
-        values_a = {m: [per_run[i][cell][m] for i in order_a] for m in per_run[0][cell]}
-        values_b = {m: [per_run[n_a + i][cell][m] for i in order_b] for m in per_run[n_a][cell]}
-        tests = group_cells(values_a, values_b, paired, q, n_cells)
+        values_a = {m: [per_run[i][cell][m] for i in range(n_a)] for m in per_run[0][cell]}
+        values_b = {m: [per_run[n_a + i][cell][m] for i in range(n_b)] for m in per_run[n_a][cell]}
+        tests = group_cells(values_a, values_b, q, n_cells)
         tested += [t for t in tests.values() if t.get("p") is not None]
         if cell[0] == "overall":
             overall = tests
@@ -204,16 +201,25 @@ def compare_groups(side_a: dict, side_b: dict, fdr_q: Optional[float] = None) ->
     return {
         "kind": "groups", "task": task, "question": QUESTION,
         "a": _side(side_a, records_a), "b": _side(side_b, records_b),
-        "design": "paired by seed" if paired else "welch",
+        "design": _design(side_a["seeds"], side_b["seeds"]),
         "shared_examples": int(n), "overall": overall, "slices": slices,
         "fdr": {"method": "benjamini-hochberg", "q": q, "cells": len(tested), "discoveries": discoveries,
-                "test": ("paired t over seeds (each seed's B - A)" if paired else
-                         "Welch t over runs (unequal variances)"),
+                "test": "Welch t over runs (unequal variances)",
                 "mde_level": f"two-sided {q:.2f}/{max(n_cells, 1)} at {int(0.8 * 100)}% power"},
-        "power_note": describe_power(n_a, len(side_b["runs"]), paired),
+        "power_note": describe_power(n_a, n_b),
         "config_diff": config_diff(_without_seed(first_a["job"]["config"]), _without_seed(first_b["job"]["config"])),
         "dataset_diff": dataset_diff(rows_a, rows_b),
     }
+
+
+def _design(seeds_a: Sequence[int], seeds_b: Sequence[int]) -> str:
+    shared = sorted(set(seeds_a) & set(seeds_b))
+    if sorted(seeds_a) == sorted(seeds_b):
+        return ("Welch t over runs; both sides trained the same seeds, which Welch treats as independent "
+                "(conservative when a shared seed makes the sides alike)")
+    if shared:
+        return f"Welch t over runs; seeds {', '.join(map(str, shared))} are on both sides"
+    return "Welch t over runs (disjoint seeds)"
 
 
 def _without_seed(config: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.config.schema import DEFAULT_REPLICATES
 from verifily_train.cli import rows
 
 EPILOG = "Docs: docs/config.md (train.yaml), docs/run_artifacts.md (Run layout), docs/architecture.md."
@@ -52,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="recompute every stage and replace its cache entries")
     p.add_argument("--flow", action="store_true",
                    help="run the Prefect flow even when an identical run can be replayed from the cache")
-    p.add_argument("--seeds", type=_replicates, default=None, metavar="N",
+    p.add_argument("--seeds", type=_replicates, nargs="?", const=DEFAULT_REPLICATES, default=None, metavar="N",
                    help="train N replicate runs at seeds seed .. seed+N-1 and record them as a run group "
                         "(training.replicates=N): what `verifily compare GROUP_A GROUP_B` needs to test a data or "
-                        "config change, not just two models (3 or more; docs/evaluation.md)")
+                        f"config change, not just two models (default N: {DEFAULT_REPLICATES}; docs/evaluation.md)")
     p.set_defaults(handler="train:cmd_train")
 
     p = sub.add_parser("demo", help="fine-tune the embedded default model on the shipped example dataset",
