@@ -141,8 +141,10 @@ def main(argv=None) -> int:
         sections.append(cli_table(result))
     if "aa" in only:
         from bench.aa import aa_table, run_aa
+        from verifily_train.config.schema import DEFAULT_REPLICATES
 
-        result = run_aa(work, 2 if args.quick else 10)
+        # the default replicate count; 100 A/A pairs (the yardstick's >= 100 calls), power on the first 30
+        result = run_aa(work, 2 if args.quick else 100, DEFAULT_REPLICATES, 2 if args.quick else 30)
         result["machine"] = info
         write_result("aa", result, out)
         sections.append(aa_table(result))
