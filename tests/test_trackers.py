@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import train, write_config
+from conftest import run_cli, train, write_config
 
 mlflow = pytest.importorskip("mlflow")  # the dev extra installs it
 
@@ -51,11 +51,31 @@ def test_a_run_logs_its_identity_loss_curve_and_slice_metrics_to_mlflow(tmp_path
     from verifily_train.config import load_config
 
     tracking = MlflowTracking(load_config(run / "config.yaml"), "run_replayed")
-    assert tracking.completed(summary_from_run(str(run))) == []
+    assert tracking.completed(dict(summary_from_run(str(run)), run_id="run_replayed")) == []
     replayed = client.get_run(tracking.mlflow_run_id)
     assert replayed.info.run_name == "run_replayed" and replayed.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(replayed.info.run_id, "loss")] == \
         [(m.step, m.value) for m in curve]
+
+    # compare and attribute, when asked, log to the same experiment, nested under the Run's MLflow run
+    compared = run_cli("compare", str(run), str(run), "--report-to", "mlflow", cwd=tmp_path)
+    assert compared.returncode == 0 and "logged to MLflow run" in compared.stderr, compared.stderr[-2000:]
+    [cmp_run] = client.search_runs([experiment.experiment_id], filter_string="tags.`verifily.kind` = 'compare'")
+    assert cmp_run.data.tags["mlflow.parentRunId"] == logged.info.run_id
+    assert cmp_run.data.metrics["delta/loss"] == 0.0 and cmp_run.data.metrics["significant/loss"] == 0.0
+    assert "delta/slice/source:human/loss" in cmp_run.data.metrics
+    assert {"comparison.json", "comparison.txt"} <= {a.path for a in client.list_artifacts(cmp_run.info.run_id)}
+
+    from verifily_train.artifacts.trackers import log_attribution
+
+    verdict = {"primary_metric": "loss", "by": "source", "values": {"human": {
+        "removed_rows": 16, "verdict": "hurts", "verdict_slice": "overall", "p_adjusted": 0.01, "why": "...",
+        "slices": {"overall": {"loss": {"effect": 0.25, "ci95": [0.1, 0.4], "mde": 0.08}}}}}}
+    attributed = client.get_run(log_attribution(verdict, record["run_id"]))
+    assert attributed.data.tags["mlflow.parentRunId"] == logged.info.run_id
+    assert attributed.data.tags["verdict/source:human"] == "hurts"
+    assert attributed.data.metrics == {"effect/source:human": 0.25, "p_adjusted/source:human": 0.01,
+                                       "mde/source:human": 0.08}
 
 
 def test_a_tracker_name_not_known_is_refused_with_its_position(tmp_path, models, sft_splits):

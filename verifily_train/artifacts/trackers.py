@@ -219,7 +219,7 @@ def _results_run(name: str, verifily_run_id: str, tags: Dict[str, str]):
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     found = client.search_runs(experiments, filter_string=f"tags.`verifily.run_id` = '{verifily_run_id}'",
-                               max_results=1) if experiments else []
+                               order_by=["attribute.start_time ASC"], max_results=1) if experiments else []
     tags = dict(tags)
     if found:
         experiment = found[0].info.experiment_id
