@@ -64,3 +64,11 @@ def test_the_comparison_artifact_keeps_placeholders_a_markdown_renderer_would_dr
     spec = comparison_artifact(Path("runs/a"), Path("runs/b"), "For causal attribution: verifily attribute RUN --by <tag>.")
     assert "--by &lt;tag&gt;." in spec.content and "<tag>" not in spec.content
     assert "| &lt;\\|im_start\\|&gt;assistant |" in markdown_table([{"prediction": "<|im_start|>assistant"}])
+
+
+def test_the_stages_line_says_a_baseline_that_did_not_run_was_skipped():
+    from verifily_train.cli.summary import _stage_word
+
+    stage = {"cache_hit": False, "seconds": 0.0}
+    assert _stage_word("baseline", stage, {"accuracy": 0.9}) == "baseline skipped"  # classification: none
+    assert _stage_word("baseline", dict(stage, seconds=0.4), {"baseline_loss": 4.7}) == "baseline ran 0.4s"

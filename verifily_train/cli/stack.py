@@ -186,7 +186,9 @@ def stack_up(project: Path, host: str = "127.0.0.1", port: int = 4200, workers: 
     out.write(f"workers: {', '.join(workers) or 'none'}\n\nPrefect UI: {ui_url}\n"
               f"  export PREFECT_API_URL={api_url}   # needed by `prefect ...`; verifily finds the stack by itself\n"
               f"  prefect deployment run train/sft -p dataset=ds_x@v2 --watch   # after the export above\n"
-              f"  verifily stack down\n")
+              f"  verifily stack down\n"
+              f"note: retrain/watch now runs hourly and trains the newest sft version of every dataset in the store "
+              f"not yet trained under its config; pause its schedule in the UI if that is not wanted\n")
     return state
 
 

@@ -36,6 +36,14 @@ def render_line(prompt: Optional[dict], check: Optional[dict]) -> Optional[str]:
             f"{dropped}, {check['answer_cut']} answers shortened")
 
 
+def _stage_word(name: str, stage: dict, metrics: dict) -> str:
+    """``train ran 3.1s``, ``tokenize cached 0.0s``; ``baseline skipped`` where no base model was evaluated
+    (classification, eval.baseline: false), not "ran 0.0s"."""
+    if name == "baseline" and "baseline_loss" not in metrics:
+        return "baseline skipped"
+    return f"{name} {'cached' if stage['cache_hit'] else 'ran'} {stage['seconds'] or 0:.1f}s"
+
+
 def print_summary(summary: dict, out=sys.stdout) -> None:
     """Overall metrics with intervals, slice table, hard-example headline, path and reproducibility hash."""
     record = summary["record"]
@@ -48,8 +56,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     w(f"  {record['evaluation']['note']}\n")
     stages = record.get("stages", {})
     if stages:
-        w("  stages: " + "  ".join(f"{name} {'cached' if s['cache_hit'] else 'ran'} {s['seconds'] or 0:.1f}s"
-                                   for name, s in stages.items()) + "\n")
+        w("  stages: " + "  ".join(_stage_word(name, s, metrics) for name, s in stages.items()) + "\n")
     shown = [k for k in ("loss", "perplexity", "exact_match", "token_f1", "format_compliance", "accuracy", "macro_f1")
              if k in metrics]
     overall = summary["slices"].get("overall", {})
