@@ -7,12 +7,14 @@ functions in-process (no Prefect: the statistics are the subject here, not the o
 by ``attribution.analyze`` at the CLI's defaults: ``DEFAULT_SEEDS`` seeds, the whole test split as the
 target, Holm over the values at alpha 0.05. Every trial draws a new dataset.
 
-Regimes (the two noise levels the tool ships for):
+Regimes (the noise levels the tool ships for):
 - ``noisy``: the tiny BERT fixture, classification, full fine-tune, 30 optimizer steps at a constant
   3e-3, batch 16: large seed-to-seed spread.
 - ``low-noise``: a tiny Llama (pre-trained on the fixture corpus), LoRA SFT at the default LoRA settings,
   3 epochs, batch 8 x 4, cosine schedule to zero: the seed spread is small against the spread of random
   subsets, the regime where a test that ignores that rows are one draw calls placebos.
+- ``converged``: the tiny BERT classifier of ``noisy`` trained to convergence (200 steps, 1e-3, cosine
+  with warm-up): every seed learns the rule, so seed noise is small and a harmful source stands out.
 
 Experiments (``kind``):
 - ``placebo-coin``: clean rows, each with a coin-flip tag ``coin: heads|tails``; both values attributed.
@@ -43,12 +45,23 @@ from typing import Dict, List, Optional
 RESULTS = Path(__file__).resolve().parent / "results"
 TEST_ROWS = int(os.environ.get("VERIFILY_BENCH_TEST_ROWS", "90"))
 KINDS = ("placebo-coin", "shifted", "power")
-REGIMES = ("noisy", "low-noise")
+REGIMES = ("noisy", "low-noise", "converged")
+CLASSIFICATION = ("noisy", "converged")
 EPOCHS = int(os.environ.get("VERIFILY_BENCH_EPOCHS", "10"))  # low-noise: near convergence
 TRAIN_ROWS = {"placebo-coin": 120, "shifted": 180, "power": 360}
+CONVERGED_STEPS = 200  # converged regime: cosine to zero over 200 steps of 16 (measured: every seed of the fixture
+                       # classifier reaches the same accuracy, 0.86-0.88, where 30 constant-rate steps split seeds
+                       # between learning and collapsing to one class)
 
 
 def _config(regime: str, model: Path, ref: str, seed: int) -> dict:
+    if regime == "converged":  # the same classifier trained to convergence: every seed learns the rule
+        training = {"num_epochs": 100, "max_steps": CONVERGED_STEPS, "batch_size": 16, "gradient_accumulation_steps": 1,
+                    "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "max_seq_length": 32,
+                    "save_steps": 1000, "eval_steps": 1000, "attribution_snapshots": 0}
+        return {"task": "classification", "base_model": str(model), "dataset_version": ref, "seed": seed,
+                "training": training, "lora": {"enabled": False},
+                "eval": {"bootstrap_samples": 0, "hard_examples": 5, "slice_by_tags": []}}
     if regime == "noisy":
         training = {"num_epochs": 50, "max_steps": 30, "batch_size": 16, "gradient_accumulation_steps": 1,
                     "learning_rate": 3e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_seq_length": 32,
@@ -157,8 +170,8 @@ def _store(regime: str, kind: str, home: Path, name: str, rng: random.Random):
     from verifily_train.dataset.store import create_version
     from verifily_train.fixtures.data import write_jsonl
 
-    make = _cls_rows if regime == "noisy" else _sft_rows
-    task = "classification" if regime == "noisy" else "sft"
+    make = _cls_rows if regime in CLASSIFICATION else _sft_rows
+    task = "classification" if regime in CLASSIFICATION else "sft"
     folder = home.parent / f"data-{name}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {split: write_jsonl(folder / f"{split}.jsonl", make(kind, n, rng, split == "train"))
@@ -201,7 +214,7 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
                                    for s in range(seeds)])
         plan[value] = {"removed_rows": derived["removed_rows"], "kept_rows": derived["kept_rows"],
                        "derived_dataset": derived["ref"], "control": control}
-    task = "classification" if regime == "noisy" else "sft"
+    task = "classification" if regime in CLASSIFICATION else "sft"
     result = attribution.analyze(task, by, tables, plan, target="test", bootstrap_samples=0)
     shutil.rmtree(work, ignore_errors=True)
     out = {"regime": regime, "kind": kind, "trial": trial, "values": {}}
@@ -337,7 +350,7 @@ def render(summary: dict) -> str:
 def build_model(regime: str, root: Path) -> Path:
     from verifily_train.fixtures.models import build_model as build, pretrain_causal_lm
 
-    if regime == "noisy":
+    if regime in CLASSIFICATION:
         return build("bert", root / "tiny-bert")
     return pretrain_causal_lm(build("llama", root / "tiny-llama"))
 
