@@ -120,6 +120,8 @@ def test_a_group_record_is_verified_and_compared_by_id_from_the_cli(tmp_path):
                                                            for i, r in enumerate(a)])
     gb = write_group(runs_dir, {"task": "sft", "seed": 1}, [{"run_id": r.name, "path": r, "seed": i + 1}
                                                            for i, r in enumerate(b)])
+    verified = run_cli("runs", "verify", ga["group_id"], "--runs-dir", str(runs_dir), cwd=tmp_path)
+    assert verified.returncode == 0 and verified.stdout.startswith("ok "), verified.stderr
     out = run_cli("compare", ga["group_id"], gb["group_id"], "--runs-dir", str(runs_dir), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"A: {ga['group_id']} (3 runs, seeds 1, 2, 3" in out.stdout

@@ -65,7 +65,9 @@ def print_short_record(record: dict, path, ref: str) -> None:
 
 
 def cmd_runs_verify(args) -> int:
-    path = find_run(args.run, args.runs_dir)
+    from verifily_train.artifacts.groups import find_group
+
+    path = find_group(args.run, args.runs_dir) or find_run(args.run, args.runs_dir)  # a run group verifies alike
     n = verify_run(path, expected_root=args.root)
     where = "the root given" if args.root else "the ledger's root"
     print(f"ok {path}: {n} files match checksums.sha256, which matches {where} "
