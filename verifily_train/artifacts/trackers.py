@@ -137,8 +137,16 @@ class MlflowTracking(Tracking):
         if self.given:
             self.mlflow_run_id = self.given
         else:
-            run = self.client.create_run(configured_experiment(self.client), run_name=run_id,
-                                         tags={"verifily.run_id": run_id})
+            from mlflow.exceptions import MlflowException
+
+            try:
+                run = self.client.create_run(configured_experiment(self.client), run_name=run_id,
+                                             tags={"verifily.run_id": run_id})
+            except MlflowException as err:  # before any stage: a store that refuses is the user's to fix
+                from verifily_train.errors import EnvironmentProblem
+
+                raise EnvironmentProblem(None, "training.report_to", f"MLflow ({self.client.tracking_uri}) refused a "
+                                                                     f"new run: {str(err).splitlines()[0][:200]}") from err
             self.mlflow_run_id = run.info.run_id
         self._previous_env: Optional[str] = None
 
