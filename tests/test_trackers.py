@@ -85,3 +85,18 @@ def test_a_tracker_name_not_known_is_refused_with_its_position(tmp_path, models,
                                       "data_paths": {k: str(v) for k, v in sft_splits.items()}},
                                      ["training.report_to=[mlflow, neptune]"])
     assert [p.key for p in problems] == ["training.report_to[1]"] and "neptune" in str(problems[0])
+
+
+def test_an_mlflow_store_that_cannot_be_reached_is_one_line_before_any_stage(monkeypatch, models, sft_splits):
+    from verifily_train.artifacts.trackers import start_tracking
+    from verifily_train.config import load_config
+    from verifily_train.errors import EnvironmentProblem
+    from verifily_train.procs import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = load_config({"task": "sft", "base_model": str(models["llama"]), "training": {"report_to": "mlflow"},
+                       "data_paths": {k: str(v) for k, v in sft_splits.items()}})
+    with pytest.raises(EnvironmentProblem, match="training.report_to: MLflow .* refused a new run"):
+        start_tracking(cfg, "run_20261207_000000_abcdef")
