@@ -25,8 +25,9 @@ ROLES = ("system", "user", "assistant")
 # row this long is far past any max_seq_length (2,048 tokens is ~10 KB of text). Longer lines are refused
 # while being read, without reading the rest of them.
 MAX_ROW_BYTES = 4 * 1024 * 1024
-# The most turns a conversation may hold: each assistant turn's span is found by rendering and tokenizing the
-# conversation up to it, so the cost of a row grows with the square of its turns (10,000 turns ran for hours).
+# The most turns a conversation may hold: each assistant turn's span is found by rendering the conversation up
+# to it (a template may render a last turn differently, so a prefix is rendered as a conversation of its own),
+# so rendering a row grows with the square of its turns (~0.5 s at 256); tokenizing is linear (model/chat.py).
 MAX_TURNS = 256
 # What a turn may hold: anything else (tool_calls, images, a per-turn weight) would be dropped without a word.
 TURN_KEYS = ("role", "content")

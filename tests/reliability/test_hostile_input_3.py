@@ -1,0 +1,154 @@
+"""Hostile and odd input, round three (issue 40): what round two left open. A chat template that runs for
+hours, a conversation whose cost grew with the square of its turns, ``--mode self_host`` with no worker,
+two first runs at once on a fresh ``PREFECT_HOME``, and the concurrency and Ctrl-C cases of class 8.
+Every budget is made small for the test; no test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from verifily_train.errors import ModelError
+
+# class 4: a chat template's time, a conversation's tokens ---------------------------------------------------
+
+NESTED = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+TURNS = [{"role": "user", "content": "hot"}, {"role": "assistant", "content": "cold"}]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    """The fixture ChatML tokenizer (fast, word-level; <|im_start|>/<|im_end|> are special)."""
+    from verifily_train.fixtures.models import CHAT_KIND, build_tokenizer
+
+    return build_tokenizer(CHAT_KIND, tmp_path_factory.mktemp("chat-tok"))
+
+
+@pytest.fixture
+def small_budget(monkeypatch):
+    import verifily_train.model.chat as chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    return chat
+
+
+def _with_template(tok, template: str):
+    import copy
+
+    other = copy.deepcopy(tok)
+    other.chat_template = template
+    return other
+
+
+@pytest.mark.parametrize("template", [
+    NESTED,  # the issue's case: Jinja's sandbox bounds one range, not the loops nested in it
+    "{% for i in range(100000) %}{% for j in range(100000) if j < 0 %}{% endfor %}{% endfor %}",  # no body runs
+    "{% for i in range(100000) recursive %}{% if loop.depth < 3 %}{{ loop(range(100000)) }}{% endif %}{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for i in range(100000) %}{% for m in messages * 100000 %}"
+    "{% set ns.n = ns.n + 1 %}{% endfor %}{% endfor %}{{ ns.n }}",
+])
+def test_a_chat_template_that_runs_for_hours_is_stopped_in_one_line(chat_tok, small_budget, template):
+    tok = _with_template(chat_tok, template)
+    with pytest.raises(ModelError) as caught:
+        small_budget.render(tok, TURNS, False, "train.jsonl:7")
+    text = str(caught.value)
+    assert text.startswith("train.jsonl:7: chat_template: the tokenizer's chat template ran past its 0.3 s budget")
+    assert "\n" not in text
+    # the thread goes on rendering as before: nothing is left pending in it
+    assert small_budget.render(chat_tok, TURNS, False, "train.jsonl:8").endswith("cold<|im_end|>\n")
+
+
+def test_a_template_that_calls_itself_forever_is_one_line(chat_tok, small_budget):  # designed here
+    tok = _with_template(chat_tok, "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
+    with pytest.raises(ModelError, match="chat_template: .* fails on this row with RecursionError"):
+        small_budget.render(tok, TURNS, False, "train.jsonl:7")
+
+
+def test_a_template_in_a_worker_thread_is_stopped_too(chat_tok, small_budget):  # designed here
+    tok, caught = _with_template(chat_tok, NESTED), []
+
+    def work():
+        try:
+            small_budget.render(tok, TURNS, False, "train.jsonl:7")
+        except ModelError as err:
+            caught.append(str(err))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and caught and "ran past its 0.3 s budget" in caught[0]
+
+
+def test_a_render_that_returns_at_its_deadline_leaves_nothing_pending(small_budget):  # designed here
+    """The watchdog fires while the call is in C (a sleep) and it returns: the exception is raised where it
+    belongs or dropped, never later in the caller's code."""
+    for _ in range(3):
+        try:
+            small_budget._within(0.05, lambda: time.sleep(0.2))
+        except small_budget._OverBudget:
+            pass
+        total = 0
+        for i in range(200_000):  # bytecode after the render: a stray pending exception would land here
+            total += i
+        assert total == sum(range(200_000))
+    assert small_budget._within(5, lambda: 6 * 7) == 42
+
+
+def _reference(tok, messages, end_ids):
+    """The spans as round two computed them: each prefix rendered and tokenized whole."""
+    from verifily_train.model.chat import _ids, render
+
+    full = render(tok, messages, False, "x")
+    full_ids = _ids(tok, full)
+    labels = [-100] * len(full_ids)
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before, upto = render(tok, messages[:i], True, "x"), render(tok, messages[:i + 1], False, "x")
+        start, end = len(_ids(tok, before)), len(_ids(tok, upto))
+        assert full.startswith(before) and full_ids[:end][:start] == _ids(tok, before)
+        stop = max(j for j in range(start, end) if full_ids[j] in end_ids) + 1
+        labels[start:stop] = full_ids[start:stop]
+    return full_ids, labels
+
+
+# a template with no special token between turns: the whole prefix is tokenized, as before
+PLAIN = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}{% if m['role'] == 'assistant' %}</s>"
+         "{% endif %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, PLAIN])
+def test_turn_spans_are_what_tokenizing_every_prefix_gives(chat_tok, template):
+    from verifily_train.model.chat import encode_conversation, special_ids
+
+    tok = chat_tok if template is None else _with_template(chat_tok, template)
+    end_ids = special_ids(tok)
+    words = "Give the opposite of the word . hot cold cat Summarize".split()
+    for n in (1, 2, 5, 12):
+        messages = [{"role": "system", "content": "You are a helpful assistant ."}] if n % 2 else []
+        for i in range(n):
+            messages += [{"role": "user", "content": " ".join(words[(i + k) % len(words)] for k in range(1 + i % 4))},
+                         {"role": "assistant", "content": words[i % len(words)] + "  " + words[-1 - i % 3]}]
+        enc = encode_conversation(tok, messages, end_ids, "x")
+        assert (enc.input_ids, enc.labels) == _reference(tok, messages, end_ids)
+
+
+def test_tokenizing_a_conversation_costs_its_length_not_its_square(chat_tok, monkeypatch):
+    """Round two tokenized every prefix whole (256 turns: 1.9 s a row, 10,000: hours); each turn's check now
+    tokenizes only the text after the last special token, so the characters tokenized stay within a small
+    multiple of the conversation's length however many turns it has."""
+    import verifily_train.model.chat as chat
+
+    tokenized = []
+    real = chat._ids
+    monkeypatch.setattr(chat, "_ids", lambda tok, text: tokenized.append(len(text)) or real(tok, text))
+    for turns in (8, 64, 256):
+        messages = [{"role": ("user", "assistant")[i % 2], "content": "hot cold cat"} for i in range(turns)]
+        tokenized.clear()
+        enc = chat.encode_conversation(chat_tok, messages, chat.special_ids(chat_tok), "x")
+        whole = len(chat.render(chat_tok, messages, False, "x"))
+        assert sum(tokenized) <= 2 * whole and len(enc.input_ids) > turns
