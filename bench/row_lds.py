@@ -69,6 +69,56 @@ def lds(predicted, measured, bootstrap: int = 1000, seed: int = 0) -> dict:
     return {"lds": point, "ci95": [float(low), float(high)], "subsets": int(len(predicted))}
 
 
+def lds_difference(predicted_a, predicted_b, measured, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """LDS(a) - LDS(b) on the same subsets, with a paired percentile bootstrap 95% interval over subsets."""
+    import numpy as np
+    from scipy import stats
+
+    a, b, y = (np.asarray(x, dtype=float) for x in (predicted_a, predicted_b, measured))
+    point = float(stats.spearmanr(a, y).statistic - stats.spearmanr(b, y).statistic)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(bootstrap):
+        pick = rng.integers(0, len(y), len(y))
+        if np.ptp(a[pick]) > 0 and np.ptp(b[pick]) > 0 and np.ptp(y[pick]) > 0:
+            draws.append(stats.spearmanr(a[pick], y[pick]).statistic - stats.spearmanr(b[pick], y[pick]).statistic)
+    low, high = (np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan")))
+    return {"difference": point, "ci95": [float(low), float(high)]}
+
+
+def pooled(parents: List[dict], method: str, reference: str = "tracin", bootstrap: int = 1000, seed: int = 0) -> dict:
+    """The mean LDS over parents (dataset draws) with a stratified bootstrap 95% interval (subsets resampled
+    within each parent: the subsets' variance given these parents), the same for the paired difference against
+    ``reference``, and the spread over parents (a Student t interval over the parents' LDS, the dataset draw
+    being the unit)."""
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    data = [(np.asarray(p["predicted"][method]), np.asarray(p["predicted"][reference]), np.asarray(p["measured_loss"]))
+            for p in parents]
+
+    def statistic(picks):
+        own, diff = [], []
+        for (a, b, y), pick in zip(data, picks):
+            ra, rb = stats.spearmanr(a[pick], y[pick]).statistic, stats.spearmanr(b[pick], y[pick]).statistic
+            own.append(ra)
+            diff.append(ra - rb)
+        return float(np.mean(own)), float(np.mean(diff))
+
+    point = statistic([np.arange(len(y)) for _, _, y in data])
+    draws = np.array([statistic([rng.integers(0, len(y), len(y)) for _, _, y in data]) for _ in range(bootstrap)])
+    per_parent = [p["methods"][method]["lds"] for p in parents]
+    out = {"lds": point[0], "ci95": [float(x) for x in np.nanpercentile(draws[:, 0], [2.5, 97.5])],
+           "minus_" + reference: point[1],
+           "minus_" + reference + "_ci95": [float(x) for x in np.nanpercentile(draws[:, 1], [2.5, 97.5])],
+           "per_parent": per_parent}
+    if len(per_parent) > 1:
+        half = stats.t.ppf(0.975, len(per_parent) - 1) * np.std(per_parent, ddof=1) / np.sqrt(len(per_parent))
+        out["over_parents_t95"] = [float(np.mean(per_parent) - half), float(np.mean(per_parent) + half)]
+    return out
+
+
 def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> dict:
     """Train the parent, score its rows, retrain on ``subsets`` half-subsets; LDS per method."""
     import pandas as pd
@@ -81,7 +131,7 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
     from verifily_train.fixtures.runs import train_run
 
     task = "classification" if kind == "cls" else "sft"
-    work = root / f"lds-{kind}"
+    work = root / f"lds-{kind}-{seed}"
     shutil.rmtree(work, ignore_errors=True)
     os.environ["VERIFILY_HOME"] = str(work / "home")  # the arms' store versions stay in the bench's folder
     rng = random.Random(f"lds/{kind}/{seed}")
@@ -93,14 +143,31 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
     started = time.perf_counter()
     parent = train_run(work / "train.yaml", work / "cache", work / "runs")
     train_seconds = time.perf_counter() - started
+    stage_seconds = float(json.loads((parent / "run.json").read_text())["stages"]["train"]["seconds"])
     started = time.perf_counter()
     plan = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4)
     merged = row_attribution.attribute_rows(plan, work / "scores")
     scoring_seconds = time.perf_counter() - started
     table = pd.read_parquet(Path(merged["dir"]) / merged["file"])
+    # the same gradients without the random projection (exact inner products: the tiny adapters are small)
+    exact_plan = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4,
+                                                      projection_dim=0, methods=["tracin", "tracin_adam"])
+    exact_merged = row_attribution.attribute_rows(exact_plan, work / "scores-exact")
+    exact = pd.read_parquet(Path(exact_merged["dir"]) / exact_merged["file"])
+    scores = {m: table[f"score_{m}"].to_numpy() for m in plan.methods}
+    scores.update({f"{m}@exact": exact[f"score_{m}"].to_numpy() for m in exact_plan.methods})
+    # each method's own cost (a call computing it alone; tracin, tracin_adam and self_influence share the
+    # gradient passes when computed together), over the parent's train stage seconds (model load and training)
+    method_seconds = {}
+    for method in plan.methods:
+        started = time.perf_counter()
+        alone = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4, methods=[method])
+        row_attribution.attribute_rows(alone, work / f"alone-{method}")
+        method_seconds[method] = time.perf_counter() - started
     lines = [line for line in Path(paths["train"]).read_text(encoding="utf-8").splitlines() if line.strip()]
     masks = half_subsets(len(lines), subsets, seed)
     measured = []
+    begun = time.perf_counter()
     for k, mask in enumerate(masks):
         arm = work / f"subset-{k}"
         kept = write_jsonl(arm / "train.jsonl", [json.loads(line) for line, keep in zip(lines, mask) if keep])
@@ -108,35 +175,61 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
         (arm / "train.yaml").write_text(yaml.safe_dump(arm_config))
         run = train_run(arm / "train.yaml", work / "cache", work / "runs")
         measured.append(float(per_example(run, task)["loss"].mean()))
-    methods = {}
-    for method in plan.methods:
-        methods[method] = dict(lds(predicted_effect(table[f"score_{method}"].to_numpy(), masks), measured),
-                               family=row_attribution.FAMILIES[method])
-    return {"kind": kind, "subsets": subsets, "train_rows": len(lines), "methods": methods,
-            "measured_loss": measured, "train_seconds": round(train_seconds, 2),
-            "scoring_seconds": round(scoring_seconds, 2),
-            "cost_in_train_runs": {"scores": round(scoring_seconds / train_seconds, 3), "lds_itself": subsets + 1}}
+        print(f"[{time.perf_counter() - begun:.0f}s] subset {k + 1}/{subsets}: target loss {measured[-1]:.4f}", flush=True)
+    methods, predicted = {}, {}
+    for method, score in scores.items():
+        base = method.split("@")[0]
+        predicted[method] = predicted_effect(score, masks).tolist()
+        methods[method] = dict(lds(predicted[method], measured), family=row_attribution.FAMILIES[base],
+                               seconds_alone=round(method_seconds[base], 2),
+                               cost_in_train_stages=round(method_seconds[base] / stage_seconds, 3))
+        if method != "tracin":
+            methods[method]["minus_tracin"] = lds_difference(predicted[method], predicted["tracin"], measured)
+    return {"kind": kind, "seed": seed, "subsets": subsets, "train_rows": len(lines), "target": "test: mean per-row loss",
+            "methods": methods, "measured_loss": measured, "predicted": predicted,
+            "parent_test_loss": float(per_example(parent, task)["loss"].mean()), "train_seconds": round(train_seconds, 2),
+            "train_stage_seconds": round(stage_seconds, 2), "scoring_seconds": round(scoring_seconds, 2),
+            "subsets_seconds": round(time.perf_counter() - begun, 1),
+            "cost_in_train_runs": {"every_method_together": round(scoring_seconds / stage_seconds, 3),
+                                   "lds_itself": subsets + 1}}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("cls", "sft"), default="cls")
     parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--parents", type=int, default=1, help="dataset draws (seeds), each with its own subsets")
     parser.add_argument("--root", default=None)
     args = parser.parse_args(argv)
     import tempfile
 
     from bench.row_attribution import build_models
 
+    import torch
+
+    from bench.common import quiet_libraries
+
+    torch.set_num_threads(1)  # the machine is shared: one core for training and scoring alike
+    quiet_libraries()
     root = Path(args.root or tempfile.mkdtemp(prefix="verifily-lds-"))
     models = build_models(root / "models")
-    result = run_lds(args.kind, models[args.kind], root, args.subsets)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"row-lds-{args.kind}.json").write_text(json.dumps(result, indent=1))
-    print(f"| method | family | LDS (Spearman, {args.subsets} half-subsets) [95% bootstrap over subsets] |")
-    print("|---|---|---|")
-    for method, entry in result["methods"].items():
-        print(f"| {method} | {entry['family']} | {entry['lds']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}] |")
+    out = RESULTS / f"row-lds-{args.kind}.json"
+    parents = []
+    for seed in range(args.parents):
+        parents.append(run_lds(args.kind, models[args.kind], root, args.subsets, seed))
+        summary = {m: pooled(parents, m) for m in parents[0]["methods"]}
+        out.write_text(json.dumps({"kind": args.kind, "subsets": args.subsets, "parents": len(parents),
+                                   "summary": summary, "runs": parents}, indent=1))
+    print(f"| method | family | LDS, mean of {len(parents)} parents x {args.subsets} half-subsets [95% bootstrap] "
+          "| minus tracin [95% paired bootstrap] | per parent | cost (train stages) |")
+    print("|---|---|---|---|---|---|")
+    for method, entry in summary.items():
+        first = parents[0]["methods"][method]
+        print(f"| {method} | {first['family']} | {entry['lds']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}] "
+              f"| {entry['minus_tracin']:+.3f} [{entry['minus_tracin_ci95'][0]:+.3f}, {entry['minus_tracin_ci95'][1]:+.3f}] "
+              f"| {', '.join(f'{x:+.2f}' for x in entry['per_parent'])} "
+              f"| {sum(p['methods'][method]['cost_in_train_stages'] for p in parents) / len(parents):.2f} |")
     return 0
 
 

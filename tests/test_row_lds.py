@@ -24,3 +24,22 @@ def test_lds_is_high_for_a_predictor_that_tracks_retraining_and_near_zero_for_no
     assert good["lds"] > 0.9 and good["ci95"][0] <= good["lds"] <= good["ci95"][1] and good["subsets"] == 50
     noise = lds(predicted, rng.normal(size=50), bootstrap=200)
     assert noise["ci95"][0] < 0 < noise["ci95"][1]
+
+
+def test_paired_difference_and_pooling_over_parents():
+    from bench.row_lds import lds_difference, pooled
+
+    rng = np.random.default_rng(1)
+    parents = []
+    for _ in range(3):
+        measured = rng.normal(size=60)
+        good, noise = measured + rng.normal(0, 0.3, 60), rng.normal(size=60)
+        parents.append({"measured_loss": measured.tolist(), "predicted": {"good": good, "tracin": noise},
+                        "methods": {"good": lds(good, measured, bootstrap=50), "tracin": lds(noise, measured, bootstrap=50)}})
+    diff = lds_difference(parents[0]["predicted"]["good"], parents[0]["predicted"]["tracin"], parents[0]["measured_loss"],
+                          bootstrap=200)
+    assert diff["ci95"][0] > 0 and diff["difference"] > 0.5
+    summary = pooled(parents, "good", bootstrap=100)
+    assert summary["ci95"][0] > 0.7 and summary["minus_tracin_ci95"][0] > 0.4 and len(summary["per_parent"]) == 3
+    assert summary["over_parents_t95"][0] < summary["lds"] < summary["over_parents_t95"][1]
+    assert pooled(parents, "tracin", bootstrap=50)["minus_tracin"] == 0.0
