@@ -152,3 +152,92 @@ def test_tokenizing_a_conversation_costs_its_length_not_its_square(chat_tok, mon
         enc = chat.encode_conversation(chat_tok, messages, chat.special_ids(chat_tok), "x")
         whole = len(chat.render(chat_tok, messages, False, "x"))
         assert sum(tokenized) <= 2 * whole and len(enc.input_ids) > turns
+
+
+# class 7: two first runs at once on a fresh PREFECT_HOME ---------------------------------------------------
+
+# A stand-in for Prefect's server with its first-use race: on a fresh home it "migrates" for a moment, and a
+# second server that finds the migration half done exits 3, as uvicorn did on "database is locked".
+FAKE_SERVER = r'''
+import http.server, os, sys, time
+db = os.path.join(os.environ["PREFECT_HOME"], "fake.db")
+if not os.path.exists(db):
+    try:
+        os.close(os.open(db + ".migrating", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        sys.exit(3)
+    time.sleep(1.5)
+    os.rename(db + ".migrating", db)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"true")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+'''
+
+
+def _fake_command(port: int) -> list:
+    import sys
+
+    return [sys.executable, "-c", FAKE_SERVER, str(port)]
+
+
+def _boot_together(n: int) -> list:
+    """``n`` temporary servers started at once from ``n`` threads (each its own lock file descriptor, as two
+    processes would hold): what ``wait()`` said for each."""
+    from verifily_train.cli.runtime import TemporaryServer
+    from verifily_train.errors import VerifilyError
+
+    results, servers, start = [None] * n, [], threading.Barrier(n)
+
+    def boot(i):
+        start.wait()
+        server = TemporaryServer(command=_fake_command, health_timeout=30)
+        servers.append(server)
+        try:
+            server.wait()
+            results[i] = "ok"
+        except VerifilyError as err:
+            results[i] = str(err)
+
+    threads = [threading.Thread(target=boot, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for server in servers:
+        server.stop()
+    return results
+
+
+def test_two_first_runs_on_a_fresh_prefect_home_both_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "fresh"))  # not even created yet
+    assert _boot_together(2) == ["ok", "ok"]
+    assert (tmp_path / "fresh" / ".verifily-server-ready").is_file()
+
+
+def test_without_the_lock_the_stand_in_shows_the_race(tmp_path, monkeypatch):  # designed here: the test's teeth
+    import verifily_train.cli.runtime as runtime
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "first_use_lock", lambda wait=None: None)
+    assert sorted(r == "ok" for r in _boot_together(2)) == [False, True]
+
+
+def test_a_ready_home_takes_no_lock_and_an_upgrade_takes_it_again(tmp_path, monkeypatch):  # designed here
+    import verifily_train.cli.runtime as runtime
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    first = runtime.first_use_lock()
+    assert first is not None
+    assert runtime.first_use_lock(wait=0.3) is None  # held elsewhere past the wait: start anyway, never hang
+    runtime._ready_marker().write_text(runtime._ready_text())
+    import os
+
+    os.close(first)
+    assert runtime.first_use_lock() is None  # ready: no lock, no wait
+    monkeypatch.setattr(runtime, "_ready_text", lambda: "prefect 99.0\n\n")  # a new Prefect migrates again
+    again = runtime.first_use_lock()
+    assert again is not None
+    os.close(again)

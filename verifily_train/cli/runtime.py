@@ -129,6 +129,7 @@ class TemporaryServer:
     """
 
     def __init__(self, command=server_command, health_timeout: float = 90.0):
+        self._first_use = first_use_lock()  # held until this server answers: it creates the database
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc = subprocess.Popen(
@@ -145,7 +146,16 @@ class TemporaryServer:
         self._thread.start()
 
     def _wait_healthy(self, timeout: float) -> None:
-        self.healthy = wait_healthy(self.url, lambda: self.proc.poll() is None, timeout)
+        try:
+            self.healthy = wait_healthy(self.url, lambda: self.proc.poll() is None, timeout)
+            if self.healthy and self._first_use is not None:
+                _ready_marker().write_text(_ready_text(), encoding="utf-8")
+        except OSError:
+            pass  # no marker: the next first run takes the lock again, nothing worse
+        finally:
+            if self._first_use is not None:
+                os.close(self._first_use)  # releases the lock
+                self._first_use = None
 
     def wait(self) -> None:
         """Block until the server answers; a server that died or never answered is a one-line error."""
@@ -164,6 +174,65 @@ class TemporaryServer:
 
 
 _SERVER: Optional[TemporaryServer] = None
+FIRST_USE_WAIT_SECONDS = 180.0  # two health timeouts: past it the holder is stuck, and we start anyway
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def _ready_marker() -> Path:
+    return prefect_home() / ".verifily-server-ready"
+
+
+def _ready_text() -> str:
+    """What the database was created for: this Prefect (a new one migrates it) at this database URL."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        prefect_version = version("prefect")
+    except PackageNotFoundError:
+        prefect_version = "?"
+    return f"prefect {prefect_version}\n{os.environ.get('PREFECT_API_DATABASE_CONNECTION_URL', '')}\n"
+
+
+def first_use_lock(wait: Optional[float] = None) -> Optional[int]:
+    """The first start of a temporary server on a ``PREFECT_HOME`` (or after a Prefect upgrade) creates and
+    migrates its SQLite database: two at once failed ("database is locked", a column added twice). That start
+    holds an exclusive lock on ``PREFECT_HOME/.verifily-first-use.lock`` until its server answers, then writes
+    ``.verifily-server-ready``; a second first run waits for it, then starts on the ready database. Returns the
+    locked file descriptor, or None once the database is ready (later starts take no lock)."""
+    import fcntl
+    import time
+
+    marker = _ready_marker()
+    try:
+        if marker.read_text(encoding="utf-8") == _ready_text():
+            return None
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        prefect_home().mkdir(parents=True, exist_ok=True)
+        fd = os.open(prefect_home() / ".verifily-first-use.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None  # an unwritable PREFECT_HOME: Prefect's own error says more than ours would
+    deadline = time.monotonic() + (FIRST_USE_WAIT_SECONDS if wait is None else wait)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:  # another first run's server is creating the database: wait for it
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+    try:
+        if marker.read_text(encoding="utf-8") == _ready_text():
+            os.close(fd)
+            return None
+    except (OSError, UnicodeDecodeError):
+        pass
+    return fd
 
 
 def start_quiet_server() -> Optional[TemporaryServer]:
