@@ -7,6 +7,7 @@ Every budget is made small for the test; no test asserts a duration.
 from __future__ import annotations
 
 import threading
+import uuid
 import time
 from pathlib import Path
 
@@ -241,3 +242,124 @@ def test_a_ready_home_takes_no_lock_and_an_upgrade_takes_it_again(tmp_path, monk
     again = runtime.first_use_lock()
     assert again is not None
     os.close(again)
+
+
+# class 7: --mode self_host with no worker serving the pool --------------------------------------------------
+
+class _Worker:
+    def __init__(self, name, seconds_ago, status="ONLINE"):
+        from datetime import datetime, timedelta, timezone
+
+        self.name, self.status, self.heartbeat_interval_seconds = name, status, 30
+        self.last_heartbeat_time = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
+
+
+class _Client:
+    """Prefect's sync client as ``submit_and_follow`` uses it: one deployment on pool self-host, one flow run
+    whose states follow ``states`` (the last repeats), the pool's workers from ``workers()``."""
+
+    def __init__(self, states, workers=lambda: []):
+        from types import SimpleNamespace
+
+        self.states, self.workers, self.set_states = list(states), workers, []
+        self.run = SimpleNamespace(id=uuid.uuid4(), name="brave-otter", state=None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read_deployment_by_name(self, name):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(id="d1", work_pool_name="self-host")
+
+    def create_flow_run_from_deployment(self, deployment_id, parameters):
+        return self.run
+
+    def read_flow_run(self, run_id):
+        if self.set_states:
+            self.run.state = self.set_states[-1]
+        else:
+            self.run.state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return self.run
+
+    def read_workers_for_work_pool(self, pool):
+        assert pool == "self-host"
+        return self.workers()
+
+    def read_logs(self, **kwargs):
+        return []
+
+    def read_artifacts(self, **kwargs):
+        return []
+
+    def set_flow_run_state(self, run_id, state, force=False):
+        self.set_states.append(state)
+
+
+def _submit(monkeypatch, client, wait=0.3):
+    import io
+
+    import prefect.client.orchestration as orchestration
+
+    from flows.submit import submit_and_follow
+
+    monkeypatch.setattr(orchestration, "get_client", lambda sync_client=True: client)
+    out = io.StringIO()
+    try:
+        return submit_and_follow({}, poll=0.02, out=out, worker_wait=wait), out.getvalue()
+    except Exception as err:  # noqa: BLE001 - the test reads what it was
+        return err, out.getvalue()
+
+
+def test_self_host_with_no_worker_says_so_then_cancels_the_run(monkeypatch):
+    from prefect.states import Scheduled
+
+    from verifily_train.errors import EnvironmentProblem
+
+    client = _Client([Scheduled()])
+    result, out = _submit(monkeypatch, client)
+    assert "no worker serves work pool 'self-host'" in out and "prefect worker start --pool self-host" in out
+    assert isinstance(result, EnvironmentProblem) and "\n" not in str(result)
+    assert "no worker picked up flow run brave-otter within 0.3 s" in str(result) and "cancelled" in str(result)
+    assert [s.type.value for s in client.set_states] == ["CANCELLED"]
+
+
+def test_a_stale_or_offline_worker_serves_no_pool(monkeypatch):  # designed here
+    from prefect.states import Scheduled
+
+    client = _Client([Scheduled()], workers=lambda: [_Worker("gone", 600), _Worker("off", 1, status="OFFLINE")])
+    result, out = _submit(monkeypatch, client)
+    assert "no worker serves work pool" in out and client.set_states
+
+
+def test_a_busy_worker_is_waited_for_and_a_late_worker_runs_it(monkeypatch):  # designed here
+    from prefect.states import Completed, Pending, Running, Scheduled
+
+    busy = _Client([Scheduled()] * 30 + [Pending(), Running(), Completed()], workers=lambda: [_Worker("w1", 2)])
+    result, out = _submit(monkeypatch, busy, wait=0.1)  # past the wait while a worker polls: no cancel
+    assert result == 0 and "no worker serves" not in out and not busy.set_states and "state: Completed" in out
+    late = _Client([Scheduled()] * 3 + [Pending(), Running(), Completed()])  # picked up inside the wait
+    result, out = _submit(monkeypatch, late, wait=30)
+    assert result == 0 and "no worker serves work pool" in out and not late.set_states
+
+
+def test_ctrl_c_before_a_worker_picked_the_run_up_cancels_it(monkeypatch):  # designed here
+    import time as time_module
+
+    from prefect.states import Scheduled
+
+    client = _Client([Scheduled()])
+    calls = []
+
+    def interrupted(seconds):
+        calls.append(seconds)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(time_module, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _submit(monkeypatch, client, wait=60)
+    assert [s.type.value for s in client.set_states] == ["CANCELLED"]
