@@ -16,7 +16,7 @@ import pytest
 
 from conftest import assert_user_error, run_cli
 from verifily_train.artifacts.comparability import comparability_caveats, run_facts
-from verifily_train.artifacts.compare import compare_runs, render_comparison
+from verifily_train.artifacts.compare import SEED_NOTE, compare_runs, legend, render_comparison
 from verifily_train.fixtures.runs import seal_run
 from verifily_train.errors import ConfigError
 from verifily_train.evaluation.significance import benjamini_hochberg, mcnemar_exact_p, paired_permutation_pvalues
@@ -103,7 +103,7 @@ def test_a_planted_difference_in_one_slice_is_starred_and_the_rest_is_not(tmp_pa
     assert not any(c["significant"] for c in others)
     text = render_comparison(result)
     forum_line = next(line for line in text.splitlines() if line.strip().startswith("forum"))
-    assert "accuracy=+" in forum_line and "] *" in forum_line
+    assert forum_line.split()[2] == "accuracy" and "] *" in forum_line  # value, n, metric, A, B, B - A [CI] *
     assert f"Benjamini–Hochberg at q=0.10 over {result['fdr']['cells']} slice × metric cells" in text
 
 
@@ -256,3 +256,26 @@ def test_a_gain_on_two_of_three_sources_is_starred_there_only(tmp_path):
     assert source["human"]["deltas"]["loss"]["significant"] and source["scraped"]["deltas"]["loss"]["significant"]
     assert not source["synthetic"]["deltas"]["loss"]["significant"]
     assert not source["forum"]["deltas"]["loss"]["significant"]
+
+
+def test_the_terminal_table_has_a_b_and_delta_headers_and_short_lines(tmp_path):
+    """The new user's complaint: no A / B / B - A headers and ~200-character lines. Slices print one metric per
+    line under a header row; only the legend's prose lines may run long."""
+    a, b = _placebo_pair(tmp_path, 3, n=60)
+    result = compare_runs(a, b, bootstrap_samples=50, permutations=99)
+    lines = render_comparison(result).splitlines()
+    assert lines[0].startswith("Question: do these two models (A and B) differ on these test rows?")
+    header = next(line for line in lines if line.split()[:1] == ["metric"])
+    assert header.split() == ["metric", "A", "B", "B", "-", "A", "[95%", "CI]"]
+    assert [line.split()[:4] for line in lines if line.split()[:1] == ["value"]] == [
+        ["value", "n", "metric", "A"]] * 2  # one header per slice key (length, source)
+    prose = {result["caveat"], legend(result["fdr"]), SEED_NOTE} | {c["line"] for c in result["comparability"]}
+    assert max(len(line) for line in lines if line not in prose) <= 120
+    human = lines.index(next(line for line in lines if line.strip().startswith("human")))
+    cells = [line.split() for line in lines[human:human + 5]]
+    assert [c[0] for c in cells[1:]] == ["format_compliance", "loss", "perplexity", "token_f1"]
+    flips = result["slices"]["source"]["human"]["flips"]
+    assert cells[0][:3] == ["human", "15", "exact_match"]
+    assert cells[0][-5:] == [str(flips["wrong_to_right"]), "up", "/", str(flips["right_to_wrong"]), "down"]
+    markdown = render_comparison(result, markdown=True)
+    assert "| value | n | metric | A | B | B - A [95% CI] | flips |" in markdown

@@ -284,22 +284,49 @@ def model_level_title() -> str:
     return f"Question: {MODEL_QUESTION} (A and B differ on these test rows where starred)"
 
 
+WIDTH = 118  # terminal lines stay under ~120 characters (the legend and the seed note are prose, wrapped by the terminal)
+_HEAD = f"  {'metric':<22} {'A':>9} {'B':>9}  B - A [95% CI]"
+_SLICE_HEAD = f"  {'value':<16} {'n':>5}  {'metric':<18} {'A':>9} {'B':>9}  {'B - A [95% CI]':<30} flips"
+
+
+def _clip(text: str, width: int) -> str:
+    text = str(text)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _wrapped(prefix: str, parts: List[str], indent: str) -> List[str]:
+    """``prefix`` then ``parts`` joined by ", ", continued on ``indent``-ed lines at WIDTH."""
+    lines, line = [], prefix
+    for i, part in enumerate(parts):
+        piece = part + ("," if i < len(parts) - 1 else "")
+        if line not in (prefix, indent) and len(line) + 1 + len(piece) > WIDTH:
+            lines.append(line)
+            line = indent + piece
+        else:
+            line = line + piece if line in (prefix, indent) else f"{line} {piece}"
+    return lines + [line]
+
+
+def _flip_text(flip: Optional[dict]) -> str:
+    return f"{flip['wrong_to_right']} up / {flip['right_to_wrong']} down" if flip else "-"
+
+
 def render_comparison(result: dict, markdown: bool = False) -> str:
-    """Plain text (or markdown) tables; ``*`` marks a cell whose Benjamini–Hochberg-adjusted p is <= q."""
+    """Plain text (or markdown) tables with metric / A / B / B - A [95% CI] columns, one slice metric per line;
+    ``*`` marks a cell whose Benjamini–Hochberg-adjusted p is <= q."""
     lines = [model_level_title(), f"A: {result['run_a']} ({result['dataset_a']})",
              f"B: {result['run_b']} ({result['dataset_b']})"]
     lines += [c["line"] for c in result.get("comparability", [])]
     lines.append("")
     deltas = result["paired"].get("deltas", {})
     lines.append(_rows_line(result["paired"]))
-    if markdown:
-        lines += ["", "| metric | A | B | B - A [95% CI] |", "|---|---|---|---|"]
+    lines += ["", "| metric | A | B | B - A [95% CI] |", "|---|---|---|---|"] if markdown else [_HEAD]
     for name, entry in result["overall"].items():
         cell = _delta_cell(deltas[name]) if name in deltas else _f(entry["delta"])
         if markdown:
             lines.append(f"| {name} | {_f(entry['a'], False)} | {_f(entry['b'], False)} | {cell} |")
         else:
-            lines.append(f"  {name:<26} {_f(entry['a'], False):>12} {_f(entry['b'], False):>12}  {cell}")
+            lines.append(f"  {_clip(name, 22):<22} {_f(entry['a'], False):>9} {_f(entry['b'], False):>9}  {cell}")
     flips = result["paired"].get("flips")
     if flips:
         lines.append(f"  flipped examples: {flips['wrong_to_right']} wrong->right, {flips['right_to_wrong']} right->wrong")
@@ -307,20 +334,24 @@ def render_comparison(result: dict, markdown: bool = False) -> str:
         lines.append("")
         lines.append("run-level figures (whole runs, not test rows: not paired, not tested):")
         for name, entry in result["run_level"].items():
-            lines.append(f"  {name:<26} {_f(entry['a'], False):>12} {_f(entry['b'], False):>12}  {_f(entry['delta'])}")
+            lines.append(f"  {_clip(name, 22):<22} {_f(entry['a'], False):>9} {_f(entry['b'], False):>9}  "
+                         f"{_f(entry['delta'])}")
     for key, values in result["slices"].items():
         lines.append("")
-        lines.append(f"by {key} (B - A):")
-        if markdown:
-            lines += ["", "| value | n | deltas | flips |", "|---|---|---|---|"]
+        lines.append(f"by {key} (B - A, one metric per line):")
+        lines += ["", "| value | n | metric | A | B | B - A [95% CI] | flips |", "|---|---|---|---|---|---|---|"] \
+            if markdown else [_SLICE_HEAD]
         for value, entry in values.items():
-            cells = "  ".join(f"{m}={_delta_cell(d)}" for m, d in entry["deltas"].items())
-            flip = entry.get("flips")
-            flip_text = f"{flip['wrong_to_right']} up / {flip['right_to_wrong']} down" if flip else "-"
-            if markdown:
-                lines.append(f"| {value} | {entry['n']} | {cells} | {flip_text} |")
-            else:
-                lines.append(f"  {str(value):<18} n={entry['n']:<5} {cells}  flips: {flip_text}")
+            flip_text = _flip_text(entry.get("flips"))
+            for i, (m, d) in enumerate(entry["deltas"].items() or [("-", {})]):
+                first = i == 0
+                label, n = (str(value), str(entry["n"])) if first else ("", "")
+                a, b = _f(d.get("a"), False), _f(d.get("b"), False)
+                if markdown:
+                    lines.append(f"| {label} | {n} | {m} | {a} | {b} | {_delta_cell(d)} | {flip_text if first else ''} |")
+                else:
+                    lines.append(f"  {_clip(label, 16):<16} {n:>5}  {_clip(m, 18):<18} {a:>9} {b:>9}  "
+                                 f"{_delta_cell(d):<30} {flip_text if first else ''}".rstrip())
     diff = result["dataset_diff"]
     if diff.get("available"):
         lines.append("")
@@ -329,13 +360,13 @@ def render_comparison(result: dict, markdown: bool = False) -> str:
             lines.append(f"  {split}: {d['rows_a']} -> {d['rows_b']} rows, +{d['added']} added, -{d['removed']} removed, "
                          f"{d['changed']} changed")
             for key, values in d["by_tag"].items():
-                parts = ", ".join(f"{v}: +{c['added']}/-{c['removed']}" for v, c in sorted(values.items()))
-                lines.append(f"    by {key}: {parts}")
+                parts = [f"{_clip(v, 40)}: +{c['added']}/-{c['removed']}" for v, c in sorted(values.items())]
+                lines += _wrapped(f"    by {key}: ", parts, "      ")
     if result["config_diff"]:
         lines.append("")
         lines.append("config diff (A -> B):")
         for d in result["config_diff"]:
-            lines.append(f"  {d['key']}: {d['a']!r} -> {d['b']!r}")
+            lines.append(_clip(f"  {d['key']}: {_clip(repr(d['a']), 50)} -> {_clip(repr(d['b']), 50)}", WIDTH))
     lines.append("")
     lines.append(legend(result.get("fdr", {})))
     lines.append(SEED_NOTE)
