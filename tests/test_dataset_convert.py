@@ -95,7 +95,7 @@ def test_missing_column_is_one_line_naming_file_and_column(tmp_path, verifily_ho
     source = _parquet(tmp_path / "train.parquet", rows)
     with pytest.raises(DataError) as info:
         create_version("ds_bad", "v1", "sft", str(source))
-    assert str(info.value) == (f"{source}: output: missing column for task sft (or a messages column); "
+    assert str(info.value) == (f"{source}: output: missing column for task sft (or a messages, prompt/completion or text column); "
                                "columns: instruction, input")
     result = run_cli("dataset", "create", "--id", "ds_bad", "--version", "v1", "--task", "classification",
                      "--train", str(source), cwd=tmp_path)

@@ -10,10 +10,12 @@ from typing import List, Optional
 from verifily_train.cli.console import print_table
 from verifily_train.cli.runtime import quiet_libraries, use_prefect_server
 from verifily_train.dataset import create_version, list_versions, resolve
+from verifily_train.dataset.columns import parse_columns_flag
 
 
 def cmd_dataset_create(args) -> int:
-    dv = create_version(args.dataset_id, args.version, args.task, args.train, args.val, args.test)
+    columns = parse_columns_flag(args.columns) if getattr(args, "columns", None) else None
+    dv = create_version(args.dataset_id, args.version, args.task, args.train, args.val, args.test, columns=columns)
     print(f"created {dv.ref}  {dv.num_rows} rows  {dv.content_hash}")
     print(f"  {dv.manifest_path}")
     api_url = use_prefect_server()

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train", required=True, help="train split: .jsonl, .parquet, .csv, or a save_to_disk folder (a DatasetDict: all its splits)")
     q.add_argument("--val", help="validation split (same formats)")
     q.add_argument("--test", help="test split (same formats)")
+    q.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                   help="your own column names for the row fields, e.g. instruction=question,output=answer "
+                        "(the stored rows use the field names; docs/datasets.md)")
     q.set_defaults(handler="dataset:cmd_dataset_create")
     q = dsub.add_parser("list", help="list versions in the store")
     q.add_argument("--json", action="store_true")

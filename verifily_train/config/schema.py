@@ -7,7 +7,7 @@ This module must not import torch. Comments after each field are the documentati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -42,6 +42,7 @@ class DataPathsSection:
     train: Optional[str] = None  # path to the training split (JSONL); relative to train.yaml
     val: Optional[str] = None  # path to the validation split (optional)
     test: Optional[str] = None  # path to the test split (optional; without it evaluation uses val)
+    columns: Dict[str, str] = field(default_factory=dict)  # your own field names for the row fields, e.g. {instruction: question, output: answer} (docs/datasets.md); the renamed rows' content hash is the data hash
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from verifily_train.config import schema
 from verifily_train.config.parse import OVERRIDES
@@ -19,6 +19,36 @@ from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import ConfigError
 
 MAX_REPLICATES = 64  # runs in one replicate group
+
+
+# The fields a mapping may fill, per task (rows.SFT_FORMAT_FIELDS, plus the fields every row may hold).
+COLUMN_FIELDS = {
+    "sft": ("instruction", "input", "output", "messages", "prompt", "completion", "text", "system", "id", "tags"),
+    "classification": ("text", "label", "id", "tags"),
+}
+
+
+def check_columns(columns, task: str, where: str, key: str) -> Dict[str, str]:
+    """A column mapping (``data_paths.columns``, ``dataset create --columns``) as a plain ``{field: source}``
+    dict; a bad one is a ``ConfigError`` naming ``key``."""
+    if columns is None:
+        return {}
+    if not isinstance(columns, dict) and not hasattr(columns, "items"):
+        raise ConfigError(where, key, f"must be a mapping of field -> your column name; got {type(columns).__name__}")
+    out: Dict[str, str] = {}
+    for field, source in dict(columns).items():
+        if field not in COLUMN_FIELDS.get(task, ()):
+            raise ConfigError(where, f"{key}.{field}", f"is not a row field of task {task} "
+                                                       f"({', '.join(COLUMN_FIELDS.get(task, ()))})")
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError(where, f"{key}.{field}", f"must be the name of one of your columns; got {source!r}")
+        out[str(field)] = source
+    sources = list(out.values())
+    twice = next((s for s in sources if sources.count(s) > 1), None)
+    if twice is not None:
+        raise ConfigError(where, key, f"column {twice!r} is mapped to two fields "
+                                      f"({', '.join(f for f, s in out.items() if s == twice)})")
+    return out
 
 
 def validate_config(cfg: TrainConfig, where: str = "config", from_command_line: Sequence[str] = ()) -> List[ConfigError]:
@@ -98,6 +128,13 @@ def _validate(cfg: TrainConfig, c: _Checker) -> None:
            "give dataset_version or data_paths, not both")
     if not has_ref and (cfg.data_paths.val or cfg.data_paths.test) and not has_paths:
         c.fail("data_paths.train", "is required when data_paths.val or data_paths.test is set")
+    if cfg.data_paths.columns:
+        c.check("data_paths.columns", not has_ref, "applies to data_paths; a store version maps its columns when "
+                                                   "it is created (verifily dataset create --columns)")
+        try:
+            check_columns(cfg.data_paths.columns, cfg.task, c.where, "data_paths.columns")
+        except ConfigError as err:
+            c.fail(err.key or "data_paths.columns", err.problem)
     c.check("base_model", bool(str(cfg.base_model).strip()), "must not be empty")
     c.check("seed", 0 <= cfg.seed < 2 ** 32, f"must be in [0, 2**32) (numpy's seed range); got {cfg.seed}")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from verifily_train import jsonsafe
+from verifily_train.dataset.columns import map_row
 from verifily_train.dataset.rows import DEFAULT_ROW_SCHEMA, MESSAGES_FIELD, validate_row
 from verifily_train.errors import DataError
 
@@ -56,11 +57,11 @@ def dataset_dict_split(folder: Path, split: str) -> Optional[Path]:
 
 def _required_columns(task: str, columns: List[str], where: str) -> None:
     have = set(columns)
-    if task == "sft" and MESSAGES_FIELD in have:
-        return
+    if task == "sft" and (MESSAGES_FIELD in have or {"prompt", "completion"} <= have or "text" in have):
+        return  # a conversation, prompt/completion or plain text column set (rows.SFT_FORMAT_FIELDS)
     missing = [c for c in DEFAULT_ROW_SCHEMA[task] if c not in have and c != "input"]
     if missing:
-        also = " (or a messages column)" if task == "sft" else ""
+        also = " (or a messages, prompt/completion or text column)" if task == "sft" else ""
         raise DataError(where, missing[0], f"missing column for task {task}{also}; columns: {', '.join(columns) or 'none'}")
 
 
@@ -237,16 +238,18 @@ def _csv_records(path: Path) -> Tuple[List[str], Iterator[Tuple[str, dict]]]:
     return columns, rows()
 
 
-def convert_split(source: Path, task: str, dest: Path) -> dict:
-    """Write ``source`` (Parquet, CSV or a save_to_disk folder) as validated JSONL at ``dest``; its provenance."""
+def convert_split(source: Path, task: str, dest: Path, mapping: Optional[Dict[str, str]] = None) -> dict:
+    """Write ``source`` (Parquet, CSV or a save_to_disk folder) as validated JSONL at ``dest``; its provenance.
+    ``mapping`` (``{field: your_column}``, ``dataset.columns``) renames columns before anything reads them."""
     fmt = source_format(source)
     reader = {PARQUET: _parquet_records, CSV: _csv_records, DISK: _disk_records}[fmt]
     columns, records = reader(source)
-    _required_columns(task, columns, str(source))
+    renamed = {s: f for f, s in (mapping or {}).items()}
+    _required_columns(task, [renamed.get(c, c) for c in columns], str(source))
     count = 0
     with open(dest, "w", encoding="utf-8", newline="\n") as out:
         for where, record in records:
-            row = _row(record, where)
+            row = _row(map_row(record, mapping or {}, where), where)
             validate_row(row, task, {}, {}, where)
             bad = jsonsafe.lone_surrogate(row)
             if bad is not None:  # from a JSON escape in a cell: it cannot be written as UTF-8

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from verifily_train.config.schema import TASKS
-from verifily_train.dataset.rows import (CONVERSATION_SCHEMA, DEFAULT_ROW_SCHEMA, is_conversation, iter_jsonl, label_of,
-                                         validate_row)
+from verifily_train.dataset.rows import (CONVERSATION_SCHEMA, DEFAULT_ROW_SCHEMA, SFT_CONVERSATION, SFT_FORMAT_FIELDS,
+                                         SFT_PROMPT_COMPLETION, SFT_TEXT, iter_jsonl, label_of, sft_format, validate_row)
 from verifily_train.dataset.version import SPLITS, DataFile, DatasetVersion
 from verifily_train import jsonsafe
 from verifily_train.errors import DataError, ManifestError
@@ -26,6 +26,7 @@ class FileScan:
     labels: Dict[str, int] = field(default_factory=dict)  # label -> first line number
     tagless_rows: int = 0
     conversations: int = 0  # SFT rows in the conversational (messages) format
+    formats: Dict[str, int] = field(default_factory=dict)  # SFT rows per format (rows.SFT_FORMAT_FIELDS)
 
 
 def scan_file(
@@ -47,8 +48,10 @@ def scan_file(
             scan.tag_values.setdefault(key, set()).add(str(value))
         if task == "classification":
             scan.labels.setdefault(label_of(row), lineno)
-        elif is_conversation(row):
-            scan.conversations += 1
+        else:
+            kind = sft_format(row, "")
+            scan.formats[kind] = scan.formats.get(kind, 0) + 1
+            scan.conversations += kind == SFT_CONVERSATION
     return scan
 
 
@@ -57,6 +60,9 @@ def row_schema_of(task: str, scans: Sequence[FileScan]) -> Dict[str, List[str]]:
     schema = dict(DEFAULT_ROW_SCHEMA)
     if task == "sft" and scans and all(s.conversations == s.num_rows for s in scans):
         schema["sft"] = list(CONVERSATION_SCHEMA)
+    for kind in (SFT_PROMPT_COMPLETION, SFT_TEXT):
+        if task == "sft" and any(s.num_rows for s in scans) and all(s.formats.get(kind, 0) == s.num_rows for s in scans):
+            schema["sft"] = list(SFT_FORMAT_FIELDS[kind])
     return schema
 
 

@@ -20,6 +20,18 @@ OPTIONAL_FIELDS = {"input"}
 MESSAGES_FIELD = "messages"
 CONVERSATION_SCHEMA = [MESSAGES_FIELD]
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
+# The SFT row formats (TRL's dataset formats, docs/datasets.md): a row holds the fields of exactly one.
+# prompt/completion: the completion is supervised after the prompt as written (no template); text: continued
+# pre-training, every token supervised.
+SFT_INSTRUCTION, SFT_CONVERSATION, SFT_PROMPT_COMPLETION, SFT_TEXT = "instruction", "conversation", "prompt_completion", "text"
+SFT_FORMAT_FIELDS = {
+    SFT_INSTRUCTION: INSTRUCTION_FIELDS,
+    SFT_CONVERSATION: (MESSAGES_FIELD,),
+    SFT_PROMPT_COMPLETION: ("prompt", "completion"),
+    SFT_TEXT: ("text",),
+}
+SFT_REQUIRED = {SFT_INSTRUCTION: ("instruction", "output"), SFT_CONVERSATION: (MESSAGES_FIELD,),
+                SFT_PROMPT_COMPLETION: ("prompt", "completion"), SFT_TEXT: ("text",)}
 ROLES = ("system", "user", "assistant")
 # The longest row (one JSONL line) accepted: tokenizing text costs ~130 bytes of memory per byte, and a
 # row this long is far past any max_seq_length (2,048 tokens is ~10 KB of text). Longer lines are refused
@@ -86,14 +98,23 @@ def validate_row(
 ) -> None:
     """Check one row's fields and tags; raises ``DataError`` naming file:line and field."""
     fields = list(row_schema.get(task) or DEFAULT_ROW_SCHEMA[task])
-    if task == "sft" and is_conversation(row):
-        both = [name for name in ("instruction", "output") if row.get(name) is not None]
-        if both:  # one of the two would be trained on and the other silently ignored
-            raise DataError(where, both[0], "a row holds either messages or instruction/output, not both")
+    kind = sft_format(row, where) if task == "sft" else None
+    if kind == SFT_CONVERSATION:
         validate_messages(row[MESSAGES_FIELD], where)
-        fields = [name for name in fields if name not in INSTRUCTION_FIELDS and name != MESSAGES_FIELD]
     elif task == "sft" and MESSAGES_FIELD in fields:
         raise DataError(where, MESSAGES_FIELD, "missing required field: the manifest's row_schema says rows are conversations")
+    if kind is not None:
+        said = next((k for k in (SFT_PROMPT_COMPLETION, SFT_TEXT) if SFT_REQUIRED[k][0] in fields), None)
+        if said is not None and kind != said:
+            raise DataError(where, SFT_REQUIRED[said][0], f"missing required field: the manifest's row_schema says rows "
+                                                          f"are {' / '.join(SFT_REQUIRED[said])} rows")
+        if kind in (SFT_PROMPT_COMPLETION, SFT_TEXT) and row.get("system") is not None:
+            raise DataError(where, "system", f"applies to instruction and messages rows; a {' / '.join(SFT_REQUIRED[kind])} "
+                                             "row is trained on as written")
+        # the row's own format's fields, and any other field the schema names (a platform's extras)
+        format_fields = {f for names in SFT_FORMAT_FIELDS.values() for f in names}
+        own = () if kind == SFT_CONVERSATION else SFT_FORMAT_FIELDS[kind]
+        fields = list(own) + [name for name in fields if name not in format_fields]
     for name in fields:
         if name not in row or row[name] is None:
             if name in OPTIONAL_FIELDS:
@@ -107,8 +128,10 @@ def validate_row(
                 raise DataError(where, name, "must not be empty")
         elif not isinstance(value, str):
             raise DataError(where, name, f"must be a string, got {type(value).__name__}")
-    if task == "sft" and not is_conversation(row) and not str(row.get("output", "")).strip():
-        raise DataError(where, "output", "must not be empty")
+    if kind in (SFT_INSTRUCTION, SFT_PROMPT_COMPLETION, SFT_TEXT):
+        answer = {SFT_INSTRUCTION: "output", SFT_PROMPT_COMPLETION: "completion", SFT_TEXT: "text"}[kind]
+        if not str(row.get(answer, "")).strip():
+            raise DataError(where, answer, "must not be empty")
     if task == "sft" and row.get("system") is not None and not isinstance(row["system"], str):
         raise DataError(where, "system", f"must be a string, got {type(row['system']).__name__}")
     if task == "classification" and not str(row.get("text", "")).strip():
@@ -127,6 +150,21 @@ def validate_row(
         if spec and spec.get("type", "categorical") == "categorical" and "values" in spec:
             if str(value) not in [str(v) for v in spec["values"]]:
                 raise DataError(where, f"tags.{key}", f"value {value!r} is not one of the tag_schema values {spec['values']}")
+
+
+def sft_format(row: dict, where: str) -> str:
+    """Which SFT format a row is in (instruction, conversation, prompt_completion, text), from the fields it holds;
+    a row holding the fields of two formats is an error (one would be trained on, the other silently ignored)."""
+    held = [kind for kind, names in SFT_FORMAT_FIELDS.items() if any(row.get(n) is not None for n in names)]
+    if len(held) > 1:
+        if set(held[:2]) == {SFT_INSTRUCTION, SFT_CONVERSATION}:
+            field = next(n for n in ("instruction", "output", "input") if row.get(n) is not None)
+            raise DataError(where, field, "a row holds either messages or instruction/output, not both")
+        first, second = (next(n for n in SFT_FORMAT_FIELDS[k] if row.get(n) is not None) for k in held[:2])
+        raise DataError(where, second, f"a row holds one format ({' / '.join(SFT_REQUIRED[held[0]])} or "
+                                       f"{' / '.join(SFT_REQUIRED[held[1]])}), not both: it has {first} and {second} "
+                                       "(map your own field names with data_paths.columns or dataset create --columns)")
+    return held[0] if held else SFT_INSTRUCTION
 
 
 def is_conversation(row: dict) -> bool:

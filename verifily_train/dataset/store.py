@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from verifily_train.config.schema import TASKS
+from verifily_train.dataset.columns import check_columns, map_jsonl, mapped_data_paths
 from verifily_train.dataset.manifest import build_manifest, load_manifest
 from verifily_train.dataset.rows import copy_jsonl
 from verifily_train.dataset.version import DatasetVersion
@@ -44,17 +45,20 @@ def create_version(
     test: Optional[str] = None,
     home: Optional[Path] = None,
     derived_from: Optional[dict] = None,
+    columns: Optional[dict] = None,
 ) -> DatasetVersion:
     """Copy splits into a new, read-only version folder with a verified manifest; never overwrites.
 
     A split may be JSONL, Parquet, CSV or a ``datasets`` ``save_to_disk`` folder (converted to JSONL,
     ``dataset.convert``); a ``DatasetDict`` folder as ``train`` also supplies its val and test splits.
     ``derived_from`` (a parent reference, its content hash and the rule that derived this version) is
-    recorded in the manifest, so a derived version is reproducible from its parent."""
+    recorded in the manifest, so a derived version is reproducible from its parent. ``columns`` (``{field:
+    your_column}``) renames the source's own field names before the rows are validated, and is recorded."""
     _check_name("--id", dataset_id)
     _check_name("--version", version)
     if task not in TASKS:
         raise VerifilyError(None, "--task", f"must be one of {', '.join(TASKS)}; got {task!r}")
+    columns = check_columns(columns, task, "verifily dataset create", "--columns")
     sources = _split_sources({"train": train, "val": val, "test": test})
     check_writable_folder(store_root(home), "VERIFILY_HOME")
     final = store_root(home) / dataset_id / version
@@ -77,7 +81,9 @@ def create_version(
             if source_format(p) == JSONL:
                 copy_jsonl(p, dest)  # bounded per line: /dev/zero is refused, not copied until the disk is full
             else:
-                converted.append(dict(convert_split(p, task, dest), split=split))
+                converted.append(dict(convert_split(p, task, dest, columns), split=split))
+            if columns and source_format(p) == JSONL:
+                map_jsonl(dest, dest, columns, str(p))
             placed.append((split, dest.name, dest))
             given[dest.name] = str(p)
         manifest, _ = build_manifest(dataset_id, version, task, placed, sources=given)
@@ -85,6 +91,8 @@ def create_version(
             manifest["converted_from"] = converted
         if derived_from is not None:
             manifest["derived_from"] = derived_from
+        if columns:  # provenance only: the rows the store keeps already use the tool's field names
+            manifest["columns"] = columns
         atomic_write_json(staging / "manifest.json", manifest)
         make_read_only(staging)
         try:
@@ -239,6 +247,7 @@ def load_for_config(dataset_version: Optional[str], data_paths, task: str, home:
     if dataset_version:
         dv = resolve(dataset_version, home, expected_task=task)
     else:
+        data_paths = mapped_data_paths(data_paths, task, home)  # data_paths.columns: the rows as the tool names them
         dv = dataset_from_paths(task, data_paths.train, data_paths.val, data_paths.test)
     if dv.task != task:
         raise DataError(dv.manifest_path or dv.data_path, "task",
@@ -253,6 +262,7 @@ def dataset_fingerprint(dataset_version: Optional[str], data_paths, task: str, h
         if dv.task != task:
             raise DataError(dv.manifest_path, "task", f"the dataset is for task {dv.task!r} but the config says task: {task!r}")
         return {"data_hash": dv.content_hash, "ref": dv.ref, "manifest_path": dv.manifest_path, "data_path": dv.data_path}
+    data_paths = mapped_data_paths(data_paths, task, home)
     files = dataset_files_from_paths(data_paths.train, data_paths.val, data_paths.test)
     content = dataset_content_hash([p for _, _, p in files], [rel for _, rel, _ in files])
     return {"data_hash": content, "ref": f"local@{content}", "manifest_path": None,

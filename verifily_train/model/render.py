@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from typing import List, Optional, Set, Tuple
 
 from verifily_train.config.schema import PromptSection
-from verifily_train.dataset.rows import MESSAGES_FIELD, is_conversation
+from verifily_train.dataset.rows import (MESSAGES_FIELD, SFT_CONVERSATION, SFT_PROMPT_COMPLETION, SFT_TEXT, is_conversation,
+                                         sft_format)
 from verifily_train.errors import DataError, ModelError
 from verifily_train.model.chat import (Encoded, encode_conversation, instruction_messages, special_ids,
                                           template_of, template_sha256, with_system)
@@ -34,6 +35,7 @@ class RowParts:
     history: Tuple[Tuple[dict, ...], ...] = ()  # conversations: the earlier exchanges, oldest first
     between: Tuple[dict, ...] = ()  # conversations: turns between the last user turn and the final reply
     conversation: bool = False
+    raw: str = ""  # prompt_completion or text rows: tokenized as written, no template (rows.SFT_FORMAT_FIELDS)
 
 
 def render_prompt(row: dict, prompt: PromptSection) -> str:
@@ -46,7 +48,10 @@ def render_prompt(row: dict, prompt: PromptSection) -> str:
 
 def final_answer(row: dict) -> str:
     """The reply an SFT row is evaluated on: ``output``, or a conversation's last (assistant) turn."""
-    return row[MESSAGES_FIELD][-1]["content"] if is_conversation(row) else row["output"]
+    kind = sft_format(row, "")
+    if kind == SFT_CONVERSATION:
+        return row[MESSAGES_FIELD][-1]["content"]
+    return row[{SFT_PROMPT_COMPLETION: "completion", SFT_TEXT: "text"}.get(kind, "output")]
 
 
 def resolve_format(prompt: PromptSection, tok, spec: ModelSpec) -> str:
@@ -95,6 +100,13 @@ class RowRenderer:
 
     def parts_of(self, row: dict, where: str) -> RowParts:
         system = row.get("system") or self.prompt.system
+        kind = sft_format(row, where)
+        if kind == SFT_TEXT and self.spec.kind != KIND_CAUSAL:
+            raise DataError(where, "text", f"plain text rows (continued pre-training) train a CausalLM; "
+                                           f"{self.spec.source} is an encoder-decoder (give prompt/completion rows)")
+        if kind in (SFT_PROMPT_COMPLETION, SFT_TEXT):  # as written: the prompt, then the supervised completion
+            return RowParts(user=row["prompt"] if kind == SFT_PROMPT_COMPLETION else "",
+                            answer=row["completion" if kind == SFT_PROMPT_COMPLETION else "text"], raw=kind)
         if not is_conversation(row):
             inp = str(row.get("input") or "")
             return RowParts(user=row["instruction"], answer=row["output"], input=inp, has_input=bool(inp.strip()),
@@ -125,6 +137,8 @@ class RowRenderer:
 
     def encode(self, parts: RowParts, where: str) -> Encoded:
         """Token ids and labels of ``parts`` as they stand (no fitting)."""
+        if parts.raw:
+            return self._encode_raw(parts)
         if self.format == FORMAT_CHAT:
             return encode_conversation(self.tok, self.messages(parts), self.end_ids, where)
         tpl = self.prompt.template if parts.has_input else self.prompt.template_no_input
@@ -135,6 +149,20 @@ class RowRenderer:
             return Encoded(prompt_ids, target, len(prompt_ids), len(target), prompt_text)
         # loss only on the response: prompt positions are masked with -100
         return Encoded(prompt_ids + target, [-100] * len(prompt_ids) + target, len(prompt_ids), len(target), prompt_text)
+
+    def _encode_raw(self, parts: RowParts) -> Encoded:
+        """prompt/completion (TRL's standard format): the prompt as written, the completion and EOS supervised; text:
+        every token supervised but the first (a causal LM predicts from position 1), EOS ending the document."""
+        eos = self.tok.eos_token_id
+        if parts.raw == SFT_TEXT:
+            ids = self.tok(parts.answer, add_special_tokens=True)["input_ids"] + [eos]
+            first = ids[:1]
+            return Encoded(ids, [-100] + ids[1:], len(first), len(ids) - 1, self.tok.decode(first))
+        prompt_ids = self.tok(parts.user, add_special_tokens=True)["input_ids"]
+        target = self.tok(parts.answer, add_special_tokens=False)["input_ids"] + [eos]
+        if self.spec.kind == KIND_SEQ2SEQ:
+            return Encoded(prompt_ids, target, len(prompt_ids), len(target), parts.user)
+        return Encoded(prompt_ids + target, [-100] * len(prompt_ids) + target, len(prompt_ids), len(target), parts.user)
 
     def _user_cuts(self, parts: RowParts):
         mode = self.prompt.truncation
@@ -151,6 +179,8 @@ class RowRenderer:
 
         if parts.conversation:
             return [history_cut, text_cut("user")]
+        if parts.raw:
+            return [text_cut("user")] if parts.raw == SFT_PROMPT_COMPLETION else []
         return [text_cut("input"), text_cut("user")]
 
     def _answer_cut(self, parts: RowParts) -> Cut:
