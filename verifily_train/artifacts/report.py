@@ -85,6 +85,63 @@ def slice_chart(key: str, block: dict, metric: str) -> Optional[str]:
     return _png(fig)
 
 
+def base_vs_tuned_chart(key: str, block: dict, metric: str) -> Optional[str]:
+    """Per slice value: the base model's figure beside the tuned model's (with its 95% interval)."""
+    values = [e for e in block["values"] if metric in e["metrics"] and metric in (e.get("baseline") or {})]
+    if not values:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.7 + 0.6 * len(values)))
+    names = [f"{e['value']} (n={e['n']})" for e in values]
+    y = list(range(len(values)))
+    tuned = [e["metrics"][metric] for e in values]
+    base = [e["baseline"][metric] for e in values]
+    lows = [p - e.get("ci95", {}).get(metric, [p, p])[0] for p, e in zip(tuned, values)]
+    highs = [e.get("ci95", {}).get(metric, [p, p])[1] - p for p, e in zip(tuned, values)]
+    ax.barh([i - 0.2 for i in y], base, height=0.38, color="#9aa5b1", label="base model")
+    ax.barh([i + 0.2 for i in y], tuned, height=0.38, xerr=[lows, highs], color="#1f5fbf", capsize=3,
+            label="tuned (95% bootstrap interval)")
+    ax.set_yticks(y, names)
+    ax.set_xlabel(metric)
+    ax.set_title(f"base vs tuned: {metric} by {key}")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def _base_vs_tuned_metric(block: dict, lead: Optional[str]) -> Optional[str]:
+    """The metric to draw base vs tuned with: exact match when both have it (what a team asks first), else ``lead``."""
+    for metric in ("exact_match", "accuracy", lead):
+        if metric and any(metric in e["metrics"] and metric in (e.get("baseline") or {}) for e in block["values"]):
+            return metric
+    return None
+
+
+def _config_rows(record: dict) -> List[List[str]]:
+    """The hyper-parameters a reader asks for, and the data's identity."""
+    job = record.get("job") or {}
+    config, dataset = job.get("config") or {}, job.get("dataset_version") or {}
+    training, lora = config.get("training") or {}, config.get("lora") or {}
+    components = (record.get("reproducibility") or {}).get("components") or {}
+    rows = [["base model", str(job.get("base_model"))], ["dataset", str(dataset.get("ref"))],
+            ["dataset content hash", str(dataset.get("content_hash") or components.get("data_hash") or "-")],
+            ["seed", str(config.get("seed", "-"))]]
+    rows += [[f"training.{k}", str(training[k])] for k in ("num_epochs", "max_steps", "learning_rate", "lr_scheduler",
+                                                             "batch_size", "gradient_accumulation_steps",
+                                                             "max_seq_length", "weight_decay") if k in training]
+    rows += [[f"lora.{k}", str(lora[k])] for k in ("r", "alpha", "dropout", "target_modules") if k in lora]
+    rows += [["config hash", str(job.get("config_hash", "-"))]]
+    return rows
+
+
+def _row_cell(h: dict) -> str:
+    """A hard example's own fields (instruction / input, the last user turn, the prompt), else its input text."""
+    fields = h.get("fields")
+    if not fields:
+        return html.escape(str(h.get("input", ""))[:300])
+    return "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(str(v)[:300])}" for k, v in fields.items())
+
+
 def confusion_heatmap(report: dict) -> Optional[str]:
     if not report:
         return None
@@ -150,12 +207,12 @@ def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
              f"<p>{html.escape(record['job']['task'])} of <code>{html.escape(str(record['job']['base_model']))}</code> on "
              f"<code>{html.escape(str(record['job']['dataset_version'].get('ref')))}</code>; "
              f"{html.escape(record['evaluation']['note'])}. Reproducibility hash <code>{record['reproducibility_hash']}</code>.</p>"]
-    rows = [[k, _fmt(v), f"[{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if k in ci else ""]
+    base = {k: v for k, v in (metrics.get("baseline") or {}).items() if isinstance(v, (int, float))}
+    rows = [[k, _fmt(base.get(k)) if k in base else "-", _fmt(v), f"[{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if k in ci else ""]
             for k, v in metrics.get("eval", {}).items() if isinstance(v, (int, float))]
-    rows += [[f"base model {k}", _fmt(v), ""] for k, v in metrics.get("baseline", {}).items()
-             if k in ("loss", "perplexity")]
-    rows += [[f"train {k}", _fmt(v), ""] for k, v in metrics.get("train", {}).items() if v is not None]
-    parts.append("<h2>Metrics</h2>" + html_table(["metric", "value", "95% CI"], rows))
+    rows += [[f"train {k}", "", _fmt(v), ""] for k, v in metrics.get("train", {}).items() if v is not None]
+    parts.append("<h2>Metrics</h2>" + html_table(["metric", "base model", "tuned", "95% CI (tuned)"], rows))
+    parts.append("<h2>Configuration</h2>" + html_table(["setting", "value"], _config_rows(record)))
     parts.append("<h2>Training loss</h2>" + _img(chart(loss_curve, log), "loss curve"))
     lead = next((m for m in ("loss", "accuracy") if m in metrics.get("eval", {})), None)
     for key, block in slices.get("slices", {}).items():
@@ -169,7 +226,10 @@ def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
                 bounds = e.get("ci95", {}).get(m)
                 cells.append(_fmt(e["metrics"].get(m)) + (f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if bounds else ""))
             table_rows.append(cells)
+        compared = _base_vs_tuned_metric(block, lead)
         parts.append(f"<h2>Slices by {html.escape(key)}</h2>" + _img(chart(slice_chart, key, block, lead), f"{key} slices")
+                     + (_img(chart(base_vs_tuned_chart, key, block, compared), f"{key}: base vs tuned")
+                        if compared else "")
                      + html_table(header, table_rows, raw=True))
     if metrics.get("classification_report"):
         report = metrics["classification_report"]
@@ -179,10 +239,11 @@ def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
                              for c, v in report["per_class"].items()]))
     headline = record.get("hard_examples_headline")
     parts.append("<h2>Hard examples</h2>" + (f"<p>{html.escape(headline)}</p>" if headline else ""))
-    parts.append(html_table(["#", "tags", "input", "reference", "prediction", "score"],
-                        [[h["rank"], ", ".join(f"{k}:{v}" for k, v in h["tags"].items()), h["input"][:300],
-                          h["reference"][:200], str(h.get("prediction") or "")[:200],
-                          _fmt(h.get("token_f1", h.get("loss", h.get("prob_true"))))] for h in hard]))
+    esc = html.escape
+    parts.append(html_table(["#", "tags", "row", "reference", "prediction", "score"],
+                        [[h["rank"], esc(", ".join(f"{k}:{v}" for k, v in h["tags"].items())), _row_cell(h),
+                          esc(str(h["reference"])[:200]), esc(str(h.get("prediction") or "")[:200]),
+                          _fmt(h.get("token_f1", h.get("loss", h.get("prob_true"))))] for h in hard], raw=True))
     parts.append('<p class="note">Correlation, not causation: slices describe the model on those test rows. '
                  "For causal attribution: <code>verifily attribute RUN --by &lt;tag&gt;</code>.</p>")
     return html_page(f"Verifily run {record['run_id']}", "".join(parts))

@@ -167,6 +167,24 @@ def sft_format(row: dict, where: str) -> str:
     return held[0] if held else SFT_INSTRUCTION
 
 
+def shown_fields(row: dict, limit: int = 400) -> Dict[str, str]:
+    """What a reader needs to see of an SFT row besides its reference: its own fields (instruction and input; the
+    last user turn of a conversation; the prompt; the start of a text), never the rendered template."""
+    kind = sft_format(row, "")
+    if kind == SFT_CONVERSATION:
+        user = [t["content"] for t in row[MESSAGES_FIELD] if t.get("role") == "user"]
+        fields = {"user": user[-1] if user else ""}
+    elif kind == SFT_PROMPT_COMPLETION:
+        fields = {"prompt": row.get("prompt") or ""}
+    elif kind == SFT_TEXT:
+        fields = {"text": row.get("text") or ""}
+    else:
+        fields = {"instruction": row.get("instruction") or ""}
+        if str(row.get("input") or "").strip():
+            fields["input"] = row["input"]
+    return {k: (str(v) if len(str(v)) <= limit else str(v)[:limit] + "...") for k, v in fields.items()}
+
+
 def is_conversation(row: dict) -> bool:
     """An SFT row in the conversational format (``messages``) rather than instruction/input/output."""
     return row.get(MESSAGES_FIELD) is not None

@@ -29,6 +29,8 @@ def mine_hard_examples(task: str, frame, n: int, tag_keys: List[str], q: float =
     for rank, row in enumerate(ranked.itertuples(index=False), start=1):
         item = {"rank": rank, "example_id": row.example_id, "split": row.split, "line": int(row.line),
                 "tags": json.loads(row.tags), "input": row.text, "reference": row.reference}
+        if getattr(row, "row_hash", None):  # finds the row itself (its own fields for the report)
+            item["row_hash"] = row.row_hash
         if task == "classification":
             item.update(prediction=row.predicted, prob_true=float(row.prob_true),
                         prob_predicted=float(row.prob_predicted))
