@@ -97,6 +97,44 @@ def ledger_dir() -> Path:
     return verifily_home() / "ledger" / "runs"
 
 
+def index_dir() -> Path:
+    """``$VERIFILY_HOME/runs-index``: one ``<run_id>.json`` per Run written on this machine, naming its folder, so a
+    run id resolves whatever the working folder (``find_run``, ``list_runs``)."""
+    return verifily_home() / "runs-index"
+
+
+def record_in_index(run_id: str, path: Path) -> None:
+    """Name a published (or failed) Run's folder in the run index; a home that cannot be written skips it (the
+    Run is in place either way, and still found by its folder)."""
+    try:
+        folder = index_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / f"{run_id}.json", {"run_id": run_id, "path": str(Path(path).resolve())})
+    except OSError:
+        pass
+
+
+def indexed_run(run_id: str) -> Optional[Path]:
+    """The folder the run index names for ``run_id``, when it is still a Run there (moved or deleted: None)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", run_id) or run_id.startswith("."):
+        return None
+    try:
+        entry = jsonsafe.loads((index_dir() / f"{run_id}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, jsonsafe.BadJson):
+        return None
+    path = Path(entry["path"]) if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
+    return path if path is not None and path.name == run_id and (path / "run.json").is_file() else None
+
+
+def indexed_runs() -> List[Path]:
+    """Every Run folder the run index names that is still in place."""
+    try:
+        names = sorted(p.stem for p in index_dir().glob("*.json"))
+    except OSError:
+        return []
+    return [path for path in map(indexed_run, names) if path is not None]
+
+
 def record_in_ledger(run_id: str, root: str, files: int) -> Path:
     """Write ``<ledger>/<run_id>.json`` once (never overwritten: a second Run with this id is refused)."""
     import tempfile
@@ -221,6 +259,7 @@ def publish_run(staging: Path, final: Path) -> Path:
     os.rename(staging, final)
     fsync_dir(final.parent)
     release_staging(staging)
+    record_in_index(final.name, final)
     return final
 
 
@@ -260,6 +299,7 @@ def write_failed_run(runs_dir: Path, run_id: str, record: dict, error: BaseExcep
     atomic_write_json(staging / "run.json", record)
     os.rename(staging, final)
     release_staging(staging)
+    record_in_index(run_id, final)
     return final
 
 
@@ -290,7 +330,10 @@ def find_run(ref: str, runs_dir: Optional[str | Path] = None) -> Path:
         candidate = folder / ref
         if candidate.is_dir() and (candidate / "run.json").is_file():
             return candidate
-    where = " and ".join(f"{f}/" for f in folders)
+    indexed = indexed_run(ref) if runs_dir is None else None
+    if indexed is not None:  # a run made in another folder, found through $VERIFILY_HOME/runs-index
+        return indexed
+    where = " and ".join(f"{f}/" for f in folders) + ("" if runs_dir is not None else " and the run index")
     raise RunError(ref, None, f"no such run (looked in {where}; give a run id or a run folder)")
 
 
@@ -322,6 +365,9 @@ def list_runs(runs_dir: Optional[str | Path] = None) -> List[dict]:
     """Every run folder (completed or failed) in ``runs_dirs(runs_dir)``, newest first."""
     out = []
     paths = [p for root in runs_dirs(runs_dir) if root.is_dir() for p in root.iterdir()]
+    if runs_dir is None:  # and every run the run index names, made in any folder
+        seen = {p.resolve() for p in paths}
+        paths += [p for p in indexed_runs() if p.resolve() not in seen]
     for path in paths:
         if path.name.startswith(".") or not (path / "run.json").is_file():
             continue

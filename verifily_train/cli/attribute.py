@@ -24,7 +24,7 @@ def cmd_attribute(args) -> int:
     from verifily_train.attribution.plan import describe_plan
 
     check_result_tracker(report_to)
-    parent = find_run(args.run)  # a wrong id fails here, before Prefect starts
+    parent = find_run(args.run, getattr(args, "runs_dir", None))  # a wrong id fails here, before Prefect starts
     values = split_values(args.values)
     plan = checked_plan(parent.resolve(), args.by, values, args.seeds, args.target, args.alpha, args.correction,
                         args.budget_steps, args.budget_fraction, args.concurrency)

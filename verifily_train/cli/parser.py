@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment", default=None,
                    help="submit each ablation run to this training deployment (its work pool spreads them)")
     p.add_argument("--out", default=None, help="output folder (default: <runs>/../attributions/<run>-by-<key>)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where the run id is looked up (default: runs/, $VERIFILY_HOME/runs and the run index)")
     p.add_argument("--json", action="store_true", help="print attribution.json instead of the table")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (question, target, values, arms, training runs) and stop")

@@ -106,7 +106,7 @@ def cmd_attribute_rows(args) -> int:
     from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_for_call, shard_count
 
     _check_numbers(args)
-    run = find_run(args.run).resolve()
+    run = find_run(args.run, getattr(args, "runs_dir", None)).resolve()
     verify_before_use(run, "attribute --rows")
     projection = DEFAULT_PROJECTION_DIM if args.projection_dim is None else args.projection_dim
     use_prefect_server()
