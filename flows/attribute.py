@@ -10,10 +10,13 @@ a Docker or Kubernetes pool) spreads them; results must land on storage this flo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,6 +31,58 @@ from verifily_train.attribution.stats import DEFAULT_SEEDS
 from verifily_train.quiet import QUIET_ENV
 
 ABLATION_WORKER = "verifily_train.flows.ablation_worker"  # python -m ABLATION_WORKER JOB_JSON: one ablation run
+
+# The ablation workers this process runs now. A SIGINT stops them at once (``stopping_workers_on_interrupt``):
+# the flow's task threads wait for their worker, so Ctrl-C waited 22-30 s for runs nobody would read.
+_WORKERS: set = set()
+_WORKERS_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+WORKER_GRACE_SECONDS = 5.0  # from SIGTERM to SIGKILL for a worker that does not end
+
+
+def stop_workers() -> None:
+    """Terminate every ablation worker of this process, and start no more (a retry included)."""
+    _STOPPING.set()
+    with _WORKERS_LOCK:
+        procs = list(_WORKERS)
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.terminate()
+
+    def kill_stragglers():
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+
+    if procs:
+        timer = threading.Timer(WORKER_GRACE_SECONDS, kill_stragglers)
+        timer.daemon = True
+        timer.start()
+
+
+@contextlib.contextmanager
+def stopping_workers_on_interrupt():
+    """While an ``attribute`` flow runs in this (main) thread: SIGINT terminates its ablation workers, then
+    interrupts as before (``KeyboardInterrupt``, exit 130), so the flow's end waits for no training run."""
+    _STOPPING.clear()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        stop_workers()
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _STOPPING.clear()  # the flow has ended: a later one in this process starts its workers
 
 
 @task(name="derive-dataset", cache_policy=NO_CACHE, persist_result=False)
@@ -58,13 +113,31 @@ def ablation_run(arm: str, seed: int, config: str, overrides: List[str], runs_di
         return _via_deployment(deployment, config, overrides, runs_dir)
     job = json.dumps({"config": config, "overrides": overrides, "runs_dir": runs_dir})
     env = dict(os.environ, PREFECT_API_URL=api_url, **QUIET_ENV)  # its stderr's last line is the error we report
-    done = subprocess.run([sys.executable, "-m", ABLATION_WORKER, job], env=env,
-                          capture_output=True, text=True)
+    done = _run_worker([sys.executable, "-m", ABLATION_WORKER, job], env, f"ablation {arm} seed {seed}")
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = [ln for ln in done.stderr.splitlines() if ln.strip()][-1:] or [f"exit {done.returncode}"]
         raise RuntimeError(f"ablation {arm} seed {seed} failed: {tail[0]}")
     return json.loads(lines[-1])["path"]
+
+
+def _run_worker(command: List[str], env: dict, what: str) -> subprocess.CompletedProcess:
+    """``command`` in a child process this process can stop (``stop_workers``); its output, as ``run`` gives it."""
+    if _STOPPING.is_set():
+        raise RuntimeError(f"{what}: interrupted")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with _WORKERS_LOCK:
+        _WORKERS.add(proc)
+    try:
+        if _STOPPING.is_set():  # interrupted while it started
+            proc.terminate()
+        out, err = proc.communicate()
+    finally:
+        with _WORKERS_LOCK:
+            _WORKERS.discard(proc)
+    if _STOPPING.is_set():
+        raise RuntimeError(f"{what}: interrupted")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _via_deployment(deployment: str, config: str, overrides: List[str], runs_dir: str) -> str:

@@ -10,6 +10,8 @@ unless ``same_rows``), retrains without the top-K rows and without K random rows
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -27,7 +29,7 @@ from verifily_train.attribution.options import check_options
 from verifily_train.attribution.plan import retrain_budget
 from verifily_train.flows.attribute import ablation_run, derive_control
 from verifily_train.pipeline import row_output
-from verifily_train.pipeline.cache import cache_root, release_held
+from verifily_train.pipeline.cache import cache_root, hold_exclusive, hold_stages, release_held
 from verifily_train.pipeline.row_attribution import (DEFAULT_PROJECTION_DIM, MERGE, SHARD, TARGET, RowContext,
                                                      plan_for_call, shard_count, train_stage_seconds)
 from verifily_train.pipeline.runner import CacheSettings
@@ -115,7 +117,21 @@ def _verify(cfg, parent: Path, merged: dict, k: int, seeds: int, budget_override
     return result
 
 
+def _releasing_held(fn):
+    """``fn``, then :func:`release_held` however it ends: what the flow holds (the cache entries it reads, its
+    output's name) stays held until its output is published, not only while its stages run."""
+    @functools.wraps(fn)
+    def releasing(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_held()
+
+    return releasing
+
+
 @flow(name="attribute", log_prints=False, validate_parameters=False)
+@_releasing_held
 def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = None, shards: int = 1,
                    projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
                    methods: Optional[List[str]] = None, verify: int = 0,
@@ -138,6 +154,9 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     logger = get_run_logger()
     parent = find_run(run).resolve()
     record = load_run_json(parent)
+    configured = (yaml.safe_load((parent / "config.yaml").read_text(encoding="utf-8")) or {}).get("cache") or {}
+    cache = CacheSettings(str(cache_root(configured.get("dir"))))
+    hold_stages(Path(cache.root), record, ("tokenize", "train"))  # what the plan reads: `cache clear` keeps it
     plan = plan_for_call(parent, target, checkpoints, projection_dim, seed, methods, verify, select, same_rows)
     selection = None
     if verify:
@@ -150,12 +169,7 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
         problem = check_verify(verify, plan.train_rows, seeds)
         if problem:
             raise VerifilyError(None, "--verify", problem)
-    configured = (yaml.safe_load((parent / "config.yaml").read_text(encoding="utf-8")) or {}).get("cache") or {}
-    cache = CacheSettings(str(cache_root(configured.get("dir"))))
-    try:
-        done = _row_stages(plan, count, cache, concurrency)
-    finally:
-        release_held()
+    done = _row_stages(plan, count, cache, concurrency)
     merged = done["row_merge"]
     rows_seconds = time.perf_counter() - started
     train_seconds, source = train_stage_seconds(parent, record)
@@ -166,6 +180,8 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
     name = row_output.folder_name(parent, plan.target, key)
     folder = (Path(out_dir) if out_dir else row_output.default_parent(parent) / name).resolve()  # --out: the folder
     stages = _stage_report(done)
+    # an identical call running now writes this same folder: wait for it, then reuse what it published
+    hold_exclusive(Path(cache.root), "row_attributions", hashlib.sha256(str(folder).encode()).hexdigest())
     found = row_output.existing(folder)
     if found is not None:
         if found.get("key") != key:

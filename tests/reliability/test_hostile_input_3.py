@@ -304,7 +304,7 @@ def _submit(monkeypatch, client, wait=0.3):
 
     import prefect.client.orchestration as orchestration
 
-    from flows.submit import submit_and_follow
+    from verifily_train.flows.submit import submit_and_follow
 
     monkeypatch.setattr(orchestration, "get_client", lambda sync_client=True: client)
     out = io.StringIO()
@@ -363,3 +363,134 @@ def test_ctrl_c_before_a_worker_picked_the_run_up_cancels_it(monkeypatch):  # de
     with pytest.raises(KeyboardInterrupt):
         _submit(monkeypatch, client, wait=60)
     assert [s.type.value for s in client.set_states] == ["CANCELLED"]
+
+
+# class 8: concurrency and Ctrl-C ---------------------------------------------------------------------------
+
+def _entry(root: Path, stage: str, key: str) -> Path:
+    from verifily_train.checksums import write_checksums
+
+    folder = root / stage / key
+    folder.mkdir(parents=True)
+    (folder / "train.parquet").write_bytes(b"rows")
+    (folder / "stage.json").write_text("{}")
+    write_checksums(folder)
+    return folder
+
+
+def test_cache_clear_during_row_scoring_keeps_what_the_scoring_reads(tmp_path, capsys):
+    """The flow holds its Run's tokenize and train entries (``hold_stages``) from before its plan until its
+    folder is published; ``cache clear`` meanwhile removes the rest and says what it kept."""
+    from verifily_train.cli.main import main
+    from verifily_train.pipeline.cache import hold_stages, release_held
+
+    root = tmp_path / "cache"
+    tok, trn, other = _entry(root, "tokenize", "a" * 64), _entry(root, "train", "b" * 64), _entry(root, "eval", "c" * 64)
+    record = {"stages": {"tokenize": {"key": "a" * 64}, "train": {"key": "b" * 64}, "evaluate": {"key": "c" * 64}}}
+    try:
+        hold_stages(root, record, ("tokenize", "train"))
+        assert main(["cache", "clear", "--dir", str(root)]) == 0
+        assert "kept 2 in use by a running verifily command" in capsys.readouterr().out
+        assert tok.is_dir() and trn.is_dir() and not other.exists()
+    finally:
+        release_held()
+    assert main(["cache", "clear", "--dir", str(root)]) == 0
+    assert not tok.exists() and not trn.exists()
+
+
+HOLDER = r'''
+import sys, time
+from pathlib import Path
+from verifily_train.pipeline.cache import hold_exclusive, release_held
+root, folder = Path(sys.argv[1]), Path(sys.argv[2])
+hold_exclusive(root, "row_attributions", "k")
+(root / "holding").write_text("1")
+while not (root / "go").exists():
+    time.sleep(0.02)
+folder.mkdir()
+(folder / "attribution.json").write_text("{}")
+release_held()
+'''
+
+
+def test_a_second_identical_row_attribution_waits_then_reuses_the_first(tmp_path):
+    """Two identical ``attribute --rows`` name one folder: the check for it and its publishing are one step
+    under ``hold_exclusive`` (the second's staging folder deleted the first's: FileNotFoundError)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+    from verifily_train.pipeline.cache import hold_exclusive, release_held
+
+    root, folder = tmp_path / "cache", tmp_path / "attr"
+    root.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), str(folder)], env=cli_env())
+    try:
+        for _ in range(1500):
+            if (root / "holding").exists() or first.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert (root / "holding").exists()
+        seen = []
+
+        def second():
+            hold_exclusive(root, "row_attributions", "k")
+            seen.append(folder.is_dir())  # the flow's `existing(folder)`: reuse, never a second publish
+            release_held()
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and not seen  # waiting for the first
+        (root / "go").write_text("1")
+        waiter.join(60)
+        assert seen == [True]
+    finally:
+        first.kill()
+        first.wait()
+
+
+SLEEPY_WORKER = "import os, sys, time\nopen(os.environ['SLEEPY_PID_FILE'], 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+
+
+def test_sigint_ends_the_ablation_workers_at_once(tmp_path, monkeypatch):
+    """SIGINT to the main process of ``attribute --by`` terminates its workers, so the task threads the flow's
+    end waits for return at once (it waited 22-30 s for their training), and no retry starts another."""
+    import os
+    import signal
+
+    import verifily_train.flows.attribute as flow
+
+    (tmp_path / "sleepy_worker.py").write_text(SLEEPY_WORKER)
+    monkeypatch.setattr(flow, "ABLATION_WORKER", "sleepy_worker")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("SLEEPY_PID_FILE", str(tmp_path / "pid"))
+    errors = []
+
+    def task():
+        try:
+            flow.ablation_run.fn("full", 0, "train.yaml", [], str(tmp_path), "http://127.0.0.1:1/api")
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it
+    try:
+        with flow.stopping_workers_on_interrupt():
+            worker = threading.Thread(target=task)
+            worker.start()
+            for _ in range(1500):
+                if (tmp_path / "pid").exists():
+                    break
+                time.sleep(0.02)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(60)  # interrupted by the handler's KeyboardInterrupt
+            worker.join(60)
+            assert not worker.is_alive() and errors == ["ablation full seed 0: interrupted"]
+            with pytest.raises(ProcessLookupError):  # the worker process is gone (reaped by communicate)
+                os.kill(int((tmp_path / "pid").read_text()), 0)
+            with pytest.raises(RuntimeError, match="interrupted"):  # a retry in the same flow starts no worker
+                flow.ablation_run.fn("full", 0, "train.yaml", [], str(tmp_path), "http://127.0.0.1:1/api")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -84,10 +84,10 @@ def attribution_result(run: str, by: str, values, seeds: int, budget_steps, budg
     """The ``attribute`` flow run in this process (its ablation runs in child processes): attribution.json's dict."""
     use_prefect_server()
     server = start_quiet_server()
-    from verifily_train.flows.attribute import attribute
+    from verifily_train.flows.attribute import attribute, stopping_workers_on_interrupt
 
     await_server(server)
-    with in_process_flow_settings():
+    with in_process_flow_settings(), stopping_workers_on_interrupt():  # Ctrl-C: its workers end at once
         return attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
                          budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
                          deployment=deployment, alpha=alpha, correction=correction, target=target)

@@ -38,4 +38,4 @@ def cmd_cache_clear(args) -> int:
 
 
 def _kept_note(kept: List[str]) -> str:
-    return f"; kept {len(kept)} in use by a running verifily train" if kept else ""
+    return f"; kept {len(kept)} in use by a running verifily command (train, attribute)" if kept else ""

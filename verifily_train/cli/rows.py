@@ -130,10 +130,11 @@ def cmd_attribute_rows(args) -> int:
 
 def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], started: float) -> int:
     server = start_temporary_server()  # the one started before the plan (None when a server is configured)
+    from verifily_train.flows.attribute import stopping_workers_on_interrupt
     from verifily_train.flows.attribute_rows import attribute_rows
 
     await_server(server)
-    with in_process_flow_settings():
+    with in_process_flow_settings(), stopping_workers_on_interrupt():  # Ctrl-C: --verify's workers end at once
         result = attribute_rows(run=str(run), target=args.target or "test", checkpoints=args.checkpoints, shards=args.shards,
                                 projection_dim=projection, methods=methods, verify=args.verify, seeds=args.seeds,
                                 budget_steps=args.budget_steps, budget_fraction=args.budget_fraction,

@@ -73,6 +73,26 @@ def hold(root: Path, stage: str, key: str) -> None:
     _HELD.append(fd)
 
 
+def hold_stages(root: Path, record: dict, stages) -> None:
+    """Hold the entries of ``stages`` a Run's record names (``record["stages"][stage]["key"]``): a command that
+    reads a Run's cached inputs (row attribution: its tokenized rows, its train stage's snapshots) keeps
+    ``cache clear`` off them until it ends."""
+    for stage in stages:
+        key = ((record.get("stages") or {}).get(stage) or {}).get("key")
+        if key:
+            hold(root, stage, str(key))
+
+
+def hold_exclusive(root: Path, stage: str, key: str) -> None:
+    """One writer of the output named by ``key`` at a time, until :func:`release_held`: an exclusive lock on
+    ``<stage>/.locks/<key>.lock`` (a second identical call waits for the first, then finds its output)."""
+    lock_dir = root / stage / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _HELD.append(fd)
+
+
 def release_held() -> None:
     """Drop every in-use mark this process holds (a flow run ended)."""
     while _HELD:
