@@ -135,6 +135,11 @@ def test_a_group_record_is_verified_and_compared_by_id_from_the_cli(tmp_path):
     assert_user_error(run_cli("compare", "--a", str(a[0]), "--b", str(b[0]), cwd=tmp_path), "--a", "at least 2 runs")
     assert_user_error(run_cli("compare", ga["group_id"], str(b[0]), "--runs-dir", str(runs_dir), cwd=tmp_path),
                       "not a group with a run")
+    import verifily_train as vt
+
+    cells = vt.compare_groups(ga["path"], [str(r) for r in b]).cells  # the Python API: a group and a run list
+    assert {"key", "value", "metric", "delta", "ci_low", "ci_high", "p_adjusted", "significant"} <= set(cells.columns)
+    assert bool(cells.query("key == 'overall' and metric == 'loss'")["significant"].iloc[0])
     target = a[1] / "predictions.parquet"
     target.chmod(0o644)
     target.write_bytes(target.read_bytes() + b"x")

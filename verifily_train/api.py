@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import ConfigError, RunError, VerifilyError
 
-__all__ = ["Run", "Comparison", "Attribution", "train", "load_run", "compare", "attribute", "VerifilyError"]
+__all__ = ["Run", "Comparison", "GroupComparison", "Attribution", "train", "load_run", "compare", "compare_groups",
+           "attribute", "VerifilyError"]
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any], TrainConfig]
 RunLike = Union[str, os.PathLike, "Run"]
@@ -270,6 +271,52 @@ def compare(a: RunLike, b: RunLike, *, runs_dir: Optional[Union[str, os.PathLike
     if report_to:
         comparison.tracker_run_id = log_comparison(comparison.raw, str(comparison))
     return comparison
+
+
+class GroupComparison:
+    """``verifily compare GROUP_A GROUP_B`` as an object: ``.raw`` is its JSON, ``str()`` its table, ``.cells`` one
+    row per slice x metric cell (means, B - A, its 95% interval over seeds, adjusted p, star, detectable effect)."""
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"GroupComparison({len(self.raw['a']['runs'])} runs -> {len(self.raw['b']['runs'])} runs)"
+
+    def __str__(self) -> str:
+        from verifily_train.artifacts.groups import render_group_comparison
+
+        return render_group_comparison(self.raw)
+
+    @property
+    def cells(self):
+        import pandas as pd
+
+        rows = []
+        cells = [("overall", None, self.raw["overall"])] + [(k, v, e["deltas"]) for k, vs in self.raw["slices"].items()
+                                                            for v, e in vs.items()]
+        for key, value, deltas in cells:
+            for metric, d in deltas.items():
+                ci = d.get("ci95") or [None, None]
+                rows.append({"key": key, "value": value, "metric": metric, "a": d.get("a"), "b": d.get("b"),
+                             "delta": d.get("delta"), "ci_low": ci[0], "ci_high": ci[1], "p": d.get("p"),
+                             "p_adjusted": d.get("p_adjusted"), "significant": d.get("significant"),
+                             "detectable": d.get("mde")})
+        return pd.DataFrame(rows)
+
+
+def compare_groups(a: Union[RunLike, List[RunLike]], b: Union[RunLike, List[RunLike]], *,
+                   runs_dir: Optional[Union[str, os.PathLike]] = None, fdr_q: Optional[float] = None) -> GroupComparison:
+    """Did the change from A to B move each metric beyond seed spread? ``a`` and ``b`` are run groups (id or
+    path, from ``train(..., training__replicates=3)`` or ``verifily train --seeds 3``) or lists of replicate
+    runs; the same seed-level tests as ``verifily compare GROUP_A GROUP_B`` (docs/evaluation.md)."""
+    from verifily_train.artifacts.groups import compare_groups as compare_sides, resolve_side
+
+    def side(refs, flag):
+        refs = [str(r.path) if isinstance(r, Run) else str(r) for r in (refs if isinstance(refs, (list, tuple)) else [refs])]
+        return resolve_side(refs, runs_dir, flag)
+
+    return GroupComparison(compare_sides(side(a, "a"), side(b, "b"), fdr_q=fdr_q))
 
 
 class Attribution:
