@@ -8,7 +8,7 @@ here, imported on first use: ``import verifily_train`` stays cheap and imports n
 
 __version__ = "0.1.0"
 
-API = ("train", "load_run", "compare", "compare_groups", "attribute", "Run", "Comparison", "GroupComparison",
+API = ("train", "load_run", "compare", "compare_groups", "attribute", "Run", "RunGroup", "Comparison", "GroupComparison",
        "Attribution", "VerifilyError")
 __all__ = ["__version__", *API]
 

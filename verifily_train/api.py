@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import ConfigError, RunError, VerifilyError
 
-__all__ = ["Run", "Comparison", "GroupComparison", "Attribution", "train", "load_run", "compare", "compare_groups",
+__all__ = ["Run", "RunGroup", "Comparison", "GroupComparison", "Attribution", "train", "load_run", "compare", "compare_groups",
            "attribute", "VerifilyError"]
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any], TrainConfig]
@@ -180,7 +180,8 @@ def _config_source(config: ConfigLike):
     raise ConfigError(None, "config", f"must be a train.yaml path, a dict or a TrainConfig; got {type(config).__name__}")
 
 
-def train(config: ConfigLike, *, dataset: Optional[str] = None, refresh: bool = False, **overrides: Any) -> Run:
+def train(config: ConfigLike, *, dataset: Optional[str] = None, refresh: bool = False,
+          **overrides: Any) -> Union[Run, "RunGroup"]:
     """Train as ``verifily train`` does (preflight, then a replay from the cache or the ``train`` flow) and return
     the Run.
 
@@ -203,7 +204,24 @@ def train(config: ConfigLike, *, dataset: Optional[str] = None, refresh: bool = 
         raise ConfigError(None, "compute.mode", "self_host submits the run to a work pool: use verifily train "
                                                 "--mode self_host, or compute={'mode': 'local'} to train here")
     summary = train_summary(cfg, problems, refresh=refresh)
+    if "members" in summary:  # training.replicates > 1: the group's path; its member Runs in ``.members``
+        if not summary.get("group_id"):
+            raise ConfigError(None, "training.replicates", "every replicate was skipped: nothing was trained")
+        group = RunGroup(summary["path"], [Run(m["path"], m) for m in summary["members"]])
+        return group
     return Run(summary["path"], summary)
+
+
+class RunGroup:
+    """Replicate runs of one config (``training.replicates``): ``.path`` (the group folder, what
+    ``compare_groups`` takes), ``.members`` (the Runs, seed order)."""
+
+    def __init__(self, path: Union[str, os.PathLike], members: List[Run]):
+        self.path = Path(path).resolve()
+        self.members = members
+
+    def __repr__(self) -> str:
+        return f"RunGroup({self.path.name!r}, {len(self.members)} runs)"
 
 
 class Comparison:
@@ -313,7 +331,8 @@ def compare_groups(a: Union[RunLike, List[RunLike]], b: Union[RunLike, List[RunL
     from verifily_train.artifacts.groups import compare_groups as compare_sides, resolve_side
 
     def side(refs, flag):
-        refs = [str(r.path) if isinstance(r, Run) else str(r) for r in (refs if isinstance(refs, (list, tuple)) else [refs])]
+        refs = [str(r.path) if isinstance(r, (Run, RunGroup)) else str(r)
+                for r in (refs if isinstance(refs, (list, tuple)) else [refs])]
         return resolve_side(refs, runs_dir, flag)
 
     return GroupComparison(compare_sides(side(a, "a"), side(b, "b"), fdr_q=fdr_q))
