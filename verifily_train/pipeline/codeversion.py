@@ -2,7 +2,8 @@
 
 The modules a stage can run are the import closure of its own module, read from the sources (``ast``,
 nothing is imported): every ``import`` and ``from ... import`` of a ``verifily_train`` module, at top
-level or inside a function, their parent packages, and modules named as strings such as the DDP worker
+level or inside a function (not inside a module's PEP 562 ``__getattr__``: the package's lazy API
+re-export), their parent packages, and modules named as strings such as the DDP worker
 that ``torchrun -m`` starts. Editing any of them re-keys the stage; a renamed or new module is followed
 because the closure is read again in every process. Computed once per process and stage.
 """
@@ -37,8 +38,14 @@ def _imported_names(path: Path, module: str) -> Set[str]:
     """Project modules that ``path`` (module ``module``) imports or names as a ``-m`` string."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    # a module-level ``__getattr__`` (PEP 562) imports only when code asks the module for a name it lacks: the
+    # package's lazy re-export of the Python API, which no stage asks for; its imports are not the stage's code
+    lazy = {id(n) for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"
+            for n in ast.walk(f)}
     found: Set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in lazy:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
