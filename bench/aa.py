@@ -82,6 +82,21 @@ class Trainer:
                                          "test": base["test"]}}
         self.shared: Dict[str, dict] = {}
         self.runs_dir = work / "runs"
+        self.done = self._finished()  # resume: runs a killed bench already wrote in this work folder
+
+    def _finished(self) -> Dict[tuple, Path]:
+        found = {}
+        for path in sorted(self.runs_dir.glob("run_*")) if self.runs_dir.is_dir() else []:
+            try:
+                record = json.loads((path / "run.json").read_text())
+            except (OSError, ValueError):
+                continue
+            config = record.get("job", {}).get("config", {})
+            train = str(config.get("data_paths", {}).get("train", ""))
+            variant = next((v for v, paths in self.data.items() if str(paths["train"]) == train), None)
+            if record.get("status") == "completed" and variant:
+                found[(variant, config.get("seed"), config.get("training", {}).get("num_epochs"))] = path
+        return found
 
     def _config(self, variant: str, epochs: int, seed: int):
         from verifily_train.config import load_config
@@ -98,6 +113,8 @@ class Trainer:
         from verifily_train.pipeline.fingerprint import fingerprint_stage
         from verifily_train.pipeline.runner import STAGES, run_uncached
 
+        if (variant, seed, epochs) in self.done:
+            return self.done[(variant, seed, epochs)]
         cfg = self._config(variant, epochs, seed)
         root = self.work / f"stages-{variant}"
         root.mkdir(parents=True, exist_ok=True)
@@ -146,6 +163,10 @@ def _mixed(run_a: Path, run_b: Path, target: Path, seed: int) -> Path:
 
     from verifily_train.fsio import make_writable
 
+    for stale in (target, target.with_name(target.name + "-other")):  # a resumed bench rebuilds them
+        if stale.exists():
+            make_writable(stale)
+            shutil.rmtree(stale)
     shutil.copytree(run_b, target)
     make_writable(target)
     pa, pb = pd.read_parquet(run_a / "predictions.parquet"), pd.read_parquet(run_b / "predictions.parquet")
@@ -162,13 +183,14 @@ def _mixed(run_a: Path, run_b: Path, target: Path, seed: int) -> Path:
 
 
 def run_aa(work: Path, pairs: int = 100, replicates: int = 3, power_trials: int = 40, log=print,
-           first_pair: int = 0) -> dict:
+           first_pair: int = 0, partial_out: Path = None) -> dict:
     from verifily_train.artifacts.compare import compare_runs
     from verifily_train.artifacts.groups import compare_groups
     from verifily_train.config.schema import EvalSection
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    from bench.common import write_result
     q = EvalSection.fdr_q
     trainer = Trainer(work, log)
     started = time.time()
@@ -201,6 +223,11 @@ def run_aa(work: Path, pairs: int = 100, replicates: int = 3, power_trials: int 
             f"{len(calls['model_exchangeable'][-1]['starred'])}"
             + (f"; uniform {calls['uniform'][-1]['target_starred']}, one-slice {calls['one-slice'][-1]['target_starred']}"
                if i - first_pair < power_trials else "") + f" ({time.time() - started:.0f} s)")
+        if partial_out is not None:  # after every pair: a cut-short bench keeps what it measured
+            write_result("aa", {"settings": {"pairs": len(calls["group_aa"]), "replicates": replicates, "q": q,
+                                             "first_pair": first_pair, "partial": True},
+                                "summary": summarize(calls), "calls": calls,
+                                "seconds": round(time.time() - started, 1)}, partial_out)
     settings = {"pairs": pairs, "replicates": replicates, "power_trials": min(power_trials, pairs), "q": q,
                 "sizes": SIZES, "noisy_share": NOISY_SHARE, "training": BASE["training"],
                 "task": "classification (tiny BERT, full fine-tune)"}
@@ -235,7 +262,11 @@ def summarize(calls: dict) -> dict:
 def merge(parts: List[dict]) -> dict:
     """One result from runs over disjoint pair ranges (``--first-pair``): calls concatenated, rates recomputed."""
     calls = {k: [c for p in parts for c in p["calls"][k]] for k in parts[0]["calls"]}
-    settings = dict(parts[0]["settings"], pairs=len(calls["group_aa"]), power_trials=len(calls["uniform"]))
+    full = next((p["settings"] for p in parts if "sizes" in p["settings"]), None)
+    settings = dict(full or {"replicates": parts[0]["settings"]["replicates"], "q": parts[0]["settings"]["q"],
+                             "sizes": SIZES, "noisy_share": NOISY_SHARE, "training": BASE["training"],
+                             "task": "classification (tiny BERT, full fine-tune)"},
+                    pairs=len(calls["group_aa"]), power_trials=len(calls["uniform"]))
     return {"settings": settings, "summary": summarize(calls), "calls": calls,
             "seconds": sum(p["seconds"] for p in parts), "parts": len(parts)}
 
@@ -292,7 +323,8 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     quiet_libraries()
     work = Path(args.work or tempfile.mkdtemp(prefix="verifily-aa-"))
-    result = run_aa(work, args.pairs, args.replicates, args.power_trials, first_pair=args.first_pair)
+    result = run_aa(work, args.pairs, args.replicates, args.power_trials, first_pair=args.first_pair,
+                    partial_out=Path(args.out) if args.out else None)
     result["machine"] = machine()
     write_result("aa", result, Path(args.out) if args.out else RESULTS)
     print(aa_table(result))
