@@ -296,6 +296,36 @@ def aa_table(result: dict) -> str:
             + markdown_table(["case", "median B - A", "median detectable"], effects))
 
 
+def power_at(work: Path, first_pairs: List[int], replicates: int, log=print) -> dict:
+    """Power of both changes at another replicate count, on the same clean runs: trial i's clean side is the
+    seeds ``1000 + 6i .. + replicates - 1`` (the A/A pair's runs where they exist), its flawed side the
+    same seeds of the flawed version (trained as needed)."""
+    from verifily_train.artifacts.groups import compare_groups
+    from verifily_train.config.schema import EvalSection
+
+    trainer = Trainer(Path(work), log)
+    calls = {"uniform": [], "one-slice": []}
+    for i in first_pairs:
+        seeds = [1000 + 6 * i + j for j in range(replicates)]  # pair i's seeds at 3 replicates a side
+        clean = [trainer.run("base", s) for s in seeds]
+        for change, variant in (("uniform", "noisy-all"), ("one-slice", "noisy-synthetic")):
+            flawed = [trainer.run(variant, s) for s in seeds]
+            found = compare_groups(_side(flawed, seeds), _side(clean, seeds), fdr_q=EvalSection.fdr_q)
+            key, value, metric = CHANGES[change]
+            cell = _cell(found, key, value, metric)
+            calls[change].append({"starred": _starred(found), "target_starred": bool(cell["significant"]),
+                                  "delta": cell["delta"], "mde": cell.get("mde"), "ci95": cell.get("ci95")})
+        log(f"  trial {i}: uniform {calls['uniform'][-1]['target_starred']}, one-slice "
+            f"{calls['one-slice'][-1]['target_starred']}")
+    out = {}
+    for change in calls:
+        trials = calls[change]
+        out[change] = dict(_share(sum(c["target_starred"] for c in trials), len(trials)),
+                           median_delta=float(np.median([c["delta"] for c in trials])),
+                           median_mde=float(np.median([c["mde"] for c in trials if c["mde"] is not None])))
+    return {"replicates": replicates, "trials": len(first_pairs), "summary": out, "calls": calls}
+
+
 def main(argv=None) -> int:
     import argparse
     import tempfile
@@ -310,7 +340,21 @@ def main(argv=None) -> int:
     parser.add_argument("--first-pair", type=int, default=0, help="index of the first pair (disjoint seeds per "
                                                                    "range: run ranges in parallel, then --merge)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge results of pair ranges")
+    parser.add_argument("--power-at", type=int, default=None, metavar="N",
+                        help="only the power cases at N replicates, for the pairs --first-pair .. + --power-trials "
+                             "(reuses the runs in --work)")
     args = parser.parse_args(argv)
+    if args.power_at:
+        from bench.common import quiet_libraries, set_threads
+
+        set_threads(args.threads)
+        quiet_libraries()
+        result = power_at(Path(args.work), list(range(args.first_pair, args.first_pair + args.power_trials)),
+                          args.power_at)
+        out = Path(args.out or ".") / f"aa-power-{args.power_at}-{args.first_pair}.json"
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["summary"], indent=1))
+        return 0
     if args.merge:
         from bench.common import RESULTS, write_result
 
