@@ -41,7 +41,6 @@ REGIMES = {
 def train(X, y, Xt, yt, trial, pair, keep, npairs, reg, rng):
     """X (T,N,d), y (T,N), Xt (T,NT,d), yt (T,NT); per model: trial idx, seed-pair idx,
     keep mask (N,).  Returns test log-loss per model."""
-    M = len(trial)
     B, E, lr0, lam = reg['B'], reg['E'], reg['lr'], reg['lam']
     nb = -(-N // B)
     init = rng.normal(0, 0.3, (npairs, D + 1))

@@ -19,7 +19,7 @@ from scipy import stats
 from conftest import assert_user_error, run_cli
 from verifily_train.artifacts.groups import (compare_groups, render_group_comparison, render_group_markdown,
                                              resolve_side, write_group)
-from verifily_train.errors import ConfigError, RunError
+from verifily_train.errors import RunError
 from verifily_train.evaluation.replicates import group_cells, seed_test
 from verifily_train.evaluation.significance import mark_discoveries
 from verifily_train.fixtures.runs import seal_run

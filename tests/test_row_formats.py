@@ -11,7 +11,7 @@ import pytest
 
 from conftest import assert_user_error, run_cli
 from verifily_train.config.schema import PromptSection
-from verifily_train.errors import ConfigError, DataError, ModelError
+from verifily_train.errors import ConfigError, DataError
 from verifily_train.fixtures.data import make_rows, write_jsonl
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
 

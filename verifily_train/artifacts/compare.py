@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 
 from verifily_train.artifacts.comparability import comparability_caveats, run_facts
 from verifily_train.artifacts.run import load_run_json

@@ -63,7 +63,7 @@ def _family_section(family: str, entry: dict, result: dict) -> str:
 def render_rows_section(result: dict) -> str:
     """``<section id="row-attribution">`` for ``attribution.json`` of a ``--rows`` call: one part per family."""
     cost = result["cost"]
-    parts = [f"<section id='row-attribution'><h2>Row scores: suspect rows and attribution</h2>",
+    parts = ["<section id='row-attribution'><h2>Row scores: suspect rows and attribution</h2>",
              f"<p>Run <code>{html.escape(result['parent_run'])}</code>; {result['train_rows']} train rows scored by "
              f"{html.escape(', '.join(result['methods']))} over {result['checkpoints']} adapter snapshot(s), "
              f"projection {result['projection_dim'] or 'none'}, {result['shards']} shard(s). "

@@ -8,7 +8,6 @@ on 127.0.0.1 unless told otherwise; beyond loopback it needs an API auth string.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
