@@ -195,7 +195,6 @@ def run_aa(work: Path, pairs: int = 100, replicates: int = 3, power_trials: int 
     trainer = Trainer(work, log)
     started = time.time()
     calls = {"group_aa": [], "uniform": [], "one-slice": [], "model_two_seeds": [], "model_exchangeable": []}
-
     for i in range(first_pair, first_pair + pairs):
         seeds_a = [1000 + 2 * replicates * i + j for j in range(replicates)]
         seeds_b = [s + replicates for s in seeds_a]
