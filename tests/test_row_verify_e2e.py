@@ -15,7 +15,7 @@ import pytest
 from test_row_attribution_cli import _train_in_process, cli  # noqa: F401 (cli: a fixture used by name)
 from verifily_train.attribution.analysis import VERDICTS
 
-# each arm is a `verifily train` subprocess (Python start-up, a flow run, a model load): 9 of them took 3.3 and
+# each arm is a `verifily train` subprocess (Python start-up, a flow run, a model load): 9 of them took 2 to
 # 6.6 minutes on the shared 2-core machine, too long for every suite run; opt in with VERIFILY_TEST_VERIFY=1
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("VERIFILY_TEST_VERIFY") != "1",
