@@ -11,9 +11,13 @@ predict the target loss that retraining on those rows measures?
   from its predictions; the predicted one: the sum of a method's scores over the kept rows;
 - per method, the Spearman correlation of the two over the subsets, with a percentile bootstrap 95%
   interval that resamples subsets (the subset is the unit: each is one retraining).
+- ``--parents N``: N dataset draws (seeds), each its own parent and subsets; the summary is the mean LDS over
+  parents with a stratified bootstrap (subsets resampled within each parent), the paired difference of each
+  method against ``tracin`` on the same subsets, and a t interval over the parents; the attribution scores are
+  also scored without projection (``<method>@exact``).
 Anchors (GPT-2 on WikiText): Kronfluence reports LDS 0.44 for EK-FAC and 0.12 for a gradient dot product.
-Cost: 1 + ``subsets`` train runs plus one row-attribution call; about 50 x 3 s on the tiny BERT and 50 x
-8 min on SmolLM2-135M on 2 CPU cores (what the SmolLM2 cell needs: a GPU, or hours).
+Cost: (1 + ``subsets``) train runs per parent plus the scoring calls: 1 to 2 s per tiny run on one CPU thread
+(3 parents x 100 subsets: 6 to 8 minutes per model); about 8 CPU-minutes per SmolLM2-135M run (a GPU cell).
 """
 
 from __future__ import annotations
