@@ -17,7 +17,7 @@ predict the target loss that retraining on those rows measures?
   also scored without projection (``<method>@exact``).
 Anchors (GPT-2 on WikiText): Kronfluence reports LDS 0.44 for EK-FAC and 0.12 for a gradient dot product.
 Cost: (1 + ``subsets``) train runs per parent plus the scoring calls: 1 to 2 s per tiny run on one CPU thread
-(3 parents x 100 subsets: 6 to 8 minutes per model); about 8 CPU-minutes per SmolLM2-135M run (a GPU cell).
+(3 parents x 100 subsets: 6 to 9 minutes per model); about 8 CPU-minutes per SmolLM2-135M run (a GPU cell).
 """
 
 from __future__ import annotations
