@@ -325,6 +325,26 @@ def power_at(work: Path, first_pairs: List[int], replicates: int, log=print) -> 
     return {"replicates": replicates, "trials": len(first_pairs), "summary": out, "calls": calls}
 
 
+def aa_at(work: Path, replicates: int, calls: List[int], log=print) -> dict:
+    """Group A/A calls at another replicate count: call c draws A and B from the 2 x replicates seeds
+    ``base(c) ..``, disjoint from every other call's (``base(c) = 1000 + 12 c``: two 3-replicate pairs' seeds,
+    whose runs a full bench already trained; the rest are trained here)."""
+    from verifily_train.artifacts.groups import compare_groups
+    from verifily_train.config.schema import EvalSection
+
+    trainer = Trainer(Path(work), log)
+    out = []
+    for c in calls:
+        seeds = [1000 + 12 * c + j for j in range(2 * replicates)]
+        runs = [trainer.run("base", s) for s in seeds]
+        found = compare_groups(_side(runs[:replicates], seeds[:replicates]), _side(runs[replicates:], seeds[replicates:]),
+                               fdr_q=EvalSection.fdr_q)
+        out.append({"starred": _starred(found), "cells": found["fdr"]["cells"]})
+        log(f"  A/A call {c} at {replicates} a side: {len(out[-1]['starred'])} stars")
+    return {"replicates": replicates, "calls": out,
+            "group_aa": _share(sum(bool(c["starred"]) for c in out), len(out))}
+
+
 def main(argv=None) -> int:
     import argparse
     import tempfile
@@ -342,7 +362,19 @@ def main(argv=None) -> int:
     parser.add_argument("--power-at", type=int, default=None, metavar="N",
                         help="only the power cases at N replicates, for the pairs --first-pair .. + --power-trials "
                              "(reuses the runs in --work)")
+    parser.add_argument("--aa-at", type=int, default=None, metavar="N",
+                        help="only group A/A calls at N replicates a side, calls --first-pair .. + --pairs")
     args = parser.parse_args(argv)
+    if args.aa_at:
+        from bench.common import quiet_libraries, set_threads
+
+        set_threads(args.threads)
+        quiet_libraries()
+        result = aa_at(Path(args.work), args.aa_at, list(range(args.first_pair, args.first_pair + args.pairs)))
+        out = Path(args.out or ".") / f"aa-aa-{args.aa_at}-{args.first_pair}.json"
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["group_aa"]))
+        return 0
     if args.power_at:
         from bench.common import quiet_libraries, set_threads
 
