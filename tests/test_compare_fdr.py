@@ -240,7 +240,7 @@ def test_a_uniform_improvement_over_every_slice_is_starred(tmp_path):
     text = render_comparison(result)
     assert text.startswith("Question: do these two models (A and B) differ on these test rows?")
     assert "two runs that differ only in their seed differ like this too" in text
-    assert "verifily train --seeds 3" in text
+    assert "verifily train --seeds 5" in text
 
 
 def test_a_gain_on_two_of_three_sources_is_starred_there_only(tmp_path):

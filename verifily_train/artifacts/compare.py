@@ -28,7 +28,7 @@ TEST_NAME = "paired swap test (A/B swapped per row; exact McNemar for 0/1 metric
 MODEL_QUESTION = "do these two models (A and B) differ on these test rows?"
 SEED_NOTE = ("These stars are about the two models, not about what changed between them: two runs that differ only "
              "in their seed differ like this too. For the change (data or config), train replicates (verifily train "
-             "--seeds 3) and compare the groups (verifily compare GROUP_A GROUP_B).")
+             "--seeds 5) and compare the groups (verifily compare GROUP_A GROUP_B).")
 
 
 def _read_parquet(path: Path):

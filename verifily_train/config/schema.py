@@ -162,7 +162,7 @@ class TrainConfig:
 
 # Runs per side that `verifily train --seeds` (no number) trains: the replicate count at which bench/aa.py
 # measured the seed-level compare's power (docs/evaluation.md).
-DEFAULT_REPLICATES = 3
+DEFAULT_REPLICATES = 5
 
 # Keys left out of config_hash because they cannot change the trained weights or metrics.
 # Dataset location keys are out too: the data's identity enters the reproducibility hash as data_hash.
