@@ -72,10 +72,17 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # full disk, quota,
 NO_SPACE = "no space left on the device (or file size limit reached)"
 
 
+# safetensors' Rust writer reports the OS error in its message ("I/O error: File too large (os error 27)")
+SAFETENSORS_NO_SPACE = ("No space left on device (os error", "File too large (os error", "Disk quota exceeded (os error")
+
+
 def is_short_write(err: BaseException) -> bool:
-    """A write failed for lack of space; torch reports a full disk during ``torch.save`` as a RuntimeError."""
+    """A write failed for lack of space; torch reports a full disk during ``torch.save`` as a RuntimeError,
+    safetensors as a ``SafetensorError`` naming the OS error."""
     if isinstance(err, OSError):
         return err.errno in NO_SPACE_ERRNOS
+    if type(err).__name__ == "SafetensorError":
+        return any(m in str(err) for m in SAFETENSORS_NO_SPACE)
     return isinstance(err, RuntimeError) and any(m in str(err) for m in SHORT_WRITE_MARKERS)
 
 

@@ -60,15 +60,21 @@ def is_group(path: Path) -> bool:
 
 
 def find_group(ref: str, runs_dir: Optional[str | Path] = None) -> Optional[Path]:
-    """The group folder ``ref`` names (an id in the runs folders, or a path), else None."""
-    path = Path(ref)
-    if is_group(path):
-        return path
-    if "/" in ref or "\x00" in ref or len(ref) > 255:
+    """The group folder ``ref`` names (an id in the runs folders, or a path), else None (and None for a string no
+    file system takes: ``find_run`` then names the problem)."""
+    if "\x00" in ref or len(ref) > 4096 or any(len(part.encode("utf-8", "replace")) > 255 for part in ref.split("/")):
         return None
-    for folder in runs_dirs(runs_dir):
-        if is_group(folder / ref):
-            return folder / ref
+    try:
+        path = Path(ref)
+        if is_group(path):
+            return path
+        if "/" in ref:
+            return None
+        for folder in runs_dirs(runs_dir):
+            if is_group(folder / ref):
+                return folder / ref
+    except OSError:  # an unreadable place is not a group
+        return None
     return None
 
 

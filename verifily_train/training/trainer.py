@@ -205,7 +205,7 @@ def run_training(trainer, checkpoints: Path, paths: FastPaths):
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except (RuntimeError, OSError) as err:
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError: a full disk is one line
         problem = translate_os_error(err, checkpoints, "while writing a checkpoint")
         if problem is not None:
             raise problem from err
