@@ -211,3 +211,11 @@ def markdown_table(headers: List[str], rows: List[List]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def finished_trials(out: Path, settings: dict) -> list:
+    """Resume: the trials ``out`` already holds when it was written with the same settings, else none."""
+    if not out.is_file():
+        return []
+    previous = json.loads(out.read_text())
+    return previous.get("trials", []) if previous.get("settings") == json.loads(json.dumps(settings)) else []

@@ -263,19 +263,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)  # the machine is shared: one core, the same for training and attribution
-    from bench.common import quiet_libraries
+    from bench.common import finished_trials, quiet_libraries
 
     quiet_libraries()
     root = Path(tempfile.mkdtemp(prefix="verifily-bench-rows-"))
     models = build_models(root / "models")
     out = Path(args.out)
-    done: List[dict] = []
     settings = {"checkpoints": args.checkpoints, "projection_dim": args.projection_dim, "sizes": SIZES,
                 "training": TRAINING}
-    if out.is_file():  # resume: keep finished trials of the same settings
-        previous = json.loads(out.read_text())
-        if previous.get("settings") == json.loads(json.dumps(settings)):
-            done = previous.get("trials", [])
+    done = finished_trials(out, settings)  # resume: the finished trials of the same settings
     have = {(t["kind"], t["trial"]) for t in done}
     started = time.time()
     for trial in range(args.trials):

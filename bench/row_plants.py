@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
-    from bench.common import quiet_libraries
+    from bench.common import finished_trials, quiet_libraries
 
     torch.set_num_threads(1)  # the machine is shared
     quiet_libraries()
@@ -203,11 +203,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     settings = {"share": SHARE, "test_shortcut_share": TEST_SHORTCUT_SHARE, "sizes": SIZES, "checkpoints": 4,
                 "projection_dim": 1024, "target": "test"}
-    done: List[dict] = []
-    if out.is_file():  # resume: keep the finished trials of the same settings
-        previous = json.loads(out.read_text())
-        if previous.get("settings") == json.loads(json.dumps(settings)):
-            done = previous.get("trials", [])
+    done: List[dict] = finished_trials(out, settings)  # resume: the finished trials of the same settings
     have = {(t["plant"], t["trial"]) for t in done}
     started = time.time()
     for trial in range(args.trials):
