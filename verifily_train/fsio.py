@@ -175,13 +175,33 @@ def check_writable_folder(folder: os.PathLike | str, key: str) -> None:
 _OWNED: dict = {}
 
 
+def _is_current(fd: int, path: str) -> bool:
+    """Whether the open lock file ``fd`` is still the file at ``path`` (a releaser unlinks the file it held:
+    a waiter that then gets the lock on the unlinked file must not count it, or a third process locking a
+    fresh file at ``path`` would hold the "same" lock beside it)."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
 def claim_staging(folder: PathLike) -> Path:
-    """Lock ``<folder>.lock`` (held until :func:`release_staging` or this process ends), then create ``folder``."""
+    """Lock ``<folder>.lock`` (held until :func:`release_staging` or this process ends), then create ``folder``.
+
+    The lock counts only while its file is the one at the path: after :func:`release_staging` unlinks it, a
+    waiter that got the old file's lock opens the new one and waits again."""
     import fcntl
 
     folder = Path(folder)
-    fd = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    lock = f"{folder}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _is_current(fd, lock):
+            break
+        os.close(fd)
     _OWNED[str(folder)] = fd
     folder.mkdir()
     return folder
@@ -224,6 +244,8 @@ def sweep_abandoned(parent: PathLike, prefixes: tuple) -> int:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # its owner is alive
+                if not _is_current(fd, lock):
+                    continue  # released and claimed again meanwhile: the folder has a live owner
             if not folder.exists():
                 continue
             if folder.is_dir():

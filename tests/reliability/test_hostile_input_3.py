@@ -494,3 +494,39 @@ def test_sigint_ends_the_ablation_workers_at_once(tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+# --- class 8: a staging folder's ownership lock holds for any number of writers ----------------------------
+
+def test_a_third_writer_never_holds_a_staging_lock_beside_a_waiting_second(tmp_path):
+    """release_staging unlinks its lock file; a second writer waiting on that file gets its lock. Before,
+    a third writer then created a fresh file at the path and held its lock at the same time: two owners
+    of one staging name. Now a lock counts only while its file is the one at the path."""
+    from verifily_train.fsio import claim_staging, release_staging
+
+    folder = tmp_path / ".staging-run"
+    claim_staging(folder)
+    second, third = threading.Event(), threading.Event()
+    owners: list = []
+
+    def writer(mark: threading.Event, name: str) -> None:
+        claim_staging(folder)
+        owners.append(name)
+        mark.set()
+
+    first_waiter = threading.Thread(target=writer, args=(second, "second"), daemon=True)
+    first_waiter.start()
+    time.sleep(0.3)  # let the second writer block on the first's lock file
+    folder.rmdir()  # the first writer published (renamed) its folder
+    release_staging(folder)
+    assert second.wait(10), "the second writer never got the lock"
+    late = threading.Thread(target=writer, args=(third, "third"), daemon=True)
+    late.start()
+    assert not third.wait(1.0), f"two writers hold one staging lock at once: {owners}"
+    folder.rmdir()
+    release_staging(folder)
+    assert third.wait(10), "the third writer never got the lock after the second released it"
+    assert owners == ["second", "third"]
+    folder.rmdir()
+    release_staging(folder)
+    assert not Path(f"{folder}.lock").exists()
