@@ -48,7 +48,8 @@ KINDS = ("placebo-coin", "shifted", "power")
 REGIMES = ("noisy", "low-noise", "converged")
 CLASSIFICATION = ("noisy", "converged")
 EPOCHS = int(os.environ.get("VERIFILY_BENCH_EPOCHS", "10"))  # low-noise: near convergence
-TRAIN_ROWS = {"placebo-coin": 120, "shifted": 180, "power": 360}
+TRAIN_ROWS = {"placebo-coin": 120, "shifted": 180,
+              "power": int(os.environ.get("VERIFILY_BENCH_POWER_ROWS", "360"))}  # a third of them scraped
 CONVERGED_STEPS = 200  # converged regime: cosine to zero over 200 steps of 16 (measured: every seed of the fixture
                        # classifier reaches the same accuracy, 0.86-0.88, where 30 constant-rate steps split seeds
                        # between learning and collapsing to one class)
@@ -365,9 +366,15 @@ def main(argv=None) -> int:
     parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated among {', '.join(REGIMES)}")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)}")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where attribution-<regime>.json go")
+    parser.add_argument("--power-rows", type=int, default=None,
+                        help="train rows of the power experiment (default 360, a third scraped); another size writes "
+                             "attribution-<regime>-power<N>.json")
     parser.add_argument("--kind-trials", default="", help="per-experiment trial counts overriding --trials, e.g. power=12")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.power_rows is not None:  # read again by the worker processes, which import this module afresh
+        os.environ["VERIFILY_BENCH_POWER_ROWS"] = str(args.power_rows)
+        TRAIN_ROWS["power"] = args.power_rows
     root = Path(tempfile.mkdtemp(prefix="verifily-bench-attr-"))
     try:
         for regime in args.regimes.split(","):
@@ -379,7 +386,8 @@ def main(argv=None) -> int:
 
 def _run_regime(regime: str, args, root: Path) -> None:
     model = build_model(regime, root / "models")
-    out = Path(args.out_dir) / f"attribution-{regime}.json"
+    suffix = "" if TRAIN_ROWS["power"] == 360 else f"-power{TRAIN_ROWS['power']}"
+    out = Path(args.out_dir) / f"attribution-{regime}{suffix}.json"
     settings = {"seeds": args.seeds, "regime": regime, "test_rows": TEST_ROWS, "alpha": 0.05, "correction": "holm",
                 "target": "test", "train_rows": TRAIN_ROWS, "test": "one-draw t"}
     done: List[dict] = []

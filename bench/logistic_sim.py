@@ -15,6 +15,8 @@ Usage (exploration for docs/attribution.md, about 10 minutes on one core):
                                             (default /tmp/verifily-logistic-sim), the candidate tests compared
   python -m bench.logistic_sim judge     -> the stored arms judged by the shipped test (attribution.stats.
                                             one_draw_test) and the retired t: bench/results/logistic_sim.json
+  python -m bench.logistic_sim sweep     -> the stored arms judged at several subset margins:
+                                            bench/results/logistic_sim_margins.json
 """
 import sys, time, json, os
 import numpy as np
@@ -320,6 +322,47 @@ def write(res, diag, quick):
               open(OUT + '/results%s.json' % ('_quick' if quick else ''), 'w'), indent=1)
 
 
+def sweep(margins=(2.0, 1.5, 1.25, 1.0), m=8):
+    """The stored arms judged at several subset margins (``one_draw_test(margin=...)``): per regime and
+    scenario the rate counted by :func:`judge`, one column per margin, with the worst placebo cell per margin."""
+    from pathlib import Path
+    from verifily_train.attribution.stats import adjust, binomial_interval, one_draw_test
+
+    out, worst = {}, {mg: 0.0 for mg in margins}
+    for rname in REGIMES:
+        for sname, scen in SCENARIOS.items():
+            path = Path(OUT) / ('raw_%s_%s.npz' % (rname, sname))
+            if not path.is_file():
+                continue
+            z = np.load(path)
+            F, V, C = z['F'][:, :m], z['V'][:, :, :m], z['C'][:, :, :m]
+            hits = {mg: 0 for mg in margins}
+            for t in range(len(F)):
+                cells = [(V[t, j] - C[t, j], V[t, j] - F[t], C[t, j] - F[t]) for j in range(V.shape[1])]
+                means = [float(np.mean(d)) for d, _, _ in cells]
+                for mg in margins:
+                    ps = adjust([one_draw_test(list(d), list(x), list(y), ALPHA, len(cells), draws=4000, margin=mg)['p']
+                                 for d, x, y in cells], 'holm')
+                    called = [p is not None and p <= ALPHA for p in ps]
+                    if scen['kind'] == 'placebo':
+                        hits[mg] += any(called)
+                    elif scen['kind'] == 'shift':
+                        hits[mg] += any(c and mu < 0 for c, mu in zip(called, means))
+                    else:
+                        hits[mg] += called[0] and means[0] < 0
+            key = '%s/%s' % (rname, sname)
+            out[key] = {str(mg): binomial_interval(int(v), len(F)) for mg, v in hits.items()}
+            if scen['kind'] != 'noisy':
+                for mg in margins:
+                    worst[mg] = max(worst[mg], hits[mg] / len(F))
+            print(key, {mg: round(v / len(F), 3) for mg, v in hits.items()}, flush=True)
+    print('worst placebo/shift cell per margin:', worst)
+    target = Path(__file__).resolve().parent / 'results' / 'logistic_sim_margins.json'
+    target.write_text(json.dumps({'seeds': m, 'alpha': ALPHA, 'correction': 'holm', 'margins': list(margins),
+                                  'counted': 'placebo: any call; shift: any hurts; noisy: the noisy source called hurts',
+                                  'worst_null_cell': {str(k): v for k, v in worst.items()}, 'rates': out}, indent=1))
+
+
 def judge(m=8):
     """Every stored trial judged by the shipped one-draw test and by the retired one-sample t, Holm at 0.05."""
     from pathlib import Path
@@ -359,5 +402,7 @@ def judge(m=8):
 if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == 'judge':
         judge()
+    elif len(sys.argv) > 1 and sys.argv[1] == 'sweep':
+        sweep()
     else:
         main()

@@ -25,7 +25,7 @@ CORRECTIONS = ("holm", "bh")
 
 
 def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Sequence[float], alpha: float = ALPHA,
-                  family: int = 1, draws: int = DRAWS, seed: int = 0) -> dict:
+                  family: int = 1, draws: int = DRAWS, seed: int = 0, margin: float = SUBSET_MARGIN) -> dict:
     """Whether a fixed row subset differs from random subsets of its size, counting it as one draw.
 
     Per seed: ``diffs`` (value arm minus control arm, the control a fresh random subset per seed),
@@ -49,12 +49,12 @@ def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Seque
     var_d, var_x, var_y = (float(np.var(v, ddof=1)) for v in (diffs, within, random))
     rng = np.random.default_rng(seed)
     tau2, spread2, noise2 = ((m - 1) * v / rng.chisquare(m - 1, draws) for v in (var_d, var_y, var_x))
-    null_var = SUBSET_MARGIN * np.maximum(0.0, spread2 - noise2) + tau2 / m
+    null_var = margin * np.maximum(0.0, spread2 - noise2) + tau2 / m
     z = np.abs(rng.standard_normal(draws)) * np.sqrt(null_var)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = float(np.mean(2.0 * stats.norm.sf(abs(mean) / np.sqrt(null_var))))
     subset = max(0.0, var_y - var_x)
-    se = math.sqrt(SUBSET_MARGIN * subset + var_d / m)
+    se = math.sqrt(margin * subset + var_d / m)
     half = float(np.quantile(z, 0.95))
     level = alpha / max(family, 1)
     out.update(sd=math.sqrt(var_d), se=se, subset_sd=math.sqrt(subset), noise_sd=math.sqrt(var_x),
