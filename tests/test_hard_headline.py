@@ -113,3 +113,22 @@ def test_headline_calibration_guard_placebo_rarely_names_a_value_and_a_planted_o
     result = run(200, 1.0, seed=0)
     assert result["placebo_headline_rate"]["rate"] <= 0.10  # BH's bound (measured 4.8% over 2000 trials)
     assert result["planted_named"]["rate"] >= 0.80 and result["planted_other_value_named"]["k"] <= 2
+
+
+def test_an_exactly_answered_sft_row_is_never_a_hard_example():
+    """More hard examples asked for than rows answered imperfectly: the list stops there, and the lift still
+    compares with every evaluated row (#39: a perfectly answered row was listed among the hard examples)."""
+    rows = []
+    for i in range(12):
+        exact = i % 3 == 0  # rows 0, 3, 6, 9 answered exactly, with the lowest losses of all
+        rows.append({"example_id": f"test:{i + 1:04d}", "split": "test", "line": i + 1,
+                     "tags": json.dumps({"source": "human" if i < 6 else "synthetic"}),
+                     "tag.source": "human" if i < 6 else "synthetic", "text": f"q{i}", "reference": f"a{i}",
+                     "prediction": f"a{i}" if exact else "wrong", "loss": 0.001 if exact else 1.0 + i,
+                     "token_f1": 1.0 if exact else 0.1 * (i % 3), "exact_match": 1.0 if exact else 0.0})
+    result = mine_hard_examples("sft", pd.DataFrame(rows), n=10, tag_keys=["source"])
+    listed = [e["example_id"] for e in result["examples"]]
+    assert len(listed) == 8 and all(e["exact_match"] == 0.0 for e in result["examples"])
+    assert not {"test:0001", "test:0004", "test:0007", "test:0010"} & set(listed)
+    assert sum(r["test_count"] for r in result["lift"]["source"]) == 12
+    assert sum(r["hard_count"] for r in result["lift"]["source"]) == 8

@@ -22,9 +22,19 @@ def rank_hardest(task: str, frame):
     return frame.sort_values(["prob_true", "example_id"], ascending=[True, True], kind="stable")
 
 
+def answered_imperfectly(task: str, frame):
+    """The rows that can be hard examples: for SFT with generation, those whose answer is not an exact match."""
+    if task == "sft" and "exact_match" in frame:
+        return frame[frame["exact_match"] < 1.0]
+    return frame
+
+
 def mine_hard_examples(task: str, frame, n: int, tag_keys: List[str], q: float = FDR_Q) -> dict:
-    """The ``n`` hardest examples with tags, input, reference and prediction, plus per-tag lift and a headline."""
-    ranked = rank_hardest(task, frame).head(n)
+    """The ``n`` hardest examples with tags, input, reference and prediction, plus per-tag lift and a headline.
+
+    An SFT row answered exactly (``exact_match`` 1) is never a hard example, however many rows are asked for:
+    with fewer than ``n`` imperfect answers the list is shorter. The lift still compares with every row."""
+    ranked = rank_hardest(task, answered_imperfectly(task, frame)).head(n)
     examples = []
     for rank, row in enumerate(ranked.itertuples(index=False), start=1):
         item = {"rank": rank, "example_id": row.example_id, "split": row.split, "line": int(row.line),
