@@ -72,3 +72,43 @@ def test_the_stages_line_says_a_baseline_that_did_not_run_was_skipped():
     stage = {"cache_hit": False, "seconds": 0.0}
     assert _stage_word("baseline", stage, {"accuracy": 0.9}) == "baseline skipped"  # classification: none
     assert _stage_word("baseline", dict(stage, seconds=0.4), {"baseline_loss": 4.7}) == "baseline ran 0.4s"
+
+
+def test_the_demo_writes_nothing_in_the_working_folder_and_draws_no_bars_into_a_log(tmp_path, verifily_home,
+                                                                                     prefect_api):
+    """`verifily demo --tiny` from a checkout-like folder: its config and Run land under $VERIFILY_HOME, the folder
+    stays empty; with stdout and stderr captured (not a terminal) no progress bar or per-log dict is written."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    cwd = tmp_path / "checkout"
+    cwd.mkdir()
+    result = run_cli("demo", "--tiny", "training.num_epochs=1", cwd=cwd, env=cli_env({"PREFECT_API_URL": prefect_api}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    runs = list((verifily_home / "runs").glob("run_*"))
+    assert len(runs) == 1 and (runs[0] / "run.json").is_file()
+    assert f"run: {runs[0]}" in result.stdout
+    for bar in ("%|", "it/s]", "batch/s]", "Loading weights"):
+        assert bar not in result.stderr, (bar, result.stderr[-2000:])
+    assert "{'loss'" not in result.stdout and "'grad_norm'" not in result.stdout
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only():
+    """`runtime.progress` bars need stderr to be a terminal (a pseudo-terminal here); a pipe gets none, and then
+    the datasets library's and tqdm's own bars are switched off for the process too."""
+    import os
+
+    probe = ("import os; from verifily_train.quiet import progress_bars, quiet_libraries; quiet_libraries(); "
+             "print(progress_bars(True), progress_bars(False), os.environ.get('TQDM_DISABLE'))")
+    env = {k: v for k, v in cli_env().items() if k not in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
+    piped = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert piped.stdout.split() == ["False", "False", "1"], piped.stderr
+    leader, follower = os.openpty()
+    try:
+        on_tty = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=follower, text=True,
+                                env=env, timeout=60)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert on_tty.stdout.split() == ["True", "False", "None"]

@@ -14,6 +14,7 @@ from verifily_train.cli.train import replay_identical_run, run_train
 from verifily_train.config import load_config
 from verifily_train.errors import DatasetNotFoundError
 from verifily_train.fsio import verifily_home
+from verifily_train.quiet import quiet_libraries
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # verifily_train/examples (package data)
 DEMO_MODELS = {"sft": "llama", "classification": "bert"}  # tiny models built offline (--tiny)
@@ -89,7 +90,8 @@ def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = Fa
         "lora": {"r": 16, "alpha": 32, "target_modules": tiny_llama_targets if (tiny and task == "sft") else "auto"},
         # the example outputs are at most a few words: 16 new tokens bound the generation (and the baseline's)
         "eval": {"slice_by_tags": ["source", "difficulty"], "hard_examples": 20, "max_new_tokens": 16},
-        "output": {"dir": "runs/"},
+        # under $VERIFILY_HOME, never the working folder: the demo writes nothing into a checkout
+        "output": {"dir": str(home / "runs")},
     }
     name = f"train-{task}{'-tiny' if tiny else ''}.yaml"
     path = home / "demo" / name
@@ -100,6 +102,7 @@ def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = Fa
 
 def cmd_demo(args) -> int:
     """``verifily demo``: prepare the demo's train.yaml, then replay or train it as ``verifily train`` would."""
+    quiet_libraries()  # before the tiny model's build imports transformers
     path = prepare_demo(args.task, tiny=args.tiny)
     print(f"demo config: {path}")
     cfg = load_config(path, args.overrides)

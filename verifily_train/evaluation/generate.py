@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from verifily_train.model.loading import KIND_CAUSAL, ModelSpec
+from verifily_train.quiet import progress_bars
 
 
 def generate_texts(model, spec: ModelSpec, tok, prompts: List[List[int]], batch_size: int, max_new_tokens: int,
@@ -22,7 +23,7 @@ def generate_texts(model, spec: ModelSpec, tok, prompts: List[List[int]], batch_
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.no_grad():
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress_bars(progress), leave=False):
             width = max(len(prompts[i]) for i in batch) or 1
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)

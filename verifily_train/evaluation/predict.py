@@ -15,6 +15,7 @@ from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.model.tokenize import TokenizedSplit
+from verifily_train.quiet import progress_bars
 
 
 def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str], train_dir: Optional[Path],
@@ -68,7 +69,7 @@ def _score_batches(model, spec: ModelSpec, data: TokenizedSplit, collator, batch
     model.eval()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.no_grad():
-        for batch_idx in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        for batch_idx in tqdm(batches, desc="evaluate", unit="batch", disable=not progress_bars(progress), leave=False):
             batch = collator([data[i] for i in batch_idx])
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype or torch.float32,

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments, set_seed
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from verifily_train.config.schema import TrainConfig, trackers
 from verifily_train.errors import translate_os_error
@@ -25,6 +25,7 @@ from verifily_train.model.loading import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, 
 from verifily_train.model.lora import build_adapter, count_parameters
 from verifily_train.model.quantization import prepare_quantized, quantization_config
 from verifily_train.model.tokenize import TokenizedSplit
+from verifily_train.quiet import progress_bars
 from verifily_train.training.batching import KeyedOrderSampler, LengthGroupedSampler, padding_fraction, row_keys
 from verifily_train.training.callbacks import ReportProgress, StepProgress
 from verifily_train.training.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint
@@ -132,7 +133,7 @@ def training_arguments(cfg: TrainConfig, plan: DevicePlan, checkpoint_dir: Path,
         use_cpu=plan.device == "cpu",
         report_to=list(trackers(t)),
         dataloader_num_workers=cfg.runtime.num_workers,
-        disable_tqdm=not cfg.runtime.progress,
+        disable_tqdm=not progress_bars(cfg.runtime.progress),
         remove_unused_columns=False,
         ddp_backend=ddp_backend(plan.device),
         # LoRA uses every trainable weight in each forward: skip DDP's per-step search for unused ones
@@ -185,9 +186,11 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePla
         trainer.add_callback(callback)
     if on_progress is not None:
         trainer.add_callback(ReportProgress(on_progress))
-    if cfg.runtime.progress:
+    if progress_bars(cfg.runtime.progress):
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(StepProgress)
+    else:  # no bar, and no printed dict per log either: the loss history is in trainer_log.jsonl and the summary
+        trainer.remove_callback(PrinterCallback)
     return trainer
 
 
