@@ -41,3 +41,33 @@ def test_device_signature_follows_the_device_environment(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert device_signature() != base
     assert base["torch"] and base["cpu_count"]
+
+
+def test_a_computed_manifest_and_its_cache_hit_are_equal_in_value_and_order(tmp_path):
+    """A replay reads every stage from the cache: the manifest it gets must be the one the computing run got,
+    key order included (#39: a replay printed the slices in another order than the run it replays)."""
+    from verifily_train.pipeline.cache import CacheMode, run_cached
+
+    def compute(out, work):
+        (out / "slices.json").write_text("{}")
+        return {"stage": "slice", "slices": {"source": {"values": [{"value": "human", "n": 3}]},
+                                             "difficulty": {"values": [{"value": "hard", "n": 2}]}},
+                "overall": {"n": 5, "metrics": {"loss": 1.5, "exact_match": 0.2}}, "file": "slices.json"}
+
+    mode = CacheMode(read=True, write=True)
+    fresh = run_cached("slice", "a" * 64, tmp_path, mode, compute)
+    hit = run_cached("slice", "a" * 64, tmp_path, mode, compute)
+    assert not fresh["cache_hit"] and hit["cache_hit"]
+    shown = [{k: v for k, v in m.items() if k not in ("cache_hit", "seconds")} for m in (fresh, hit)]
+    assert json.dumps(shown[0]) == json.dumps(shown[1])  # not sort_keys: the order itself is compared
+
+
+def test_slices_are_shown_in_the_configs_order_whatever_order_the_manifest_holds():
+    from verifily_train.artifacts.tables import ordered_slices, slice_table
+
+    block = {"values": [{"value": "x", "n": 1, "metrics": {"loss": 1.0}, "ci95": {}, "delta": {"loss": 0.0},
+                         "low_confidence": True}]}
+    summary = {"slices": {"slices": {"difficulty": block, "other": block, "source": block}},
+               "record": {"job": {"config": {"eval": {"slice_by_tags": ["source", "difficulty"]}}}}}
+    assert [k for k, _ in ordered_slices(summary)] == ["source", "difficulty", "other"]
+    assert [r["tag"] for r in slice_table(summary)] == ["source", "difficulty", "other"]

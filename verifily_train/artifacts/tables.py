@@ -30,10 +30,19 @@ def metrics_table(summary: dict) -> List[dict]:
     return rows
 
 
+def ordered_slices(summary: dict) -> List[tuple]:
+    """(tag key, block) of the slice stage's output in the config's ``eval.slice_by_tags`` order (the stored
+    manifest's keys are sorted), then any other key: a run and its replay show them alike."""
+    blocks = summary["slices"].get("slices", {}) or {}
+    config = (summary.get("record") or {}).get("job", {}).get("config") or {}
+    wanted = [k for k in ((config.get("eval") or {}).get("slice_by_tags") or []) if k in blocks]
+    return [(k, blocks[k]) for k in wanted] + [(k, blocks[k]) for k in sorted(blocks) if k not in wanted]
+
+
 def slice_table(summary: dict) -> List[dict]:
     """One row per (tag key, value): n, the task's lead metric with its interval, and the delta to overall."""
     rows = []
-    for key, block in summary["slices"].get("slices", {}).items():
+    for key, block in ordered_slices(summary):
         for entry in block["values"]:
             metrics = entry["metrics"]
             lead = next((m for m in ("loss", "accuracy", "exact_match") if m in metrics), None)

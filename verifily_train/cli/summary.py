@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from verifily_train.artifacts.tables import ordered_slices
+
 CAVEAT = ("Correlation, not causation: slices describe the model on those test rows. For causal attribution: "
           "verifily attribute RUN --by <tag>.")
 
@@ -73,7 +75,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         w(f"  gold set: exact_match={_fmt(metrics['gold_exact_match'])}  token_f1={_fmt(metrics['gold_token_f1'])}"
           f"  ({metrics.get('gold_examples')} rows)\n")
     lead = shown[0] if shown else None
-    for key, block in summary["slices"].get("slices", {}).items():
+    for key, block in ordered_slices(summary):
         w(f"\n  slices by {key} (95% bootstrap interval):\n")
         has_base = any("baseline" in e for e in block["values"])
         extra = [k for k in shown[1:] if k != "perplexity"]

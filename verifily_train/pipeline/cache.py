@@ -158,7 +158,7 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
         except BaseException:
             _discard(private)
             raise
-        return dict(manifest, key=key, output_hash=hash_tree(out), cache_hit=False,
+        return dict(as_stored(dict(manifest, key=key, output_hash=hash_tree(out))), cache_hit=False,
                     seconds=round(time.perf_counter() - started, 3), dir=str(out), private=str(private))
     final = root / stage / key
     with key_lock(root, stage, key):
@@ -180,7 +180,13 @@ def run_cached(stage: str, key: str, root: Path, mode: CacheMode,
         finally:
             _discard(tmp)
         _discard(root / stage / f".work-{key}")  # checkpoints are no longer needed once the entry exists
-    return dict(manifest, cache_hit=False, seconds=round(time.perf_counter() - started, 3), dir=str(final))
+    return dict(as_stored(manifest), cache_hit=False, seconds=round(time.perf_counter() - started, 3), dir=str(final))
+
+
+def as_stored(manifest: dict) -> dict:
+    """The manifest as a later hit reads it back (JSON, keys sorted): a computed stage and its cache hit (a
+    replay) hand the Run, the summary and the UI the same values in the same order."""
+    return json.loads(json.dumps(manifest, sort_keys=True, ensure_ascii=False))
 
 
 def lookup(stage: str, key: str, root: Path) -> Optional[dict]:
