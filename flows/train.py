@@ -8,6 +8,7 @@ from typing import List, Optional, Union
 
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
+from prefect.utilities.annotations import quote
 
 from verifily_train.config import load_config
 from verifily_train.config.hashing import config_hash
@@ -43,9 +44,30 @@ def _runs_dir(cfg, runs_dir: Optional[str]) -> Path:
     return Path(cfg.output.dir)
 
 
-def _as_task(stage, ctx, cache: CacheSettings) -> dict:
-    """One stage as its Prefect task, with the retries its config section sets."""
-    return value(stage_task(stage).with_options(retries=stage.retries_for(ctx.cfg))(ctx, cache))
+class StageChain:
+    """The stages as Prefect tasks, each waiting on the one before it: the UI's task graph is the chain
+    fingerprint -> validate-manifest -> ... -> write-artifact. A stage still reads every manifest before it, but
+    those travel ``quote``d: Prefect would otherwise draw an edge from every task whose result it finds in the
+    arguments (the fingerprint and each earlier manifest, to every later task)."""
+
+    def __init__(self, cfg, cache: CacheSettings):
+        self.cache = cache
+        self.last = fingerprint(cfg, cache, return_state=True)
+
+    @property
+    def fingerprint(self) -> dict:
+        return value(self.last)  # bad config, data or model fail here, before any run folder exists
+
+    def execute(self, stage, ctx) -> dict:
+        """One stage as its Prefect task, with the retries its config section sets."""
+        run = stage_task(stage).with_options(retries=stage.retries_for(ctx.cfg))
+        self.last = run(quote(ctx), self.cache, wait_for=[self.last], return_state=True)
+        return value(self.last)
+
+    def write(self, cfg, start, fp, done, runs_dir, charts_dir) -> dict:
+        self.last = write_artifact(cfg, start, quote(fp), quote(done), runs_dir, charts_dir, wait_for=[self.last],
+                                   return_state=True)
+        return value(self.last)
 
 
 @flow(name="train", flow_run_name=run_name, log_prints=False, validate_parameters=False)
@@ -67,10 +89,9 @@ def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[st
     cache = CacheSettings.for_config(cfg, refresh)
     if cfg.training.replicates > 1:
         return _train_group(cfg, _runs_dir(cfg, runs_dir), cache, once, logger)
-    fp = value(fingerprint(cfg, cache))  # bad config, data or model fail here, before any run folder exists
-    return run_pipeline(cfg, fp, _runs_dir(cfg, runs_dir), cache,
-                        execute=lambda stage, ctx: _as_task(stage, ctx, cache), publisher=PrefectPublisher(),
-                        write=write_artifact, once=once, start=start, log=logger.info)
+    chain = StageChain(cfg, cache)
+    return run_pipeline(cfg, chain.fingerprint, _runs_dir(cfg, runs_dir), cache, execute=chain.execute,
+                        publisher=PrefectPublisher(), write=chain.write, once=once, start=start, log=logger.info)
 
 
 def _train_group(cfg, runs_dir: Path, cache: CacheSettings, once: bool, logger) -> dict:
@@ -80,10 +101,9 @@ def _train_group(cfg, runs_dir: Path, cache: CacheSettings, once: bool, logger) 
     members = []
     for member in replicate_configs(cfg):
         logger.info(f"replicate {len(members) + 1}/{cfg.training.replicates}: seed {member.seed}")
-        fp = value(fingerprint(member, cache))
-        members.append((member, run_pipeline(member, fp, runs_dir, cache,
-                                             execute=lambda stage, ctx: _as_task(stage, ctx, cache),
-                                             publisher=PrefectPublisher(), write=write_artifact, once=once,
+        chain = StageChain(member, cache)
+        members.append((member, run_pipeline(member, chain.fingerprint, runs_dir, cache, execute=chain.execute,
+                                             publisher=PrefectPublisher(), write=chain.write, once=once,
                                              start=new_start(), log=logger.info, compare_previous=False)))
     summary = finish_group(cfg, members, runs_dir, PrefectPublisher())
     if summary.get("group_id"):

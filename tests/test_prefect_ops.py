@@ -176,7 +176,7 @@ def test_deployments_trigger_watch_and_ui_end_to_end(models, tmp_path, verifily_
             assert run_cli("runs", "verify", runs[0].name, cwd=tmp_path, env=env).returncode == 0
             assert list(api.task_runs(first.id)) and set(api.task_runs(first.id)) == set(STAGES)
             arts = api.artifacts(first.id)
-            assert set(arts) == {"metrics", "slices", "hard-examples", "run", "training-progress"}, set(arts)
+            assert set(arts) == {"metrics", "slices", "hard-examples", "run", "loss-curve", "training-progress"}, set(arts)
             assert {row["metric"] for row in json.loads(arts["metrics"].data)} >= {"loss", "perplexity"}
             assert {row["value"] for row in json.loads(arts["slices"].data)} >= {"human", "synthetic"}
             assert record["reproducibility_hash"] in arts["run"].data and str(runs[0]) in arts["run"].data
@@ -225,7 +225,7 @@ def test_deployments_trigger_watch_and_ui_end_to_end(models, tmp_path, verifily_
             flow_arts, replay_arts = api.artifacts(second.id), api.artifacts_without_flow_run(since)
             progress = {"training-progress"}  # the flow's live training bar: a replay trains nothing
             assert set(replay_arts) - progress == set(flow_arts) - progress, (set(replay_arts), set(flow_arts))
-            for key in ("metrics", "slices", "hard-examples"):
+            for key in ("metrics", "slices", "hard-examples", "loss-curve"):
                 assert replay_arts[key].data == flow_arts[key].data, key
             assert "Compared with the previous version's run" in replay_arts["comparison"].data
             assert "(ds_ops@v1)" in replay_arts["comparison"].data

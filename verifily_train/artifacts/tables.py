@@ -103,6 +103,87 @@ def run_markdown(summary: dict) -> str:
             f"- verify: `verifily runs verify {summary['path']}`\n")
 
 
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def stage_log_line(name: str, manifest: dict) -> str:
+    """One line per finished stage for the flow run's logs: computed or cached, seconds, and what it found."""
+    how = "cached" if manifest.get("cache_hit") else "ran"
+    head = f"{name}: {how} in {manifest.get('seconds') or 0:.1f}s"
+    if name == "validate":
+        ds = manifest.get("dataset") or {}
+        detail = f"dataset {ds.get('ref')} ({ds.get('num_rows', '?')} rows, content hash {str(ds.get('content_hash'))[:12]})"
+    elif name == "tokenize":
+        detail = ", ".join(f"{split} {info.get('rows')} rows" for split, info in (manifest.get("splits") or {}).items())
+        if manifest.get("truncated_rows"):
+            detail += f"; {manifest['truncated_rows']} truncated"
+    elif name == "train":
+        detail = (f"train_loss {_short(manifest.get('train_loss'))} after {manifest.get('global_step')} steps "
+                  f"({manifest.get('device')}, {manifest.get('precision')})")
+    elif name in ("evaluate", "baseline"):
+        if manifest.get("skipped"):
+            detail = f"skipped: {manifest.get('note')}"
+        else:
+            metrics = manifest.get("metrics") or {}
+            shown = [k for k in SHOWN_METRICS if k in metrics and not k.startswith(("baseline_", "train_"))]
+            detail = f"{manifest.get('split')} split: " + ", ".join(f"{k} {_short(metrics[k])}" for k in shown)
+    elif name == "slice":
+        blocks = manifest.get("slices") or {}
+        detail = "; ".join(f"by {k}: {len(b.get('values', []))} values" for k, b in blocks.items()) or "no slices"
+    elif name == "hard_examples":
+        detail = f"{manifest.get('count', 0)} listed; {manifest.get('headline') or 'no headline'}"
+    else:
+        detail = ""
+    return f"{head}: {detail}" if detail else head
+
+
+def final_log_lines(summary: dict) -> List[str]:
+    """The flow run's closing log lines: the final metrics, the slices' lead metric, where the Run is."""
+    metrics = summary["record"]["metrics"]
+    lines = ["final metrics: " + ", ".join(f"{row['metric']} {_short(row['value'])}"
+                                           + (f" [{_short(row['ci95_low'])}, {_short(row['ci95_high'])}]"
+                                              if row["ci95_low"] is not None else "")
+                                           for row in metrics_table(summary))]
+    for key, block in ordered_slices(summary):
+        cells = [f"{e['value']} {_short(e['metrics'].get(lead))}" for e in block["values"]
+                 for lead in [next((m for m in ("loss", "accuracy", "exact_match") if m in e["metrics"]), None)]
+                 if lead]
+        if cells:
+            lead = next((m for m in ("loss", "accuracy", "exact_match") if m in block["values"][0]["metrics"]), "")
+            lines.append(f"{lead} by {key}: " + ", ".join(cells))
+    if "baseline_loss" in metrics:
+        lines.append(f"base model loss {_short(metrics['baseline_loss'])} -> fine-tuned {_short(metrics.get('loss'))}")
+    lines.append(f"run {summary['run_id']}: {Path(summary['path']).resolve()} (report.html inside)")
+    return lines
+
+
+LOSS_CURVE_ROWS = 500  # the most rows the loss-curve table holds (evenly thinned beyond that)
+
+
+def loss_curve_rows(run_path) -> List[dict]:
+    """The Trainer's logged losses (trainer_log.jsonl): one row per logged step with ``loss`` and, where the
+    validation split was scored at that step, ``eval_loss``."""
+    path = Path(run_path) / "trainer_log.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        if "step" not in entry or not any(k in entry for k in ("loss", "eval_loss")):
+            continue
+        row = by_step.setdefault(entry["step"], {"step": entry["step"], "epoch": _num(entry.get("epoch")),
+                                                 "loss": None, "eval_loss": None})
+        for key in ("loss", "eval_loss"):
+            if key in entry:
+                row[key] = _num(entry[key])
+    rows = [by_step[k] for k in sorted(by_step)]
+    if len(rows) > LOSS_CURVE_ROWS:
+        stride = math.ceil(len(rows) / LOSS_CURVE_ROWS)
+        rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+    return rows
+
+
 @dataclass(frozen=True)
 class ArtifactSpec:
     """One orchestration-UI artifact: its kind (``table`` or ``markdown``), key, content and description."""
@@ -115,6 +196,7 @@ class ArtifactSpec:
 
 def run_artifacts(summary: dict) -> List[ArtifactSpec]:
     """What the UI shows on a completed Run (the flow's and a replay's alike)."""
+    curve = loss_curve_rows(summary["path"])
     return [
         ArtifactSpec("table", "metrics", metrics_table(summary), "Overall metrics with 95% bootstrap intervals"),
         ArtifactSpec("table", "slices", slice_table(summary),
@@ -122,7 +204,9 @@ def run_artifacts(summary: dict) -> List[ArtifactSpec]:
         ArtifactSpec("markdown", "hard-examples", hard_examples_markdown(summary),
                      "Hardest test examples and the tags they concentrate in"),
         ArtifactSpec("markdown", "run", run_markdown(summary), "The Run artifact's path and reproducibility hash"),
-    ]
+    ] + ([ArtifactSpec("table", "loss-curve", curve, "Training loss (and validation loss where scored) per "
+                                                      "logged step, from the Run's trainer_log.jsonl")]
+         if curve else [])
 
 
 def comparison_artifact(previous: Path, current: Path, text: str) -> ArtifactSpec:

@@ -18,6 +18,7 @@ from verifily_train.artifacts.compare import compare_runs, render_comparison
 from verifily_train.artifacts.hub import push_adapter
 from verifily_train.artifacts.record import RunStart, job_record, run_summary, stage_report, write_run
 from verifily_train.artifacts.run import new_run_id, utc_now, write_failed_run
+from verifily_train.artifacts.tables import final_log_lines, stage_log_line
 from verifily_train.artifacts.trackers import start_tracking
 from verifily_train.config.schema import TrainConfig
 from verifily_train.pipeline import claims, evaluate, hard_examples, replay, slice, tokenize, train, validate
@@ -78,7 +79,8 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
     """Every stage in order, then the Run, the claim, the replay record, the artifacts and the comparison.
 
     ``once`` (retraining): skip when this dataset version was already trained (or is being trained) under the
-    same training config. A failure after the first stage leaves a failed-run record in ``runs_dir``.
+    same training config. A failure after the first stage leaves a failed-run record in ``runs_dir``. ``log``
+    gets one line per finished stage and, at the end, the final metrics and the Run's path (the flow run's logs).
     """
     start = start or new_start()
     key = claims.claim_key(fp["data_hash"], claims.training_config_hash(cfg))
@@ -96,6 +98,7 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
         tracking.stages_begin()
         for stage in STAGES:
             done[stage.name] = execute(stage, StageContext(cfg, fp, dict(done)))
+            log(stage_log_line(stage.name, done[stage.name]))
         written = write(cfg, start, fp, done, runs_dir, charts)
     except BaseException as err:
         tracking.failed()
@@ -110,6 +113,8 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
             discard_private(done.values())
         release_held()  # the entries this run read are in the Run now: cache clear may delete them
     summary = _finish(cfg, fp, done, written, cache, publisher, compare_previous)
+    for line in final_log_lines(summary):
+        log(line)
     tracker_warnings = tracking.completed(summary)
     if tracker_warnings:
         summary["tracker_warnings"] = tracker_warnings
