@@ -173,3 +173,41 @@ def test_data_paths_columns_in_train_yaml_feed_every_stage_the_renamed_rows(tmp_
         with pytest.raises(ConfigError, match=fragment) as info:
             load_config(config)
         assert info.value.key == key
+
+
+def _format_rows(kind: str, n: int, offset: int) -> list:
+    pairs = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("light", "dark"), ("wet", "dry")]
+    rows = []
+    for i in range(offset, offset + n):
+        word, opposite = pairs[i % len(pairs)]
+        tags = {"source": "human" if i % 3 else "synthetic"}
+        if kind == "prompt_completion":
+            rows.append({"prompt": f"The opposite of {word} is", "completion": f" {opposite}", "tags": tags})
+        else:
+            rows.append({"text": f"{word} and {opposite} are opposites, like {word} and {opposite}.", "tags": tags})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["prompt_completion", "text"])
+def test_a_tiny_model_trains_end_to_end_on_prompt_completion_and_text_rows(kind, tmp_path, models, prefect_api):
+    """The new row formats through `verifily train` on the tiny offline Llama: a complete, verifiable Run whose
+    hard examples show the row's own field (the prompt, the text), never a rendered template."""
+    from conftest import run_cli, train, write_config
+
+    splits = {split: write_jsonl(tmp_path / "data" / f"{split}.jsonl", _format_rows(kind, n, offset))
+              for split, n, offset in (("train", 24, 0), ("val", 6, 100), ("test", 12, 200))}
+    write_config(tmp_path, "sft", models["llama"], splits, training={"num_epochs": 1},
+                 eval={"max_new_tokens": 4, "hard_examples": 5})
+    result, run = train(tmp_path, prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["evaluation"]["split"] == "test"
+    assert record["metrics"]["loss"] > 0 and record["metrics"]["train_steps"] > 0
+    slices = json.loads((run / "slices.json").read_text())["slices"]["source"]["values"]
+    assert {s["value"] for s in slices} == {"human", "synthetic"}
+    hard = [json.loads(line) for line in (run / "hard_examples.jsonl").read_text().splitlines()]
+    assert hard and all(set(h["fields"]) == ({"prompt"} if kind == "prompt_completion" else {"text"}) for h in hard)
+    assert all("The opposite of" in h["fields"]["prompt"] for h in hard) if kind == "prompt_completion" else True
+    verified = run_cli("runs", "verify", run.name, cwd=tmp_path)
+    assert verified.returncode == 0 and "match checksums" in verified.stdout
