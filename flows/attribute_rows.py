@@ -189,7 +189,7 @@ def attribute_rows(run: str, target: str = "test", checkpoints: Optional[int] = 
         logger.info(f"{folder} already holds this attribution: nothing written")
         _table_artifact(found, parent, create_table_artifact)
         return dict(found, path=str(folder), reused=True, stages_now=stages, seconds_now=round(rows_seconds, 3))
-    result = dict(row_output.summarize(merged), kind="rows", key=key,
+    result = dict(row_output.summarize(merged, run=parent), kind="rows", key=key,
                   parent_run=str(parent), parent_dataset=record["job"]["dataset_version"].get("ref"),
                   target=plan.target, target_split=plan.target_split,
                   target_rows=done["row_target"].get("target_rows"), checkpoints=len(plan.snapshots),

@@ -112,3 +112,50 @@ def test_progress_bars_are_drawn_on_a_terminal_only():
         os.close(follower)
         os.close(leader)
     assert on_tty.stdout.split() == ["True", "False", "None"]
+
+
+def test_rows_output_shows_the_rows_own_fields_and_answer_not_the_rendered_template(tmp_path, verifily_home):
+    """`attribute --rows`: the text column of an SFT row is its instruction/input (or prompt), with its answer
+    beside it, read from the Run's dataset by row hash; the tokenized rendering (chat markers, system turn) is
+    what the merged table holds and what was shown before (#39)."""
+    import io
+
+    import pandas as pd
+
+    from verifily_train.cli.rows import _print_family
+    from verifily_train.fixtures.data import write_jsonl
+    from verifily_train.model.tokenize import row_hash
+    from verifily_train.pipeline import row_output
+
+    rows = [{"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold",
+             "tags": {"source": "human"}}]
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", rows + [
+        {"instruction": f"Give the opposite of word {i}.", "output": f"w{i}", "tags": {"source": "human"}}
+        for i in range(3)])
+    run = tmp_path / "runs" / "run_x"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"task: sft\nbase_model: org/model\ndata_paths:\n  train: {train}\n")
+    written = [json.loads(line) for line in train.read_text().splitlines()]
+    boilerplate = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n<|im_start|>user\n"
+    table = pd.DataFrame({
+        "example_id": [f"train:{i + 1:04d}" for i in range(4)], "split": ["train"] * 4, "file": ["train.jsonl"] * 4,
+        "line": [1, 2, 3, 4], "row_hash": [row_hash(r) for r in written],
+        "tags": [json.dumps(r["tags"]) for r in written], "text": [boilerplate + r["instruction"] for r in written],
+        "reference": [r["output"] for r in written], "score_loss": [4.0, 3.0, 2.0, 1.0], "rank_loss": [1, 2, 3, 4]})
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    table.to_parquet(folder / "rows.parquet", index=False)
+    merged = {"dir": str(folder), "file": "rows.parquet", "default_method": "loss", "methods": ["loss"],
+              "orientation": "higher score = more harmful", "families": {"suspect rows": {"methods": ["loss"],
+                                                                                          "default": "loss"}}}
+    result = row_output.summarize(merged, top=2, run=run)
+    first = result["most_harmful"][0]
+    assert first["text"] == "instruction: Give the opposite of the word. | input: hot" and first["answer"] == "cold"
+    assert result["families"]["suspect rows"]["most_harmful"][1]["text"] == "Give the opposite of word 0."
+    out = io.StringIO()
+    _print_family(out.write, out, "suspect rows", result["families"]["suspect rows"], dict(result, target_rows=0), 2)
+    printed = out.getvalue()
+    assert "answer" in printed and "instruction: Give the opposite of the word. | input: hot" in printed
+    assert "<|im_start|>" not in printed and "cold" in printed
+    # without the Run (or a dataset that moved), the stored text stays
+    assert row_output.summarize(merged, top=2)["most_harmful"][0]["text"].startswith("<|im_start|>")

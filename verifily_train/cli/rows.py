@@ -153,6 +153,12 @@ def _tags(tags: dict) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(tags.items()))
 
 
+def _clip(text, width: int) -> str:
+    """One line of at most ``width`` characters (an ellipsis where it was cut)."""
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
+
+
 def _table(rows: List[List[str]], header: List[str], out) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header] + rows:
@@ -177,8 +183,8 @@ def _print_family(w, out, family: str, entry: dict, result: dict, top: int) -> N
     for title, key in sections:
         w(f"\n  {title}:\n")
         _table([[r["rank"], f"{r['score']:+.4g}", r["example_id"], f"{r['file']}:{r['line']}", _tags(r["tags"]),
-                 r["text"][:60].replace("\n", " ")] for r in entry[key][:top]],
-               ["rank", f"score_{method}", "row", "where", "tags", "text"], out)
+                 _clip(r["text"], 60), _clip(r.get("answer", r.get("reference", "")), 30)] for r in entry[key][:top]],
+               ["rank", f"score_{method}", "row", "where", "tags", "text", "answer"], out)
     reading = ("> 0: worse than average rows, to first order the direction of a 'hurts' verdict" if attribution else
                "> 0: more suspect than average rows; says nothing about what removing them does")
     for tag, values in entry["by_tag"].items():

@@ -64,11 +64,13 @@ def _row(entry, method: str, methods: List[str]) -> dict:
             "scores": {m: float(entry[f"score_{m}"]) for m in methods if m != method}}
 
 
-def summarize(merged: dict, top: int = TOP_ROWS) -> dict:
+def summarize(merged: dict, top: int = TOP_ROWS, run: Optional[Path] = None) -> dict:
     """Per family (suspect rows, attribution): its default method's top rows and per tag key the per-value sums.
 
     The top-level ``default_method``, ``most_harmful``, ``most_helpful`` and ``by_tag`` are those of the call's
-    default method (what ``dataset derive --drop-top`` and ``--verify`` rank by)."""
+    default method (what ``dataset derive --drop-top`` and ``--verify`` rank by). With the parent ``run``, an SFT
+    row's ``text`` is its own fields (instruction and input, the prompt, the last user turn) and ``answer`` its
+    reply, read from the Run's dataset, instead of the rendered chat template."""
     import pandas as pd
 
     table = pd.read_parquet(Path(merged["dir"]) / merged["file"])
@@ -79,9 +81,47 @@ def summarize(merged: dict, top: int = TOP_ROWS) -> dict:
         families[family] = dict(entry, question=FAMILY_QUESTION.get(family, ""),
                                 meaning=MEANING.get(entry["default"], ""),
                                 **_ranked(table, entry["default"], methods, keys, top))
-    return dict({"default_method": method, "methods": methods, "train_rows": int(len(table)),
-                 "meaning": MEANING.get(method, ""), "orientation": merged["orientation"], "families": families},
-                **_ranked(table, method, methods, keys, top))
+    result = dict({"default_method": method, "methods": methods, "train_rows": int(len(table)),
+                   "meaning": MEANING.get(method, ""), "orientation": merged["orientation"], "families": families},
+                  **_ranked(table, method, methods, keys, top))
+    if run is not None:
+        shown = [r for part in [result] + list(families.values()) for key in ("most_harmful", "most_helpful")
+                 for r in part[key]]
+        own = train_row_fields(Path(run), {r["row_hash"] for r in shown})
+        for r in shown:
+            if r["row_hash"] in own:
+                r.update(own[r["row_hash"]])
+    return result
+
+
+def train_row_fields(run: Path, row_hashes) -> Dict[str, dict]:
+    """Per wanted row hash of an SFT Run's train split: ``text``, the row's own fields as a reader wants them, and
+    ``answer``, its reply (none for a plain text row). Rows the Run's dataset no longer holds are left out."""
+    from verifily_train.config import load_config
+    from verifily_train.dataset.rows import iter_jsonl, shown_fields
+    from verifily_train.dataset.store import load_for_config
+    from verifily_train.errors import VerifilyError
+    from verifily_train.model.render import final_answer
+    from verifily_train.model.tokenize import row_hash
+
+    wanted, found = set(row_hashes), {}
+    try:
+        cfg = load_config(str(run / "config.yaml"))
+        if cfg.task != "sft" or not wanted:
+            return {}
+        dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
+        for f in dv.split_files("train"):
+            for _, row in iter_jsonl(Path(f.abs_path), f.abs_path):
+                digest = row_hash(row)
+                if digest in wanted and digest not in found:
+                    fields = shown_fields(row, limit=TEXT_CHARS)
+                    text = next(iter(fields.values())) if len(fields) == 1 else " | ".join(
+                        f"{k}: {v}" for k, v in fields.items())
+                    found[digest] = {"text": text, "answer": "" if "text" in fields else
+                                     str(final_answer(row) or "")[:TEXT_CHARS]}
+    except (VerifilyError, OSError, ValueError):  # the dataset moved or changed: the stored text stays
+        return found
+    return found
 
 
 def _ranked(table, method: str, methods: List[str], keys: List[str], top: int) -> dict:
@@ -123,5 +163,5 @@ def table_artifact_rows(result: dict) -> List[Dict[str, object]]:
             out.append({"direction": direction, "rank": r["rank"], f"score_{result['default_method']}": round(r["score"], 6),
                         "row": r["example_id"], "where": f"{r['file']}:{r['line']}",
                         "tags": ", ".join(f"{k}:{v}" for k, v in sorted(r["tags"].items())),
-                        "text": r["text"][:120]})
+                        "text": r["text"][:120], "answer": str(r.get("answer", r.get("reference", "")))[:60]})
     return out
