@@ -50,6 +50,7 @@ CLASSIFICATION = ("noisy", "converged")
 EPOCHS = int(os.environ.get("VERIFILY_BENCH_EPOCHS", "10"))  # low-noise: near convergence
 TRAIN_ROWS = {"placebo-coin": 120, "shifted": 180,
               "power": int(os.environ.get("VERIFILY_BENCH_POWER_ROWS", "360"))}  # a third of them scraped
+CONTROLS = int(os.environ.get("VERIFILY_BENCH_CONTROLS", "0")) or None  # None: the CLI's DEFAULT_CONTROLS
 CONVERGED_STEPS = 200  # converged regime: cosine to zero over 200 steps of 16 (measured: every seed of the fixture
                        # classifier reaches the same accuracy, 0.86-0.88, where 30 constant-rate steps split seeds
                        # between learning and collapsing to one class)
@@ -190,6 +191,10 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
 
     torch.set_num_threads(1)
     from verifily_train import attribution
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS
+
+    global CONTROLS
+    CONTROLS = CONTROLS or DEFAULT_CONTROLS
 
     work = Path(root) / f"{regime}-{kind}-{trial}"
     home = work / "home"
@@ -210,11 +215,13 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
         derived = attribution.derive_without(dv, by, value, home=home)
         control = attribution.control_arm(derived["removed_rows"])
         tables[value] = arm([derived["ref"]] * seeds)
-        if control not in tables:
-            tables[control] = arm([attribution.derive_random(dv, derived["removed_rows"], base_seed + s, home=home)["ref"]
-                                   for s in range(seeds)])
+        names = attribution.control_arms(derived["removed_rows"], CONTROLS)
+        for k, name in enumerate(names):
+            if name not in tables:
+                tables[name] = arm([attribution.derive_random(dv, derived["removed_rows"], base_seed + s, home=home,
+                                                              draw=k)["ref"] for s in range(seeds)])
         plan[value] = {"removed_rows": derived["removed_rows"], "kept_rows": derived["kept_rows"],
-                       "derived_dataset": derived["ref"], "control": control}
+                       "derived_dataset": derived["ref"], "control": control, "controls": names}
     task = "classification" if regime in CLASSIFICATION else "sft"
     result = attribution.analyze(task, by, tables, plan, target="test", bootstrap_samples=0)
     shutil.rmtree(work, ignore_errors=True)
@@ -231,6 +238,7 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
                                 "random_removal_effect": cell["random_removal_effect"],
                                 "per_seed": cell["per_seed"], "removal_per_seed": cell["removal_per_seed"],
                                 "random_per_seed": cell["random_per_seed"],
+                                "random_per_run": cell["random_per_run"], "controls": cell["controls"],
                                 "effect_on_own_rows": own.get("effect"), "effect_on_other_rows": rest.get("effect"),
                                 "removed_rows": entry["removed_rows"]}
     return out
@@ -238,17 +246,28 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
 
 # --- summaries ----------------------------------------------------------------------------------------------
 
-def rejudge(trial: dict, alpha: float = 0.05) -> dict:
+def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, controls: Optional[int] = None) -> dict:
     """The trial's verdicts by the library's current test, from its stored per-seed differences (a change
-    of the test re-judges every stored trial without retraining)."""
-    from verifily_train.attribution.stats import adjust, one_draw_test
+    of the test re-judges every stored trial without retraining). ``controls``: judge with the first that many
+    of the trial's control arms per seed (a trial trained with more controls answers for fewer too)."""
+    from verifily_train.attribution.stats import SUBSET_MARGIN, adjust, one_draw_test
 
     values = list(trial["values"])
     tests = []
+    margin = SUBSET_MARGIN if margin is None else margin
     for v in values:
         e = trial["values"][v]
-        random_ = e.get("random_per_seed") or [x - d for x, d in zip(e["removal_per_seed"], e["per_seed"])]
-        tests.append(one_draw_test(e["per_seed"], e["removal_per_seed"], random_, alpha, len(values)))
+        within = e["removal_per_seed"]
+        if e.get("random_per_run"):
+            have = int(e.get("controls") or 1)
+            use = min(controls or have, have)
+            per = [e["random_per_run"][i * have:i * have + use] for i in range(len(within))]
+            random_ = [y for ys in per for y in ys]
+            diffs = [x - sum(ys) / len(ys) for x, ys in zip(within, per)]
+        else:  # trials of one control per seed
+            random_ = e.get("random_per_seed") or [x - d for x, d in zip(within, e["per_seed"])]
+            diffs = e["per_seed"]
+        tests.append(one_draw_test(diffs, within, random_, alpha, len(values), margin=margin))
     adjusted = adjust([t["p"] for t in tests], "holm")
     out = dict(trial, values={})
     for v, t, p in zip(values, tests, adjusted):
@@ -257,6 +276,9 @@ def rejudge(trial: dict, alpha: float = 0.05) -> dict:
         out["values"][v] = dict(trial["values"][v], verdict=verdict, p_adjusted=p, p=t["p"], mde=t["mde"], se=t["se"],
                                 subset_sd=t["subset_sd"], noise_sd=t["noise_sd"])
     return out
+
+
+DESIGN_MARGINS = (2.0, 1.5, 1.0)
 
 
 def summarize(trials: List[dict]) -> dict:
@@ -287,6 +309,10 @@ def summarize(trials: List[dict]) -> dict:
                                                           for e in t["values"].values()]))
         else:
             s["median_mde"] = _median([e["mde"] for t in mine for e in t["values"].values()])
+        recorded = min(int(e.get("controls") or 1) for t in mine for e in t["values"].values())
+        s["designs"] = {f"controls={k} margin={m:g}": binomial_interval(
+            sum(_counted(kind, rejudge(trials[i], margin=m, controls=k)) for i in pick), len(pick))
+            for k in range(1, recorded + 1) for m in DESIGN_MARGINS}  # the same runs judged by other designs
         cells = [e for t in mine for e in t["values"].values() if e["subset_sd"] is not None]
         s["median_noise_sd"] = _median([e["noise_sd"] for e in cells])
         s["median_subset_sd"] = _median([e["subset_sd"] for e in cells])
@@ -369,9 +395,16 @@ def main(argv=None) -> int:
     parser.add_argument("--power-rows", type=int, default=None,
                         help="train rows of the power experiment (default 360, a third scraped); another size writes "
                              "attribution-<regime>-power<N>.json")
+    parser.add_argument("--controls", type=int, default=None,
+                        help="random-subset controls per size and seed to train (default: the CLI's); the summary "
+                             "also judges the same runs with fewer (its 'designs')")
     parser.add_argument("--kind-trials", default="", help="per-experiment trial counts overriding --trials, e.g. power=12")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.controls is not None:  # read again by the worker processes
+        os.environ["VERIFILY_BENCH_CONTROLS"] = str(args.controls)
+        global CONTROLS
+        CONTROLS = args.controls
     if args.power_rows is not None:  # read again by the worker processes, which import this module afresh
         os.environ["VERIFILY_BENCH_POWER_ROWS"] = str(args.power_rows)
         TRAIN_ROWS["power"] = args.power_rows
@@ -386,10 +419,14 @@ def main(argv=None) -> int:
 
 def _run_regime(regime: str, args, root: Path) -> None:
     model = build_model(regime, root / "models")
-    suffix = "" if TRAIN_ROWS["power"] == 360 else f"-power{TRAIN_ROWS['power']}"
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS
+
+    controls = CONTROLS or DEFAULT_CONTROLS
+    suffix = ("" if TRAIN_ROWS["power"] == 360 else f"-power{TRAIN_ROWS['power']}") + \
+        ("" if controls == 1 else f"-controls{controls}")
     out = Path(args.out_dir) / f"attribution-{regime}{suffix}.json"
     settings = {"seeds": args.seeds, "regime": regime, "test_rows": TEST_ROWS, "alpha": 0.05, "correction": "holm",
-                "target": "test", "train_rows": TRAIN_ROWS, "test": "one-draw t"}
+                "target": "test", "train_rows": TRAIN_ROWS, "test": "one-draw t", "controls": controls}
     done: List[dict] = []
     if out.is_file():  # resume: keep finished trials of the same settings
         previous = json.loads(out.read_text())

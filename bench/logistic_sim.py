@@ -15,6 +15,8 @@ Usage (exploration for docs/attribution.md, about 10 minutes on one core):
                                             (default /tmp/verifily-logistic-sim), the candidate tests compared
   python -m bench.logistic_sim judge     -> the stored arms judged by the shipped test (attribution.stats.
                                             one_draw_test) and the retired t: bench/results/logistic_sim.json
+  python -m bench.logistic_sim controls  -> new arms with 3 random-subset controls per value and seed, judged
+                                            as designs (seeds, controls, margin): logistic_sim_controls.json
   python -m bench.logistic_sim sweep     -> the stored arms judged at several subset margins:
                                             bench/results/logistic_sim_margins.json
 """
@@ -399,10 +401,85 @@ def judge(m=8):
                                   'rates': out}, indent=1))
 
 
+# ----------------------------------------------------------------------------- several controls per seed
+def run_chunk_controls(rng, scen, reg, T, seeds, controls):
+    """As :func:`run_chunk`, with ``controls`` fresh random subsets per value and seed: C (T, K, seeds, controls)."""
+    data = [gen_trial(rng, scen) for _ in range(T)]
+    X = np.stack([d[0] for d in data]); y = np.stack([d[1] for d in data])
+    Xt = np.stack([d[2] for d in data]); yt = np.stack([d[3] for d in data])
+    K = len(data[0][4])
+    trial, pair, keep, tag = [], [], [], []
+    for t in range(T):
+        for s in range(seeds):
+            p = t * seeds + s
+            trial.append(t); pair.append(p); keep.append(np.ones(N, bool)); tag.append((t, 0, -1, s, 0))
+            for k, mask in enumerate(data[t][4]):
+                nv = mask.sum()
+                trial.append(t); pair.append(p); keep.append(~mask); tag.append((t, 1, k, s, 0))
+                for c in range(controls):
+                    R = np.zeros(N, bool); R[rng.choice(N, nv, replace=False)] = True
+                    trial.append(t); pair.append(p); keep.append(~R); tag.append((t, 2, k, s, c))
+    loss = train(X, y, Xt, yt, np.array(trial), np.array(pair), np.array(keep), T * seeds, reg, rng)
+    F = np.zeros((T, seeds)); V = np.zeros((T, K, seeds)); C = np.zeros((T, K, seeds, controls))
+    for (t, arm, k, s, c), l in zip(tag, loss):
+        if arm == 0: F[t, s] = l
+        elif arm == 1: V[t, k, s] = l
+        else: C[t, k, s, c] = l
+    return F, V, C
+
+
+def controls(seeds=8, max_controls=3, designs=((8, 1, 2.0), (8, 1, 1.0), (8, 2, 1.5), (8, 2, 1.25), (8, 2, 1.0),
+                                                   (8, 3, 1.0), (6, 2, 1.0), (5, 3, 1.0))):
+    """Designs (seeds, controls per seed, subset margin) of the one-draw test on the same simulated arms:
+    placebo and shift cells (any false call) and the noisy-source cells (power), Holm at 0.05."""
+    from pathlib import Path
+    from verifily_train.attribution.stats import adjust, binomial_interval, one_draw_test
+
+    counts = {'a_placebo': 600, 'a_placebo_p20': 600, 'b_shift3': 300}
+    rng = np.random.default_rng(20261207)
+    out, worst = {}, {}
+    t0 = time.time()
+    for rname, reg in REGIMES.items():
+        for sname, scen in SCENARIOS.items():
+            T = counts.get(sname, 200)
+            parts = [run_chunk_controls(rng, scen, reg, min(40, T - c0), seeds, max_controls) for c0 in range(0, T, 40)]
+            F = np.concatenate([p[0] for p in parts]); V = np.concatenate([p[1] for p in parts])
+            C = np.concatenate([p[2] for p in parts])
+            hits = {}
+            for S, Kc, M in designs:
+                n = 0
+                for t in range(T):
+                    cells = [(V[t, j, :S] - C[t, j, :S, :Kc].mean(-1), V[t, j, :S] - F[t, :S],
+                              (C[t, j, :S, :Kc] - F[t, :S, None]).ravel()) for j in range(V.shape[1])]
+                    means = [float(np.mean(d)) for d, _, _ in cells]
+                    ps = adjust([one_draw_test(list(d), list(x), list(yy), ALPHA, len(cells), draws=4000, margin=M)['p']
+                                 for d, x, yy in cells], 'holm')
+                    called = [p is not None and p <= ALPHA for p in ps]
+                    if scen['kind'] == 'placebo':
+                        n += any(called)
+                    elif scen['kind'] == 'shift':
+                        n += any(c and mu < 0 for c, mu in zip(called, means))
+                    else:
+                        n += called[0] and means[0] < 0
+                name = 'S%d K%d M%g' % (S, Kc, M)
+                hits[name] = binomial_interval(n, T)
+                if scen['kind'] != 'noisy':
+                    worst[name] = max(worst.get(name, 0.0), n / T)
+            out['%s/%s' % (rname, sname)] = hits
+            print(rname, sname, '%.0fs' % (time.time() - t0), {k: round(v['rate'], 3) for k, v in hits.items()}, flush=True)
+    print('worst null cell:', worst)
+    target = Path(__file__).resolve().parent / 'results' / 'logistic_sim_controls.json'
+    target.write_text(json.dumps({'alpha': ALPHA, 'correction': 'holm', 'designs': ['S%d K%d M%g' % d for d in designs],
+                                  'counted': 'placebo: any call; shift: any hurts; noisy: the noisy source called hurts',
+                                  'worst_null_cell': worst, 'rates': out}, indent=1))
+
+
 if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == 'judge':
         judge()
     elif len(sys.argv) > 1 and sys.argv[1] == 'sweep':
         sweep()
+    elif len(sys.argv) > 1 and sys.argv[1] == 'controls':
+        controls()
     else:
         main()

@@ -27,7 +27,7 @@ from prefect.futures import as_completed
 from verifily_train import attribution
 from verifily_train.attribution.options import check_options
 from verifily_train.attribution.plan import describe_plan, make_plan
-from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.attribution.stats import DEFAULT_CONTROLS, DEFAULT_SEEDS
 from verifily_train.quiet import QUIET_ENV
 
 ABLATION_WORKER = "verifily_train.flows.ablation_worker"  # python -m ABLATION_WORKER JOB_JSON: one ablation run
@@ -95,13 +95,13 @@ def derive(parent_cfg, by: str, value: str) -> dict:
 
 
 @task(name="derive-random-control", cache_policy=NO_CACHE, persist_result=False,
-      task_run_name="derive-random-{rows}-seed{seed}")
-def derive_control(parent_cfg, rows: int, seed: int) -> dict:
-    """The parent's dataset without ``rows`` random train rows (the size-matched control of one seed)."""
+      task_run_name="derive-random-{rows}-seed{seed}-draw{draw}")
+def derive_control(parent_cfg, rows: int, seed: int, draw: int = 0) -> dict:
+    """The parent's dataset without ``rows`` random train rows (control ``draw`` of one seed, size-matched)."""
     from verifily_train.dataset.store import load_for_config
 
     dv = load_for_config(parent_cfg.dataset_version, parent_cfg.data_paths, parent_cfg.task)
-    return attribution.derive_random(dv, rows, seed)
+    return attribution.derive_random(dv, rows, seed, draw=draw)
 
 
 @task(name="ablation-run", cache_policy=NO_CACHE, persist_result=False, retries=1,
@@ -167,9 +167,10 @@ def analyze(task_name: str, by: str, arms: dict, plan: dict, target: str, split:
 def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, seeds: int = DEFAULT_SEEDS,
               budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None, concurrency: int = 2,
               out_dir: Optional[str] = None, deployment: Optional[str] = None, bootstrap_samples: int = 1000,
-              alpha: float = 0.05, correction: str = "holm", target: Optional[str] = None) -> dict:
-    """Retrain the parent run without each value of tag ``by``, without as many random rows, and with all
-    data, ``seeds`` times each; verdicts on ``target`` (default: the gold set, else the evaluated split) from
+              alpha: float = 0.05, correction: str = "holm", target: Optional[str] = None,
+              controls: int = DEFAULT_CONTROLS) -> dict:
+    """Retrain the parent run without each value of tag ``by``, without as many random rows (``controls``
+    fresh draws per seed), and with all data, ``seeds`` times each; verdicts on ``target`` (default: the gold set, else the evaluated split) from
     the one-draw test, corrected over the values."""
     from prefect.artifacts import create_table_artifact
     from prefect.client.orchestration import get_client
@@ -180,8 +181,8 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
 
     logger = get_run_logger()
     parent = find_run(run)
-    check_options(seeds, alpha, correction, budget_steps, budget_fraction)  # a deployment run has no CLI to check them
-    planned = make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction)
+    check_options(seeds, alpha, correction, budget_steps, budget_fraction, controls=controls)  # a deployment run has no CLI
+    planned = make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction, controls)
     record = load_run_json(parent)
     parent_config = str(parent / "config.yaml")
     cfg = load_config(parent_config)
@@ -193,8 +194,9 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
     runs_dir = str((out / "runs").resolve())
     derived = {v: f.result() for v, f in zip(chosen, [derive.submit(cfg, by, v) for v in chosen])}
     sizes = sorted({d["removed_rows"] for d in derived.values()})
-    draws = [(n, i) for n in sizes for i in range(seeds)]
-    controls = {key: f.result() for key, f in zip(draws, [derive_control.submit(cfg, n, cfg.seed + i) for n, i in draws])}
+    draws = [(n, i, k) for n in sizes for i in range(seeds) for k in range(controls)]
+    drawn = {key: f.result() for key, f in zip(draws, [derive_control.submit(cfg, n, cfg.seed + i, k)
+                                                       for n, i, k in draws])}
     api_url = str(get_client().api_url).rstrip("/")
 
     def data(ref: str) -> List[str]:
@@ -205,10 +207,11 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
         seed_overrides = overrides + [f"seed={cfg.seed + s}"]
         jobs.append((attribution.FULL, s, seed_overrides))
         jobs += [(v, s, seed_overrides + data(derived[v]["ref"])) for v in chosen]
-        jobs += [(attribution.control_arm(n), s, seed_overrides + data(controls[(n, s)]["ref"])) for n in sizes]
-    arm_names = [attribution.FULL] + chosen + [attribution.control_arm(n) for n in sizes]
-    logger.info(f"{len(jobs)} ablation runs ({len(arm_names)} arms: full, {len(chosen)} value(s), {len(sizes)} "
-                f"size-matched random control(s); x {seeds} seeds), at most {concurrency} at once")
+        jobs += [(attribution.control_arm(n, k), s, seed_overrides + data(drawn[(n, s, k)]["ref"]))
+                 for n in sizes for k in range(controls)]
+    arm_names = [attribution.FULL] + chosen + [a for n in sizes for a in attribution.control_arms(n, controls)]
+    logger.info(f"{len(jobs)} ablation runs ({len(arm_names)} arms: full, {len(chosen)} value(s), {controls} x "
+                f"{len(sizes)} size-matched random control(s); x {seeds} seeds), at most {concurrency} at once")
     arms: dict = {arm: [None] * seeds for arm in arm_names}
     pending, active = list(jobs), {}
     while pending or active:
@@ -220,7 +223,8 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
         arm, index = active.pop(finished)
         arms[arm][index] = finished.result()
     plan = {v: {"removed_rows": derived[v]["removed_rows"], "kept_rows": derived[v]["kept_rows"],
-                "derived_dataset": derived[v]["ref"], "control": attribution.control_arm(derived[v]["removed_rows"])}
+                "derived_dataset": derived[v]["ref"], "control": attribution.control_arm(derived[v]["removed_rows"]),
+                "controls": attribution.control_arms(derived[v]["removed_rows"], controls)}
             for v in chosen}
     result = analyze(cfg.task, by, arms, plan, planned["target"], record["evaluation"]["split"], alpha, correction,
                      bootstrap_samples, budget["max_steps"])
@@ -229,7 +233,8 @@ def attribute(run: str, by: str = "source", values: Optional[List[str]] = None, 
                   cost={"training_runs": planned["training_runs"], "reused_runs": planned["reused_runs"],
                         "arms": planned["arms"]},
                   arms={k: [str(p) for p in v] for k, v in arms.items()}, derived=derived,
-                  controls={f"{n}/seed{cfg.seed + i}": c for (n, i), c in controls.items()})
+                  controls={f"{n}/seed{cfg.seed + i}" + (f"/draw{k}" if k else ""): c for (n, i, k), c in drawn.items()},
+                  controls_per_seed=controls)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "attribution.json", result)
     (out / "attribution.html").write_text(attribution.render_html(result), encoding="utf-8")

@@ -11,6 +11,8 @@ import yaml
 
 from conftest import assert_user_error, cli_env, run_cli
 
+from verifily_train.attribution.stats import DEFAULT_CONTROLS
+
 
 def _task_runs(api_url: str, name: str):
     from prefect.client.orchestration import get_client
@@ -55,7 +57,8 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
                    cwd=tmp_path, env=env)
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert "on the test split, are a value's rows worse" in plan.stdout
-    assert "x 8 seeds = 24 runs; 24 to train" in plan.stdout, plan.stdout
+    runs_planned = (2 + DEFAULT_CONTROLS) * 8  # full, the value and its controls, 8 seeds each
+    assert f"x 8 seeds = {runs_planned} runs; {runs_planned} to train" in plan.stdout, plan.stdout
     assert not (tmp_path / "attributions").exists()
 
     args = ["attribute", run.name, "--values", "scraped", "--budget-steps", "40", "--json"]
@@ -73,9 +76,11 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     bad = scraped["slices"]["overall"]["loss"]
     assert bad["ci95"][1] < 0 and scraped["p_adjusted"] <= 0.05 and result["correction"] == "holm"
     assert bad["effect"] == pytest.approx(sum(bad["per_seed"]) / 8) and len(bad["random_per_seed"]) == 8
+    assert len(bad["random_per_run"]) == 8 * DEFAULT_CONTROLS and bad["controls"] == DEFAULT_CONTROLS
     assert scraped["control"] == f"__random_{scraped['removed_rows']}__" and bad["mde"] > 0
+    assert scraped["controls"][1:] == [f"__random_{scraped['removed_rows']}_{k}__" for k in range(1, DEFAULT_CONTROLS)]
     assert scraped["removed_rows"] > 0 and result["seeds"] == 8 and result["budget"]["max_steps"] == 40
-    assert "at 40 steps" in scraped["why"] and result["cost"]["training_runs"] == 24
+    assert "at 40 steps" in scraped["why"] and result["cost"]["training_runs"] == runs_planned
 
     # derived versions are ordinary, hash-addressed store versions that record their parent and rule
     manifest = json.loads(Path(verifily_home / "datasets" / "ds_noise" / "v1-without-source-scraped" /
@@ -86,13 +91,15 @@ def test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not(models,
     assert json.loads((out / "attribution.json").read_text())["values"]["scraped"]["verdict"] == "hurts"
     assert "Causal attribution by retraining" in (out / "attribution.html").read_text()
 
-    # a size-matched random control per removed size and seed, stored like any derived version
+    # DEFAULT_CONTROLS size-matched random controls per removed size and seed, each a distinct draw, stored like
+    # any derived version
     controls = {c["rule"]["drop_random_train_rows"]["count"] for c in result["controls"].values()}
-    assert controls == {scraped["removed_rows"]} and len(result["controls"]) == 8
+    assert controls == {scraped["removed_rows"]} and len(result["controls"]) == 8 * DEFAULT_CONTROLS
+    assert len({c["ref"] for c in result["controls"].values()}) == 8 * DEFAULT_CONTROLS
 
-    # 24 ablation runs (full, the value, its control; 8 seeds) are task runs of the flow, some at once
+    # the ablation runs (full, the value, its controls; 8 seeds) are task runs of the flow, some at once
     runs = [r for r in _task_runs(prefect_api, "ablation-") if r.state.is_completed()]
-    assert len(runs) == 24, [r.name for r in runs]
+    assert len(runs) == runs_planned, [r.name for r in runs]
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "ablation runs never overlapped"
 

@@ -260,3 +260,8 @@ def test_random_control_of_a_data_paths_run_is_a_store_version(cls_run):
     control = derive_random(dv, 3, 7)
     assert control["ref"].split("@")[1] == "v-without-random-3-seed7" and control["removed_rows"] == 3
     assert derive_random(dv, 3, 7)["content_hash"] == control["content_hash"]  # the same draw, reused
+    # a second control of the same seed (attribute --controls 2) is another draw, another version; its rule says so
+    second = derive_random(dv, 3, 7, draw=1)
+    assert second["ref"].split("@")[1] == "v-without-random-3-seed7-draw1"
+    assert second["content_hash"] != control["content_hash"]
+    assert derive_random(dv, 3, 7, draw=1)["content_hash"] == second["content_hash"]

@@ -377,7 +377,7 @@ def attribute(run: RunLike, by: str = "source", *, values: Optional[List[str]] =
               target: Optional[str] = None, alpha: float = 0.05, correction: str = "holm",
               budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None, concurrency: int = 2,
               out: Optional[Union[str, os.PathLike]] = None, deployment: Optional[str] = None,
-              dry_run: bool = False, report_to: Optional[str] = None) -> Attribution:
+              dry_run: bool = False, report_to: Optional[str] = None, controls: Optional[int] = None) -> Attribution:
     """Causal attribution as ``verifily attribute RUN --by KEY`` runs it (the ``attribute`` flow; docs/attribution.md);
     ``dry_run`` returns the plan (values, arms, training runs) without training; ``report_to="mlflow"`` also logs
     the verdicts as an MLflow run nested under RUN's (docs/trackers.md)."""
@@ -390,12 +390,12 @@ def attribute(run: RunLike, by: str = "source", *, values: Optional[List[str]] =
     parent = parent_run.path.resolve()
     seeds = DEFAULT_SEEDS if seeds is None else seeds
     plan = checked_plan(parent, by, values, seeds, target, alpha, correction, budget_steps, budget_fraction,
-                        concurrency)
+                        concurrency, controls)
     if dry_run:
         return Attribution(plan, dry_run=True)
     result = Attribution(attribution_result(str(parent), by, values, seeds, budget_steps, budget_fraction,
                                             concurrency, None if out is None else os.fspath(out), deployment, alpha,
-                                            correction, plan["target"]))
+                                            correction, plan["target"], plan["controls"]))
     if report_to:
         result.tracker_run_id = log_attribution(result.raw, parent_run.run_id)
     return result

@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "FULL": "analysis", "VERDICTS": "analysis", "analyze": "analysis", "control_arm": "analysis",
+    "control_arms": "analysis",
     "per_example": "analysis", "per_example_frame": "analysis", "target_score": "analysis",
     "derive_random": "derive", "derive_without": "derive", "derived_version_name": "derive",
     "train_tag_counts": "derive", "render": "render", "render_html": "render",

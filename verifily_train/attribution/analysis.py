@@ -25,9 +25,15 @@ LOWER_IS_BETTER = {"loss"}  # every other metric (accuracy, exact match, token F
 PRIMARY = "loss"
 
 
-def control_arm(rows: int) -> str:
-    """The name of the size-matched control arm that removes ``rows`` random train rows."""
-    return f"__random_{int(rows)}__"
+def control_arm(rows: int, draw: int = 0) -> str:
+    """The name of the size-matched control arm that removes ``rows`` random train rows (``draw``: which of the
+    controls per seed)."""
+    return f"__random_{int(rows)}__" if not draw else f"__random_{int(rows)}_{int(draw)}__"
+
+
+def control_arms(rows: int, controls: int) -> List[str]:
+    """The names of the ``controls`` size-matched control arms of one removed size."""
+    return [control_arm(rows, k) for k in range(controls)]
 
 
 def per_example(run: Path, task: str):
@@ -83,8 +89,8 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
     """Verdicts for every value in ``plan`` from per-example tables ``{arm: [frame per seed]}``.
 
     ``plan[value]`` holds ``removed_rows``, ``kept_rows``, ``derived_dataset`` and ``control`` (the name of
-    its size-matched control arm in ``tables``). The verdict of each value is the one-draw test of (value
-    arm minus control arm) on the primary metric over ``target``'s rows (``test``/``val``: every row;
+    its size-matched control arm in ``tables``) or ``controls`` (the names of several, each a fresh random
+    subset per seed). The verdict of each value is the one-draw test of (value arm minus the controls' mean) on the primary metric over ``target``'s rows (``test``/``val``: every row;
     ``slice:<tag>=<value>`` or ``!=``: those rows; ``gold``: the per-seed ``target_scores``), corrected over
     the values (``correction``: holm or bh, at ``alpha``). The other slices are descriptive effects.
     """
@@ -116,12 +122,14 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
     result = {"task": task, "by": by, "seeds": seeds, "test_rows": len(rows), "primary_metric": primary,
               "target": {"name": target, "split": split, "rows": target_rows, "words": words, "slice": target_key},
               "alpha": alpha, "correction": correction, "at_steps": at_steps, "values": {},
-              "method": _method_line(seeds, family, alpha, correction, words),
+              "method": _method_line(seeds, family, alpha, correction, words,
+                                     max((len(i.get("controls") or [i["control"]]) for i in plan.values()), default=1)),
               "conditional": (f"verdicts are conditional on these {target_rows or 'gold'} target rows: they generalise "
                               f"over training seeds and over which rows a random subset holds, not over a new draw "
                               f"of target rows (the row bootstrap beside each effect shows that precision)")}
     for value, info in plan.items():
         control = info["control"]
+        controls = list(info.get("controls") or [control])
         slices = {}
         if target != "gold":
             slices[target_key] = targets.target_mask(base, target)
@@ -133,40 +141,46 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
             slices.setdefault(f"{by}!={value}", tags != str(value))
         effects = {}
         if target == "gold":
-            effects["gold"] = {"n": None, primary: _cell([target_scores[FULL], target_scores[value],
-                                                          target_scores[control]], None, alpha, family,
+            effects["gold"] = {"n": None, primary: _cell(target_scores[FULL], target_scores[value],
+                                                         [target_scores[c] for c in controls], None, alpha, family,
                                                          bootstrap_samples, seed)}
         for name, mask in slices.items():
             if not mask.any():
                 continue
             entry = {"n": int(mask.sum())}
             for metric in metrics:
-                means = [[float(f[metric].to_numpy()[mask].mean()) for f in data[arm]] for arm in (FULL, value, control)]
+                full, removed, *randoms = [[float(f[metric].to_numpy()[mask].mean()) for f in data[arm]]
+                                           for arm in (FULL, value, *controls)]
                 per_row = (np.mean([f[metric].to_numpy()[mask] for f in data[value]], axis=0)
-                           - np.mean([f[metric].to_numpy()[mask] for f in data[control]], axis=0))
-                entry[metric] = _cell(means, per_row, alpha, family, bootstrap_samples, seed)
+                           - np.mean([f[metric].to_numpy()[mask] for c in controls for f in data[c]], axis=0))
+                entry[metric] = _cell(full, removed, randoms, per_row, alpha, family, bootstrap_samples, seed)
             effects[name] = entry
         result["values"][value] = {"removed_rows": info["removed_rows"], "kept_rows": info["kept_rows"],
                                    "derived_dataset": info["derived_dataset"], "control": control,
+                                   "controls": controls,
                                    "verdict_slice": target_key, "slices": effects}
     _apply_verdicts(result, alpha, correction)
     return result
 
 
-def _cell(means: List[List[float]], per_row, alpha: float, family: int, bootstrap_samples: int, seed: int) -> dict:
-    """One slice x metric: (value - control) per seed with its one-draw interval, the removal effects beside it."""
+def _cell(full: List[float], removed: List[float], randoms: List[List[float]], per_row, alpha: float, family: int,
+          bootstrap_samples: int, seed: int) -> dict:
+    """One slice x metric: (value - the controls' mean) per seed with its one-draw interval, the removal effects
+    beside it. ``randoms`` holds one per-seed list per control arm."""
     import numpy as np
 
-    full, removed, random_ = means
+    random_ = [float(np.mean(c)) for c in zip(*randoms)]  # the controls' mean per seed
     diffs = [r - c for r, c in zip(removed, random_)]
     within = [r - f for r, f in zip(removed, full)]
+    every_random = [c - f for i, f in enumerate(full) for c in (arm[i] for arm in randoms)]  # seed-major
     random_effects = [c - f for c, f in zip(random_, full)]
-    test = one_draw_test(diffs, within, random_effects, alpha, family)
-    spread = float(np.std(random_effects, ddof=1)) if len(random_effects) > 1 else None
+    test = one_draw_test(diffs, within, every_random, alpha, family)
+    spread = float(np.std(every_random, ddof=1)) if len(every_random) > 1 else None
     return {"effect": test["mean"], "per_seed": diffs, **_test_fields(test), "random_spread": spread,
             "in_spreads": (test["mean"] / spread) if spread else None,
             "removal_effect": float(np.mean(within)), "removal_per_seed": within,
             "random_removal_effect": float(np.mean(random_effects)), "random_per_seed": random_effects,
+            "random_per_run": every_random, "controls": len(randoms),
             "bootstrap_ci95": None if per_row is None else row_bootstrap(per_row, bootstrap_samples, seed),
             "removed_mean": float(np.mean(removed)), "control_mean": float(np.mean(random_)),
             "full_mean": float(np.mean(full))}
@@ -215,9 +229,10 @@ def headline(result: dict, value: str, cell: dict, p_adj: Optional[float]) -> st
             f"detectable at 80% power: {cell['mde']:.4f}")
 
 
-def _method_line(seeds: int, family: int, alpha: float, correction: str, words: str) -> str:
+def _method_line(seeds: int, family: int, alpha: float, correction: str, words: str, controls: int = 1) -> str:
     name = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}[correction]
-    return (f"verdict on {words}: (value removed) minus (as many random rows removed, a fresh draw per seed) over "
+    draws = "a fresh draw per seed" if controls == 1 else f"the mean of {controls} fresh draws per seed"
+    return (f"verdict on {words}: (value removed) minus (as many random rows removed, {draws}) over "
             f"{seeds} seeds, the value's rows counted as one draw against the spread of random subsets (generalized "
             f"one-draw test), "
             f"{name} over {family} value(s) at {alpha:g}")

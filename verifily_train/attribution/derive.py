@@ -92,18 +92,21 @@ def derive_without(dv, key: str, value: str, home: Optional[Path] = None) -> dic
                   {"drop_train_rows_where_tag": {key: value}}, lines, keep, home, {"value": value})
 
 
-def derive_random(dv, rows: int, seed: int, home: Optional[Path] = None) -> dict:
+def derive_random(dv, rows: int, seed: int, home: Optional[Path] = None, draw: int = 0) -> dict:
     """The derived version of ``dv`` without ``rows`` train rows drawn at random with ``seed`` (a size-matched control).
 
-    The draw depends only on the parent's content hash, ``rows`` and ``seed``, so it is the same on every call."""
+    The draw depends only on the parent's content hash, ``rows``, ``seed`` and ``draw`` (the control's index
+    within its seed), so it is the same on every call; ``draw`` 0 is the single control of earlier versions."""
     lines = train_lines(dv)
     if not 0 <= rows < len(lines):
         raise VerifilyError(None, "--values", f"cannot remove {rows} of the {len(lines)} train rows of {dv.ref}")
-    drawn = set(random.Random(f"{dv.content_hash}/{rows}/{seed}").sample(range(len(lines)), rows))
+    key = f"{dv.content_hash}/{rows}/{seed}" + (f"/{draw}" if draw else "")
+    drawn = set(random.Random(key).sample(range(len(lines)), rows))
     keep = [i not in drawn for i in range(len(lines))]
-    name = bounded_name(f"{version_stem(dv)}-without-random-{rows}-seed{seed}")
-    return store_derived(dv, name, {"drop_random_train_rows": {"count": rows, "seed": seed}}, lines, keep, home,
-                  {"random_rows": rows, "seed": seed})
+    name = bounded_name(f"{version_stem(dv)}-without-random-{rows}-seed{seed}" + (f"-draw{draw}" if draw else ""))
+    rule = {"count": rows, "seed": seed, **({"draw": draw} if draw else {})}
+    return store_derived(dv, name, {"drop_random_train_rows": rule}, lines, keep, home,
+                         {"random_rows": rows, "seed": seed, "draw": draw})
 
 
 def store_derived(dv, version: str, rule: dict, lines: List[str], keep: List[bool], home: Optional[Path],

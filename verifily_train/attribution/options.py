@@ -14,7 +14,7 @@ CORRECTIONS = ("holm", "bh")
 
 
 def check_options(seeds: int, alpha: float, correction: str, budget_steps: Optional[int] = None,
-                  budget_fraction: Optional[float] = None, concurrency: int = 1) -> None:
+                  budget_fraction: Optional[float] = None, concurrency: int = 1, controls: int = 1) -> None:
     """Raise the first bad setting as one line naming its flag."""
     if seeds < 1:
         raise VerifilyError(None, "--seeds", f"must be >= 1; got {seeds}")
@@ -28,5 +28,7 @@ def check_options(seeds: int, alpha: float, correction: str, budget_steps: Optio
         raise VerifilyError(None, "--budget-fraction", f"must be in (0, 1]; got {budget_fraction}")
     if budget_steps is not None and budget_steps < 1:
         raise VerifilyError(None, "--budget-steps", f"must be >= 1; got {budget_steps}")
+    if not 1 <= controls <= 16:
+        raise VerifilyError(None, "--controls", f"must be 1 to 16 random-subset controls per size and seed; got {controls}")
     if concurrency < 1:
         raise VerifilyError(None, "--concurrency", f"must be >= 1; got {concurrency}")

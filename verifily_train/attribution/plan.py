@@ -14,10 +14,12 @@ from verifily_train.errors import RunError, VerifilyError
 
 
 def make_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int, target: Optional[str] = None,
-              budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None) -> dict:
+              budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None,
+              controls: Optional[int] = None) -> dict:
     """What an ``attribute`` call will train and judge; user errors as one line naming the flag."""
     from verifily_train.artifacts.run import load_run_json
     from verifily_train.attribution.derive import train_tag_counts
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS
     from verifily_train.config import load_config
     from verifily_train.dataset.store import load_for_config
 
@@ -32,12 +34,13 @@ def make_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int, ta
                                          _evaluated_tag_values(parent))
     overrides, budget = retrain_budget(record, budget_steps, budget_fraction)
     sizes = sorted({counts[v] for v in chosen})
-    arms = 1 + len(chosen) + len(sizes)
+    controls = DEFAULT_CONTROLS if controls is None else controls
+    arms = 1 + len(chosen) + controls * len(sizes)
     runs = arms * seeds
     reused = 1 if budget["max_steps"] is None else 0  # the full arm at the parent's seed and budget is the parent
     return {"parent": str(parent), "by": by, "values": {v: counts[v] for v in chosen}, "notes": notes,
             "target": chosen_target, "target_words": targets.describe(chosen_target, targets.eval_split(record), None),
-            "seeds": seeds, "sizes": sizes, "arms": arms, "training_runs": runs - reused, "reused_runs": reused,
+            "seeds": seeds, "sizes": sizes, "controls": controls, "arms": arms, "training_runs": runs - reused, "reused_runs": reused,
             "overrides": overrides, "budget": budget, "train_rows": sum(counts.values()) if counts else None}
 
 
@@ -46,8 +49,9 @@ def describe_plan(plan: dict) -> str:
     values = ", ".join(f"{plan['by']}={v} ({n} rows)" for v, n in plan["values"].items())
     lines = [f"Question: on {plan['target_words']}, are a value's rows worse (or better) than as many random rows?",
              f"Values: {values}",
-             f"Arms: full, {len(plan['values'])} value(s) removed, {len(plan['sizes'])} size-matched random "
-             f"control(s) (a fresh random subset per seed), x {plan['seeds']} seeds = {plan['arms'] * plan['seeds']} "
+             f"Arms: full, {len(plan['values'])} value(s) removed, {plan['controls']} x {len(plan['sizes'])} "
+             f"size-matched random control(s) ({plan['controls']} fresh random subset(s) per size and seed), x "
+             f"{plan['seeds']} seeds = {plan['arms'] * plan['seeds']} "
              f"runs; {plan['training_runs']} to train"
              + (f" ({plan['reused_runs']} reused: the parent run is the full arm's first seed)" if plan["reused_runs"]
                 else ""),

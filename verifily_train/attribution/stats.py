@@ -17,6 +17,7 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 DEFAULT_SEEDS = 8  # docs/attribution.md "Seeds and power" and its calibration matrix
+DEFAULT_CONTROLS = 2  # random-subset control arms per removed size and seed (docs/attribution.md "Seeds and power")
 ALPHA = 0.05  # family-wise error rate of the verdicts (Holm) or their false-discovery rate (BH)
 POWER = 0.80  # the power at which the smallest detectable effect is stated
 DRAWS = 20000  # pivot draws of the one-draw test's generalized p-value (seeded: the same inputs give the same p)
@@ -28,10 +29,10 @@ def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Seque
                   family: int = 1, draws: int = DRAWS, seed: int = 0, margin: float = SUBSET_MARGIN) -> dict:
     """Whether a fixed row subset differs from random subsets of its size, counting it as one draw.
 
-    Per seed: ``diffs`` (value arm minus control arm, the control a fresh random subset per seed),
+    Per seed: ``diffs`` (value arm minus the mean of its control arms, each control a fresh random subset),
     ``within`` (value arm minus full arm: the value's rows are fixed, so their spread is training noise
-    alone) and ``random`` (control arm minus full arm: a random subset's effect plus the same kind of
-    noise). The subset variance ``sigma_a^2`` is what ``random`` spreads beyond ``within``. Under the null
+    alone); ``random`` holds every control run's effect (control arm minus full arm: a random subset's effect
+    plus the same kind of noise), ``seeds x controls`` of them. The subset variance ``sigma_a^2`` is what ``random`` spreads beyond ``within``. Under the null
     (the value's rows are one random subset) the mean of ``diffs`` varies by ``sigma_a^2 + var(diffs) /
     seeds``; the subset part is counted twice (``SUBSET_MARGIN``). The p-value is a generalized (fiducial)
     one: the three variances are drawn from their chi-square pivots (seeded, ``draws`` times: the same
@@ -44,11 +45,13 @@ def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Seque
     mean = float(np.mean(diffs)) if m else float("nan")
     out = {"n_seeds": m, "mean": mean, "sd": None, "se": None, "subset_sd": None, "noise_sd": None, "ci95": None,
            "p": None, "mde": None, "test": "one-draw generalized test"}
-    if m < 3 or len(within) != m or len(random) != m:
+    if m < 3 or len(within) != m or not random or len(random) % m:
         return out  # two seeds leave one degree of freedom for two variance parts
     var_d, var_x, var_y = (float(np.var(v, ddof=1)) for v in (diffs, within, random))
     rng = np.random.default_rng(seed)
-    tau2, spread2, noise2 = ((m - 1) * v / rng.chisquare(m - 1, draws) for v in (var_d, var_y, var_x))
+    k = len(random)  # every control run's effect: seeds x controls per seed
+    tau2, spread2, noise2 = (df * v / rng.chisquare(df, draws) for v, df in ((var_d, m - 1), (var_y, k - 1),
+                                                                             (var_x, m - 1)))
     null_var = margin * np.maximum(0.0, spread2 - noise2) + tau2 / m
     z = np.abs(rng.standard_normal(draws)) * np.sqrt(null_var)
     with np.errstate(divide="ignore", invalid="ignore"):

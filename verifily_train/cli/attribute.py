@@ -26,8 +26,9 @@ def cmd_attribute(args) -> int:
     check_result_tracker(report_to)
     parent = find_run(args.run, getattr(args, "runs_dir", None))  # a wrong id fails here, before Prefect starts
     values = split_values(args.values)
+    controls = getattr(args, "controls", None)
     plan = checked_plan(parent.resolve(), args.by, values, args.seeds, args.target, args.alpha, args.correction,
-                        args.budget_steps, args.budget_fraction, args.concurrency)
+                        args.budget_steps, args.budget_fraction, args.concurrency, controls)
     if args.dry_run:
         print(json.dumps(plan, indent=2) if args.json else describe_plan(plan))
         return 0
@@ -36,19 +37,23 @@ def cmd_attribute(args) -> int:
     use_prefect_server()
     return run_attribute(str(parent.resolve()), args.by, values, args.seeds, args.budget_steps,
                          args.budget_fraction, args.concurrency, args.out, args.deployment, args.json, args.alpha,
-                         args.correction, plan["target"], report_to)
+                         args.correction, plan["target"], report_to, plan["controls"])
 
 
 def checked_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int, target: Optional[str], alpha: float,
-                 correction: str, budget_steps, budget_fraction, concurrency: int) -> dict:
+                 correction: str, budget_steps, budget_fraction, concurrency: int,
+                 controls: Optional[int] = None) -> dict:
     """The Run verified, the options checked and the plan made: each problem is one line, before any run
     (``verifily attribute`` and ``verifily_train.attribute`` alike)."""
     from verifily_train.artifacts.run import verify_before_use
     from verifily_train.attribution.plan import make_plan
 
     verify_before_use(parent, "attribute")
-    check_options(seeds, alpha, correction, budget_steps, budget_fraction, concurrency)
-    return make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction)
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS
+
+    controls = DEFAULT_CONTROLS if controls is None else controls
+    check_options(seeds, alpha, correction, budget_steps, budget_fraction, concurrency, controls)
+    return make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction, controls)
 
 
 def split_values(values: Optional[str]) -> Optional[List[str]]:
@@ -58,12 +63,13 @@ def split_values(values: Optional[str]) -> Optional[List[str]]:
 
 def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fraction, concurrency: int,
                   out_dir, deployment, as_json: bool, alpha: float = 0.05, correction: str = "holm",
-                  target: Optional[str] = None, report_to: Optional[str] = None) -> int:
+                  target: Optional[str] = None, report_to: Optional[str] = None,
+                  controls: Optional[int] = None) -> int:
     """Run the ``attribute`` flow in this process (its ablation runs in child processes) and print the verdicts."""
     from verifily_train.attribution import render
 
     result = attribution_result(run, by, values, seeds, budget_steps, budget_fraction, concurrency, out_dir,
-                                deployment, alpha, correction, target)
+                                deployment, alpha, correction, target, controls)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -80,14 +86,16 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
 
 def attribution_result(run: str, by: str, values, seeds: int, budget_steps, budget_fraction, concurrency: int,
                        out_dir, deployment, alpha: float = 0.05, correction: str = "holm",
-                       target: Optional[str] = None) -> dict:
+                       target: Optional[str] = None, controls: Optional[int] = None) -> dict:
     """The ``attribute`` flow run in this process (its ablation runs in child processes): attribution.json's dict."""
     use_prefect_server()
     server = start_quiet_server()
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS
     from verifily_train.flows.attribute import attribute, stopping_workers_on_interrupt
 
     await_server(server)
     with in_process_flow_settings(), stopping_workers_on_interrupt():  # Ctrl-C: its workers end at once
         return attribute(run=run, by=by, values=values, seeds=seeds, budget_steps=budget_steps,
                          budget_fraction=budget_fraction, concurrency=concurrency, out_dir=out_dir,
-                         deployment=deployment, alpha=alpha, correction=correction, target=target)
+                         deployment=deployment, alpha=alpha, correction=correction, target=target,
+                         controls=DEFAULT_CONTROLS if controls is None else controls)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.attribution.stats import DEFAULT_CONTROLS, DEFAULT_SEEDS
 from verifily_train.config.schema import DEFAULT_REPLICATES
 from verifily_train.cli import rows
 
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                    help=f"seeds per arm (default: {DEFAULT_SEEDS}; at least 3 for a verdict: a value's rows are one "
                         "draw, judged against random subsets over seeds, docs/attribution.md)")
+    p.add_argument("--controls", type=int, default=DEFAULT_CONTROLS,
+                   help=f"random-subset control arms per removed size and seed (default: {DEFAULT_CONTROLS}): more "
+                        "draws of random subsets estimate their spread, which the verdict is judged against, more "
+                        "sharply (docs/attribution.md)")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="error rate of the verdicts over the values tested (default: 0.05)")
     p.add_argument("--correction", choices=["holm", "bh"], default="holm",
