@@ -22,11 +22,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (0.0, 0.3, 0.5, 0.7, 1.0, 2.0, 5.0)
 
 
-def trial(rng, ratio: float, seeds: int, sizes: List[int], total: int, shift: float = 0.0):
-    """One simulated call: per value the per-seed (value - control) and (value - full); the first value
-    carries ``shift`` (in units of the subset spread) when it is a planted effect."""
+def trial(rng, ratio: float, seeds: int, sizes: List[int], total: int, shift: float = 0.0, controls: int = 0):
+    """One simulated call: per value the per-seed (value - controls' mean), (value - full) and every control's
+    (control - full); the first value carries ``shift`` (in units of the subset spread) when it is a planted
+    effect. ``controls``: random-subset controls per value and seed (0: the CLI's default)."""
     import numpy as np
 
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS
+
+    k = controls or DEFAULT_CONTROLS
     cells = []
     u = rng.normal(0, 1, seeds)
     full = u + rng.normal(0, ratio, seeds)
@@ -34,8 +38,9 @@ def trial(rng, ratio: float, seeds: int, sizes: List[int], total: int, shift: fl
         scale = np.sqrt(n * (total - n) / (total - 1)) / np.sqrt(total / 4)  # sigma_a(n); 1 at n = N/2
         a_v = rng.normal(0, scale) + (shift if i == 0 else 0.0)
         value = a_v + u + rng.normal(0, ratio, seeds)
-        control = rng.normal(0, scale, seeds) + u + rng.normal(0, ratio, seeds)
-        cells.append({"diffs": list(value - control), "within": list(value - full), "random": list(control - full)})
+        control = rng.normal(0, scale, (seeds, k)) + u[:, None] + rng.normal(0, ratio, (seeds, k))
+        cells.append({"diffs": list(value - control.mean(1)), "within": list(value - full),
+                      "random": list((control - full[:, None]).ravel())})
     return cells
 
 
