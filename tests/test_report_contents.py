@@ -79,3 +79,53 @@ def test_the_hard_examples_stage_attaches_fields_by_row_hash(tmp_path):
     assert examples[0]["fields"] == {"prompt": "The sky is"}
     assert examples[1]["fields"] == {"instruction": "Give the opposite.", "input": "hot"}
     assert "fields" not in examples[2]
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+
+
+def _screenshot(html_text: str, folder: Path, name: str):
+    """``html_text`` as a page, screenshotted by headless Chromium; its pixels (RGB floats)."""
+    import subprocess
+
+    import matplotlib.image
+
+    page = folder / f"{name}.html"
+    page.write_text(html_text, encoding="utf-8")
+    out = folder / f"{name}.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={folder / ('chrome-' + name)}", f"--screenshot={out}",
+                    "--window-size=1000,700", "--virtual-time-budget=5000", page.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return matplotlib.image.imread(out)[..., :3]
+
+
+def _share_near(pixels, rgb_hex: str, tol: float = 0.06) -> float:
+    import numpy as np
+
+    rgb = np.array([int(rgb_hex[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return float((np.abs(pixels - rgb).max(axis=-1) < tol).mean())
+
+
+@__import__("pytest").mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_base_vs_tuned_chart_and_hard_examples_render_in_headless_chromium(tmp_path):
+    """The two sections a team reads first, as Chromium draws them from the real report: the base-vs-tuned chart
+    shows both bars (the base model's grey and the tuned model's blue, each a visible share of the picture), and
+    the hard-examples table draws the row's own fields as text (dark pixels), not a blank or broken section."""
+    import re
+
+    text = render_run_report(_fake_run(tmp_path / "run"))
+    [chart] = re.findall(r'<img [^>]*alt="source: base vs tuned"[^>]*>', text)
+    pixels = _screenshot(f"<html><body style='margin:0;background:#fff'>{chart}</body></html>", tmp_path, "chart")
+    assert _share_near(pixels, "#9aa5b1") > 0.001, "no base-model bars drawn"  # short: the base scores 0.05
+    assert _share_near(pixels, "#1f5fbf") > 0.01, "no tuned-model bars drawn"
+    start = text.index("<h2>Hard examples</h2>")
+    section = text[start:text.index("</table>", start) + len("</table>")]
+    assert "<b>instruction</b>: Write the animal twice." in section and "im_start" not in section
+    pixels = _screenshot(f"<html><body style='margin:8px;background:#fff'>{section}</body></html>", tmp_path, "hard")
+    dark = float((pixels.max(axis=-1) < 0.4).mean())
+    assert dark > 0.003, f"the hard-examples table drew no text ({dark:.3%} dark pixels)"
+    # and the whole report, as a page, is not blank
+    whole = _screenshot(text, tmp_path, "report")
+    assert float((whole < 0.9).any(axis=-1).mean()) > 0.02
