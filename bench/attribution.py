@@ -246,15 +246,17 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
 
 # --- summaries ----------------------------------------------------------------------------------------------
 
-def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, controls: Optional[int] = None) -> dict:
+def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, controls: Optional[int] = None,
+            floor: Optional[float] = None) -> dict:
     """The trial's verdicts by the library's current test, from its stored per-seed differences (a change
     of the test re-judges every stored trial without retraining). ``controls``: judge with the first that many
     of the trial's control arms per seed (a trial trained with more controls answers for fewer too)."""
-    from verifily_train.attribution.stats import SUBSET_MARGIN, adjust, one_draw_test
+    from verifily_train.attribution.stats import SUBSET_FLOOR, SUBSET_MARGIN, adjust, one_draw_test
 
     values = list(trial["values"])
     tests = []
     margin = SUBSET_MARGIN if margin is None else margin
+    floor = SUBSET_FLOOR if floor is None else floor
     for v in values:
         e = trial["values"][v]
         within = e["removal_per_seed"]
@@ -267,7 +269,7 @@ def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, co
         else:  # trials of one control per seed
             random_ = e.get("random_per_seed") or [x - d for x, d in zip(within, e["per_seed"])]
             diffs = e["per_seed"]
-        tests.append(one_draw_test(diffs, within, random_, alpha, len(values), margin=margin))
+        tests.append(one_draw_test(diffs, within, random_, alpha, len(values), margin=margin, floor=floor))
     adjusted = adjust([t["p"] for t in tests], "holm")
     out = dict(trial, values={})
     for v, t, p in zip(values, tests, adjusted):

@@ -23,11 +23,15 @@ POWER = 0.80  # the power at which the smallest detectable effect is stated
 DRAWS = 20000  # pivot draws of the one-draw test's generalized p-value (seeded: the same inputs give the same p)
 SUBSET_MARGIN = 1.5  # the subset variance counted 1.5 times: with DEFAULT_CONTROLS, the smallest margin whose every
                      # simulated placebo cell stays at or below 5% (docs/attribution.md, bench.logistic_sim controls)
+SUBSET_FLOOR = 0.25  # the subset variance is at least a quarter of the controls' whole spread: where the value's own
+                     # arm happens to spread more over seeds than the controls do, var(y) - var(x) is <= 0 and the
+                     # null would shrink to the seed-only t the one-draw test replaced (docs/attribution.md)
 CORRECTIONS = ("holm", "bh")
 
 
 def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Sequence[float], alpha: float = ALPHA,
-                  family: int = 1, draws: int = DRAWS, seed: int = 0, margin: float = SUBSET_MARGIN) -> dict:
+                  family: int = 1, draws: int = DRAWS, seed: int = 0, margin: float = SUBSET_MARGIN,
+                  floor: float = SUBSET_FLOOR) -> dict:
     """Whether a fixed row subset differs from random subsets of its size, counting it as one draw.
 
     Per seed: ``diffs`` (value arm minus the mean of its control arms, each control a fresh random subset),
@@ -35,7 +39,8 @@ def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Seque
     alone); ``random`` holds every control run's effect (control arm minus full arm: a random subset's effect
     plus the same kind of noise), ``seeds x controls`` of them. The subset variance ``sigma_a^2`` is what ``random`` spreads beyond ``within``. Under the null
     (the value's rows are one random subset) the mean of ``diffs`` varies by ``sigma_a^2 + var(diffs) /
-    seeds``; the subset part is counted ``SUBSET_MARGIN`` (1.5) times. The p-value is a generalized (fiducial)
+    seeds``; the subset part is counted ``SUBSET_MARGIN`` (1.5) times and is at least ``SUBSET_FLOOR`` (a
+    quarter) of the controls' whole spread. The p-value is a generalized (fiducial)
     one: the three variances are drawn from their chi-square pivots (seeded, ``draws`` times: the same
     inputs give the same p) and the normal tail is averaged over them (docs/attribution.md).
     """
@@ -53,11 +58,11 @@ def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Seque
     k = len(random)  # every control run's effect: seeds x controls per seed
     tau2, spread2, noise2 = (df * v / rng.chisquare(df, draws) for v, df in ((var_d, m - 1), (var_y, k - 1),
                                                                              (var_x, m - 1)))
-    null_var = margin * np.maximum(0.0, spread2 - noise2) + tau2 / m
+    null_var = margin * np.maximum(floor * spread2, spread2 - noise2) + tau2 / m
     z = np.abs(rng.standard_normal(draws)) * np.sqrt(null_var)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = float(np.mean(2.0 * stats.norm.sf(abs(mean) / np.sqrt(null_var))))
-    subset = max(0.0, var_y - var_x)
+    subset = max(floor * var_y, var_y - var_x)
     se = math.sqrt(margin * subset + var_d / m)
     half = float(np.quantile(z, 0.95))
     level = alpha / max(family, 1)
