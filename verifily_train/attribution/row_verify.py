@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from verifily_train.attribution.analysis import FULL, analyze, control_arm
+from verifily_train.attribution.analysis import analyze, control_arm
 from verifily_train.attribution.rows.plan import (DEFAULT_ATTRIBUTION, DEFAULT_METHOD, TARGET_METHODS,
                                                   RowAttributionPlan, parse_slice_target, target_rows)
 from verifily_train.attribution.stats import ALPHA
