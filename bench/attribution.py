@@ -250,8 +250,9 @@ def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, co
             floor: Optional[float] = None) -> dict:
     """The trial's verdicts by the library's current test, from its stored per-seed differences (a change
     of the test re-judges every stored trial without retraining). ``controls``: judge with the first that many
-    of the trial's control arms per seed (a trial trained with more controls answers for fewer too)."""
-    from verifily_train.attribution.stats import SUBSET_FLOOR, SUBSET_MARGIN, adjust, one_draw_test
+    of the trial's control arms per seed (default: the CLI's, or as many as the trial has if fewer; a trial
+    trained with more controls answers for fewer too)."""
+    from verifily_train.attribution.stats import DEFAULT_CONTROLS, SUBSET_FLOOR, SUBSET_MARGIN, adjust, one_draw_test
 
     values = list(trial["values"])
     tests = []
@@ -262,7 +263,7 @@ def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, co
         within = e["removal_per_seed"]
         if e.get("random_per_run"):
             have = int(e.get("controls") or 1)
-            use = min(controls or have, have)
+            use = min(controls or DEFAULT_CONTROLS, have)  # the CLI's default unless told
             per = [e["random_per_run"][i * have:i * have + use] for i in range(len(within))]
             random_ = [y for ys in per for y in ys]
             diffs = [x - sum(ys) / len(ys) for x, ys in zip(within, per)]
