@@ -1,12 +1,14 @@
 """Fast guards of the calibration benchmark (bench/attribution.py): one real trial of each experiment at the
-CLI's defaults (8 seeds, the whole test split as the target, Holm), on the tiny BERT fixture.
+CLI's defaults (8 seeds, 2 controls per size and seed, the whole test split as the target, Holm), on the tiny
+BERT fixture.
 
 Each trial is deterministic (its data, seeds and random subsets come from its name), so these are regression
 guards of the measured behaviour, not new measurements: the rates with their intervals are in
 docs/attribution.md. The trials named here are ones the benchmark ran; the placebo and shifted ones are
 typical (no trial of either was called wrongly), the power one is one of the trials where the harmful
-source was found (44% of them at 8 seeds in this noisy regime, docs/attribution.md says why).
-The converged regime, where seed noise is nil, is guarded by the simulation in test_attribution_stats.py.
+source was found (half of them at 8 seeds in this noisy regime, docs/attribution.md says why).
+The converged regime is guarded by the simulation in test_attribution_stats.py and by one of its real
+placebo trials replayed there (a value arm noisier than its controls).
 """
 
 from __future__ import annotations

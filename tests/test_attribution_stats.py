@@ -191,3 +191,18 @@ def test_a_target_the_run_cannot_score_is_one_line_naming_the_flag():
         with pytest.raises(ConfigError, match="--target") as err:
             check_target(target, record, tags)
         assert fragment in str(err.value), (target, str(err.value))
+
+
+def test_a_value_arm_noisier_than_its_controls_does_not_shrink_the_null_to_the_seed_t():
+    """A converged-regime placebo call (bench/attribution.py, trial 5 of the converged placebo): the coin
+    value's own arm spread more over seeds than its 16 controls, so var(y) - var(x) < 0 and, without the
+    floor, the null was var(d) / seeds, the seed-only t: a false "helps" at p 0.027 after Holm."""
+    x = [-0.002, 0.091, 0.317, 0.187, 0.08, 0.199, 0.034, 0.062]
+    y = [-0.008, -0.043, 0.016, 0.028, -0.002, 0.003, 0.012, 0.044, 0.0, 0.015, 0.022, 0.164, -0.014, -0.042,
+         -0.011, 0.018]
+    per_seed = [sum(y[2 * i:2 * i + 2]) / 2 for i in range(8)]
+    diffs = [a - b for a, b in zip(x, per_seed)]
+    collapsed = one_draw_test(diffs, x, y, family=2, floor=0.0)
+    kept = one_draw_test(diffs, x, y, family=2)
+    assert collapsed["subset_sd"] == 0.0 and collapsed["p"] * 2 < 0.05  # what the test did before the floor
+    assert kept["subset_sd"] > 0.0 and kept["p"] * 2 > 0.05  # Holm over the two coin values: no verdict
