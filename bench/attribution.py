@@ -4,7 +4,8 @@
 ``python -m bench --only attribution``). Each trial is a real attribution experiment: datasets stored and
 derived with the library's own functions, every arm trained and evaluated by the pipeline's stage
 functions in-process (no Prefect: the statistics are the subject here, not the orchestration), and judged
-by ``attribution.analyze`` at the CLI's defaults: ``DEFAULT_SEEDS`` seeds, the whole test split as the
+by ``attribution.analyze`` at the CLI's defaults: ``DEFAULT_SEEDS`` seeds, ``DEFAULT_CONTROLS`` controls per
+size and seed (``--controls`` trains more; fewer are judged from the same runs), the whole test split as the
 target, Holm over the values at alpha 0.05. Every trial draws a new dataset.
 
 Regimes (the noise levels the tool ships for):
