@@ -52,7 +52,8 @@ def test_minilm_classification_demo_completes(tmp_path, prefect_api):
                      env=cli_env({"PREFECT_API_URL": prefect_api}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accuracy=" in result.stdout and "slices by source" in result.stdout
-    run = next((tmp_path / "runs").glob("run_*"))
+    run = printed_run(result, tmp_path)  # the demo writes under $VERIFILY_HOME/runs, nothing in the working folder
+    assert run is not None and not (tmp_path / "runs").exists(), result.stdout[-2000:]
     record = json.loads((run / "run.json").read_text())
     assert record["job"]["base_model"] == "minilm" and record["metrics"]["accuracy"] > 0.5
     again = run_cli("demo", "--task", "classification", "training.num_epochs=1", cwd=tmp_path,
