@@ -324,6 +324,18 @@ def write(res, diag, quick):
               open(OUT + '/results%s.json' % ('_quick' if quick else ''), 'w'), indent=1)
 
 
+def _stored_arms(m):
+    """Each regime x scenario whose arms the main run stored: (regime, scenario, its spec, F, V, C) at ``m`` seeds."""
+    from pathlib import Path
+
+    for rname in REGIMES:
+        for sname, scen in SCENARIOS.items():
+            path = Path(OUT) / ('raw_%s_%s.npz' % (rname, sname))
+            if path.is_file():
+                z = np.load(path)
+                yield rname, sname, scen, z['F'][:, :m], z['V'][:, :, :m], z['C'][:, :, :m]
+
+
 def sweep(margins=(2.0, 1.5, 1.25, 1.0), m=8):
     """The stored arms judged at several subset margins (``one_draw_test(margin=...)``): per regime and
     scenario the rate counted by :func:`judge`, one column per margin, with the worst placebo cell per margin."""
@@ -331,33 +343,27 @@ def sweep(margins=(2.0, 1.5, 1.25, 1.0), m=8):
     from verifily_train.attribution.stats import adjust, binomial_interval, one_draw_test
 
     out, worst = {}, {mg: 0.0 for mg in margins}
-    for rname in REGIMES:
-        for sname, scen in SCENARIOS.items():
-            path = Path(OUT) / ('raw_%s_%s.npz' % (rname, sname))
-            if not path.is_file():
-                continue
-            z = np.load(path)
-            F, V, C = z['F'][:, :m], z['V'][:, :, :m], z['C'][:, :, :m]
-            hits = {mg: 0 for mg in margins}
-            for t in range(len(F)):
-                cells = [(V[t, j] - C[t, j], V[t, j] - F[t], C[t, j] - F[t]) for j in range(V.shape[1])]
-                means = [float(np.mean(d)) for d, _, _ in cells]
-                for mg in margins:
-                    ps = adjust([one_draw_test(list(d), list(x), list(y), ALPHA, len(cells), draws=4000, margin=mg)['p']
-                                 for d, x, y in cells], 'holm')
-                    called = [p is not None and p <= ALPHA for p in ps]
-                    if scen['kind'] == 'placebo':
-                        hits[mg] += any(called)
-                    elif scen['kind'] == 'shift':
-                        hits[mg] += any(c and mu < 0 for c, mu in zip(called, means))
-                    else:
-                        hits[mg] += called[0] and means[0] < 0
-            key = '%s/%s' % (rname, sname)
-            out[key] = {str(mg): binomial_interval(int(v), len(F)) for mg, v in hits.items()}
-            if scen['kind'] != 'noisy':
-                for mg in margins:
-                    worst[mg] = max(worst[mg], hits[mg] / len(F))
-            print(key, {mg: round(v / len(F), 3) for mg, v in hits.items()}, flush=True)
+    for rname, sname, scen, F, V, C in _stored_arms(m):
+        hits = {mg: 0 for mg in margins}
+        for t in range(len(F)):
+            cells = [(V[t, j] - C[t, j], V[t, j] - F[t], C[t, j] - F[t]) for j in range(V.shape[1])]
+            means = [float(np.mean(d)) for d, _, _ in cells]
+            for mg in margins:
+                ps = adjust([one_draw_test(list(d), list(x), list(y), ALPHA, len(cells), draws=4000, margin=mg)['p']
+                             for d, x, y in cells], 'holm')
+                called = [p is not None and p <= ALPHA for p in ps]
+                if scen['kind'] == 'placebo':
+                    hits[mg] += any(called)
+                elif scen['kind'] == 'shift':
+                    hits[mg] += any(c and mu < 0 for c, mu in zip(called, means))
+                else:
+                    hits[mg] += called[0] and means[0] < 0
+        key = '%s/%s' % (rname, sname)
+        out[key] = {str(mg): binomial_interval(int(v), len(F)) for mg, v in hits.items()}
+        if scen['kind'] != 'noisy':
+            for mg in margins:
+                worst[mg] = max(worst[mg], hits[mg] / len(F))
+        print(key, {mg: round(v / len(F), 3) for mg, v in hits.items()}, flush=True)
     print('worst placebo/shift cell per margin:', worst)
     target = Path(__file__).resolve().parent / 'results' / 'logistic_sim_margins.json'
     target.write_text(json.dumps({'seeds': m, 'alpha': ALPHA, 'correction': 'holm', 'margins': list(margins),
@@ -371,30 +377,24 @@ def judge(m=8):
     from verifily_train.attribution.stats import adjust, binomial_interval, one_draw_test
 
     out = {}
-    for rname in REGIMES:
-        for sname, scen in SCENARIOS.items():
-            path = Path(OUT) / ('raw_%s_%s.npz' % (rname, sname))
-            if not path.is_file():
-                continue
-            z = np.load(path)
-            F, V, C = z['F'][:, :m], z['V'][:, :, :m], z['C'][:, :, :m]
-            hits = {'one_draw': 0, 'retired_t': 0}
-            for t in range(len(F)):
-                cells = [(V[t, j] - C[t, j], V[t, j] - F[t], C[t, j] - F[t]) for j in range(V.shape[1])]
-                means = [float(np.mean(d)) for d, _, _ in cells]
-                pvals = {'one_draw': adjust([one_draw_test(list(d), list(x), list(y), ALPHA, len(cells))['p']
-                                             for d, x, y in cells], 'holm'),
-                         'retired_t': adjust([float(stats.ttest_1samp(d, 0.0).pvalue) for d, _, _ in cells], 'holm')}
-                for name, ps in pvals.items():
-                    called = [p is not None and p <= ALPHA for p in ps]
-                    if scen['kind'] == 'placebo':
-                        hits[name] += any(called)
-                    elif scen['kind'] == 'shift':
-                        hits[name] += any(c and mu < 0 for c, mu in zip(called, means))
-                    else:
-                        hits[name] += called[0] and means[0] < 0
-            out['%s/%s' % (rname, sname)] = {k: binomial_interval(int(v), len(F)) for k, v in hits.items()}
-            print(rname, sname, {k: round(v['rate'], 3) for k, v in out['%s/%s' % (rname, sname)].items()}, flush=True)
+    for rname, sname, scen, F, V, C in _stored_arms(m):
+        hits = {'one_draw': 0, 'retired_t': 0}
+        for t in range(len(F)):
+            cells = [(V[t, j] - C[t, j], V[t, j] - F[t], C[t, j] - F[t]) for j in range(V.shape[1])]
+            means = [float(np.mean(d)) for d, _, _ in cells]
+            pvals = {'one_draw': adjust([one_draw_test(list(d), list(x), list(y), ALPHA, len(cells))['p']
+                                         for d, x, y in cells], 'holm'),
+                     'retired_t': adjust([float(stats.ttest_1samp(d, 0.0).pvalue) for d, _, _ in cells], 'holm')}
+            for name, ps in pvals.items():
+                called = [p is not None and p <= ALPHA for p in ps]
+                if scen['kind'] == 'placebo':
+                    hits[name] += any(called)
+                elif scen['kind'] == 'shift':
+                    hits[name] += any(c and mu < 0 for c, mu in zip(called, means))
+                else:
+                    hits[name] += called[0] and means[0] < 0
+        out['%s/%s' % (rname, sname)] = {k: binomial_interval(int(v), len(F)) for k, v in hits.items()}
+        print(rname, sname, {k: round(v['rate'], 3) for k, v in out['%s/%s' % (rname, sname)].items()}, flush=True)
     target = Path(__file__).resolve().parent / 'results' / 'logistic_sim.json'
     target.write_text(json.dumps({'seeds': m, 'alpha': ALPHA, 'correction': 'holm',
                                   'counted': 'placebo: any call; shift: any hurts; noisy: the noisy source called hurts',
