@@ -123,6 +123,40 @@ def pooled(parents: List[dict], method: str, reference: str = "tracin", bootstra
     return out
 
 
+SMOLLM2_STEPS = 40  # example-sft's training.max_steps (bench.row_agreement): half the demo's 80
+
+
+def row_hash_of(line: str) -> str:
+    """The row hash the scores' parquet records for one train line."""
+    from verifily_train.model.tokenize import row_hash
+
+    return row_hash(json.loads(line))
+
+
+def _exact_and_alone(parent, plan, work: Path, scores: dict):
+    """The scores again without the random projection (exact inner products: the tiny adapters are small), added
+    to ``scores`` as ``<method>@exact``, and each method's own cost (a call computing it alone)."""
+    import pandas as pd
+
+    from verifily_train.attribution import rows as row_attribution
+
+    # the same gradients without the random projection (exact inner products: the tiny adapters are small)
+    exact_plan = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4,
+                                                      projection_dim=0, methods=["tracin", "tracin_adam"])
+    exact_merged = row_attribution.attribute_rows(exact_plan, work / "scores-exact")
+    exact = pd.read_parquet(Path(exact_merged["dir"]) / exact_merged["file"])
+    scores.update({f"{m}@exact": exact[f"score_{m}"].to_numpy() for m in exact_plan.methods})
+    # each method's own cost (a call computing it alone; tracin, tracin_adam and self_influence share the
+    # gradient passes when computed together), over the parent's train stage seconds (model load and training)
+    method_seconds = {}
+    for method in plan.methods:
+        started = time.perf_counter()
+        alone = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4, methods=[method])
+        row_attribution.attribute_rows(alone, work / f"alone-{method}")
+        method_seconds[method] = time.perf_counter() - started
+    return method_seconds
+
+
 def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> dict:
     """Train the parent, score its rows, retrain on ``subsets`` half-subsets; LDS per method."""
     import pandas as pd
@@ -138,11 +172,18 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
     work = root / f"lds-{kind}-{seed}"
     shutil.rmtree(work, ignore_errors=True)
     os.environ["VERIFILY_HOME"] = str(work / "home")  # the arms' store versions stay in the bench's folder
-    rng = random.Random(f"lds/{kind}/{seed}")
-    make = _cls_rows if kind == "cls" else _sft_rows
-    paths = {split: write_jsonl(work / "data" / f"{split}.jsonl", make(n, rng, 0.0, split))
-             for split, n in SIZES[kind].items()}
-    config = _config(task, model, paths, 1000 + seed, 4)
+    if kind == "smollm2":  # the shipped SFT example: the demo's train.yaml at example-sft's 40 steps
+        from bench.row_agreement import _example_config
+
+        config = _example_config("example-sft", work, SMOLLM2_STEPS)
+        config["training"]["seed"] = 1000 + seed
+        paths = None
+    else:
+        rng = random.Random(f"lds/{kind}/{seed}")
+        make = _cls_rows if kind == "cls" else _sft_rows
+        paths = {split: write_jsonl(work / "data" / f"{split}.jsonl", make(n, rng, 0.0, split))
+                 for split, n in SIZES[kind].items()}
+        config = _config(task, model, paths, 1000 + seed, 4)
     (work / "train.yaml").write_text(yaml.safe_dump(config))
     started = time.perf_counter()
     parent = train_run(work / "train.yaml", work / "cache", work / "runs")
@@ -153,29 +194,39 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
     merged = row_attribution.attribute_rows(plan, work / "scores")
     scoring_seconds = time.perf_counter() - started
     table = pd.read_parquet(Path(merged["dir"]) / merged["file"])
-    # the same gradients without the random projection (exact inner products: the tiny adapters are small)
-    exact_plan = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4,
-                                                      projection_dim=0, methods=["tracin", "tracin_adam"])
-    exact_merged = row_attribution.attribute_rows(exact_plan, work / "scores-exact")
-    exact = pd.read_parquet(Path(exact_merged["dir"]) / exact_merged["file"])
     scores = {m: table[f"score_{m}"].to_numpy() for m in plan.methods}
-    scores.update({f"{m}@exact": exact[f"score_{m}"].to_numpy() for m in exact_plan.methods})
-    # each method's own cost (a call computing it alone; tracin, tracin_adam and self_influence share the
-    # gradient passes when computed together), over the parent's train stage seconds (model load and training)
     method_seconds = {}
-    for method in plan.methods:
-        started = time.perf_counter()
-        alone = row_attribution.plan_row_attribution(parent, cache_root=work / "cache", checkpoints=4, methods=[method])
-        row_attribution.attribute_rows(alone, work / f"alone-{method}")
-        method_seconds[method] = time.perf_counter() - started
-    lines = [line for line in Path(paths["train"]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    masks = half_subsets(len(lines), subsets, seed)
+    if kind != "smollm2":  # there each method alone and the exact inner products would cost a CPU session's hour:
+        method_seconds = _exact_and_alone(parent, plan, work, scores)  # bench/results/rows-smollm2.json times them
+    if paths is None:  # a stored dataset version: its train rows in order, the arms derived versions of it
+        from verifily_train.attribution.derive import train_lines
+        from verifily_train.attribution.derive_rows import derive_without_rows
+        from verifily_train.dataset.store import load_for_config
+
+        dv = load_for_config(config["dataset_version"], None, task)
+        lines = train_lines(dv)
+    else:
+        lines = [line for line in Path(paths["train"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    hashes = [row_hash_of(line) for line in lines]
+    order = {h: i for i, h in enumerate(table["row_hash"])}
+    scores = {m: v[[order[h] for h in hashes]] for m, v in scores.items()}  # the scores in train-line order
+    # half of the distinct rows: a row repeated in the split is kept or dropped with all its copies (a derived
+    # version drops rows by row hash), each copy adding its score to the prediction
+    distinct = list(dict.fromkeys(hashes))
+    index = {h: i for i, h in enumerate(distinct)}
+    masks = half_subsets(len(distinct), subsets, seed)[:, [index[h] for h in hashes]]
     measured = []
     begun = time.perf_counter()
     for k, mask in enumerate(masks):
         arm = work / f"subset-{k}"
-        kept = write_jsonl(arm / "train.jsonl", [json.loads(line) for line, keep in zip(lines, mask) if keep])
-        arm_config = dict(config, data_paths=dict(config["data_paths"], train=str(kept)))
+        if paths is None:
+            dropped = {h for h, keep in zip(hashes, mask) if not keep}
+            derived = derive_without_rows(dv, dropped, {"by": "lds", "subset": k, "seed": seed}, f"lds{k}")
+            arm_config = dict(config, dataset_version=derived["ref"])
+        else:
+            kept = write_jsonl(arm / "train.jsonl", [json.loads(line) for line, keep in zip(lines, mask) if keep])
+            arm_config = dict(config, data_paths=dict(config["data_paths"], train=str(kept)))
+        arm.mkdir(parents=True, exist_ok=True)
         (arm / "train.yaml").write_text(yaml.safe_dump(arm_config))
         run = train_run(arm / "train.yaml", work / "cache", work / "runs")
         measured.append(float(per_example(run, task)["loss"].mean()))
@@ -184,12 +235,13 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
     for method, score in scores.items():
         base = method.split("@")[0]
         predicted[method] = predicted_effect(score, masks).tolist()
+        alone = method_seconds.get(base)
         methods[method] = dict(lds(predicted[method], measured), family=row_attribution.FAMILIES[base],
-                               seconds_alone=round(method_seconds[base], 2),
-                               cost_in_train_stages=round(method_seconds[base] / stage_seconds, 3))
+                               seconds_alone=None if alone is None else round(alone, 2),
+                               cost_in_train_stages=None if alone is None else round(alone / stage_seconds, 3))
         if method != "tracin":
             methods[method]["minus_tracin"] = lds_difference(predicted[method], predicted["tracin"], measured)
-    return {"kind": kind, "seed": seed, "subsets": subsets, "train_rows": len(lines), "target": "test: mean per-row loss",
+    return {"kind": kind, "seed": seed, "subsets": subsets, "train_rows": len(lines), "distinct_train_rows": len(distinct), "target": "test: mean per-row loss",
             "methods": methods, "measured_loss": measured, "predicted": predicted,
             "parent_test_loss": float(per_example(parent, task)["loss"].mean()), "train_seconds": round(train_seconds, 2),
             "train_stage_seconds": round(stage_seconds, 2), "scoring_seconds": round(scoring_seconds, 2),
@@ -198,9 +250,15 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
                                    "lds_itself": subsets + 1}}
 
 
+def _mean_cost(parents: List[dict], method: str) -> str:
+    costs = [p["methods"][method]["cost_in_train_stages"] for p in parents]
+    return "-" if None in costs else f"{sum(costs) / len(costs):.2f}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("cls", "sft"), default="cls")
+    parser.add_argument("--kind", choices=("cls", "sft", "smollm2"), default="cls",
+                        help="smollm2: the shipped SFT example on the embedded SmolLM2-135M-Instruct (example-sft)")
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--parents", type=int, default=1, help="dataset draws (seeds), each with its own subsets")
     parser.add_argument("--root", default=None)
@@ -213,10 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from bench.common import quiet_libraries
 
-    torch.set_num_threads(1)  # the machine is shared: one core for training and scoring alike
+    if args.kind != "smollm2":  # SmolLM2 runs alone, on every core
+        torch.set_num_threads(1)  # the machine is shared: one core for training and scoring alike
     quiet_libraries()
+    os.environ["HF_HUB_OFFLINE"] = "1"
     root = Path(args.root or tempfile.mkdtemp(prefix="verifily-lds-"))
-    models = build_models(root / "models")
+    models = {"smollm2": None} if args.kind == "smollm2" else build_models(root / "models")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"row-lds-{args.kind}.json"
     parents = []
@@ -233,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"| {method} | {first['family']} | {entry['lds']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}] "
               f"| {entry['minus_tracin']:+.3f} [{entry['minus_tracin_ci95'][0]:+.3f}, {entry['minus_tracin_ci95'][1]:+.3f}] "
               f"| {', '.join(f'{x:+.2f}' for x in entry['per_parent'])} "
-              f"| {sum(p['methods'][method]['cost_in_train_stages'] for p in parents) / len(parents):.2f} |")
+              f"| {_mean_cost(parents, method)} |")
     return 0
 
 
