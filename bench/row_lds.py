@@ -176,7 +176,7 @@ def run_lds(kind: str, model: Path, root: Path, subsets: int, seed: int = 0) -> 
         from bench.row_agreement import _example_config
 
         config = _example_config("example-sft", work, SMOLLM2_STEPS)
-        config["training"]["seed"] = 1000 + seed
+        config["seed"] = 1000 + seed
         paths = None
     else:
         rng = random.Random(f"lds/{kind}/{seed}")

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from verifily_train.attribution import FULL, analyze, control_arm
-from verifily_train.attribution.stats import adjust, one_draw_test
+from verifily_train.attribution.stats import adjust, one_draw_test, rank_test
 from verifily_train.training.batching import keyed_order, length_grouped_order, row_keys
 
 
@@ -122,6 +122,26 @@ def test_a_value_worse_than_random_subsets_hurts_and_seed_spread_alone_does_not(
     tables = _tables({FULL: [0.0] * 5, "a": noisy, control_arm(20): [0.0] * 5})
     entry = analyze("sft", "source", tables, _plan("a"), bootstrap_samples=200)["values"]["a"]
     assert entry["verdict"].startswith("no measurable effect"), entry["why"]
+
+
+def test_the_rank_p_is_distribution_free_and_a_verdict_beyond_its_reach_says_what_it_rests_on():
+    # exchangeable draws from a heavy-tailed (lognormal) distribution: P(rank p <= 0.1) stays at or below 0.1
+    rng = np.random.default_rng(3)
+    draws = rng.lognormal(0.0, 1.5, size=(4000, 17))
+    ps = np.array([rank_test(d[0], d[1:])["rank_p"] for d in draws])
+    assert np.mean(ps <= 2 / 17) <= 2 / 17 + 0.015  # the floor at 16 runs is 2/17, and it is hit that often
+    assert rank_test(5.0, [0.0, 1.0, 2.0])["rank_p"] == 0.5 and rank_test(5.0, [0.0, 1.0, 2.0])["as_extreme"] == 0
+    assert rank_test(1.0, [0.0, 1.0, 2.0])["rank_p"] == 1.0
+    # a "hurts" whose p (normal model) is below what 5 control runs can give distribution-free says so
+    control = [0.02, -0.03, 0.01, 0.0, 0.03]
+    bad = [c - 0.3 for c in control]
+    result = analyze("sft", "source", _tables({FULL: [0.0] * 5, "a": bad, control_arm(20): control}), _plan("a"),
+                     bootstrap_samples=0)
+    entry = result["values"]["a"]
+    cell = entry["slices"][entry["verdict_slice"]]["loss"]
+    assert entry["verdict"] == "hurts" and cell["rank_p"] == pytest.approx(2 / 6) and cell["control_runs"] == 5
+    assert "beyond all its 5 random-subset runs, distribution-free p 0.333" in entry["why"]
+    assert "assumes normal subset effects" in entry["why"]
 
 
 def test_default_values_are_those_present_in_the_train_rows_and_absent_ones_are_named():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.attribution import target as targets
-from verifily_train.attribution.stats import ALPHA, adjust, one_draw_test, row_bootstrap
+from verifily_train.attribution.stats import ALPHA, adjust, one_draw_test, rank_test, row_bootstrap
 from verifily_train.errors import VerifilyError
 
 FULL = "__full__"  # the arm that keeps every train row
@@ -176,7 +176,9 @@ def _cell(full: List[float], removed: List[float], randoms: List[List[float]], p
     random_effects = [c - f for c, f in zip(random_, full)]
     test = one_draw_test(diffs, within, every_random, alpha, family)
     spread = float(np.std(every_random, ddof=1)) if len(every_random) > 1 else None
+    rank = rank_test(float(np.mean(within)), every_random)
     return {"effect": test["mean"], "per_seed": diffs, **_test_fields(test), "random_spread": spread,
+            "rank_p": rank["rank_p"], "controls_as_extreme": rank["as_extreme"], "control_runs": rank["runs"],
             "in_spreads": (test["mean"] / spread) if spread else None,
             "removal_effect": float(np.mean(within)), "removal_per_seed": within,
             "random_removal_effect": float(np.mean(random_effects)), "random_per_seed": random_effects,
@@ -223,10 +225,20 @@ def headline(result: dict, value: str, cell: dict, p_adj: Optional[float]) -> st
     if entry["verdict"] in ("hurts", "helps"):
         return (f"{entry['verdict']} {where}: removing its {n} rows {'lowered' if lower else 'raised'} {metric} by "
                 f"{abs(cell['effect']):.4f} more than removing {n} random rows{steps} ({spreads}{label} p "
-                f"{p_adj:.3g})")
+                f"{p_adj:.3g}){_rank_words(cell, result['alpha'])}")
     return (f"no measurable effect on {where}: removing its {n} rows changed {metric} by {cell['effect']:+.4f} "
             f"against removing {n} random rows{steps} ({spreads}{label} p {p_adj:.3g}); smallest effect "
             f"detectable at 80% power: {cell['mde']:.4f}")
+
+
+def _rank_words(cell: dict, alpha: float) -> str:
+    """Where a verdict's p is smaller than any distribution-free test on these control runs can give, say so."""
+    if cell.get("rank_p") is None or cell["rank_p"] <= alpha:
+        return ""
+    k, runs = cell["controls_as_extreme"], cell["control_runs"]
+    where = "beyond all" if k == 0 else f"as far out as {k} of"
+    return (f"; {where} its {runs} random-subset runs, distribution-free p {cell['rank_p']:.3g}: the smaller p "
+            f"assumes normal subset effects")
 
 
 def _method_line(seeds: int, family: int, alpha: float, correction: str, words: str, controls: int = 1) -> str:

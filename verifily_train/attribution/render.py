@@ -21,7 +21,7 @@ def render(result: dict, markdown: bool = False) -> str:
         lines.append(f"  {result['by']}={value}: {entry['why']}")
     lines.append("")
     header = ["removed", "rows", "verdict", f"Δ{metric} vs random removal [95% CI]", "x spread",
-              f"p ({result['correction']})", "detectable", "Δ vs full", "Δ random vs full", "row bootstrap 95%"]
+              f"p ({result['correction']})", "rank p", "detectable", "Δ vs full", "Δ random vs full", "row bootstrap 95%"]
     table = []
     for value, entry in result["values"].items():
         e = entry["slices"][entry["verdict_slice"]][metric]
@@ -29,13 +29,16 @@ def render(result: dict, markdown: bool = False) -> str:
                       f"{e['effect']:+.4f} {fmt_ci(e['ci95'])}",
                       "n/a" if e.get("in_spreads") is None else f"{e['in_spreads']:+.1f}",
                       "n/a" if entry["p_adjusted"] is None else f"{entry['p_adjusted']:.3g}",
+                      "n/a" if e.get("rank_p") is None else f"{e['rank_p']:.3g} ({e['control_runs']})",
                       "n/a" if e["mde"] is None else f"±{e['mde']:.4f}",
                       f"{e['removal_effect']:+.4f}", f"{e['random_removal_effect']:+.4f}", fmt_ci(e["bootstrap_ci95"])])
     lines += _table(header, table, markdown)
     lines.append("")
     lines.append(result["method"] + ".")
     lines.append("'x spread': the effect in standard deviations of removing a random subset of the same size; "
-                 "'detectable': the smallest true effect these seeds detect with 80% power.")
+                 "'detectable': the smallest true effect these seeds detect with 80% power; 'rank p': "
+                 "distribution-free, from where the value falls among its (N) random-subset runs, never below "
+                 "2/(N+1), unadjusted.")
     lines.append(result["conditional"][0].upper() + result["conditional"][1:] + ".")
     slice_names = sorted({s for entry in result["values"].values() for s in entry["slices"]
                           if s != entry["verdict_slice"] and metric in entry["slices"][s]})

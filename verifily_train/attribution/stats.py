@@ -72,6 +72,27 @@ def one_draw_test(diffs: Sequence[float], within: Sequence[float], random: Seque
     return out
 
 
+def rank_test(value_effect: float, random: Sequence[float]) -> dict:
+    """The distribution-free companion of :func:`one_draw_test`: where the value's removal effect (its mean over
+    seeds) falls among the ``random`` control runs' effects (one random subset each).
+
+    Under "the value's rows are one random subset of their size" the value and each control are exchangeable
+    draws, so ``p = 2 (1 + as_extreme) / (runs + 1)`` (two-sided; ``as_extreme``: the control runs at or beyond
+    the value on its side) is valid whatever the shape of the subset effects: exact without training noise,
+    conservative with it (the value's mean over seeds is less noisy than one control run). It cannot go below
+    ``2 / (runs + 1)``: 16 control runs (the defaults) cannot certify a p under 0.118, so a verdict's smaller p
+    rests on the normal model of the subset spread, which heavy-tailed subset effects break
+    (docs/attribution.md, Limits)."""
+    runs = len(random)
+    if not runs or value_effect != value_effect:
+        return {"rank_p": None, "as_extreme": None, "runs": runs, "floor": None}
+    below = sum(1 for y in random if y <= value_effect)
+    above = sum(1 for y in random if y >= value_effect)
+    as_extreme = min(below, above)
+    return {"rank_p": min(1.0, 2.0 * (1 + as_extreme) / (runs + 1)), "as_extreme": as_extreme, "runs": runs,
+            "floor": min(1.0, 2.0 / (runs + 1))}
+
+
 def adjust(pvalues: Sequence[Optional[float]], method: str) -> List[Optional[float]]:
     """Holm (family-wise) or Benjamini-Hochberg (false discovery rate) adjusted p-values; None stays None."""
     from scipy import stats
