@@ -248,12 +248,13 @@ def run_trial(regime: str, kind: str, trial: int, seeds: int, model: str, root: 
 # --- summaries ----------------------------------------------------------------------------------------------
 
 def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, controls: Optional[int] = None,
-            floor: Optional[float] = None) -> dict:
+            floor: Optional[float] = None, rank: bool = True) -> dict:
     """The trial's verdicts by the library's current test, from its stored per-seed differences (a change
     of the test re-judges every stored trial without retraining). ``controls``: judge with the first that many
     of the trial's control arms per seed (default: the CLI's, or as many as the trial has if fewer; a trial
     trained with more controls answers for fewer too)."""
-    from verifily_train.attribution.stats import DEFAULT_CONTROLS, SUBSET_FLOOR, SUBSET_MARGIN, adjust, one_draw_test
+    from verifily_train.attribution.stats import (DEFAULT_CONTROLS, SUBSET_FLOOR, SUBSET_MARGIN, adjust,
+                                                  claim_verdicts, one_draw_test, rank_test)
 
     values = list(trial["values"])
     tests = []
@@ -271,14 +272,29 @@ def rejudge(trial: dict, alpha: float = 0.05, margin: Optional[float] = None, co
         else:  # trials of one control per seed
             random_ = e.get("random_per_seed") or [x - d for x, d in zip(within, e["per_seed"])]
             diffs = e["per_seed"]
-        tests.append(one_draw_test(diffs, within, random_, alpha, len(values), margin=margin, floor=floor))
-    adjusted = adjust([t["p"] for t in tests], "holm")
+        test = one_draw_test(diffs, within, random_, alpha, len(values), margin=margin, floor=floor)
+        test.update(removal_effect=sum(within) / len(within), random=random_)
+        test["rank_p"] = rank_test(test["removal_effect"], random_)["rank_p"]
+        tests.append(test)
+    # the library's rule (analysis._apply_verdicts, the loss the metric): one-sided claims, a "hurts" from the
+    # normal model, a "helps" from the rank p (stats.claim_verdicts); ``rank=False``: the two-sided test before it
+    test_only = adjust([t["p"] for t in tests], "holm")
+    if rank:
+        claims = claim_verdicts([{"p": t["p"], "harmful": t["mean"] < 0, "removal_effect": t["removal_effect"],
+                                  "random": t["random"], "sign": -1.0} for t in tests], alpha, "holm")
+        adjusted = [c["p_adjusted"] for c in claims]
+        called = [c["verdict"] for c in claims]
+    else:
+        adjusted = test_only
+        called = [("hurts" if t["mean"] < 0 else "helps") if p is not None and p <= alpha else None
+                  for t, p in zip(tests, adjusted)]
     out = dict(trial, values={})
-    for v, t, p in zip(values, tests, adjusted):
-        verdict = ("hurts" if t["mean"] < 0 else "helps") if p is not None and p <= alpha else \
+    for v, t, p, q, c in zip(values, tests, adjusted, test_only, called):
+        verdict = c if c is not None and t["mean"] != 0 else \
+            "not certified at this budget" if t["mean"] > 0 and q is not None and q <= alpha else \
             "no measurable effect at this budget"
         out["values"][v] = dict(trial["values"][v], verdict=verdict, p_adjusted=p, p=t["p"], mde=t["mde"], se=t["se"],
-                                subset_sd=t["subset_sd"], noise_sd=t["noise_sd"])
+                                subset_sd=t["subset_sd"], noise_sd=t["noise_sd"], rank_p=t["rank_p"])
     return out
 
 
@@ -313,6 +329,13 @@ def summarize(trials: List[dict]) -> dict:
                                                           for e in t["values"].values()]))
         else:
             s["median_mde"] = _median([e["mde"] for t in mine for e in t["values"].values()])
+        # the calls with a "not certified" line (the normal model rejects on the "helps" side, the rank p does not:
+        # no verdict, said in words), and the same trials judged without the rank rule (the test before it)
+        s["calls_not_certified"] = binomial_interval(
+            sum(any(e["verdict"] == "not certified at this budget" for e in t["values"].values()) for t in mine),
+            len(mine))
+        s["without_rank_rule"] = binomial_interval(sum(_counted(kind, rejudge(trials[i], rank=False)) for i in pick),
+                                                   len(pick))
         recorded = min(int(e.get("controls") or 1) for t in mine for e in t["values"].values())
         s["designs"] = {f"controls={k} margin={m:g}": binomial_interval(
             sum(_counted(kind, rejudge(trials[i], margin=m, controls=k)) for i in pick), len(pick))

@@ -17,6 +17,8 @@ Usage (exploration for docs/attribution.md, about 10 minutes on one core):
                                             one_draw_test) and the retired t: bench/results/logistic_sim.json
   python -m bench.logistic_sim controls  -> new arms with 3 random-subset controls per value and seed, judged
                                             as designs (seeds, controls, margin): logistic_sim_controls.json
+  python -m bench.logistic_sim claims    -> the shipped verdict rule (one-sided claims, Tarone-Holm) against
+                                            the two-sided rule: bench/results/logistic_sim_claims.json
   python -m bench.logistic_sim sweep     -> the stored arms judged at several subset margins:
                                             bench/results/logistic_sim_margins.json
 """
@@ -474,6 +476,55 @@ def controls(seeds=8, max_controls=3, designs=((8, 1, 2.0), (8, 1, 1.0), (8, 2, 
                                   'worst_null_cell': worst, 'rates': out}, indent=1))
 
 
+def claims(seeds=8, controls_per_seed=2, counts=None):
+    """The shipped verdict rule (``stats.claim_verdicts``: a one-sided "hurts" from the one-draw test, a
+    one-sided "helps" from the rank p, Tarone-Holm) against the two-sided Holm rule before it, on the same
+    simulated arms at the defaults (8 seeds, 2 controls, margin 1.5): bench/results/logistic_sim_claims.json."""
+    from pathlib import Path
+    from verifily_train.attribution.stats import adjust, binomial_interval, claim_verdicts, one_draw_test
+
+    counts = counts or {'a_placebo': 400, 'a_placebo_p20': 400, 'b_shift3': 200, 'c_q25_n100': 150,
+                        'c_q35_n100': 150, 'c_q25_n60': 150, 'c_q35_n60': 150}
+    rng = np.random.default_rng(20261208)
+    out = {}
+    t0 = time.time()
+    for rname, reg in REGIMES.items():
+        for sname, scen in SCENARIOS.items():
+            T = counts[sname]
+            parts = [run_chunk_controls(rng, scen, reg, min(40, T - c0), seeds, controls_per_seed)
+                     for c0 in range(0, T, 40)]
+            F = np.concatenate([q[0] for q in parts]); V = np.concatenate([q[1] for q in parts])
+            C = np.concatenate([q[2] for q in parts])
+            hits = {'two_sided': 0, 'claims': 0}
+            helps_false = {'two_sided': 0, 'claims': 0}
+            for t in range(T):
+                cells = [(V[t, j] - C[t, j].mean(-1), V[t, j] - F[t], (C[t, j] - F[t][:, None]).ravel())
+                         for j in range(V.shape[1])]
+                means = [float(np.mean(d)) for d, _, _ in cells]
+                ps = [one_draw_test(list(d), list(x), list(yy), ALPHA, len(cells), draws=4000)['p'] for d, x, yy in cells]
+                two = [('hurts' if mu < 0 else 'helps') if p is not None and p <= ALPHA else None
+                       for p, mu in zip(adjust(ps, 'holm'), means)]
+                new = [c['verdict'] for c in claim_verdicts(
+                    [{'p': p, 'harmful': mu < 0, 'removal_effect': float(np.mean(x)), 'random': list(yy), 'sign': -1.0}
+                     for p, mu, (_, x, yy) in zip(ps, means, cells)], ALPHA, 'holm')]
+                for name, called in (('two_sided', two), ('claims', new)):
+                    if scen['kind'] == 'placebo':
+                        hits[name] += any(c is not None for c in called)
+                        helps_false[name] += any(c == 'helps' for c in called)
+                    elif scen['kind'] == 'shift':
+                        hits[name] += any(c == 'hurts' for c in called)
+                    else:
+                        hits[name] += called[0] == 'hurts'
+            out['%s/%s' % (rname, sname)] = {k: binomial_interval(v, T) for k, v in hits.items()}
+            if scen['kind'] == 'placebo':
+                out['%s/%s' % (rname, sname)]['false_helps'] = {k: binomial_interval(v, T) for k, v in helps_false.items()}
+            print(rname, sname, '%.0fs' % (time.time() - t0), {k: v / T for k, v in hits.items()}, flush=True)
+            target = Path(__file__).resolve().parent / 'results' / 'logistic_sim_claims.json'
+            target.write_text(json.dumps({'alpha': ALPHA, 'seeds': seeds, 'controls_per_seed': controls_per_seed,
+                                          'margin': 'the shipped default', 'counted': 'placebo: any call; shift: any '
+                                          'hurts; noisy: the noisy source called hurts', 'rates': out}, indent=1))
+
+
 if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == 'judge':
         judge()
@@ -481,5 +532,7 @@ if __name__ == '__main__':
         sweep()
     elif len(sys.argv) > 1 and sys.argv[1] == 'controls':
         controls()
+    elif len(sys.argv) > 1 and sys.argv[1] == 'claims':
+        claims()
     else:
         main()

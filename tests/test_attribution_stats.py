@@ -124,14 +124,18 @@ def test_a_value_worse_than_random_subsets_hurts_and_seed_spread_alone_does_not(
     assert entry["verdict"].startswith("no measurable effect"), entry["why"]
 
 
-def test_the_rank_p_is_distribution_free_and_a_verdict_beyond_its_reach_says_what_it_rests_on():
+def test_the_rank_p_is_distribution_free_and_a_hurts_says_its_p_is_the_normal_models():
     # exchangeable draws from a heavy-tailed (lognormal) distribution: P(rank p <= 0.1) stays at or below 0.1
     rng = np.random.default_rng(3)
     draws = rng.lognormal(0.0, 1.5, size=(4000, 17))
-    ps = np.array([rank_test(d[0], d[1:])["rank_p"] for d in draws])
-    assert np.mean(ps <= 2 / 17) <= 2 / 17 + 0.015  # the floor at 16 runs is 2/17, and it is hit that often
-    assert rank_test(5.0, [0.0, 1.0, 2.0])["rank_p"] == 0.5 and rank_test(5.0, [0.0, 1.0, 2.0])["as_extreme"] == 0
-    assert rank_test(1.0, [0.0, 1.0, 2.0])["rank_p"] == 1.0
+    helps = np.array([rank_test(d[0], d[1:])["helps_p"] for d in draws])  # loss: "helps" is above the controls
+    for level in (1 / 17, 3 / 17, 9 / 17):
+        assert np.mean(helps <= level) <= level + 0.015
+    assert np.mean(helps <= 1 / 17) >= 1 / 17 - 0.015  # exact: the floor at 16 runs is reached that often
+    assert rank_test(5.0, [0.0, 1.0, 2.0]) == {"rank_p": 0.25, "as_extreme": 0, "runs": 3, "floor": 0.25,
+                                                "helps_p": 0.25}
+    assert rank_test(1.0, [0.0, 1.0, 2.0])["rank_p"] == 0.75
+    assert rank_test(5.0, [0.0, 1.0, 2.0], sign=1.0)["helps_p"] == 1.0  # higher is better: above is not "helps"
     # a "hurts" whose p (normal model) is below what 5 control runs can give distribution-free says so
     control = [0.02, -0.03, 0.01, 0.0, 0.03]
     bad = [c - 0.3 for c in control]
@@ -139,9 +143,32 @@ def test_the_rank_p_is_distribution_free_and_a_verdict_beyond_its_reach_says_wha
                      bootstrap_samples=0)
     entry = result["values"]["a"]
     cell = entry["slices"][entry["verdict_slice"]]["loss"]
-    assert entry["verdict"] == "hurts" and cell["rank_p"] == pytest.approx(2 / 6) and cell["control_runs"] == 5
-    assert "beyond all its 5 random-subset runs, distribution-free p 0.333" in entry["why"]
-    assert "assumes normal subset effects" in entry["why"]
+    assert entry["verdict"] == "hurts" and cell["rank_p"] == pytest.approx(1 / 6) and cell["control_runs"] == 5
+    assert "distribution-free: beyond all its 5 random-subset runs, rank p 0.167" in entry["why"]
+    assert "that p is the normal model's, on the light side" in entry["why"]
+
+
+def test_a_helps_needs_the_distribution_free_rank_p_and_a_hurts_does_not():
+    # the same effect on either side, 5 seeds x 1 control: the normal model rejects both; the rank p (floor 2/6)
+    # cannot certify the "helps" side, where random subsets' effects are heavy-tailed
+    control = [0.02, -0.03, 0.01, 0.0, 0.03]
+    tables = _tables({FULL: [0.0] * 5, "bad": [c - 0.3 for c in control], "good": [c + 0.3 for c in control],
+                      control_arm(20): control})
+    result = analyze("sft", "source", tables, _plan("bad", "good"), bootstrap_samples=0)
+    bad, good = result["values"]["bad"], result["values"]["good"]
+    assert bad["verdict"] == "hurts" and good["verdict"] == "not certified at this budget", good["why"]
+    assert good["why"].startswith("not certified on ") and "under a normal model" in good["why"]
+    assert "beyond all its 5 random-subset runs" in good["why"] and "79 control runs per size" in good["why"]
+    assert "--controls 16" in good["why"] and "rank p" in result["method"]
+    # with enough control runs (here 80 per size: 16 controls x 5 seeds) the rank p certifies a "helps" too
+    many = {FULL: [0.0] * 5, "good": [c + 0.3 for c in control]}
+    plan = _plan("good")
+    names = [control_arm(20, k) for k in range(16)]
+    for k, name in enumerate(names):
+        many[name] = [c + 0.001 * k for c in control]
+    plan["good"].update(controls=names)
+    entry = analyze("sft", "source", _tables(many), plan, bootstrap_samples=0)["values"]["good"]
+    assert entry["verdict"] == "helps", entry["why"]
 
 
 def test_default_values_are_those_present_in_the_train_rows_and_absent_ones_are_named():
@@ -181,9 +208,10 @@ def test_the_verdict_is_read_on_the_declared_target_and_other_slices_are_descrip
     whole = analyze("sft", "source", tables, plan, target="test", bootstrap_samples=0)
     entry = whole["values"]["a"]
     assert whole["target"]["words"] == "the test split (60 rows)" and entry["verdict_slice"] == "overall"
-    # on the whole test split a clean source that covers rows no other source does is not "hurts"
-    assert entry["verdict"] == "helps", entry["why"]
-    assert entry["why"].startswith("helps the test split (60 rows): removing its 20 rows raised loss by")
+    # on the whole test split a clean source that covers rows no other source does is not "hurts"; its "helps"
+    # is on the heavy-tailed side, which 8 control runs cannot certify distribution-free
+    assert entry["verdict"] == "not certified at this budget", entry["why"]
+    assert entry["why"].startswith("not certified on the test split (60 rows): removing its 20 rows raised loss by")
     assert "more than removing 20 random rows" in entry["why"] and "x the spread of random subsets" in entry["why"]
     # the rows without "a" are a slice the arms change unequally: there the same clean source looks harmful,
     # which is why that slice is descriptive unless a user names it as the target

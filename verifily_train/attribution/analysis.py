@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.attribution import target as targets
-from verifily_train.attribution.stats import ALPHA, adjust, one_draw_test, rank_test, row_bootstrap
+from verifily_train.attribution.stats import ALPHA, adjust, claim_verdicts, one_draw_test, rank_test, row_bootstrap
 from verifily_train.errors import VerifilyError
 
 FULL = "__full__"  # the arm that keeps every train row
-VERDICTS = ("hurts", "helps", "no measurable effect at this budget")
+VERDICTS = ("hurts", "helps", "no measurable effect at this budget", "not certified at this budget")
+# the fourth: on the "helps" side the normal model rejects, the distribution-free rank p does not (claim_verdicts)
 LOWER_IS_BETTER = {"loss"}  # every other metric (accuracy, exact match, token F1, gold token F1) is higher-better
 PRIMARY = "loss"
 
@@ -143,7 +144,7 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
         if target == "gold":
             effects["gold"] = {"n": None, primary: _cell(target_scores[FULL], target_scores[value],
                                                          [target_scores[c] for c in controls], None, alpha, family,
-                                                         bootstrap_samples, seed)}
+                                                         bootstrap_samples, seed, _sign(primary))}
         for name, mask in slices.items():
             if not mask.any():
                 continue
@@ -153,7 +154,8 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
                                            for arm in (FULL, value, *controls)]
                 per_row = (np.mean([f[metric].to_numpy()[mask] for f in data[value]], axis=0)
                            - np.mean([f[metric].to_numpy()[mask] for c in controls for f in data[c]], axis=0))
-                entry[metric] = _cell(full, removed, randoms, per_row, alpha, family, bootstrap_samples, seed)
+                entry[metric] = _cell(full, removed, randoms, per_row, alpha, family, bootstrap_samples, seed,
+                                      _sign(metric))
             effects[name] = entry
         result["values"][value] = {"removed_rows": info["removed_rows"], "kept_rows": info["kept_rows"],
                                    "derived_dataset": info["derived_dataset"], "control": control,
@@ -163,8 +165,12 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
     return result
 
 
+def _sign(metric: str) -> float:
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
 def _cell(full: List[float], removed: List[float], randoms: List[List[float]], per_row, alpha: float, family: int,
-          bootstrap_samples: int, seed: int) -> dict:
+          bootstrap_samples: int, seed: int, sign: float) -> dict:
     """One slice x metric: (value - the controls' mean) per seed with its one-draw interval, the removal effects
     beside it. ``randoms`` holds one per-seed list per control arm."""
     import numpy as np
@@ -176,7 +182,7 @@ def _cell(full: List[float], removed: List[float], randoms: List[List[float]], p
     random_effects = [c - f for c, f in zip(random_, full)]
     test = one_draw_test(diffs, within, every_random, alpha, family)
     spread = float(np.std(every_random, ddof=1)) if len(every_random) > 1 else None
-    rank = rank_test(float(np.mean(within)), every_random)
+    rank = rank_test(float(np.mean(within)), every_random, sign)
     return {"effect": test["mean"], "per_seed": diffs, **_test_fields(test), "random_spread": spread,
             "rank_p": rank["rank_p"], "controls_as_extreme": rank["as_extreme"], "control_runs": rank["runs"],
             "in_spreads": (test["mean"] / spread) if spread else None,
@@ -197,19 +203,28 @@ def _apply_verdicts(result: dict, alpha: float, correction: str) -> None:
     metric = result["primary_metric"]
     values = list(result["values"])
     cells = [result["values"][v]["slices"][result["values"][v]["verdict_slice"]][metric] for v in values]
-    adjusted = adjust([c["p"] for c in cells], correction)
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    for value, cell, p_adj in zip(values, cells, adjusted):
+    sign = _sign(metric)
+    harmful = [sign * c["effect"] > 0 for c in cells]  # removing the value did better than removing random rows
+    claims = claim_verdicts([{"p": c["p"], "harmful": h, "removal_effect": c["removal_effect"],
+                              "random": c["random_per_run"], "sign": sign} for c, h in zip(cells, harmful)],
+                            alpha, correction)
+    test_only = adjust([c["p"] for c in cells], correction)  # the normal model's p alone, for the fourth verdict
+    result["family"] = {"claims": claims[0]["family"] if claims else 0,
+                        "helps_testable": any(c["helps_testable"] for c in claims)}
+    for value, cell, h, claim, p_test in zip(values, cells, harmful, claims, test_only):
         entry = result["values"][value]
-        entry["p_adjusted"] = p_adj
-        if p_adj is not None and p_adj <= alpha and cell["effect"] != 0:
-            entry["verdict"] = "hurts" if sign * cell["effect"] > 0 else "helps"
+        entry["p_adjusted"] = claim["p_adjusted"]
+        entry["helps_testable"] = claim["helps_testable"]
+        if claim["verdict"] is not None and cell["effect"] != 0:
+            entry["verdict"] = claim["verdict"]
+        elif not h and p_test is not None and p_test <= alpha and cell["effect"] != 0:
+            entry["verdict"] = VERDICTS[3]
         else:
             entry["verdict"] = VERDICTS[2]
-        entry["why"] = headline(result, value, cell, p_adj)
+        entry["why"] = headline(result, value, cell, claim["p_adjusted"], p_test)
 
 
-def headline(result: dict, value: str, cell: dict, p_adj: Optional[float]) -> str:
+def headline(result: dict, value: str, cell: dict, p_adj: Optional[float], p_test: Optional[float] = None) -> str:
     """The verdict in words: what was removed, on which target, by how much against random rows, how sure."""
     entry = result["values"][value]
     n, metric, target = entry["removed_rows"], result["primary_metric"], result["target"]
@@ -226,19 +241,40 @@ def headline(result: dict, value: str, cell: dict, p_adj: Optional[float]) -> st
         return (f"{entry['verdict']} {where}: removing its {n} rows {'lowered' if lower else 'raised'} {metric} by "
                 f"{abs(cell['effect']):.4f} more than removing {n} random rows{steps} ({spreads}{label} p "
                 f"{p_adj:.3g}){_rank_words(cell, result['alpha'])}")
+    if entry["verdict"] == VERDICTS[3]:
+        need = _runs_for_helps(len(result["values"]), result["alpha"])
+        return (f"not certified on {where}: removing its {n} rows {'lowered' if lower else 'raised'} {metric} by "
+                f"{abs(cell['effect']):.4f} more than removing {n} random rows{steps} ({spreads}{label} p {p_test:.3g} "
+                f"under a normal model), {_as_far(cell)}; a \"helps\" needs a distribution-free p (random subsets' "
+                f"effects are heavy-tailed on this side): {cell['rank_p']:.3g} with {cell['control_runs']} runs, "
+                f"and {need} control runs per size can reach {label}'s level (--controls "
+                f"{-(-need // result['seeds'])})")
+    helps_side = (cell["effect"] < 0) != (metric in LOWER_IS_BETTER)
+    how = (f"rank p {p_adj:.3g}; a \"helps\" is not testable at {cell['control_runs']} runs"
+           if helps_side and not entry.get("helps_testable") else f"{label} p {p_adj:.3g}")
     return (f"no measurable effect on {where}: removing its {n} rows changed {metric} by {cell['effect']:+.4f} "
-            f"against removing {n} random rows{steps} ({spreads}{label} p {p_adj:.3g}); smallest effect "
+            f"against removing {n} random rows{steps} ({spreads}{how}); smallest effect "
             f"detectable at 80% power: {cell['mde']:.4f}")
+
+
+def _as_far(cell: dict) -> str:
+    k, runs = cell["controls_as_extreme"], cell["control_runs"]
+    return f"beyond all its {runs} random-subset runs" if k == 0 else f"as far out as {k} of its {runs} random-subset runs"
+
+
+def _runs_for_helps(values: int, alpha: float) -> int:
+    """Control runs per size at which the rank p's floor 2 / (runs + 1) reaches the strictest Holm level."""
+    import math
+
+    return max(1, math.ceil(2 * max(values, 1) / alpha) - 1)
 
 
 def _rank_words(cell: dict, alpha: float) -> str:
     """Where a verdict's p is smaller than any distribution-free test on these control runs can give, say so."""
     if cell.get("rank_p") is None or cell["rank_p"] <= alpha:
         return ""
-    k, runs = cell["controls_as_extreme"], cell["control_runs"]
-    where = "beyond all" if k == 0 else f"as far out as {k} of"
-    return (f"; {where} its {runs} random-subset runs, distribution-free p {cell['rank_p']:.3g}: the smaller p "
-            f"assumes normal subset effects")
+    return (f"; that p is the normal model's, on the light side of random subsets' effects; distribution-free: "
+            f"{_as_far(cell)}, rank p {cell['rank_p']:.3g}")
 
 
 def _method_line(seeds: int, family: int, alpha: float, correction: str, words: str, controls: int = 1) -> str:
@@ -246,8 +282,10 @@ def _method_line(seeds: int, family: int, alpha: float, correction: str, words: 
     draws = "a fresh draw per seed" if controls == 1 else f"the mean of {controls} fresh draws per seed"
     return (f"verdict on {words}: (value removed) minus (as many random rows removed, {draws}) over "
             f"{seeds} seeds, the value's rows counted as one draw against the spread of random subsets (generalized "
-            f"one-draw test), "
-            f"{name} over {family} value(s) at {alpha:g}")
+            f"one-draw test): a \"hurts\" one-sided from that test, a \"helps\" one-sided from the distribution-free "
+            f"rank p among the random-subset runs, "
+            f"{name} over the claims of {family} value(s) that can reach {alpha:g} (Tarone: a \"helps\" needs "
+            f"enough runs)")
 
 
 def fmt_ci(ci) -> str:

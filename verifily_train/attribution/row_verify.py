@@ -114,6 +114,9 @@ def analyze_verification(task: str, tables: Dict[str, list], removed_rows: int, 
     elif verdict == "helps":
         summary = (f"contradicted: removing the {k} flagged rows raises the target loss by {cell['effect']:.4f} "
                    f"against removing {k} random rows ({correction} p={entry['p_adjusted']:.3g})")
+    elif verdict == "not certified at this budget":
+        summary = (f"contradicted in direction, not certified: removing the {k} flagged rows raises the target loss "
+                   f"by {cell['effect']:.4f} against removing {k} random rows; {entry['why'].split('; ', 1)[-1]}")
     else:
         detectable = f"; smallest effect detectable at 80% power: {cell['mde']:.4f}" if cell.get("mde") else ""
         summary = (f"not shown: removing the {k} flagged rows changes the target loss by {cell['effect']:+.4f} "
