@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from verifily_train.attribution import FULL, analyze, control_arm
-from verifily_train.attribution.stats import adjust, one_draw_test, rank_test
+from verifily_train.attribution.stats import adjust, claim_verdicts, one_draw_test, rank_test
 from verifily_train.training.batching import keyed_order, length_grouped_order, row_keys
 
 
@@ -169,6 +169,31 @@ def test_a_helps_needs_the_distribution_free_rank_p_and_a_hurts_does_not():
     plan["good"].update(controls=names)
     entry = analyze("sft", "source", _tables(many), plan, bootstrap_samples=0)["values"]["good"]
     assert entry["verdict"] == "helps", entry["why"]
+
+
+def test_claims_leave_out_a_helps_no_rank_p_could_certify_tarone():
+    def value(p, harmful, runs, effect):
+        return {"p": p, "harmful": harmful, "removal_effect": effect, "random": [0.01 * k for k in range(runs)],
+                "sign": -1.0}
+
+    # 16 runs per size: the floor 1/17 is above 0.05 / 1, so no "helps" enters; the family is two "hurts" claims
+    # and a harmful value's one-sided p (0.03 / 2) passes at 0.05 / 2, where the two-sided Holm p (0.06) did not
+    out = claim_verdicts([value(0.03, True, 16, -1.0), value(1e-6, False, 16, 5.0)])
+    assert [o["verdict"] for o in out] == ["hurts", None] and out[0]["family"] == 2
+    assert out[0]["p_adjusted"] == pytest.approx(0.03) and not out[1]["helps_testable"]
+    assert out[1]["p_adjusted"] == pytest.approx(1 / 17)  # an untestable "helps" shows its rank p, unadjusted
+    # 80 runs: both "helps" claims are testable (1/81 <= 0.05 / 4) and the family is four claims
+    out = claim_verdicts([value(0.03, True, 80, -1.0), value(1e-6, False, 80, 5.0)])
+    assert out[1]["verdict"] == "helps" and out[1]["helps_testable"] and out[0]["family"] == 4
+    assert out[1]["p_adjusted"] == pytest.approx(4 / 81)
+    assert out[0]["verdict"] == "hurts" and out[0]["p_adjusted"] == pytest.approx(4 / 81)  # Holm: monotone
+    # under the null the rank claim is exact: exchangeable heavy-tailed draws, many runs, any false "helps"
+    rng = np.random.default_rng(5)
+    false = 0
+    for _ in range(2000):
+        draws = rng.lognormal(0.0, 1.5, 81)
+        false += claim_verdicts([value(0.5, False, 0, draws[0]) | {"random": list(draws[1:])}])[0]["verdict"] == "helps"
+    assert false / 2000 <= 0.05 + 0.012
 
 
 def test_default_values_are_those_present_in_the_train_rows_and_absent_ones_are_named():
