@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "value's train rows, retrain the run's config on it with several seeds (and on the "
                                    "full data, and without as many random rows), and judge on one target (--target) "
                                    "whether its rows, one draw, are worse or better than random subsets of the same "
-                                   "size, corrected over the values, with a verdict: "
-                                   "helps / hurts / no measurable effect. Ablation runs fan out as Prefect task runs. "
+                                   "size, corrected over the values, with a verdict: hurts / helps / no measurable "
+                                   "effect (a 'helps' needs a distribution-free rank p, which the default controls "
+                                   "cannot give: 'not certified'). Ablation runs fan out as Prefect task runs. "
                                    "See docs/attribution.md.")
     p.add_argument("run", help="run id or path of a completed run (the parent)")
     p.add_argument("--by", default="source", help="tag key (default: source)")
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", type=int, default=DEFAULT_CONTROLS,
                    help=f"random-subset control arms per removed size and seed (default: {DEFAULT_CONTROLS}): more "
                         "draws of random subsets estimate their spread, which the verdict is judged against, more "
-                        "sharply (docs/attribution.md)")
+                        "sharply, and a 'helps' needs 2 x values / alpha - 1 control runs per size (10 for two "
+                        "values at 8 seeds) (docs/attribution.md)")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="error rate of the verdicts over the values tested (default: 0.05)")
     p.add_argument("--correction", choices=["holm", "bh"], default="holm",
