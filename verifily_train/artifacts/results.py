@@ -34,7 +34,8 @@ def _cell_row(row: dict, tested: dict) -> dict:
 
 def attribution_verdicts(result: dict) -> List[Dict[str, Any]]:
     """One row per removed value: rows removed, verdict, the effect against random removal on the target with its
-    interval, the adjusted p, the smallest detectable effect and the verdict in words."""
+    interval, the adjusted p, the distribution-free rank p over its control runs, the smallest detectable effect
+    and the verdict in words."""
     metric = result.get("primary_metric")
     rows = []
     for value, entry in (result.get("values") or {}).items():
@@ -42,5 +43,6 @@ def attribution_verdicts(result: dict) -> List[Dict[str, Any]]:
         low, high = cell.get("ci95") or (None, None)
         rows.append({"value": value, "removed_rows": entry.get("removed_rows"), "verdict": entry.get("verdict"),
                      "metric": metric, "effect": cell.get("effect"), "ci95_low": low, "ci95_high": high,
-                     "p_adjusted": entry.get("p_adjusted"), "mde": cell.get("mde"), "why": entry.get("why")})
+                     "p_adjusted": entry.get("p_adjusted"), "rank_p": cell.get("rank_p"),
+                     "control_runs": cell.get("control_runs"), "mde": cell.get("mde"), "why": entry.get("why")})
     return rows
