@@ -37,8 +37,8 @@ def render(result: dict, markdown: bool = False) -> str:
     lines.append(result["method"] + ".")
     lines.append("'x spread': the effect in standard deviations of removing a random subset of the same size; "
                  "'detectable': the smallest true effect these seeds detect with 80% power; 'rank p': "
-                 "distribution-free, from where the value falls among its (N) random-subset runs, never below "
-                 "2/(N+1), unadjusted.")
+                 "one-sided and distribution-free, from where the value falls among its (N) random-subset runs, never "
+                 "below 1/(N+1), unadjusted; a \"helps\" is claimed from it alone.")
     lines.append(result["conditional"][0].upper() + result["conditional"][1:] + ".")
     slice_names = sorted({s for entry in result["values"].values() for s in entry["slices"]
                           if s != entry["verdict_slice"] and metric in entry["slices"][s]})
