@@ -17,7 +17,9 @@ predict the target loss that retraining on those rows measures?
   also scored without projection (``<method>@exact``).
 Anchors (GPT-2 on WikiText): Kronfluence reports LDS 0.44 for EK-FAC and 0.12 for a gradient dot product.
 Cost: (1 + ``subsets``) train runs per parent plus the scoring calls: 1 to 2 s per tiny run on one CPU thread
-(3 parents x 100 subsets: 6 to 9 minutes per model); about 8 CPU-minutes per SmolLM2-135M run (a GPU cell).
+(3 parents x 100 subsets: 6 to 9 minutes per model). ``--kind smollm2``: the shipped SFT example (example-sft,
+the demo's config at 40 steps) on the embedded SmolLM2-135M-Instruct, about 50 s a run on both cores of this
+CPU (one parent x 50 subsets: 72 minutes, plus 5 for scoring).
 """
 
 from __future__ import annotations
