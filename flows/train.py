@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 from prefect.utilities.annotations import quote
 
-from verifily_train.config import load_config
+from verifily_train.config import from_resolved, load_config
 from verifily_train.config.hashing import config_hash
 from verifily_train.config.schema import MANAGED_MESSAGE, OutputSection
 from verifily_train.dataset.store import resolve_manifest_path
@@ -24,7 +24,8 @@ def run_name() -> str:
     """``sft-ds_x@v2-1a2b3c4d``: task, resolved dataset version, short config hash (the UI's runs list)."""
     params = flow_run.parameters
     try:
-        cfg = load_config(params.get("config"), params.get("overrides") or [], dataset=params.get("dataset"))
+        cfg = _config(params.get("resolved_config"), params.get("config"), params.get("overrides"),
+                      params.get("dataset"))
         ref = cfg.dataset_version or "data_paths"
         if ref.endswith("@latest"):
             ref = f"{ref.split('@')[0]}@{resolve_manifest_path(ref).parent.name}"
@@ -33,6 +34,14 @@ def run_name() -> str:
         return f"{cfg.task}-{ref}-{config_hash(cfg)[:8]}"
     except Exception:  # a bad config fails in the flow itself, with its own message
         return f"train-{params.get('dataset') or 'config'}"
+
+
+def _config(resolved_config: Optional[dict], config, overrides: Optional[List[str]], dataset: Optional[str]):
+    """The typed config: ``resolved_config`` rebuilt as it is (validated where it was resolved), else parsed and
+    validated here (a deployment's train.yaml path or inline mapping)."""
+    if resolved_config is not None:
+        return from_resolved(resolved_config)
+    return load_config(config, overrides or [], dataset=dataset)
 
 
 def _runs_dir(cfg, runs_dir: Optional[str]) -> Path:
@@ -73,14 +82,16 @@ class StageChain:
 @flow(name="train", flow_run_name=run_name, log_prints=False, validate_parameters=False)
 def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[str]] = None,
           dataset: Optional[str] = None, runs_dir: Optional[str] = None, refresh: bool = False,
-          once: bool = False) -> dict:
+          once: bool = False, resolved_config: Optional[dict] = None) -> dict:
     """Train a LoRA adapter on a DatasetVersion and write an immutable Run; returns the run summary.
 
-    ``config`` is a train.yaml path or the resolved config as a mapping (what ``verifily train`` passes, having
-    validated it once); ``overrides`` are dotted key=value strings. ``once`` (retraining): skip when this
-    dataset version was already trained (or is being trained) under the same training config.
+    ``config`` is a train.yaml path or a config mapping (a deployment's inline ``config``), parsed and validated
+    here with ``overrides`` (dotted key=value strings) and ``dataset``. ``resolved_config`` is what ``verifily
+    train`` passes instead: the config it parsed and validated once, as ``config_to_dict`` gives it, rebuilt and
+    not validated again. ``once`` (retraining): skip when this dataset version was already trained (or is being
+    trained) under the same training config.
     """
-    cfg = load_config(config, overrides or [], dataset=dataset)
+    cfg = _config(resolved_config, config, overrides, dataset)
     logger = get_run_logger()
     if cfg.compute.mode == "managed":
         logger.info(MANAGED_MESSAGE)

@@ -9,11 +9,12 @@ from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import EnvironmentProblem
 
 
-def check_push_to_hub(cfg: TrainConfig) -> None:
-    """A missing token or an offline Hub is reported before training, not after."""
+def check_push_to_hub(cfg: TrainConfig, hub_offline: bool = False) -> None:
+    """A missing token or an offline Hub (``hub_offline``: preflight found it unreachable) is reported before
+    training, not after."""
     if not cfg.output.push_to_hub:
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if hub_offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         raise EnvironmentProblem(None, "output.push_to_hub", "HF_HUB_OFFLINE is set, so the adapter cannot be uploaded")
     from huggingface_hub import get_token
 

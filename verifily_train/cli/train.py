@@ -14,7 +14,7 @@ from verifily_train.cli.runtime import (await_server, check_api_answers, first_l
                                         preload_fingerprint_modules, prefect_api_problem, quiet_libraries,
                                         start_quiet_server, use_prefect_server)
 from verifily_train.cli.summary import print_summary, summary_from_run
-from verifily_train.config import config_to_dict, load_with_problems
+from verifily_train.config import config_to_dict, load_config, load_with_problems
 from verifily_train.config.parse import read_yaml
 from verifily_train.config.schema import MANAGED_MESSAGE, TrainConfig
 from verifily_train.errors import VerifilyError
@@ -23,7 +23,7 @@ from verifily_train.pipeline.preflight import cheap_checks, model_and_device_che
 
 def cmd_train(args) -> int:
     # Validate before anything heavy is imported: a bad config fails in well under a second. The config is
-    # read and validated here once; the flow gets the resolved config as a mapping.
+    # read and validated here, once per process; the flow gets the resolved config as a mapping it only rebuilds.
     overrides = list(args.overrides) + (["cache.enabled=false"] if args.no_cache else [])
     if getattr(args, "seeds", None) is not None:
         overrides.append(f"training.replicates={args.seeds}")
@@ -48,14 +48,17 @@ def train_summary(cfg: TrainConfig, problems: List[VerifilyError], refresh: bool
     """Check, then replay these exact inputs from the cache or run the ``train`` flow: the Run's summary, unprinted
     (``verifily train`` and ``verifily_train.train`` alike)."""
     use_prefect_server()  # runs show in the stack's UI while one is up
-    cheap_checks(cfg, problems)  # every problem at once, before Prefect or a model
+    checked = cheap_checks(cfg, problems)  # every problem at once, before Prefect or a model
+    if checked.hub_unreachable:
+        # before anything imports huggingface_hub, which reads it then; the DDP ranks inherit it
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if not (refresh or flow) and cfg.training.replicates == 1:  # a group's members replay inside its flow run
         summary = replay_summary(cfg)
         if summary is not None:
             return summary  # these exact inputs ran before: a new Run from the verified cache entries, no flow run
     # the temporary Prefect server (when no server is configured) boots while the model's config is read
     start_quiet_server()
-    model_and_device_checks(cfg)
+    model_and_device_checks(cfg, hub_unreachable=checked.hub_unreachable)
     return flow_summary(cfg, refresh=refresh)
 
 
@@ -162,7 +165,7 @@ def flow_summary(cfg: TrainConfig, refresh: bool = False) -> dict:
     runner.LAST_SUMMARY, record.LAST_PUBLISHED = None, None
     try:
         with in_process_flow_settings():
-            summary = train(config=config_to_dict(cfg), refresh=refresh)
+            summary = train(resolved_config=config_to_dict(cfg), refresh=refresh)  # rebuilt there, not re-validated
     except BaseException as err:
         sys.stderr.write("\n")  # end any progress bar's line so the error stands on its own
         if not is_prefect_api_error(err):
@@ -186,14 +189,14 @@ def run_reproduce(original: Path) -> int:
     from verifily_train.artifacts.run import verify_before_use
 
     verify_before_use(original, "reproduce")  # a tampered Run would be "reproduced" against what it now claims
+    cfg = load_config(Path(original) / "config.yaml", ["cache.enabled=false"])
     server = start_quiet_server()
     from verifily_train.flows.train import train
 
     await_server(server, preload_stages=True)  # the cache is off: the train stage runs
 
     with in_process_flow_settings():
-        summary = train(config=str(Path(original) / "config.yaml"), overrides=["cache.enabled=false"],
-                        runs_dir=str(Path(original).parent))
+        summary = train(resolved_config=config_to_dict(cfg), runs_dir=str(Path(original).parent))
     report = compare_reproduction(Path(original), Path(summary["path"]))
     print(render_reproduction(report))
     return 0 if report["reproduced_exactly"] else 1

@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -71,6 +71,23 @@ def load_config(path: ConfigSource, overrides: Sequence[str] = (), dataset: Opti
     elif problems:
         raise problems[0]
     return cfg
+
+
+def from_resolved(data: Mapping[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` that ``config_to_dict`` made ``data`` from, rebuilt field by field: neither parsed nor
+    validated again (that happened once, where it was resolved). What the ``train`` flow and each DDP rank get."""
+    return _rebuild(TrainConfig, data)
+
+
+def _rebuild(cls: type, data: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(data) != names:  # not config_to_dict's output: a bug in the caller, not a user's config problem
+        raise TypeError(f"not a resolved {cls.__name__}: keys {sorted(set(data) ^ names)} differ from the schema")
+    values = {}
+    for name, value in data.items():
+        sub = section_type(cls, name)
+        values[name] = _rebuild(sub, value) if sub is not None else value
+    return cls(**values)
 
 
 def section_type(cls: type, name: str) -> Optional[type]:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
+from urllib.parse import urlparse
 
 from verifily_train.config.schema import TrainConfig, trackers
 from verifily_train.errors import ConfigError, EnvironmentProblem, PreflightError, VerifilyError
@@ -63,18 +67,20 @@ def _check_report_to(cfg) -> None:
 
 
 HUB_UNREACHABLE = "the Hub is unreachable: only the local Hub cache was tried"
-_WENT_OFFLINE = False
 
 
-def go_offline_when_hub_unreachable(timeout: float = 3.0) -> bool:
-    """For a Hub id: when the Hub cannot be reached (no network) and HF_HUB_OFFLINE is not set, set it, so
-    the model loads from the local Hub cache at once instead of after ~30 s of retries; True when it did.
-    Skipped behind a proxy (a direct connection says nothing then) and once huggingface_hub is imported."""
-    global _WENT_OFFLINE
-    import socket
-    import sys
-    from urllib.parse import urlparse
+@dataclass(frozen=True)
+class CheapChecks:
+    """What the cheap checks learned that later steps need: ``hub_unreachable``, the model is a Hub id and the Hub
+    cannot be reached, so the caller sets ``HF_HUB_OFFLINE`` (cli/train.py) and the model loads from the local
+    Hub cache at once instead of after ~30 s of retries."""
 
+    hub_unreachable: bool = False
+
+
+def hub_is_unreachable(timeout: float = 3.0) -> bool:
+    """The Hub cannot be reached (no network) while HF_HUB_OFFLINE is not set. False behind a proxy (a direct
+    connection says nothing then) and once huggingface_hub is imported (it has read HF_HUB_OFFLINE already)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")) \
@@ -85,8 +91,6 @@ def go_offline_when_hub_unreachable(timeout: float = 3.0) -> bool:
         socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout).close()
         return False
     except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported, and by child processes
-        _WENT_OFFLINE = True
         return True
 
 
@@ -105,26 +109,12 @@ def _check_cache_dir(cfg) -> None:
     check_writable_folder(root, key)
 
 
-def preflight(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = (),
-              on_cheap_checks_passed: Optional[Callable[[], None]] = None) -> None:
-    """Check everything about a loaded config (and the value problems its loading found); raise them all at once.
-
-    Cheap checks (config, dataset, slice tags, model reference, credentials, output folder) run first
-    and, if any fails, are reported without importing torch or transformers; then the model's kind (its
-    config) and the device. ``on_cheap_checks_passed`` runs between the two (the CLI starts work that
-    overlaps the heavy imports there).
-    """
-    cheap_checks(cfg, config_problems)
-    if on_cheap_checks_passed is not None:
-        on_cheap_checks_passed()
-    model_and_device_checks(cfg)
-
-
-def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()) -> None:
+def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()) -> CheapChecks:
     """Config values (``config_problems``: what ``config.load_with_problems`` returned with ``cfg``), dataset,
     slice tags, model reference, credentials and output folder, all at once, without importing torch or
     transformers."""
     problems: List[VerifilyError] = list(config_problems)
+    offline = False
     bad_keys = {p.key for p in problems if isinstance(p, ConfigError)}
 
     def dataset_check() -> None:
@@ -139,6 +129,7 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
         _attempt(problems, dataset_check)
 
     def model_reference_check() -> None:
+        nonlocal offline
         from verifily_train.errors import ModelError
         from verifily_train.model.loading import check_model_reference
         from verifily_train.model.registry import is_gguf, resolve_alias
@@ -152,7 +143,7 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
             return
         check_model_reference(base)
         if not Path(os.path.expanduser(base)).exists():
-            go_offline_when_hub_unreachable()
+            offline = hub_is_unreachable()
 
     if "task" not in bad_keys and "base_model" not in bad_keys:
         _attempt(problems, model_reference_check)
@@ -160,7 +151,7 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
     def hub_check() -> None:
         from verifily_train.artifacts.hub import check_push_to_hub
 
-        check_push_to_hub(cfg)
+        check_push_to_hub(cfg, hub_offline=offline)
 
     _attempt(problems, hub_check)
     _attempt(problems, lambda: _check_gold_set(cfg))
@@ -169,10 +160,12 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
     _attempt(problems, lambda: _check_cache_dir(cfg))
     if problems:  # cheap checks failed: report them now, before torch and transformers are imported
         raise problems[0] if len(problems) == 1 else PreflightError(problems)
+    return CheapChecks(hub_unreachable=offline)
 
 
-def model_and_device_checks(cfg: TrainConfig) -> None:
-    """The model's kind (its config: imports transformers) and the device (imports torch), after the cheap checks."""
+def model_and_device_checks(cfg: TrainConfig, hub_unreachable: bool = False) -> None:
+    """The model's kind (its config: imports transformers) and the device (imports torch), after the cheap checks
+    (``hub_unreachable``: theirs, named in a model problem)."""
     problems: List[VerifilyError] = []
 
     def model_kind_check() -> None:  # reads the model's config only (imports transformers)
@@ -186,7 +179,7 @@ def model_and_device_checks(cfg: TrainConfig) -> None:
             inspect_model(base, cfg.task, cfg.trust_remote_code)
             check_weights(base)
 
-    if not _attempt(problems, model_kind_check) and _WENT_OFFLINE and problems[-1].key == "base_model":
+    if not _attempt(problems, model_kind_check) and hub_unreachable and problems[-1].key == "base_model":
         last = problems.pop()
         problems.append(type(last)(last.where, last.key, f"{last.problem} ({HUB_UNREACHABLE})"))
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from verifily_train.config import from_resolved
 from verifily_train.errors import VerifilyError
 from verifily_train.fsio import atomic_write_json
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import ModelSpec, load_tokenizer
-from verifily_train.training.distributed import config_from_dict
 from verifily_train.training.trainer import train_adapter
 
 
@@ -46,7 +46,7 @@ def run_rank(job_path: Path) -> None:
     try:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         job = json.loads(job_path.read_text(encoding="utf-8"))
-        cfg = config_from_dict(job["config"])
+        cfg = from_resolved(job["config"])  # validated once, in the parent
         spec = ModelSpec(**job["spec"])
         tok = load_tokenizer(spec, cfg.trust_remote_code)
         manifest = train_adapter(cfg, spec, tok, job["tokenized"], Path(job["tokenized_dir"]),

@@ -20,22 +20,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
 from verifily_train import errors
 from verifily_train.config import config_to_dict
-from verifily_train.config.schema import TrainConfig
 from verifily_train.fsio import atomic_write_json
 from verifily_train.procs import die_with_parent, stop
 from verifily_train.training.checkpoints import last_complete_checkpoint
 from verifily_train.training.ranks import JOB_ENV
 
 JOB_FOLDER = "ddp"  # inside the stage's work folder: job.json, result.json, error-rank<R>.json, logs
-
-
-def config_from_dict(data: dict):
-    """A ``TrainConfig`` back from ``config_to_dict`` (already resolved and validated by the parent)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
 
 
 def _rank_env(plan, job_path: Path) -> dict:
@@ -53,6 +45,7 @@ def launch_ranks(cfg, spec, tokenized: dict, tokenized_dir: Path, plan, out_dir:
     folder.mkdir(parents=True)
     # partial checkpoints are deleted here, once, so no two ranks race to delete the same folder
     last_complete_checkpoint(work_dir / "checkpoints")
+    # the resolved config as config_to_dict gives it: each rank rebuilds it (config.from_resolved), never re-parses
     job = {"config": config_to_dict(cfg), "spec": dataclasses.asdict(spec), "tokenized": tokenized,
            "tokenized_dir": str(tokenized_dir), "plan": dataclasses.asdict(plan), "out_dir": str(out_dir),
            "work_dir": str(work_dir)}
