@@ -242,8 +242,46 @@ def resolve(ref: str, home: Optional[Path] = None, validate_rows: bool = True,
     return load_manifest(resolve_manifest_path(ref, home), validate_rows=validate_rows, expected_task=expected_task)
 
 
+# The last DatasetVersion load_for_config validated in this process, by what was asked for: preflight validates
+# every row, then the validate, tokenize and hard-examples stages ask for the same version in the same process.
+_VALIDATED: dict = {}
+
+
 def load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> DatasetVersion:
-    """The DatasetVersion a config names, by reference or by ``data_paths``, checked against its task."""
+    """The DatasetVersion a config names, by reference or by ``data_paths``, checked against its task.
+
+    Its rows are validated once per process: asked again for the same files, it hashes them and, when their bytes
+    (and the manifest) are unchanged, returns the version it validated."""
+    request = (dataset_version, repr(data_paths), task, str(home or verifily_home()), os.getcwd())
+    if request in _VALIDATED:
+        dv, stamp = _VALIDATED[request]
+        if _unchanged(dv, stamp, dataset_version, data_paths, task, home):
+            return dv
+    dv = _load_for_config(dataset_version, data_paths, task, home)
+    _VALIDATED.clear()
+    _VALIDATED[request] = (dv, _manifest_stamp(dv.manifest_path))
+    return dv
+
+
+def _manifest_stamp(manifest_path: Optional[str]) -> Optional[tuple]:
+    if manifest_path is None:
+        return None
+    stat = os.stat(manifest_path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _unchanged(dv: DatasetVersion, stamp: Optional[tuple], dataset_version: Optional[str], data_paths, task: str,
+               home: Optional[Path]) -> bool:
+    """The files ``dv`` was validated from still hold the bytes it hashed, under the same manifest."""
+    try:
+        now = dataset_fingerprint(dataset_version, data_paths, task, home)  # hashes the bytes, parses no row
+        return ((now["data_hash"], now["manifest_path"]) == (dv.content_hash, dv.manifest_path)
+                and _manifest_stamp(dv.manifest_path) == stamp)
+    except (VerifilyError, OSError):
+        return False  # loading it again reports what is wrong now
+
+
+def _load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> DatasetVersion:
     if dataset_version:
         dv = resolve(dataset_version, home, expected_task=task)
     else:
