@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from verifily_train import __version__
 from verifily_train.attribution.stats import DEFAULT_CONTROLS, DEFAULT_SEEDS
 from verifily_train.config.schema import DEFAULT_REPLICATES
 from verifily_train.cli import rows
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune HuggingFace models with LoRA/QLoRA on versioned, tagged datasets; "
                     "evaluate by tag slice; compare runs.",
         epilog=EPILOG)
-    parser.add_argument("--version", action="version", version="verifily-train 0.1.0")
+    parser.add_argument("--version", action="version", version=f"verifily-train {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
