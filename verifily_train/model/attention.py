@@ -1,16 +1,15 @@
 """Attention in fp32 under CPU bf16 autocast: PyTorch's bf16 CPU attention kernel is the slow part there.
 
-Profiled on this project's CPU (Xeon with AVX512-BF16/AMX, torch 2.13, SmolLM2-135M LoRA, 1 thread): under
-bf16 autocast the matrix products took half their fp32 time, but ``scaled_dot_product_attention``'s CPU
-flash kernel took 2.02 s against 0.30 s in fp32, eating the gain. This attention function casts the
-(small) query, key and value to fp32 and computes attention there, then casts the output back, so the
-projections and MLP keep bf16's speed and attention keeps fp32's (and fp32's precision).
+Under CPU bf16 autocast the matrix products run faster than in fp32, but ``scaled_dot_product_attention``'s
+CPU flash kernel runs several times slower in bf16 than in fp32 and eats the gain (docs/models.md, "Speed
+levers", has the profile). This attention function casts the (small) query, key and value to fp32 and
+computes attention there, then casts the output back, so the projections and MLP keep bf16's speed and
+attention keeps fp32's (and fp32's precision).
 
 For short sequences it computes attention as plain fp32 matrix products and a softmax rather than with
-SDPA's CPU flash kernel: with a padding mask (every whole bf16 batch has one) that kernel's backward
-took 17% of a SmolLM2 LoRA step, and the plain products made the step 1.21x faster at equal loss
-(1.08-1.12x on the hidden-512 bench model). They keep one ``batch x heads x query x key`` fp32 tensor per
-layer for the backward, so above ``EAGER_MAX_SCORES`` elements (and with attention dropout, position
+SDPA's CPU flash kernel: with a padding mask (every whole bf16 batch has one) that kernel's backward is a
+large share of a LoRA step, and the plain products make the step faster at equal loss. They keep one
+``batch x heads x query x key`` fp32 tensor per layer for the backward, so above ``EAGER_MAX_SCORES`` elements (and with attention dropout, position
 biases or anything else the plain form does not cover) SDPA runs instead.
 It is registered with transformers' ``AttentionInterface`` on the CPU: under bf16/fp16 for the above, and
 in fp32 too when the train stage packs rows (``PackedRows``: each batch's real tokens as one sequence,

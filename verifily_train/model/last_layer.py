@@ -1,12 +1,11 @@
 """The last decoder layer of a packed training forward, computed only where its output is read: at label positions.
 
 The label-only head (``training.loss``) reads the final hidden state only at positions whose next token is a
-kept label (10.6% of the positions on the bench's short rows, 15% on its skewed ones). Every earlier layer
+kept label (in SFT the response tokens, a small share of each row). Every earlier layer
 feeds the next layer's keys and values at all positions, but the last layer's output goes nowhere else: its
 query projection, attention output, output projection, residual, norm and MLP are needed at the label
 positions alone. Only its keys and values (every position is a key for some label position) and its input
-norm stay whole. On the 4-layer bench model that is about a fifth of a step's matrix products; on
-SmolLM2's 30 layers about 3%.
+norm stay whole. The deeper the model, the smaller the share of a step this saves (one layer of many).
 
 Exactness. Every op above is row-wise except attention, which here re-pads the selected queries by row
 and attends to the same re-padded keys and values as the whole layer does (``attention.attend_packed_queries``),
@@ -14,14 +13,13 @@ so each label position gets the value the whole layer gives it, and the same gra
 the rows the layer skips is still drawn, then those rows are dropped (``LoraDropout`` below), so the random
 stream, and with it every mask of this and later steps, is the one the whole layer draws.
 
-Measured (docs/benchmarks.md, bench model, short rows, warm, 6 alternating repetitions): 1.18x the
-whole layer's tokens/s in fp32 (1.07-1.32x), 0.98x under bf16 autocast (0.85-1.04x): there the saved
-products are the cheap part (bf16 kernels) and oneDNN builds a kernel for every new row count. So the
-plan takes it in fp32 only (``FastPaths.resolve``).
+It pays in fp32 only: under bf16 autocast the saved products are the cheap part (bf16 kernels) and oneDNN
+builds a kernel for every new row count, so the speed plan takes it in fp32 only
+(``training/speed/last_layer_at_labels.py``; docs/models.md, "Speed levers", has the measurements).
 
-Applies to the packed CPU path (``FastPaths.pack_rows``) of families whose decoder layer is exactly
-``h + mlp(norm2(h + attn(norm1(h))))`` with q/k/v/o and gate/up/down projections: llama, mistral, qwen2, qwen3
-(its per-head q/k norms are row-wise too). Under gradient checkpointing it stays off (a recomputed forward
+Applies to the packed CPU path (the ``pack_rows`` lever) of the families whose registry entry says
+``last_layer_at_labels`` (model/registry.py: a decoder layer exactly ``h + mlp(norm2(h + attn(norm1(h))))``
+with q/k/v/o and gate/up/down projections). Under gradient checkpointing it stays off (a recomputed forward
 would run outside the dropout's row context).
 """
 
@@ -32,7 +30,9 @@ import contextvars
 import sys
 import types
 
-FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from verifily_train.model.attention import PACKED_KWARG, attend_packed_queries
+from verifily_train.model.registry import family_of
+
 MARK = "_verifily_label_rows"  # set on a decoder layer whose forward this module replaced
 
 # (rows of the whole layer's input, indices of the rows computed) while a selected part of the layer runs
@@ -62,15 +62,17 @@ def rows_of(whole: int, select):
 
 
 def _decoder_layers(base):
-    body = getattr(base, "model", None)
-    return getattr(body, "layers", None)
+    """The decoder layers of ``base`` (a ``*ForCausalLM``) where its family's registry entry says, else None."""
+    found = base
+    for name in family_of(base).decoder_layers.split("."):
+        found = getattr(found, name, None)
+    return found
 
 
 def supports(base) -> bool:
     """True when the last decoder layer of ``base`` (a ``*ForCausalLM``) has the structure this forward assumes."""
-    config = getattr(base, "config", None)
     layers = _decoder_layers(base)
-    if getattr(config, "model_type", None) not in FAMILIES or not layers:
+    if not family_of(base).last_layer_at_labels or not layers:
         return False
     layer = layers[-1]
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -117,8 +119,6 @@ def selects_label_rows(base) -> bool:
 
 def _make_forward(plain):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
-        from verifily_train.model.attention import PACKED_KWARG
-
         packed = kwargs.get(PACKED_KWARG)
         select = getattr(packed, "select", None)
         if select is None or hidden_states.shape[0] != 1 or kwargs.get("use_cache"):
@@ -146,8 +146,6 @@ def _rotate_half(attn):
 
 def _label_rows_forward(layer, hidden, attention_mask, position_embeddings, packed):
     """The decoder layer at the rows ``packed.select`` of the packed sequence ``hidden`` (1, tokens, hidden)."""
-    from verifily_train.model.attention import attend_packed_queries
-
     select, whole = packed.select, hidden.shape[1]
     attn = layer.self_attn
     dim = attn.head_dim

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from verifily_train.errors import ModelError
+from verifily_train.model.registry import family
 
 KIND_CAUSAL = "causal_lm"
 KIND_SEQ2SEQ = "seq2seq_lm"
@@ -75,10 +76,6 @@ def inspect_model(base_model: str, task: str, trust_remote_code: bool = False) -
     return ModelSpec(source=source, kind=kind, model_type=model_type, is_local=is_local)
 
 
-# model types whose position ids start after the padding index (RoBERTa's scheme): pad_token_id + 1 fewer usable
-OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer", "mpnet", "ibert")
-
-
 def position_limit(source: str, trust_remote_code: bool = False) -> Optional[int]:
     """The most tokens the model can read in one row (its position embeddings); None when positions are
     relative (T5) or the config names no limit. A longer row crashes the forward of an absolute-position
@@ -91,7 +88,7 @@ def position_limit(source: str, trust_remote_code: bool = False) -> Optional[int
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            offset = (getattr(config, "pad_token_id", None) or 0) + 1 if config.model_type in OFFSET_POSITION_TYPES else 0
+            offset = (getattr(config, "pad_token_id", None) or 0) + 1 if family(config.model_type).positions_after_padding else 0
             return value - offset
     return None
 

@@ -8,16 +8,22 @@ import functools
 
 from verifily_train.config.schema import LoraSection
 from verifily_train.errors import ConfigError
+from verifily_train.model.last_layer import selected_rows
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, ModelSpec
+from verifily_train.model.registry import family
 
 
 def resolve_target_modules(lora: LoraSection, spec: ModelSpec):
-    """``auto``: PEFT's mapping for the model type, else every linear layer except the output head."""
+    """``auto``: the family's targets (model/registry.py), else PEFT's mapping for the model type, else every
+    linear layer except the output head."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
 
-    if lora.target_modules == "auto":
-        return list(MAPPING[spec.model_type]) if spec.model_type in MAPPING else "all-linear"
-    return lora.target_modules
+    if lora.target_modules != "auto":
+        return lora.target_modules
+    targets = family(spec.model_type).lora_targets
+    if targets is not None:
+        return list(targets)
+    return list(MAPPING[spec.model_type]) if spec.model_type in MAPPING else "all-linear"
 
 
 def build_adapter(model, lora: LoraSection, spec: ModelSpec):
@@ -37,9 +43,8 @@ def store_frozen_linears_in(model, dtype) -> int:
     """Keep frozen linear layers' weights in ``dtype``, the autocast dtype; returns how many were converted.
 
     Under autocast a linear layer's fp32 weight is cast to bf16 on every forward, and autocast caches only
-    casts of weights that require grad: with LoRA that is every frozen weight, every step (measured on an
-    H100: 27% of the GPU time of a SmolLM2-135M LoRA step went to these copies, and their launches to the
-    CPU's time). Storing them in ``dtype`` gives the matrix products the very same operands (the same
+    casts of weights that require grad: with LoRA that is every frozen weight, every step (on a GPU a large
+    share of a small model's step, in copies and in their launches; docs/models.md, "Speed levers"). Storing them in ``dtype`` gives the matrix products the very same operands (the same
     round-to-nearest cast, done once), so the loss and gradients are unchanged. Weights shared with the
     input embeddings stay fp32: the embedding output is not autocast and feeds the residual stream.
     """
@@ -78,14 +83,12 @@ def real_rows(count):
 def _dropout_class():
     import torch
 
-    from verifily_train.model.last_layer import selected_rows
-
     class BernoulliDropout(torch.nn.Module):
         """``nn.Dropout`` whose keep-mask is drawn from 16 random bits per element instead of one Bernoulli draw.
 
-        PyTorch's CPU dropout draws each element's mask with ``bernoulli_`` (about 4 ns an element here),
-        and LoRA applies a fresh dropout to the input of every adapted layer (SmolLM2: 210 per step):
-        profiled, 10% of a LoRA step's CPU time went to ``bernoulli_``. Here one ``random_`` on int64
+        PyTorch's CPU dropout draws each element's mask with ``bernoulli_``, one slow draw an element, and
+        LoRA applies a fresh dropout to the input of every adapted layer, so a CPU LoRA step spends a
+        visible share of its time there (docs/models.md, "Speed levers"). Here one ``random_`` on int64
         words gives four 16-bit uniforms per word; an element is kept when its uniform is at least
         ``p`` x 65536. The drop probability is ``p`` rounded to a multiple of 1/65536 (off by under
         8e-6) and kept elements are scaled by 1/(1 - that p), so the expectation is exact. The bits come

