@@ -16,7 +16,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lever_ab", description=__doc__.splitlines()[0])
-    parser.add_argument("--lever", required=True, help="a FastPaths field, turned off in the second arm")
+    parser.add_argument("--lever", required=True, help="a speed.Levers field, turned off in the second arm")
     parser.add_argument("--model", default="bench-llama", choices=("smollm2", "bench-llama"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--regime", default="short", choices=("short", "skewed"))

@@ -52,7 +52,7 @@ class OurTrainStage:
               device: str = "cpu", hf_order: bool = False, **levers) -> dict:
         """One run of the train stage into a fresh folder; returns its manifest plus the trained model.
 
-        ``levers``: ``FastPaths`` fields to override (``label_only_head=False``, ``pack_rows=False``, ...).
+        ``levers``: ``speed.Levers`` fields to override (``label_only_head=False``, ``pack_rows=False``, ...).
         ``hf_order``: the rows in the HF Trainer's own random order (its ``RandomSampler`` at the run's seed, the
         peers' order) instead of the stage's keyed order: a diagnostic arm that separates what the levers do to
         the loss from what a different draw of the row order does.
@@ -66,7 +66,7 @@ class OurTrainStage:
         from verifily_train.pipeline.manifests import model_spec as _spec
         from verifily_train.model.device import DevicePlan
         from verifily_train.model.loading import load_tokenizer
-        from verifily_train.training.fastpaths import FastPaths
+        from verifily_train.training.speed import Levers
         from verifily_train.training.trainer import train_adapter
 
         cfg = dataclasses.replace(self.cfg, training=dataclasses.replace(self.cfg.training,
@@ -78,7 +78,7 @@ class OurTrainStage:
         try:
             manifest = train_adapter(cfg, spec, tok, self.tokenized, self.tokenized_dir,
                                      DevicePlan(device=device, precision=precision), out / "out", out / "work",
-                                     fast=FastPaths(**{"compile_blocks": False, **levers}), on_progress=clock)
+                                     fast=Levers(**{"compile_blocks": False, **levers}), on_progress=clock)
             manifest["steady_tokens_per_second"] = clock.steady_tokens_per_second(manifest["train_tokens"])
             if keep_model:
                 manifest["model"] = self._load_trained(spec, out / "out" / manifest["adapter_dir"], cfg.lora.enabled,

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-torch-profiler", action="store_true", help="cProfile only (lighter)")
-    parser.add_argument("--off", default="", help="comma-separated FastPaths levers to turn off (e.g. last_layer_at_labels)")
+    parser.add_argument("--off", default="", help="comma-separated speed.Levers fields to turn off (e.g. last_layer_at_labels)")
     args = parser.parse_args(argv)
 
     from bench.common import TrainSettings, quiet_libraries, set_threads

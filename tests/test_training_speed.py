@@ -197,7 +197,7 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     from verifily_train.pipeline.runner import run_uncached
     from verifily_train.model.device import DevicePlan
     from verifily_train.model.loading import load_tokenizer
-    from verifily_train.training.fastpaths import FastPaths
+    from verifily_train.training.speed import Levers
     from verifily_train.training.trainer import train_adapter
 
     cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
@@ -211,7 +211,7 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
     out = work / f"out-{frozen_in_compute_dtype}"
     manifest = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, work / "tok", DevicePlan("cpu", "bf16"),
                              out, work / f"w-{frozen_in_compute_dtype}",
-                             fast=FastPaths(frozen_in_compute_dtype=frozen_in_compute_dtype, **levers))
+                             fast=Levers(frozen_in_compute_dtype=frozen_in_compute_dtype, **levers))
     return manifest, load_file(out / "adapter" / "adapter_model.safetensors"), out
 
 
@@ -743,7 +743,7 @@ def test_bucketed_packed_rows_train_the_same_bf16_adapter_bit_for_bit(models, sf
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from verifily_train.training.fastpaths import FastPaths, apply_to_adapter
+    from verifily_train.training.speed import SpeedPlan, apply_to_adapter
 
     on, on_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "on", True)
     off, off_tensors, _ = _train_bf16(models, sft_splits, tmp_path / "off", True, bucket_packed_tokens=False)
@@ -752,11 +752,11 @@ def test_bucketed_packed_rows_train_the_same_bf16_adapter_bit_for_bit(models, sf
     assert on_tensors.keys() == off_tensors.keys()
     assert all(torch.equal(on_tensors[k], off_tensors[k]) for k in on_tensors)
     plain_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
-    wish = FastPaths(cpu_cheap_dropout=False, fused_lora_output=False, frozen_in_compute_dtype=False,
-                     last_layer_at_labels=False, compile_blocks=False)
-    assert apply_to_adapter(plain_dropout, wish, "bf16").paths.bucket_packed_tokens is False
+    wish = SpeedPlan(label_only_head=True, cpu_fp32_attention=True, pack_rows=True, bucket_packed_tokens=True,
+                     trim_dead_tails=True, lean_steps=True, precision="bf16")
+    assert apply_to_adapter(wish, plain_dropout).plan.bucket_packed_tokens is False
     no_dropout = get_peft_model(_tiny_family("llama"), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
-    assert apply_to_adapter(no_dropout, wish, "bf16").paths.bucket_packed_tokens is True
+    assert apply_to_adapter(wish, no_dropout).plan.bucket_packed_tokens is True
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -1,13 +1,12 @@
 """The train stage: HF Trainer (or Seq2SeqTrainer) + PEFT on tokenized splits, writing a safetensors adapter.
 
-``train_adapter`` reads top-down: load the model, resolve the plan of fast paths once (``FastPaths``,
-training/fastpaths.py) and apply it, order the rows, build the Trainer from that plan, train (resuming
-from the last complete checkpoint), save, and return the stage manifest.
+``train_adapter`` reads top-down: load the model, resolve the speed plan once (``speed.plan``, training/speed/)
+and apply it with the adapter (``speed.apply``), order the rows, build the Trainer from the applied plan, train
+(resuming from the last complete checkpoint), save, and return the stage manifest.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from pathlib import Path
@@ -24,70 +23,41 @@ from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, load_model
 from verifily_train.model.lora import build_adapter, count_parameters
 from verifily_train.model.quantization import prepare_quantized, quantization_config
+from verifily_train.model.registry import family
 from verifily_train.model.tokenize import TokenizedSplit
 from verifily_train.quiet import progress_bars
 from verifily_train.training.batching import KeyedOrderSampler, LengthGroupedSampler, padding_fraction, row_keys
 from verifily_train.training.callbacks import ReportProgress, StepProgress
 from verifily_train.training.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint
 from verifily_train.training.distributed import launch_ranks
-from verifily_train.training.fastpaths import AppliedPaths, FastPaths, apply_to_adapter, switch_attention
-from verifily_train.training.loss import RowCounts, group_cost_for, label_position_loss, length_groups
+from verifily_train.training import speed
+from verifily_train.training.loss import group_cost_for, length_groups
 from verifily_train.training.outputs import save_trained
 from verifily_train.training.ranks import ddp_backend, in_launched_rank, is_main_rank, local_device_index
 from verifily_train.training.snapshots import snapshot_callbacks
 
 
-def _trainer_class(base_cls, sampler, paths: FastPaths, loss_denominator: Optional[float],
-                   row_counts: Optional[RowCounts] = None):
-    """``base_cls`` with our training sampler, the label-position loss where the plan has it, and lean steps.
+def _trainer_class(base_cls, sampler, applied: speed.Applied, denominator: Optional[float]):
+    """``base_cls`` with our training sampler and the Trainer mixins of the speed levers that run.
 
-    ``loss_denominator`` (with length-grouped batches): divide each batch's summed token loss by this
+    ``denominator`` (with length-grouped batches): divide each batch's summed token loss by this
     constant, the epoch's mean label tokens per optimizer step, instead of by the batch's own count.
     A batch of short rows then weighs what its tokens weigh, as in a random batch: dividing by its own
-    small count would up-weight short rows' tokens (measured: 2% worse held-out loss on the bench data).
+    small count would up-weight short rows' tokens (worse held-out loss: docs/models.md, "Speed levers").
     """
 
-    class VerifilyTrainer(base_cls):
-        packed_row_counts = row_counts  # CPU bf16: how packed lengths are padded (training.loss.RowCounts)
+    class VerifilyTrainer(*speed.trainer_mixins(applied.plan), base_cls):
+        speed_plan = applied.plan
+        packed_row_counts = applied.row_counts  # CPU bf16: how packed lengths are padded (training.loss.RowCounts)
+        loss_denominator = denominator  # the label-only loss's (None: the Trainer's num_items_in_batch)
 
-        if loss_denominator is not None:
+        if denominator is not None:
             loss_is_scaled_for_ga = True  # the constant already covers gradient accumulation
 
         def _get_train_sampler(self, train_dataset=None):
             if sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
                 return sampler
             return super()._get_train_sampler(train_dataset)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # evaluation needs the logits (and takes the plain path); training only needs the loss
-            if paths.label_only_head and not return_outputs and model.training and "labels" in inputs:
-                denominator = loss_denominator if loss_denominator is not None else num_items_in_batch
-                # accelerate autocasts by patching model.forward, which this path does not call
-                with self.accelerator.autocast():
-                    return label_position_loss(model, inputs, denominator, pack=paths.pack_rows,
-                                               pad_to=row_counts,
-                                               trim=paths.trim_dead_tails)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-        # lean steps: the Trainer's per-step bookkeeping walks every parameter of the model (SmolLM2: 692,
-        # 272 of them frozen) two more times a step than the step needs; the values are the same
-        def floating_point_ops(self, inputs):
-            if not paths.lean_steps:
-                return super().floating_point_ops(inputs)
-            main = getattr(self.model, "main_input_name", "input_ids")
-            if main not in inputs or not hasattr(self.model, "num_parameters"):
-                return 0
-            if getattr(self, "_flop_parameters", None) is None:  # fixed for the run: counted once
-                self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
-            return 6 * inputs[main].numel() * self._flop_parameters
-
-        def _clip_grad_norm(self, model):
-            if not paths.lean_steps:
-                return super()._clip_grad_norm(model)
-            if getattr(self, "_trainable", None) is None:  # frozen weights never hold a gradient
-                self._trainable = [p for p in model.parameters() if p.requires_grad]
-            return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     return VerifilyTrainer
 
@@ -169,14 +139,13 @@ def training_order(cfg: TrainConfig, train_data: TokenizedSplit, spec: ModelSpec
     return KeyedOrderSampler(keys, data_order_seed(cfg)), None
 
 
-def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, paths: FastPaths,
+def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePlan, applied: speed.Applied,
                   train_data: TokenizedSplit, val_data: Optional[TokenizedSplit], checkpoints: Path, on_progress,
                   out_dir: Path, work_dir: Path):
     """The HF Trainer for this run, built from the resolved plan, with the stage's callbacks."""
     seq2seq = spec.kind == KIND_SEQ2SEQ
-    sampler, denominator = training_order(cfg, train_data, spec, paths.label_only_head)
-    row_counts = RowCounts.for_model(model) if paths.bucket_packed_tokens else None  # small models only
-    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, paths, denominator, row_counts)
+    sampler, denominator = training_order(cfg, train_data, spec, applied.plan.label_only_head)
+    trainer_cls = _trainer_class(Seq2SeqTrainer if seq2seq else Trainer, sampler, applied, denominator)
     trainer = trainer_cls(model=model, args=training_arguments(cfg, plan, checkpoints, val_data is not None, seq2seq),
                           train_dataset=train_data, eval_dataset=val_data, data_collator=make_collator(spec, tok),
                           processing_class=tok)
@@ -194,39 +163,30 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DevicePla
     return trainer
 
 
-def run_training(trainer, checkpoints: Path, paths: FastPaths):
-    """(train output, seconds, CPU seconds, checkpoint resumed from or None); a full disk becomes one user error.
-
-    Lean steps: the objects alive before training (the model's modules and parameters, the tokenizer, the
-    rows) live through it, so they are frozen out of the garbage collector
-    (``gc.freeze``): the Trainer's own ``gc.collect`` at the start (0.4 s on SmolLM2) and the automatic
-    full collections during the steps walk only what training creates.
-    """
+def run_training(trainer, checkpoints: Path, speed_plan: speed.SpeedPlan):
+    """(train output, seconds, CPU seconds, checkpoint resumed from or None); a full disk becomes one user error."""
     resume = last_complete_checkpoint(checkpoints)
-    if paths.lean_steps:
-        gc.freeze()
-    started, cpu_started = time.perf_counter(), time.process_time()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError: a full disk is one line
-        problem = translate_os_error(err, checkpoints, "while writing a checkpoint")
-        if problem is not None:
-            raise problem from err
-        raise
-    finally:
-        if paths.lean_steps:
-            gc.unfreeze()
+    with speed.during_training(speed_plan):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError: a full disk is one line
+            problem = translate_os_error(err, checkpoints, "while writing a checkpoint")
+            if problem is not None:
+                raise problem from err
+            raise
     return result, time.perf_counter() - started, time.process_time() - cpu_started, resume
 
 
 def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, tokenized_dir: Path, plan: DevicePlan,
-                  out_dir: Path, work_dir: Path, on_progress=None, fast: FastPaths = FastPaths()) -> dict:
+                  out_dir: Path, work_dir: Path, on_progress=None, fast: speed.Levers = speed.Levers()) -> dict:
     """Train and save ``adapter/`` (or ``model/`` for a full fine-tune); returns the stage manifest.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; when a complete one is there (a
     killed or failed earlier attempt with the same key), training resumes from it, RNG state included.
     With ``plan.num_processes > 1`` this relaunches itself as that many DDP ranks (training/distributed.py).
-    ``fast``: the speed levers wanted (all by default; benchmarks turn some off), resolved once for this run.
+    ``fast``: the speed levers wanted (all by default; benchmarks turn some off), resolved once for this run
+    (``speed.plan``) and applied with the adapter (``speed.apply``).
     ``on_progress(step, max_steps)`` is called as optimizer steps complete.
     """
     if plan.num_processes > 1 and not in_launched_rank():
@@ -234,34 +194,32 @@ def train_adapter(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = tokenized["labels"]
     model, quantized = load_for_training(cfg, spec, tok, labels, plan)
-    paths = switch_attention(model, fast.resolve(cfg, plan, spec, model, quantized))
-    if cfg.lora.enabled:
-        model = build_adapter(model, cfg.lora, spec)
-    applied = apply_to_adapter(model, paths, plan.precision)
-    paths = applied.paths  # what the model can take (a lever may stay off for the adapter's dropout, say)
+    # the plan as the model took it: a lever may go off while applied (for the adapter's dropout, say)
+    model, applied = speed.apply(speed.plan(cfg, plan, spec, model, quantized, fast), model,
+                                 adapt=(lambda base: build_adapter(base, cfg.lora, spec)) if cfg.lora.enabled else None)
     trainable, total = count_parameters(model)
-    tok.padding_side = "right"  # training pads on the right; the loss masks padding anyway
+    tok.padding_side = family(spec.model_type).padding_side  # the loss masks padding anyway
     train_data = TokenizedSplit(tokenized_dir / tokenized["splits"]["train"]["file"], cfg.task)
     val_info = tokenized["splits"].get("val")
     val_data = TokenizedSplit(tokenized_dir / val_info["file"], cfg.task) if val_info else None
     checkpoints = work_dir / "checkpoints"
-    trainer = build_trainer(cfg, spec, tok, model, plan, paths, train_data, val_data, checkpoints, on_progress,
+    trainer = build_trainer(cfg, spec, tok, model, plan, applied, train_data, val_data, checkpoints, on_progress,
                             out_dir, work_dir)
-    result, seconds, cpu_seconds, resume = run_training(trainer, checkpoints, paths)
+    result, seconds, cpu_seconds, resume = run_training(trainer, checkpoints, applied.plan)
     adapter_name = "adapter" if cfg.lora.enabled else "model"
     merged_name = "model" if cfg.lora.enabled and not cfg.output.save_adapter_only else None
     if is_main_rank():  # under DDP every rank holds the same weights: rank 0 writes them
-        save_trained(model, tok, labels, cfg, spec, out_dir, bool(applied.frozen_linears_in_compute_dtype),
+        save_trained(model, tok, labels, cfg, spec, out_dir, bool(applied.count("frozen_in_compute_dtype")),
                      trainer.state.log_history)
     return stage_manifest(cfg, plan, trainer, result, (seconds, cpu_seconds), resume, train_data, applied, trainable,
                           total, adapter_name, merged_name)
 
 
 def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: tuple, resume: Optional[Path],
-                   train_data: TokenizedSplit, applied: AppliedPaths, trainable: int, total: int, adapter_name: str,
+                   train_data: TokenizedSplit, applied: speed.Applied, trainable: int, total: int, adapter_name: str,
                    merged_name: Optional[str]) -> dict:
     """The train stage's manifest: what ran (the resolved levers included), how long, how many tokens."""
-    paths = applied.paths
+    levers = applied.plan
     seconds, cpu_seconds = timing
     tokens_per_epoch = sum(len(ids) for ids in train_data.columns["input_ids"])
     epochs_done = float(trainer.state.epoch or 0.0)
@@ -287,27 +245,28 @@ def stage_manifest(cfg: TrainConfig, plan: DevicePlan, trainer, result, timing: 
         "total_params": int(total),
         "threads": torch.get_num_threads(),
         "num_processes": plan.num_processes,
-        "label_only_head": paths.label_only_head,
-        "frozen_linears_in_compute_dtype": applied.frozen_linears_in_compute_dtype,
-        "fp32_attention": paths.cpu_fp32_attention,
-        "cheap_dropout_layers": applied.cheap_dropout_layers,
-        "fused_lora_output_layers": applied.fused_lora_output_layers,
-        "compiled_blocks": applied.compiled_blocks,
-        "label_rows_last_layers": applied.label_rows_last_layers,
-        "packed_rows": paths.pack_rows,
+        "label_only_head": levers.label_only_head,
+        "frozen_linears_in_compute_dtype": applied.count("frozen_in_compute_dtype"),
+        "fp32_attention": levers.cpu_fp32_attention,
+        "cheap_dropout_layers": applied.count("cpu_cheap_dropout"),
+        "fused_lora_output_layers": applied.count("fused_lora_output"),
+        "compiled_blocks": applied.count("compile_blocks"),
+        "label_rows_last_layers": applied.count("last_layer_at_labels"),
+        "packed_rows": levers.pack_rows,
         "packed_row_counts": trainer.packed_row_counts.describe() if getattr(trainer, "packed_row_counts", None) else None,
-        "dead_tails_cut": paths.trim_dead_tails,
-        "lean_steps": paths.lean_steps,
-        "padding_fraction": 0.0 if paths.pack_rows else computed_padding(train_data, trainer, cfg, paths, plan),
+        "dead_tails_cut": levers.trim_dead_tails,
+        "lean_steps": levers.lean_steps,
+        "padding_fraction": 0.0 if levers.pack_rows else computed_padding(train_data, trainer, cfg, levers, plan),
     }
 
 
-def computed_padding(train_data: TokenizedSplit, trainer, cfg: TrainConfig, paths: FastPaths, plan: DevicePlan) -> float:
+def computed_padding(train_data: TokenizedSplit, trainer, cfg: TrainConfig, levers: speed.SpeedPlan,
+                     plan: DevicePlan) -> float:
     """Share of computed positions that are padding over the first epoch's batches (as the loss runs them)."""
     lengths = [len(ids) for ids in train_data.columns["input_ids"]]
     sampler = trainer._get_train_sampler()  # the stage's own sampler (VerifilyTrainer)
     order = sampler.order(sampler.seed)  # the first epoch's
     cost = group_cost_for(plan.device, plan.precision)
-    split = paths.label_only_head and cost is not None
+    split = levers.label_only_head and cost is not None
     groups = (lambda batch: length_groups(batch, cost)) if split else None
     return round(padding_fraction(lengths, order, cfg.training.batch_size, groups), 4)
