@@ -43,18 +43,17 @@ def preload_fingerprint_modules() -> None:
     from transformers.models.auto import modeling_auto  # noqa: F401
 
 
-# what the train and evaluate stages import, one or both of which run in every flow that is not a replay:
-# 1.7 s, 1.3 s and 0.3 s here after the fingerprint modules
+# what the train and evaluate stages import, one or both of which run in every flow that is not a replay: each
+# takes seconds to import, even after the fingerprint modules (docs/models.md, "Around the flow run")
 STAGE_MODULES = ("transformers.modeling_utils", "peft", "transformers.trainer")
 
 
 def preload_while_server_boots(server: "TemporaryServer", modules: Sequence[str] = STAGE_MODULES) -> int:
     """Import ``modules`` while the temporary server is still booting; returns how many were imported.
 
-    The server boots on the other core and this process would otherwise idle in ``server.wait()`` (about
-    1.2 s on the 17 s bench job). Each module is imported only while the server is not up yet, so a flow
-    that needs none of them (its train and evaluate stages cached) loses at most the one import that
-    outlasts the boot.
+    The server boots on the other core and this process would otherwise idle in ``server.wait()``. Each
+    module is imported only while the server is not up yet, so a flow that needs none of them (its train and
+    evaluate stages cached) loses at most the one import that outlasts the boot.
     """
     count = 0
     for name in modules:
@@ -74,9 +73,8 @@ def in_process_flow_settings():
 
     Heartbeats let a server mark a flow run whose process vanished as crashed (Prefect's zombie-flow
     automation); they matter for deployment runs, which a worker starts and nobody watches. Here the CLI
-    is in the user's terminal. Prefect 3.9's heartbeat thread sleeps in whole seconds and is joined when the
-    flow ends: measured on the 17 s bench job (configured server, three alternating pairs), a cold
-    ``verifily train`` took 14.7 / 14.7 / 15.8 s with heartbeats and 14.2 / 14.2 / 14.6 s without.
+    is in the user's terminal. Prefect's heartbeat thread sleeps in whole seconds and is joined when the
+    flow ends, so a flow run waits for its last sleep (docs/models.md, "Around the flow run", has the cost).
     A heartbeat frequency set in the environment or in a Prefect profile/prefect.toml is kept.
     """
     if any(os.environ.get(name) for name in HEARTBEAT_SETTINGS) or any(
@@ -121,7 +119,7 @@ class TemporaryServer:
     """Prefect's temporary local server, started by us as early as possible instead of by Prefect on first use.
 
     Prefect starts it (``SubprocessASGIServer``) when the first client call finds no ``PREFECT_API_URL``:
-    after its own import (~0.7 s) and the server module's (~2.4 s) in this process, then ~5 s of boot.
+    after its own import and the server module's in this process, then the server's boot, all in series.
     Started here right after the cheap preflight checks, without importing Prefect, it boots on the other
     core while this process imports transformers and torch. It is the same command Prefect runs, on a free
     loopback port, with the same settings (the child reads the same environment and profile), plus a death
