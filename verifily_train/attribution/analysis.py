@@ -17,12 +17,14 @@ from typing import Dict, List, Optional
 
 from verifily_train.attribution import target as targets
 from verifily_train.attribution.stats import ALPHA, adjust, claim_verdicts, one_draw_test, rank_test, row_bootstrap
+from verifily_train.config.metricspec import METRICS, attributed_metrics, lower_is_better
 from verifily_train.errors import VerifilyError
 
 FULL = "__full__"  # the arm that keeps every train row
 VERDICTS = ("hurts", "helps", "no measurable effect at this budget", "not certified at this budget")
 # the fourth: on the "helps" side the normal model rejects, the distribution-free rank p does not (claim_verdicts)
-LOWER_IS_BETTER = {"loss"}  # every other metric (accuracy, exact match, token F1, gold token F1) is higher-better
+# loss (and perplexity) from the metric table; every other metric, a gold-set score too, is higher-better
+LOWER_IS_BETTER = frozenset(spec.name for spec in METRICS if spec.lower_is_better)
 PRIMARY = "loss"
 
 
@@ -64,14 +66,11 @@ def per_example_frame(frame, task: str):
     for column in frame.columns:
         if column.startswith("tag."):
             out[column] = frame[column]
-    if task == "classification":
-        out["loss"] = -np.log(np.clip(frame["prob_true"].astype(float), 1e-12, 1.0))
-        out["accuracy"] = frame["correct"].astype(float)
-    else:
-        out["loss"] = frame["loss"].astype(float)
-        for name in ("token_f1", "exact_match"):
-            if name in frame:
-                out[name] = frame[name].astype(float)
+    if task == "classification":  # no per-row loss column: the primary metric is -log p(true label)
+        out[PRIMARY] = -np.log(np.clip(frame["prob_true"].astype(float), 1e-12, 1.0))
+    for spec in attributed_metrics():
+        if task in spec.tasks and spec.column in frame:
+            out[spec.name] = frame[spec.column].astype(float)
     return out.drop_duplicates("row_hash").set_index("row_hash")
 
 
@@ -107,7 +106,7 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
     data = {arm: [f.loc[rows] for f in frames] for arm, frames in tables.items()}
     base = data[FULL][0]
     tag = f"tag.{by}"
-    metrics = [m for m in ("loss", "accuracy", "exact_match", "token_f1") if m in base.columns]
+    metrics = [spec.name for spec in attributed_metrics() if spec.name in base.columns]
     family = len(plan)
     target_key = targets.slice_name(target)
     if target == "gold":
@@ -166,7 +165,7 @@ def analyze(task: str, by: str, tables: Dict[str, list], plan: Dict[str, dict], 
 
 
 def _sign(metric: str) -> float:
-    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+    return -1.0 if lower_is_better(metric) else 1.0
 
 
 def _cell(full: List[float], removed: List[float], randoms: List[List[float]], per_row, alpha: float, family: int,
@@ -249,7 +248,7 @@ def headline(result: dict, value: str, cell: dict, p_adj: Optional[float], p_tes
                 f"effects are heavy-tailed on this side): {cell['rank_p']:.3g} with {cell['control_runs']} runs, "
                 f"and {need} control runs per size can reach {label}'s level (--controls "
                 f"{-(-need // result['seeds'])})")
-    helps_side = (cell["effect"] < 0) != (metric in LOWER_IS_BETTER)
+    helps_side = (cell["effect"] < 0) != lower_is_better(metric)
     how = (f"rank p {p_adj:.3g}; a \"helps\" is not testable at {cell['control_runs']} runs"
            if helps_side and not entry.get("helps_testable") else f"{label} p {p_adj:.3g}")
     return (f"no measurable effect on {where}: removing its {n} rows changed {metric} by {cell['effect']:+.4f} "

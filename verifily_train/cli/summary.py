@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from verifily_train.artifacts.tables import ordered_slices
+from verifily_train.config.metricspec import all_names, metric
 
 CAVEAT = ("Correlation, not causation: slices describe the model on those test rows. For causal attribution: "
           "verifily attribute RUN --by <tag>.")
@@ -59,8 +60,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     stages = record.get("stages", {})
     if stages:
         w("  stages: " + "  ".join(_stage_word(name, s, metrics) for name, s in stages.items()) + "\n")
-    shown = [k for k in ("loss", "perplexity", "exact_match", "token_f1", "format_compliance", "accuracy", "macro_f1")
-             if k in metrics]
+    shown = [name for name in all_names() if name in metrics]
     overall = summary["slices"].get("overall", {})
     w("  metrics: " + "  ".join(f"{k}={_fmt(metrics[k])}{_ci(overall, k)}" for k in shown) + "\n")
     w(f"  train_loss={_fmt(metrics.get('train_loss'))}  steps={metrics.get('train_steps')}"
@@ -78,7 +78,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     for key, block in ordered_slices(summary):
         w(f"\n  slices by {key} (95% bootstrap interval):\n")
         has_base = any("baseline" in e for e in block["values"])
-        extra = [k for k in shown[1:] if k != "perplexity"]
+        extra = [k for k in shown[1:] if metric(k).function_of is None]  # perplexity moves with loss: not beside it
         rows = [["value", "n", f"{lead} [95% CI]", f"Δ{lead}"] + extra + ([f"base {lead}"] if has_base else [])]
         for entry in block["values"]:
             m = entry["metrics"]

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from verifily_train.config.metricspec import names_for
+
 TASKS = ("sft", "classification")
 SCHEDULERS = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -22,15 +24,9 @@ PROMPT_FORMATS = ("auto", "chat", "template")
 TRUNCATION_MODES = ("end", "middle")
 UNSUPERVISED_ROWS = ("error", "drop")
 
-DEFAULT_EVAL_METRICS = {
-    "sft": ["loss", "perplexity", "exact_match", "token_f1", "format_compliance"],
-    "classification": ["accuracy", "macro_f1"],
-}
-KNOWN_EVAL_METRICS = {
-    "sft": ("loss", "perplexity", "exact_match", "token_f1", "format_compliance"),
-    "classification": ("accuracy", "macro_f1"),
-}
-GENERATION_METRICS = ("exact_match", "token_f1", "format_compliance")  # SFT metrics that need generated text
+# eval.metrics: the names a task accepts are its defaults; both come from the one metric table (config/metricspec.py)
+KNOWN_EVAL_METRICS = {task: names_for(task) for task in TASKS}
+DEFAULT_EVAL_METRICS = {task: list(names) for task, names in KNOWN_EVAL_METRICS.items()}
 
 
 MANAGED_MESSAGE = ("Managed mode coming soon: nothing was sent anywhere and nothing was trained. "

@@ -7,9 +7,12 @@ reductions over it (1000 resamples of 10,000 examples: a 10M-entry index matrix,
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
+
+from verifily_train.config.metricspec import (EXP_OF, LABEL_MATCH, MACRO_F1, ROW_MEAN, TOKEN_WEIGHTED, MetricSpec,
+                                              metric, metrics_for)
 
 Statistic = Callable[[np.ndarray], np.ndarray]  # (B, n) indices -> (B,) values
 
@@ -54,23 +57,49 @@ def interval(values: np.ndarray, level: float = 0.95) -> List[float]:
     return [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
 
 
+def _row_mean(spec: MetricSpec, frame, labels: List[str]) -> Optional[Statistic]:
+    if spec.column in frame and frame[spec.column].notna().all():
+        return mean_stat(frame[spec.column].to_numpy(np.float64))
+    return None
+
+
+def _label_match(spec: MetricSpec, frame, labels: List[str]) -> Statistic:
+    return mean_stat((frame["label_id"].to_numpy(np.int64) == frame["pred_id"].to_numpy(np.int64)).astype(np.float64))
+
+
+def _token_weighted(spec: MetricSpec, frame, labels: List[str]) -> Statistic:
+    return ratio_stat(frame["loss_sum"].to_numpy(np.float64), frame["n_tokens"].to_numpy(np.float64))
+
+
+def _exp_of(spec: MetricSpec, frame, labels: List[str]) -> Optional[Statistic]:
+    inner = statistic(metric(spec.function_of), frame, labels)
+    return None if inner is None else (lambda idx: np.exp(np.minimum(inner(idx), 50.0)))
+
+
+def _macro_f1(spec: MetricSpec, frame, labels: List[str]) -> Statistic:
+    true = frame["label_id"].to_numpy(np.int64)
+    pred = frame["pred_id"].to_numpy(np.int64)
+    return macro_f1_stat(true, pred, max(len(labels), int(max(true.max(), pred.max())) + 1))
+
+
+# a metric's resampling statistic, per kind of the metric table (None: the frame cannot give it)
+STATISTIC: Dict[str, Callable[[MetricSpec, object, List[str]], Optional[Statistic]]] = {
+    ROW_MEAN: _row_mean, LABEL_MATCH: _label_match, TOKEN_WEIGHTED: _token_weighted, EXP_OF: _exp_of,
+    MACRO_F1: _macro_f1,
+}
+
+
+def statistic(spec: MetricSpec, frame, labels: List[str]) -> Optional[Statistic]:
+    return STATISTIC[spec.kind](spec, frame, labels)
+
+
 def statistics_for(task: str, frame, labels: List[str]) -> Dict[str, Statistic]:
-    """The resampling statistic of each metric the frame supports."""
+    """The resampling statistic of each metric the frame supports (the task's metrics, in table order)."""
     stats: Dict[str, Statistic] = {}
-    if task == "sft":
-        loss_sum = frame["loss_sum"].to_numpy(np.float64)
-        n_tokens = frame["n_tokens"].to_numpy(np.float64)
-        stats["loss"] = ratio_stat(loss_sum, n_tokens)
-        stats["perplexity"] = lambda idx, s=stats["loss"]: np.exp(np.minimum(s(idx), 50.0))
-        for name, column in (("exact_match", "exact_match"), ("token_f1", "token_f1"),
-                             ("format_compliance", "format_ok")):
-            if column in frame and frame[column].notna().all():
-                stats[name] = mean_stat(frame[column].to_numpy(np.float64))
-    else:
-        true = frame["label_id"].to_numpy(np.int64)
-        pred = frame["pred_id"].to_numpy(np.int64)
-        stats["accuracy"] = mean_stat((true == pred).astype(np.float64))
-        stats["macro_f1"] = macro_f1_stat(true, pred, max(len(labels), int(max(true.max(), pred.max())) + 1))
+    for spec in metrics_for(task):
+        stat = statistic(spec, frame, labels)
+        if stat is not None:
+            stats[spec.name] = stat
     return stats
 
 

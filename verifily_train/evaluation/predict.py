@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from verifily_train.config.metricspec import generation_metrics
 from verifily_train.config.schema import TrainConfig
 from verifily_train.errors import DataError
 from verifily_train.evaluation.generate import generate_texts
@@ -170,9 +171,8 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
 
 
 def wants_generation(cfg: TrainConfig) -> bool:
-    from verifily_train.config.schema import GENERATION_METRICS
-
-    return any(m in GENERATION_METRICS for m in (cfg.eval.metrics or []))
+    """Whether eval.metrics names a metric scored on generated text."""
+    return any(spec.name in (cfg.eval.metrics or []) for spec in generation_metrics())
 
 
 def _merged_for_inference(model):
@@ -211,5 +211,6 @@ def _score_gold_set(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DeviceP
                   "tags": [json.dumps(r[2], sort_keys=True) for r in rows], **scored}
                  ).to_parquet(out_dir / "gold_predictions.parquet", index=False)
     n = len(rows)
-    return {"exact_match": sum(scored["exact_match"]) / n if n else float("nan"),
-            "token_f1": sum(scored["token_f1"]) / n if n else float("nan"), "examples": n}
+    gold = {spec.name: sum(scored[spec.column]) / n if n else float("nan") for spec in generation_metrics()
+            if spec.column in scored}  # no format on the gold set: exact match and token F1
+    return {**gold, "examples": n}

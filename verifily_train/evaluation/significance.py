@@ -21,26 +21,36 @@ one 0/1 swap matrix per batch, shared by the cell's metrics, and sums of swapped
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from verifily_train.evaluation.bootstrap import statistics_for
+from verifily_train.config.metricspec import (LABEL_MATCH, METRICS, PER_ROW_KINDS, ROW_MEAN, TOKEN_WEIGHTED, MetricSpec,
+                                              metric, metrics_for, tested_as)
+from verifily_train.evaluation.bootstrap import statistic, statistics_for
 
-# perplexity = exp(loss) rises and falls with loss: one hypothesis, so one test (loss's) and one star for both
-SAME_TEST_AS = {"perplexity": "loss"}
+# a monotone function of another metric (perplexity = exp(loss)) is one hypothesis with it: one test, one star
+SAME_TEST_AS = {spec.name: spec.function_of for spec in METRICS if spec.function_of}
 BATCH_ENTRIES = 4_000_000  # swap-matrix entries per batch: memory stays flat as the test set grows
 RELATIVE_TIE = 1e-9  # |delta*| within this of |delta| counts as reaching it (float sums in another order)
 
 
+def per_row_score(spec: MetricSpec, frame) -> Optional[np.ndarray]:
+    """A per-row kind's score on each row (its metric is their mean); None for other kinds or a missing column."""
+    if spec.kind == LABEL_MATCH:
+        return (frame["label_id"].to_numpy() == frame["pred_id"].to_numpy()).astype(np.float64)
+    if spec.kind == ROW_MEAN and spec.column in frame and frame[spec.column].notna().all():
+        return frame[spec.column].to_numpy(np.float64)
+    return None
+
+
 def per_row_scores(task: str, frame) -> Dict[str, np.ndarray]:
     """Each mean-type metric's per-row score (its overall value is the mean of these)."""
-    if task == "classification":
-        return {"accuracy": (frame["label_id"].to_numpy() == frame["pred_id"].to_numpy()).astype(np.float64)}
     out = {}
-    for name, column in (("exact_match", "exact_match"), ("token_f1", "token_f1"), ("format_compliance", "format_ok")):
-        if column in frame and frame[column].notna().all():
-            out[name] = frame[column].to_numpy(np.float64)
+    for spec in metrics_for(task):
+        scores = per_row_score(spec, frame)
+        if scores is not None:
+            out[spec.name] = scores
     return out
 
 
@@ -126,33 +136,47 @@ def _swapped_deltas(task: str, frame_a, frame_b, labels: List[str], names: List[
     n = len(frame_a)
     fns = {}
     rows_a, rows_b = per_row_scores(task, frame_a), per_row_scores(task, frame_b)
-    if task == "sft":
-        num_a, num_b = frame_a["loss_sum"].to_numpy(np.float64), frame_b["loss_sum"].to_numpy(np.float64)
-        den_a, den_b = frame_a["n_tokens"].to_numpy(np.float64), frame_b["n_tokens"].to_numpy(np.float64)
-        dnum, dden = num_b - num_a, den_b - den_a
+    stacked = None
+    for name in names:
+        if name in rows_a and name in rows_b:
+            diff = rows_b[name] - rows_a[name]
+            fns[name] = lambda swaps, d=diff: (d.sum() - 2.0 * (swaps @ d)) / n
+        elif metric(name).kind == TOKEN_WEIGHTED:
+            fns[name] = _swapped_ratio(frame_a, frame_b)
+        elif metric(name).kind not in PER_ROW_KINDS:
+            # not a sum over rows (macro-F1): index the stacked A+B frame and reuse its resampling statistic
+            import pandas as pd
 
-        def loss(swaps):  # sums of the swapped arms: swapping row i moves its difference from B to A
-            moved_num, moved_den = swaps @ dnum, swaps @ dden
-            loss_b = (num_b.sum() - moved_num) / np.maximum(den_b.sum() - moved_den, 1e-12)
-            loss_a = (num_a.sum() + moved_num) / np.maximum(den_a.sum() + moved_den, 1e-12)
-            return loss_b - loss_a
+            if stacked is None:
+                stacked = pd.concat([frame_a, frame_b], ignore_index=True)
+            fns[name] = _swapped_statistic(statistic(metric(name), stacked, labels), n)
+    return fns
 
-        fns["loss"] = loss
-    for name in rows_a.keys() & rows_b.keys():
-        diff = rows_b[name] - rows_a[name]
-        fns[name] = lambda swaps, d=diff: (d.sum() - 2.0 * (swaps @ d)) / n
-    if "macro_f1" in names:  # not a sum over rows: index the stacked A+B frame and reuse its statistic
-        import pandas as pd
 
-        stat = statistics_for(task, pd.concat([frame_a, frame_b], ignore_index=True), labels)["macro_f1"]
-        rows = np.arange(n)
+def _swapped_ratio(frame_a, frame_b):
+    """B* - A* of the token-weighted loss (a ratio of sums): swapping row i moves its difference from B to A."""
+    num_a, num_b = frame_a["loss_sum"].to_numpy(np.float64), frame_b["loss_sum"].to_numpy(np.float64)
+    den_a, den_b = frame_a["n_tokens"].to_numpy(np.float64), frame_b["n_tokens"].to_numpy(np.float64)
+    dnum, dden = num_b - num_a, den_b - den_a
 
-        def macro_f1(swaps):
-            s = swaps.astype(bool)
-            return stat(np.where(s, rows, rows + n)) - stat(np.where(s, rows + n, rows))
+    def loss(swaps):
+        moved_num, moved_den = swaps @ dnum, swaps @ dden
+        loss_b = (num_b.sum() - moved_num) / np.maximum(den_b.sum() - moved_den, 1e-12)
+        loss_a = (num_a.sum() + moved_num) / np.maximum(den_a.sum() + moved_den, 1e-12)
+        return loss_b - loss_a
 
-        fns["macro_f1"] = macro_f1
-    return {name: fns[name] for name in names if name in fns}
+    return loss
+
+
+def _swapped_statistic(stat, n: int):
+    """B* - A* of any statistic over the stacked A+B frame (A's rows first, then B's)."""
+    rows = np.arange(n)
+
+    def swapped(swaps):
+        s = swaps.astype(bool)
+        return stat(np.where(s, rows, rows + n)) - stat(np.where(s, rows + n, rows))
+
+    return swapped
 
 
 def paired_tests(task: str, frame_a, frame_b, labels: List[str], resamples: int, seed: int) -> Dict[str, object]:
@@ -160,8 +184,8 @@ def paired_tests(task: str, frame_a, frame_b, labels: List[str], resamples: int,
     n = len(frame_a)
     if n == 0 or resamples <= 0:
         return {}
-    names = sorted(set(statistics_for(task, frame_a, labels)) & set(statistics_for(task, frame_b, labels))
-                   - set(SAME_TEST_AS))
+    both = set(statistics_for(task, frame_a, labels)) & set(statistics_for(task, frame_b, labels))
+    names = sorted(name for name in both if tested_as(name) == name)
     rows_a, rows_b = per_row_scores(task, frame_a), per_row_scores(task, frame_b)
     out: Dict[str, object] = {}
     for name in names:

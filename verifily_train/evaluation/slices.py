@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
+from verifily_train.config.metricspec import metric
 from verifily_train.evaluation.bootstrap import bootstrap_intervals
 from verifily_train.evaluation.metrics import metrics_for_frame
 
 LOW_CONFIDENCE_N = 30  # fewer examples than this: the slice's figures are flagged as noisy
-NOT_DELTAS = ("examples", "tokens")
 
 
 def slice_metrics_by_tag(task: str, frame, labels: List[str], tag_keys: List[str], overall: Dict[str, float],
@@ -25,7 +25,7 @@ def slice_metrics_by_tag(task: str, frame, labels: List[str], tag_keys: List[str
             part = frame[frame[column] == value]
             metrics = metrics_for_frame(task, part, labels)
             delta = {name: (metrics[name] - overall[name]) for name in metrics
-                     if name in overall and name not in NOT_DELTAS
+                     if name in overall and metric(name) is not None  # a metric, not a count
                      and isinstance(metrics[name], float) and math.isfinite(metrics[name])}
             entry = {"value": value, "n": int(len(part)), "metrics": metrics, "delta": delta,
                      "ci95": bootstrap_intervals(task, part, labels, bootstrap_samples, seed + 1000 * (k + 1) + v),

@@ -11,8 +11,9 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
+from verifily_train.config.metricspec import generation_metrics
 from verifily_train.config.validate import check_format_setting  # noqa: F401  (eval.format is a config value)
 
 _PUNCT = set(string.punctuation)
@@ -71,10 +72,25 @@ def format_ok(prediction: str, fmt: str) -> float:
     return float(re.fullmatch(pattern, prediction.strip(), flags=re.DOTALL) is not None)
 
 
+class RowScorer(NamedTuple):
+    score: Callable[[str, str, Optional[str]], float]  # (prediction, reference, format) -> the row's score
+    needs_format: bool = False  # scored only when eval.format resolves to a format
+
+
+# a generation metric's per-row scorer, under its predictions column (config/metricspec.py names the column)
+ROW_SCORERS: Dict[str, RowScorer] = {
+    "exact_match": RowScorer(lambda prediction, reference, fmt: exact_match(prediction, reference)),
+    "token_f1": RowScorer(lambda prediction, reference, fmt: token_f1(prediction, reference)),
+    "format_ok": RowScorer(lambda prediction, reference, fmt: format_ok(prediction, fmt), needs_format=True),
+}
+
+
 def score_texts(predictions: List[str], references: List[str], fmt: Optional[str]) -> dict:
-    """Per-example exact_match, token_f1 and (when a format applies) format_ok lists."""
-    out = {"exact_match": [exact_match(p, r) for p, r in zip(predictions, references)],
-           "token_f1": [token_f1(p, r) for p, r in zip(predictions, references)]}
-    if fmt is not None:
-        out["format_ok"] = [format_ok(p, fmt) for p in predictions]
+    """Per-example score lists of every generation metric (format_ok only when a format applies), by column."""
+    out = {}
+    for spec in generation_metrics():
+        scorer = ROW_SCORERS[spec.column]
+        if scorer.needs_format and fmt is None:
+            continue
+        out[spec.column] = [scorer.score(p, r, fmt) for p, r in zip(predictions, references)]
     return out
