@@ -1,25 +1,23 @@
 """A stage's code version, derived: its manual version plus the sources of every project module it can run.
 
-The modules a stage can run are the import closure of its own module, read from the sources (``ast``,
-nothing is imported): every ``import`` and ``from ... import`` of a ``verifily_train`` module, at top
-level or inside a function (not inside a module's PEP 562 ``__getattr__``: the package's lazy API
-re-export), their parent packages, and modules named as strings such as the DDP worker
-that ``torchrun -m`` starts. Editing any of them re-keys the stage; a renamed or new module is followed
+The modules a stage can run are the import closure of its own module, read from the sources by the one import
+reader (``verifily_train/imports.py``, nothing is imported): every ``import`` and ``from ... import`` of a
+``verifily_train`` module, at top level or inside a function (not inside a module's PEP 562 ``__getattr__``:
+the package's lazy API re-export), their parent packages, and modules named as strings such as the DDP
+worker that ``torchrun -m`` starts. Editing any of them re-keys the stage; a renamed or new module is followed
 because the closure is read again in every process. Computed once per process and stage.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
-import re
 from pathlib import Path
 from typing import Dict, FrozenSet, Optional, Set
 
-PACKAGE = "verifily_train"
+from verifily_train.imports import FROM, IMPORT, PACKAGE, STRING, imported_modules, is_project, read_imports
+
 LIBRARY_ROOT = Path(__file__).resolve().parent.parent
-MODULE_STRING = re.compile(r"^verifily_train(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 def module_file(name: str, root: Path = LIBRARY_ROOT) -> Optional[Path]:
@@ -36,30 +34,11 @@ def module_file(name: str, root: Path = LIBRARY_ROOT) -> Optional[Path]:
 
 def _imported_names(path: Path, module: str) -> Set[str]:
     """Project modules that ``path`` (module ``module``) imports or names as a ``-m`` string."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     # a module-level ``__getattr__`` (PEP 562) imports only when code asks the module for a name it lacks: the
     # package's lazy re-export of the Python API, which no stage asks for; its imports are not the stage's code
-    lazy = {id(n) for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"
-            for n in ast.walk(f)}
-    found: Set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in lazy:
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # ``from pkg import module``
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_STRING.match(node.value):
-            found.add(node.value)
-    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+    found = {name for record in read_imports(path, module) if record.kind in (IMPORT, FROM, STRING)
+             and not record.lazy_getattr for name in imported_modules(record)}
+    return {name for name in found if is_project(name)}
 
 
 def import_closure(module: str, root: Path = LIBRARY_ROOT) -> Dict[str, Path]:
