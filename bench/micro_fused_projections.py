@@ -4,7 +4,7 @@
 gradient and the weights frozen (as under LoRA), the projections of one layer done separately against
 one product over their concatenated weights followed by a split. Shapes are SmolLM2-135M's and the
 hidden-512 bench model's; the two variants alternate, and each median is over 30 repetitions.
-docs/benchmarks.md ("What is not done") records what it gave on this machine.
+docs/benchmarks.md ("Tried and dropped") records what it gave on this machine.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 SmolLM2-135M's projection shapes, in bf16 and fp32, three ways: at a row count seen before (warm), at a row
 count never seen before in this process (each call a new count, as packed rows give nearly every step), and
 at new counts rounded up to a multiple of 64 (``training.loss.PACK_BUCKET_TOKENS``). Medians over 40 calls
-each. docs/benchmarks.md records what it gave on this machine.
+each. docs/bench-log.md records what it gave on this machine.
 """
 
 from __future__ import annotations
