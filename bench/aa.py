@@ -108,10 +108,10 @@ class Trainer:
         return load_config(cfg)
 
     def run(self, variant: str, seed: int, epochs: int = BASE["training"]["num_epochs"]) -> Path:
-        from verifily_train.artifacts.record import RunStart, write_run
+        from verifily_train.artifacts.record import RunStart
         from verifily_train.artifacts.run import new_run_id, utc_now
         from verifily_train.pipeline.fingerprint import fingerprint_stage
-        from verifily_train.pipeline.runner import STAGES, run_uncached
+        from verifily_train.pipeline.runner import STAGES, run_uncached, write_run
 
         if (variant, seed, epochs) in self.done:
             return self.done[(variant, seed, epochs)]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 
 def main(config: str, runs_dir: str) -> None:
-    from verifily_train.artifacts.record import RunStart, write_run
+    from verifily_train.artifacts.record import RunStart
     from verifily_train.artifacts.run import new_run_id, utc_now
     from verifily_train.config import load_config
     from verifily_train.pipeline.fingerprint import fingerprint_stage
-    from verifily_train.pipeline.runner import STAGES, run_uncached
+    from verifily_train.pipeline.runner import STAGES, run_uncached, write_run
 
     cfg = load_config(config)
     start = RunStart(new_run_id(), utc_now(), time.time())

@@ -12,10 +12,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
-from verifily_train.artifacts.record import write_run
 from verifily_train.errors import only_transient
 from verifily_train.pipeline.fingerprint import fingerprint_stage
-from verifily_train.pipeline.runner import CacheSettings, compute_stage
+from verifily_train.pipeline.contract import Fingerprint
+from verifily_train.pipeline.runner import CacheSettings, compute_stage, write_run
 from verifily_train.pipeline.stage import Stage, StageContext
 
 
@@ -35,32 +35,32 @@ def stage_task(stage: Stage):
     """The Prefect task of one pipeline stage (made once per stage and process)."""
 
     def run(ctx: StageContext, cache: CacheSettings):
-        if stage.name == "train":
+        if stage.reports_progress:
             ctx = replace(ctx, on_progress=TrainingProgress())
-        manifest = compute_stage(stage, ctx, cache)
+        output = compute_stage(stage, ctx, cache)
         if ctx.on_progress is not None:
             ctx.on_progress(1, 1)  # a cache hit, or the last step: the bar ends at 100%
-        if manifest.get("cache_hit"):  # shown as "Cached" in the Prefect UI; the flow unwraps it with ``value``
-            return Completed(name="Cached", message=f"verifily cache hit {manifest['key'][:12]}", data=manifest)
-        return manifest
+        if output.cache_hit:  # shown as "Cached" in the Prefect UI; the flow unwraps it with ``value``
+            return Completed(name="Cached", message=f"verifily cache hit {output.key[:12]}", data=output)
+        return output
 
     run.__doc__ = stage.description
     return task(name=stage.task_name, retries=1, **STAGE_OPTIONS)(run)
 
 
 def value(result):
-    """A stage task's manifest, whether it returned it or a Cached state holding it."""
+    """A stage task's output, whether it returned it or a Cached state holding it."""
     return result.result() if isinstance(result, State) else result
 
 
 @task(name="fingerprint", retries=1, **STAGE_OPTIONS)
-def fingerprint(cfg, cache: CacheSettings) -> dict:
+def fingerprint(cfg, cache: CacheSettings) -> Fingerprint:
     """Hash the data bytes, model and tokenizer files; check model kind, device and Hub credentials."""
     return fingerprint_stage(cfg, Path(cache.root))
 
 
 @task(name="write-artifact", retries=1, **STAGE_OPTIONS)
-def write_artifact(cfg, start, fp: dict, done: dict, runs_dir: Path, charts_dir) -> dict:
+def write_artifact(cfg, start, fp: Fingerprint, done: dict, runs_dir: Path, charts_dir) -> dict:
     """Assemble, checksum and publish the immutable Run folder (never cached: every run gets its own)."""
     return write_run(cfg, start, fp, done, runs_dir, charts_dir)
 

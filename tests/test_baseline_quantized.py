@@ -11,11 +11,16 @@ from conftest import write_config
 from verifily_train.config import load_config
 from verifily_train.config.schema import LoraSection
 from verifily_train.evaluation.baseline import baseline_load_plan
+from verifily_train.pipeline.contract import Fingerprint, Tokenized
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes not installed (pip install -e '.[qlora]')")
-FP = {"model_identity": "sha256:" + "a" * 64, "device": {"device": "cpu", "precision": "fp32"}, "numeric_env": {}}
-TOKENIZED = {"output_hash": "b" * 64}
+FP = Fingerprint(dataset={"data_hash": "d" * 64}, data_hash="d" * 64, config_hash="c" * 64, model={},
+                 model_identity="sha256:" + "a" * 64, gguf_conversion=None, tokenizer_identity=None,
+                 device={"device": "cpu", "precision": "fp32"}, numeric_env={})
+TOKENIZED = Tokenized(stage="tokenize", splits={}, labels=[], eval_split=None, eval_note=None, truncated_rows=0,
+                      max_seq_length=0, prompt=None, render_check=None, stop_token_ids=[], warnings=[],
+                      output_hash="b" * 64)
 
 
 @pytest.mark.parametrize("bits", ["none", "4bit", "8bit"])

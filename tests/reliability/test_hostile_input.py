@@ -278,7 +278,7 @@ def test_a_row_past_the_models_positions_is_cut_at_them_and_said_once(task, tmp_
     write_config(tmp_path, task, model, splits, training={"max_seq_length": 2048})
     cfg = load_config(tmp_path / "train.yaml")
     fp = fingerprint_stage(cfg, tmp_path / "cache")
-    assert fp["max_positions"] == 512
+    assert fp.max_positions == 512
     (tmp_path / "tok").mkdir()
     tokenized = stages.run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
     assert tokenized["max_seq_length"] == 512 and tokenized["splits"]["train"]["truncated"] == 1
@@ -287,7 +287,7 @@ def test_a_row_past_the_models_positions_is_cut_at_them_and_said_once(task, tmp_
     train = TokenizedSplit(tmp_path / "tok" / tokenized["splits"]["train"]["file"], task)
     longest = max(range(len(train)), key=lambda i: len(train[i]["input_ids"]))
     assert len(train[longest]["input_ids"]) == 512
-    spec = ModelSpec(**fp["model"])
+    spec = ModelSpec(**fp.model)
     tok = load_tokenizer(spec)
     net = load_model(spec, labels=tokenized["labels"] or None, pad_token_id=tok.pad_token_id)
     with torch.no_grad():

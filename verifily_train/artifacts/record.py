@@ -1,27 +1,47 @@
-"""The Run record: ``runs/<run_id>/`` assembled from the stages' manifests (run.json, metrics, copies of their files)."""
+"""The Run record: ``runs/<run_id>/`` assembled from the fragments the stages contribute (run.json, metrics, files)."""
 
 from __future__ import annotations
 
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from verifily_train.artifacts.env import describe_environment, env_hash
 from verifily_train.artifacts.report import write_run_report
-from verifily_train.artifacts.run import (REPRODUCIBILITY_VERSION, discard, integrity_root, publish_run,
-                                          reproducibility_components, reproducibility_hash, staging_dir, utc_now)
+from verifily_train.artifacts.run import (REPRODUCIBILITY_VERSION, RUN_SCHEMA_VERSION, discard, integrity_root,
+                                          publish_run, reproducibility_components, reproducibility_hash, staging_dir,
+                                          utc_now)
 from verifily_train.config import config_hash, config_to_dict, config_to_yaml
 from verifily_train.config.schema import TrainConfig
-from verifily_train.dataset.version import SPLITS
 from verifily_train.fsio import atomic_write_json
 
 
-def stage_report(manifests: Dict[str, dict]) -> Dict[str, dict]:
-    """Per stage: cache hit or not, seconds, and key (what run.json and the summary show)."""
-    return {name: {"cache_hit": bool(m.get("cache_hit")), "seconds": m.get("seconds"), "key": m.get("key")}
-            for name, m in manifests.items()}
+@dataclass(frozen=True)
+class RunFragment:
+    """What one stage (or the fingerprint) contributes to a Run; the Run is the merge of its stages' fragments.
+
+    ``identity`` feeds the record's own parts: ``dataset`` (the job), ``device``/``precision``/``threads`` (env.json),
+    the data, model and tokenizer identities and the GPU (the reproducibility hash).
+    """
+
+    record: Mapping[str, Any] = field(default_factory=dict)  # run.json keys
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # run.json's ``metrics``: the headline figures
+    metrics_file: Mapping[str, Any] = field(default_factory=dict)  # metrics.json keys
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    warnings: Tuple[str, ...] = ()
+    copy: Optional[Callable[[Path], None]] = None  # writes its files into the Run's staging folder
+
+
+def merged(parts: Sequence[Mapping[str, Any]], what: str) -> Dict[str, Any]:
+    """One mapping from the fragments' parts; two fragments naming one key is a bug in the stage contract."""
+    out: Dict[str, Any] = {}
+    for part in parts:
+        clash = sorted(set(out) & set(part))
+        if clash:
+            raise ValueError(f"two stages contribute {what} {', '.join(clash)}")
+        out.update(part)
+    return out
 
 
 LAST_PUBLISHED: Optional[str] = None  # the last Run this process published (read if the orchestrator fails after it)
@@ -36,8 +56,8 @@ class RunStart:
     started_clock: float
 
 
-def write_run(cfg: TrainConfig, start: RunStart, fp: dict, done: Mapping[str, dict], runs_dir: Path,
-              charts_dir: Optional[Path] = None) -> dict:
+def write_run_record(cfg: TrainConfig, start: RunStart, fragments: Sequence[RunFragment], runs_dir: Path,
+                     charts_dir: Optional[Path] = None) -> dict:
     """Assemble ``runs/<run_id>/`` in a staging folder, checksum it, rename it into place, make it read-only.
 
     ``charts_dir`` memoises the report's rendered plots (the cache's ``charts/`` folder, when the cache is on).
@@ -45,7 +65,7 @@ def write_run(cfg: TrainConfig, start: RunStart, fp: dict, done: Mapping[str, di
     global LAST_PUBLISHED
     stage = staging_dir(runs_dir, start.run_id)
     try:
-        written = _assemble_run(cfg, start, fp, done, runs_dir, stage, charts_dir)
+        written = _assemble_run(cfg, start, fragments, runs_dir, stage, charts_dir)
         LAST_PUBLISHED = written["path"]
         return written
     except BaseException:
@@ -53,87 +73,42 @@ def write_run(cfg: TrainConfig, start: RunStart, fp: dict, done: Mapping[str, di
         raise
 
 
-def _assemble_run(cfg: TrainConfig, start: RunStart, fp: dict, done: Mapping[str, dict], runs_dir: Path,
+def _assemble_run(cfg: TrainConfig, start: RunStart, fragments: Sequence[RunFragment], runs_dir: Path,
                   stage: Path, charts_dir: Optional[Path]) -> dict:
     run_id, started_at, started_clock = start.run_id, start.started_at, start.started_clock
-    validated, tokenized, trained, evaluated = done["validate"], done["tokenize"], done["train"], done["evaluate"]
-    baseline, sliced, hard = done["baseline"], done["slice"], done["hard_examples"]
-    train_dir, eval_dir = Path(trained["dir"]), Path(evaluated["dir"])
-    shutil.copytree(train_dir / trained["adapter_dir"], stage / trained["adapter_dir"])
-    if trained.get("merged_dir"):
-        shutil.copytree(train_dir / trained["merged_dir"], stage / "model")
-    shutil.copyfile(train_dir / trained["log"], stage / "trainer_log.jsonl")
-    if not evaluated["skipped"]:
-        shutil.copyfile(eval_dir / evaluated["predictions"], stage / "predictions.parquet")
-    shutil.copyfile(Path(sliced["dir"]) / sliced["file"], stage / "slices.json")
-    shutil.copyfile(Path(hard["dir"]) / hard["file"], stage / "hard_examples.jsonl")
-    _write_data_rows(Path(tokenized["dir"]), tokenized, stage / "data_rows.parquet")
+    for fragment in fragments:
+        if fragment.copy is not None:
+            fragment.copy(stage)
     (stage / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-    env = describe_environment(trained["device"], trained["precision"], trained["threads"])
+    identity = merged([f.identity for f in fragments], "identity")
+    env = describe_environment(identity["device"], identity["precision"], identity["threads"])
     atomic_write_json(stage / "env.json", env)
     e_hash = env_hash(env)
-    metrics = dict(evaluated["metrics"])
-    metrics.update(train_loss=trained["train_loss"], train_steps=trained["global_step"],
-                   train_tokens=trained["train_tokens"], train_tokens_per_second=trained["tokens_per_second"],
-                   truncated_rows=tokenized["truncated_rows"])
-    for name, value in baseline.get("metrics", {}).items():
-        if name in ("loss", "perplexity"):
-            metrics[f"baseline_{name}"] = value
-    atomic_write_json(stage / "metrics.json", {
-        "eval": evaluated["metrics"], "eval_split": evaluated["split"], "eval_note": evaluated["note"],
-        "eval_ci95": sliced.get("overall", {}).get("ci95", {}),
-        "bootstrap": sliced.get("bootstrap"),
-        "classification_report": evaluated.get("classification_report"),
-        "format": evaluated.get("format"),
-        "hard_example_lift": hard.get("lift", {}),
-        "baseline": baseline.get("metrics", {}), "baseline_note": baseline.get("note"),
-        "train": {k: trained[k] for k in ("train_loss", "global_step", "epochs", "train_tokens", "train_seconds",
-                                          "tokens_per_second", "trainable_params", "total_params",
-                                          "resumed_from_step")},
-        "num_processes": trained.get("num_processes", 1),
-        "truncated_rows": tokenized["truncated_rows"],
-        "truncated_by_split": {s: v["truncated"] for s, v in tokenized["splits"].items()},
-        "answer_cut_by_split": {s: v.get("answer_cut", 0) for s, v in tokenized["splits"].items()},
-        "dropped_by_split": {s: v.get("dropped", 0) for s, v in tokenized["splits"].items()},
-    })
-    stages = stage_report(done)
-    c_hash = fp["config_hash"]
-    dataset = dict(validated["dataset"], manifest_path=fp["dataset"]["manifest_path"],
-                   data_path=fp["dataset"]["data_path"])
+    metrics = merged([f.metrics for f in fragments], "metric")
+    atomic_write_json(stage / "metrics.json", merged([f.metrics_file for f in fragments], "metrics.json key"))
     components = reproducibility_components(
-        cfg, data_hash=fp["data_hash"], model_identity=fp["model_identity"],
-        tokenizer_identity=fp["tokenizer_identity"], env_hash=e_hash, device=trained["device"],
-        precision=trained["precision"], gpu_name=fp["device"].get("gpu_name"),
-        cuda_version=fp["device"].get("cuda_version"))  # a replay reads both from its record: no torch import
+        cfg, data_hash=identity["data_hash"], model_identity=identity["model_identity"],
+        tokenizer_identity=identity["tokenizer_identity"], env_hash=e_hash, device=identity["device"],
+        precision=identity["precision"], gpu_name=identity["gpu_name"],
+        cuda_version=identity["cuda_version"])  # a replay reads both from its record: no torch import
     r_hash = reproducibility_hash(components)
     record = {
-        "schema_version": 1,
+        "schema_version": RUN_SCHEMA_VERSION,
         "run_id": run_id,
         "status": "completed",
-        "job": job_record(cfg, run_id, started_at, dataset, trained["device"]),
+        "job": job_record(cfg, run_id, started_at, identity["dataset"], identity["device"]),
         "started_at": started_at,
         "completed_at": utc_now(),
         "duration_seconds": round(time.time() - started_clock, 3),
         "metrics": metrics,
         "artifact_path": str((runs_dir / run_id).resolve()),
-        "config_hash": c_hash,
-        "data_hash": fp["data_hash"],
         "env_hash": e_hash,
         "reproducibility_hash": r_hash,
         "reproducibility": {"hash": r_hash, "version": REPRODUCIBILITY_VERSION, "components": components},
-        "model_identity": fp["model_identity"],
-        "model_source": fp["model"]["source"],
-        "gguf_conversion": fp["gguf_conversion"],
-        "precision": trained["precision"],
         "quantization": cfg.lora.quantization if cfg.lora.enabled else "none",
-        "baseline_quantization": None if baseline.get("skipped", True) else baseline.get("quantization", "none"),
-        "evaluation": {"split": evaluated["split"], "skipped": evaluated["skipped"], "note": evaluated["note"]},
-        "hard_examples_headline": hard["headline"],
-        "stages": stages,
-        "prompt": tokenized.get("prompt"),  # the rendering: format, chat template hash, an example row
-        "render_check": tokenized.get("render_check"),
-        "warnings": fp["device"]["warnings"] + tokenized.get("warnings", []),
+        "warnings": [w for f in fragments for w in f.warnings],
     }
+    record = merged([record] + [f.record for f in fragments], "run.json key")
     atomic_write_json(stage / "run.json", record)
     write_run_report(stage, charts_dir)
     final = publish_run(stage, runs_dir / run_id)
@@ -145,18 +120,6 @@ def run_summary(written: dict, evaluated: dict, sliced: dict, hard: dict) -> dic
     """What ``verifily train`` prints and the flow returns for a written Run."""
     return {"run_id": written["run_id"], "path": written["path"], "record": written["record"], "slices": sliced,
             "hard_examples": hard, "evaluation": evaluated.get("note"), "integrity_root": written.get("integrity_root")}
-
-
-def _write_data_rows(tokenized_dir: Path, tokenized: dict, target: Path) -> None:
-    """Per-row identity of every split (hash, id, tags): what ``compare`` diffs two dataset versions with."""
-    import pandas as pd
-
-    # in a fixed order: a manifest read back from the cache lists its splits sorted, a fresh one in build order
-    order = {name: i for i, name in enumerate(SPLITS)}
-    names = sorted(tokenized["splits"], key=lambda name: (order.get(name, len(order)), name))
-    frames = [pd.read_parquet(tokenized_dir / tokenized["splits"][name]["file"],
-                              columns=["split", "line", "example_id", "row_hash", "tags"]) for name in names]
-    pd.concat(frames, ignore_index=True).to_parquet(target, index=False)
 
 
 def job_record(cfg: TrainConfig, run_id: str, created_at: str, dataset: Optional[dict], device: Optional[str]) -> dict:

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 from verifily_train.checksums import CHECKSUMS, first_mismatch, parse_checksums, write_checksums
 from verifily_train.errors import VerifilyError
@@ -59,7 +59,8 @@ def entry_is_valid(folder: Path) -> bool:
 
 
 # Entries this process uses (read or computes) in the current flow run: a shared lock on
-# ``<stage>/.locks/<key>.inuse`` each, held until ``release_held`` (the flow's end) or this process dies.
+# ``<stage>/.locks/<key>.inuse`` each, held until the ``holding()`` block around the run ends (or
+# ``release_held``, or this process dies).
 # ``prune``/``cache clear`` take the lock exclusively before deleting, so they skip what a live run holds.
 _HELD: List[int] = []
 
@@ -97,6 +98,18 @@ def release_held() -> None:
     """Drop every in-use mark this process holds (a flow run ended)."""
     while _HELD:
         os.close(_HELD.pop())
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """Every in-use mark and writer lock taken inside the block (:func:`hold`, :func:`hold_exclusive`, a stage
+    read or computed) is dropped when it ends, however it ends: the caller releases nothing."""
+    mark = len(_HELD)
+    try:
+        yield
+    finally:
+        while len(_HELD) > mark:
+            os.close(_HELD.pop())
 
 
 @contextlib.contextmanager
@@ -244,8 +257,8 @@ def prune(root: Path, older_than_days: Optional[float] = None, kept: Optional[Li
     return removed
 
 
-def discard_private(manifests) -> None:
+def discard_private(folders: Iterable[Optional[str]]) -> None:
     """Delete the private folders of a cache-off run's stages (nothing else reads them)."""
-    for manifest in manifests:
-        if manifest.get("private"):
-            _discard(Path(manifest["private"]))
+    for folder in folders:
+        if folder:
+            _discard(Path(folder))

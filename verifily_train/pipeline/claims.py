@@ -24,6 +24,7 @@ from verifily_train.procs import start_time
 from verifily_train.artifacts.run import utc_now
 from verifily_train.config.load import load_config
 from verifily_train.dataset.store import list_versions
+from verifily_train.pipeline.contract import Fingerprint, Validated
 
 CLAIMED, COMPLETED = "claimed", "completed"
 
@@ -115,14 +116,15 @@ def complete(key: str, record: dict, home: Optional[Path] = None) -> None:
     atomic_write_json(path, dict(record, key=key, status=COMPLETED))
 
 
-def complete_run(cfg: TrainConfig, fp: dict, validated: dict, written: dict, home: Optional[Path] = None) -> None:
+def complete_run(cfg: TrainConfig, fp: Fingerprint, validated: Validated, written: dict,
+                 home: Optional[Path] = None) -> None:
     """Record a completed Run for its dataset version and training config (what ``once`` and compare look up)."""
-    ds = validated["dataset"]
+    ds = validated.dataset
     training_hash = training_config_hash(cfg)
-    complete(claim_key(fp["data_hash"], training_hash), {
+    complete(claim_key(fp.data_hash, training_hash), {
         "run_id": written["run_id"], "run_path": str(Path(written["path"]).resolve()), "dataset_ref": ds["ref"],
         "dataset_id": ds["dataset_id"], "dataset_version": ds["version"],
-        "dataset_created_at": ds.get("created_at") or "", "data_hash": fp["data_hash"],
+        "dataset_created_at": ds.get("created_at") or "", "data_hash": fp.data_hash,
         "training_config_hash": training_hash, "completed_at": utc_now()}, home)
 
 

@@ -9,14 +9,14 @@ from typing import Dict, List
 from verifily_train.dataset.rows import iter_jsonl, shown_fields
 from verifily_train.evaluation.hard import mine_hard_examples
 from verifily_train.model.tokenize import row_hash
-from verifily_train.pipeline.manifests import read_predictions
+from verifily_train.pipeline.contract import HardExamples
 from verifily_train.pipeline.stage import Stage, StageContext
 from verifily_train.pipeline.validate import current_version
 
 
 def key_inputs(ctx: StageContext) -> tuple:
     cfg = ctx.cfg
-    return ctx["evaluate"]["output_hash"], cfg.eval.hard_examples, cfg.eval.slice_by_tags, cfg.eval.fdr_q
+    return ctx["evaluate"].output_hash, cfg.eval.hard_examples, cfg.eval.slice_by_tags, cfg.eval.fdr_q
 
 
 def attach_fields(examples: List[dict], dv, split: str) -> None:
@@ -34,21 +34,22 @@ def attach_fields(examples: List[dict], dv, split: str) -> None:
             example["fields"] = found[example["row_hash"]]
 
 
-def run(ctx: StageContext, out_dir: Path, work_dir: Path) -> dict:
+def run(ctx: StageContext, out_dir: Path, work_dir: Path) -> HardExamples:
     cfg, evaluated = ctx.cfg, ctx["evaluate"]
-    if evaluated["skipped"]:
+    if evaluated.skipped:
         result = {"examples": [], "headline": None, "lift": {}}
     else:
-        result = mine_hard_examples(cfg.task, read_predictions(evaluated), cfg.eval.hard_examples,
+        result = mine_hard_examples(cfg.task, evaluated.read_predictions(), cfg.eval.hard_examples,
                                     cfg.eval.slice_by_tags, q=cfg.eval.fdr_q)
         if cfg.task == "sft":
-            attach_fields(result["examples"], current_version(ctx), evaluated["split"])
+            attach_fields(result["examples"], current_version(ctx), evaluated.split)
     with open(out_dir / "hard_examples.jsonl", "w", encoding="utf-8") as handle:
         for example in result["examples"]:
             handle.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")
-    return {"stage": "hard_examples", "file": "hard_examples.jsonl", "count": len(result["examples"]),
-            "headline": result["headline"], "lift": result["lift"]}
+    return HardExamples(stage="hard_examples", file="hard_examples.jsonl", count=len(result["examples"]),
+                        headline=result["headline"], lift=result["lift"])
 
 
-STAGE = Stage("hard_examples", "mine-hard-examples", "hard/1", __name__, key_inputs, run, needs=("evaluate",),
+STAGE = Stage("hard_examples", "mine-hard-examples", "hard/1", __name__, key_inputs, run, HardExamples,
+              needs=("evaluate",),
               retries="eval", description="The worst evaluation examples with their tags.")

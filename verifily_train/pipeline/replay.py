@@ -21,12 +21,13 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from verifily_train.artifacts.env import numeric_env
-from verifily_train.config.hashing import config_hash, config_to_dict
+from verifily_train.config.hashing import config_to_dict
 from verifily_train.config.schema import TrainConfig
 from verifily_train.dataset.store import dataset_fingerprint
 from verifily_train.fsio import atomic_write_json
@@ -34,6 +35,7 @@ from verifily_train.hashing import content_hash, sha256_file
 from verifily_train.model.identity import file_identity, model_identity, tokenizer_identity
 from verifily_train.model.registry import is_gguf, resolve_alias
 from verifily_train.pipeline.cache import lookup
+from verifily_train.pipeline.contract import GGUF_PREFIX, Fingerprint, StageOutput, gguf_identity
 from verifily_train.pipeline.stage import Stage, code_versions
 
 VERSION = "replay/1"
@@ -41,6 +43,14 @@ FOLDER = "replay"
 # environment variables that change which device torch sees or how many ranks a run uses
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
               "PYTORCH_ENABLE_MPS_FALLBACK", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A recorded run's inputs read again now, and its stage outputs from their verified entries."""
+
+    fingerprint: Fingerprint
+    outputs: Dict[str, StageOutput]
 
 
 def device_signature() -> dict:
@@ -76,20 +86,16 @@ def _record_path(root: Path, key: str) -> Path:
     return root / FOLDER / f"{key}.json"
 
 
-def _is_gguf(fp: dict) -> bool:
-    return str(fp["model_identity"]).startswith("gguf:")
-
-
-def remember(cfg: TrainConfig, fp: dict, manifests: Dict[str, dict], root: Path,
+def remember(cfg: TrainConfig, fp: Fingerprint, outputs: Dict[str, StageOutput], root: Path,
              stages: Sequence[Stage]) -> Optional[Path]:
     """After a completed run (cache on): record the entries it used under its replay key."""
     names = [stage.name for stage in stages]
-    if any(name not in manifests or not manifests[name].get("key") for name in names):
+    if any(name not in outputs or not outputs[name].key for name in names):
         return None
-    key = replay_key(cfg, stages, fp["data_hash"], fp["model_identity"],
-                     None if _is_gguf(fp) else fp["tokenizer_identity"], fp["numeric_env"])
-    record = {"version": VERSION, "key": key, "model": fp["model"], "tokenizer_identity": fp["tokenizer_identity"],
-              "device": fp["device"], "stages": {name: manifests[name]["key"] for name in names}}
+    key = replay_key(cfg, stages, fp.data_hash, fp.model_identity, None if fp.is_gguf else fp.tokenizer_identity,
+                     fp.numeric_env)
+    record = {"version": VERSION, "key": key, "model": fp.model, "tokenizer_identity": fp.tokenizer_identity,
+              "device": fp.device, "stages": {name: outputs[name].key for name in names}}
     path = _record_path(root, key)
     try:
         atomic_write_json(path, record)
@@ -106,7 +112,7 @@ def _fresh_identities(cfg: TrainConfig, root: Path) -> Optional[dict]:
     if is_gguf(base):
         if not path.is_file():
             return None
-        model, tokenizer = f"gguf:sha256:{file_identity(path, memo)}", None
+        model, tokenizer = gguf_identity(file_identity(path, memo)), None
     else:
         is_local = path.exists()
         source = str(path.resolve()) if is_local else base
@@ -116,7 +122,7 @@ def _fresh_identities(cfg: TrainConfig, root: Path) -> Optional[dict]:
             "tokenizer_identity": tokenizer, "numeric_env": numeric_env()}
 
 
-def find(cfg: TrainConfig, root: Path, stages: Sequence[Stage]) -> Optional[dict]:
+def find(cfg: TrainConfig, root: Path, stages: Sequence[Stage]) -> Optional[Replayed]:
     """The recorded run for exactly these inputs, with every stage entry verified; None when anything differs."""
     folder = root / FOLDER
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -135,15 +141,14 @@ def find(cfg: TrainConfig, root: Path, stages: Sequence[Stage]) -> Optional[dict
         return None
     if record.get("version") != VERSION or record.get("key") != key:
         return None
-    manifests = {}
-    for name in (stage.name for stage in stages):
-        manifest = lookup(name, record["stages"][name], root)
+    outputs: Dict[str, StageOutput] = {}
+    for stage in stages:
+        manifest = lookup(stage.name, record["stages"][stage.name], root)
         if manifest is None:
             return None
-        manifests[name] = manifest
-    fp = {"stage": "fingerprint", "dataset": fresh["dataset"], "data_hash": fresh["data_hash"],
-          "config_hash": config_hash(cfg), "model": record["model"], "model_identity": fresh["model_identity"],
-          "gguf_conversion": "reused" if _is_gguf(fresh) else None,
-          "tokenizer_identity": record["tokenizer_identity"], "device": record["device"],
-          "numeric_env": fresh["numeric_env"]}
-    return {"fingerprint": fp, "manifests": manifests}
+        outputs[stage.name] = stage.read(manifest)
+    gguf = str(fresh["model_identity"]).startswith(GGUF_PREFIX)  # converted by the run that recorded it
+    fp = Fingerprint.of(cfg, fresh["dataset"], model=record["model"], model_identity=fresh["model_identity"],
+                        tokenizer_identity=record["tokenizer_identity"], device=record["device"],
+                        numeric_env=fresh["numeric_env"], gguf_conversion="reused" if gguf else None)
+    return Replayed(fp, outputs)

@@ -12,17 +12,18 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from verifily_train.artifacts.compare import compare_runs, render_comparison
 from verifily_train.artifacts.hub import push_adapter
-from verifily_train.artifacts.record import RunStart, job_record, run_summary, stage_report, write_run
+from verifily_train.artifacts.record import RunFragment, RunStart, job_record, run_summary, write_run_record
 from verifily_train.artifacts.run import new_run_id, utc_now, write_failed_run
 from verifily_train.artifacts.tables import final_log_lines, stage_log_line
 from verifily_train.artifacts.trackers import start_tracking
 from verifily_train.config.schema import TrainConfig
 from verifily_train.pipeline import claims, evaluate, hard_examples, replay, slice, tokenize, train, validate
-from verifily_train.pipeline.cache import CacheMode, cache_root, discard_private, release_held, run_cached
+from verifily_train.pipeline.cache import CacheMode, cache_root, discard_private, holding, run_cached
+from verifily_train.pipeline.contract import Fingerprint, StageOutput
 from verifily_train.pipeline.stage import Stage, StageContext
 
 STAGES = (validate.STAGE, tokenize.STAGE, train.STAGE, evaluate.STAGE, evaluate.BASELINE, slice.STAGE,
@@ -47,10 +48,24 @@ class CacheSettings:
         return CacheMode(read=self.read, write=self.write)
 
 
-def compute_stage(stage: Stage, ctx: StageContext, cache: CacheSettings) -> dict:
-    """The stage's manifest from its cache entry for this context's key, or computed and stored."""
-    return run_cached(stage.name, stage.key(ctx), Path(cache.root), cache.mode,
-                      lambda out, work: stage.run(ctx, out, work))
+def compute_stage(stage: Stage, ctx: StageContext, cache: CacheSettings) -> StageOutput:
+    """The stage's output from its cache entry for this context's key, or computed and stored."""
+    return stage.read(run_cached(stage.name, stage.key(ctx), Path(cache.root), cache.mode,
+                                 lambda out, work: stage.produce(ctx, out, work).to_json()))
+
+
+def stage_report(done: Mapping[str, StageOutput]) -> Dict[str, dict]:
+    """Per stage: cache hit or not, seconds, and key (what run.json and the summary show)."""
+    return {name: output.report() for name, output in done.items()}
+
+
+def write_run(cfg: TrainConfig, start: RunStart, fp: Fingerprint, done: Mapping[str, Union[StageOutput, dict]],
+              runs_dir: Path, charts_dir: Optional[Path] = None) -> dict:
+    """The Run of these stage outputs (or their JSON forms, as a script holds them): each contributes its fragment."""
+    done = {name: BY_NAME[name].read(output) for name, output in done.items()}
+    fragments = [fp.run_fragment(), *(output.run_fragment(fp) for output in done.values()),
+                 RunFragment(record={"stages": stage_report(done)})]
+    return write_run_record(cfg, start, fragments, runs_dir, charts_dir)
 
 
 class Publisher:
@@ -63,8 +78,8 @@ class Publisher:
         """``verifily compare`` of the previous dataset version's run against this one (markdown)."""
 
 
-Execute = Callable[[Stage, StageContext], dict]
-Write = Callable[[TrainConfig, RunStart, dict, Dict[str, dict], Path, Optional[Path]], dict]
+Execute = Callable[[Stage, StageContext], StageOutput]
+Write = Callable[[TrainConfig, RunStart, Fingerprint, Dict[str, StageOutput], Path, Optional[Path]], dict]
 LAST_SUMMARY: Optional[dict] = None  # the summary of the last Run this process completed
 
 
@@ -72,7 +87,7 @@ def new_start() -> RunStart:
     return RunStart(new_run_id(), utc_now(), time.time())
 
 
-def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSettings, execute: Execute,
+def run_pipeline(cfg: TrainConfig, fp: Fingerprint, runs_dir: Path, cache: CacheSettings, execute: Execute,
                  publisher: Publisher = Publisher(), write: Write = write_run, once: bool = False,
                  start: Optional[RunStart] = None, log: Callable[[str], None] = lambda message: None,
                  compare_previous: bool = True) -> dict:
@@ -83,35 +98,35 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
     gets one line per finished stage and, at the end, the final metrics and the Run's path (the flow run's logs).
     """
     start = start or new_start()
-    key = claims.claim_key(fp["data_hash"], claims.training_config_hash(cfg))
+    key = claims.claim_key(fp.data_hash, claims.training_config_hash(cfg))
     owner = f"{start.run_id}:{os.getpid()}"
     if once:
-        held = claims.claim(key, {"owner": owner, "dataset_ref": fp["dataset"]["ref"], "claimed_at": utc_now()})
+        held = claims.claim(key, {"owner": owner, "dataset_ref": fp.dataset["ref"], "claimed_at": utc_now()})
         if held is not None:
-            log(f"{fp['dataset']['ref']} is already {held.get('status')} under this training config "
+            log(f"{fp.dataset['ref']} is already {held.get('status')} under this training config "
                 f"({held.get('run_path') or held.get('owner')}): not training it again")
-            return {"status": "skipped", "dataset": fp["dataset"]["ref"], "claim": held}
-    done: Dict[str, dict] = {}
+            return {"status": "skipped", "dataset": fp.dataset["ref"], "claim": held}
+    done: Dict[str, StageOutput] = {}
     charts = Path(cache.root) / "charts" if cfg.cache.enabled else None
     tracking = start_tracking(cfg, start.run_id)  # training.report_to: one tracker run for the Trainer and the Run
-    try:
-        tracking.stages_begin()
-        for stage in STAGES:
-            done[stage.name] = execute(stage, StageContext(cfg, fp, dict(done)))
-            log(stage_log_line(stage.name, done[stage.name]))
-        written = write(cfg, start, fp, done, runs_dir, charts)
-    except BaseException as err:
-        tracking.failed()
-        if once:
-            claims.release(key, owner)
-        if isinstance(err, Exception) and "validate" in done:  # bad config, data or model fail before any record
-            _record_failure(cfg, start, fp, done, runs_dir, err)
-        raise
-    finally:
-        tracking.stages_end()
-        if not cache.write:  # cache off: the stages computed into private folders nobody else reads
-            discard_private(done.values())
-        release_held()  # the entries this run read are in the Run now: cache clear may delete them
+    with holding():  # the entries this run reads are held until they are in the Run (cache clear skips them)
+        try:
+            tracking.stages_begin()
+            for stage in STAGES:
+                done[stage.name] = stage.read(execute(stage, stage.context(cfg, fp, done)))
+                log(stage_log_line(stage.name, done[stage.name].to_json()))
+            written = write(cfg, start, fp, done, runs_dir, charts)
+        except BaseException as err:
+            tracking.failed()
+            if once:
+                claims.release(key, owner)
+            if isinstance(err, Exception) and "validate" in done:  # bad config, data or model fail before any record
+                _record_failure(cfg, start, fp, done, runs_dir, err)
+            raise
+        finally:
+            tracking.stages_end()
+            if not cache.write:  # cache off: the stages computed into private folders nobody else reads
+                discard_private(output.private for output in done.values())
     summary = _finish(cfg, fp, done, written, cache, publisher, compare_previous)
     for line in final_log_lines(summary):
         log(line)
@@ -121,26 +136,26 @@ def run_pipeline(cfg: TrainConfig, fp: dict, runs_dir: Path, cache: CacheSetting
     return summary
 
 
-def _record_failure(cfg: TrainConfig, start: RunStart, fp: dict, done: Dict[str, dict], runs_dir: Path,
-                    err: Exception) -> None:
-    dataset = dict(done["validate"]["dataset"], manifest_path=fp["dataset"]["manifest_path"],
-                   data_path=fp["dataset"]["data_path"])
+def _record_failure(cfg: TrainConfig, start: RunStart, fp: Fingerprint, done: Dict[str, StageOutput],
+                    runs_dir: Path, err: Exception) -> None:
+    dataset = fp.dataset_now(done["validate"])
     record = {"job": job_record(cfg, start.run_id, start.started_at, dataset, None), "started_at": start.started_at,
               "duration_seconds": round(time.time() - start.started_clock, 3), "metrics": {},
               "stages": stage_report(done)}
     write_failed_run(runs_dir, start.run_id, record, err)
 
 
-def _finish(cfg: TrainConfig, fp: dict, done: Dict[str, dict], written: dict, cache: CacheSettings,
+def _finish(cfg: TrainConfig, fp: Fingerprint, done: Dict[str, StageOutput], written: dict, cache: CacheSettings,
             publisher: Publisher, compare_previous: bool = True) -> dict:
     global LAST_SUMMARY
-    summary = run_summary(written, done["evaluate"], done["slice"], done["hard_examples"])
+    summary = run_summary(written, done["evaluate"].to_json(), done["slice"].to_json(),
+                          done["hard_examples"].to_json())
     LAST_SUMMARY = summary  # the Run is complete: a later failure of Prefect's API must not disown it
     claims.complete_run(cfg, fp, done["validate"], written)
     if cache.write:  # the next identical run can be answered from these entries (pipeline/replay.py)
         replay.remember(cfg, fp, done, Path(cache.root), STAGES)
     publisher.run_artifacts(summary)
-    ds = done["validate"]["dataset"]
+    ds = done["validate"].dataset
     previous = claims.previous_run(claims.training_config_hash(cfg), ds["dataset_id"], ds.get("created_at") or "",
                                    ds["version"])
     if previous is not None:
@@ -191,21 +206,27 @@ def replay_run(cfg: TrainConfig, runs_dir: Path, publisher: Publisher = Publishe
     """A new Run from the recorded entries when these exact inputs completed before; its summary, or None."""
     start = new_start()
     cache = CacheSettings.for_config(cfg)
-    found = replay.find(cfg, Path(cache.root), STAGES)
-    if found is None:
-        return None
-    recorded = found["manifests"]
-    summary = run_pipeline(cfg, found["fingerprint"], runs_dir, cache, lambda stage, ctx: recorded[stage.name],
-                           publisher, start=start)
+    with holding():  # the entries replay verified stay held until the Run is written from them
+        found = replay.find(cfg, Path(cache.root), STAGES)
+        if found is None:
+            return None
+        summary = run_pipeline(cfg, found.fingerprint, runs_dir, cache, lambda stage, ctx: found.outputs[stage.name],
+                               publisher, start=start)
     return dict(summary, replayed=True)
 
 
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-def run_uncached(name: str, cfg: TrainConfig, fp: dict, out_dir: Path, work_dir: Path, **done: dict) -> dict:
-    """One stage run straight into ``out_dir``, without the cache (how benchmarks and tests drive a stage).
+def run_uncached(name: str, cfg: TrainConfig, fp: Fingerprint, out_dir: Path, work_dir: Path,
+                 **done: Union[StageOutput, dict]) -> dict:
+    """One stage run straight into ``out_dir``, without the cache (how benchmarks and tests drive a stage): its
+    output's JSON form.
 
-    ``done`` holds the manifests of the stages it reads, by stage name (``tokenize=...``, ``train=...``).
+    ``done`` holds the outputs (or their JSON forms, with ``dir``) of the stages it reads, by stage name
+    (``tokenize=...``, ``train=...``); those it does not need are ignored. Unlike the runner, it does not insist
+    on every stage in ``needs``: a script may tokenize data it knows valid without a validate output.
     """
-    return BY_NAME[name].run(StageContext(cfg, fp, done), out_dir, work_dir)
+    stage = BY_NAME[name]
+    outputs = {other: BY_NAME[other].read(output) for other, output in done.items() if other in stage.needs}
+    return stage.produce(StageContext(cfg, fp, outputs), out_dir, work_dir).to_json()
