@@ -38,6 +38,41 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 os.environ["PYTHONPATH"] = os.pathsep.join([str(FAULTS)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
+# The fast tier (`python -m pytest -m "not slow"`, under ~3 minutes on 2 cores) leaves out every test marked slow:
+# whole modules that train end to end mark themselves; these, in modules that are otherwise quick, are marked here
+# (node id, or its prefix for every parameter): each trains through the CLI, starts a Prefect server or a
+# wheel build, or compiles. The full `python -m pytest` (CI) runs them all.
+SLOW_TESTS = (
+    "tests/test_api.py::test_the_docs_walkthrough_trains_reads_compares_and_plans_from_python",
+    "tests/test_bench.py::test_bench_quick_writes_every_suite_result",
+    "tests/test_bench.py::test_gpu_suite_plumbing_runs_on_the_cpu",
+    "tests/test_bench.py::test_each_contender_trains_in_a_fresh_process",
+    "tests/test_causal_attribution.py::test_attribute_finds_the_noisy_source_hurts_and_a_clean_one_does_not",
+    "tests/test_cli.py::test_in_process_flow_runs_send_no_heartbeats_unless_configured",
+    "tests/test_compare_groups.py::test_a_group_record_is_verified_and_compared_by_id_from_the_cli",
+    "tests/test_compare_groups.py::test_train_seeds_writes_a_group_and_compare_tests_a_change_end_to_end",
+    "tests/test_first_use.py::test_the_demo_writes_nothing_in_the_working_folder_and_draws_no_bars_into_a_log",
+    "tests/test_packaging.py::test_wheel_maps_flows_and_tasks_under_the_verifily_namespace",
+    "tests/test_prefect_ops.py::test_deployments_trigger_watch_and_ui_end_to_end",
+    "tests/test_row_attribution_cli.py::test_rows_on_classification_scores_every_row_caches_shards_and_derives",
+    "tests/test_row_attribution_cli.py::test_rows_user_errors_are_one_line_and_write_nothing",
+    "tests/test_row_attribution_cli.py::test_rows_without_snapshots_refuses_more_checkpoints",
+    "tests/test_row_attribution_cli.py::test_rows_on_sft_targets_a_slice_and_derives_named_rows",
+    "tests/test_row_attribution_cli.py::test_random_control_of_a_data_paths_run_is_a_store_version",
+    "tests/test_scaling.py::test_pools_are_created_from_the_templates_and_take_the_pool_deployments",
+    "tests/test_trackers.py::test_a_run_logs_its_identity_loss_curve_and_slice_metrics_to_mlflow",
+    "tests/test_training_speed.py::test_compiled_blocks_compute_the_eager_forward_and_gradients_in_one_graph",
+    "tests/test_training_speed.py::test_training_compile_trains_through_compiled_blocks",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def verifily_home(tmp_path, monkeypatch):
     """Every test gets its own dataset store, cache and work folders."""
