@@ -156,7 +156,7 @@ def test_deployments_trigger_watch_and_ui_end_to_end(models, tmp_path, verifily_
             assert pools == {"local": "process", "managed": "process", "self-host": "process"}
             names = {f"{api.client.read_flow(d.flow_id).name}/{d.name}" for d in api.client.read_deployments()}
             assert names == {"train/sft", "train/classification", "train/self-host", "train/managed", "retrain/watch",
-                             "attribute/by-tag", "attribute/rows"}
+                             "attribute/by-tag", "attribute-rows/rows"}
             # the team's training config for retraining: a tiny model instead of the embedded SmolLM2
             for deployment in ("train/sft", "retrain/watch"):
                 api.set_defaults(deployment, config=str(config), overrides=[])

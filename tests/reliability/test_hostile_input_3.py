@@ -460,6 +460,7 @@ def test_sigint_ends_the_ablation_workers_at_once(tmp_path, monkeypatch):
     import signal
 
     import verifily_train.flows.attribute as flow
+    from verifily_train.attribution.workers import stopping_workers_on_interrupt
 
     (tmp_path / "sleepy_worker.py").write_text(SLEEPY_WORKER)
     monkeypatch.setattr(flow, "ABLATION_WORKER", "sleepy_worker")
@@ -475,7 +476,7 @@ def test_sigint_ends_the_ablation_workers_at_once(tmp_path, monkeypatch):
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it
     try:
-        with flow.stopping_workers_on_interrupt():
+        with stopping_workers_on_interrupt():
             worker = threading.Thread(target=task)
             worker.start()
             for _ in range(1500):

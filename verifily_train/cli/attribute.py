@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.attribution.options import check_options
+from verifily_train.attribution.workers import stopping_workers_on_interrupt
 from verifily_train.cli import rows
 from verifily_train.errors import VerifilyError
 from verifily_train.cli.runtime import await_server, in_process_flow_settings, start_quiet_server, use_prefect_server
@@ -91,7 +92,7 @@ def attribution_result(run: str, by: str, values, seeds: int, budget_steps, budg
     use_prefect_server()
     server = start_quiet_server()
     from verifily_train.attribution.stats import DEFAULT_CONTROLS
-    from verifily_train.flows.attribute import attribute, stopping_workers_on_interrupt
+    from verifily_train.flows.attribute import attribute
 
     await_server(server)
     with in_process_flow_settings(), stopping_workers_on_interrupt():  # Ctrl-C: its workers end at once

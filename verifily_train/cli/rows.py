@@ -16,6 +16,8 @@ from typing import List, Optional
 
 from verifily_train.cli.runtime import (await_server, in_process_flow_settings, start_quiet_server,
                                         start_temporary_server, use_prefect_server)
+from verifily_train.attribution.output import load_attribution
+from verifily_train.attribution.workers import stopping_workers_on_interrupt
 from verifily_train.errors import VerifilyError
 
 
@@ -71,7 +73,6 @@ def add_derive_parser(dsub) -> None:
                    help="the row attribution folder to rank by (default: the newest of RUN's)")
     q.add_argument("--method", default=None, help="rank by this method's score (default: the attribution's default)")
     q.add_argument("--runs-dir", default=None, help="where run ids are looked up")
-    q.set_defaults(func=cmd_dataset_derive)
 
 
 MAX_PROJECTION_DIM = 16384  # rows x dims x 4 bytes per checkpoint: 2,000,000,000 tried to allocate 16 GB
@@ -130,7 +131,6 @@ def cmd_attribute_rows(args) -> int:
 
 def _run_flow(args, run: Path, projection: int, methods: Optional[List[str]], started: float) -> int:
     server = start_temporary_server()  # the one started before the plan (None when a server is configured)
-    from verifily_train.flows.attribute import stopping_workers_on_interrupt
     from verifily_train.flows.attribute_rows import attribute_rows
 
     await_server(server)
@@ -279,9 +279,7 @@ def cmd_dataset_derive(args) -> int:
         from verifily_train.attribution.rows import RESULT_FILE
 
         folder = find_attribution(run, args.attribution)
-        from verifily_train import jsonsafe
-
-        record = jsonsafe.load_file(folder / "attribution.json", VerifilyError, expect=dict)  # --attribution DIR is the user's
+        record = load_attribution(folder)  # checked against its checksums: --attribution DIR is the user's
         method = args.method or record["default_method"]
         if method not in record["methods"]:
             raise VerifilyError(None, "--method", f"{method!r} is not in {folder.name} (methods: "

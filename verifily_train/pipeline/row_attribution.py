@@ -10,14 +10,18 @@ a second call is all hits, and sharding a call differently re-runs only the shar
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from verifily_train.attribution import rows
 from verifily_train.attribution.rows.runtime import SCORE_BATCH
+from verifily_train.config import TrainConfig
 from verifily_train.errors import ConfigError, RunError
+from verifily_train.pipeline.cache import cache_root
+from verifily_train.pipeline.contract import StageOutput
 from verifily_train.pipeline.stage import Stage
 
 DEFAULT_CHECKPOINTS = 4  # the train stage keeps 4 snapshots by default (training.attribution_snapshots)
@@ -26,52 +30,109 @@ DEFAULT_PROJECTION_DIM = rows.DEFAULT_PROJECTION_DIM
 
 @dataclass(frozen=True)
 class RowContext:
-    """What a row-attribution stage reads: the plan, its shard, and the manifests of the stages before it."""
+    """What a row-attribution stage reads: the plan, its shard, and the outputs of the stages before it."""
 
     plan: rows.RowAttributionPlan
     shard: Tuple[int, int] = (0, 1)  # (index, count)
-    done: Mapping[str, object] = field(default_factory=dict)  # "row_target": manifest; "row_shard": [manifests]
+    done: Mapping[str, object] = field(default_factory=dict)  # "row_target": output; "row_shard": [outputs]
     on_progress: Optional[Callable[[int, int], None]] = None  # the task factory's hook (unused here)
 
     def __getitem__(self, stage: str):
         return self.done[stage]
 
 
+@dataclass(frozen=True, kw_only=True)
+class RowTarget(StageOutput):
+    """Target gradients: ``file`` holds the projected gradient of the target's mean loss per snapshot."""
+
+    STAGE: ClassVar[str] = "row_target"
+    step: str
+    file: str
+    snapshots: List[Any]
+    target: str
+    target_split: str
+    target_rows: int
+    target_loss: List[Any]
+    projection_dim: int
+    parameters: int
+    projection: Optional[str] = field(default=None, metadata={"omit_if_none": True})  # absent: no snapshot kept
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowShard(StageOutput):
+    """One shard's per-row gradients and scores (``file``)."""
+
+    STAGE: ClassVar[str] = "row_shard"
+    step: str
+    file: str
+    shard_index: int
+    shard_count: int
+    rows: int
+    per_row_gradients: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowMerge(StageOutput):
+    """Every train row with each method's score and rank (``file``: row_attribution.parquet)."""
+
+    STAGE: ClassVar[str] = "row_merge"
+    step: str
+    file: str
+    rows: int
+    methods: List[str]
+    default_method: str
+    families: Dict[str, Any]
+    target: str
+    target_split: str
+    checkpoints: int
+    projection_dim: int
+    seed: int
+    notes: List[str]
+    orientation: str
+
+
+def manifest(output) -> dict:
+    """A row stage's output as the JSON mapping its readers take (``rows.score_shard``, ``row_output``)."""
+    return output.to_json() if hasattr(output, "to_json") else dict(output)
+
+
 def _target_key(ctx: RowContext) -> tuple:
     return tuple(rows.key_inputs(ctx.plan))
 
 
-def _run_target(ctx: RowContext, out_dir: Path, work_dir: Path) -> dict:
-    return rows.target_gradients(ctx.plan, out_dir)
+def _run_target(ctx: RowContext, out_dir: Path, work_dir: Path) -> RowTarget:
+    return RowTarget(stage=RowTarget.STAGE, **rows.target_gradients(ctx.plan, out_dir))
 
 
 def _shard_key(ctx: RowContext) -> tuple:
     index, count = ctx.shard
-    return tuple(rows.key_inputs(ctx.plan)) + (ctx["row_target"]["output_hash"], index, count)
+    return tuple(rows.key_inputs(ctx.plan)) + (manifest(ctx["row_target"])["output_hash"], index, count)
 
 
-def _run_shard(ctx: RowContext, out_dir: Path, work_dir: Path) -> dict:
+def _run_shard(ctx: RowContext, out_dir: Path, work_dir: Path) -> RowShard:
     index, count = ctx.shard
-    target = ctx["row_target"]
-    return rows.score_shard(ctx.plan, target, index, count, out_dir, target_dir=Path(target["dir"]))
+    target = manifest(ctx["row_target"])
+    return RowShard(stage=RowShard.STAGE, **rows.score_shard(ctx.plan, target, index, count, out_dir,
+                                                             target_dir=Path(target["dir"])))
 
 
 def _merge_key(ctx: RowContext) -> tuple:
-    return tuple(rows.key_inputs(ctx.plan)) + tuple(m["output_hash"] for m in ctx["row_shard"])
+    return tuple(rows.key_inputs(ctx.plan)) + tuple(manifest(m)["output_hash"] for m in ctx["row_shard"])
 
 
-def _run_merge(ctx: RowContext, out_dir: Path, work_dir: Path) -> dict:
-    shards = list(ctx["row_shard"])
-    return rows.merge_shards(ctx.plan, shards, out_dir, shard_dirs=[Path(m["dir"]) for m in shards])
+def _run_merge(ctx: RowContext, out_dir: Path, work_dir: Path) -> RowMerge:
+    shards = [manifest(m) for m in ctx["row_shard"]]
+    return RowMerge(stage=RowMerge.STAGE, **rows.merge_shards(ctx.plan, shards, out_dir,
+                                                              shard_dirs=[Path(m["dir"]) for m in shards]))
 
 
-TARGET = Stage("row_target", "row-target-gradients", "row_target/1", __name__, _target_key, _run_target,
+TARGET = Stage("row_target", "row-target-gradients", "row_target/1", __name__, _target_key, _run_target, RowTarget,
                description="Projected gradient of the target's mean loss at every adapter snapshot.")
-SHARD = Stage("row_shard", "row-gradient-shard", "row_shard/1", __name__, _shard_key, _run_shard,
+SHARD = Stage("row_shard", "row-gradient-shard", "row_shard/1", __name__, _shard_key, _run_shard, RowShard,
               needs=("row_target",),
               description="Per-row gradients of one shard of the train rows at every snapshot: TracIn (plain and "
                           "AdamW-preconditioned), self-influence, loss dynamics (and classification probabilities).")
-MERGE = Stage("row_merge", "row-attribution-merge", "row_merge/1", __name__, _merge_key, _run_merge,
+MERGE = Stage("row_merge", "row-attribution-merge", "row_merge/1", __name__, _merge_key, _run_merge, RowMerge,
               needs=("row_shard",),
               description="Every train row with each method's score and rank: row_attribution.parquet.")
 STAGES = (TARGET, SHARD, MERGE)
@@ -137,23 +198,17 @@ def shard_count(plan: rows.RowAttributionPlan, asked: int) -> Tuple[int, List[st
                      f"{SCORE_BATCH}, so {batches} shard(s) ran"]
 
 
-def train_stage_seconds(run: Path, record: dict) -> Tuple[Optional[float], str]:
+def train_stage_seconds(run: Path, record: dict, cfg: TrainConfig) -> Tuple[Optional[float], str]:
     """The Run's own train-stage seconds (what the cost ratio divides by) and where the figure comes from.
 
     run.json's ``stages.train.seconds`` when the stage ran in that Run; when it was a cache hit there, the
-    train loop's own ``train_seconds`` from the train stage's cache entry (the time it took when it ran).
+    train loop's own ``train_seconds`` from the train stage's cache entry (the time it took when it ran);
+    ``cfg`` is the Run's config (its cache folder).
     """
-    import json
-
-    from verifily_train.pipeline.cache import cache_root
-
     entry = (record.get("stages") or {}).get("train") or {}
     if entry.get("seconds") and not entry.get("cache_hit"):
         return float(entry["seconds"]), "run.json stages.train.seconds"
-    import yaml
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    stage_json = cache_root((cfg.get("cache") or {}).get("dir")) / "train" / str(entry.get("key")) / "stage.json"
+    stage_json = cache_root(cfg.cache.dir) / "train" / str(entry.get("key")) / "stage.json"
     try:
         seconds = json.loads(stage_json.read_text(encoding="utf-8")).get("train_seconds")
     except (OSError, ValueError):

@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from verifily_train.attribution.output import RESULT, load_attribution
 from verifily_train.attribution.rows import RESULT_FILE, summarize_by_tag
+from verifily_train.checksums import CHECKSUMS
 from verifily_train.hashing import content_hash
 
 # what a high score means, per method (attribution/rows/plan.py METHODS; docs/attribution.md)
@@ -132,9 +134,10 @@ def _ranked(table, method: str, methods: List[str], keys: List[str], top: int) -
 
 
 def existing(folder: Path) -> Optional[dict]:
-    """The attribution.json of a complete folder (checksums written last), else None."""
-    if (folder / "checksums.sha256").is_file() and (folder / "attribution.json").is_file():
-        return json.loads((folder / "attribution.json").read_text(encoding="utf-8"))
+    """The attribution.json of a complete folder (checksums written last), checked against its checksums (a
+    changed byte is a ``RunError`` naming the file); None when the folder is not complete."""
+    if (folder / CHECKSUMS).is_file() and (folder / RESULT).is_file():
+        return load_attribution(folder)
     return None
 
 
