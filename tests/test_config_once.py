@@ -40,7 +40,8 @@ def counting_validate_row(*args, **kwargs):
     return validate_row(*args, **kwargs)
 
 
-OmegaConf.structured, validate._validate, manifest.validate_row = counting_structured, counting_check, counting_validate_row
+OmegaConf.structured, validate._validate = counting_structured, counting_check
+manifest.validate_row = counting_validate_row
 
 
 @atexit.register

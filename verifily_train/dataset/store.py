@@ -281,7 +281,7 @@ def _unchanged(dv: DatasetVersion, stamp: Optional[tuple], dataset_version: Opti
         return False  # loading it again reports what is wrong now
 
 
-def _load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path] = None) -> DatasetVersion:
+def _load_for_config(dataset_version: Optional[str], data_paths, task: str, home: Optional[Path]) -> DatasetVersion:
     if dataset_version:
         dv = resolve(dataset_version, home, expected_task=task)
     else:
