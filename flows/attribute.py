@@ -25,7 +25,10 @@ from verifily_train.attribution import orchestrate
 from verifily_train.attribution.options import AttributeOptions
 from verifily_train.attribution.stats import DEFAULT_CONTROLS, DEFAULT_SEEDS
 from verifily_train.attribution.workers import run_worker
+from verifily_train.config import load_config
 from verifily_train.config.parse import read_yaml
+from verifily_train.errors import VerifilyError
+from verifily_train.pipeline.runner import replay_run
 from verifily_train.quiet import QUIET_ENV
 
 ABLATION_WORKER = "verifily_train.flows.ablation_worker"  # one ablation run in its own process
@@ -43,9 +46,23 @@ def ablation_run(arm: str, seed: int, config: str, overrides: List[str], runs_di
     """Train one arm with one seed; returns the Run folder (the train flow's cached stages are reused)."""
     if deployment:
         return _via_deployment(deployment, config, overrides, runs_dir)
+    replayed = _replayed(config, overrides, runs_dir)
+    if replayed is not None:
+        return replayed
     env = dict(os.environ, PREFECT_API_URL=api_url, **QUIET_ENV)  # its stderr's last line is the error we report
     job = {"config": config, "overrides": overrides, "runs_dir": runs_dir}
     return run_worker(ABLATION_WORKER, job, env, f"ablation {arm} seed {seed}")["path"]
+
+
+def _replayed(config: str, overrides: List[str], runs_dir: str) -> Optional[str]:
+    """The arm's Run from the recorded stage entries when these exact inputs completed before, as ``verifily
+    train`` replays them: in this process, no worker started (a second identical call re-spawned every arm)."""
+    try:
+        cfg = load_config(config, overrides)
+    except VerifilyError:  # the worker's train flow reports it, with its own message
+        return None
+    summary = replay_run(cfg, Path(runs_dir))
+    return summary["path"] if summary else None
 
 
 def _via_deployment(deployment: str, config: str, overrides: List[str], runs_dir: str) -> str:
