@@ -3,19 +3,20 @@ checksummed and read-only; and the one reader of any attribution folder's attrib
 
 The tag-level folder (``attributions/<run>-by-<key>/``) also holds the ablation Runs (``runs/``, each a Run of
 its own) and an identical later call writes it again, so it cannot be one immutable rename like a Run or a
-``--rows`` folder (``pipeline/row_output.publish``). Its outputs are written in ``.staging-attribution/``,
-read-only; then the old ``checksums.sha256`` goes first (a reader sees an incomplete folder, never a mix),
+``--rows`` folder (``pipeline/row_output.publish``). Its outputs are written in a ``.staging-attribution-*``
+folder beside them, read-only; then the old ``checksums.sha256`` goes first (a reader sees an incomplete folder, never a mix),
 each file is renamed into place, and the new checksum listing of those files is renamed in last.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
 from verifily_train import jsonsafe
-from verifily_train.artifacts.run import discard, staging_dir
 from verifily_train.checksums import CHECKSUMS, parse_checksums, write_checksums
 from verifily_train.errors import RunError
 from verifily_train.fsio import atomic_write_json, atomic_write_text, fsync_dir
@@ -28,7 +29,7 @@ REPORT = "attribution.html"
 def publish_outputs(folder: Path, result: Mapping[str, object], report_html: str) -> Path:
     """attribution.json, attribution.html and their checksums into ``folder``: staged, read-only, listing last."""
     folder.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(folder, "attribution")
+    staging = Path(tempfile.mkdtemp(prefix=".staging-attribution-", dir=folder))
     try:
         atomic_write_json(staging / RESULT, dict(result))
         atomic_write_text(staging / REPORT, report_html)
@@ -42,7 +43,7 @@ def publish_outputs(folder: Path, result: Mapping[str, object], report_html: str
             os.replace(staging / name, folder / name)
         fsync_dir(folder)
     finally:
-        discard(staging)
+        shutil.rmtree(staging, ignore_errors=True)  # empty once published; what a failure left, otherwise
     return folder
 
 
