@@ -140,7 +140,7 @@ STAGES = (TARGET, SHARD, MERGE)
 
 def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None,
               projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
-              methods: Optional[List[str]] = None) -> rows.RowAttributionPlan:
+              methods: Optional[List[str]] = None, cfg: Optional[TrainConfig] = None) -> rows.RowAttributionPlan:
     """The row-attribution plan of a completed Run; a user error (one line) when it cannot be made.
 
     ``checkpoints`` None: up to the default, falling back to the final adapter alone (with a note) when the
@@ -156,7 +156,7 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
     if record.get("status") != "completed":
         raise RunError(run, None, f"status is {record.get('status')!r}; only a completed run can be attributed")
     plan = rows.plan_row_attribution(run, target, checkpoints or DEFAULT_CHECKPOINTS, projection_dim, seed,
-                                     methods=methods)
+                                     methods=methods, cfg=cfg)
     kept = [s for s in plan.snapshots if s.get("file")]
     if checkpoints is not None and checkpoints > 1 and not kept:
         raise ConfigError(None, "--checkpoints", f"{checkpoints} checkpoints asked, but the train stage of "
@@ -168,18 +168,19 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
 
 def plan_for_call(parent: Path, target: str, checkpoints: Optional[int], projection_dim: int, seed: int,
                   methods: Optional[List[str]], verify: int, select: Optional[str],
-                  same_rows: bool) -> rows.RowAttributionPlan:
-    """The scoring plan: against ``target``, or with ``verify`` against the selection rows (``select``, else val)."""
+                  same_rows: bool, cfg: Optional[TrainConfig] = None) -> rows.RowAttributionPlan:
+    """The scoring plan: against ``target``, or with ``verify`` against the selection rows (``select``, else val);
+    ``cfg``: the Run's config when the caller has loaded it."""
     if not verify:
         if select is not None or same_rows:
             raise ConfigError(None, "--select" if select is not None else "--same-rows",
                               "names the rows --verify ranks with: give it with --verify K")
-        return plan_rows(parent, target, checkpoints, projection_dim, seed, methods)
+        return plan_rows(parent, target, checkpoints, projection_dim, seed, methods, cfg)
     from verifily_train.attribution.row_verify import selection_target
 
     chosen = selection_target(select, target, same_rows)
     try:
-        return plan_rows(parent, chosen, checkpoints, projection_dim, seed, methods)
+        return plan_rows(parent, chosen, checkpoints, projection_dim, seed, methods, cfg)
     except ConfigError as err:
         if err.key != "--target" or chosen == target:
             raise

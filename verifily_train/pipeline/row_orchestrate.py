@@ -120,7 +120,7 @@ def _attribute_rows(o: RowOptions, runner: Runner) -> dict:
     hold_stages(Path(cache.root), record, ("tokenize", "train"))  # what the plan reads: `cache clear` keeps it
     projection = DEFAULT_PROJECTION_DIM if o.projection_dim is None else o.projection_dim
     plan = plan_for_call(parent, o.target, o.checkpoints, projection, o.seed, o.method_list, o.verify, o.select,
-                         o.same_rows)
+                         o.same_rows, cfg)
     selection = None
     if o.verify:
         selection = check_selection(plan, o.target, verify_method(plan.methods, o.verify_by), o.same_rows)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.config import TrainConfig, load_config
 from verifily_train.errors import ConfigError, RunError
 
 ROWS_VERSION = "rows/2"  # bump when the same inputs should now give other scores
@@ -72,14 +73,14 @@ class RowAttributionPlan:
 
 def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int = DEFAULT_CHECKPOINTS,
                          projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
-                         cache_root: Optional[Path] = None, methods: Optional[List[str]] = None) -> RowAttributionPlan:
+                         cache_root: Optional[Path] = None, methods: Optional[List[str]] = None,
+                         cfg: Optional[TrainConfig] = None) -> RowAttributionPlan:
     """The plan for a Run: its train stage's snapshots (``checkpoints`` of them), else its final adapter alone.
 
-    ``cache_root``: the stage cache (default: the Run's ``cache.dir``, else ``$VERIFILY_HOME/cache``).
+    ``cache_root``: the stage cache (default: the Run's ``cache.dir``, else ``$VERIFILY_HOME/cache``). ``cfg``:
+    the Run's config as the caller loaded it (default: loaded here, through ``verifily_train.config``).
     Raises ``RunError`` when the tokenize entry is gone and ``ConfigError`` for a bad target or setting.
     """
-    import yaml
-
     from verifily_train.artifacts.run import load_run_json
     from verifily_train.fsio import verifily_home
     from verifily_train.hashing import sha256_file
@@ -88,12 +89,12 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
 
     run = Path(run_path).resolve()
     record = load_run_json(run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    cfg = cfg if cfg is not None else load_config(str(run / "config.yaml"))
     if checkpoints < 1:
         raise ConfigError(None, "--checkpoints", f"must be >= 1; got {checkpoints}")
     if projection_dim < 0:
         raise ConfigError(None, "--projection-dim", f"must be >= 0 (0 = no projection); got {projection_dim}")
-    configured = (cfg.get("cache") or {}).get("dir")
+    configured = cfg.cache.dir
     root = Path(cache_root) if cache_root else (Path(os.path.expanduser(configured)) if configured
                                                  else verifily_home() / "cache")
     stages = record.get("stages") or {}
@@ -105,7 +106,7 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
     target_split = _target_split(tokenized, target)
     notes: List[str] = []
     train_entry = root / "train" / str((stages.get("train") or {}).get("key"))
-    lora = bool((cfg.get("lora") or {}).get("enabled", True))
+    lora = cfg.lora.enabled
     saved = read_snapshots(train_entry)
     if saved:
         snapshots = [dict(s, sha256=sha256_file(s["file"])) for s in select_snapshots(saved, checkpoints)]
@@ -115,7 +116,7 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
     else:
         final = run / ("adapter" if lora else "model")
         weights = sorted(final.glob("*.safetensors"))
-        lr = float((cfg.get("training") or {}).get("learning_rate", 2e-4))
+        lr = float(cfg.training.learning_rate)
         snapshots = [{"file": "", "step": int(record.get("metrics", {}).get("train_steps") or 0), "lr": lr,
                       "weight": lr, "interval_steps": 0,
                       "sha256": sha256_file(weights[0]) if weights else ""}]
@@ -127,7 +128,7 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
             s["optimizer"] = dict(s["optimizer"], sha256=sha256_file(s["optimizer"]["file"]))
     import pyarrow.parquet as pq
 
-    spec = inspect_model(record["model_source"], task, bool(cfg.get("trust_remote_code", False)))
+    spec = inspect_model(record["model_source"], task, cfg.trust_remote_code)
     return RowAttributionPlan(
         run_path=str(run), tokenized_dir=str(tokenized), snapshots=snapshots, target=target,
         projection_dim=int(projection_dim), seed=int(seed), methods=chosen, task=task,
