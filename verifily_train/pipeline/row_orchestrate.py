@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pandas as pd
 
@@ -21,8 +21,7 @@ from verifily_train.artifacts.run import find_run, load_run_json, utc_now
 from verifily_train.attribution.analysis import FULL, control_arm, per_example
 from verifily_train.attribution.derive_rows import derive_without_rows, rows_digest
 from verifily_train.attribution.options import RowOptions, check_options
-from verifily_train.attribution.orchestrate import (ArmJob, Runner, dataset_overrides, derive_control, run_arms,
-                                                    run_bounded)
+from verifily_train.attribution.orchestrate import ArmJob, Runner, dataset_overrides, run_arms, run_bounded
 from verifily_train.attribution.plan import retrain_budget
 from verifily_train.attribution.row_verify import (ARM, analyze_verification, check_selection, check_verify,
                                                    top_row_hashes, verify_method)
