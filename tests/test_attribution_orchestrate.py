@@ -76,6 +76,37 @@ def test_a_tag_attribution_runs_through_the_library_without_prefect(models, tmp_
     assert not (out / "attribution.json").stat().st_mode & 0o222 and (out / "checksums.sha256").is_file()
 
 
+ROWS_IN_LIBRARY = r'''
+import json, sys
+from pathlib import Path
+from verifily_train.attribution.options import RowOptions
+from verifily_train.pipeline.row_orchestrate import attribute_rows, row_runner
+
+first = attribute_rows(RowOptions(run=sys.argv[1], shards=2), row_runner())
+again = attribute_rows(RowOptions(run=sys.argv[1], shards=2), row_runner())
+print(json.dumps({"prefect_imported": "prefect" in sys.modules, "train_rows": first["train_rows"],
+                  "path": first["path"], "reused": again.get("reused"),
+                  "hits": sum(s["cache_hit"] for s in again["stages_now"].values()), "stages": len(again["stages_now"])}))
+'''
+
+
+def test_row_attribution_runs_through_the_library_without_prefect(models, tmp_path):
+    script = tmp_path / "attribute_in_library.py"
+    script.write_text(LIBRARY_ATTRIBUTION.split("options = AttributeOptions")[0] + "print(parent)\n")
+    trained = subprocess.run([sys.executable, str(script), str(tmp_path), str(models["bert"])], capture_output=True,
+                             text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    parent = trained.stdout.strip().splitlines()[-1]
+    (tmp_path / "rows_in_library.py").write_text(ROWS_IN_LIBRARY)
+    done = subprocess.run([sys.executable, str(tmp_path / "rows_in_library.py"), parent], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["prefect_imported"] is False and report["train_rows"] == 40
+    assert report["reused"] is True and report["hits"] == report["stages"] == 4  # target, 2 shards, merge
+    assert load_attribution(Path(report["path"]))["kind"] == "rows"
+
+
 def test_a_changed_byte_in_attribution_json_is_one_line_naming_the_file(tmp_path):
     folder = tmp_path / "attributions" / "run_x-by-source"
     publish_outputs(folder, {"values": {"web": {"verdict": "hurts"}}}, "<html></html>")
