@@ -82,21 +82,22 @@ class StageChain:
 @flow(name="train", flow_run_name=run_name, log_prints=False, validate_parameters=False)
 def train(config: Optional[Union[str, dict]] = None, overrides: Optional[List[str]] = None,
           dataset: Optional[str] = None, runs_dir: Optional[str] = None, refresh: bool = False,
-          once: bool = False, resolved_config: Optional[dict] = None) -> dict:
+          once: bool = False, resolved_config: Optional[dict] = None, run_id: Optional[str] = None) -> dict:
     """Train a LoRA adapter on a DatasetVersion and write an immutable Run; returns the run summary.
 
     ``config`` is a train.yaml path or a config mapping (a deployment's inline ``config``), parsed and validated
     here with ``overrides`` (dotted key=value strings) and ``dataset``. ``resolved_config`` is what ``verifily
     train`` passes instead: the config it parsed and validated once, as ``config_to_dict`` gives it, rebuilt and
     not validated again. ``once`` (retraining): skip when this dataset version was already trained (or is being
-    trained) under the same training config.
+    trained) under the same training config. ``run_id`` is the id the Run gets (``verifily train`` chooses it, so
+    it finds the Run on disk when Prefect's API fails after it is published); a group's members get their own.
     """
     cfg = _config(resolved_config, config, overrides, dataset)
     logger = get_run_logger()
     if cfg.compute.mode == "managed":
         logger.info(MANAGED_MESSAGE)
         return {"status": "not_run", "message": MANAGED_MESSAGE}
-    start = new_start()
+    start = new_start(run_id)
     cache = CacheSettings.for_config(cfg, refresh)
     if cfg.training.replicates > 1:
         return _train_group(cfg, _runs_dir(cfg, runs_dir), cache, once, logger)

@@ -127,9 +127,9 @@ IN_FUNCTION_TODAY: Dict[str, Tuple[str, ...]] = {
     "verifily_train/cli/stack.py": ("verifily_train.jsonsafe", "verifily_train.procs"),
     "verifily_train/cli/summary.py": ("verifily_train.artifacts.run",),
     "verifily_train/cli/train.py": (
-        "verifily_train.artifacts", "verifily_train.artifacts.reproduce", "verifily_train.artifacts.run",
-        "verifily_train.cli.prefect_rest", "verifily_train.errors", "verifily_train.flows.submit",
-        "verifily_train.flows.train", "verifily_train.pipeline", "verifily_train.pipeline.runner",
+        "verifily_train.artifacts.reproduce", "verifily_train.artifacts.run", "verifily_train.cli.prefect_rest",
+        "verifily_train.errors", "verifily_train.flows.submit", "verifily_train.flows.train",
+        "verifily_train.pipeline.runner",
     ),
     "verifily_train/evaluation/predict.py": (
         "verifily_train.dataset.rows", "verifily_train.model.attention", "verifily_train.model.quantization",

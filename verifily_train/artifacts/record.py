@@ -44,9 +44,6 @@ def merged(parts: Sequence[Mapping[str, Any]], what: str) -> Dict[str, Any]:
     return out
 
 
-LAST_PUBLISHED: Optional[str] = None  # the last Run this process published (read if the orchestrator fails after it)
-
-
 @dataclass(frozen=True)
 class RunStart:
     """A run's id and when it started (wall clock for the record, a monotonic-ish clock for its duration)."""
@@ -62,12 +59,9 @@ def write_run_record(cfg: TrainConfig, start: RunStart, fragments: Sequence[RunF
 
     ``charts_dir`` memoises the report's rendered plots (the cache's ``charts/`` folder, when the cache is on).
     """
-    global LAST_PUBLISHED
     stage = staging_dir(runs_dir, start.run_id)
     try:
-        written = _assemble_run(cfg, start, fragments, runs_dir, stage, charts_dir)
-        LAST_PUBLISHED = written["path"]
-        return written
+        return _assemble_run(cfg, start, fragments, runs_dir, stage, charts_dir)
     except BaseException:
         discard(stage)  # a failed write leaves no staging folder behind (a killed one is swept by the next run)
         raise

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.artifacts.run import new_run_id
+from verifily_train.checksums import CHECKSUMS
 from verifily_train.cli.runtime import (await_server, check_api_answers, first_line, in_process_flow_settings, is_prefect_api_error,
                                         preload_fingerprint_modules, prefect_api_problem, quiet_libraries,
                                         start_quiet_server, use_prefect_server)
@@ -158,23 +160,27 @@ def flow_summary(cfg: TrainConfig, refresh: bool = False) -> dict:
 
     preload_fingerprint_modules()
     await_server(server, preload_stages=True)  # a half-started server must not be handed to the flow
-    from verifily_train.artifacts import record
-    from verifily_train.pipeline import runner
-
     logging.raiseExceptions = False  # a log record the API refused is not printed ("--- Error logging to API ---")
-    runner.LAST_SUMMARY, record.LAST_PUBLISHED = None, None
+    run_id = new_run_id()  # chosen here: the Run is found on disk when Prefect's API fails after publishing it
     try:
-        with in_process_flow_settings():
-            summary = train(resolved_config=config_to_dict(cfg), refresh=refresh)  # rebuilt there, not re-validated
+        with in_process_flow_settings():  # the config is rebuilt there, not re-validated
+            summary = train(resolved_config=config_to_dict(cfg), refresh=refresh, run_id=run_id)
     except BaseException as err:
         sys.stderr.write("\n")  # end any progress bar's line so the error stands on its own
         if not is_prefect_api_error(err):
             raise
-        if runner.LAST_SUMMARY is None and record.LAST_PUBLISHED is None:
+        published = published_run(Path(cfg.output.dir), run_id)
+        if published is None:
             raise prefect_api_problem(err) from err
         # the Run is complete and verifiable; only Prefect's record of it failed
-        summary = dict(runner.LAST_SUMMARY or summary_from_run(record.LAST_PUBLISHED), prefect_failed=first_line(err))
+        summary = dict(summary_from_run(str(published)), prefect_failed=first_line(err))
     return summary
+
+
+def published_run(runs_dir: Path, run_id: str) -> Optional[Path]:
+    """``runs_dir/run_id`` when that Run was published (a failed-run record has no checksums), else None."""
+    path = runs_dir / run_id
+    return path if (path / CHECKSUMS).is_file() else None
 
 
 def cmd_reproduce(args) -> int:

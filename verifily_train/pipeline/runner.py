@@ -80,11 +80,11 @@ class Publisher:
 
 Execute = Callable[[Stage, StageContext], StageOutput]
 Write = Callable[[TrainConfig, RunStart, Fingerprint, Dict[str, StageOutput], Path, Optional[Path]], dict]
-LAST_SUMMARY: Optional[dict] = None  # the summary of the last Run this process completed
 
 
-def new_start() -> RunStart:
-    return RunStart(new_run_id(), utc_now(), time.time())
+def new_start(run_id: Optional[str] = None) -> RunStart:
+    """A run starting now, under ``run_id`` when the caller chose it (to find the Run should its orchestrator fail)."""
+    return RunStart(run_id or new_run_id(), utc_now(), time.time())
 
 
 def run_pipeline(cfg: TrainConfig, fp: Fingerprint, runs_dir: Path, cache: CacheSettings, execute: Execute,
@@ -147,10 +147,8 @@ def _record_failure(cfg: TrainConfig, start: RunStart, fp: Fingerprint, done: Di
 
 def _finish(cfg: TrainConfig, fp: Fingerprint, done: Dict[str, StageOutput], written: dict, cache: CacheSettings,
             publisher: Publisher, compare_previous: bool = True) -> dict:
-    global LAST_SUMMARY
     summary = run_summary(written, done["evaluate"].to_json(), done["slice"].to_json(),
                           done["hard_examples"].to_json())
-    LAST_SUMMARY = summary  # the Run is complete: a later failure of Prefect's API must not disown it
     claims.complete_run(cfg, fp, done["validate"], written)
     if cache.write:  # the next identical run can be answered from these entries (pipeline/replay.py)
         replay.remember(cfg, fp, done, Path(cache.root), STAGES)
