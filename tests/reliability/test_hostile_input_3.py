@@ -382,18 +382,16 @@ def test_cache_clear_during_row_scoring_keeps_what_the_scoring_reads(tmp_path, c
     """The flow holds its Run's tokenize and train entries (``hold_stages``) from before its plan until its
     folder is published; ``cache clear`` meanwhile removes the rest and says what it kept."""
     from verifily_train.cli.main import main
-    from verifily_train.pipeline.cache import hold_stages, release_held
+    from verifily_train.pipeline.cache import hold_stages, holding
 
     root = tmp_path / "cache"
     tok, trn, other = _entry(root, "tokenize", "a" * 64), _entry(root, "train", "b" * 64), _entry(root, "eval", "c" * 64)
     record = {"stages": {"tokenize": {"key": "a" * 64}, "train": {"key": "b" * 64}, "evaluate": {"key": "c" * 64}}}
-    try:
+    with holding():
         hold_stages(root, record, ("tokenize", "train"))
         assert main(["cache", "clear", "--dir", str(root)]) == 0
         assert "kept 2 in use by a running verifily command" in capsys.readouterr().out
         assert tok.is_dir() and trn.is_dir() and not other.exists()
-    finally:
-        release_held()
     assert main(["cache", "clear", "--dir", str(root)]) == 0
     assert not tok.exists() and not trn.exists()
 
@@ -401,15 +399,15 @@ def test_cache_clear_during_row_scoring_keeps_what_the_scoring_reads(tmp_path, c
 HOLDER = r'''
 import sys, time
 from pathlib import Path
-from verifily_train.pipeline.cache import hold_exclusive, release_held
+from verifily_train.pipeline.cache import hold_exclusive, holding
 root, folder = Path(sys.argv[1]), Path(sys.argv[2])
-hold_exclusive(root, "row_attributions", "k")
-(root / "holding").write_text("1")
-while not (root / "go").exists():
-    time.sleep(0.02)
-folder.mkdir()
-(folder / "attribution.json").write_text("{}")
-release_held()
+with holding():
+    hold_exclusive(root, "row_attributions", "k")
+    (root / "holding").write_text("1")
+    while not (root / "go").exists():
+        time.sleep(0.02)
+    folder.mkdir()
+    (folder / "attribution.json").write_text("{}")
 '''
 
 
@@ -420,7 +418,7 @@ def test_a_second_identical_row_attribution_waits_then_reuses_the_first(tmp_path
     import sys
 
     from conftest import cli_env
-    from verifily_train.pipeline.cache import hold_exclusive, release_held
+    from verifily_train.pipeline.cache import hold_exclusive, holding
 
     root, folder = tmp_path / "cache", tmp_path / "attr"
     root.mkdir()
@@ -434,9 +432,9 @@ def test_a_second_identical_row_attribution_waits_then_reuses_the_first(tmp_path
         seen = []
 
         def second():
-            hold_exclusive(root, "row_attributions", "k")
-            seen.append(folder.is_dir())  # the flow's `existing(folder)`: reuse, never a second publish
-            release_held()
+            with holding():
+                hold_exclusive(root, "row_attributions", "k")
+                seen.append(folder.is_dir())  # the flow's `existing(folder)`: reuse, never a second publish
 
         waiter = threading.Thread(target=second)
         waiter.start()

@@ -95,7 +95,8 @@ def hold_exclusive(root: Path, stage: str, key: str) -> None:
 
 
 def release_held() -> None:
-    """Drop every in-use mark this process holds (a flow run ended)."""
+    """Drop every in-use mark this process holds (a flow run ended); ``pipeline/row_orchestrate.attribute_rows``
+    still ends with it, everything else uses :func:`holding`."""
     while _HELD:
         os.close(_HELD.pop())
 
