@@ -63,7 +63,6 @@ class OurTrainStage:
     def _train(self, precision: str, group_by_length: bool, keep_model: bool, device: str, **levers) -> dict:
         import dataclasses
 
-        from verifily_train.pipeline.manifests import model_spec as _spec
         from verifily_train.model.device import DevicePlan
         from verifily_train.model.loading import load_tokenizer
         from verifily_train.training.speed import Levers
@@ -71,7 +70,7 @@ class OurTrainStage:
 
         cfg = dataclasses.replace(self.cfg, training=dataclasses.replace(self.cfg.training,
                                                                          group_by_length=group_by_length))
-        spec = _spec(self.fp)
+        spec = self.fp.model_spec
         tok = load_tokenizer(spec)
         out = Path(tempfile.mkdtemp(dir=self.work, prefix="train-"))
         clock = StepClock()

@@ -181,8 +181,8 @@ BENCH_TODAY: Dict[str, Tuple[str, ...]] = {
     "bench/models.py": ("verifily_train.model.identity", "verifily_train.model.registry"),
     "bench/ours.py": (
         "verifily_train.model.device", "verifily_train.model.loading", "verifily_train.model.tokenize",
-        "verifily_train.pipeline.fingerprint", "verifily_train.pipeline.manifests", "verifily_train.pipeline.runner",
-        "verifily_train.training", "verifily_train.training.speed", "verifily_train.training.trainer",
+        "verifily_train.pipeline.fingerprint", "verifily_train.pipeline.runner", "verifily_train.training",
+        "verifily_train.training.speed", "verifily_train.training.trainer",
     ),
     "bench/pipeline.py": ("verifily_train.procs",),
     "bench/row_agreement.py": ("verifily_train.cli.demo",),

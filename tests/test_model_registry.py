@@ -72,7 +72,6 @@ def test_training_pads_on_the_registry_side(models, sft_splits, tmp_path, monkey
     from verifily_train.config import load_config
     from verifily_train.model.loading import load_tokenizer
     from verifily_train.pipeline.fingerprint import fingerprint_stage
-    from verifily_train.pipeline.manifests import model_spec
     from verifily_train.pipeline.runner import run_uncached
     from verifily_train.training.trainer import train_adapter
 
@@ -81,7 +80,7 @@ def test_training_pads_on_the_registry_side(models, sft_splits, tmp_path, monkey
                              "runtime.progress=false"])
     fp = fingerprint_stage(cfg, tmp_path / "cache")
     tokenized = run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
-    spec = model_spec(fp)
+    spec = fp.model_spec
     monkeypatch.setitem(registry.FAMILIES, "llama", Family("llama", padding_side="left", label_only_head=True))
     tok = load_tokenizer(spec)
     manifest = train_adapter(cfg, spec, tok, tokenized, tmp_path / "tok", DevicePlan("cpu", "fp32"), tmp_path / "out",

@@ -193,7 +193,6 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
 
     from verifily_train.config import load_config
     from verifily_train.pipeline.fingerprint import fingerprint_stage
-    from verifily_train.pipeline.manifests import model_spec as _spec
     from verifily_train.pipeline.runner import run_uncached
     from verifily_train.model.device import DevicePlan
     from verifily_train.model.loading import load_tokenizer
@@ -207,7 +206,7 @@ def _train_bf16(models, sft_splits, work, frozen_in_compute_dtype, save_adapter_
                              f"output.save_adapter_only={str(save_adapter_only).lower()}", "runtime.progress=false"])
     fp = fingerprint_stage(cfg, work / "cache")
     tokenized = run_uncached("tokenize", cfg, fp, work / "tok", work)
-    spec = _spec(fp)
+    spec = fp.model_spec
     out = work / f"out-{frozen_in_compute_dtype}"
     manifest = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, work / "tok", DevicePlan("cpu", "bf16"),
                              out, work / f"w-{frozen_in_compute_dtype}",
@@ -547,7 +546,6 @@ def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp
 
     from verifily_train.config import load_config
     from verifily_train.pipeline.fingerprint import fingerprint_stage
-    from verifily_train.pipeline.manifests import model_spec as _spec
     from verifily_train.pipeline.runner import run_uncached
     from verifily_train.training import compiled
     from verifily_train.model.device import DevicePlan
@@ -563,7 +561,7 @@ def test_training_compile_trains_through_compiled_blocks(models, sft_splits, tmp
                                  "runtime.progress=false"])
         fp = fingerprint_stage(cfg, tmp_path / "cache")
         tokenized = run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
-        spec = _spec(fp)
+        spec = fp.model_spec
         torch._dynamo.reset()
         manifests[flag] = train_adapter(cfg, spec, load_tokenizer(spec), tokenized, tmp_path / "tok",
                                         DevicePlan("cpu", "fp32"), tmp_path / f"out-{flag}", tmp_path / f"w-{flag}")
