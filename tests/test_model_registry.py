@@ -87,3 +87,22 @@ def test_training_pads_on_the_registry_side(models, sft_splits, tmp_path, monkey
                              tmp_path / "work")
     assert tok.padding_side == "left"
     assert manifest["label_only_head"] is True and manifest["label_rows_last_layers"] == 0
+
+
+def test_evaluation_scores_with_the_registry_padding_side(models, sft_splits, tmp_path, monkeypatch):
+    from verifily_train.config import load_config
+    from verifily_train.evaluation import predict
+    from verifily_train.model.loading import load_tokenizer
+    from verifily_train.pipeline.fingerprint import fingerprint_stage
+    from verifily_train.pipeline.runner import run_uncached
+
+    cfg = load_config(None, ["task=sft", f"base_model={models['llama']}", f"data_paths.train={sft_splits['train']}",
+                             f"data_paths.test={sft_splits['test']}", "eval.metrics=[loss]", "runtime.progress=false"])
+    fp = fingerprint_stage(cfg, tmp_path / "cache")
+    tokenized = run_uncached("tokenize", cfg, fp, tmp_path / "tok", tmp_path)
+    monkeypatch.setitem(registry.FAMILIES, "llama", Family("llama", padding_side="left", label_only_head=True))
+    seen, collator = [], predict.make_collator
+    monkeypatch.setattr(predict, "make_collator", lambda spec, tok: seen.append(tok.padding_side) or collator(spec, tok))
+    predict.predict_split(cfg, fp.model_spec, load_tokenizer(fp.model_spec), tokenized, tmp_path / "tok", None, None,
+                          DevicePlan("cpu", "fp32"), tmp_path / "out")
+    assert seen == ["left"]

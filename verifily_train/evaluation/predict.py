@@ -15,6 +15,7 @@ from verifily_train.evaluation.text_metrics import resolve_format, score_texts
 from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.model.registry import family
 from verifily_train.model.tokenize import TokenizedSplit
 from verifily_train.quiet import progress_bars
 
@@ -111,7 +112,7 @@ def predict_split(cfg: TrainConfig, spec: ModelSpec, tok, tokenized: dict, token
                 "metrics": {}}
     labels = tokenized["labels"]
     model = load_trained_model(cfg, spec, tok, labels, train_dir, trained, plan)
-    tok.padding_side = "right"
+    tok.padding_side = family(spec.model_type).padding_side  # as in training: the loss masks padding anyway
     data = TokenizedSplit(tokenized_dir / tokenized["splits"][split]["file"], cfg.task)
     scores = _score_batches(model, spec, data, make_collator(spec, tok), cfg.eval.batch_size, plan.device,
                             plan.precision, cfg.runtime.progress)
