@@ -10,7 +10,8 @@ import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
-from verifily_train.errors import VerifilyError
+
+from verifily_train.errors import VerifilyError, translate_os_error
 
 PathLike = Union[str, os.PathLike]
 
@@ -81,8 +82,6 @@ def write_output_file(path: PathLike, data: bytes, key: str) -> Path:
     try:
         atomic_write_bytes(path, data)
     except OSError as err:
-        from verifily_train.errors import translate_os_error
-
         full = translate_os_error(err, path)
         if full is not None:
             raise full from None

@@ -16,8 +16,10 @@ import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from verifily_train.artifacts.results import attribution_verdicts, comparison_cells
 from verifily_train.config.hashing import config_to_dict
 from verifily_train.config.schema import TrainConfig, trackers
+from verifily_train.errors import EnvironmentProblem, VerifilyError
 
 UNSAFE_NAME = re.compile(r"[^\w\-. :/]")  # MLflow names: alphanumerics, _ - . space : /
 PARAM_VALUE_LIMIT = 500  # MLflow refuses long param values; the full config is config.yaml in the artifacts
@@ -143,8 +145,6 @@ class MlflowTracking(Tracking):
                 run = self.client.create_run(configured_experiment(self.client), run_name=run_id,
                                              tags={"verifily.run_id": run_id})
             except MlflowException as err:  # before any stage: a store that refuses is the user's to fix
-                from verifily_train.errors import EnvironmentProblem
-
                 raise EnvironmentProblem(None, "training.report_to", f"MLflow ({self.client.tracking_uri}) refused a "
                                                                      f"new run: {str(err).splitlines()[0][:200]}") from err
             self.mlflow_run_id = run.info.run_id
@@ -207,8 +207,6 @@ RESULT_TRACKERS = ("mlflow",)  # the trackers `compare` and `attribute` can log 
 
 def check_result_tracker(name: Optional[str], flag: str = "--report-to") -> None:
     """A tracker ``compare`` / ``attribute`` can log to, and its package installed; one line otherwise."""
-    from verifily_train.errors import EnvironmentProblem, VerifilyError
-
     if name is None:
         return
     if name not in RESULT_TRACKERS:
@@ -262,8 +260,6 @@ def log_comparison(result: dict, text: str) -> str:
     """``compare A B`` as an MLflow run nested under B's: ``delta/<metric>``, ``p_adjusted/<metric>``,
     ``significant/<metric>`` overall and ``.../slice/<key>:<value>/<metric>`` per slice; comparison.json and the
     table as artifacts. Returns the MLflow run id."""
-    from verifily_train.artifacts.results import comparison_cells
-
     client, run_id = _results_run(f"compare {result['run_a']} {result['run_b']}", result["run_b"],
                                   {"verifily.compare.a": str(result["run_a"]), "verifily.compare.b": str(result["run_b"]),
                                    "verifily.kind": "compare"})
@@ -282,8 +278,6 @@ def log_attribution(result: dict, parent_run_id: str) -> str:
     """``attribute RUN --by KEY`` as an MLflow run nested under RUN's: ``effect/<key>:<value>``,
     ``p_adjusted/<key>:<value>`` and a ``verdict/<key>:<value>`` tag per value; attribution.json as an artifact.
     Returns the MLflow run id."""
-    from verifily_train.artifacts.results import attribution_verdicts
-
     by = result.get("by")
     rows = attribution_verdicts(result)
     tags = {"verifily.kind": "attribute", "verifily.attribute.by": str(by), "verifily.attribute.parent": parent_run_id}

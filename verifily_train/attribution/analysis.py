@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from verifily_train.artifacts.run import load_run_json
 from verifily_train.attribution import target as targets
 from verifily_train.attribution.stats import ALPHA, adjust, claim_verdicts, one_draw_test, rank_test, row_bootstrap
 from verifily_train.config.metricspec import METRICS, attributed_metrics, lower_is_better
@@ -48,8 +49,6 @@ def per_example(run: Path, task: str):
 
 def target_score(run: Path, target: str) -> float:
     """A Run's score on a target read from its metrics (``gold``: token F1 on the gold set)."""
-    from verifily_train.artifacts.run import load_run_json
-
     metrics = load_run_json(run).get("metrics") or {}
     name = targets.GOLD_METRIC if target == "gold" else target
     if name not in metrics:

@@ -14,18 +14,19 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
+from verifily_train import jsonsafe
 from verifily_train.attribution.derive import bounded_name, safe_part, store_derived, train_lines, version_stem
+from verifily_train.dataset.rows import iter_jsonl
 from verifily_train.errors import DataError, VerifilyError
+from verifily_train.fsio import read_user_file
 from verifily_train.hashing import content_hash
+from verifily_train.model.tokenize import example_id, row_hash
 
 HASH = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
 
 def train_row_identities(dv) -> List[Tuple[str, str]]:
     """(example id, row hash) of every train row, in the order the derivation reads the rows."""
-    from verifily_train.dataset.rows import iter_jsonl
-    from verifily_train.model.tokenize import example_id, row_hash
-
     out = []
     for data_file in dv.split_files("train"):
         for lineno, row in iter_jsonl(Path(data_file.abs_path)):
@@ -61,8 +62,6 @@ def read_row_list(path: Path) -> List[str]:
     """Row ids or hashes from a file: one per line (blank lines and ``#`` comments skipped), a JSON list, or a
     Parquet table with a ``row_hash`` (else ``example_id``) column, such as ``row_attribution.parquet``. Read
     through the bounded reader: ``/dev/zero`` is refused after 64 MiB, not read to the end."""
-    from verifily_train.fsio import read_user_file
-
     data = read_user_file(path, "--drop-rows", MAX_ROW_LIST_BYTES, DataError)
     if data.startswith(b"PAR1"):
         return _parquet_row_list(path, data)
@@ -72,8 +71,6 @@ def read_row_list(path: Path) -> List[str]:
         raise DataError(str(path), None, f"not valid UTF-8 text ({err.reason} at byte {err.start}): one row id "
                                          "or row hash per line, a JSON list, or a Parquet table") from None
     if text.lstrip().startswith("["):
-        from verifily_train import jsonsafe
-
         try:
             items = jsonsafe.loads(text)
         except jsonsafe.BadJson as err:
@@ -119,8 +116,6 @@ def derive_without_rows(dv, drop: Set[str], rule: dict, label: str, home: Option
 
     ``rule`` is recorded in ``derived_from`` (how the rows were chosen, and their hashes); ``label`` names the
     version ``<parent version>-without-<label>``."""
-    from verifily_train.model.tokenize import row_hash
-
     if not drop:
         raise VerifilyError(None, "--drop-rows", "no rows to drop")
     lines = train_lines(dv)

@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.artifacts.run import load_run_json
 from verifily_train.attribution import target as targets
+from verifily_train.attribution.derive import train_tag_counts
+from verifily_train.attribution.stats import DEFAULT_CONTROLS
+from verifily_train.config import load_config
+from verifily_train.dataset.store import load_for_config
 from verifily_train.errors import RunError, VerifilyError
 
 
@@ -17,12 +22,6 @@ def make_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int, ta
               budget_steps: Optional[int] = None, budget_fraction: Optional[float] = None,
               controls: Optional[int] = None) -> dict:
     """What an ``attribute`` call will train and judge; user errors as one line naming the flag."""
-    from verifily_train.artifacts.run import load_run_json
-    from verifily_train.attribution.derive import train_tag_counts
-    from verifily_train.attribution.stats import DEFAULT_CONTROLS
-    from verifily_train.config import load_config
-    from verifily_train.dataset.store import load_for_config
-
     record = load_run_json(parent)
     if record.get("status") != "completed":
         raise RunError(parent, None, "only a completed run can be attributed")

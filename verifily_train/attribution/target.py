@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from verifily_train.dataset.rows import tag_text
 from verifily_train.errors import ConfigError
 
 TARGET_FORMS = "test, val, gold, slice:<tag>=<value> or slice:<tag>!=<value>"
@@ -61,8 +62,6 @@ def parse_slice(target: str, forms: str = TARGET_FORMS, keys=None) -> tuple:
     the operator is the first ``=`` (``!=`` when a ``!`` precedes it); a second operator is ambiguous and
     refused; with ``keys`` (the tag keys the target split's rows carry) an unknown key is refused in both
     forms (``sourc!=human`` would otherwise be every row). The value is compared in NFC."""
-    from verifily_train.dataset.rows import tag_text
-
     body = target[len("slice:"):] if target.startswith("slice:") else ""
     at = body.find("=")
     negate = at > 0 and body[at - 1] == "!"
@@ -94,8 +93,6 @@ def target_mask(frame, target: str):
     column = f"tag.{key}"
     if column not in frame.columns:
         return np.ones(len(frame), dtype=bool) if negate else np.zeros(len(frame), dtype=bool)
-    from verifily_train.dataset.rows import tag_text
-
     values = frame[column].map(lambda v: None if v is None or v != v else tag_text(v))
     tagged = (values == value).to_numpy() & frame[column].notna().to_numpy()
     return ~tagged if negate else tagged

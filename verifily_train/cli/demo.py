@@ -12,8 +12,11 @@ import yaml
 
 from verifily_train.cli.train import replay_identical_run, run_train
 from verifily_train.config import load_config
+from verifily_train.dataset import create_version, resolve
 from verifily_train.errors import DatasetNotFoundError
+from verifily_train.fixtures.models import build_model, pretrain_causal_lm
 from verifily_train.fsio import verifily_home
+from verifily_train.model.registry import resolve_alias
 from verifily_train.quiet import quiet_libraries
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # verifily_train/examples (package data)
@@ -23,8 +26,6 @@ EMBEDDED_DEMO = {"sft": "smollm2", "classification": "minilm"}  # real pretraine
 
 def ensure_demo_model(kind: str, home: Path) -> Path:
     """Build ``tiny-<kind>`` (hidden 64, 2 layers) once under ``$VERIFILY_HOME/models``."""
-    from verifily_train.fixtures.models import build_model, pretrain_causal_lm
-
     final = home / "models" / f"demo-{kind}"
     if (final / "config.json").is_file():
         return final
@@ -41,8 +42,6 @@ def ensure_demo_model(kind: str, home: Path) -> Path:
 
 def ensure_demo_dataset(task: str, home: Path) -> str:
     """``ds_demo_<task>@v1`` in the store, created from the shipped example splits."""
-    from verifily_train.dataset import create_version, resolve
-
     ref = f"ds_demo_{task}@v1"
     try:
         resolve(ref, home, validate_rows=False)
@@ -72,8 +71,6 @@ def prepare_demo(task: str = "sft", home: Optional[Path] = None, tiny: bool = Fa
     By default the demo fine-tunes the embedded pretrained model (SmolLM2-135M-Instruct for SFT,
     all-MiniLM-L6-v2 for classification); ``tiny`` uses a small model built offline instead.
     """
-    from verifily_train.model.registry import resolve_alias
-
     home = home or verifily_home()
     if tiny:
         model = str(ensure_demo_model(DEMO_MODELS[task], home))

@@ -6,6 +6,7 @@ import sys
 
 from verifily_train.cli.console import print_table
 from verifily_train.config import config_hash, config_to_yaml, load_config
+from verifily_train.model.registry import list_embedded
 
 
 def cmd_config_show(args) -> int:
@@ -16,8 +17,6 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from verifily_train.model.registry import list_embedded
-
     rows = [[m["alias"], m["task"], m["description"], m["path"] if m["installed"] else f"not installed: {m['install']}"]
             for m in list_embedded()]
     print_table(rows, ["ALIAS", "TASK", "MODEL", "WHERE"])

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from verifily_train import jsonsafe
 from verifily_train.errors import EnvironmentProblem, VerifilyError
 from verifily_train.fsio import atomic_write_json, verifily_home
-from verifily_train.procs import start_time
+from verifily_train.procs import start_time, wait_healthy
 
 POOLS = ("local", "managed", "self-host")  # spec §6 compute modes as Prefect work pools
 WORKERS = ("local", "managed")  # self-host is served by the customer's own worker
@@ -40,8 +41,6 @@ def _alive(proc: dict) -> bool:
 def read_state(home: Optional[Path] = None) -> Optional[dict]:
     """The state ``stack up`` wrote, or None: none, or a file of another shape (another tool's, a hand edit,
     ``{"processes": {}}``), which is not a stack verifily can find or stop and breaks no command."""
-    from verifily_train import jsonsafe
-
     try:
         state = jsonsafe.loads(state_path(home).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # BadJson and UnicodeDecodeError are ValueErrors
@@ -104,8 +103,6 @@ def _tail(path: str) -> str:
 
 
 def _wait_healthy(url: str, proc: dict, timeout: float) -> None:
-    from verifily_train.procs import wait_healthy
-
     if wait_healthy(url, lambda: _alive(proc), timeout, interval=0.25):
         return
     if not _alive(proc):

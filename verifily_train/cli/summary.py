@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from verifily_train.artifacts.run import integrity_root, load_run_json
 from verifily_train.artifacts.tables import ordered_slices
 from verifily_train.config.metricspec import all_names, metric
 
@@ -106,8 +107,6 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
 
 def summary_from_run(path: str) -> dict:
     """What :func:`print_summary` needs, read back from a published Run's files."""
-    from verifily_train.artifacts.run import integrity_root, load_run_json  # 0.4 s: only after a Prefect API failure
-
     record = load_run_json(Path(path))
     slices = json.loads((Path(path) / "slices.json").read_text(encoding="utf-8"))
     return {"run_id": record["run_id"], "path": path, "record": record, "slices": slices,
