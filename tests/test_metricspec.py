@@ -81,3 +81,18 @@ def test_a_metric_added_to_the_table_reaches_evaluation_slices_tests_attribution
     text = out.getvalue()
     assert f"brevity={overall['brevity']:.4f}" in text
     assert "brevity" in next(line for line in text.splitlines() if line.strip().startswith("value"))
+
+
+def test_run_tables_show_the_tables_metrics_in_order_and_lead_with_its_lead_metric():
+    from verifily_train.artifacts.tables import SHOWN_METRICS, slice_table
+
+    assert SHOWN_METRICS[:len(metricspec.METRICS)] == metricspec.all_names()
+    assert metricspec.lead_metric(["token_f1", "exact_match", "perplexity", "loss"]) == "loss"
+    assert metricspec.lead_metric(["macro_f1", "accuracy"]) == "accuracy"
+    assert metricspec.lead_metric(["token_f1", "exact_match"]) == "exact_match"
+    assert metricspec.lead_metric(["token_f1", "format_compliance", "examples"]) is None
+    entry = {"value": "web", "n": 3, "metrics": {"token_f1": 0.5, "loss": 1.25}, "ci95": {"loss": [1.0, 1.5]},
+             "delta": {"loss": 0.25}, "low_confidence": False}
+    summary = {"slices": {"slices": {"source": {"values": [entry]}}}, "record": {}}
+    assert slice_table(summary) == [{"tag": "source", "value": "web", "n": 3, "metric": "loss", "score": 1.25,
+                                     "ci95_low": 1.0, "ci95_high": 1.5, "delta_vs_overall": 0.25, "low_n": False}]

@@ -20,6 +20,7 @@ import numpy as np
 from verifily_train.artifacts.compare import (config_diff, dataset_diff, resolve_fdr_q, _read_parquet)
 from verifily_train.artifacts.run import (find_run, integrity_root, load_run_json, publish_run, runs_dirs,
                                           staging_dir, utc_now, verify_before_use, verify_run, CHECKSUMS)
+from verifily_train.config.metricspec import lead_metric
 from verifily_train.errors import ConfigError, RunError
 from verifily_train.evaluation.bootstrap import statistics_for
 from verifily_train.evaluation.replicates import MIN_REPLICATES, describe_power, group_cells
@@ -333,7 +334,7 @@ def _bar(delta: float, ci: List[float], scale: float, width: int = 24) -> str:
 def render_group_markdown(result: dict) -> str:
     """The group comparison as markdown (the Prefect artifact): question, sides, a text picture of each
     cell's B - A with its seed interval for the lead metric, and the table of every cell."""
-    lead = next((m for m in ("loss", "accuracy", "exact_match", "token_f1") if m in result["overall"]), None)
+    lead = lead_metric(result["overall"])
     cells = [("overall", result["overall"])] + [(f"{k}={v} (n={e['n']})", e["deltas"])
                                                 for k, vs in result["slices"].items() for v, e in vs.items()]
     lines = [f"**Question:** {result['question']}", "", f"- {side_line('A', result['a'])}",

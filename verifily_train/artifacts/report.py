@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.artifacts.compare import SEED_NOTE, legend, model_level_title
+from verifily_train.config.metricspec import lead_metric
 from verifily_train.fsio import atomic_write_text, write_output_file
 from verifily_train.hashing import content_hash
 
@@ -214,7 +215,7 @@ def render_run_report(run_dir: Path, chart_cache: Optional[Path] = None) -> str:
     parts.append("<h2>Metrics</h2>" + html_table(["metric", "base model", "tuned", "95% CI (tuned)"], rows))
     parts.append("<h2>Configuration</h2>" + html_table(["setting", "value"], _config_rows(record)))
     parts.append("<h2>Training loss</h2>" + _img(chart(loss_curve, log), "loss curve"))
-    lead = next((m for m in ("loss", "accuracy") if m in metrics.get("eval", {})), None)
+    lead = lead_metric(metrics.get("eval", {}))
     for key, block in slices.get("slices", {}).items():
         header = ["value", "n"] + [m for m in block["values"][0]["metrics"] if m not in ("examples", "tokens")] \
             if block["values"] else ["value", "n"]
@@ -279,7 +280,7 @@ def write_compare_report(result: dict, out: str) -> Path:
     parts.append("<h2>Overall (B - A)</h2>" + html_table(["metric", "A", "B", "B - A [95% CI]"], rows, raw=True))
     plt = _pyplot()
     for key, values in result["slices"].items():
-        metric = next((m for m in ("loss", "accuracy", "exact_match") if any(m in v["deltas"] for v in values.values())), None)
+        metric = lead_metric(m for v in values.values() for m in v["deltas"])
         if metric is None:
             continue
         names = [str(v) for v in values]
@@ -315,7 +316,7 @@ def group_delta_chart(result: dict, metric: Optional[str] = None) -> Optional[st
     """One horizontal bar per cell (overall, then each slice) of B - A with its 95% interval over seeds (PNG data URL)."""
     cells = [("overall", result["overall"])] + [(f"{k}={v}", e["deltas"]) for k, vs in result["slices"].items()
                                                 for v, e in vs.items()]
-    metric = metric or next((m for m in ("loss", "accuracy", "exact_match", "token_f1") if m in result["overall"]), None)
+    metric = metric or lead_metric(result["overall"])
     if metric is None:
         return None
     names, points, lows, highs, stars = [], [], [], [], []

@@ -8,8 +8,10 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, List
 
-SHOWN_METRICS = ("loss", "perplexity", "exact_match", "token_f1", "format_compliance", "accuracy", "macro_f1",
-                 "gold_exact_match", "gold_token_f1", "baseline_loss", "train_loss", "train_steps")
+from verifily_train.config.metricspec import all_names, lead_metric
+
+# the evaluation metrics in the table's order, then the gold set's, the baseline's and training's headline figures
+SHOWN_METRICS = all_names() + ("gold_exact_match", "gold_token_f1", "baseline_loss", "train_loss", "train_steps")
 
 
 def _num(value):
@@ -45,7 +47,7 @@ def slice_table(summary: dict) -> List[dict]:
     for key, block in ordered_slices(summary):
         for entry in block["values"]:
             metrics = entry["metrics"]
-            lead = next((m for m in ("loss", "accuracy", "exact_match") if m in metrics), None)
+            lead = lead_metric(metrics)
             if lead is None:
                 continue
             low, high = entry.get("ci95", {}).get(lead) or (None, None)
@@ -147,10 +149,10 @@ def final_log_lines(summary: dict) -> List[str]:
                                            for row in metrics_table(summary))]
     for key, block in ordered_slices(summary):
         cells = [f"{e['value']} {_short(e['metrics'].get(lead))}" for e in block["values"]
-                 for lead in [next((m for m in ("loss", "accuracy", "exact_match") if m in e["metrics"]), None)]
+                 for lead in [lead_metric(e["metrics"])]
                  if lead]
         if cells:
-            lead = next((m for m in ("loss", "accuracy", "exact_match") if m in block["values"][0]["metrics"]), "")
+            lead = lead_metric(block["values"][0]["metrics"]) or ""
             lines.append(f"{lead} by {key}: " + ", ".join(cells))
     if "baseline_loss" in metrics:
         lines.append(f"base model loss {_short(metrics['baseline_loss'])} -> fine-tuned {_short(metrics.get('loss'))}")

@@ -12,7 +12,7 @@ table, in its order: adding a metric is one entry here and its function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 # How a metric's rows aggregate; evaluation implements each kind once (a point value, a resampling statistic)
 ROW_MEAN = "row_mean"  # the mean of a per-row score held in ``column``
@@ -34,15 +34,17 @@ class MetricSpec:
     function_of: Optional[str] = None  # a monotone function of that metric: one test and one star for both
     generation: bool = False  # scored on generated text: naming it in eval.metrics turns generation on
     attributed: bool = False  # verifily attribute reports its per-row effect (``column``) beside the verdict
+    leads: bool = False  # may head a table of one run's metrics (slices, comparisons): the first present leads
 
 
 METRICS: Tuple[MetricSpec, ...] = (
-    MetricSpec("loss", ("sft",), TOKEN_WEIGHTED, column="loss", lower_is_better=True, attributed=True),
+    MetricSpec("loss", ("sft",), TOKEN_WEIGHTED, column="loss", lower_is_better=True, attributed=True, leads=True),
     MetricSpec("perplexity", ("sft",), EXP_OF, column="perplexity", lower_is_better=True, function_of="loss"),
-    MetricSpec("exact_match", ("sft",), ROW_MEAN, column="exact_match", generation=True, attributed=True),
+    MetricSpec("exact_match", ("sft",), ROW_MEAN, column="exact_match", generation=True, attributed=True,
+               leads=True),
     MetricSpec("token_f1", ("sft",), ROW_MEAN, column="token_f1", generation=True, attributed=True),
     MetricSpec("format_compliance", ("sft",), ROW_MEAN, column="format_ok", generation=True),
-    MetricSpec("accuracy", ("classification",), LABEL_MATCH, column="correct", attributed=True),
+    MetricSpec("accuracy", ("classification",), LABEL_MATCH, column="correct", attributed=True, leads=True),
     MetricSpec("macro_f1", ("classification",), MACRO_F1),
 )
 
@@ -75,6 +77,13 @@ def generation_metrics() -> Tuple[MetricSpec, ...]:
 def attributed_metrics() -> Tuple[MetricSpec, ...]:
     """The metrics whose per-row effect ``verifily attribute`` reports, in table order."""
     return tuple(spec for spec in METRICS if spec.attributed)
+
+
+def lead_metric(names: Iterable[str]) -> Optional[str]:
+    """The metric a table over ``names`` leads with: the first in table order that may lead (loss for SFT, whose
+    evaluation always gives it, accuracy for classification), or None."""
+    present = set(names)
+    return next((spec.name for spec in METRICS if spec.leads and spec.name in present), None)
 
 
 def lower_is_better(name: str) -> bool:
