@@ -109,3 +109,36 @@ def test_keyword_overrides_become_dotted_overrides():
                        "dataset_version": "ds_x@v2", "eval": {"slice_by_tags": ["source"]}}) == [
         "training.num_epochs=1", "training.learning_rate=0.0001", "lora.r=8", 'dataset_version="ds_x@v2"',
         'eval.slice_by_tags=["source"]']
+
+
+SECOND_TRAIN = '''
+import sys
+import verifily_train as vt
+messages = []
+for _ in range(2):
+    try:
+        vt.train("train.yaml")
+    except vt.VerifilyError as err:
+        messages.append(str(err))
+print("MESSAGES", repr(messages))
+'''
+
+
+def test_a_missing_model_is_reported_alike_by_every_train_call_of_a_process(tmp_path, sft_splits, prefect_api):
+    """The Hub unreachable: the first call sets HF_HUB_OFFLINE for the process; the second must still say why only the
+    local Hub cache was tried (the model fails at preflight: nothing trains)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: the Hub's connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    write_config(tmp_path, "sft", Path("verifily-test/no-such-model"), sft_splits)
+    env = cli_env({"PREFECT_API_URL": prefect_api, "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", SECOND_TRAIN], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = eval(result.stdout.split("MESSAGES ", 1)[1])
+    assert "the Hub is unreachable: only the local Hub cache was tried" in first
+    assert second == first

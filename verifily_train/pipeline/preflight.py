@@ -78,9 +78,18 @@ class CheapChecks:
     hub_unreachable: bool = False
 
 
+_FOUND_UNREACHABLE = False  # a probe in this process found the Hub unreachable (its memo, carrying nothing else)
+
+
 def hub_is_unreachable(timeout: float = 3.0) -> bool:
     """The Hub cannot be reached (no network) while HF_HUB_OFFLINE is not set. False behind a proxy (a direct
-    connection says nothing then) and once huggingface_hub is imported (it has read HF_HUB_OFFLINE already)."""
+    connection says nothing then) and once huggingface_hub is imported (it has read HF_HUB_OFFLINE already).
+
+    Once True, True for the rest of the process: the caller then set HF_HUB_OFFLINE, which a later probe would
+    read as the user's choice (and drop "the Hub is unreachable" from a second ``vt.train``'s model error)."""
+    global _FOUND_UNREACHABLE
+    if _FOUND_UNREACHABLE:
+        return True
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")) \
@@ -91,6 +100,7 @@ def hub_is_unreachable(timeout: float = 3.0) -> bool:
         socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout).close()
         return False
     except OSError:
+        _FOUND_UNREACHABLE = True
         return True
 
 
