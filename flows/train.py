@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
@@ -12,7 +14,7 @@ from prefect.utilities.annotations import quote
 
 from verifily_train.config import from_resolved, load_config
 from verifily_train.config.hashing import config_hash
-from verifily_train.config.schema import MANAGED_MESSAGE, OutputSection
+from verifily_train.config.schema import MANAGED_MESSAGE, OutputSection, TrainConfig
 from verifily_train.dataset.store import resolve_manifest_path
 from verifily_train.flows.report import PrefectPublisher
 from verifily_train.fsio import verifily_home
@@ -25,7 +27,7 @@ def run_name() -> str:
     params = flow_run.parameters
     try:
         cfg = _config(params.get("resolved_config"), params.get("config"), params.get("overrides"),
-                      params.get("dataset"))
+                      params.get("dataset"), for_the_body=True)
         ref = cfg.dataset_version or "data_paths"
         if ref.endswith("@latest"):
             ref = f"{ref.split('@')[0]}@{resolve_manifest_path(ref).parent.name}"
@@ -36,12 +38,43 @@ def run_name() -> str:
         return f"train-{params.get('dataset') or 'config'}"
 
 
-def _config(resolved_config: Optional[dict], config, overrides: Optional[List[str]], dataset: Optional[str]):
+# An unresolved config that ``run_name`` parsed, by its inputs' canonical bytes: the flow body it names takes it
+# instead of parsing it again (a parse of the same bytes, overrides, dataset and working folder gives the same config).
+_PARSED_FOR_BODY: Dict[str, TrainConfig] = {}
+
+
+def _config(resolved_config: Optional[dict], config, overrides: Optional[List[str]], dataset: Optional[str],
+            for_the_body: bool = False) -> TrainConfig:
     """The typed config: ``resolved_config`` rebuilt as it is (validated where it was resolved), else parsed and
-    validated here (a deployment's train.yaml path or inline mapping)."""
+    validated once per flow run (a deployment's train.yaml path or inline mapping): ``run_name`` parses it
+    ``for_the_body``, and the body takes that parse when its inputs are unchanged."""
     if resolved_config is not None:
         return from_resolved(resolved_config)
-    return load_config(config, overrides or [], dataset=dataset)
+    key = _parse_key(config, overrides, dataset)
+    cfg = _PARSED_FOR_BODY.pop(key, None) if key else None
+    if cfg is None:
+        cfg = load_config(config, overrides or [], dataset=dataset)
+    if for_the_body and key:
+        if len(_PARSED_FOR_BODY) >= 8:  # bodies that never ran (a crashed start) leave no growing memo
+            _PARSED_FOR_BODY.clear()
+        _PARSED_FOR_BODY[key] = cfg
+    return cfg
+
+
+def _parse_key(config, overrides: Optional[List[str]], dataset: Optional[str]) -> Optional[str]:
+    """What a parse of this config reads, as canonical bytes: the inline mapping or the file's path and bytes, the
+    overrides, the dataset and the working folder (relative paths resolve against it). None: unreadable."""
+    try:
+        if isinstance(config, dict):
+            source = json.dumps(config, sort_keys=True, default=str)
+        elif config is not None:
+            path = Path(config).resolve()
+            source = f"{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+        else:
+            source = ""
+        return json.dumps([source, list(overrides or []), dataset, os.getcwd()])
+    except (OSError, TypeError, ValueError):  # the parse itself reports it
+        return None
 
 
 def _runs_dir(cfg, runs_dir: Optional[str]) -> Path:

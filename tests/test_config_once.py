@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli, write_config
+from conftest import cli_env, edit_config, run_cli, write_config
 
 # Installed in every process the test starts (the CLI, torchrun, each DDP rank): counts config parses (an
 # OmegaConf schema built from TrainConfig), config validations and dataset row validations, written at exit.
@@ -99,3 +99,32 @@ def test_train_parses_the_config_once_and_its_ranks_never(tmp_path, models, sft_
     rows = sum(1 for split in sft_splits.values() for line in Path(split).read_text().splitlines() if line.strip())
     assert (cli[0]["parses"], cli[0]["validations"], cli[0]["rows"]) == (1, 1, rows)
     assert all((p["parses"], p["validations"], p["rows"]) == (0, 0, 0) for p in processes if p not in cli)
+
+
+def test_a_deployments_config_is_parsed_once_per_flow_run(tmp_path, monkeypatch, sft_splits):
+    """A deployment passes a train.yaml path or an inline mapping: the flow run's name and its body share one parse,
+    unless the file changed in between."""
+    from types import SimpleNamespace
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from verifily_train.config.schema import TrainConfig
+    from verifily_train.flows import train as flow
+
+    write_config(tmp_path, "sft", Path("m"), sft_splits)
+    monkeypatch.chdir(tmp_path)
+    parses, structured = [], OmegaConf.structured
+    monkeypatch.setattr(OmegaConf, "structured", lambda obj, *a, **k: (parses.append(obj is TrainConfig),
+                                                                         structured(obj, *a, **k))[1])
+    overrides = ["training.num_epochs=1"]
+    for config in ("train.yaml", yaml.safe_load((tmp_path / "train.yaml").read_text())):
+        monkeypatch.setattr(flow, "flow_run", SimpleNamespace(parameters={"config": config, "overrides": overrides}))
+        parses.clear()
+        name = flow.run_name()
+        cfg = flow._config(None, config, overrides, None)
+        assert sum(parses) == 1 and name.startswith("sft-data_paths-") and cfg.training.num_epochs == 1
+    parses.clear()
+    flow.run_name()
+    edit_config(tmp_path, training__learning_rate=0.5)
+    assert flow._config(None, "train.yaml", overrides, None).training.learning_rate == 0.5 and sum(parses) == 2
