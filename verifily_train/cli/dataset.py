@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train import jsonsafe
 from verifily_train.cli.console import print_table
 from verifily_train.cli.runtime import quiet_libraries, use_prefect_server
 from verifily_train.dataset import create_version, list_versions, resolve
 from verifily_train.dataset.columns import parse_columns_flag
+from verifily_train.flows.events import DATASET_CREATED, emit_dataset_created
 
 
 def cmd_dataset_create(args) -> int:
@@ -21,8 +23,6 @@ def cmd_dataset_create(args) -> int:
     api_url = use_prefect_server()
     if api_url:  # a configured Prefect server: its retraining trigger reacts to this event
         quiet_libraries()
-        from verifily_train.flows.events import DATASET_CREATED, emit_dataset_created  # imports Prefect
-
         try:
             emit_dataset_created(dict(dv.summary(), ref=dv.ref))
             print(f"  event {DATASET_CREATED} sent to {api_url}")
@@ -59,8 +59,6 @@ def cmd_dataset_show(args) -> int:
 
 def derived_from_manifest(manifest_path) -> Optional[dict]:
     """The ``derived_from`` record of a (verified) manifest, or None for a version made from files."""
-    from verifily_train import jsonsafe
-
     if not manifest_path:
         return None
     value = jsonsafe.loads(Path(manifest_path).read_text(encoding="utf-8")).get("derived_from")

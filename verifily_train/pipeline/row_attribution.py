@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
+from verifily_train.artifacts.run import load_run_json
 from verifily_train.attribution import rows
+from verifily_train.attribution.row_verify import selection_target
 from verifily_train.attribution.rows.runtime import SCORE_BATCH
 from verifily_train.config import TrainConfig
 from verifily_train.errors import ConfigError, RunError
@@ -148,8 +150,6 @@ def plan_rows(run: Path, target: str = "test", checkpoints: Optional[int] = None
     ``methods`` None: the default of each family (``rows.DEFAULT_METHODS``: loss for suspect rows, the best
     measured on planted errors; TracIn for attribution); ``["all"]``: every method this run allows, side by side.
     """
-    from verifily_train.artifacts.run import load_run_json
-
     methods = list(rows.DEFAULT_METHODS) if methods is None else (None if list(methods) == ["all"] else methods)
 
     record = load_run_json(run)
@@ -176,8 +176,6 @@ def plan_for_call(parent: Path, target: str, checkpoints: Optional[int], project
             raise ConfigError(None, "--select" if select is not None else "--same-rows",
                               "names the rows --verify ranks with: give it with --verify K")
         return plan_rows(parent, target, checkpoints, projection_dim, seed, methods, cfg)
-    from verifily_train.attribution.row_verify import selection_target
-
     chosen = selection_target(select, target, same_rows)
     try:
         return plan_rows(parent, chosen, checkpoints, projection_dim, seed, methods, cfg)

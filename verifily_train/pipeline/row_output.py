@@ -14,10 +14,19 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from verifily_train.artifacts.row_report import render_rows_report
+from verifily_train.artifacts.run import discard, publish_run, staging_dir
 from verifily_train.attribution.output import RESULT, load_attribution
 from verifily_train.attribution.rows import RESULT_FILE, summarize_by_tag
 from verifily_train.checksums import CHECKSUMS
+from verifily_train.config import load_config
+from verifily_train.dataset.rows import iter_jsonl, shown_fields
+from verifily_train.dataset.store import load_for_config
+from verifily_train.errors import VerifilyError
+from verifily_train.fsio import atomic_write_json, atomic_write_text
 from verifily_train.hashing import content_hash
+from verifily_train.model.render import final_answer
+from verifily_train.model.tokenize import row_hash
 
 # what a high score means, per method (attribution/rows/plan.py METHODS; docs/attribution.md)
 MEANING = {
@@ -99,13 +108,6 @@ def summarize(merged: dict, top: int = TOP_ROWS, run: Optional[Path] = None) -> 
 def train_row_fields(run: Path, row_hashes) -> Dict[str, dict]:
     """Per wanted row hash of an SFT Run's train split: ``text``, the row's own fields as a reader wants them, and
     ``answer``, its reply (none for a plain text row). Rows the Run's dataset no longer holds are left out."""
-    from verifily_train.config import load_config
-    from verifily_train.dataset.rows import iter_jsonl, shown_fields
-    from verifily_train.dataset.store import load_for_config
-    from verifily_train.errors import VerifilyError
-    from verifily_train.model.render import final_answer
-    from verifily_train.model.tokenize import row_hash
-
     wanted, found = set(row_hashes), {}
     try:
         cfg = load_config(str(run / "config.yaml"))
@@ -143,10 +145,6 @@ def existing(folder: Path) -> Optional[dict]:
 
 def publish(folder: Path, merged: dict, result: dict) -> Path:
     """Stage, checksum, ledger, read-only, rename: the immutable attribution folder."""
-    from verifily_train.artifacts.row_report import render_rows_report
-    from verifily_train.artifacts.run import discard, publish_run, staging_dir
-    from verifily_train.fsio import atomic_write_json, atomic_write_text
-
     staging = staging_dir(folder.parent, folder.name)
     try:
         shutil.copyfile(Path(merged["dir"]) / merged["file"], staging / RESULT_FILE)

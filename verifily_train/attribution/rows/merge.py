@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from verifily_train.attribution.rows.plan import (ATTRIBUTION, DEFAULT_ATTRIBUTION, DEFAULT_METHOD, FAMILIES,
                                                   LABEL_ISSUE_FOLDS, SUSPECT, RowAttributionPlan)
+from verifily_train.attribution.rows.scores import score_shard, target_gradients
 
 RESULT_FILE = "row_attribution.parquet"
 
@@ -159,8 +160,6 @@ def summarize_by_tag(table, method: str, tag: str) -> List[dict]:
 
 def attribute_rows(plan: RowAttributionPlan, out_dir: Path, shard_count: int = 1) -> dict:
     """Every step in this process, into ``out_dir/{target,shard-<i>,merged}``; returns the merge manifest."""
-    from verifily_train.attribution.rows.scores import score_shard, target_gradients
-
     out_dir = Path(out_dir)
     target = target_gradients(plan, out_dir / "target")
     shard_dirs = [out_dir / f"shard-{i}" for i in range(shard_count)]

@@ -7,8 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.artifacts.run import load_run_json
+from verifily_train.attribution.target import parse_slice
 from verifily_train.config import TrainConfig, load_config
 from verifily_train.errors import ConfigError, RunError
+from verifily_train.fsio import verifily_home
+from verifily_train.hashing import sha256_file
+from verifily_train.model.loading import inspect_model
+from verifily_train.training.snapshots import read_snapshots
 
 ROWS_VERSION = "rows/2"  # bump when the same inputs should now give other scores
 
@@ -81,12 +87,6 @@ def plan_row_attribution(run_path: Path, target: str = "test", checkpoints: int 
     the Run's config as the caller loaded it (default: loaded here, through ``verifily_train.config``).
     Raises ``RunError`` when the tokenize entry is gone and ``ConfigError`` for a bad target or setting.
     """
-    from verifily_train.artifacts.run import load_run_json
-    from verifily_train.fsio import verifily_home
-    from verifily_train.hashing import sha256_file
-    from verifily_train.model.loading import inspect_model
-    from verifily_train.training.snapshots import read_snapshots
-
     run = Path(run_path).resolve()
     record = load_run_json(run)
     cfg = cfg if cfg is not None else load_config(str(run / "config.yaml"))
@@ -181,8 +181,6 @@ TARGET_FORMS = "test, val, slice:<tag>=<value> or slice:<tag>!=<value>"
 def parse_slice_target(target: str, keys=None) -> tuple:
     """``slice:<tag>=<value>`` -> (tag, False, value); ``slice:<tag>!=<value>`` -> (tag, True, value), the rows
     not tagged that value (a leave-one-value-out verdict's own slice); ``ConfigError`` for anything else."""
-    from verifily_train.attribution.target import parse_slice
-
     return parse_slice(target, TARGET_FORMS, keys=keys)
 
 

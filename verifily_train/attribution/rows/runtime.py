@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from verifily_train.attribution.rows.plan import RowAttributionPlan
-from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS
+from verifily_train.config import load_config
+from verifily_train.model.collate import make_collator
+from verifily_train.model.loading import (KIND_CAUSAL, KIND_SEQ2SEQ, KIND_SEQ_CLS, ModelSpec, inspect_model, load_model,
+                                          load_tokenizer)
+from verifily_train.model.quantization import disable_cpu_4bit_repacking, quantization_config
+from verifily_train.model.tokenize import TokenizedSplit
+from verifily_train.training.loss import supports_label_only_head, unwrap_causal_lm
 
 SCORE_BATCH = 16  # rows per gradient pass: per-row gradients are held for a batch at once
 
@@ -29,10 +35,6 @@ def load_scoring_model(plan: RowAttributionPlan) -> ScoringModel:
     from dataclasses import replace
 
     import torch
-
-    from verifily_train.config import load_config
-    from verifily_train.model.loading import inspect_model, load_model, load_tokenizer
-    from verifily_train.model.quantization import disable_cpu_4bit_repacking, quantization_config
 
     run = Path(plan.run_path)
     cfg = load_config(str(run / "config.yaml"))
@@ -124,8 +126,6 @@ def row_losses(scoring: ScoringModel, batch: dict):
 
 def _head_is_frozen(model) -> bool:
     """True when the output head can run on label positions only (``training.loss``'s families, head frozen)."""
-    from verifily_train.training.loss import supports_label_only_head, unwrap_causal_lm
-
     return supports_label_only_head(model) and not any(p.requires_grad for p in unwrap_causal_lm(model).lm_head.parameters())
 
 
@@ -137,8 +137,6 @@ def _label_position_losses(model, batch: dict):
     """
     import torch
     import torch.nn.functional as F
-
-    from verifily_train.training.loss import unwrap_causal_lm
 
     base = unwrap_causal_lm(model)
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -154,10 +152,6 @@ class SplitRows:
     """One tokenized split's rows (token ids, labels, identity) and a collator for batches of them."""
 
     def __init__(self, tokenized_dir: Path, split: str, task: str, scoring: ScoringModel):
-        from verifily_train.model.tokenize import TokenizedSplit
-        from verifily_train.training.trainer import make_collator
-        from verifily_train.model.loading import ModelSpec
-
         self.data = TokenizedSplit(Path(tokenized_dir) / f"{split}.parquet", task)
         self.collate = make_collator(ModelSpec("", scoring.kind, "", True), scoring.tok)
 

@@ -6,15 +6,15 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.attribution.rows.gradients import PerRowGradients, Projection, summed_gradient
 from verifily_train.attribution.rows.plan import GRADIENT_METHODS, TARGET_METHODS, RowAttributionPlan, target_rows
-from verifily_train.attribution.rows.runtime import SCORE_BATCH
+from verifily_train.attribution.rows.runtime import (SCORE_BATCH, SplitRows, apply_snapshot, load_scoring_model,
+                                                     row_losses, supervised_tokens)
 
 TARGET_FILE = "target_gradients.safetensors"
 
 
 def _projection(plan: RowAttributionPlan, scoring):
-    from verifily_train.attribution.rows.gradients import Projection
-
     return Projection(scoring.names, [p.numel() for p in scoring.params], plan.projection_dim, plan.seed)
 
 
@@ -24,9 +24,6 @@ def target_gradients(plan: RowAttributionPlan, out_dir: Path) -> dict:
     (``{"step": "target", "file": ..., "snapshots": [...], "target_rows": n, "seconds": s}``)."""
     import torch
     from safetensors.torch import save_file
-
-    from verifily_train.attribution.rows.gradients import summed_gradient
-    from verifily_train.attribution.rows.runtime import SplitRows, apply_snapshot, load_scoring_model, row_losses
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -89,10 +86,6 @@ def score_shard(plan: RowAttributionPlan, target_manifest: dict, shard_index: in
     import pandas as pd
     import torch
     from safetensors.torch import load_file
-
-    from verifily_train.attribution.rows.gradients import PerRowGradients
-    from verifily_train.attribution.rows.runtime import (SplitRows, apply_snapshot, load_scoring_model, row_losses,
-                                                         supervised_tokens)
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
