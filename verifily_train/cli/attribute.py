@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.artifacts.run import find_run, load_run_json, verify_before_use
+from verifily_train.artifacts.trackers import check_result_tracker, log_attribution
+from verifily_train.attribution import render
 from verifily_train.attribution.options import check_options
+from verifily_train.attribution.plan import describe_plan, make_plan
+from verifily_train.attribution.stats import DEFAULT_CONTROLS
 from verifily_train.attribution.workers import stopping_workers_on_interrupt
 from verifily_train.cli import rows
 from verifily_train.errors import VerifilyError
@@ -20,10 +25,6 @@ def cmd_attribute(args) -> int:
         if report_to:
             raise VerifilyError(None, "--report-to", "logs tag verdicts; --rows scores are not logged yet")
         return rows.cmd_attribute_rows(args)
-    from verifily_train.artifacts.run import find_run
-    from verifily_train.artifacts.trackers import check_result_tracker
-    from verifily_train.attribution.plan import describe_plan
-
     check_result_tracker(report_to)
     parent = find_run(args.run, getattr(args, "runs_dir", None))  # a wrong id fails here, before Prefect starts
     values = split_values(args.values)
@@ -46,12 +47,7 @@ def checked_plan(parent: Path, by: str, values: Optional[List[str]], seeds: int,
                  controls: Optional[int] = None) -> dict:
     """The Run verified, the options checked and the plan made: each problem is one line, before any run
     (``verifily attribute`` and ``verifily_train.attribute`` alike)."""
-    from verifily_train.artifacts.run import verify_before_use
-    from verifily_train.attribution.plan import make_plan
-
     verify_before_use(parent, "attribute")
-    from verifily_train.attribution.stats import DEFAULT_CONTROLS
-
     controls = DEFAULT_CONTROLS if controls is None else controls
     check_options(seeds, alpha, correction, budget_steps, budget_fraction, concurrency, controls)
     return make_plan(parent, by, values, seeds, target, budget_steps, budget_fraction, controls)
@@ -67,8 +63,6 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
                   target: Optional[str] = None, report_to: Optional[str] = None,
                   controls: Optional[int] = None) -> int:
     """Run the ``attribute`` flow in this process (its ablation runs in child processes) and print the verdicts."""
-    from verifily_train.attribution import render
-
     result = attribution_result(run, by, values, seeds, budget_steps, budget_fraction, concurrency, out_dir,
                                 deployment, alpha, correction, target, controls)
     if as_json:
@@ -77,9 +71,6 @@ def run_attribute(run: str, by: str, values, seeds: int, budget_steps, budget_fr
         print(render(result))
         print(f"\n  attribution: {result['path']}/attribution.json  (report: attribution.html)")
     if report_to:
-        from verifily_train.artifacts.run import load_run_json
-        from verifily_train.artifacts.trackers import log_attribution
-
         parent_id = str(load_run_json(Path(run)).get("run_id", Path(run).name))
         print(f"  logged to MLflow run {log_attribution(result, parent_id)}", file=sys.stderr)
     return 0
@@ -91,7 +82,6 @@ def attribution_result(run: str, by: str, values, seeds: int, budget_steps, budg
     """The ``attribute`` flow run in this process (its ablation runs in child processes): attribution.json's dict."""
     use_prefect_server()
     server = start_quiet_server()
-    from verifily_train.attribution.stats import DEFAULT_CONTROLS
     from verifily_train.flows.attribute import attribute
 
     await_server(server)

@@ -12,7 +12,6 @@ import argparse
 from verifily_train import __version__
 from verifily_train.attribution.stats import DEFAULT_CONTROLS, DEFAULT_SEEDS
 from verifily_train.config.schema import DEFAULT_REPLICATES
-from verifily_train.cli import rows
 
 EPILOG = "Docs: docs/config.md (train.yaml), docs/run_artifacts.md (Run layout), docs/architecture.md."
 
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the plan (question, target, values, arms, training runs) and stop")
     p.add_argument("--report-to", choices=["mlflow"], default=None,
                    help="also log the verdicts as an MLflow run nested under RUN's (docs/trackers.md)")
-    rows.add_rows_arguments(p)  # --rows: row-level attribution (cli/rows.py)
+    add_rows_arguments(p)  # --rows: row-level attribution (cli/rows.py)
     p.set_defaults(handler="attribute:cmd_attribute")
 
     p = sub.add_parser("stack", help="a local Prefect stack: server, work pools, deployments, workers",
@@ -190,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("verify", help="re-check every hash and row of a version")
     q.add_argument("ref")
     q.set_defaults(handler="dataset:cmd_dataset_verify")
-    rows.add_derive_parser(dsub)  # dataset derive RUN --drop-top K | --drop-rows FILE
+    add_derive_parser(dsub)  # dataset derive RUN --drop-top K | --drop-rows FILE
     dsub.choices["derive"].set_defaults(handler="rows:cmd_dataset_derive")
 
     p = sub.add_parser("models", help="embedded models")
@@ -238,3 +237,57 @@ def build_parser() -> argparse.ArgumentParser:
                                 "machine's ledger recorded, $VERIFILY_HOME/ledger)")
         q.set_defaults(handler=f"runs:cmd_runs_{name}")
     return parser
+
+
+def add_rows_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--rows`` options of ``verifily attribute`` (``--seeds``, ``--alpha``, ``--correction``, ``--budget-*``,
+    ``--concurrency``, ``--deployment``, ``--out`` and ``--json`` are shared with the tag-level attribution)."""
+    g = p.add_argument_group("row-level attribution (--rows)", "which train rows raised the target's loss, from "
+                             "gradients at the train stage's adapter snapshots (docs/attribution.md)")
+    g.add_argument("--rows", action="store_true", help="score every train row instead of retraining per tag value")
+    g.add_argument("--target", default=None,
+                   help="what the verdict (or, with --rows, the score) is about: test, val, gold (tag verdicts: token "
+                        "F1 on the run's gold set), slice:<tag>=<value> (test rows of that value) or "
+                        "slice:<tag>!=<value> (the other test rows) (default: tag verdicts: the gold set if the run "
+                        "scored one, else the evaluated split; --rows: test)")
+    g.add_argument("--checkpoints", type=int, default=None,
+                   help="adapter snapshots to sum over (default: 4, or the final adapter alone with a note when "
+                        "the train stage kept none)")
+    g.add_argument("--shards", type=int, default=1, help="gradient passes over the train rows as task runs (default: 1)")
+    g.add_argument("--projection-dim", type=int, default=None,
+                   help="seeded random projection of each gradient (default: 1024; 0 = exact)")
+    g.add_argument("--methods", default=None,
+                   help="comma-separated scores to compute: suspect rows (loss, loss_mean, self_influence, "
+                        "label_issue) and attribution (tracin, tracin_adam), or all (default: loss and tracin, one "
+                        "of each family; --methods loss alone is forwards of the final snapshot only, a fraction of "
+                        "the train stage's cost, while TracIn's gradient passes can cost more than training)")
+    g.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="retrain without the top-K rows and without K random rows over --seeds, and test the "
+                        "difference on --target; the ranking reads the --select rows, never the --target ones")
+    g.add_argument("--select", default=None, metavar="TARGET",
+                   help="with --verify: the rows a target-aware score ranks against (val, test or a slice; default: "
+                        "val); rows shared with --target are refused unless --same-rows")
+    g.add_argument("--same-rows", action="store_true",
+                   help="with --verify: allow ranking and confirming on the same rows (an optimistic check; the "
+                        "output says so)")
+    g.add_argument("--verify-by", default=None, metavar="METHOD",
+                   help="with --verify: the score that ranks the top K (default: tracin when computed, else loss)")
+    g.add_argument("--top", type=int, default=10, help="rows printed per direction (default: 10)")
+
+
+def add_derive_parser(dsub) -> None:
+    """``verifily dataset derive``."""
+    q = dsub.add_parser("derive", help="store a version of a run's dataset without chosen train rows",
+                        description="Stores a derived DatasetVersion of RUN's dataset without its K most harmful "
+                                    "train rows by a row attribution's default score (--drop-top K; run `verifily "
+                                    "attribute RUN --rows` first), or without the rows a file names (--drop-rows "
+                                    "FILE: one row hash or example id per line). Val and test are unchanged; the "
+                                    "manifest records derived_from (parent, content hash, rule, row hashes).")
+    q.add_argument("run", help="run id or path")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("--drop-top", type=int, metavar="K", help="drop the K rows ranked most harmful")
+    which.add_argument("--drop-rows", metavar="FILE", help="drop the rows named in FILE (row hashes or example ids)")
+    q.add_argument("--attribution", metavar="DIR",
+                   help="the row attribution folder to rank by (default: the newest of RUN's)")
+    q.add_argument("--method", default=None, help="rank by this method's score (default: the attribution's default)")
+    q.add_argument("--runs-dir", default=None, help="where run ids are looked up")

@@ -2,77 +2,30 @@
 
 Argument checks that need no model come first; the plan (which reads the Run and its cached rows) is made
 before Prefect starts, so a bad target, an unknown slice or a run without snapshots is one line, exit 2,
-with nothing written. Heavy imports happen inside the commands.
+with nothing written. Their flags are declared in ``cli/parser.py``: ``verifily --help`` never imports this module.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
+from verifily_train.artifacts.run import find_run, load_run_json, verify_before_use
+from verifily_train.attribution.derive_rows import derive_without_rows, read_row_list, resolve_rows, rows_digest
+from verifily_train.attribution.output import load_attribution
+from verifily_train.attribution.row_verify import check_selection, check_verify, top_row_hashes, verify_method
+from verifily_train.attribution.rows import RESULT_FILE
+from verifily_train.attribution.workers import stopping_workers_on_interrupt
 from verifily_train.cli.runtime import (await_server, in_process_flow_settings, start_quiet_server,
                                         start_temporary_server, use_prefect_server)
-from verifily_train.attribution.output import load_attribution
-from verifily_train.attribution.workers import stopping_workers_on_interrupt
+from verifily_train.config import load_config
+from verifily_train.dataset.store import load_for_config
 from verifily_train.errors import VerifilyError
-
-
-def add_rows_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``--rows`` options of ``verifily attribute`` (``--seeds``, ``--alpha``, ``--correction``, ``--budget-*``,
-    ``--concurrency``, ``--deployment``, ``--out`` and ``--json`` are shared with the tag-level attribution)."""
-    g = p.add_argument_group("row-level attribution (--rows)", "which train rows raised the target's loss, from "
-                             "gradients at the train stage's adapter snapshots (docs/attribution.md)")
-    g.add_argument("--rows", action="store_true", help="score every train row instead of retraining per tag value")
-    g.add_argument("--target", default=None,
-                   help="what the verdict (or, with --rows, the score) is about: test, val, gold (tag verdicts: token "
-                        "F1 on the run's gold set), slice:<tag>=<value> (test rows of that value) or "
-                        "slice:<tag>!=<value> (the other test rows) (default: tag verdicts: the gold set if the run "
-                        "scored one, else the evaluated split; --rows: test)")
-    g.add_argument("--checkpoints", type=int, default=None,
-                   help="adapter snapshots to sum over (default: 4, or the final adapter alone with a note when "
-                        "the train stage kept none)")
-    g.add_argument("--shards", type=int, default=1, help="gradient passes over the train rows as task runs (default: 1)")
-    g.add_argument("--projection-dim", type=int, default=None,
-                   help="seeded random projection of each gradient (default: 1024; 0 = exact)")
-    g.add_argument("--methods", default=None,
-                   help="comma-separated scores to compute: suspect rows (loss, loss_mean, self_influence, "
-                        "label_issue) and attribution (tracin, tracin_adam), or all (default: loss and tracin, one "
-                        "of each family; --methods loss alone is forwards of the final snapshot only, a fraction of "
-                        "the train stage's cost, while TracIn's gradient passes can cost more than training)")
-    g.add_argument("--verify", type=int, default=0, metavar="K",
-                   help="retrain without the top-K rows and without K random rows over --seeds, and test the "
-                        "difference on --target; the ranking reads the --select rows, never the --target ones")
-    g.add_argument("--select", default=None, metavar="TARGET",
-                   help="with --verify: the rows a target-aware score ranks against (val, test or a slice; default: "
-                        "val); rows shared with --target are refused unless --same-rows")
-    g.add_argument("--same-rows", action="store_true",
-                   help="with --verify: allow ranking and confirming on the same rows (an optimistic check; the "
-                        "output says so)")
-    g.add_argument("--verify-by", default=None, metavar="METHOD",
-                   help="with --verify: the score that ranks the top K (default: tracin when computed, else loss)")
-    g.add_argument("--top", type=int, default=10, help="rows printed per direction (default: 10)")
-
-
-def add_derive_parser(dsub) -> None:
-    """``verifily dataset derive``."""
-    q = dsub.add_parser("derive", help="store a version of a run's dataset without chosen train rows",
-                        description="Stores a derived DatasetVersion of RUN's dataset without its K most harmful "
-                                    "train rows by a row attribution's default score (--drop-top K; run `verifily "
-                                    "attribute RUN --rows` first), or without the rows a file names (--drop-rows "
-                                    "FILE: one row hash or example id per line). Val and test are unchanged; the "
-                                    "manifest records derived_from (parent, content hash, rule, row hashes).")
-    q.add_argument("run", help="run id or path")
-    which = q.add_mutually_exclusive_group(required=True)
-    which.add_argument("--drop-top", type=int, metavar="K", help="drop the K rows ranked most harmful")
-    which.add_argument("--drop-rows", metavar="FILE", help="drop the rows named in FILE (row hashes or example ids)")
-    q.add_argument("--attribution", metavar="DIR",
-                   help="the row attribution folder to rank by (default: the newest of RUN's)")
-    q.add_argument("--method", default=None, help="rank by this method's score (default: the attribution's default)")
-    q.add_argument("--runs-dir", default=None, help="where run ids are looked up")
+from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_for_call, shard_count
+from verifily_train.pipeline.row_output import default_parent, existing
 
 
 MAX_PROJECTION_DIM = 16384  # rows x dims x 4 bytes per checkpoint: 2,000,000,000 tried to allocate 16 GB
@@ -102,10 +55,6 @@ def _check_numbers(args) -> None:
 def cmd_attribute_rows(args) -> int:
     """``verifily attribute RUN --rows``: run the flow in this process and print the top rows and tag sums."""
     started = time.perf_counter()
-    from verifily_train.artifacts.run import find_run, verify_before_use
-    from verifily_train.attribution.row_verify import check_selection, check_verify, verify_method
-    from verifily_train.pipeline.row_attribution import DEFAULT_PROJECTION_DIM, plan_for_call, shard_count
-
     _check_numbers(args)
     run = find_run(args.run, getattr(args, "runs_dir", None)).resolve()
     verify_before_use(run, "attribute --rows")
@@ -235,8 +184,6 @@ def print_rows_result(result: dict, command_seconds: float, top: int = 10, out=N
 
 def find_attribution(run: Path, given: Optional[str]) -> Path:
     """The row attribution folder to rank by: ``given``, else the newest ``--rows`` folder of ``run``."""
-    from verifily_train.pipeline.row_output import default_parent, existing
-
     if given:
         folder = Path(given)
         if existing(folder) is None or existing(folder).get("kind") != "rows":
@@ -256,11 +203,6 @@ def find_attribution(run: Path, given: Optional[str]) -> Path:
 
 def cmd_dataset_derive(args) -> int:
     """``verifily dataset derive RUN --drop-top K | --drop-rows FILE``."""
-    from verifily_train.artifacts.run import find_run, load_run_json, verify_before_use
-    from verifily_train.attribution.derive_rows import derive_without_rows, read_row_list, resolve_rows, rows_digest
-    from verifily_train.config import load_config
-    from verifily_train.dataset.store import load_for_config
-
     run = find_run(args.run, args.runs_dir).resolve()
     if load_run_json(run).get("status") != "completed":
         raise VerifilyError(run, None, "only a completed run's dataset can be derived from")
@@ -274,9 +216,6 @@ def cmd_dataset_derive(args) -> int:
         source = args.drop_rows
     else:
         import pandas as pd
-
-        from verifily_train.attribution.row_verify import top_row_hashes
-        from verifily_train.attribution.rows import RESULT_FILE
 
         folder = find_attribution(run, args.attribution)
         record = load_attribution(folder)  # checked against its checksums: --attribution DIR is the user's

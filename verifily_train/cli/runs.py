@@ -7,8 +7,11 @@ import sys
 
 from verifily_train.artifacts.run import (find_run, integrity_root, list_runs, load_run_json, runs_dirs,
                                           verify_before_use, verify_run)
+from verifily_train.artifacts.trackers import check_result_tracker, log_comparison
 from verifily_train.cli.console import print_table
+from verifily_train.cli.summary import print_summary, summary_from_run
 from verifily_train.errors import ConfigError, RunError
+from verifily_train.fsio import check_output_file
 
 MAX_RESAMPLES = 100_000  # compare's --bootstrap-samples and --permutations (defaults 1,000 and 9,999)
 
@@ -34,8 +37,6 @@ def cmd_runs_show(args) -> int:
         return 0
     if record.get("status") == "completed":
         import io
-
-        from verifily_train.cli.summary import print_summary, summary_from_run
 
         text = io.StringIO()
         try:
@@ -79,7 +80,6 @@ def group_sides(args):
     """The two sides of a seed-level comparison (``--a``/``--b`` run lists, or two group ids), or None for two
     single runs."""
     from verifily_train.artifacts.groups import find_group, resolve_side
-    from verifily_train.errors import ConfigError
 
     if args.group_a or args.group_b:
         if not (args.group_a and args.group_b) or args.run_a or args.run_b:
@@ -104,13 +104,9 @@ def cmd_compare(args) -> int:
         if not low <= value <= MAX_RESAMPLES:  # 1,000,000,000 grew 200 MB/s; -1 was taken
             raise ConfigError(None, flag, f"must be an integer from {low} to {MAX_RESAMPLES:,}; got {value:,}")
     if args.html:
-        from verifily_train.fsio import check_output_file
-
         check_output_file(args.html, "--html")  # before any work: a link, FIFO or folder there is refused
     report_to = getattr(args, "report_to", None)
     if report_to:
-        from verifily_train.artifacts.trackers import check_result_tracker
-
         check_result_tracker(report_to)
     groups = group_sides(args)
     if groups is not None and report_to:
@@ -144,7 +140,5 @@ def cmd_compare(args) -> int:
     if args.html:
         print(f"wrote {args.html}", file=sys.stderr)
     if report_to:
-        from verifily_train.artifacts.trackers import log_comparison
-
         print(f"logged to MLflow run {log_comparison(result, render_comparison(result))}", file=sys.stderr)
     return 0
