@@ -15,8 +15,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from verifily_train.config.schema import TrainConfig
-from verifily_train.errors import ConfigError, RunError, VerifilyError
+from verifily_train.artifacts.results import attribution_verdicts, comparison_cells
+from verifily_train.artifacts.run import find_run, load_run_json, verify_before_use, verify_run
+from verifily_train.artifacts.trackers import check_result_tracker, log_attribution, log_comparison
+from verifily_train.attribution.plan import describe_plan
+from verifily_train.attribution.render import render
+from verifily_train.attribution.stats import DEFAULT_SEEDS
+from verifily_train.cli.train import train_summary
+from verifily_train.config import config_to_dict, load_with_problems
+from verifily_train.config.schema import MANAGED_MESSAGE, TrainConfig
+from verifily_train.errors import ConfigError, EnvironmentProblem, RunError, VerifilyError
 
 __all__ = ["Run", "RunGroup", "Comparison", "GroupComparison", "Attribution", "train", "load_run", "compare", "compare_groups",
            "attribute", "VerifilyError"]
@@ -46,16 +54,12 @@ class Run:
     @cached_property
     def record(self) -> dict:
         """run.json as a dict."""
-        from verifily_train.artifacts.run import load_run_json
-
         return load_run_json(self.path)
 
     @cached_property
     def config(self) -> TrainConfig:
         """The resolved config the Run recorded (config.yaml), as a ``TrainConfig``: ``vt.train(run.config)``
         trains it again."""
-        from verifily_train.config import load_with_problems
-
         path = self.path / "config.yaml"
         if not path.is_file():
             raise RunError(self.path, None, "has no config.yaml (a failed run records only run.json)")
@@ -109,8 +113,6 @@ class Run:
     def verify(self, root: Optional[str] = None) -> int:
         """Re-check every checksum against the ledger's integrity root (or ``root``); the number of files checked.
         A changed, missing or extra file raises ``RunError`` naming it."""
-        from verifily_train.artifacts.run import verify_run
-
         return verify_run(self.path, expected_root=root)
 
     def _file(self, name: str) -> Path:
@@ -151,8 +153,6 @@ def load_run(path_or_id: RunLike, runs_dir: Optional[Union[str, os.PathLike]] = 
     """A Run by folder or run id (looked up as ``verifily runs show`` does: ``runs/``, then ``$VERIFILY_HOME/runs``)."""
     if isinstance(path_or_id, Run):
         return path_or_id
-    from verifily_train.artifacts.run import find_run
-
     return Run(find_run(os.fspath(path_or_id), runs_dir))
 
 
@@ -170,8 +170,6 @@ def _overrides(overrides: Mapping[str, Any], prefix: str = "") -> List[str]:
 
 def _config_source(config: ConfigLike):
     if isinstance(config, TrainConfig):
-        from verifily_train.config import config_to_dict
-
         return config_to_dict(config)
     if isinstance(config, Mapping):
         return dict(config)
@@ -192,11 +190,6 @@ def train(config: ConfigLike, *, dataset: Optional[str] = None, refresh: bool = 
         overrides: config keys, as sections (``training={"num_epochs": 1}``) or with ``__`` for the dot
             (``training__num_epochs=1``); ``cache={"enabled": False}`` is ``--no-cache``.
     """
-    from verifily_train.cli.train import train_summary
-    from verifily_train.config import load_with_problems
-    from verifily_train.config.schema import MANAGED_MESSAGE
-    from verifily_train.errors import EnvironmentProblem
-
     cfg, problems = load_with_problems(_config_source(config), _overrides(overrides), dataset=dataset)
     if cfg.compute.mode == "managed":
         raise EnvironmentProblem(None, "compute.mode", MANAGED_MESSAGE)
@@ -263,8 +256,6 @@ class Comparison:
     def _frame(self, part: str):
         import pandas as pd
 
-        from verifily_train.artifacts.results import comparison_cells
-
         rows = [r for r in comparison_cells(self.raw) if (r["key"] == "overall") == (part == "overall")]
         if part == "overall":
             rows = [{k: v for k, v in r.items() if k not in ("key", "value")} for r in rows]
@@ -277,8 +268,6 @@ def compare(a: RunLike, b: RunLike, *, runs_dir: Optional[Union[str, os.PathLike
     """B minus A as ``verifily compare A B`` computes it (the same statistics; no Run is written to).
     ``report_to="mlflow"`` also logs it as an MLflow run nested under B's (docs/trackers.md)."""
     from verifily_train.artifacts.compare import PERMUTATIONS, compare_runs
-    from verifily_train.artifacts.run import verify_before_use
-    from verifily_train.artifacts.trackers import check_result_tracker, log_comparison
 
     check_result_tracker(report_to, "report_to")
     run_a, run_b = load_run(a, runs_dir), load_run(b, runs_dir)
@@ -351,9 +340,6 @@ class Attribution:
         return f"Attribution({kind}, by={self.raw.get('by')!r}, values={list(self.raw.get('values') or [])})"
 
     def __str__(self) -> str:
-        from verifily_train.attribution.plan import describe_plan
-        from verifily_train.attribution.render import render
-
         return describe_plan(self.raw) if self.dry_run else render(self.raw)
 
     @property
@@ -368,8 +354,6 @@ class Attribution:
 
         if self.dry_run:
             return pd.DataFrame([{"value": v, "removed_rows": n} for v, n in (self.raw.get("values") or {}).items()])
-        from verifily_train.artifacts.results import attribution_verdicts
-
         return pd.DataFrame(attribution_verdicts(self.raw))
 
 
@@ -381,8 +365,6 @@ def attribute(run: RunLike, by: str = "source", *, values: Optional[List[str]] =
     """Causal attribution as ``verifily attribute RUN --by KEY`` runs it (the ``attribute`` flow; docs/attribution.md);
     ``dry_run`` returns the plan (values, arms, training runs) without training; ``report_to="mlflow"`` also logs
     the verdicts as an MLflow run nested under RUN's (docs/trackers.md)."""
-    from verifily_train.artifacts.trackers import check_result_tracker, log_attribution
-    from verifily_train.attribution.stats import DEFAULT_SEEDS
     from verifily_train.cli.attribute import attribution_result, checked_plan
 
     check_result_tracker(report_to, "report_to")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from verifily_train.artifacts.compare import SEED_NOTE, legend, model_level_title
+from verifily_train.artifacts.groups import group_legend, side_line
 from verifily_train.config.metricspec import lead_metric
 from verifily_train.fsio import atomic_write_text, write_output_file
 from verifily_train.hashing import content_hash
@@ -342,8 +343,6 @@ def group_delta_chart(result: dict, metric: Optional[str] = None) -> Optional[st
 def render_group_report(result: dict) -> str:
     """A group comparison (``artifacts/groups.py``) as a self-contained page: the question, both sides, the
     per-slice deltas with their seed intervals as a picture and as tables."""
-    from verifily_train.artifacts.groups import group_legend, side_line
-
     parts = [f"<h1>Run group comparison</h1><p><b>Question:</b> {html.escape(result['question'])}</p>",
              "".join(f"<p>{html.escape(side_line(n, result[n.lower()]))}</p>" for n in ("A", "B")),
              f"<p>design: {html.escape(result['design'])}, {result['shared_examples']} shared test rows</p>"]

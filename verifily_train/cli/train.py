@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from verifily_train.artifacts.run import new_run_id
+from verifily_train.artifacts.reproduce import compare_reproduction, render_reproduction
+from verifily_train.artifacts.run import find_run, new_run_id, verify_before_use
 from verifily_train.checksums import CHECKSUMS
 from verifily_train.cli.runtime import (await_server, check_api_answers, first_line, in_process_flow_settings, is_prefect_api_error,
                                         preload_fingerprint_modules, prefect_api_problem, quiet_libraries,
@@ -19,7 +20,8 @@ from verifily_train.cli.summary import print_summary, summary_from_run
 from verifily_train.config import config_to_dict, load_config, load_with_problems
 from verifily_train.config.parse import read_yaml
 from verifily_train.config.schema import MANAGED_MESSAGE, TrainConfig
-from verifily_train.errors import VerifilyError
+from verifily_train.errors import PreflightError, VerifilyError
+from verifily_train.flows.submit import submit_and_follow
 from verifily_train.pipeline.preflight import cheap_checks, model_and_device_checks
 
 
@@ -33,8 +35,6 @@ def cmd_train(args) -> int:
     mode = args.mode or cfg.compute.mode
     if mode == "managed":
         if problems:  # an invalid config is reported, not accepted with exit 0
-            from verifily_train.errors import PreflightError
-
             raise PreflightError(problems)
         print(MANAGED_MESSAGE)
         return 0
@@ -112,8 +112,6 @@ def submit_self_host(args, overrides: List[str]) -> int:
     check_api_answers(api_url)  # a stale URL: one line, not httpx.ConnectError
     config = read_yaml(Path(args.config)) if args.config else None
     quiet_libraries()
-    from verifily_train.flows.submit import submit_and_follow
-
     return submit_and_follow({"config": config, "overrides": overrides, "dataset": args.dataset})
 
 
@@ -184,16 +182,11 @@ def published_run(runs_dir: Path, run_id: str) -> Optional[Path]:
 
 
 def cmd_reproduce(args) -> int:
-    from verifily_train.artifacts.run import find_run
-
     return run_reproduce(find_run(args.run, args.runs_dir))
 
 
 def run_reproduce(original: Path) -> int:
     """Re-run a completed Run from its recorded config with the cache off; print the comparison."""
-    from verifily_train.artifacts.reproduce import compare_reproduction, render_reproduction
-    from verifily_train.artifacts.run import verify_before_use
-
     verify_before_use(original, "reproduce")  # a tampered Run would be "reproduced" against what it now claims
     cfg = load_config(Path(original) / "config.yaml", ["cache.enabled=false"])
     server = start_quiet_server()

@@ -8,15 +8,19 @@ from typing import Dict, List, Optional
 
 from verifily_train.config.metricspec import generation_metrics
 from verifily_train.config.schema import TrainConfig
+from verifily_train.dataset.rows import iter_jsonl, validate_row
 from verifily_train.errors import DataError
 from verifily_train.evaluation.generate import generate_texts
 from verifily_train.evaluation.metrics import classification_report, metrics_for_frame
 from verifily_train.evaluation.text_metrics import resolve_format, score_texts
+from verifily_train.model.attention import for_plan
 from verifily_train.model.collate import make_collator
 from verifily_train.model.device import DevicePlan
 from verifily_train.model.loading import KIND_CAUSAL, KIND_SEQ_CLS, ModelSpec, load_model
+from verifily_train.model.quantization import disable_cpu_4bit_repacking, quantization_config
 from verifily_train.model.registry import family
-from verifily_train.model.tokenize import TokenizedSplit
+from verifily_train.model.render import RowRenderer
+from verifily_train.model.tokenize import TokenizedSplit, tokenize_row
 from verifily_train.quiet import progress_bars
 
 
@@ -28,9 +32,6 @@ def load_trained_model(cfg: TrainConfig, spec: ModelSpec, tok, labels: List[str]
     None: the untuned, unquantized base model (the baseline).
     """
     from peft import PeftModel
-
-    from verifily_train.model.attention import for_plan
-    from verifily_train.model.quantization import disable_cpu_4bit_repacking, quantization_config
 
     if trained is None:
         model = load_model(spec, labels=labels or None, pad_token_id=tok.pad_token_id,
@@ -190,10 +191,6 @@ def _score_gold_set(cfg: TrainConfig, spec: ModelSpec, tok, model, plan: DeviceP
                     stop_ids: Optional[List[int]]) -> dict:
     """Exact match and token F1 on ``eval.gold_set`` (rows validated and rendered like any SFT data)."""
     import pandas as pd
-
-    from verifily_train.dataset.rows import iter_jsonl, validate_row
-    from verifily_train.model.render import RowRenderer
-    from verifily_train.model.tokenize import tokenize_row
 
     renderer = RowRenderer(spec, tok, cfg.prompt, cfg.training.max_seq_length)
     rows, prompts = [], []

@@ -16,8 +16,19 @@ from pathlib import Path
 from typing import Callable, List, Sequence
 from urllib.parse import urlparse
 
+from verifily_train.artifacts.hub import check_push_to_hub
 from verifily_train.config.schema import TrainConfig, trackers
-from verifily_train.errors import ConfigError, EnvironmentProblem, PreflightError, VerifilyError
+from verifily_train.dataset.manifest import check_slice_tags
+from verifily_train.dataset.rows import iter_jsonl, validate_row
+from verifily_train.dataset.store import load_for_config
+from verifily_train.errors import ConfigError, DataError, EnvironmentProblem, ModelError, PreflightError, VerifilyError
+from verifily_train.fsio import check_writable_folder
+from verifily_train.model.device import resolve_device
+from verifily_train.model.loading import check_model_reference, check_weights, inspect_model
+from verifily_train.model.quantization import quantization_config
+from verifily_train.model.registry import is_gguf, resolve_alias
+from verifily_train.pipeline.cache import cache_root
+from verifily_train.training.compiled import check_compile_support
 
 
 def _attempt(problems: List[VerifilyError], check: Callable[[], None]) -> bool:
@@ -30,17 +41,12 @@ def _attempt(problems: List[VerifilyError], check: Callable[[], None]) -> bool:
 
 
 def _check_runs_dir(output_dir: str) -> None:
-    from verifily_train.fsio import check_writable_folder
-
     check_writable_folder(output_dir, "output.dir")
 
 
 def _check_gold_set(cfg) -> None:
     """``eval.gold_set``'s rows, before training: a malformed or empty gold set used to fail (or write NaN)
     only once the model was trained."""
-    from verifily_train.dataset.rows import iter_jsonl, validate_row
-    from verifily_train.errors import DataError
-
     gold = cfg.eval.gold_set
     if not gold or cfg.task != "sft" or not cfg.eval.enabled or not Path(gold).is_file():
         return  # a missing file is the config's own problem (eval.gold_set: file not found)
@@ -107,10 +113,6 @@ def hub_is_unreachable(timeout: float = 3.0) -> bool:
 def _check_cache_dir(cfg) -> None:
     """The stage cache (``cache.dir``, else ``$VERIFILY_HOME/cache``) must be writable: even with the cache
     off, stages compute in private folders under it."""
-    from verifily_train.pipeline.cache import cache_root
-
-    from verifily_train.fsio import check_writable_folder
-
     key = "cache.dir" if cfg.cache.dir else "VERIFILY_HOME"
     try:
         root = cache_root(cfg.cache.dir)
@@ -128,9 +130,6 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
     bad_keys = {p.key for p in problems if isinstance(p, ConfigError)}
 
     def dataset_check() -> None:
-        from verifily_train.dataset.manifest import check_slice_tags
-        from verifily_train.dataset.store import load_for_config
-
         dv = load_for_config(cfg.dataset_version, cfg.data_paths, cfg.task)
         if cfg.eval.enabled and not any(k and k.startswith("eval.slice_by_tags") for k in bad_keys):
             check_slice_tags(dv, cfg.eval.slice_by_tags)
@@ -140,10 +139,6 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
 
     def model_reference_check() -> None:
         nonlocal offline
-        from verifily_train.errors import ModelError
-        from verifily_train.model.loading import check_model_reference
-        from verifily_train.model.registry import is_gguf, resolve_alias
-
         base = resolve_alias(cfg.base_model)
         if is_gguf(base):
             if not Path(os.path.expanduser(base)).is_file():
@@ -159,8 +154,6 @@ def cheap_checks(cfg: TrainConfig, config_problems: Sequence[VerifilyError] = ()
         _attempt(problems, model_reference_check)
 
     def hub_check() -> None:
-        from verifily_train.artifacts.hub import check_push_to_hub
-
         check_push_to_hub(cfg, hub_offline=offline)
 
     _attempt(problems, hub_check)
@@ -179,11 +172,6 @@ def model_and_device_checks(cfg: TrainConfig, hub_unreachable: bool = False) -> 
     problems: List[VerifilyError] = []
 
     def model_kind_check() -> None:  # reads the model's config only (imports transformers)
-        from verifily_train.model.loading import inspect_model
-        from verifily_train.model.registry import is_gguf, resolve_alias
-
-        from verifily_train.model.loading import check_weights
-
         base = resolve_alias(cfg.base_model)
         if not is_gguf(base):  # a GGUF's kind is checked once it is converted (a CausalLM)
             inspect_model(base, cfg.task, cfg.trust_remote_code)
@@ -194,14 +182,9 @@ def model_and_device_checks(cfg: TrainConfig, hub_unreachable: bool = False) -> 
         problems.append(type(last)(last.where, last.key, f"{last.problem} ({HUB_UNREACHABLE})"))
 
     def device_check() -> None:
-        from verifily_train.model.device import resolve_device
-        from verifily_train.model.quantization import quantization_config
-
         plan = resolve_device(cfg.compute)
         quantization_config(cfg.lora, plan.device)
         if cfg.training.compile:
-            from verifily_train.training.compiled import check_compile_support
-
             check_compile_support(plan.device)
 
     _attempt(problems, device_check)

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from verifily_train.artifacts.compare import compare_runs, render_comparison
+from verifily_train.artifacts.groups import compare_groups, group_of_run, load_group, render_group_markdown, write_group
 from verifily_train.artifacts.hub import push_adapter
 from verifily_train.artifacts.record import RunFragment, RunStart, job_record, run_summary, write_run_record
 from verifily_train.artifacts.run import new_run_id, utc_now, write_failed_run
 from verifily_train.artifacts.tables import final_log_lines, stage_log_line
 from verifily_train.artifacts.trackers import start_tracking
+from verifily_train.config import config_to_dict
 from verifily_train.config.schema import TrainConfig
 from verifily_train.pipeline import claims, evaluate, hard_examples, replay, slice, tokenize, train, validate
 from verifily_train.pipeline.cache import CacheMode, cache_root, discard_private, holding, run_cached
@@ -178,10 +180,6 @@ def finish_group(cfg: TrainConfig, members: List[Tuple[TrainConfig, dict]], runs
                  publisher: Publisher = Publisher()) -> dict:
     """Publish the group record of completed member runs and, when the previous dataset version was trained
     as a group under this config, compare the two groups at the seed level (the question about the change)."""
-    from verifily_train.artifacts.groups import (compare_groups, group_of_run, load_group, render_group_markdown,
-                                                 write_group)
-    from verifily_train.config import config_to_dict
-
     done = [(m, s) for m, s in members if s.get("status") != "skipped"]
     if not done:
         return {"status": "skipped", "members": [s for _, s in members]}
