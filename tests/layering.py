@@ -13,10 +13,12 @@ known prefix) and module names started as strings (``python -m verifily_train...
    edges reach): the edges today's code has, an acyclic table, so ``attribution`` may use ``evaluation``
    (through ``artifacts``) and ``evaluation`` never ``attribution``.
 3. **An import inside a function is for a third-party package** (start-up time). A project module imported
-   in a function is a violation, except ``LAZY_FACADE``, a documented ``CYCLE_BREAKS`` entry, and
-   ``IN_FUNCTION_TODAY``: the violations of 2026-12-08, listed by file and module, to be fixed and deleted
-   (the list only shrinks). ``importlib`` loads by name (the CLI's command handlers, ``attribution``'s lazy
-   exports) are the documented lazy mechanisms: the layer rules read them, this rule does not.
+   in a function is a violation, except ``LAZY_FACADE``, a documented ``CYCLE_BREAKS`` entry, a ``DEFERS`` entry
+   (the module is imported late to keep a heavy third-party package it imports at its top, such as Prefect or
+   torch, off a light path; checked: its top-level imports must reach that package). ``IN_FUNCTION_TODAY``, the
+   violations of 2026-12-08 by file and module, is paid off: empty, and it stays so.
+   ``importlib`` loads by name (the CLI's command handlers, ``attribution``'s lazy exports) are the documented
+   lazy mechanisms: the layer rules read them, this rule does not.
 4. **bench/ uses the public API**: ``BENCH_PUBLIC`` (the Python API, attribution, the config, the offline
    fixtures, the errors, the ``verifily`` command). What else it reaches into today is ``BENCH_TODAY``, by file
    and module; a new reach into the library is a violation. bench/ never imports ``flows``/``tasks``/Prefect
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
-from verifily_train.imports import FROM, IMPORT, ImportRecord, is_project, read_imports
+from verifily_train.imports import FROM, IMPORT, STRING, ImportRecord, imported_modules, is_project, read_imports
 
 LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("cli", "api"),
@@ -67,94 +69,37 @@ WITHIN_LAYER: Tuple[Tuple[str, str], ...] = (
 # Imports of a project module inside a function that would otherwise form an import cycle: (file, module): why.
 CYCLE_BREAKS: Dict[Tuple[str, str], str] = {}
 
+# Imports of a project module inside a function that keep a heavy third-party package, which that module needs at
+# its top (Prefect's decorators, torch subclasses, numpy's array types), off a lighter path: (file, module): the
+# package deferred, each with its reason. Checked: the module's top-level imports must really reach the package.
+DEFERS: Dict[Tuple[str, str], str] = {
+    # the worker filters warnings and starts watching its parent before the flow imports Prefect
+    ("flows/ablation_worker.py", "verifily_train.flows.train"): "prefect",
+    # the plan's user errors come first, and the temporary server boots while the flow imports Prefect
+    ("verifily_train/cli/attribute.py", "verifily_train.flows.attribute"): "prefect",
+    ("verifily_train/cli/rows.py", "verifily_train.flows.attribute_rows"): "prefect",
+    ("verifily_train/cli/train.py", "verifily_train.flows.train"): "prefect",
+    # a bad train.yaml fails at once, without the pipeline's modules and numpy (a replay loads them)
+    ("verifily_train/cli/train.py", "verifily_train.cli.prefect_rest"): "numpy",
+    ("verifily_train/cli/train.py", "verifily_train.pipeline.runner"): "numpy",
+    # load_run and a Run's files need no numpy; compare, run groups and attribute load it
+    ("verifily_train/api.py", "verifily_train.artifacts.compare"): "numpy",
+    ("verifily_train/api.py", "verifily_train.artifacts.groups"): "numpy",
+    ("verifily_train/api.py", "verifily_train.cli.attribute"): "numpy",
+    # runs list/show/verify read Runs without the statistics' numpy; compare and group lookups load it
+    ("verifily_train/cli/runs.py", "verifily_train.artifacts.compare"): "numpy",
+    ("verifily_train/cli/runs.py", "verifily_train.artifacts.groups"): "numpy",
+    ("verifily_train/cli/runs.py", "verifily_train.artifacts.report"): "numpy",
+    # replay and the runner read the train stage's declaration (its key) without torch and transformers
+    ("verifily_train/pipeline/train.py", "verifily_train.training.trainer"): "torch",
+}
+
 BENCH_PUBLIC = ("verifily_train.api", "verifily_train.attribution", "verifily_train.config",
                 "verifily_train.fixtures", "verifily_train.errors", "verifily_train.cli.main")
 
-# Rule 3's debt: (file -> project modules) imported inside a function on 2026-12-08. Fix one by importing it at the
-# top (or, for a true cycle, by a CYCLE_BREAKS entry with its reason) and delete it here; nothing is ever added.
-IN_FUNCTION_TODAY: Dict[str, Tuple[str, ...]] = {
-    "flows/ablation_worker.py": ("verifily_train.flows.train",),
-    "verifily_train/api.py": (
-        "verifily_train.artifacts.compare", "verifily_train.artifacts.groups", "verifily_train.artifacts.results",
-        "verifily_train.artifacts.run", "verifily_train.artifacts.trackers", "verifily_train.attribution.plan",
-        "verifily_train.attribution.render", "verifily_train.attribution.stats", "verifily_train.cli.attribute",
-        "verifily_train.cli.train", "verifily_train.config", "verifily_train.config.schema", "verifily_train.errors",
-    ),
-    "verifily_train/artifacts/report.py": ("verifily_train.artifacts.groups",),
-    "verifily_train/artifacts/trackers.py": ("verifily_train.artifacts.results", "verifily_train.errors"),
-    "verifily_train/attribution/analysis.py": ("verifily_train.artifacts.run",),
-    "verifily_train/attribution/derive_rows.py": (
-        "verifily_train.dataset.rows", "verifily_train.fsio", "verifily_train.jsonsafe",
-        "verifily_train.model.tokenize",
-    ),
-    "verifily_train/attribution/plan.py": (
-        "verifily_train.artifacts.run", "verifily_train.attribution.derive", "verifily_train.attribution.stats",
-        "verifily_train.config", "verifily_train.dataset.store",
-    ),
-    "verifily_train/attribution/rows/merge.py": ("verifily_train.attribution.rows.scores",),
-    "verifily_train/attribution/rows/plan.py": (
-        "verifily_train.artifacts.run", "verifily_train.attribution.target", "verifily_train.fsio",
-        "verifily_train.hashing", "verifily_train.model.loading", "verifily_train.training.snapshots",
-    ),
-    "verifily_train/attribution/rows/runtime.py": (
-        "verifily_train.config", "verifily_train.model.loading", "verifily_train.model.quantization",
-        "verifily_train.model.tokenize", "verifily_train.training.loss", "verifily_train.training.trainer",
-    ),
-    "verifily_train/attribution/rows/scores.py": (
-        "verifily_train.attribution.rows.gradients", "verifily_train.attribution.rows.runtime",
-    ),
-    "verifily_train/attribution/target.py": ("verifily_train.dataset.rows",),
-    "verifily_train/cli/attribute.py": (
-        "verifily_train.artifacts.run", "verifily_train.artifacts.trackers", "verifily_train.attribution",
-        "verifily_train.attribution.plan", "verifily_train.attribution.stats", "verifily_train.flows.attribute",
-    ),
-    "verifily_train/cli/dataset.py": ("verifily_train.flows.events", "verifily_train.jsonsafe"),
-    "verifily_train/cli/demo.py": (
-        "verifily_train.dataset", "verifily_train.fixtures.models", "verifily_train.model.registry",
-    ),
-    "verifily_train/cli/inspection.py": ("verifily_train.model.registry",),
-    "verifily_train/cli/rows.py": (
-        "verifily_train.artifacts.run", "verifily_train.attribution.derive_rows",
-        "verifily_train.attribution.row_verify", "verifily_train.attribution.rows", "verifily_train.config",
-        "verifily_train.dataset.store", "verifily_train.flows.attribute_rows",
-        "verifily_train.pipeline.row_attribution", "verifily_train.pipeline.row_output",
-    ),
-    "verifily_train/cli/runs.py": (
-        "verifily_train.artifacts.compare", "verifily_train.artifacts.groups", "verifily_train.artifacts.report",
-        "verifily_train.artifacts.trackers", "verifily_train.cli.summary", "verifily_train.errors",
-        "verifily_train.fsio",
-    ),
-    "verifily_train/cli/stack.py": ("verifily_train.jsonsafe", "verifily_train.procs"),
-    "verifily_train/cli/summary.py": ("verifily_train.artifacts.run",),
-    "verifily_train/cli/train.py": (
-        "verifily_train.artifacts.reproduce", "verifily_train.artifacts.run", "verifily_train.cli.prefect_rest",
-        "verifily_train.errors", "verifily_train.flows.submit", "verifily_train.flows.train",
-        "verifily_train.pipeline.runner",
-    ),
-    "verifily_train/evaluation/predict.py": (
-        "verifily_train.dataset.rows", "verifily_train.model.attention", "verifily_train.model.quantization",
-        "verifily_train.model.render", "verifily_train.model.tokenize",
-    ),
-    "verifily_train/fixtures/models.py": ("verifily_train.fixtures.data",),
-    "verifily_train/fixtures/runs.py": ("verifily_train.artifacts.run", "verifily_train.checksums"),
-    "verifily_train/fsio.py": ("verifily_train.errors",),
-    "verifily_train/pipeline/preflight.py": (
-        "verifily_train.artifacts.hub", "verifily_train.dataset.manifest", "verifily_train.dataset.rows",
-        "verifily_train.dataset.store", "verifily_train.errors", "verifily_train.fsio", "verifily_train.model.device",
-        "verifily_train.model.loading", "verifily_train.model.quantization", "verifily_train.model.registry",
-        "verifily_train.pipeline.cache", "verifily_train.training.compiled",
-    ),
-    "verifily_train/pipeline/row_attribution.py": (
-        "verifily_train.artifacts.run", "verifily_train.attribution.row_verify",
-    ),
-    "verifily_train/pipeline/row_output.py": (
-        "verifily_train.artifacts.row_report", "verifily_train.artifacts.run", "verifily_train.config",
-        "verifily_train.dataset.rows", "verifily_train.dataset.store", "verifily_train.errors", "verifily_train.fsio",
-        "verifily_train.model.render", "verifily_train.model.tokenize",
-    ),
-    "verifily_train/pipeline/runner.py": ("verifily_train.artifacts.groups", "verifily_train.config"),
-    "verifily_train/pipeline/train.py": ("verifily_train.training.trainer",),
-}
+# Rule 3's debt: (file -> project modules) imported inside a function on 2026-12-08, paid off (each import moved to
+# the top, or kept with its reason in DEFERS). Empty, and it stays so: nothing is ever added.
+IN_FUNCTION_TODAY: Dict[str, Tuple[str, ...]] = {}
 
 # Rule 4's exceptions: bench/ files that reach past BENCH_PUBLIC today (they measure the stages and levers inside).
 BENCH_TODAY: Dict[str, Tuple[str, ...]] = {
@@ -278,7 +223,7 @@ def _layer_problems(part: str, record: ImportRecord, name: str) -> Optional[str]
 def _late_problem(rel: str, record: ImportRecord, name: str, part: str) -> Optional[str]:
     if not record.in_function or record.kind not in (IMPORT, FROM):
         return None
-    if (part, name.split(".")[1]) in LAZY_FACADE or (rel, name) in CYCLE_BREAKS:
+    if (part, name.split(".")[1]) in LAZY_FACADE or (rel, name) in CYCLE_BREAKS or (rel, name) in DEFERS:
         return None
     if name in IN_FUNCTION_TODAY.get(rel, ()):
         return None
@@ -303,8 +248,48 @@ def check(repo: Path) -> List[Violation]:
                 for why in (_layer_problems(part, record, name), _late_problem(rel, record, name, part)):
                     if why:
                         found.append(Violation(rel, record.line, name, why))
+    found.extend(check_defers(repo))
     found.extend(check_bench(repo))
     return _one_per_import(found)
+
+
+def module_path(repo: Path, module: str) -> Optional[Path]:
+    """The source of a project module in ``repo`` (``verifily_train.flows.x`` is ``flows/x.py``), or None."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("flows", "tasks"):
+        parts = parts[1:]
+    base = repo.joinpath(*parts)
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
+
+
+def top_level_reach(repo: Path, module: str) -> Set[str]:
+    """Every name importing ``module`` imports: its top-level imports (not those inside a function), followed
+    through the project's modules and their parent packages; a third-party name as written."""
+    reached: Set[str] = set()
+    todo = [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for name in (".".join(parts[:end]) for end in range(1, len(parts) + 1)):
+            if name in reached:
+                continue
+            reached.add(name)
+            path = module_path(repo, name) if is_project(name) else None
+            if path is not None:
+                todo.extend(alias for record in read_imports(path, name) if not record.in_function
+                            and record.kind != STRING for alias in imported_modules(record))
+    return reached
+
+
+def check_defers(repo: Path) -> List[Violation]:
+    """A ``DEFERS`` entry is true: the module imported late reaches the package it claims to defer at its top."""
+    found: List[Violation] = []
+    for (rel, module), package in sorted(DEFERS.items()):
+        reach = top_level_reach(repo, module)
+        if not any(name == package or name.startswith(package + ".") for name in reach):
+            found.append(Violation(rel, 0, module, f"DEFERS says importing {module} inside a function defers "
+                                                   f"{package}, but its top-level imports never reach {package}: "
+                                                   f"import it at the top"))
+    return found
 
 
 def _one_per_import(found: List[Violation]) -> List[Violation]:
@@ -340,7 +325,7 @@ def check_bench(repo: Path) -> List[Violation]:
 
 
 def stale_exceptions(repo: Path) -> List[str]:
-    """``IN_FUNCTION_TODAY`` and ``BENCH_TODAY`` entries the code no longer has (fixed: delete them)."""
+    """``IN_FUNCTION_TODAY``, ``DEFERS`` and ``BENCH_TODAY`` entries the code no longer has (fixed: delete them)."""
     late: Set[Tuple[str, str]] = set()
     for _, path in project_files(repo):
         rel = path.relative_to(repo).as_posix()
@@ -351,4 +336,5 @@ def stale_exceptions(repo: Path) -> List[str]:
         rel = path.relative_to(repo).as_posix()
         reach.update((rel, name) for record in read_imports(path, module_name(repo, path)) for name in targets(record))
     return ([f"IN_FUNCTION_TODAY {f}: {m}" for f, mods in IN_FUNCTION_TODAY.items() for m in mods if (f, m) not in late]
+            + [f"DEFERS {f}: {m}" for f, m in DEFERS if (f, m) not in late]
             + [f"BENCH_TODAY {f}: {m}" for f, mods in BENCH_TODAY.items() for m in mods if (f, m) not in reach])

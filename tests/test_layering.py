@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from layering import (BENCH_TODAY, CYCLE_BREAKS, IN_FUNCTION_TODAY, LAYERS, WITHIN_LAYER, check, layer_of,
+from layering import (BENCH_TODAY, CYCLE_BREAKS, DEFERS, IN_FUNCTION_TODAY, LAYERS, WITHIN_LAYER, check, layer_of,
                       stale_exceptions)
 
 from verifily_train.imports import IMPORTLIB, read_imports
@@ -21,7 +21,8 @@ def test_the_project_imports_run_down_the_layers_only():
     stale = stale_exceptions(REPO)
     print(f"imports of a project module inside a function still allowed (IN_FUNCTION_TODAY): "
           f"{sum(map(len, IN_FUNCTION_TODAY.values()))} in {len(IN_FUNCTION_TODAY)} files; documented cycle breaks: "
-          f"{len(CYCLE_BREAKS)}; bench/ reaches past the public API: {sum(map(len, BENCH_TODAY.values()))}")
+          f"{len(CYCLE_BREAKS)}; deferring a heavy package (DEFERS): {len(DEFERS)}; bench/ reaches past the public "
+          f"API: {sum(map(len, BENCH_TODAY.values()))}")
     if stale:
         print("fixed, delete from tests/layering.py:\n" + "\n".join(stale))
 
@@ -146,11 +147,29 @@ def test_a_project_import_inside_a_function_is_caught_and_a_third_party_one_is_n
     assert "inside a function" in problems[0].why
 
 
+def test_a_deferred_import_holds_only_while_the_module_reaches_the_heavy_package(tmp_path, monkeypatch):
+    """A DEFERS entry allows a late project import only while that module's top-level imports reach the package."""
+    repo = _copy(tmp_path)
+    target = repo / "verifily_train" / "pipeline" / "validate.py"
+    key = ("verifily_train/pipeline/validate.py", "verifily_train.training.trainer")
+    late = "\n\ndef _late():\n    from verifily_train.training.trainer import train_adapter  # noqa\n"
+    monkeypatch.setitem(DEFERS, key, "torch")  # true: the trainer imports torch at its top
+    assert _new_problems(repo, _append(target, late)) == []
+    monkeypatch.setitem(DEFERS, key, "prefect")  # false: nothing the trainer imports at its top reaches Prefect
+    problems = [p for p in check(repo) if (p.file, p.imported) == key]
+    assert len(problems) == 1 and "never reach prefect" in problems[0].why
+    light = ("verifily_train/cli/runs.py", "verifily_train.artifacts.compare")
+    monkeypatch.setitem(DEFERS, light, "torch")  # false: compare loads numpy, never torch
+    assert [p.imported for p in check(repo) if p.file == light[0] and "DEFERS" in p.why] == [light[1]]
+
+
 def test_the_in_function_allowlist_names_files_and_modules_of_the_project():
     files = {path.relative_to(REPO).as_posix() for path in REPO.glob("**/*.py")}
     for file, modules in {**IN_FUNCTION_TODAY, **BENCH_TODAY}.items():
         assert modules and all(name.startswith("verifily_train.") for name in modules), file
     assert set(CYCLE_BREAKS) == {key for key, why in CYCLE_BREAKS.items() if why.strip()}  # every exemption says why
+    assert all(file in files and module.startswith("verifily_train.") and package.strip()
+               for (file, module), package in DEFERS.items())
     print(f"in-function project imports allowed today: {sum(map(len, IN_FUNCTION_TODAY.values()))}, "
           f"unknown files: {sorted(set(IN_FUNCTION_TODAY) - files)}")
 
