@@ -6,7 +6,7 @@ from pathlib import Path
 
 from verifily_train.config.hashing import hashed_section
 from verifily_train.model.loading import load_tokenizer
-from verifily_train.pipeline.contract import Tokenized, Trained
+from verifily_train.pipeline.contract import Trained
 from verifily_train.pipeline.stage import Stage, StageContext
 
 
